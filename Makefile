@@ -1,0 +1,38 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXPERIMENT ?= xlsub-demo
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+# `mlflow run --env-manager local` runs the `python` on PATH: make it the venv's
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup corpus demo test bench ui clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+corpus: setup
+	$(PY) -m xlsub.corpus
+
+demo: corpus
+	mlflow run . -e finetune --env-manager local --experiment-name $(EXPERIMENT)
+	$(PY) -m entry_points.summary --experiment $(EXPERIMENT)
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+ui: setup
+	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)
+
+clean:
+	rm -rf outputs mlruns mlartifacts .pytest_cache

@@ -1,0 +1,39 @@
+"""What every entry point shares: typed arguments, languages, distributed rank."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import TypeVar
+
+from transformers import HfArgumentParser
+
+T = TypeVar("T")
+
+
+class _OneLineParser(HfArgumentParser):
+    """argparse, but a bad flag is one line naming the parameter, not a page of usage."""
+
+    def error(self, message: str):
+        print(f"xlsub {self.prog}: {message}; see --help", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(cls: type[T], argv: list[str] | None = None) -> T:
+    """Parse `--name value` flags into the dataclass `cls` (help text comes from its field metadata)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    (args,) = _OneLineParser(cls).parse_args_into_dataclasses(args=argv)
+    return args
+
+
+def parse_languages(value: str) -> list[str] | None:
+    """`all` -> None (every language of the corpus); `en,de` -> ['en', 'de']."""
+    if value.strip().lower() in ("", "all"):
+        return None
+    return [code.strip() for code in value.split(",") if code.strip()]
+
+
+def is_rank_zero() -> bool:
+    """True outside torchrun and on its rank 0: the one process that talks to MLflow."""
+    return int(os.environ.get("RANK", "0")) == 0

@@ -1,0 +1,87 @@
+"""Masked-LM loss computed only where it is scored, and perplexity per language.
+
+The stock `*ForMaskedLM.forward` applies the vocabulary-sized output layer at
+every position; only the ~15% masked positions carry a label. In the tiny
+model that output layer is more than half of the forward FLOPs, so xlsub runs
+the encoder, gathers the masked positions, and applies the LM head to those
+alone. The loss is the same cross-entropy the stock forward computes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import MaskedLMOutput
+
+IGNORE_INDEX = -100
+
+
+def lm_head_of(model: nn.Module) -> nn.Module:
+    """The module mapping hidden states to vocabulary logits (RoBERTa/XLM-R `lm_head`, BERT `cls`)."""
+    for name in ("lm_head", "cls"):
+        head = getattr(model, name, None)
+        if head is not None:
+            return head
+    raise TypeError(f"{type(model).__name__} has no masked-LM head (lm_head or cls)")
+
+
+def encoder_of(model: nn.Module) -> nn.Module:
+    """The transformer body under the LM head (`model.roberta`, `model.bert`, ...)."""
+    return model.base_model
+
+
+def masked_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the masked tokens of `batch` and their count.
+
+    `batch` holds `input_ids`, `attention_mask` and `labels` (IGNORE_INDEX where
+    a token is not scored), as `DataCollatorForLanguageModeling` produces.
+    """
+    labels = batch["labels"]
+    hidden = encoder_of(model)(
+        input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
+    ).last_hidden_state
+    scored = labels != IGNORE_INDEX
+    logits = lm_head_of(model)(hidden[scored])
+    loss = F.cross_entropy(logits.float(), labels[scored], reduction="sum")
+    return loss, int(scored.sum())
+
+
+def perplexity(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> float:
+    """exp(mean loss over every masked token of `batches`) under `torch.no_grad`."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            loss, n = masked_lm_loss(model, {k: v.to(device) for k, v in batch.items()})
+            total += float(loss)
+            count += n
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("no masked tokens to score")
+    return math.exp(total / count)
+
+
+@contextmanager
+def masked_forward(model: nn.Module) -> Iterator[nn.Module]:
+    """Make `model(...)` return the masked-only mean loss, so `Trainer` (and DDP around it) train that path.
+
+    Set on the instance, not the class: the saved model stays a stock
+    `*ForMaskedLM`, and the stock forward returns when the block ends.
+    """
+
+    def forward(input_ids=None, attention_mask=None, labels=None, **_):
+        loss, n = masked_lm_loss(model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+        return MaskedLMOutput(loss=loss / max(n, 1))
+
+    model.forward = forward
+    try:
+        yield model
+    finally:
+        del model.forward

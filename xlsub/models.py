@@ -1,0 +1,107 @@
+"""Models xlsub fine-tunes: a tiny XLM-R trained from scratch, or any pretrained masked LM.
+
+`tiny` is the offline default: an XLM-R configuration small enough to train on
+two CPU cores in minutes, with a Unigram tokenizer (XLM-R's special tokens)
+trained on the corpus. Settings measured on the embedded corpus: hidden 128,
+4 layers, lr 1e-3 and no dropout beat a per-language unigram model in every
+language after ~1,000 steps; 8 heads per layer give subnetworks room to differ.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from transformers import (
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    XLMRobertaConfig,
+    XLMRobertaForMaskedLM,
+    XLMRobertaTokenizer,
+)
+
+from xlsub.errors import XlsubError
+
+TINY = "tiny"
+TINY_VOCAB_SIZE = 8000
+TINY_SHAPE = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=8, intermediate_size=512)
+GPU_DEFAULT_MODEL = "FacebookAI/xlm-roberta-base"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = TINY_VOCAB_SIZE) -> XLMRobertaTokenizer:
+    """A Unigram (SentencePiece-style) tokenizer with XLM-R's special tokens, trained on `texts`."""
+    return XLMRobertaTokenizer().train_new_from_iterator(texts, vocab_size=vocab_size)
+
+
+def tiny_model(tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> XLMRobertaForMaskedLM:
+    """A randomly initialised small XLM-R; call `transformers.set_seed` first for reproducibility."""
+    config = XLMRobertaConfig(
+        vocab_size=len(tokenizer),
+        **TINY_SHAPE,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        # RoBERTa positions start after the padding index
+        max_position_embeddings=max_seq_len + tokenizer.pad_token_id + 1,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return XLMRobertaForMaskedLM(config)
+
+
+def _looks_local(name: str) -> bool:
+    if name.startswith((".", "/", "~")) or os.path.isabs(name):
+        return True
+    first = name.split("/")[0]
+    return "/" in name and os.path.isdir(first)
+
+
+def load_pretrained(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A pretrained masked LM and its tokenizer from a local folder or a hub id.
+
+    A local path that does not exist fails at once rather than falling through to the hub.
+    """
+    if _looks_local(name):
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise XlsubError(f"model: '{name}' is not a folder with config.json; give a model folder, a hub id or 'tiny'")
+        name = str(path)
+    elif not _HUB_ID.match(name):
+        raise XlsubError(f"model: '{name}' is neither 'tiny', an existing folder nor a hub id like {GPU_DEFAULT_MODEL}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForMaskedLM.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise XlsubError(f"model: cannot load '{name}' ({first}); check the id, the network or HF_HUB_OFFLINE") from None
+    return model, tokenizer
+
+
+def max_text_len(model: PreTrainedModel) -> int:
+    """Longest input the model's position embeddings allow."""
+    offset = (model.config.pad_token_id + 1) if model.config.model_type in ("roberta", "xlm-roberta") else 0
+    return model.config.max_position_embeddings - offset
+
+
+def resolve_device(name: str) -> str:
+    """`auto` picks CUDA, then Apple MPS, then CPU; an explicit device must exist here."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    kind = name.split(":")[0]
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if kind not in available:
+        raise XlsubError(f"device: unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps")
+    if not available[kind]:
+        raise XlsubError(f"device: '{name}' is not available on this machine; use auto or cpu")
+    return name

@@ -1,0 +1,134 @@
+"""Everything xlsub says to MLflow: stage runs, tags, input runs by ID, artifacts, the Trainer's loss.
+
+The numerical modules never import mlflow; the entry points and this module do.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from transformers import TrainerCallback
+
+from xlsub.errors import XlsubError
+
+STAGE_TAG = "xlsub.stage"
+ERROR_TAG = "xlsub.error"
+STAGES = ("finetune", "prune", "encode", "analyze", "main")
+log = logging.getLogger(__name__)
+
+
+def input_tag(stage: str) -> str:
+    """The tag naming the run of `stage` that a run used as input, e.g. `xlsub.finetune_run_id`."""
+    return f"xlsub.{stage}_run_id"
+
+
+def fail(stage: str, err: XlsubError) -> None:
+    """The one line a user sees for bad input."""
+    print(f"xlsub {stage}: {err}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def stage_run(stage: str, params: Mapping[str, object], *, log_to_mlflow: bool = True) -> Iterator[Run | None]:
+    """Run one stage in an MLflow run (the one `mlflow run` made, or a new one).
+
+    Bad input (XlsubError) prints one line, marks the run FAILED and exits with
+    status 2; any other exception marks it FAILED and propagates. Ranks other
+    than 0 of a distributed job pass `log_to_mlflow=False` and get the same
+    error handling with no run.
+    """
+    active = None
+    if log_to_mlflow:
+        active = mlflow.start_run(run_name=stage)
+        mlflow.set_tag(STAGE_TAG, stage)
+    status = "FAILED"
+    try:
+        if log_to_mlflow:
+            mlflow.log_params(dict(params))
+        yield active
+        status = "FINISHED"
+    except XlsubError as err:
+        if log_to_mlflow:
+            mlflow.set_tag(ERROR_TAG, str(err))
+            mlflow.end_run(status)
+        fail(stage, err)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if log_to_mlflow and mlflow.active_run() is not None:
+            mlflow.end_run(status)
+
+
+def resolve_run(param: str, value: str, stage: str) -> Run:
+    """The FINISHED run of `stage` that parameter `param` names: a run ID or `latest` in the active experiment."""
+    client = MlflowClient()
+    if value == "latest":
+        experiment_id = mlflow.active_run().info.experiment_id if mlflow.active_run() else "0"
+        runs = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not runs:
+            raise XlsubError(
+                f"{param}: no FINISHED {stage} run in experiment {experiment_id}; run `mlflow run . -e {stage}` first or pass a run ID"
+            )
+        return runs[0]
+    try:
+        run = client.get_run(value)
+    except MlflowException:
+        raise XlsubError(f"{param}: no run with ID '{value}' on {mlflow.get_tracking_uri()}; pass an existing run ID or 'latest'") from None
+    found = run.data.tags.get(STAGE_TAG)
+    if found != stage:
+        raise XlsubError(f"{param}: run {value} is {'a ' + found if found else 'not an xlsub'} run, not a {stage} run; pass a {stage} run ID")
+    if run.info.status != "FINISHED":
+        raise XlsubError(f"{param}: run {value} is {run.info.status}, not FINISHED; pass a finished {stage} run")
+    return run
+
+
+def download(run_id: str, path: str, dst: Path | None = None) -> Path:
+    """Download artifact `path` of run `run_id` (a file or a folder) and return where it lies."""
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst) if dst else None)
+    except (MlflowException, OSError) as err:
+        raise XlsubError(f"run {run_id} has no artifact '{path}' ({type(err).__name__}); rerun that stage") from None
+    return Path(local)
+
+
+class LossLogger(TrainerCallback):
+    """Logs the Trainer's training loss (and learning rate) by step into the active run.
+
+    Replaces transformers' MLflowCallback, which would start or adopt a run on
+    its own terms and log every TrainingArguments field as a parameter.
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        metrics = {}
+        if "loss" in logs:
+            metrics["train_loss"] = float(logs["loss"])
+        if "learning_rate" in logs:
+            metrics["learning_rate"] = float(logs["learning_rate"])
+        if metrics:
+            mlflow.log_metrics(metrics, step=state.global_step, synchronous=False)
+
+
+def log_corpus(corpus, train_examples: Mapping[str, int]) -> None:
+    """Log the corpus' splits as MLflow dataset inputs, with its provenance (e.g. Debian package versions)."""
+    source = str(corpus.source.get("uri") or corpus.source.get("folder") or corpus.name)
+    for split, ds in corpus.texts.items():
+        dataset = mlflow.data.from_huggingface(ds, path=corpus.name, name=f"{corpus.name}-{split}", source=source if "://" in source else None)
+        mlflow.log_input(dataset, context=split, tags={k: str(v) for k, v in corpus.source.items()})
+    mlflow.set_tags({f"xlsub.source.{k}": str(v) for k, v in corpus.source.items()})
+    mlflow.log_params({f"train_examples.{lang}": n for lang, n in train_examples.items()})

@@ -1,0 +1,77 @@
+"""Masked-LM fine-tuning with Hugging Face's Trainer, through xlsub's masked-only loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+
+from xlsub.data import mlm_collator
+from xlsub.mlm import masked_forward
+
+
+@dataclass
+class TrainSettings:
+    epochs: float
+    batch_size: int
+    lr: float
+    weight_decay: float
+    seed: int
+    device: str  # cpu, cuda, cuda:N, mps
+    fp16: bool = False
+    bf16: bool = False
+    log_every: int = 10
+    warmup_ratio: float = 0.05
+
+
+def train_masked_lm(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train: datasets.Dataset,
+    settings: TrainSettings,
+    output_dir: Path,
+    callbacks: list[TrainerCallback] = (),
+    resume_from_checkpoint: str | None = None,
+) -> dict[str, float]:
+    """Train `model` in place on `train` (column `input_ids`) with dynamic 15% masking; returns Trainer metrics.
+
+    Under `torchrun` the Trainer runs DDP (gloo on CPU, NCCL on GPU). The
+    checkpoint of each epoch (only the last is kept) lies in `output_dir`, for
+    `resume_from_checkpoint`.
+    """
+    cpu = settings.device == "cpu"
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.lr,
+        weight_decay=settings.weight_decay,
+        warmup_steps=settings.warmup_ratio,
+        lr_scheduler_type="linear",
+        seed=settings.seed,
+        data_seed=settings.seed,
+        fp16=settings.fp16,
+        bf16=settings.bf16,
+        use_cpu=cpu,
+        ddp_backend="gloo" if cpu else None,
+        logging_steps=settings.log_every,
+        save_strategy="epoch",
+        save_total_limit=1,
+        eval_strategy="no",
+        report_to="none",  # xlsub logs into its own run (LossLogger): no second MLflow run
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train.select_columns(["input_ids"]),
+        data_collator=mlm_collator(tokenizer),
+        callbacks=list(callbacks),
+    )
+    trainer.model_accepts_loss_kwargs = False  # the masked-only loss is already a mean over scored tokens
+    with masked_forward(model):
+        result = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
+    return dict(result.metrics)
