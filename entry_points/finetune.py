@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise XlsubError(f"max_seq_len: {args.max_seq_len} exceeds what {args.model} takes ({models.max_text_len(model)})")
         lm = data.build_lm_data(corpus.texts, langs, tokenizer, args.max_seq_len, args.examples_per_lang, args.test_examples_per_lang, args.seed)
         if rank_zero:
+            mlflow.log_param("world_size", int(os.environ.get("WORLD_SIZE", "1")))
             tracking.log_corpus(corpus, {lang: len(c) for lang, c in lm.train_chunks.items()})
         test_batches = {lang: data.masked_batches(chunks, tokenizer, args.batch_size) for lang, chunks in lm.test.items()}
 
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
             start = time.perf_counter()
             metrics = train_masked_lm(model, tokenizer, lm.train, settings, out, [tracking.LossLogger()], args.resume_from_checkpoint)
             if rank_zero:
-                mlflow.log_metrics({"train_seconds": time.perf_counter() - start, "train_steps_per_sec": metrics.get("train_steps_per_second", 0.0)})
+                mlflow.log_metrics({"train_seconds": time.perf_counter() - start, "train_steps": metrics["train_steps"],
+                                    "train_steps_per_sec": metrics["train_steps_per_second"]})
         if not rank_zero:
             return
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def train_masked_lm(
     `resume_from_checkpoint`.
     """
     cpu = settings.device == "cpu"
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     args = TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=settings.epochs,
@@ -55,7 +57,7 @@ def train_masked_lm(
         fp16=settings.fp16,
         bf16=settings.bf16,
         use_cpu=cpu,
-        ddp_backend="gloo" if cpu else None,
+        ddp_backend="gloo" if cpu and distributed else None,
         logging_steps=settings.log_every,
         save_strategy="epoch",
         save_total_limit=1,
@@ -74,4 +76,4 @@ def train_masked_lm(
     trainer.model_accepts_loss_kwargs = False  # the masked-only loss is already a mean over scored tokens
     with masked_forward(model):
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
-    return dict(result.metrics)
+    return {**result.metrics, "train_steps": trainer.state.global_step}

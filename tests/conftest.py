@@ -1,0 +1,75 @@
+"""Shared fixtures: a temporary tracking store and small real runs of the stages.
+
+End-to-end runs go through `mlflow run . --env-manager local` in a subprocess,
+as a user would type them, against a sqlite store in a temp folder.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small but real: three scripts, enough steps to learn something.
+SMALL_FINETUNE = {
+    "languages": "en,de,zh",
+    "epochs": "1",
+    "examples_per_lang": "96",
+    "test_examples_per_lang": "16",
+    "batch_size": "16",
+    "log_every": "2",
+    "device": "cpu",
+}
+
+
+def subprocess_env(tracking_uri: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(MLFLOW_TRACKING_URI=tracking_uri, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `mlflow run` runs the `python` on PATH
+    env.update(extra)
+    return env
+
+
+def mlflow_run(tracking_uri: str, entry_point: str, params: dict[str, str], experiment: str = "xlsub-tests", check=True):
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry_point, "--env-manager", "local", "--experiment-name", experiment]
+    for key, value in params.items():
+        cmd += ["-P", f"{key}={value}"]
+    proc = subprocess.run(cmd, env=subprocess_env(tracking_uri), capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def runs_of(tracking_uri: str, experiment: str, stage: str | None = None):
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    filt = f"tags.`xlsub.stage` = '{stage}'" if stage else ""
+    return client.search_runs([exp.experiment_id], filter_string=filt, order_by=["attributes.start_time DESC"])
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory) -> str:
+    """A sqlite tracking store shared by the session's end-to-end runs."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    MlflowClient(uri).create_experiment("xlsub-tests", artifact_location=(folder / "artifacts").as_uri())
+    yield uri
+    mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="session")
+def finetune_run(store):
+    """One small finetune run through `mlflow run`, reused by every test that needs a finetuned model."""
+    mlflow_run(store, "finetune", SMALL_FINETUNE)
+    (run,) = runs_of(store, "xlsub-tests", "finetune")[:1]
+    return run
