@@ -51,7 +51,9 @@ def stage_run(stage: str, params: Mapping[str, object], *, log_to_mlflow: bool =
     status = "FAILED"
     try:
         if log_to_mlflow:
-            mlflow.log_params(dict(params))
+            # `mlflow run` has already logged the -P values as typed; add what it did not
+            logged = active.data.params if active.data else {}
+            mlflow.log_params({k: v for k, v in params.items() if k not in logged})
         yield active
         status = "FINISHED"
     except XlsubError as err:
