@@ -37,3 +37,29 @@ def parse_languages(value: str) -> list[str] | None:
 def is_rank_zero() -> bool:
     """True outside torchrun and on its rank 0: the one process that talks to MLflow."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def load_finetuned(run, device: str):
+    """The model, tokenizer, languages and LM data of a finished finetune run, rebuilt from its parameters.
+
+    The data are chunked exactly as the finetune run chunked them (same corpus,
+    languages, seed and sizes), so test perplexities are comparable with its
+    `ppl_after.<lang>`.
+    """
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from xlsub import data, tracking
+    from xlsub.corpus import load_corpus
+
+    p = run.data.params
+    langs = run.data.tags["xlsub.languages"].split(",")
+    path = tracking.download(run.info.run_id, "model")
+    model = AutoModelForMaskedLM.from_pretrained(path).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    def number(name: str) -> int:
+        return int(float(p[name]))  # `mlflow run` logs -P values as typed: 64 or 64.0
+
+    corpus = load_corpus(p["corpus"], langs, seed=number("seed"))
+    lm = data.build_lm_data(corpus.texts, langs, tokenizer, number("max_seq_len"), number("examples_per_lang"),
+                            number("test_examples_per_lang"), number("seed"))
+    return model, tokenizer, langs, lm, corpus

@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         lm = data.build_lm_data(corpus.texts, langs, tokenizer, args.max_seq_len, args.examples_per_lang, args.test_examples_per_lang, args.seed)
         if rank_zero:
             mlflow.log_param("world_size", int(os.environ.get("WORLD_SIZE", "1")))
+            mlflow.set_tag("xlsub.languages", ",".join(langs))
             tracking.log_corpus(corpus, {lang: len(c) for lang, c in lm.train_chunks.items()})
         test_batches = {lang: data.masked_batches(chunks, tokenizer, args.batch_size) for lang, chunks in lm.test.items()}
 

@@ -27,3 +27,27 @@ def perplexity_bars(table: pd.DataFrame) -> plt.Figure:
     ax.legend(title=None)
     fig.tight_layout()
     return fig
+
+
+def head_mask_heatmap(mask, importance, title: str) -> plt.Figure:
+    """Layers x heads: colour is the head's importance, kept heads annotated with it, pruned heads crossed out."""
+    layers, heads = mask.shape
+    fig, ax = plt.subplots(figsize=(1.5 + 0.55 * heads, 1.2 + 0.45 * layers))
+    labels = [[f"{importance[l, h]:.2f}" if mask[l, h] else "×" for h in range(heads)] for l in range(layers)]
+    sns.heatmap(importance.numpy() if hasattr(importance, "numpy") else importance, annot=labels, fmt="", cmap="viridis",
+                vmin=0, vmax=1, cbar_kws={"label": "importance"}, linewidths=0.5, linecolor="white", ax=ax)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    kept = int(mask.sum())
+    ax.set_title(f"{title}: {kept}/{layers * heads} heads kept (× = pruned)")
+    fig.tight_layout()
+    return fig
+
+
+def matrix_heatmap(table: pd.DataFrame, title: str, label: str, fmt: str = ".0f", cmap: str = "rocket_r", center=None) -> plt.Figure:
+    """A rows x columns heatmap with the values annotated (e.g. subnetwork x evaluation language)."""
+    fig, ax = plt.subplots(figsize=(1.8 + 0.8 * table.shape[1], 1.2 + 0.55 * table.shape[0]))
+    sns.heatmap(table, annot=True, fmt=fmt, cmap=cmap, center=center, cbar_kws={"label": label}, ax=ax)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
