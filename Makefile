@@ -23,6 +23,7 @@ corpus: setup
 
 demo: corpus
 	mlflow run . -e finetune --env-manager local --experiment-name $(EXPERIMENT)
+	mlflow run . -e prune --env-manager local --experiment-name $(EXPERIMENT)
 	$(PY) -m entry_points.summary --experiment $(EXPERIMENT)
 
 test: setup

@@ -33,7 +33,7 @@ class FinetuneArgs:
     corpus: str = field(default="embedded", metadata={"help": "'embedded' (Firefox ESR l10n, offline), a hub dataset id or saved dataset, or a folder of <lang>.txt"})
     languages: str = field(default="all", metadata={"help": "comma-separated ISO codes, or 'all' languages of the corpus"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, data order and masking"})
-    epochs: float = field(default=3.0, metadata={"help": "training epochs over the shuffled languages"})
+    epochs: float = field(default=4.0, metadata={"help": "training epochs over the shuffled languages"})
     batch_size: int = field(default=32, metadata={"help": "sequences per device and step"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (1e-3 for tiny; ~5e-5 for XLM-R base)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             for seed in seeds:
                 name = f"prune/{lang}" if len(seeds) == 1 else f"prune/{lang}/seed{seed}"
                 with mlflow.start_run(run_name=name, nested=True):
-                    mlflow.set_tags({tracking.STAGE_TAG: "prune", LANGUAGE_TAG: lang, "xlsub.seed": str(seed),
+                    mlflow.set_tags({tracking.STAGE_TAG: "prune", tracking.CHILD_TAG: "true", LANGUAGE_TAG: lang, "xlsub.seed": str(seed),
                                      tracking.input_tag("finetune"): finetune.info.run_id})
                     mlflow.log_params({"language": lang, "seed": seed, "threshold": args.threshold, "amount": args.amount,
                                        "target_sparsity": args.target_sparsity, "eval_examples": args.eval_examples})

@@ -29,9 +29,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {stage:9s} run {run.info.run_id}  {run.info.status}  artifacts: {run.info.artifact_uri}")
         ppl = {k: v for k, v in sorted(run.data.metrics.items()) if k.startswith("ppl_after.")}
         if ppl:
-            print("            " + "  ".join(f"{k.split('.', 1)[1]}={v:.0f}" for k, v in ppl.items()))
+            print("            ppl after finetuning: " + "  ".join(f"{k.split('.', 1)[1]}={v:.0f}" for k, v in ppl.items()))
+        if stage == "prune":
+            children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+            for child in sorted(children, key=lambda c: c.info.run_name):
+                lang = child.data.tags.get("xlsub.language", "?")
+                m = child.data.metrics
+                print(f"            {child.info.run_name:16s} heads kept {m.get('heads_kept', float('nan')):3.0f}"
+                      f"  ppl on {lang} {m.get(f'ppl.{lang}', float('nan')):.0f} (full model {run.data.metrics.get(f'ppl_full.{lang}', float('nan')):.0f})")
         if stage == "finetune":
-            break  # only the newest run of the pipeline as it exists today
+            break  # stop at the newest finetune run: the runs above it are its pipeline
     print(f"\nOpen the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
 
 

@@ -9,6 +9,7 @@ language after ~1,000 steps; 8 heads per layer give subnetworks room to differ.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable
@@ -34,8 +35,26 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = TINY_VOCAB_SIZE) -> XLMRobertaTokenizer:
-    """A Unigram (SentencePiece-style) tokenizer with XLM-R's special tokens, trained on `texts`."""
-    return XLMRobertaTokenizer().train_new_from_iterator(texts, vocab_size=vocab_size)
+    """A Unigram (SentencePiece-style) tokenizer with XLM-R's special tokens, trained on `texts`.
+
+    Two trainings on the same texts differ: scores are summed in parallel (the
+    last digits vary), and the characters the trainer must keep but did not
+    select are appended from a hash set, in a different order each process,
+    with made-up scores below every selected piece. Rounding the scores and
+    putting the appended characters in character order makes the same texts always give the same ids, so
+    a seeded run is reproducible.
+    """
+    trained = XLMRobertaTokenizer().train_new_from_iterator(texts, vocab_size=vocab_size)
+    vocab = [(piece, round(score, 6)) for piece, score in json.loads(trained.backend_tokenizer.to_str())["model"]["vocab"]]
+    n_special = len(XLMRobertaTokenizer().get_vocab())
+    specials, pieces = vocab[:n_special], vocab[n_special:]
+    # the appended characters score below every piece the trainer selected (those include all multi-character ones)
+    floor = min(score for piece, score in pieces if len(piece) > 1)
+    chosen = [p for p in pieces if len(p[0]) > 1 or p[1] >= floor]
+    appended = sorted(piece for piece, score in pieces if len(piece) == 1 and score < floor)
+    scores = sorted((score for piece, score in pieces if len(piece) == 1 and score < floor), reverse=True)
+    ordered = sorted(chosen, key=lambda p: (-p[1], p[0])) + list(zip(appended, scores))
+    return XLMRobertaTokenizer(vocab=specials + ordered)
 
 
 def tiny_model(tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> XLMRobertaForMaskedLM:

@@ -21,6 +21,7 @@ from xlsub.errors import XlsubError
 
 STAGE_TAG = "xlsub.stage"
 ERROR_TAG = "xlsub.error"
+CHILD_TAG = "xlsub.child"  # "true" on the per-language runs nested in a stage run; never a stage's input
 STAGES = ("finetune", "prune", "encode", "analyze", "main")
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,9 @@ def resolve_run(param: str, value: str, stage: str) -> Run:
             [experiment_id],
             filter_string=f"tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED'",
             order_by=["attributes.start_time DESC"],
-            max_results=1,
+            max_results=200,
         )
+        runs = [r for r in runs if r.data.tags.get(CHILD_TAG) != "true"]
         if not runs:
             raise XlsubError(
                 f"{param}: no FINISHED {stage} run in experiment {experiment_id}; run `mlflow run . -e {stage}` first or pass a run ID"
@@ -93,6 +95,9 @@ def resolve_run(param: str, value: str, stage: str) -> Run:
     found = run.data.tags.get(STAGE_TAG)
     if found != stage:
         raise XlsubError(f"{param}: run {value} is {'a ' + found if found else 'not an xlsub'} run, not a {stage} run; pass a {stage} run ID")
+    if run.data.tags.get(CHILD_TAG) == "true":
+        parent = run.data.tags.get("mlflow.parentRunId", "?")
+        raise XlsubError(f"{param}: run {value} is one language's child run; pass its parent {stage} run {parent}")
     if run.info.status != "FINISHED":
         raise XlsubError(f"{param}: run {value} is {run.info.status}, not FINISHED; pass a finished {stage} run")
     return run
@@ -134,3 +139,13 @@ def log_corpus(corpus, train_examples: Mapping[str, int]) -> None:
         mlflow.log_input(dataset, context=split, tags={k: str(v) for k, v in corpus.source.items()})
     mlflow.set_tags({f"xlsub.source.{k}": str(v) for k, v in corpus.source.items()})
     mlflow.log_params({f"train_examples.{lang}": n for lang, n in train_examples.items()})
+
+
+def load_subnetwork(run_id: str, dst: Path | None = None):
+    """The physically pruned subnetwork (model, tokenizer) logged by a prune child run."""
+    from transformers import AutoTokenizer
+
+    from xlsub.pruning import load_pruned
+
+    path = download(run_id, "subnetwork", dst)
+    return load_pruned(path), AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,49 @@
+import time
+
+import pytest
+from transformers import XLMRobertaTokenizer
+
+from xlsub.corpus import load_corpus
+from xlsub.errors import XlsubError
+from xlsub.models import load_pretrained, resolve_device, tiny_model, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def texts():
+    corpus = load_corpus("embedded", ["en", "zh", "hi"])
+    return list(corpus.texts["train"]["text"])
+
+
+def test_raw_unigram_trainer_is_not_reproducible_but_train_tokenizer_is(texts):
+    # The raw trainer appends required characters in hash-set order: ids differ between two trainings.
+    raw = [XLMRobertaTokenizer().train_new_from_iterator(texts, vocab_size=3000).get_vocab() for _ in range(2)]
+    assert raw[0] != raw[1]
+    a, b = train_tokenizer(texts, vocab_size=3000), train_tokenizer(texts, vocab_size=3000)
+    assert a.get_vocab() == b.get_vocab()
+    assert set(a.get_vocab()) == set(raw[0])  # same pieces, only their order is fixed
+    assert a.convert_ids_to_tokens(list(range(5))) == ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # XLM-R's specials
+
+
+def test_tiny_model_shape(texts):
+    tokenizer = train_tokenizer(texts[:2000], vocab_size=500)
+    model = tiny_model(tokenizer, max_seq_len=64)
+    c = model.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size) == (128, 4, 8, 512)
+    assert c.num_hidden_layers * c.num_attention_heads >= 32
+    assert c.vocab_size == len(tokenizer) and c.max_position_embeddings == 64 + 2
+
+
+def test_missing_local_model_fails_at_once(tmp_path):
+    start = time.perf_counter()
+    for name in ["./no/such/model", str(tmp_path / "absent"), "~/no-such-model-folder"]:
+        with pytest.raises(XlsubError, match="^model: "):
+            load_pretrained(name)
+    with pytest.raises(XlsubError, match="^model: "):
+        load_pretrained("not a hub id!")
+    assert time.perf_counter() - start < 5  # no hub retries
+
+
+def test_unknown_device():
+    with pytest.raises(XlsubError, match="^device: unknown"):
+        resolve_device("tpu")
+    assert resolve_device("cpu") == "cpu"
