@@ -44,10 +44,12 @@ def head_mask_heatmap(mask, importance, title: str) -> plt.Figure:
     return fig
 
 
-def matrix_heatmap(table: pd.DataFrame, title: str, label: str, fmt: str = ".0f", cmap: str = "rocket_r", center=None) -> plt.Figure:
+def matrix_heatmap(table: pd.DataFrame, title: str, label: str, fmt: str = ".0f", cmap: str = "rocket_r", center=None,
+                   xlabel: str = "evaluated on") -> plt.Figure:
     """A rows x columns heatmap with the values annotated (e.g. subnetwork x evaluation language)."""
     fig, ax = plt.subplots(figsize=(1.8 + 0.8 * table.shape[1], 1.2 + 0.55 * table.shape[0]))
     sns.heatmap(table, annot=True, fmt=fmt, cmap=cmap, center=center, cbar_kws={"label": label}, ax=ax)
     ax.set_title(title)
+    ax.set_xlabel(xlabel)
     fig.tight_layout()
     return fig
