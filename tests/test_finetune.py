@@ -112,3 +112,40 @@ def test_unreadable_corpus_folder(store, tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("xlsub finetune: corpus")
     (run,) = runs_of(store, "xlsub-unreadable")
     assert run.info.status == "FAILED"
+
+
+def test_language_absent_from_a_folder_corpus(store, tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "en.txt").write_text("the cat sat on the mat\nthe dog sat on the log\n" * 20)
+    proc = subprocess.run([sys.executable, "-m", "entry_points.finetune", "--corpus", str(folder), "--languages", "en,de"],
+                          env=subprocess_env(store, MLFLOW_EXPERIMENT_NAME="xlsub-absent"), capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("xlsub finetune: languages:") and "'de'" in last
+
+
+def test_finetune_on_a_saved_wikipedia_subset_layout(store, tmp_path):
+    """The study's hub dataset layout (one split per language, a `text` column of articles), saved to disk."""
+    import datasets
+
+    from xlsub.corpus import load_corpus
+
+    source = load_corpus("embedded", ["en", "ru"])
+    articles = {}
+    for lang in ("en", "ru"):
+        rows = [t for l, t in zip(source.texts["train"]["lang"], source.texts["train"]["text"]) if l == lang]
+        articles[lang] = datasets.Dataset.from_dict({"text": [" ".join(rows[i : i + 40]) for i in range(0, 2400, 40)]})
+    path = tmp_path / "wikipedia_subset"
+    datasets.DatasetDict(articles).save_to_disk(str(path))
+    experiment = "xlsub-saved-hub"
+    MlflowClient(store).create_experiment(experiment, artifact_location=(tmp_path / "artifacts").as_uri())
+    args = ["--corpus", str(path), "--epochs", "1", "--examples_per_lang", "32", "--test_examples_per_lang", "4",
+            "--batch_size", "16", "--max_seq_len", "128", "--device", "cpu"]
+    proc = subprocess.run([sys.executable, "-m", "entry_points.finetune", *args], env=subprocess_env(store, MLFLOW_EXPERIMENT_NAME=experiment),
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = runs_of(store, experiment)
+    assert run.data.tags["xlsub.languages"] == "en,ru"
+    assert run.data.params["train_examples.en"] == "32" and run.data.params["train_examples.ru"] == "32"
+    assert {"ppl_after.en", "ppl_after.ru"} <= set(run.data.metrics)
