@@ -282,7 +282,8 @@ def test_embedded_cache_is_built_once_and_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus, "_fetch_packs", fake_fetch)
     c = load_corpus("embedded", ["de", "en"], cache_dir=tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["embedded-v1"]  # the temporary build folder is gone
-    assert json.loads((tmp_path / "embedded-v1" / "source.json").read_text()) == c.source
+    cache = tmp_path / "embedded-v1"
+    assert {**json.loads((cache / "source.json").read_text()), "uri": cache.resolve().as_uri()} == c.source
     assert c.name == "embedded" and c.languages == ["de", "en"]
     assert c.texts["train"].column_names == ["lang", "text"]
     langs = col(c.texts["train"], "lang")
@@ -339,7 +340,7 @@ def test_real_embedded_corpus():
     """Builds the real corpus once per machine (about 10 s), in the default cache."""
     c = load_corpus("embedded", None)
     assert c.languages == list(EMBEDDED_PACKS)
-    assert set(c.source) == {f"firefox-esr-l10n-{p}" for p in EMBEDDED_PACKS.values()}
+    assert set(c.source) == {f"firefox-esr-l10n-{p}" for p in EMBEDDED_PACKS.values()} | {"uri"}
     assert len(c.parallel) >= 1000
     built = datasets.load_from_disk(str(corpus.default_cache_dir() / "embedded-v1"))
     parallel = built["parallel"].to_dict()
