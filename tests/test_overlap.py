@@ -1,0 +1,206 @@
+"""Head-mask overlap, its chance level, per-layer proportions and token overlap, against hand-made cases."""
+
+from __future__ import annotations
+
+import copy
+import math
+from fractions import Fraction
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from xlsub.errors import XlsubError
+from xlsub.overlap import (
+    expected_random_jaccard,
+    expected_random_jaccard_matrix,
+    jaccard,
+    jaccard_matrix,
+    mean_std_over_seeds,
+    params_kept_per_layer,
+    proportion_kept_per_layer,
+    seed_stability,
+    token_overlap,
+)
+
+A = torch.tensor([[1, 1, 0], [0, 1, 1]])
+B = torch.tensor([[1, 0, 0], [1, 1, 1]])
+
+
+def test_jaccard_hand_made():
+    # both: (0,0), (1,1), (1,2); either: those and (0,1), (1,0)
+    assert jaccard(A, B) == pytest.approx(3 / 5)
+    assert jaccard(A, A) == 1.0
+    assert jaccard(A, 1 - A) == 0.0
+    assert jaccard(torch.zeros(2, 3), torch.zeros(2, 3)) == 1.0  # 0/0: two empty masks are identical
+    assert jaccard(A.float(), B.bool()) == pytest.approx(3 / 5)
+
+
+def test_jaccard_refuses_bad_masks():
+    with pytest.raises(XlsubError, match="same model"):
+        jaccard(A, torch.ones(3, 3))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        jaccard(A * 0.5, B)
+
+
+def test_jaccard_matrix():
+    table = jaccard_matrix({"en": A, "de": B, "zh": 1 - A})
+    assert list(table.index) == list(table.columns) == ["en", "de", "zh"]
+    np.testing.assert_allclose(table.to_numpy(), table.to_numpy().T)
+    np.testing.assert_allclose(np.diag(table.to_numpy()), 1.0)
+    assert table.loc["en", "de"] == pytest.approx(0.6)
+    assert table.loc["en", "zh"] == 0.0
+    assert table.loc["de", "zh"] == pytest.approx(1 / 5)  # zh keeps (0,2), (1,0); de keeps (0,0), (1,*)
+
+
+# -- chance level ----------------------------------------------------------------------------------
+
+def exact_by_enumeration(mask_a: torch.Tensor, mask_b: torch.Tensor) -> Fraction:
+    """E[Jaccard] over every pair of random masks, enumerated (tiny masks only), in exact fractions."""
+    from itertools import combinations, product
+
+    layers, heads = mask_a.shape
+    options = [[list(combinations(range(heads), int(mask[layer].sum()))) for layer in range(layers)]
+               for mask in (mask_a, mask_b)]
+    total, count = Fraction(0), 0
+    for pick_a in product(*options[0]):
+        for pick_b in product(*options[1]):
+            sets_a = {(layer, h) for layer, hs in enumerate(pick_a) for h in hs}
+            sets_b = {(layer, h) for layer, hs in enumerate(pick_b) for h in hs}
+            union = len(sets_a | sets_b)
+            total += Fraction(len(sets_a & sets_b), union) if union else Fraction(1)
+            count += 1
+    return total / count
+
+
+def test_expected_random_jaccard_hand_computed():
+    one_of_two = torch.tensor([[1, 0]])
+    assert expected_random_jaccard(one_of_two, one_of_two) == pytest.approx(1 / 2)
+    # Two such layers: intersection 0, 1, 2 with probability 1/4, 1/2, 1/4, union 4 - intersection:
+    # E[J] = 1/2 * 1/3 + 1/4 * 1 = 5/12, not E[inter] / E[union] = 1/3.
+    two_layers = torch.tensor([[1, 0], [0, 1]])
+    assert expected_random_jaccard(two_layers, two_layers) == pytest.approx(5 / 12)
+    # 2 of 4 heads each: intersection 0, 1, 2 with probability 1/6, 4/6, 1/6 -> 4/6 * 1/3 + 1/6 = 7/18.
+    assert expected_random_jaccard(torch.tensor([[1, 1, 0, 0]]), torch.tensor([[0, 1, 0, 1]])) == pytest.approx(7 / 18)
+    full = torch.ones(3, 4)
+    assert expected_random_jaccard(full, full) == 1.0
+    assert expected_random_jaccard(full, torch.tensor([[1, 0, 0, 0], [0] * 4, [1, 1, 0, 0]])) == pytest.approx(3 / 12)
+    assert expected_random_jaccard(torch.zeros(2, 3), A) == 0.0
+    assert expected_random_jaccard(torch.zeros(2, 3), torch.zeros(2, 3)) == 1.0
+
+
+def test_expected_random_jaccard_equals_enumeration():
+    a = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]])
+    b = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 0], [0, 0, 0, 1]])
+    assert expected_random_jaccard(a, b) == pytest.approx(float(exact_by_enumeration(a, b)), abs=1e-12)
+
+
+def test_expected_random_jaccard_matches_monte_carlo_of_random_mask_like():
+    from xlsub.pruning import random_mask_like
+
+    g = torch.Generator().manual_seed(0)
+    layers, heads = 12, 12
+    a = (torch.rand(layers, heads, generator=g) < torch.linspace(0.3, 0.95, layers)[:, None]).float()
+    b = (torch.rand(layers, heads, generator=g) < 0.8).float()
+    b[0] = 0  # a layer with every head pruned
+    draws = np.array([jaccard(random_mask_like(a, seed=2 * i), random_mask_like(b, seed=2 * i + 1))
+                      for i in range(3000)])
+    exact = expected_random_jaccard(a, b)
+    standard_error = draws.std(ddof=1) / math.sqrt(len(draws))
+    assert abs(draws.mean() - exact) < 4 * standard_error
+    assert standard_error < 0.002  # the check has teeth
+    assert 0.3 < exact < jaccard(a, b) + 0.3
+
+
+def test_expected_random_jaccard_matrix():
+    masks = {"en": A, "de": B}
+    table = expected_random_jaccard_matrix(masks)
+    assert table.loc["en", "de"] == table.loc["de", "en"] == pytest.approx(expected_random_jaccard(A, B))
+    assert table.loc["en", "en"] == pytest.approx(float(exact_by_enumeration(A, A)))
+    assert table.loc["en", "en"] < 1
+
+
+# -- where heads were kept -------------------------------------------------------------------------
+
+def test_proportion_kept_per_layer_averages_over_heads():
+    masks = {"en": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 1]]), "de": torch.ones(3, 4)}
+    table = proportion_kept_per_layer(masks)
+    assert list(table.index) == ["en", "de"] and list(table.columns) == [0, 1, 2]
+    np.testing.assert_allclose(table.loc["en"].to_numpy(), [0.5, 1.0, 0.25])
+    np.testing.assert_allclose(table.loc["de"].to_numpy(), [1.0, 1.0, 1.0])
+
+
+def test_params_kept_per_layer_hand_computed():
+    hidden, head_dim = 8, 2  # 4 heads
+    per_head = 4 * hidden * head_dim + 3 * head_dim  # q, k, v rows with biases; output projection columns
+    total = 4 * per_head + 3 * hidden  # + output bias + LayerNorm weight and bias
+    table = params_kept_per_layer({"en": torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]])}, hidden, head_dim)
+    np.testing.assert_allclose(table.loc["en"].to_numpy(),
+                               [1.0, (per_head + 3 * hidden) / total, 3 * hidden / total])
+
+
+def test_params_kept_per_layer_counts_a_physically_pruned_model():
+    from tests.test_heads import HEADS, HIDDEN, tiny_model
+    from xlsub.pruning import params_kept_frac, prune_heads
+
+    def attention_params(model) -> list[int]:
+        return [sum(p.numel() for p in layer.attention.parameters()) for layer in model.base_model.encoder.layer]
+
+    model = tiny_model()
+    mask = torch.tensor([[1.0, 1, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0]])
+    before = attention_params(model)
+    after = attention_params(prune_heads(copy.deepcopy(model), mask))
+    table = params_kept_per_layer({"en": mask}, HIDDEN, HIDDEN // HEADS)
+    np.testing.assert_allclose(table.loc["en"].to_numpy(), np.array(after) / np.array(before))
+    config = SimpleNamespace(hidden_size=HIDDEN, num_attention_heads=HEADS)
+    assert table.loc["en"].mean() == pytest.approx(params_kept_frac(mask, config))
+
+
+# -- token overlap ---------------------------------------------------------------------------------
+
+def test_token_overlap_multiset_with_clipping():
+    tokens = {
+        "en": [["▁the", "▁cat", "▁sat"], ["▁ok"], ["▁a", "▁b"]],
+        "de": [["▁the", "▁the", "▁katze"], ["▁ok"], []],  # "▁the" twice counts once; empty sentence skipped
+        "zh": [["猫"], ["确定"], ["▁a", "▁b", "▁c", "▁d"]],
+    }
+    result = token_overlap(tokens)
+    assert result["en"] == 1.0
+    assert result["de"] == pytest.approx((1 / 3 + 1) / 2)
+    assert result["zh"] == pytest.approx((0 + 0 + 2 / 4) / 3)
+    ids = {lang: [[hash(t) % 1000 for t in s] for s in sents] for lang, sents in tokens.items()}
+    assert token_overlap(ids, reference="en") == pytest.approx(result)  # token ids work as well as strings
+    assert math.isnan(token_overlap({"en": [["a"]], "ur": [[]]})["ur"])
+
+
+def test_token_overlap_refuses_mismatched_input():
+    with pytest.raises(XlsubError, match="reference language 'en'"):
+        token_overlap({"de": [["a"]]})
+    with pytest.raises(XlsubError, match="de has 2 sentences and en 1"):
+        token_overlap({"en": [["a"]], "de": [["a"], ["b"]]})
+
+
+# -- several seeds ---------------------------------------------------------------------------------
+
+def test_mean_std_over_seeds():
+    m = {
+        ("en", 0): torch.tensor([[1, 1, 0, 0]]), ("en", 1): torch.tensor([[1, 1, 1, 0]]),
+        ("de", 0): torch.tensor([[0, 1, 1, 0]]), ("de", 1): torch.tensor([[1, 1, 0, 0]]),
+        ("de", 2): torch.tensor([[0, 0, 1, 1]]),
+    }
+    mean, std = mean_std_over_seeds(m)
+    assert list(mean.index) == list(mean.columns) == ["en", "de"]
+    cross = [jaccard(m["en", s], m["de", t]) for s in (0, 1) for t in (0, 1, 2)]  # all 6 seed pairs
+    assert cross == pytest.approx([1 / 3, 1, 0, 2 / 3, 2 / 3, 1 / 4])
+    assert mean.loc["en", "de"] == mean.loc["de", "en"] == pytest.approx(np.mean(cross))
+    assert std.loc["en", "de"] == pytest.approx(np.std(cross, ddof=1))
+    within_de = [1 / 3, 1 / 3, 0]  # seed pairs (0,1), (0,2), (1,2)
+    assert mean.loc["de", "de"] == pytest.approx(np.mean(within_de))
+    assert mean.loc["en", "en"] == pytest.approx(2 / 3) and math.isnan(std.loc["en", "en"])  # one pair only
+    stability = seed_stability(m)
+    assert stability.loc["de", "mean"] == pytest.approx(np.mean(within_de))
+    assert stability.loc["de", "std"] == pytest.approx(np.std(within_de, ddof=1))
+    assert list(stability["pairs"]) == [1, 3]
+    assert isinstance(stability, pd.DataFrame)

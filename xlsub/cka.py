@@ -1,0 +1,284 @@
+"""Centred kernel alignment (CKA) between two sets of representations of the same examples.
+
+CKA (Kornblith et al. 2019, "Similarity of Neural Network Representations
+Revisited") compares X [n, d1] and Y [n, d2], the representations of the same n
+sentences, through HSIC of their kernel matrices K = k(X), L = k(Y):
+
+    CKA(K, L) = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)).
+
+Three estimators:
+- `linear_cka`: linear kernel, biased HSIC = tr(KHLH) / (n-1)^2, computed in
+  feature space: with X, Y centred over examples, tr(KHLH) = ||Y'X||_F^2, so
+  CKA = ||Y'X||_F^2 / (||X'X||_F ||Y'Y||_F), O(n d^2) instead of O(n^2 d).
+  `linear_cka_gram` is the same number through n x n Gram matrices, the
+  reference for tests and the benchmark.
+- `debiased_linear_cka`: linear kernel, the unbiased HSIC_1 of Song et al.
+  2012, as Nguyen et al. 2021 ("Do Wide and Deep Networks Learn the Same
+  Things?") use for minibatch CKA. The biased estimator gives independent
+  representations a CKA well above 0 at small n (~0.2 for n=32, d=64).
+- `rbf_cka`: Gaussian kernel with a median-distance bandwidth, biased HSIC.
+
+Everything is computed in float64 and batched over leading dimensions: x
+`[..., n, d1]` and y `[..., n, d2]` give `[...]`, e.g. one CKA per layer for
+encodings `[layers+1, n, d]`. A representation that is constant over the
+examples (the same vector for every sentence) has no kernel structure to
+compare: its CKA is NaN, as is a debiased CKA whose HSIC_1(K, K) is not
+positive. For linear kernels HSIC_1(K, K) is a U-statistic of squares,
+((x_i - x_j)'(x_q - x_r))^2 / 4 over distinct i, j, q, r, so it is never
+negative in exact arithmetic, but it is exactly 0 for degenerate inputs (e.g.
+all examples identical but one) and rounding then leaves it at +-1e-16 of its
+scale: taken literally, a square root of a negative number or a ratio of
+rounding errors. Such values give NaN, never an exception.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from xlsub.errors import XlsubError
+
+KINDS = ("linear", "debiased", "rbf")
+# A representation whose centred norm is below this fraction of its raw norm is constant over the examples
+# up to float64 rounding in the centring; its CKA is 0/0.
+_CONSTANT_RTOL = 1e-10
+# An unbiased HSIC_1(K, K) below this fraction of its natural scale ||X||_F^4 is zero up to rounding (exactly
+# zero for inputs such as one outlier among identical points; genuine values are ~1/rank(X) of it or more).
+_HSIC_RTOL = 1e-12
+# float64 copies of every language held at once by `cka_matrix`, per chunk of leading indices (layers).
+# Batching more layers into one product gains nothing once a product is as large as n x d = 5000 x 768.
+_CHUNK_BYTES = 2**28
+
+
+# -- the estimators, as per-representation statistics and a cross term ----------------------------------
+#
+# Each kind reduces one representation to what its HSIC needs (`_prepare`), HSIC(K, K) from those
+# statistics (`state["self"]`), and HSIC(K, L) from two of them (`_cross`). `cka` and `cka_matrix` share
+# this code; `cka_matrix` just prepares every language once.
+
+def _centre(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x in float64 centred over examples (axis -2), and where it is constant over the examples."""
+    xc = x.to(torch.float64, copy=True)  # one float64 copy, centred in place
+    raw = _frob(xc)
+    xc -= xc.mean(dim=-2, keepdim=True)
+    return xc, _frob(xc) <= _CONSTANT_RTOL * raw
+
+
+def _frob(m: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(m, dim=(-2, -1))
+
+
+def _sq_frob(m: torch.Tensor) -> torch.Tensor:
+    return _frob(m).square()
+
+
+def _debiased_hsic(xty_sq: torch.Tensor, rx: torch.Tensor, ry: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor,
+                   n: int) -> torch.Tensor:
+    """n(n-3) HSIC_1(K, L) for linear kernels of centred X, Y (Song et al. 2012, eq. 5), in feature space.
+
+    With K~ = K with zeroed diagonal, r_i = |x_i|^2 and s = sum_i r_i, centring gives K~1 = -r and
+    1'K~1 = -s, so tr(K~L~) = ||Y'X||^2 - r_x.r_y, 1'K~L~1 = r_x.r_y and
+    n(n-3) HSIC_1 = ||Y'X||^2 - n/(n-2) r_x.r_y + s_x s_y / ((n-1)(n-2)). HSIC_1 is unchanged by centring
+    the features (a U-statistic of kernel differences), so this equals the formula on the raw K and L.
+    The factor n(n-3) cancels in CKA.
+    """
+    return xty_sq - n / (n - 2) * (rx * ry).sum(-1) + sx * sy / ((n - 1) * (n - 2))
+
+
+def _median(values: torch.Tensor) -> torch.Tensor:
+    """Median over the last axis (the mean of the two middle values for an even count, as numpy)."""
+    m = values.shape[-1]
+    low = torch.kthvalue(values, (m + 1) // 2, dim=-1).values
+    if m % 2:
+        return low
+    return (low + torch.kthvalue(values, m // 2 + 1, dim=-1).values) / 2
+
+
+def _centre_gram(k: torch.Tensor) -> torch.Tensor:
+    """HKH with H = I - 11'/n, by subtracting row and column means (O(n^2), not two n x n products)."""
+    return k - k.mean(-1, keepdim=True) - k.mean(-2, keepdim=True) + k.mean((-2, -1), keepdim=True)
+
+
+def _rbf_gram(xc: torch.Tensor, sigma_frac: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian kernel exp(-|x_i - x_j|^2 / (2 sigma^2)), sigma = sigma_frac x median distance of the pairs i < j.
+
+    Kornblith et al.'s `gram_rbf` takes the median over the whole n x n matrix, diagonal zeros included,
+    which shrinks the bandwidth slightly at small n; here only distinct pairs count. Also returns where the
+    median distance is 0 (most examples identical), where the kernel is undefined.
+    """
+    n = xc.shape[-2]
+    gram = xc @ xc.mT
+    sq_norms = gram.diagonal(dim1=-2, dim2=-1)
+    sq_dist = (sq_norms[..., :, None] + sq_norms[..., None, :] - 2 * gram).clamp_min(0)
+    sq_dist.diagonal(dim1=-2, dim2=-1).zero_()
+    upper = torch.triu_indices(n, n, offset=1)
+    sigma = sigma_frac * _median(sq_dist[..., upper[0], upper[1]].sqrt())
+    undefined = sigma <= 0
+    sigma = torch.where(undefined, 1.0, sigma)
+    return torch.exp(-sq_dist / (2 * sigma[..., None, None] ** 2)), undefined
+
+
+def _prepare(x: torch.Tensor, kind: str, sigma_frac: float = 1.0) -> dict[str, torch.Tensor]:
+    """The statistics of one representation [..., n, d] that its HSIC terms need; "self" is HSIC(K, K)."""
+    xc, constant = _centre(x)
+    n = x.shape[-2]
+    if kind == "linear":
+        self_ = _sq_frob(xc.mT @ xc)
+        state = {"xc": xc}
+    elif kind == "debiased":
+        rows = torch.linalg.vector_norm(xc, dim=-1).square()
+        total = rows.sum(-1)
+        self_ = _debiased_hsic(_sq_frob(xc.mT @ xc), rows, rows, total, total, n)
+        self_ = torch.where(self_ <= _HSIC_RTOL * total.square(), 0.0, self_)
+        state = {"xc": xc, "rows": rows, "total": total}
+    elif kind == "rbf":
+        gram, undefined = _rbf_gram(xc, sigma_frac)
+        kc = _centre_gram(gram)
+        self_ = _sq_frob(kc)
+        constant = constant | undefined
+        state = {"kc": kc}
+    else:
+        raise XlsubError(f"cka: unknown kind '{kind}'; use linear, debiased or rbf")
+    state["self"] = torch.where(constant, 0.0, self_)
+    return state
+
+
+def _cross(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """HSIC(K, L) between two prepared representations (up to the factor `self` carries too)."""
+    if kind == "rbf":
+        return (a["kc"] * b["kc"]).sum((-2, -1))
+    xty_sq = _sq_frob(b["xc"].mT @ a["xc"])
+    if kind == "linear":
+        return xty_sq
+    n = a["xc"].shape[-2]
+    return _debiased_hsic(xty_sq, a["rows"], b["rows"], a["total"], b["total"], n)
+
+
+def _ratio(cross: torch.Tensor, self_a: torch.Tensor, self_b: torch.Tensor) -> torch.Tensor:
+    """HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)), NaN where either self term is not positive."""
+    valid = (self_a > 0) & (self_b > 0)
+    denom = torch.where(valid, self_a * self_b, 1.0).sqrt()
+    return torch.where(valid, cross / denom, math.nan)
+
+
+def _check_pair(x: torch.Tensor, y: torch.Tensor, kind: str) -> None:
+    if kind not in KINDS:
+        raise XlsubError(f"cka: unknown kind '{kind}'; use linear, debiased or rbf")
+    if x.ndim < 2 or y.ndim < 2 or x.shape[:-1] != y.shape[:-1]:
+        raise ValueError(f"cka: x {tuple(x.shape)} and y {tuple(y.shape)} must be [..., n, d] with the same "
+                         "leading dimensions and number of examples n")
+    if kind == "debiased" and x.shape[-2] < 4:
+        raise ValueError(f"debiased CKA needs at least 4 examples (n(n-3) > 0), got n={x.shape[-2]}")
+
+
+# -- public API --------------------------------------------------------------------------------------
+
+def cka(x: torch.Tensor, y: torch.Tensor, kind: str = "linear", *, sigma_frac: float = 1.0) -> torch.Tensor:
+    """CKA of x [..., n, d1] and y [..., n, d2] with the estimator `kind` (linear, debiased or rbf) -> [...].
+
+    `sigma_frac` is the RBF bandwidth as a fraction of the median pairwise distance (rbf only).
+    """
+    _check_pair(x, y, kind)
+    a, b = _prepare(x, kind, sigma_frac), _prepare(y, kind, sigma_frac)
+    return _ratio(_cross(a, b, kind), a["self"], b["self"])
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Linear CKA, feature-space form ||Y'X||_F^2 / (||X'X||_F ||Y'Y||_F) of X, Y centred over examples.
+
+    Kornblith et al. 2019, eq. 5 / `feature_space_linear_cka`. O(n d1 d2 + n d1^2 + n d2^2) time and
+    O(d^2) extra memory; equal to `linear_cka_gram`. x [..., n, d1], y [..., n, d2] -> [...], float64.
+    """
+    return cka(x, y, "linear")
+
+
+def debiased_linear_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Linear CKA with the unbiased HSIC_1 estimator (Song et al. 2012; Nguyen et al. 2021), in feature space.
+
+    HSIC_1(K, L) = [tr(K~L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3)), K~ = K with a zero
+    diagonal, K = XX'. For linear kernels every term reduces to d x d products and row norms (see
+    `_debiased_hsic`), so the cost is that of `linear_cka`, O(n d^2), with no n x n matrix. Needs n >= 4
+    (ValueError otherwise). NaN where HSIC_1(K, K) or HSIC_1(L, L) is not positive beyond rounding
+    (degenerate inputs; see the module docstring).
+    Values can fall slightly below 0 or above 1: the estimate is unbiased, not bounded.
+    """
+    return cka(x, y, "debiased")
+
+
+def rbf_cka(x: torch.Tensor, y: torch.Tensor, sigma_frac: float = 1.0) -> torch.Tensor:
+    """CKA with Gaussian kernels and biased HSIC (Kornblith et al. 2019, section 3 / `gram_rbf`).
+
+    Bandwidth sigma = sigma_frac x the median Euclidean distance between distinct examples, for each input
+    and each leading index (layer) separately. Builds n x n kernels: O(n^2 d) time, O(n^2) memory per
+    leading index. NaN where the median distance is 0.
+    """
+    return cka(x, y, "rbf", sigma_frac=sigma_frac)
+
+
+def linear_cka_gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Linear CKA in its Gram form tr(KHLH) / sqrt(tr(KHKH) tr(LHLH)), K = XX', L = YY', H = I - 11'/n.
+
+    The O(n^2 d) time, O(n^2) memory reference for `linear_cka` (tests, benchmark): K and L are formed from
+    the raw inputs and centred as matrices; tr(KHLH) = <HKH, HLH> since H is idempotent.
+    """
+    _check_pair(x, y, "linear")
+    x, y = x.to(torch.float64), y.to(torch.float64)
+    kc, lc = _centre_gram(x @ x.mT), _centre_gram(y @ y.mT)
+    return _ratio((kc * lc).sum((-2, -1)), _sq_frob(kc), _sq_frob(lc))
+
+
+def cka_matrix(reps: Mapping[str, torch.Tensor], kind: str = "linear", *,
+               sigma_frac: float = 1.0) -> torch.Tensor:
+    """CKA between every pair of languages, per layer: {lang: [L, n, d]} -> [L, k, k] (float64).
+
+    Rows and columns follow the order of `reps`. Each language is centred and reduced once (for linear:
+    X'X and its norm; for rbf: its centred kernel) and each pair then costs one batched d x d product
+    over the layers (linear, debiased) or one n x n inner product (rbf). Symmetric; the diagonal is 1
+    (NaN for a degenerate representation). Leading indices (layers) are processed in chunks so the
+    float64 copies of all languages stay within 256 MiB where one layer allows (at least one layer at
+    a time: k n d float64 values; rbf: k n x n kernels).
+    """
+    if kind not in KINDS:
+        raise XlsubError(f"cka: unknown kind '{kind}'; use linear, debiased or rbf")
+    langs = list(reps)
+    if not langs:
+        raise ValueError("cka_matrix: no representations")
+    first = reps[langs[0]]
+    for lang in langs:
+        _check_pair(first, reps[lang], kind)
+    lead, (n, _) = first.shape[:-2], first.shape[-2:]
+    flat = {lang: reps[lang].reshape(-1, n, reps[lang].shape[-1]) for lang in langs}
+    batch, k = flat[langs[0]].shape[0], len(langs)
+
+    per_index = sum(8 * n * (n if kind == "rbf" else x.shape[-1]) for x in flat.values())
+    chunk = max(1, _CHUNK_BYTES // per_index)
+    out = torch.empty(batch, k, k, dtype=torch.float64)
+    for start in range(0, batch, chunk):
+        part = slice(start, start + chunk)
+        states = [_prepare(flat[lang][part], kind, sigma_frac) for lang in langs]
+        for i, a in enumerate(states):
+            out[part, i, i] = torch.where(a["self"] > 0, 1.0, math.nan)
+            for j in range(i + 1, k):
+                b = states[j]
+                out[part, i, j] = out[part, j, i] = _ratio(_cross(a, b, kind), a["self"], b["self"])
+        del states
+    return out.reshape(*lead, k, k)
+
+
+def shuffled_pairs_cka(x: torch.Tensor, y: torch.Tensor, seed: int, kind: str = "linear", *,
+                       sigma_frac: float = 1.0) -> torch.Tensor:
+    """The non-parallel control: CKA of x with y's examples re-paired by a seeded random derangement.
+
+    Sentence i of x is compared with sentence pi(i) != i of y, where pi is a uniformly random n-cycle (the
+    same for every leading index / layer), so no sentence keeps its translation. What CKA this control
+    still shows comes from the marginal structure of the two spaces, not from the sentences being parallel.
+    """
+    n = y.shape[-2]
+    if n < 2:
+        raise ValueError(f"shuffled_pairs_cka needs at least 2 examples, got n={n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    partner = torch.empty(n, dtype=torch.long)
+    partner[order] = order.roll(-1)  # order[i] -> order[i+1]: one cycle through all n, no fixed point
+    return cka(x, y[..., partner, :], kind, sigma_frac=sigma_frac)
