@@ -24,6 +24,7 @@ corpus: setup
 demo: corpus
 	mlflow run . -e finetune --env-manager local --experiment-name $(EXPERIMENT)
 	mlflow run . -e prune --env-manager local --experiment-name $(EXPERIMENT)
+	mlflow run . -e encode --env-manager local --experiment-name $(EXPERIMENT) -P use_random=true
 	$(PY) -m entry_points.summary --experiment $(EXPERIMENT)
 
 test: setup

@@ -73,3 +73,15 @@ def finetune_run(store):
     mlflow_run(store, "finetune", SMALL_FINETUNE)
     (run,) = runs_of(store, "xlsub-tests", "finetune")[:1]
     return run
+
+
+@pytest.fixture(scope="session")
+def prune_run(store, finetune_run):
+    mlflow_run(store, "prune", {})  # no parameters: latest finetune run, every language it trained
+    parents = [r for r in runs_of(store, "xlsub-tests", "prune") if r.data.tags.get("xlsub.child") != "true"]
+    return parents[0]
+
+
+def children_of(store, run):
+    client = MlflowClient(store)
+    return client.search_runs([run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")

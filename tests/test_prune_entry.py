@@ -11,22 +11,10 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, mlflow_run, runs_of, subprocess_env
+from tests.conftest import ROOT, children_of, runs_of, subprocess_env
 
 pytestmark = pytest.mark.slow
 LANGS = ["en", "de", "zh"]
-
-
-@pytest.fixture(scope="session")
-def prune_run(store, finetune_run):
-    mlflow_run(store, "prune", {})  # no parameters: latest finetune run, every language it trained
-    parents = [r for r in runs_of(store, "xlsub-tests", "prune") if r.data.tags.get("xlsub.child") != "true"]
-    return parents[0]
-
-
-def children_of(store, run):
-    client = MlflowClient(store)
-    return client.search_runs([run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
 
 
 def test_prune_parent_and_one_child_per_language(store, finetune_run, prune_run):

@@ -135,10 +135,22 @@ def log_corpus(corpus, train_examples: Mapping[str, int]) -> None:
     """Log the corpus' splits as MLflow dataset inputs, with its provenance (e.g. Debian package versions)."""
     source = str(corpus.source.get("uri") or corpus.source.get("folder") or corpus.name)
     for split, ds in corpus.texts.items():
-        dataset = mlflow.data.from_huggingface(ds, path=corpus.name, name=f"{corpus.name}-{split}", source=source if "://" in source else None)
+        dataset = mlflow.data.from_huggingface(ds, name=f"{corpus.name}-{split}", source=source if "://" in source else None,
+                                               path=None if "://" in source else corpus.name)
         mlflow.log_input(dataset, context=split, tags={k: str(v) for k, v in corpus.source.items()})
     mlflow.set_tags({f"xlsub.source.{k}": str(v) for k, v in corpus.source.items()})
     mlflow.log_params({f"train_examples.{lang}": n for lang, n in train_examples.items()})
+
+
+def log_parallel(corpus) -> None:
+    """Log a parallel corpus (one column per language, row i aligned) as the run's dataset input."""
+    import datasets
+
+    table = datasets.Dataset.from_dict({"id": corpus.ids, **corpus.texts})
+    source = str(corpus.source.get("uri") or corpus.name)
+    dataset = mlflow.data.from_huggingface(table, name=f"{corpus.name}-parallel", source=source if "://" in source else None,
+                                           path=None if "://" in source else corpus.name)
+    mlflow.log_input(dataset, context="parallel", tags={k: str(v)[:500] for k, v in corpus.source.items()})
 
 
 def load_subnetwork(run_id: str, dst: Path | None = None):

@@ -1,0 +1,86 @@
+"""End-to-end encode runs after small finetune and prune runs: `mlflow run . -e encode`, artifacts
+loaded by run ID in a fresh process, and the bad inputs the stage refuses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT, mlflow_run, runs_of, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def encode_run(store, prune_run):
+    mlflow_run(store, "encode", {"max_sentences": "40", "use_random": "true", "use_base": "true", "batch_size": "16"})
+    return runs_of(store, "xlsub-tests", "encode")[0]
+
+
+def test_encode_run_tags_metrics_and_artifacts_load_by_run_id(store, finetune_run, prune_run, encode_run):
+    assert encode_run.info.status == "FINISHED"
+    assert encode_run.data.tags["xlsub.finetune_run_id"] == finetune_run.info.run_id
+    assert encode_run.data.tags["xlsub.prune_run_id"] == prune_run.info.run_id
+    assert encode_run.data.metrics["sentences"] == 40 and encode_run.data.metrics["sentences_per_sec"] > 0
+    assert {t.value for i in encode_run.inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context"} == {"parallel"}
+    code = f"""
+import json, mlflow, torch
+from pathlib import Path
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+from xlsub.encoding import encode, load_encodings
+from xlsub.tracking import download
+root = download("{encode_run.info.run_id}", "encodings")
+sentences = json.loads(download("{encode_run.info.run_id}", "sentences.json").read_text())
+shapes = {{f"{{p.parent.name}}/{{p.stem}}": list(load_encodings(p).shape) for p in sorted(root.glob("*/*.safetensors"))}}
+model_dir = download("{finetune_run.info.run_id}", "model")
+model, tok = AutoModelForMaskedLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+again = encode(model, tok, sentences["texts"]["de"], batch_size=7)
+diff = float((again - load_encodings(root / "full" / "de.safetensors")).abs().max())
+print(json.dumps({{"shapes": shapes, "ids": len(sentences["ids"]), "langs": sentences["languages"], "diff": diff}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(store), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    keys = ["base", "full", "random", "sub_de", "sub_en", "sub_zh"]
+    assert got["shapes"] == {f"{k}/{l}": [5, 40, 128] for k in keys for l in ("de", "en", "zh")}
+    assert got["ids"] == 40 and got["langs"] == ["en", "de", "zh"]
+    assert got["diff"] < 1e-5  # the stored full-model encodings are what the finetuned model computes
+
+
+def encode_cli(store, *args):
+    return subprocess.run([sys.executable, "-m", "entry_points.encode", *args], env=subprocess_env(store, MLFLOW_EXPERIMENT_NAME="xlsub-tests"),
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_encode_refuses_bad_input(store, finetune_run, prune_run):
+    client = MlflowClient(store)
+    exp_id = client.get_experiment_by_name("xlsub-tests").experiment_id
+    other = client.create_run(exp_id, tags={"xlsub.stage": "prune", "xlsub.finetune_run_id": "f" * 32})  # another lineage
+    client.set_terminated(other.info.run_id, "FINISHED")
+    unfinished = client.create_run(exp_id, tags={"xlsub.stage": "prune", "xlsub.finetune_run_id": finetune_run.info.run_id})
+    ft, pr = finetune_run.info.run_id, prune_run.info.run_id
+    cases = [
+        (["--prune_run_id", pr, "--languages", "en,fr"], "languages"),
+        (["--prune_run_id", pr, "--max_sentences", "0"], "max_sentences"),
+        (["--finetune_run_id", ft, "--prune_run_id", other.info.run_id], "prune_run_id"),
+        (["--prune_run_id", "0123456789abcdef0123456789abcdef"], "prune_run_id"),
+        (["--prune_run_id", unfinished.info.run_id], "prune_run_id"),
+        (["--finetune_run_id", pr, "--prune_run_id", pr], "finetune_run_id"),
+        (["--prune_run_id", pr, "--corpus", str(ROOT / "tests" / "missing.json")], "corpus"),
+    ]
+    try:
+        for args, named in cases:
+            before = {r.info.run_id for r in client.search_runs([exp_id])}
+            proc = encode_cli(store, *args)
+            assert proc.returncode == 2, (args, proc.stderr[-2000:])
+            last = proc.stderr.strip().splitlines()[-1]
+            assert last.startswith(f"xlsub encode: {named}:"), (args, last)
+            (new,) = [r for r in client.search_runs([exp_id]) if r.info.run_id not in before]
+            assert new.info.status == "FAILED" and not client.list_artifacts(new.info.run_id), args
+    finally:
+        client.delete_run(other.info.run_id)
+        client.set_terminated(unfinished.info.run_id, "KILLED")
