@@ -22,6 +22,7 @@ class _OneLineParser(HfArgumentParser):
 
 def parse_args(cls: type[T], argv: list[str] | None = None) -> T:
     """Parse `--name value` flags into the dataclass `cls` (help text comes from its field metadata)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per downloaded file drowns the log
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     (args,) = _OneLineParser(cls).parse_args_into_dataclasses(args=argv)
     return args
@@ -53,7 +54,7 @@ def load_finetuned(run, device: str):
 
     p = run.data.params
     langs = run.data.tags["xlsub.languages"].split(",")
-    path = tracking.download(run.info.run_id, "model")
+    path = tracking.download(run.info.run_id, "model", param="finetune_run_id")
     model = AutoModelForMaskedLM.from_pretrained(path).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     def number(name: str) -> int:

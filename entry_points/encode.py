@@ -69,7 +69,7 @@ def models_to_encode(args: EncodeArgs, finetune, prune, device: str):
     """(model_key, loader) pairs: full, sub_<lang>[_seed<k>] for every subnetwork, then the controls."""
     from transformers import AutoModelForMaskedLM
 
-    model_path = tracking.download(finetune.info.run_id, "model")
+    model_path = tracking.download(finetune.info.run_id, "model", param="finetune_run_id")
     full = lambda: AutoModelForMaskedLM.from_pretrained(model_path)  # noqa: E731
     yield "full", full
     children = mlflow.tracking.MlflowClient().search_runs(
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         corpus = load_parallel(args.corpus, langs, args.max_sentences)
         mlflow.log_metrics({"sentences": len(corpus.ids), "dropped": corpus.dropped})
         tracking.log_parallel(corpus)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tracking.download(finetune.info.run_id, "model"))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tracking.download(finetune.info.run_id, "model", param="finetune_run_id"))
         seconds, encoded = 0.0, 0
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)

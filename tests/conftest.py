@@ -85,3 +85,9 @@ def prune_run(store, finetune_run):
 def children_of(store, run):
     client = MlflowClient(store)
     return client.search_runs([run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+
+
+@pytest.fixture(scope="session")
+def encode_run(store, prune_run):
+    mlflow_run(store, "encode", {"max_sentences": "40", "use_random": "true", "use_base": "true", "batch_size": "16"})
+    return runs_of(store, "xlsub-tests", "encode")[0]

@@ -10,15 +10,9 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, mlflow_run, runs_of, subprocess_env
+from tests.conftest import ROOT, subprocess_env
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def encode_run(store, prune_run):
-    mlflow_run(store, "encode", {"max_sentences": "40", "use_random": "true", "use_base": "true", "batch_size": "16"})
-    return runs_of(store, "xlsub-tests", "encode")[0]
 
 
 def test_encode_run_tags_metrics_and_artifacts_load_by_run_id(store, finetune_run, prune_run, encode_run):

@@ -21,6 +21,7 @@ from xlsub.errors import XlsubError
 
 STAGE_TAG = "xlsub.stage"
 ERROR_TAG = "xlsub.error"
+CODE_TAG = "xlsub.code_version"  # package version + digest of the source that ran, for reuse
 CHILD_TAG = "xlsub.child"  # "true" on the per-language runs nested in a stage run; never a stage's input
 STAGES = ("finetune", "prune", "encode", "analyze", "main")
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def stage_run(stage: str, params: Mapping[str, object], *, log_to_mlflow: bool =
     active = None
     if log_to_mlflow:
         active = mlflow.start_run(run_name=stage)
-        mlflow.set_tag(STAGE_TAG, stage)
+        mlflow.set_tags({STAGE_TAG: stage, CODE_TAG: code_version()})
     status = "FAILED"
     try:
         if log_to_mlflow:
@@ -69,6 +70,61 @@ def stage_run(stage: str, params: Mapping[str, object], *, log_to_mlflow: bool =
     finally:
         if log_to_mlflow and mlflow.active_run() is not None:
             mlflow.end_run(status)
+
+
+def code_version() -> str:
+    """`<package version>+<sha256 of the project's source>`: what a finished run is reused by.
+
+    A digest rather than the git commit alone: it also tells uncommitted
+    changes apart, and works where there is no git (an installed package).
+    """
+    import hashlib
+
+    import xlsub
+
+    root = Path(xlsub.__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    files = sorted((root / "xlsub").rglob("*.py")) + sorted((root / "entry_points").rglob("*.py"))
+    for path in files + [root / "MLproject"]:
+        if path.is_file():
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return f"{xlsub.__version__}+{digest.hexdigest()[:16]}"
+
+
+def same_value(a: object, b: object) -> bool:
+    """Parameters compare by value: `1` equals `1.0`, `true` equals `True`, text compares as text."""
+
+    def norm(v: object):
+        text = str(v).strip()
+        if text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    return norm(a) == norm(b)
+
+
+def find_reusable(experiment_id: str, stage: str, params: Mapping[str, object]) -> Run | None:
+    """The newest FINISHED top-level run of `stage` made by this code with these parameter values, if any.
+
+    Input runs are parameters (`finetune_run_id`, ...), so the same inputs are part of the match.
+    FAILED and KILLED runs never match.
+    """
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{STAGE_TAG}` = '{stage}' and tags.`{CODE_TAG}` = '{code_version()}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=500,
+    )
+    for run in runs:
+        if run.data.tags.get(CHILD_TAG) == "true":
+            continue
+        logged = run.data.params
+        if all(key in logged and same_value(logged[key], value) for key, value in params.items()):
+            return run
+    return None
 
 
 def resolve_run(param: str, value: str, stage: str) -> Run:
@@ -103,12 +159,15 @@ def resolve_run(param: str, value: str, stage: str) -> Run:
     return run
 
 
-def download(run_id: str, path: str, dst: Path | None = None) -> Path:
-    """Download artifact `path` of run `run_id` (a file or a folder) and return where it lies."""
+def download(run_id: str, path: str, dst: Path | None = None, param: str = "run") -> Path:
+    """Download artifact `path` of run `run_id` (a file or a folder) and return where it lies.
+
+    `param` names the parameter that chose the run, for the error a missing artifact gives.
+    """
     try:
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst) if dst else None)
     except (MlflowException, OSError) as err:
-        raise XlsubError(f"run {run_id} has no artifact '{path}' ({type(err).__name__}); rerun that stage") from None
+        raise XlsubError(f"{param}: run {run_id} has no artifact '{path}' ({type(err).__name__}); rerun that stage") from None
     return Path(local)
 
 
