@@ -1,0 +1,374 @@
+"""The analyze stage's numbers against hand-made cases and independent computations, and its figures drawn."""
+
+from __future__ import annotations
+
+import io
+import math
+from itertools import combinations, product
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from matplotlib.collections import QuadMesh
+
+from xlsub.analysis import (
+    CKA_CMAP,
+    JACCARD_CMAP,
+    AnalysisInputs,
+    analyze,
+    heads_kept_tables,
+    mask_overlap_tables,
+    parse_model_key,
+    relative_perplexity,
+)
+from xlsub.cka import linear_cka_gram, shuffled_pairs_cka
+from xlsub.errors import XlsubError
+from xlsub.overlap import expected_random_jaccard
+
+LANGS = ["en", "de", "zh"]
+# 2 layers x 4 heads, two pruning seeds per language, made by hand.
+MASKS = {
+    ("en", 0): torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]]),
+    ("en", 1): torch.tensor([[1, 0, 1, 0], [1, 1, 1, 0]]),
+    ("de", 0): torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]]),
+    ("de", 1): torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]]),
+    ("zh", 0): torch.tensor([[0, 0, 1, 1], [1, 0, 0, 1]]),
+    ("zh", 1): torch.tensor([[0, 1, 1, 1], [1, 0, 0, 1]]),
+}
+SEED0 = {key: mask for key, mask in MASKS.items() if key[1] == 0}
+PPL_FULL = {"en": 100.0, "de": 200.0, "zh": 400.0}
+CROSS = pd.DataFrame([[110.0, 300.0, 800.0], [150.0, 220.0, 600.0], [180.0, 500.0, 440.0]], index=LANGS, columns=LANGS)
+CROSS_RANDOM = CROSS * 1.5
+# de shares 2 of its 3 tokens with en in sentence 0 and, with clipping, 1 of 2 in sentence 1; zh shares none.
+TOKENS = {"en": [[1, 2, 3], [4, 5]], "de": [[1, 2, 9], [4, 4]], "zh": [[7, 8], [9]]}
+N, LAYERS, D = 20, 3, 8
+
+
+def gaussian(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def orthogonal(d, seed):
+    q, r = torch.linalg.qr(gaussian(d, d, seed=seed))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def encodings(seeds=(None,)):
+    """de is an orthogonal rotation (plus an offset) of en at every layer, so CKA(en, de) = 1; zh is independent noise.
+    Subnetworks: sub_en and sub_de reproduce the full model up to scale (CKA 1), sub_zh is unrelated to it."""
+    en = gaussian(LAYERS, N, D, seed=1)
+    full = {"en": en, "de": en @ orthogonal(D, 2) + 5.0, "zh": gaussian(LAYERS, N, D, seed=3)}
+    enc = {"full": full}
+    for seed in seeds:
+        suffix = "" if seed is None else f"_seed{seed}"
+        s = 0 if seed is None else seed
+        enc[f"sub_en{suffix}"] = {lang: 2.0 * x for lang, x in full.items()}
+        enc[f"sub_de{suffix}"] = {lang: x @ orthogonal(D, 10 + s) for lang, x in full.items()}
+        enc[f"sub_zh{suffix}"] = {lang: gaussian(LAYERS, N, D, seed=20 + s + i) for i, lang in enumerate(full)}
+    enc["random"] = {lang: gaussian(LAYERS, N, D, seed=30 + i) for i, lang in enumerate(LANGS)}
+    enc["base"] = {"en": en, "de": en @ orthogonal(D, 4), "zh": gaussian(LAYERS, N, D, seed=5)}
+    return enc
+
+
+def inputs(several_seeds=False, languages=LANGS):
+    if several_seeds:
+        masks, seeds = MASKS, (0, 1)
+        names = [f"{lang}/seed{s}" for lang in LANGS for s in seeds]
+        cross = pd.DataFrame([CROSS.loc[n.split("/")[0]] * (1 + 0.1 * int(n[-1])) for n in names], index=names)
+        cross_random = cross * 1.5
+    else:
+        masks, seeds, cross, cross_random = SEED0, (None,), CROSS, CROSS_RANDOM
+    return AnalysisInputs(languages=list(languages), masks=masks, cross_ppl=cross, cross_ppl_random=cross_random,
+                          ppl_full=PPL_FULL, encodings=encodings(seeds), tokens=TOKENS, hidden_size=16, head_dim=4)
+
+
+@pytest.fixture(scope="module")
+def single():
+    return analyze(inputs())
+
+
+@pytest.fixture(scope="module")
+def several():
+    return analyze(inputs(several_seeds=True))
+
+
+def set_jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Jaccard with Python sets of (layer, head) positions."""
+    kept_a = {tuple(p) for p in a.nonzero().tolist()}
+    kept_b = {tuple(p) for p in b.nonzero().tolist()}
+    return len(kept_a & kept_b) / len(kept_a | kept_b)
+
+
+# -- head masks --------------------------------------------------------------------------------------------
+
+def test_jaccard_table_hand_made(single):
+    table = single.tables["mask_jaccard.csv"]
+    assert list(table.index) == LANGS and list(table.columns) == LANGS
+    # en0 & de0 share (0,0) (0,1) (1,1) (1,2) of the 6 heads either keeps; zh0 shares one head of 8 with each
+    assert table.loc["en", "de"] == pytest.approx(4 / 6)
+    assert table.loc["en", "zh"] == pytest.approx(1 / 8)
+    assert table.loc["de", "zh"] == pytest.approx(1 / 8)
+    assert np.allclose(np.diag(table), 1.0)
+    for a, b in product(LANGS, LANGS):
+        assert table.loc[a, b] == pytest.approx(set_jaccard(SEED0[(a, 0)], SEED0[(b, 0)]))
+
+
+def test_expected_table_equals_expected_random_jaccard(single):
+    table = single.tables["mask_jaccard_expected.csv"]
+    for a, b in product(LANGS, LANGS):
+        assert table.loc[a, b] == pytest.approx(expected_random_jaccard(SEED0[(a, 0)], SEED0[(b, 0)]))
+
+
+def test_several_seeds_mean_std_and_stability(several):
+    mean, std = several.tables["mask_jaccard.csv"], several.tables["mask_jaccard_std.csv"]
+    expected = several.tables["mask_jaccard_expected.csv"]
+    for a, b in combinations(LANGS, 2):  # across languages: all 2 x 2 seed pairings
+        values = [set_jaccard(MASKS[(a, s)], MASKS[(b, t)]) for s, t in product((0, 1), (0, 1))]
+        assert mean.loc[a, b] == pytest.approx(np.mean(values))
+        assert std.loc[a, b] == pytest.approx(np.std(values, ddof=1))
+        chance = [expected_random_jaccard(MASKS[(a, s)], MASKS[(b, t)]) for s, t in product((0, 1), (0, 1))]
+        assert expected.loc[a, b] == pytest.approx(np.mean(chance))
+    stability = several.tables["mask_seed_stability.csv"]
+    # en: seed 0 keeps {00,01,10,11,12}, seed 1 {00,02,10,11,12}: 4 shared of 6
+    assert stability.loc["en", "mean"] == pytest.approx(4 / 6)
+    for lang in LANGS:
+        assert stability.loc[lang, "mean"] == pytest.approx(set_jaccard(MASKS[(lang, 0)], MASKS[(lang, 1)]))
+        assert mean.loc[lang, lang] == pytest.approx(stability.loc[lang, "mean"])
+        assert stability.loc[lang, "expected"] == pytest.approx(expected_random_jaccard(MASKS[(lang, 0)], MASKS[(lang, 1)]))
+    assert several.metrics["mean_seed_stability"] == pytest.approx(stability["mean"].mean())
+    assert "mask_jaccard_seeds.png" in several.figures
+
+
+def test_proportion_kept_is_per_layer_not_per_head(single):
+    table = single.tables["heads_kept_per_layer.csv"]
+    assert list(table.columns) == [1, 2]  # transformer layers, as CKA's hidden-state index
+    hand = {"en": [2 / 4, 3 / 4], "de": [2 / 4, 3 / 4], "zh": [2 / 4, 2 / 4]}
+    for lang, values in hand.items():
+        assert table.loc[lang].tolist() == pytest.approx(values)
+    # the study's proportion_masked.py summed over axis 0: one number per head index, not per layer
+    study = SEED0[("en", 0)].sum(0).tolist()
+    assert len(study) == 4 and table.shape[1] == 2
+
+
+def test_params_kept_per_layer_hand_made(single):
+    table = single.tables["params_kept_per_layer.csv"]
+    hidden, head_dim, heads = 16, 4, 4
+    per_head = 4 * hidden * head_dim + 3 * head_dim  # q, k, v rows with biases, output columns
+    shared = 3 * hidden  # output bias and LayerNorm
+    for lang in LANGS:
+        for layer, kept in enumerate(SEED0[(lang, 0)].sum(1).tolist(), start=1):
+            assert table.loc[lang, layer] == pytest.approx((kept * per_head + shared) / (heads * per_head + shared))
+
+
+def test_several_seeds_heads_kept_has_a_row_per_seed():
+    table = heads_kept_tables(MASKS, LANGS)["heads_kept_per_layer.csv"]
+    assert table.index.names == ["language", "seed"]
+    assert table.loc[("zh", 1)].tolist() == pytest.approx([3 / 4, 2 / 4])
+
+
+def test_mask_tables_keep_language_order():
+    shuffled = {key: MASKS[key] for key in reversed(list(MASKS))}
+    tables = mask_overlap_tables(shuffled, LANGS)
+    assert list(tables["mask_jaccard.csv"].index) == LANGS
+    assert list(tables["mask_jaccard.csv"].columns) == LANGS
+
+
+# -- perplexity -----------------------------------------------------------------------------------------
+
+def test_relative_perplexity_is_raw_over_full(single):
+    rel = single.tables["cross_ppl_relative.csv"]
+    expected = CROSS.to_numpy() / np.array([PPL_FULL[c] for c in LANGS])[None, :]
+    assert np.allclose(rel.loc[LANGS, LANGS].to_numpy(), expected)
+    rel_random = single.tables["cross_ppl_random_relative.csv"]
+    assert np.allclose(rel_random.loc[LANGS, LANGS].to_numpy(), 1.5 * expected)
+    raw = single.tables["cross_ppl.csv"]
+    assert raw.loc["full"].tolist() == [PPL_FULL[c] for c in LANGS]
+    assert np.allclose(raw.loc[LANGS, LANGS].to_numpy(), CROSS.to_numpy())
+
+
+def test_relative_perplexity_metrics(single):
+    ratios = CROSS.to_numpy() / np.array([PPL_FULL[c] for c in LANGS])[None, :]
+    off = ratios[~np.eye(3, dtype=bool)]
+    assert single.metrics["mean_relative_ppl_offdiag"] == pytest.approx(off.mean())
+    assert single.metrics["mean_relative_ppl_diag"] == pytest.approx(np.diag(ratios).mean())
+    assert single.metrics["mean_relative_ppl_random_offdiag"] == pytest.approx(1.5 * off.mean())
+
+
+def test_several_seeds_perplexity_is_the_mean_over_seeds(several):
+    rel = several.tables["cross_ppl_relative.csv"]
+    # seed s scales the row by (1 + 0.1 s): the mean over seeds 0 and 1 is 1.05 x the base row
+    expected = 1.05 * CROSS.to_numpy() / np.array([PPL_FULL[c] for c in LANGS])[None, :]
+    assert list(rel.index) == LANGS
+    assert np.allclose(rel.to_numpy(), expected)
+    assert len(several.tables["cross_ppl_by_seed.csv"]) == 6
+
+
+def test_relative_perplexity_needs_every_full_ppl():
+    with pytest.raises(XlsubError, match="ppl_full"):
+        relative_perplexity(CROSS, {"en": 1.0})
+
+
+# -- CKA ------------------------------------------------------------------------------------------------
+
+def test_cka_with_english_rotation_is_one_noise_is_low(single):
+    curves = single.tables["cka_vs_reference.csv"]
+    assert list(curves.index) == ["de", "zh"] and list(curves.columns) == [0, 1, 2]
+    assert np.allclose(curves.loc["de"].to_numpy(), 1.0)
+    assert (curves.loc["zh"] < 0.9).all()
+    enc = encodings()["full"]
+    for layer in range(LAYERS):  # against the Gram-matrix form, an independent formula
+        assert curves.loc["zh", layer] == pytest.approx(float(linear_cka_gram(enc["en"][layer], enc["zh"][layer])))
+
+
+def test_shuffled_control_is_below_parallel(single):
+    controls = single.tables["cka_controls.csv"]
+    parallel, shuffled = controls.loc[("parallel", "de")], controls.loc[("shuffled", "de")]
+    assert (shuffled < parallel - 0.1).all()
+    enc = encodings()["full"]
+    assert shuffled[2] == pytest.approx(float(shuffled_pairs_cka(enc["en"][2], enc["de"][2], seed=0)))
+    assert set(controls.index.get_level_values("condition")) == {"parallel", "shuffled", "base", "random"}
+    assert np.allclose(controls.loc[("base", "de")].to_numpy(), 1.0)  # base encodings: de rotated from en
+
+
+def test_cka_metrics(single):
+    enc = encodings()
+    full = enc["full"]
+    last = [float(linear_cka_gram(full["en"][-1], full[l][-1])) for l in ("de", "zh")]
+    assert single.metrics["mean_cka_last_layer"] == pytest.approx(np.mean(last))
+    shuffled = [float(shuffled_pairs_cka(full["en"][-1], full[l][-1], seed=0)) for l in ("de", "zh")]
+    assert single.metrics["mean_cka_shuffled_last_layer"] == pytest.approx(np.mean(shuffled))
+    rnd = [float(linear_cka_gram(enc["random"]["en"][-1], enc["random"][l][-1])) for l in ("de", "zh")]
+    assert single.metrics["mean_cka_random_last_layer"] == pytest.approx(np.mean(rnd))
+
+
+def test_cka_pairs_at_default_and_chosen_layers(single):
+    pairs = single.tables["cka_pairs.csv"]
+    assert sorted(set(pairs.index.get_level_values("layer"))) == [0, 1, 2]
+    assert pairs.loc[(2, "en"), "de"] == pytest.approx(1.0)
+    assert pairs.loc[(0, "zh"), "zh"] == pytest.approx(1.0)
+    chosen = analyze(AnalysisInputs(languages=LANGS, encodings={"full": encodings()["full"]}), layers=[-1])
+    assert sorted(set(chosen.tables["cka_pairs.csv"].index.get_level_values("layer"))) == [2]
+    with pytest.raises(XlsubError, match="layers"):
+        analyze(AnalysisInputs(languages=LANGS, encodings={"full": encodings()["full"]}), layers=[3])
+
+
+def test_cka_full_vs_subnetwork(single):
+    curves = single.tables["cka_full_vs_subnetwork.csv"]
+    assert np.allclose(curves.loc["en"].to_numpy(), 1.0)  # a scaled copy
+    assert np.allclose(curves.loc["de"].to_numpy(), 1.0)  # a rotated copy
+    assert (curves.loc["zh"] < 0.9).all()
+    enc = encodings()
+    last = single.tables["cka_full_vs_subnetwork_last_layer.csv"]
+    assert last.loc["zh", "en"] == pytest.approx(float(linear_cka_gram(enc["full"]["en"][-1], enc["sub_zh"]["en"][-1])))
+    assert single.metrics["mean_cka_full_vs_subnetwork_last_layer"] == pytest.approx(curves[2].mean())
+
+
+def test_cka_full_vs_subnetwork_several_seeds(several):
+    curves = several.tables["cka_full_vs_subnetwork.csv"]
+    assert curves.index.names == ["language", "seed"]
+    enc = encodings(seeds=(0, 1))
+    for seed in (0, 1):
+        expected = float(linear_cka_gram(enc["full"]["zh"][1], enc[f"sub_zh_seed{seed}"]["zh"][1]))
+        assert curves.loc[("zh", seed), 1] == pytest.approx(expected)
+    last = several.tables["cka_full_vs_subnetwork_last_layer.csv"]
+    mean = np.mean([float(linear_cka_gram(enc["full"]["de"][-1], enc[f"sub_zh_seed{s}"]["de"][-1])) for s in (0, 1)])
+    assert last.loc["zh", "de"] == pytest.approx(mean)
+
+
+def test_parse_model_key():
+    assert parse_model_key("sub_de_seed12") == ("sub", "de", 12)
+    assert parse_model_key("sub_zh") == ("sub", "zh", None)
+    assert parse_model_key("full") == ("full", None, None)
+
+
+# -- token overlap, metrics, reference ---------------------------------------------------------------------
+
+def test_token_overlap_and_metrics(single):
+    table = single.tables["token_overlap.csv"]
+    assert table.loc["de", "token_overlap"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert table.loc["zh", "token_overlap"] == 0.0
+    assert single.metrics["mean_token_overlap"] == pytest.approx((7 / 12 + 0) / 2)
+    assert table.loc["de", "jaccard_with_reference"] == pytest.approx(4 / 6)
+    assert table.loc["de", "cka_last_layer_with_reference"] == pytest.approx(1.0)
+
+
+def test_mask_metrics(single):
+    assert single.metrics["mean_jaccard"] == pytest.approx((4 / 6 + 1 / 8 + 1 / 8) / 3)
+    expected = np.mean([expected_random_jaccard(SEED0[(a, 0)], SEED0[(b, 0)]) for a, b in combinations(LANGS, 2)])
+    assert single.metrics["mean_expected_jaccard"] == pytest.approx(expected)
+    assert single.metrics["mean_heads_kept_frac"] == pytest.approx((5 + 5 + 4) / 24)
+
+
+def test_reference_falls_back_to_first_language_without_english():
+    full = {k: v for k, v in encodings()["full"].items() if k != "en"}
+    tokens = {k: v for k, v in TOKENS.items() if k != "en"}
+    result = analyze(AnalysisInputs(languages=["de", "zh"], encodings={"full": full}, tokens=tokens))
+    assert list(result.tables["cka_vs_reference.csv"].index) == ["zh"]
+    assert "English is not among the languages" in result.captions["cka_vs_reference.png"]
+    assert "German" in result.captions["cka_vs_reference.png"]
+    assert "English is not among the languages" in result.captions["token_overlap.png"]
+
+
+def test_missing_inputs_are_skipped_with_a_note():
+    result = analyze(AnalysisInputs(languages=LANGS, masks=SEED0))
+    assert "mask_jaccard.png" in result.figures and "cka_vs_reference.png" not in result.figures
+    assert any("CKA" in note for note in result.notes)
+    with pytest.raises(XlsubError, match="cka_kind"):
+        analyze(AnalysisInputs(languages=LANGS), cka_kind="cosine")
+
+
+# -- figures --------------------------------------------------------------------------------------------
+
+EXPECTED_FIGURES = {"mask_jaccard.png", "heads_kept_per_layer.png", "cross_ppl.png", "cross_ppl_relative.png",
+                    "cka_vs_reference.png", "cka_pairs.png", "cka_controls.png", "cka_full_vs_subnetwork.png",
+                    "token_overlap.png"}
+
+
+@pytest.mark.parametrize("which", ["single", "several"])
+def test_every_figure_has_caption_tables_and_data(which, request):
+    result = request.getfixturevalue(which)
+    expected = EXPECTED_FIGURES | ({"mask_jaccard_seeds.png"} if which == "several" else set())
+    assert set(result.figures) == expected
+    owned = set()
+    for name, fig in result.figures.items():
+        caption = result.captions[name]
+        assert caption and "\n" not in caption
+        assert result.figure_tables[name], name
+        for table in result.figure_tables[name]:
+            assert table.endswith(".csv") and not result.tables[table].empty
+            owned.add(table)
+        drawn = [ax for ax in fig.axes if ax.get_visible()]
+        assert drawn, name
+        for ax in drawn:  # every visible panel (colour bars included) has something drawn
+            assert ax.collections or ax.lines or ax.patches or ax.images, (name, ax.get_title())
+        assert fig.get_suptitle() or all(ax.get_title() for ax in drawn if ax.get_label() != "<colorbar>"), name
+        fig.savefig(io.BytesIO(), format="png", dpi=40)
+    assert owned <= set(result.tables)
+
+
+def test_one_colour_scale_per_kind(single, several):
+    def meshes(fig):
+        """The heatmaps' meshes (colour bars, whose axes matplotlib labels "<colorbar>", left out)."""
+        return [c for ax in fig.axes if ax.get_label() != "<colorbar>" for c in ax.collections if isinstance(c, QuadMesh)]
+    for result in (single, several):
+        assert len(meshes(result.figures["mask_jaccard.png"])) == 2  # observed and chance level
+        assert len(meshes(result.figures["cka_pairs.png"])) == 3  # first, middle, last layer
+        for mesh in meshes(result.figures["mask_jaccard.png"]):
+            assert (mesh.norm.vmin, mesh.norm.vmax, mesh.cmap.name) == (0, 1, JACCARD_CMAP)
+        for name in ("cka_pairs.png", "cka_full_vs_subnetwork.png"):
+            for mesh in meshes(result.figures[name]):
+                assert (mesh.norm.vmin, mesh.norm.vmax, mesh.cmap.name) == (0, 1, CKA_CMAP)
+        relative = meshes(result.figures["cross_ppl_relative.png"])
+        assert len(relative) == 2  # subnetwork and random control share one scale, centred at 1 (log)
+        assert relative[0].norm.vmin == relative[1].norm.vmin and relative[0].norm.vmax == relative[1].norm.vmax
+        assert relative[0].norm.vmin * relative[0].norm.vmax == pytest.approx(1.0)
+        values = np.concatenate([result.tables[n].to_numpy().ravel()
+                                 for n in ("cross_ppl_relative.csv", "cross_ppl_random_relative.csv")])
+        assert relative[0].norm.vmin <= values.min() and values.max() <= relative[0].norm.vmax * (1 + 1e-12)
+
+
+def test_language_names_on_axes(single):
+    ax = single.figures["mask_jaccard.png"].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["English", "German", "Chinese"]
+    assert not math.isnan(single.metrics["mean_cka_last_layer"])

@@ -1,0 +1,82 @@
+"""End-to-end analyze runs after small upstream runs: every figure, table and the report exist, the
+report references every figure, and bad input is refused."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT, mlflow_run, runs_of, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def analyze_run(store, encode_run):
+    mlflow_run(store, "analyze", {})
+    return runs_of(store, "xlsub-tests", "analyze")[0]
+
+
+def test_analyze_logs_every_figure_table_and_a_report_that_shows_them(store, finetune_run, prune_run, encode_run, analyze_run):
+    run = analyze_run
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["xlsub.encode_run_id"] == encode_run.info.run_id
+    assert run.data.tags["xlsub.prune_run_id"] == prune_run.info.run_id
+    assert run.data.tags["xlsub.finetune_run_id"] == finetune_run.info.run_id
+    client = MlflowClient(store)
+    figures = {a.path.split("/", 1)[1] for a in client.list_artifacts(run.info.run_id, "figures")}
+    tables = {a.path.split("/", 1)[1] for a in client.list_artifacts(run.info.run_id, "tables")}
+    expected = {"mask_jaccard.png", "cross_ppl.png", "cross_ppl_relative.png", "heads_kept_per_layer.png", "cka_vs_reference.png",
+                "cka_pairs.png", "cka_full_vs_subnetwork.png", "cka_controls.png", "token_overlap.png"}
+    assert expected <= figures
+    assert {"mask_jaccard.csv", "mask_jaccard_expected.csv", "cross_ppl.csv", "cross_ppl_relative.csv", "cross_ppl_random.csv",
+            "heads_kept_per_layer.csv", "params_kept_per_layer.csv", "cka_vs_reference.csv", "cka_controls.csv",
+            "cka_full_vs_subnetwork.csv", "token_overlap.csv"} <= tables
+    html = open(client.download_artifacts(run.info.run_id, "report.html"), encoding="utf-8").read()
+    for name in figures:
+        assert f'src="figures/{name}"' in html
+    for run_id in (finetune_run.info.run_id, prune_run.info.run_id, encode_run.info.run_id, run.info.run_id):
+        assert run_id in html
+    metrics = run.data.metrics
+    # a barely trained model can lose every head within the threshold: 0 kept is a legitimate outcome
+    assert 0 <= metrics["mean_jaccard"] <= 1 and 0 <= metrics["mean_heads_kept_frac"] <= 1
+    # the control: parallel sentences are more alike than shuffled pairings
+    assert metrics["mean_cka_last_layer"] > metrics["mean_cka_shuffled_last_layer"]
+
+
+def analyze_cli(store, *args):
+    return subprocess.run([sys.executable, "-m", "entry_points.analyze", *args], env=subprocess_env(store, MLFLOW_EXPERIMENT_NAME="xlsub-tests"),
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_analyze_refuses_bad_input(store, prune_run, encode_run):
+    client = MlflowClient(store)
+    exp_id = client.get_experiment_by_name("xlsub-tests").experiment_id
+    hollow = client.create_run(exp_id, tags={"xlsub.stage": "encode", "xlsub.prune_run_id": prune_run.info.run_id,
+                                             "xlsub.finetune_run_id": encode_run.data.tags["xlsub.finetune_run_id"]})
+    client.set_terminated(hollow.info.run_id, "FINISHED")  # finished, but without artifacts
+    stray = client.create_run(exp_id, tags={"xlsub.stage": "prune"})
+    client.set_terminated(stray.info.run_id, "FINISHED")
+    enc, pr = encode_run.info.run_id, prune_run.info.run_id
+    cases = [
+        (["--encode_run_id", enc, "--cka", "cosine"], "cka"),
+        (["--encode_run_id", enc, "--prune_run_id", stray.info.run_id], "prune_run_id"),
+        (["--encode_run_id", hollow.info.run_id], "encode_run_id"),
+        (["--encode_run_id", enc, "--layers", "last"], "layers"),
+    ]
+    try:
+        for args, named in cases:
+            before = {r.info.run_id for r in client.search_runs([exp_id])}
+            proc = analyze_cli(store, *args)
+            assert proc.returncode == 2, (args, proc.stderr[-2000:])
+            last = proc.stderr.strip().splitlines()[-1]
+            assert last.startswith(f"xlsub analyze: {named}:"), (args, last)
+            (new,) = [r for r in client.search_runs([exp_id]) if r.info.run_id not in before]
+            assert new.info.status == "FAILED" and not client.list_artifacts(new.info.run_id), args
+    finally:
+        client.delete_run(hollow.info.run_id)
+        client.delete_run(stray.info.run_id)
