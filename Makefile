@@ -22,9 +22,7 @@ corpus: setup
 	$(PY) -m xlsub.corpus
 
 demo: corpus
-	mlflow run . -e finetune --env-manager local --experiment-name $(EXPERIMENT)
-	mlflow run . -e prune --env-manager local --experiment-name $(EXPERIMENT)
-	mlflow run . -e encode --env-manager local --experiment-name $(EXPERIMENT) -P use_random=true
+	mlflow run . --env-manager local --experiment-name $(EXPERIMENT)
 	$(PY) -m entry_points.summary --experiment $(EXPERIMENT)
 
 test: setup

@@ -1,4 +1,5 @@
-"""Print where a demo's results are: the experiment, its newest runs, their artifacts, and how to open the UI."""
+"""Print where a pipeline's results are: the experiment, the newest main run and its stage runs,
+the report, and the command that opens the MLflow UI on the same store."""
 
 from __future__ import annotations
 
@@ -10,36 +11,38 @@ from mlflow.tracking import MlflowClient
 
 from xlsub.tracking import STAGE_TAG
 
+STAGES = ("finetune", "prune", "encode", "analyze")
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--experiment", default="xlsub-demo")
     args = parser.parse_args(argv)
     client = MlflowClient()
+    uri = mlflow.get_tracking_uri()
     experiment = client.get_experiment_by_name(args.experiment)
     if experiment is None:
-        sys.exit(f"xlsub summary: no experiment '{args.experiment}' on {mlflow.get_tracking_uri()}; run `make demo` first")
-    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=20)
-    uri = mlflow.get_tracking_uri()
+        sys.exit(f"xlsub summary: no experiment '{args.experiment}' on {uri}; run `make demo` first")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`{STAGE_TAG}` = 'main'", order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        sys.exit(f"xlsub summary: no main run in experiment '{args.experiment}'; run `make demo` first")
+    run = runs[0]
     print(f"\nExperiment '{experiment.name}' (ID {experiment.experiment_id}) on {uri}")
-    for run in runs:
-        if run.data.tags.get("mlflow.parentRunId"):
-            continue
-        stage = run.data.tags.get(STAGE_TAG, "?")
-        print(f"  {stage:9s} run {run.info.run_id}  {run.info.status}  artifacts: {run.info.artifact_uri}")
-        ppl = {k: v for k, v in sorted(run.data.metrics.items()) if k.startswith("ppl_after.")}
-        if ppl:
-            print("            ppl after finetuning: " + "  ".join(f"{k.split('.', 1)[1]}={v:.0f}" for k, v in ppl.items()))
-        if stage == "prune":
-            children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
-            for child in sorted(children, key=lambda c: c.info.run_name):
-                lang = child.data.tags.get("xlsub.language", "?")
-                m = child.data.metrics
-                print(f"            {child.info.run_name:16s} heads kept {m.get('heads_kept', float('nan')):3.0f}"
-                      f"  ppl on {lang} {m.get(f'ppl.{lang}', float('nan')):.0f} (full model {run.data.metrics.get(f'ppl_full.{lang}', float('nan')):.0f})")
-        if stage == "finetune":
-            break  # stop at the newest finetune run: the runs above it are its pipeline
-    print(f"\nOpen the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)")
+    print(f"main run {run.info.run_id}: {run.info.status}; reused stages: {run.data.tags.get('xlsub.reused', '?')}")
+    for stage in STAGES:
+        stage_id = run.data.tags.get(f"xlsub.{stage}_run_id")
+        if stage_id:
+            print(f"  {stage:9s} {stage_id}")
+    analyze_id = run.data.tags.get("xlsub.analyze_run_id")
+    if analyze_id:
+        report = client.get_run(analyze_id).info.artifact_uri.rstrip("/") + "/report.html"
+        print(f"\nReport: {report.removeprefix('file://')}")
+        metrics = client.get_run(analyze_id).data.metrics
+        for key in ("mean_jaccard", "mean_expected_jaccard", "mean_cka_last_layer", "mean_cka_shuffled_last_layer", "mean_heads_kept_frac"):
+            if key in metrics:
+                print(f"  {key:30s} {metrics[key]:.3f}")
+    ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
+    print(f"\nOpen the MLflow UI:  .venv/bin/{ui}   (then http://127.0.0.1:5000, experiment '{experiment.name}')")
 
 
 if __name__ == "__main__":
