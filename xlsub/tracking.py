@@ -6,6 +6,7 @@ The numerical modules never import mlflow; the entry points and this module do.
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -96,6 +97,8 @@ def same_value(a: object, b: object) -> bool:
 
     def norm(v: object):
         text = str(v).strip()
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            text = " ".join(shlex.split(text))  # `mlflow run` logs -P values shell-quoted: '' for an empty one
         if text.lower() in ("true", "false"):
             return text.lower() == "true"
         try:
