@@ -7,8 +7,12 @@ as a user would type them, against a sqlite store in a temp folder.
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -91,3 +95,64 @@ def children_of(store, run):
 def encode_run(store, prune_run):
     mlflow_run(store, "encode", {"max_sentences": "40", "use_random": "true", "use_base": "true", "batch_size": "16"})
     return runs_of(store, "xlsub-tests", "encode")[0]
+
+
+# The whole pipeline against a real tracking server (tests/test_main.py, tests/test_ui.py)
+PIPELINE_EXPERIMENT = "xlsub-pipeline"
+SMALL_PIPELINE = {"languages": "en,de,zh", "epochs": "1", "examples_per_lang": "64", "test_examples_per_lang": "8", "batch_size": "16",
+         "eval_examples": "16", "max_sentences": "30", "device": "cpu"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory):
+    """A real MLflow tracking server on loopback: sqlite backend, proxied artifact store in a temp folder."""
+    folder = tmp_path_factory.mktemp("server")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(folder / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts")],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 90
+    while True:
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=2).read().strip() == b"OK":
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)  # the server and its worker, by the PID we started
+    proc.wait(timeout=30)
+    log.close()
+
+
+def main_run(url: str, params: dict[str, str]):
+    proc = mlflow_run(url, "main", params, experiment=PIPELINE_EXPERIMENT)
+    client = MlflowClient(url)
+    exp = client.get_experiment_by_name(PIPELINE_EXPERIMENT)
+    (run,) = client.search_runs([exp.experiment_id], "tags.`xlsub.stage` = 'main'", order_by=["attributes.start_time DESC"], max_results=1)
+    return run, proc
+
+
+@pytest.fixture(scope="session")
+def pipeline(tracking_server):
+    first, _ = main_run(tracking_server, SMALL_PIPELINE)
+    start = time.perf_counter()
+    second, _ = main_run(tracking_server, {**SMALL_PIPELINE, "epochs": "1.0"})  # same value, other spelling
+    second_seconds = time.perf_counter() - start
+    third, _ = main_run(tracking_server, {**SMALL_PIPELINE, "threshold": "1.3"})
+    return {"first": first, "second": second, "third": third, "second_seconds": second_seconds}
+
+
+def stage_ids(run) -> dict[str, str]:
+    return {s: run.data.tags[f"xlsub.{s}_run_id"] for s in ("finetune", "prune", "encode", "analyze")}

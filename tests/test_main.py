@@ -1,0 +1,68 @@
+"""The whole pipeline against a real `mlflow server`: `main` runs the four stages as child runs, a
+second identical run reuses all of them, a changed prune parameter recomputes prune, encode and
+analyze but not finetune, and a fresh process resolves every stage's inputs by run ID from the server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT, stage_ids, subprocess_env
+
+pytestmark = pytest.mark.slow
+def test_main_runs_the_four_stages_as_child_runs(tracking_server, pipeline):
+    client = MlflowClient(tracking_server)
+    first = pipeline["first"]
+    assert first.info.status == "FINISHED" and first.data.tags["xlsub.reused"] == "none"
+    for stage, run_id in stage_ids(first).items():
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["xlsub.stage"] == stage
+        assert run.data.tags["mlflow.parentRunId"] == first.info.run_id
+    prune = client.get_run(stage_ids(first)["prune"])
+    assert prune.data.params["finetune_run_id"] == stage_ids(first)["finetune"]
+
+
+def test_identical_rerun_reuses_every_stage(pipeline):
+    first, second = pipeline["first"], pipeline["second"]
+    assert stage_ids(second) == stage_ids(first)
+    assert second.data.tags["xlsub.reused"] == "finetune,prune,encode,analyze"
+    assert second.data.tags["xlsub.reused.prune"] == stage_ids(first)["prune"]
+
+
+def test_changed_prune_parameter_recomputes_downstream_only(pipeline):
+    first, third = stage_ids(pipeline["first"]), stage_ids(pipeline["third"])
+    assert third["finetune"] == first["finetune"]
+    assert all(third[s] != first[s] for s in ("prune", "encode", "analyze"))
+    assert pipeline["third"].data.tags["xlsub.reused"] == "finetune"
+
+
+def test_a_fresh_process_resolves_inputs_and_downloads_artifacts_from_the_server(tracking_server, pipeline):
+    ids = stage_ids(pipeline["first"])
+    code = f"""
+import json
+from mlflow.tracking import MlflowClient
+from xlsub import tracking
+from xlsub.encoding import load_encodings
+analyze = tracking.resolve_run("analyze_run_id", "{ids['analyze']}", "analyze")
+encode = tracking.resolve_run("encode_run_id", analyze.data.tags["xlsub.encode_run_id"], "encode")
+prune = tracking.resolve_run("prune_run_id", encode.data.tags["xlsub.prune_run_id"], "prune")
+finetune = tracking.resolve_run("finetune_run_id", prune.data.tags["xlsub.finetune_run_id"], "finetune")
+child = MlflowClient().search_runs([prune.info.experiment_id], f"tags.`mlflow.parentRunId` = '{{prune.info.run_id}}' and tags.`xlsub.language` = 'de'")[0]
+model, tok = tracking.load_subnetwork(child.info.run_id)
+enc = load_encodings(tracking.download(encode.info.run_id, "encodings/full/de.safetensors"))
+html = tracking.download(analyze.info.run_id, "report.html").read_text()
+print(json.dumps({{"chain": [finetune.info.run_id, prune.info.run_id, encode.info.run_id], "shape": list(enc.shape),
+                   "heads": sum(len(h) for h in model.config.xlsub_kept_heads), "report": "cka_vs_reference.png" in html}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(tracking_server), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["chain"] == [ids["finetune"], ids["prune"], ids["encode"]]
+    assert got["shape"] == [5, 30, 128] and got["report"]
+    child_heads = MlflowClient(tracking_server).search_runs(
+        [pipeline["first"].info.experiment_id], f"tags.`mlflow.parentRunId` = '{ids['prune']}' and tags.`xlsub.language` = 'de'")[0]
+    assert got["heads"] == child_heads.data.metrics["heads_kept"]
