@@ -65,11 +65,10 @@ def resolve_inputs(args: EncodeArgs):
     return finetune, prune
 
 
-def models_to_encode(args: EncodeArgs, finetune, prune, device: str):
+def models_to_encode(args: EncodeArgs, finetune, prune, model_path: Path):
     """(model_key, loader) pairs: full, sub_<lang>[_seed<k>] for every subnetwork, then the controls."""
     from transformers import AutoModelForMaskedLM
 
-    model_path = tracking.download(finetune.info.run_id, "model", param="finetune_run_id")
     full = lambda: AutoModelForMaskedLM.from_pretrained(model_path)  # noqa: E731
     yield "full", full
     children = mlflow.tracking.MlflowClient().search_runs(
@@ -106,11 +105,12 @@ def main(argv: list[str] | None = None) -> None:
         corpus = load_parallel(args.corpus, langs, args.max_sentences)
         mlflow.log_metrics({"sentences": len(corpus.ids), "dropped": corpus.dropped})
         tracking.log_parallel(corpus)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tracking.download(finetune.info.run_id, "model", param="finetune_run_id"))
+        model_path = tracking.download(finetune.info.run_id, "model", param="finetune_run_id")  # once: XLM-R base is ~1 GB
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
         seconds, encoded = 0.0, 0
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
-            for key, load in models_to_encode(args, finetune, prune, device):
+            for key, load in models_to_encode(args, finetune, prune, model_path):
                 model = load().to(device).eval()
                 for lang in corpus.languages:
                     start = time.perf_counter()
