@@ -1,12 +1,14 @@
 """Linear CKA between all pairs of languages per layer: feature-space form (`cka_matrix`) vs the Gram form.
 
 The study's analysis: 8 languages, 13 hidden layers (embeddings + 12), 5000 parallel sentences, d = 768,
-CKA for the 28 language pairs in every layer. Three ways to get it, all in float64:
+CKA for the 28 language pairs in every layer. Four ways to get it:
 
 - feature: `xlsub.cka.cka_matrix`, ||Y'X||_F^2 / (||X'X||_F ||Y'Y||_F), each language centred once,
-  one d x d product per pair and layer: O(n d^2).
+  one d x d product per pair and layer: O(n d^2). float64 throughout (analyze's default).
+- feature, float32 products: the same with `precision="float32"` (analyze's `cka_precision=float32`):
+  centred in float64, d x d products in float32 over blocks of examples, accumulated in float64.
 - gram: `xlsub.cka.linear_cka_gram` called per pair and layer, tr(KHLH) / sqrt(tr(KHKH) tr(LHLH)) with
-  n x n Gram matrices: O(n^2 d). Timed on a subset of pairs and layers, extrapolated linearly (the cost
+  n x n Gram matrices: O(n^2 d), float64. Timed on a subset of pairs and layers, extrapolated linearly (the cost
   per pair and layer is the same for all) to all pairs and layers; printed as extrapolated.
 - gram, cached: a stronger Gram baseline that forms each language's centred Gram matrix once per layer
   and then needs only an n x n inner product per pair. Timed on one layer, extrapolated to all layers.
@@ -17,7 +19,7 @@ are built (write 5 to /proc/self/clear_refs) and read after the computation, min
 before it. That sees torch's allocations (tracemalloc would not). Agreement is the largest absolute
 difference between the methods on the pairs and layers both computed.
 
-    python benchmarks/cka.py                 # the study's sizes; ~2.5 minutes on 2 cores
+    python benchmarks/cka.py                 # the study's sizes; ~1.5 minutes on 2 cores
     python benchmarks/cka.py --n 1000 --gram-pairs 28 --gram-layers 13   # small: the Gram form in full
 """
 
@@ -77,11 +79,11 @@ class PeakMemory:
 def worker(method: str, args: argparse.Namespace) -> dict:
     langs = range(args.langs)
     pairs = list(combinations(langs, 2))
-    if method == "feature":
+    if method in ("feature", "feature32"):
         reps = {f"l{i}": language(i, args.layers, args.n, args.d) for i in langs}
         with PeakMemory() as memory:
             start = time.perf_counter()
-            matrix = cka_matrix(reps, "linear")
+            matrix = cka_matrix(reps, "linear", precision="float32" if method == "feature32" else "float64")
             seconds = time.perf_counter() - start
         values = {f"{i},{j},{layer}": float(matrix[layer, i, j]) for i, j in pairs for layer in range(args.layers)}
         return {"seconds": seconds, "peak_bytes": memory.peak, "units": len(pairs) * args.layers, "values": values}
@@ -133,8 +135,10 @@ def main() -> None:
     parser.add_argument("--langs", type=int, default=8, help="languages")
     parser.add_argument("--gram-pairs", type=int, default=2, help="language pairs the Gram form is timed on")
     parser.add_argument("--gram-layers", type=int, default=4, help="layers the Gram form is timed on")
-    parser.add_argument("--worker", choices=["feature", "gram", "gram_cached"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["feature", "feature32", "gram", "gram_cached"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.gram_pairs = min(args.gram_pairs, args.langs * (args.langs - 1) // 2)
+    args.gram_layers = min(args.gram_layers, args.layers)
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return
@@ -144,9 +148,10 @@ def main() -> None:
     pairs = args.langs * (args.langs - 1) // 2
     total_units = pairs * args.layers
     print(f"linear CKA, n={args.n}, d={args.d}, {args.layers} layers, {args.langs} languages = {pairs} pairs "
-          f"({total_units} pair-layers), float64, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"({total_units} pair-layers), torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     feature = run_worker("feature", argv)
+    feature32 = run_worker("feature32", argv)
     gram = run_worker("gram", argv)
     cached = run_worker("gram_cached", argv)
 
@@ -154,11 +159,15 @@ def main() -> None:
     cached_total = cached["seconds"] * args.layers
     diff_gram = max(abs(feature["values"][key] - value) for key, value in gram["values"].items())
     diff_cached = max(abs(feature["values"][key] - value) for key, value in cached["values"].items())
+    diff_32 = max(abs(feature["values"][key] - value) for key, value in feature32["values"].items())
+    diff_32_gram = max(abs(feature32["values"][key] - value) for key, value in gram["values"].items())
     values = list(feature["values"].values())
     mib = 2**20
     print(f"CKA values over all pairs and layers: {min(values):.3f} .. {max(values):.3f}")
     print(f"feature (cka_matrix)      {feature['seconds']:8.2f} s  all {total_units} pair-layers, measured; "
           f"peak +{feature['peak_bytes'] / mib:,.0f} MiB")
+    print(f"feature, float32 products {feature32['seconds']:8.2f} s  all {total_units} pair-layers, measured; "
+          f"peak +{feature32['peak_bytes'] / mib:,.0f} MiB")
     how = "measured" if gram["units"] == total_units else "EXTRAPOLATED"
     print(f"gram, per pair            {gram_total:8.2f} s  {how} from {gram['seconds']:.2f} s for "
           f"{gram['units']} pair-layers ({args.gram_pairs} pairs x {args.gram_layers} layers); "
@@ -176,10 +185,13 @@ def main() -> None:
     print(f"matmul flops: feature {feature_flops / 1e12:.2f} T, gram per pair {gram_flops / 1e12:.2f} T "
           f"({gram_flops / feature_flops:.1f}x), gram cached {cached_flops / 1e12:.2f} T "
           f"({cached_flops / feature_flops:.1f}x); the Gram forms also make ~10 passes over n x n matrices")
-    print(f"speed-up of feature over gram per pair: {gram_total / feature['seconds']:.1f}x (target >= 20x); "
-          f"over gram cached: {cached_total / feature['seconds']:.1f}x")
+    print(f"speed-up over gram per pair (target >= 20x): feature {gram_total / feature['seconds']:.1f}x, "
+          f"feature with float32 products {gram_total / feature32['seconds']:.1f}x; over gram cached: "
+          f"{cached_total / feature['seconds']:.1f}x and {cached_total / feature32['seconds']:.1f}x")
     print(f"agreement: max |feature - gram| = {diff_gram:.2e} over {gram['units']} pair-layers; "
-          f"max |feature - gram cached| = {diff_cached:.2e} over {cached['units']}")
+          f"max |feature - gram cached| = {diff_cached:.2e} over {cached['units']}; "
+          f"max |feature float32 products - feature| = {diff_32:.2e} over all {total_units}, "
+          f"- gram = {diff_32_gram:.2e}")
 
 
 if __name__ == "__main__":

@@ -23,12 +23,12 @@ from transformers import AutoTokenizer
 from entry_points._common import parse_args
 from xlsub import tracking
 from xlsub.analysis import AnalysisInputs, analyze
+from xlsub.cka import check_options as check_cka_options
 from xlsub.encoding import load_encodings
 from xlsub.errors import XlsubError
 from xlsub.report import render_report
 
 log = logging.getLogger("xlsub.analyze")
-CKA_KINDS = ("linear", "debiased", "rbf")
 TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -37,12 +37,12 @@ class AnalyzeArgs:
     encode_run_id: str = field(default="latest", metadata={"help": "encode run ID or 'latest'"})
     prune_run_id: str = field(default="latest", metadata={"help": "prune run ID or 'latest'; with an explicit encode_run_id, 'latest' means that encode run's prune run"})
     cka: str = field(default="linear", metadata={"help": "CKA kind: linear, debiased (unbiased HSIC) or rbf"})
+    cka_precision: str = field(default="float64", metadata={"help": "CKA products: float64, or float32 accumulated in float64 (linear and debiased; about 2x faster on CPUs)"})
     layers: str = field(default="auto", metadata={"help": "layers (0 = embeddings) for the all-pairs CKA heatmaps, comma-separated, or 'auto' (first, middle, last)"})
 
 
 def validate(args: AnalyzeArgs) -> list[int] | None:
-    if args.cka not in CKA_KINDS:
-        raise XlsubError(f"cka: unknown kind '{args.cka}'; use linear, debiased or rbf")
+    check_cka_options(args.cka, args.cka_precision)
     if args.layers.strip().lower() in ("", "auto"):
         return None
     try:
@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         mlflow.set_tags({tracking.input_tag(s): r.info.run_id for s, r in (("finetune", finetune), ("prune", prune), ("encode", encode))})
         with tempfile.TemporaryDirectory() as tmp:
             work, out = Path(tmp) / "inputs", Path(tmp) / "out"
-            result = analyze(load_inputs(finetune, prune, encode, work), cka_kind=args.cka, layers=layers)
+            result = analyze(load_inputs(finetune, prune, encode, work), cka_kind=args.cka, layers=layers,
+                             cka_precision=args.cka_precision)
             (out / "figures").mkdir(parents=True)
             (out / "tables").mkdir()
             figure_paths, table_paths = {}, {}
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             lineage = {"finetune": finetune.info.run_id, "prune": prune.info.run_id, "encode": encode.info.run_id, "analyze": run.info.run_id}
             html = render_report(result, figure_paths, table_paths, lineage,
                                  run_links({"finetune": finetune, "prune": prune, "encode": encode, "analyze": run}),
-                                 title=f"xlsub analysis ({args.cka} CKA)")
+                                 title=f"xlsub analysis ({args.cka} CKA{', float32 products' if args.cka_precision == 'float32' else ''})")
             (out / "report.html").write_text(html, encoding="utf-8")
             mlflow.log_metrics(result.metrics)
             mlflow.log_artifacts(str(out))

@@ -49,6 +49,7 @@ class MainArgs:
     use_base: bool = field(default=False, metadata={"help": "encode the model before finetuning too"})
     use_random: bool = field(default=True, metadata={"help": "encode a random-initialised model too (a CKA control)"})
     cka: str = field(default="linear", metadata={"help": "analyze: linear, debiased or rbf"})
+    cka_precision: str = field(default="float64", metadata={"help": "analyze: float64, or float32 products accumulated in float64"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     force: bool = field(default=False, metadata={"help": "recompute every stage even where a finished run could be reused"})
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         finetune.validate(finetune.FinetuneArgs(**{k: getattr(args, k) for k in plans["finetune"] if hasattr(args, k)}))
         prune.validate(prune.PruneArgs(**{k: getattr(args, k) for k in plans["prune"] if hasattr(args, k) and k != "languages"}))
         encode.validate(encode.EncodeArgs(max_sentences=args.max_sentences, dtype=args.dtype))
-        analyze.validate(analyze.AnalyzeArgs(cka=args.cka))
+        analyze.validate(analyze.AnalyzeArgs(cka=args.cka, cka_precision=args.cka_precision))
         reused: list[str] = []
         ids = {"finetune": run_stage("finetune", plans["finetune"], args.force, reused)}
         ids["prune"] = run_stage("prune", {**plans["prune"], "finetune_run_id": ids["finetune"]}, args.force, reused)

@@ -316,6 +316,17 @@ def test_missing_inputs_are_skipped_with_a_note():
     assert any("CKA" in note for note in result.notes)
     with pytest.raises(XlsubError, match="cka_kind"):
         analyze(AnalysisInputs(languages=LANGS), cka_kind="cosine")
+    with pytest.raises(XlsubError, match="cka_precision"):
+        analyze(AnalysisInputs(languages=LANGS), cka_precision="half")
+
+
+def test_float32_products_give_the_same_cka_tables(single):
+    fast = analyze(inputs(), cka_precision="float32")
+    for name in ("cka_vs_reference.csv", "cka_controls.csv", "cka_pairs.csv", "cka_full_vs_subnetwork.csv"):
+        exact, approx = single.tables[name], fast.tables[name]
+        assert exact.shape == approx.shape and exact.index.equals(approx.index), name
+        np.testing.assert_allclose(approx.to_numpy(float), exact.to_numpy(float), rtol=0, atol=1e-6, err_msg=name)
+    assert fast.metrics["mean_cka_last_layer"] == pytest.approx(single.metrics["mean_cka_last_layer"], abs=1e-6)
 
 
 # -- figures --------------------------------------------------------------------------------------------

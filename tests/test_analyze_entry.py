@@ -64,6 +64,8 @@ def test_analyze_refuses_bad_input(store, prune_run, encode_run):
     enc, pr = encode_run.info.run_id, prune_run.info.run_id
     cases = [
         (["--encode_run_id", enc, "--cka", "cosine"], "cka"),
+        (["--encode_run_id", enc, "--cka_precision", "float16"], "cka_precision"),
+        (["--encode_run_id", enc, "--cka", "rbf", "--cka_precision", "float32"], "cka_precision"),
         (["--encode_run_id", enc, "--prune_run_id", stray.info.run_id], "prune_run_id"),
         (["--encode_run_id", hollow.info.run_id], "encode_run_id"),
         (["--encode_run_id", enc, "--layers", "last"], "layers"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import combinations
 
 import numpy as np
 import pytest
@@ -90,6 +91,49 @@ def test_linear_cka_float32_input_is_computed_in_float64():
                                                                                      y.float().double())), abs=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["linear", "debiased"])
+def test_float32_products_agree_with_float64(kind, monkeypatch):
+    """float32 products accumulated in float64: within 1e-6 of float64 here, yet really computed in float32."""
+    x, y = related(n=3000, d1=64, d2=48, layers=2)
+    exact = cka(x, y, kind)
+    fast = cka(x, y, kind, precision="float32")
+    assert fast.dtype == torch.float64
+    difference = float((fast - exact).abs().max())
+    assert 1e-12 < difference < 1e-6, difference  # float32 rounding is visible, and small
+    # Blocks of 100 examples summed in float64 give the same CKA (the blocking is a sum, not an approximation)
+    # and no larger error than one 3000-example float32 product.
+    monkeypatch.setattr(cka_module, "_FLOAT32_BLOCK", 100)
+    blocked = cka(x, y, kind, precision="float32")
+    assert float((blocked - exact).abs().max()) < 1e-6
+    assert not torch.equal(blocked, fast)
+
+
+def test_float32_product_blocks_sum_to_the_whole_product(monkeypatch):
+    a, b = gaussian(2, 250, 7, seed=1).float(), gaussian(2, 250, 5, seed=2).float()
+    monkeypatch.setattr(cka_module, "_FLOAT32_BLOCK", 64)  # 64 + 64 + 64 + 58
+    blocked = cka_module._product(a, b)
+    assert blocked.dtype == torch.float64 and blocked.shape == (2, 5, 7)
+    torch.testing.assert_close(blocked, b.double().mT @ a.double(), rtol=0, atol=1e-4)
+
+
+def test_precision_is_checked():
+    x, y = related()
+    with pytest.raises(XlsubError, match="cka_precision: unknown precision 'float16'"):
+        cka(x, y, precision="float16")
+    with pytest.raises(XlsubError, match="cka_precision: rbf"):
+        cka_matrix({"en": x, "de": y}, "rbf", precision="float32")
+
+
+def test_cka_matrix_float32_products(monkeypatch):
+    reps = languages(n=300)
+    exact = cka_matrix(reps, "linear")
+    fast = cka_matrix(reps, "linear", precision="float32")
+    torch.testing.assert_close(fast, exact, rtol=0, atol=1e-6)
+    for a, b in combinations(range(len(reps)), 2):
+        pair = [list(reps)[a], list(reps)[b]]
+        torch.testing.assert_close(fast[:, a, b], linear_cka(reps[pair[0]], reps[pair[1]], "float32"), rtol=0, atol=1e-12)
+
+
 def test_batched_over_layers_equals_a_loop():
     x, y = related(layers=4)
     for fn in (linear_cka, linear_cka_gram, debiased_linear_cka, rbf_cka):
@@ -168,6 +212,8 @@ def test_debiased_self_is_one_and_degenerate_input_is_nan():
     outlier[5] = gaussian(12, seed=11)
     assert math.isnan(float(debiased_linear_cka(outlier, y)))
     assert math.isnan(float(cka_matrix({"a": outlier[None], "b": y[None]}, "debiased")[0, 0, 1]))
+    # ... also with float32 products: the self terms that decide it stay float64.
+    assert math.isnan(float(debiased_linear_cka(outlier, y, "float32")))
 
 
 def test_debiased_needs_four_examples():

@@ -41,7 +41,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from tqdm.auto import tqdm
 
-from xlsub.cka import KINDS, cka_matrix, shuffled_pairs_cka
+from xlsub.cka import KINDS, PRECISIONS, cka_matrix, shuffled_pairs_cka
 from xlsub.errors import XlsubError
 from xlsub.overlap import (
     expected_random_jaccard,
@@ -289,9 +289,9 @@ def _diag_offdiag_mean(table: pd.DataFrame) -> tuple[float, float]:
 
 # -- CKA ------------------------------------------------------------------------------------------------
 
-def pair_cka(x: torch.Tensor, y: torch.Tensor, kind: str = "linear") -> torch.Tensor:
+def pair_cka(x: torch.Tensor, y: torch.Tensor, kind: str = "linear", precision: str = "float64") -> torch.Tensor:
     """CKA of x and y [layers, n, d] per layer -> [layers] (through `cka_matrix`, which bounds memory)."""
-    return cka_matrix({"x": x, "y": y}, kind)[..., 0, 1]
+    return cka_matrix({"x": x, "y": y}, kind, precision=precision)[..., 0, 1]
 
 
 def _layer_table(rows: Mapping, index_names: Sequence[str]) -> pd.DataFrame:
@@ -306,7 +306,8 @@ def _layer_table(rows: Mapping, index_names: Sequence[str]) -> pd.DataFrame:
 
 
 def cka_reference_tables(encodings: Mapping[str, Mapping[str, torch.Tensor]], languages: Sequence[str], reference: str,
-                         kind: str = "linear", shuffle_seed: int = 0) -> tuple[torch.Tensor, list[str], dict[str, pd.DataFrame]]:
+                         kind: str = "linear", shuffle_seed: int = 0,
+                         precision: str = "float64") -> tuple[torch.Tensor, list[str], dict[str, pd.DataFrame]]:
     """CKA between every pair of languages per layer of the full model, and with the reference language.
 
     Returns the [layers+1, k, k] matrix, its language order, `cka_vs_reference.csv` (language x layer,
@@ -318,7 +319,7 @@ def cka_reference_tables(encodings: Mapping[str, Mapping[str, torch.Tensor]], la
     langs = _ordered(full, languages)
     if reference not in full:
         raise XlsubError(f"encodings: the full model has no '{reference}' encodings; encode the reference language")
-    matrix = cka_matrix({lang: full[lang] for lang in langs}, kind)
+    matrix = cka_matrix({lang: full[lang] for lang in langs}, kind, precision=precision)
     r = langs.index(reference)
     others = [lang for lang in langs if lang != reference]
     parallel = {lang: matrix[:, r, langs.index(lang)] for lang in others}
@@ -326,7 +327,8 @@ def cka_reference_tables(encodings: Mapping[str, Mapping[str, torch.Tensor]], la
     ref_x = full[reference]
     for lang in others:
         # layer by layer: the derangement depends only on the seed and n, so every layer gets the same pairing
-        controls[("shuffled", lang)] = torch.stack([shuffled_pairs_cka(ref_x[l], full[lang][l], shuffle_seed, kind)
+        controls[("shuffled", lang)] = torch.stack([shuffled_pairs_cka(ref_x[l], full[lang][l], shuffle_seed, kind,
+                                                                       precision=precision)
                                                     for l in range(ref_x.shape[0])])
     for model in ("base", "random"):
         reps = encodings.get(model, {})
@@ -334,7 +336,7 @@ def cka_reference_tables(encodings: Mapping[str, Mapping[str, torch.Tensor]], la
             continue
         for lang in others:
             if lang in reps:
-                controls[(model, lang)] = pair_cka(reps[reference], reps[lang], kind)
+                controls[(model, lang)] = pair_cka(reps[reference], reps[lang], kind, precision)
     tables = {"cka_vs_reference.csv": _layer_table(parallel, ["language"]),
               "cka_controls.csv": _layer_table(controls, ["condition", "language"])}
     return matrix, langs, tables
@@ -350,7 +352,7 @@ def cka_pairs_table(matrix: torch.Tensor, langs: Sequence[str], layers: Sequence
 
 
 def cka_subnetwork_tables(encodings: Mapping[str, Mapping[str, torch.Tensor]], languages: Sequence[str],
-                          kind: str = "linear") -> dict[str, pd.DataFrame]:
+                          kind: str = "linear", precision: str = "float64") -> dict[str, pd.DataFrame]:
     """CKA between the full model and each subnetwork.
 
     `cka_full_vs_subnetwork.csv`: for language l, CKA(full[l], sub_l[l]) per layer; rows language, or
@@ -371,11 +373,11 @@ def cka_subnetwork_tables(encodings: Mapping[str, Mapping[str, torch.Tensor]], l
     for lang, seed, key in tqdm(subs, desc="CKA full vs subnetworks", leave=False, disable=len(subs) < 4):
         reps = encodings[key]
         if lang in reps and lang in full:
-            curves[(lang, seed) if several else lang] = pair_cka(full[lang], reps[lang], kind)
+            curves[(lang, seed) if several else lang] = pair_cka(full[lang], reps[lang], kind, precision)
         row = {}
         for e in eval_langs:
             if e in reps:
-                row[e] = float(pair_cka(full[e][-1:], reps[e][-1:], kind)[0])
+                row[e] = float(pair_cka(full[e][-1:], reps[e][-1:], kind, precision)[0])
         last[(lang, seed)] = row
     tables = {}
     if curves:
@@ -802,14 +804,18 @@ def _nanmean(values) -> float:
     return float(values.mean()) if values.size else math.nan
 
 
-def analyze(inputs: AnalysisInputs, cka_kind: str = "linear", layers: Sequence[int] | None = None) -> AnalysisResult:
+def analyze(inputs: AnalysisInputs, cka_kind: str = "linear", layers: Sequence[int] | None = None,
+            cka_precision: str = "float64") -> AnalysisResult:
     """Every analysis whose inputs are present: figures, captions, tables and metrics (see the module docstring).
 
     `cka_kind`: linear, debiased or rbf (`xlsub.cka`). `layers`: hidden-state indices (0 = embeddings) of the
-    all-pairs CKA heatmaps; default first, middle and last.
+    all-pairs CKA heatmaps; default first, middle and last. `cka_precision`: float64, or float32 products
+    accumulated in float64 (linear and debiased; see `xlsub.cka`).
     """
     if cka_kind not in KINDS:
         raise XlsubError(f"cka_kind: unknown kind '{cka_kind}'; use linear, debiased or rbf")
+    if cka_precision not in PRECISIONS:
+        raise XlsubError(f"cka_precision: unknown precision '{cka_precision}'; use float64 or float32")
     if not inputs.languages:
         raise XlsubError("languages: no languages given; pass the ISO codes analysed, e.g. en,de,zh")
     result = AnalysisResult()
@@ -851,7 +857,8 @@ def analyze(inputs: AnalysisInputs, cka_kind: str = "linear", layers: Sequence[i
     full = inputs.encodings.get("full", {})
     cka_last = None
     if reference in full and len(full) > 1:
-        matrix, cka_langs, cka_tables = cka_reference_tables(inputs.encodings, langs, reference, cka_kind, inputs.shuffle_seed)
+        matrix, cka_langs, cka_tables = cka_reference_tables(inputs.encodings, langs, reference, cka_kind, inputs.shuffle_seed,
+                                                               cka_precision)
         chosen = _resolve_layers(layers, matrix.shape[0])
         cka_tables["cka_pairs.csv"] = cka_pairs_table(matrix, cka_langs, chosen)
         _cka_figures(result, cka_tables, reference, cka_kind, palette)
@@ -864,7 +871,7 @@ def analyze(inputs: AnalysisInputs, cka_kind: str = "linear", layers: Sequence[i
     else:
         result.notes.append(f"CKA between languages: skipped (no full-model encodings of {reference} and another language)")
     if full and any(parse_model_key(k)[0] == "sub" for k in inputs.encodings):
-        sub_tables = cka_subnetwork_tables(inputs.encodings, langs, cka_kind)
+        sub_tables = cka_subnetwork_tables(inputs.encodings, langs, cka_kind, cka_precision)
         if sub_tables:
             _subnetwork_cka_figure(result, sub_tables, cka_kind, palette)
             if "cka_full_vs_subnetwork.csv" in sub_tables:
