@@ -762,17 +762,21 @@ def _token_figure(result: AnalysisResult, table: pd.DataFrame, reference: str, k
     axes[0].set_title(f"Token overlap with {ref_name}")
     if others:
         ax = axes[1]
-        for column, marker, label in (("jaccard_with_reference", "o", "Jaccard of kept heads"),
-                                      ("cka_last_layer_with_reference", "s", f"{kind} CKA, last layer")):
+        for column, marker, label, offset in (("jaccard_with_reference", "o", "Jaccard of kept heads", (4, 3)),
+                                              ("cka_last_layer_with_reference", "s", f"{kind} CKA, last layer", (4, -9))):
             if column not in others:
                 continue
             ax.scatter(table["token_overlap"], table[column], marker=marker, c=[palette.get(l) for l in table.index],
                        label=label, edgecolors="black", linewidths=0.5)
             for lang, x, y in zip(table.index, table["token_overlap"], table[column]):
                 if np.isfinite(y):
-                    ax.annotate(lang, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-        ax.set_xlim(0, 1.03)
+                    ax.annotate(lang, (x, y), textcoords="offset points", xytext=offset, fontsize=7)
+        # zoomed to the points (from 0): overlaps and similarities of a few tenths would crowd one corner of 0..1
+        overlap = table["token_overlap"].to_numpy(dtype=float)
+        ax.set_xlim(0, min(1.03, float(np.nanmax(overlap, initial=0.0)) * 1.25 + 0.02))
         _cka_ylim(ax, table[others])
+        similarity = table[others].to_numpy(dtype=float)
+        ax.set_ylim(top=min(1.03, float(np.nanmax(similarity, initial=0.0)) * 1.2 + 0.03))
         ax.set_xlabel(f"token overlap with {ref_name}")
         ax.set_ylabel(f"similarity to {ref_name}")
         ax.set_title("Does shared vocabulary explain the similarity?")
