@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 
 from entry_points._common import parse_args
 from xlsub import tracking
-from xlsub.analysis import AnalysisInputs, analyze
+from xlsub.analysis import AnalysisInputs, analyze, long_table
 from xlsub.cka import check_options as check_cka_options
 from xlsub.encoding import load_encodings
 from xlsub.errors import XlsubError
@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
             (out / "report.html").write_text(html, encoding="utf-8")
             mlflow.log_metrics(result.metrics)
             mlflow.log_artifacts(str(out))
+            for name, table in result.tables.items():  # queryable across runs: mlflow.load_table(..., extra_columns=["run_id"])
+                mlflow.log_table(long_table(table), f"tables/{Path(name).stem}.json")
 
 
 if __name__ == "__main__":

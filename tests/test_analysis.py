@@ -18,6 +18,7 @@ from xlsub.analysis import (
     AnalysisInputs,
     analyze,
     heads_kept_tables,
+    long_table,
     mask_overlap_tables,
     parse_model_key,
     relative_perplexity,
@@ -274,6 +275,22 @@ def test_cka_full_vs_subnetwork_several_seeds(several):
     last = several.tables["cka_full_vs_subnetwork_last_layer.csv"]
     mean = np.mean([float(linear_cka_gram(enc["full"]["de"][-1], enc[f"sub_zh_seed{s}"]["de"][-1])) for s in (0, 1)])
     assert last.loc["zh", "de"] == pytest.approx(mean)
+
+
+def test_long_table_one_row_per_cell():
+    square = pd.DataFrame([[1.0, 0.25], [0.25, 1.0]], index=pd.Index(["en", "de"], name="language"),
+                          columns=pd.Index(["en", "de"], name="language"))
+    long = long_table(square)
+    assert list(long.columns) == ["language", "other language", "value"]
+    assert set(long.itertuples(index=False, name=None)) == {
+        ("en", "en", 1.0), ("de", "en", 0.25), ("en", "de", 0.25), ("de", "de", 1.0)}
+    curves = pd.DataFrame([[0.1, 0.2, 0.3]], index=pd.MultiIndex.from_tuples([("shuffled", "de")], names=["condition", "language"]),
+                          columns=pd.Index([0, 1, 2], name="layer"))
+    long = long_table(curves)
+    assert list(long.columns) == ["condition", "language", "layer", "value"]
+    assert long["layer"].tolist() == [0, 1, 2] and long["value"].tolist() == [0.1, 0.2, 0.3]
+    measures = pd.DataFrame({"token_overlap": [0.5], "jaccard_with_reference": [0.2]}, index=pd.Index(["de"], name="language"))
+    assert long_table(measures).to_dict("records") == [{"language": "de", "token_overlap": 0.5, "jaccard_with_reference": 0.2}]
 
 
 def test_parse_model_key():

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -46,6 +47,22 @@ def test_analyze_logs_every_figure_table_and_a_report_that_shows_them(store, fin
     assert 0 <= metrics["mean_jaccard"] <= 1 and 0 <= metrics["mean_heads_kept_frac"] <= 1
     # the control: parallel sentences are more alike than shuffled pairings
     assert metrics["mean_cka_last_layer"] > metrics["mean_cka_shuffled_last_layer"]
+
+
+def test_every_table_is_also_an_mlflow_table_with_the_csv_values(store, analyze_run):
+    run_id = analyze_run.info.run_id
+    client = MlflowClient(store)
+    names = {a.path.split("/", 1)[1] for a in client.list_artifacts(run_id, "tables")}
+    csvs = {n[:-4] for n in names if n.endswith(".csv")}
+    assert csvs and csvs == {n[:-5] for n in names if n.endswith(".json")}
+    long = client.load_table(analyze_run.info.experiment_id, "tables/cka_vs_reference.json", run_ids=[run_id],
+                             extra_columns=["run_id"])
+    wide = pd.read_csv(client.download_artifacts(run_id, "tables/cka_vs_reference.csv"), index_col=0)
+    assert list(long.columns) == ["language", "layer", "value", "run_id"] and set(long["run_id"]) == {run_id}
+    assert len(long) == wide.size
+    for row in long.itertuples():
+        # MLflow writes table JSON with 10 decimals
+        assert row.value == pytest.approx(wide.loc[row.language, str(row.layer)], abs=1e-10)
 
 
 def analyze_cli(store, *args):

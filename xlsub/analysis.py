@@ -273,9 +273,27 @@ def perplexity_tables(cross: pd.DataFrame, cross_random: pd.DataFrame | None, pp
         tables[f"{stem}_relative.csv"] = relative_perplexity(by_language, ppl_full)
         if len(by_language) != len(table):
             by_seed = table.loc[:, by_language.columns].copy()
-            by_seed.index.name = "subnetwork"
+            by_seed.index.name, by_seed.columns.name = "subnetwork", "evaluated on"
             tables[f"{stem}_by_seed.csv"] = by_seed
     return tables
+
+
+def long_table(table: pd.DataFrame) -> pd.DataFrame:
+    """One of the analysis tables with one row per value, for `mlflow.log_table` and `mlflow.load_table`.
+
+    A table whose column axis is named (language x layer, subnetwork x evaluation language, ...) becomes
+    one row per cell: its index levels, the column axis (prefixed "other " where it repeats an index name,
+    as in language x language) and "value". A table with an unnamed column axis has measures as columns
+    and already one row per item: only its index becomes columns.
+    """
+    flat = table.reset_index()
+    if table.columns.name is None:
+        return flat
+    ids = [name if name is not None else "index" for name in table.index.names]
+    column = table.columns.name
+    if column in ids:
+        column = f"other {column}"
+    return flat.melt(id_vars=ids, var_name=column, value_name="value")
 
 
 def _diag_offdiag_mean(table: pd.DataFrame) -> tuple[float, float]:
