@@ -30,15 +30,15 @@ all examples identical but one) and rounding then leaves it at +-1e-16 of its
 scale: taken literally, a square root of a negative number or a ratio of
 rounding errors. Such values give NaN, never an exception.
 
-`precision="float32"` (linear and debiased) nearly halves the time on CPUs, whose float32 matrix
-products run at about twice the float64 rate (and far more on most GPUs): examples are still centred in
-float64 and the self terms HSIC(K, K) stay float64; for the cross terms, the centred features are
-rounded to float32 once, the products run in float32 over blocks of at most 4096 examples, and the block
-products, their norms and every later sum are accumulated in float64. Rounding the centred features to
-float32 is a relative perturbation of 6e-8, the same as storing the encodings in float32; with the
-blocked products the CKA moves by a few 1e-9 at the study's sizes (n=5000, d=768; `benchmarks/cka.py`)
-and by under 1e-6 in the tests. RBF kernels need float64 distances (|x_i|^2 + |x_j|^2 - 2 x_i'x_j
-cancels), so rbf refuses float32.
+`precision="float32"` (linear and debiased) takes about two thirds of the float64 time on CPUs, whose
+float32 matrix products run at about twice the float64 rate (and far more on most GPUs): examples are
+still centred in float64 and the self terms HSIC(K, K) stay float64; for the cross terms, the centred
+features are rounded to float32 once, the products run in float32 over blocks of at most 4096 examples,
+and the block products, their norms and every later sum are accumulated in float64. Rounding the centred
+features to float32 is a relative perturbation of 6e-8, the same as storing the encodings in float32;
+with the blocked products the CKA moves by a few 1e-9 at the study's sizes (n=5000, d=768;
+`benchmarks/cka.py`) and by under 1e-6 in the tests. RBF kernels need float64 distances (|x_i|^2 +
+|x_j|^2 - 2 x_i'x_j cancels), so rbf refuses float32.
 """
 
 from __future__ import annotations
