@@ -37,7 +37,7 @@ class AnalyzeArgs:
     encode_run_id: str = field(default="latest", metadata={"help": "encode run ID or 'latest'"})
     prune_run_id: str = field(default="latest", metadata={"help": "prune run ID or 'latest'; with an explicit encode_run_id, 'latest' means that encode run's prune run"})
     cka: str = field(default="linear", metadata={"help": "CKA kind: linear, debiased (unbiased HSIC) or rbf"})
-    cka_precision: str = field(default="float64", metadata={"help": "CKA products: float64, or float32 accumulated in float64 (linear and debiased; about 2x faster on CPUs)"})
+    cka_precision: str = field(default="float64", metadata={"help": "CKA products: float64, or float32 accumulated in float64 (linear and debiased; about 1.5x faster on CPUs)"})
     layers: str = field(default="auto", metadata={"help": "layers (0 = embeddings) for the all-pairs CKA heatmaps, comma-separated, or 'auto' (first, middle, last)"})
 
 
