@@ -41,7 +41,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from tqdm.auto import tqdm
 
-from xlsub.cka import KINDS, PRECISIONS, cka_matrix, shuffled_pairs_cka
+from xlsub.cka import KINDS, check_options, cka_matrix, shuffled_pairs_cka
 from xlsub.errors import XlsubError
 from xlsub.overlap import (
     expected_random_jaccard,
@@ -836,8 +836,7 @@ def analyze(inputs: AnalysisInputs, cka_kind: str = "linear", layers: Sequence[i
     """
     if cka_kind not in KINDS:
         raise XlsubError(f"cka_kind: unknown kind '{cka_kind}'; use linear, debiased or rbf")
-    if cka_precision not in PRECISIONS:
-        raise XlsubError(f"cka_precision: unknown precision '{cka_precision}'; use float64 or float32")
+    check_options(cka_kind, cka_precision)  # the kind is known by now: precision, and rbf with float32
     if not inputs.languages:
         raise XlsubError("languages: no languages given; pass the ISO codes analysed, e.g. en,de,zh")
     result = AnalysisResult()
