@@ -1,0 +1,509 @@
+"""Permutation nulls, length control, jackknife, retrieval, RSA, planted controls and kNN-graph spectra,
+each against an independent computation: brute-force loops, exact enumeration of all permutations, numpy
+and scipy, and hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+from itertools import permutations as all_orders
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from scipy.spatial.distance import pdist, squareform
+
+from xlsub.cka import cka, shuffled_pairs_cka
+from xlsub import similarity
+from xlsub.errors import XlsubError
+from xlsub.similarity import (
+    _ranks,
+    cka_jackknife_interval,
+    cka_null_mean,
+    cka_permutation_test,
+    detection_limit,
+    jackknife_blocks,
+    knn_eigen_similarity,
+    knn_laplacian_spectrum,
+    leave_block_out_cka,
+    length_bins,
+    length_only_representations,
+    mantel_test,
+    nearest_translation,
+    permutations,
+    permuted_cka,
+    planted_representations,
+    random_rotation,
+    rdm,
+    residualize,
+    retrieval_permutation_test,
+    retrieval_top1,
+    retrieval_top1_per_layer,
+    rsa,
+)
+
+KINDS = ["linear", "debiased", "rbf"]
+
+
+def gaussian(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def related(n: int = 40, d1: int = 6, d2: int = 6, layers: int | None = None, seed: int = 0, noise: float = 1.0):
+    """X and Y sharing three latent directions, plus noise and an offset (so centring matters)."""
+    lead = () if layers is None else (layers,)
+    z = gaussian(*lead, n, 3, seed=seed)
+    x = z @ gaussian(3, d1, seed=seed + 1) + noise * gaussian(*lead, n, d1, seed=seed + 2) + 2.0
+    y = z @ gaussian(3, d2, seed=seed + 3) + noise * gaussian(*lead, n, d2, seed=seed + 4) - 1.0
+    return x, y
+
+
+def brute_force_permutations(n: int, n_perm: int, seed: int, groups=None) -> list[torch.Tensor]:
+    """One permutation at a time from the same generator; in each group, members in the order of their keys."""
+    generator = torch.Generator().manual_seed(seed)
+    groups = np.zeros(n, dtype=int) if groups is None else np.asarray(groups)
+    out = []
+    for _ in range(n_perm):
+        keys = torch.rand(n, generator=generator, dtype=torch.float64)
+        perm = torch.arange(n)
+        for label in np.unique(groups):
+            members = torch.as_tensor(np.flatnonzero(groups == label))
+            perm[members] = members[torch.argsort(keys[members])]
+        out.append(perm)
+    return out
+
+
+def upper(m) -> np.ndarray:
+    m = np.asarray(m)
+    return m[np.triu_indices(len(m), k=1)]
+
+
+# -- permutations ------------------------------------------------------------------------------------------
+
+def test_permutations_match_a_one_at_a_time_draw_and_respect_groups():
+    groups = [3, 1, 3, 3, 7, 1, 7, 3, 1, 1]
+    perms = permutations(10, 50, seed=4, groups=groups)
+    assert perms.shape == (50, 10) and perms.dtype == torch.long
+    assert all(torch.equal(a, b) for a, b in zip(perms, brute_force_permutations(10, 50, 4, groups)))
+    labels = torch.tensor(groups)
+    assert bool((labels[perms] == labels).all())  # every example goes to one of its own group
+    assert bool((perms.sort(1).values == torch.arange(10)).all())
+    plain = permutations(10, 50, seed=4)
+    assert all(torch.equal(a, b) for a, b in zip(plain, brute_force_permutations(10, 50, 4)))
+    assert not torch.equal(plain, permutations(10, 50, seed=5))
+
+
+def test_permutations_are_uniform():
+    """n=4: each of the 24 permutations about 1/24 of 24,000 draws (chi-square goodness of fit)."""
+    perms = permutations(4, 24_000, seed=0)
+    codes = (perms * torch.tensor([64, 16, 4, 1])).sum(1)
+    counts = torch.bincount(codes, minlength=256)[codes.unique()]
+    assert len(counts) == 24
+    assert stats.chisquare(counts.numpy()).pvalue > 1e-3
+
+
+# -- the CKA permutation engine ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, engine", [("linear", "feature"), ("linear", "gram"), ("debiased", "feature"),
+                                          ("debiased", "gram"), ("rbf", "gram"), ("debiased", "auto")])
+def test_permuted_cka_equals_recomputing_cka_per_permutation(kind, engine):
+    x, y = related(n=30, d1=7, d2=5, layers=2)
+    perms = permutations(30, 25, seed=1)
+    fast = permuted_cka(x, y, perms, kind, engine=engine)
+    assert fast.shape == (2, 25) and fast.dtype == torch.float64
+    brute = torch.stack([torch.stack([cka(x[layer], y[layer][p], kind) for p in perms]) for layer in range(2)])
+    torch.testing.assert_close(fast, brute, rtol=0, atol=1e-12)
+
+
+def test_permuted_cka_float32_products_agree_with_float64(monkeypatch):
+    x, y = related(n=200, d1=16, d2=12)
+    perms = permutations(200, 40, seed=2)
+    exact = permuted_cka(x, y, perms, "debiased", engine="feature")
+    fast = permuted_cka(x, y, perms, "debiased", engine="feature", precision="float32")
+    difference = float((fast - exact).abs().max())
+    assert 1e-13 < difference < 1e-6, difference
+    # float32 products over blocks of 64 examples, summed in float64; and blocks of 7 permutations
+    monkeypatch.setattr(similarity, "_FLOAT32_BLOCK", 64)
+    monkeypatch.setattr(similarity, "_BLOCK_BYTES", 7 * (200 * 12 * 4 + 16 * 12 * 12))
+    blocked = permuted_cka(x, y, perms, "debiased", engine="feature", precision="float32")
+    assert float((blocked - exact).abs().max()) < 1e-6 and not torch.equal(blocked, fast)
+    monkeypatch.setattr(similarity, "_BLOCK_BYTES", 7 * (200 * 12 * 8 + 16 * 12 * 8))
+    torch.testing.assert_close(permuted_cka(x, y, perms, "debiased", engine="feature"), exact, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["linear", "debiased"])
+def test_permutation_test_equals_a_brute_force_loop(kind):
+    x, y = related(n=30, noise=5.0)  # weak: some null values exceed the observed CKA
+    result = cka_permutation_test(x, y, n_perm=200, seed=7, kind=kind, null_precision="float64")
+    observed = float(cka(x, y, kind))
+    null = np.array([float(cka(x, y[p], kind)) for p in brute_force_permutations(30, 200, 7)])
+    assert float(result.observed) == pytest.approx(observed, abs=1e-14)
+    np.testing.assert_allclose(result.null.numpy(), null, rtol=0, atol=1e-12)
+    exceed = int((null >= observed).sum())
+    assert 0 < exceed < 200
+    assert float(result.p_value) == (1 + exceed) / 201
+    assert float(result.null_mean) == pytest.approx(null.mean(), abs=1e-12)
+    assert float(result.null_std) == pytest.approx(null.std(ddof=1), abs=1e-12)
+    assert float(result.above_chance) == pytest.approx(observed - null.mean(), abs=1e-12)
+    assert result.n_perm == 200
+
+
+def test_length_matched_permutation_test_equals_a_brute_force_loop():
+    x, y = related(n=36, noise=2.0)
+    groups = np.repeat([0, 1, 2, 3], 9)
+    result = cka_permutation_test(x, y, n_perm=100, seed=3, kind="debiased", groups=groups,
+                                  null_precision="float64")
+    null = np.array([float(cka(x, y[p], "debiased")) for p in brute_force_permutations(36, 100, 3, groups)])
+    np.testing.assert_allclose(result.null.numpy(), null, rtol=0, atol=1e-12)
+
+
+def exact_null(x, y, kind, groups=None):
+    """CKA for every one of the n! re-pairings (those within groups when given), by recomputation."""
+    n = x.shape[0]
+    orders = torch.tensor(list(all_orders(range(n))))
+    if groups is not None:
+        labels = torch.as_tensor(groups)
+        orders = orders[(labels[orders] == labels).all(1)]
+    return np.array([float(cka(x, y[p], kind)) for p in orders])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_p_value_and_null_mean_against_all_120_permutations(kind):
+    """n=5: the exact permutation distribution by enumeration, against 20,000 sampled permutations."""
+    x, y = related(n=5, d1=3, d2=3, noise=1.5, seed=3)
+    null = exact_null(x, y, kind)
+    observed = float(cka(x, y, kind))
+    exact_p = float((null >= observed - 1e-12).mean())  # the identity is one of the 120
+    assert 0.05 < exact_p < 0.95  # not a trivial case
+    result = cka_permutation_test(x, y, n_perm=20_000, seed=0, kind=kind)
+    assert float(result.p_value) == pytest.approx(exact_p, abs=0.015)  # 4.5 binomial standard errors
+    assert float(result.null_std) == pytest.approx(null.std(), rel=0.03)
+    assert float(cka_null_mean(x, y, kind)) == pytest.approx(null.mean(), abs=1e-12)
+    assert float(result.exact_null_mean) == pytest.approx(null.mean(), abs=1e-12)
+    assert float(result.null_mean) == pytest.approx(null.mean(), abs=0.01)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exact_null_mean_within_groups_against_enumeration(kind):
+    x, y = related(n=7, d1=4, d2=3, seed=5)
+    groups = [2, 0, 2, 0, 1, 2, 5]  # sizes 3, 2, 1, 1
+    null = exact_null(x, y, kind, groups)
+    assert len(null) == 3 * 2 * 2 * 1 * 1 * 1
+    assert float(cka_null_mean(x, y, kind, groups)) == pytest.approx(null.mean(), abs=1e-12)
+
+
+def test_exact_null_mean_closed_forms():
+    """Linear: tr(K) tr(L) / (n - 1) / (||X'X|| ||Y'Y||); debiased (a U-statistic): exactly 0."""
+    x, y = related(n=50, d1=5, d2=4, layers=3)
+    xc, yc = x - x.mean(-2, keepdim=True), y - y.mean(-2, keepdim=True)
+    norm = torch.linalg.matrix_norm
+    expected = xc.square().sum((-2, -1)) * yc.square().sum((-2, -1)) / 49 / (norm(xc.mT @ xc) * norm(yc.mT @ yc))
+    torch.testing.assert_close(cka_null_mean(x, y, "linear"), expected, rtol=1e-12, atol=0)
+    assert float(cka_null_mean(x, y, "debiased").abs().max()) < 1e-15
+
+
+def test_singleton_groups_leave_nothing_to_permute():
+    """Every length bin of size one: every permutation is the identity, so p = 1, also with float32 products."""
+    x, y = related(n=20)
+    for precision in ["float64", "float32"]:
+        result = cka_permutation_test(x, y, n_perm=30, seed=0, kind="debiased", groups=range(20),
+                                      engine="feature", null_precision=precision)
+        assert float(result.p_value) == 1.0
+        assert float(result.above_chance) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_float32_recheck_counts_ties_per_layer():
+    """y = x: every identity permutation ties the observed CKA of 1, and float32 products must not lose a tie."""
+    x, _ = related(n=12, layers=2)
+    groups = [0, 0] + list(range(1, 11))  # one swap possible: half the permutations are the identity
+    exact = cka_permutation_test(x, x, n_perm=40, seed=0, groups=groups, engine="feature",
+                                 null_precision="float64")
+    fast = cka_permutation_test(x, x, n_perm=40, seed=0, groups=groups, engine="feature")
+    assert torch.equal(fast.p_value, exact.p_value)
+    identity = int((permutations(12, 40, 0, groups) == torch.arange(12)).all(1).sum())
+    assert 0 < identity < 40 and exact.p_value.tolist() == [(1 + identity) / 41] * 2
+
+
+def test_permutation_test_per_layer_and_strong_signal():
+    x, y = related(n=60, layers=3, noise=0.3)
+    result = cka_permutation_test(x, y, n_perm=99, seed=0)
+    assert result.observed.shape == result.p_value.shape == (3,) and result.null.shape == (3, 99)
+    assert result.p_value.tolist() == [0.01] * 3  # nothing in the null reaches it: 1 / (1 + 99)
+    for layer in range(3):
+        alone = cka_permutation_test(x[layer], y[layer], n_perm=99, seed=0)
+        torch.testing.assert_close(alone.null, result.null[layer], rtol=0, atol=1e-13)
+    exact = cka_permutation_test(x, y, n_perm=99, seed=0, null_precision="float64")
+    assert float((exact.null - result.null).abs().max()) < 1e-6  # the default: float32 products
+
+
+def test_user_errors_name_the_input():
+    x, y = related(n=10)
+    with pytest.raises(XlsubError, match="unknown engine 'fast'"):
+        permuted_cka(x, y, permutations(10, 2, 0), engine="fast")
+    with pytest.raises(XlsubError, match="rbf CKA has no feature-space form"):
+        permuted_cka(x, y, permutations(10, 2, 0), "rbf", engine="feature")
+    with pytest.raises(XlsubError, match="unknown kind 'cosine'"):
+        cka_permutation_test(x, y, 2, 0, kind="cosine")
+    with pytest.raises(XlsubError, match="n_bins must be at least 1"):
+        length_bins([1, 2, 3], 0)
+
+
+def test_constant_representation_gives_nan_p_value():
+    x, y = related(n=20)
+    result = cka_permutation_test(torch.ones_like(x), y, n_perm=10, seed=0)
+    assert math.isnan(float(result.observed)) and math.isnan(float(result.p_value))
+
+
+# -- length control ----------------------------------------------------------------------------------------
+
+def test_length_bins_keep_ties_together_and_balance_distinct_values():
+    lengths = [5, 1, 1, 2, 2, 2, 3, 4, 5, 6, 7, 8, 9, 9]
+    bins = length_bins(lengths, 3)
+    values = np.array(lengths)
+    for length in np.unique(values):  # equal lengths share a bin
+        assert len(set(bins[values == length].tolist())) == 1
+    order = np.argsort(values, kind="stable")
+    assert (np.diff(bins.numpy()[order]) >= 0).all()  # bins follow length
+    assert sorted(set(bins.tolist())) == [0, 1, 2]
+    assert torch.equal(length_bins(np.arange(100), 4), torch.arange(100) // 25)
+    assert torch.equal(length_bins([4, 4, 4, 4], 3), torch.zeros(4, dtype=torch.long))  # one value: one bin
+
+
+def test_residualize_equals_numpy_least_squares():
+    x = gaussian(2, 30, 4, seed=1) + 3.0
+    covariates = np.stack([np.arange(30.0) % 7, np.sqrt(np.arange(30.0))], axis=1)
+    design = np.column_stack([np.ones(30), covariates])
+    for layer in range(2):
+        beta, *_ = np.linalg.lstsq(design, x[layer].numpy(), rcond=None)
+        np.testing.assert_allclose(residualize(x, covariates)[layer].numpy(),
+                                   x[layer].numpy() - design @ beta, atol=1e-12)
+    # a collinear covariate (a copy, and a constant) spans nothing new
+    collinear = np.column_stack([covariates, covariates[:, 0] * 2, np.full(30, 4.0)])
+    torch.testing.assert_close(residualize(x, collinear), residualize(x, covariates), rtol=0, atol=1e-12)
+    lengths = torch.arange(30)
+    one = residualize(x[0], lengths)
+    assert float(one.sum(0).abs().max()) < 1e-12 and float((lengths.double() @ one).abs().max()) < 1e-10
+
+
+# -- jackknife ---------------------------------------------------------------------------------------------
+
+def test_jackknife_blocks():
+    contiguous = jackknife_blocks(23, 5)
+    assert torch.bincount(contiguous).tolist() == [5, 5, 5, 4, 4]
+    assert (contiguous.diff() >= 0).all()
+    shuffled = jackknife_blocks(23, 5, seed=1)
+    assert torch.bincount(shuffled).tolist() == [5, 5, 5, 4, 4] and not torch.equal(shuffled, contiguous)
+    with pytest.raises(XlsubError, match="blocks must be between 2"):
+        jackknife_blocks(10, 1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_leave_block_out_cka_equals_recomputation(kind):
+    x, y = related(n=45, d1=6, d2=4, layers=2)
+    x = x + 50.0  # a large offset: the re-centring on kept rows must not cancel
+    blocks = jackknife_blocks(45, 6, seed=2)
+    fast = leave_block_out_cka(x, y, blocks, kind)
+    assert fast.shape == (2, 6)
+    brute = torch.stack([cka(x[:, blocks != b], y[:, blocks != b], kind) for b in range(6)], -1)
+    torch.testing.assert_close(fast, brute, rtol=0, atol=1e-11)
+
+
+def test_jackknife_interval_formula():
+    x, y = related(n=60, noise=1.5)
+    estimate, lo, hi = cka_jackknife_interval(x, y, "debiased", blocks=12, level=0.9)
+    blocks = np.repeat(np.arange(12), 5)
+    theta = np.array([float(cka(x[blocks != b], y[blocks != b], "debiased")) for b in range(12)])
+    se = math.sqrt(11 / 12 * ((theta - theta.mean()) ** 2).sum())
+    half = stats.t.ppf(0.95, 11) * se
+    full = float(cka(x, y, "debiased"))
+    assert float(estimate) == pytest.approx(full, abs=1e-14)
+    assert float(lo) == pytest.approx(full - half, abs=1e-11)
+    assert float(hi) == pytest.approx(full + half, abs=1e-11)
+    assert 0 < float(lo) < full < float(hi)
+
+
+# -- retrieval ---------------------------------------------------------------------------------------------
+
+def test_retrieval_hand_made_cases():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])  # centred already
+    y = torch.tensor([[2.0, 0.2], [-0.2, 2.0], [-2.0, -0.2], [0.2, -2.0]])  # each rotated ~6 degrees
+    assert retrieval_top1(x, y) == 1.0
+    assert retrieval_top1(x, y[[0, 1, 3, 2]]) == 0.5  # x_2 and x_3 find each other's translation
+    assert retrieval_top1(x + 5.0, y - 3.0) == 1.0  # each language centred on its own mean
+    # x_0 = (1, 0) is equally close to (1, 1) and (1, -1): a tie at the top is a miss
+    tied = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0]])
+    assert nearest_translation(x, tied).tolist() == [-1, -1, -1, -1]
+    assert retrieval_top1(x, tied) == 0.0
+
+
+def test_retrieval_per_layer_and_against_a_loop():
+    x = gaussian(2, 50, 6, seed=0)
+    y = x + torch.tensor([0.8, 1.2])[:, None, None] * gaussian(2, 50, 6, seed=1)  # one space, noisy translations
+    per_layer = retrieval_top1_per_layer(x, y)
+    for layer in range(2):
+        sim = torch.nn.functional.normalize(x[layer] - x[layer].mean(0), dim=1) @ \
+            torch.nn.functional.normalize(y[layer] - y[layer].mean(0), dim=1).T
+        hits = (sim.argmax(1) == torch.arange(50)).double().mean()
+        assert float(per_layer[layer]) == pytest.approx(float(hits))
+    assert 0 < float(per_layer.min()) and float(per_layer.max()) < 1
+
+
+def test_retrieval_permutation_test_equals_a_loop():
+    x = gaussian(40, 6, seed=0)
+    y = x + gaussian(40, 6, seed=1)
+    result = retrieval_permutation_test(x, y, n_perm=60, seed=2, groups=np.arange(40) % 3)
+    brute = [retrieval_top1(x, y[p]) for p in brute_force_permutations(40, 60, 2, np.arange(40) % 3)]
+    np.testing.assert_allclose(result.null.numpy(), brute, rtol=0, atol=0)
+    assert float(result.observed) == retrieval_top1(x, y)
+    # chance: E[#{i: p(i) = m(i)}] = 1 per permutation for the unrestricted null, so the mean accuracy is 1/n
+    wide = retrieval_permutation_test(x, y, n_perm=4000, seed=0)
+    assert float(wide.null_mean) == pytest.approx(1 / 40, rel=0.1)
+
+
+# -- RSA ---------------------------------------------------------------------------------------------------
+
+def test_rdm_and_rsa_against_scipy():
+    x, y = related(n=25, d1=5, d2=7, layers=2)
+    np.testing.assert_allclose(rdm(x[0]).numpy(), squareform(pdist(x[0].numpy(), "cosine")), atol=1e-12)
+    value = rsa(x, y)
+    assert value.shape == (2,)
+    for layer in range(2):
+        expected = stats.spearmanr(upper(rdm(x[layer])), upper(rdm(y[layer]))).statistic
+        assert float(value[layer]) == pytest.approx(expected, abs=1e-12)
+
+
+def test_rsa_with_tied_dissimilarities():
+    """Integer vectors repeat: many equal dissimilarities, so average ranks matter."""
+    x = torch.tensor(np.random.default_rng(0).integers(0, 2, (20, 3)) + 0.0)
+    y = torch.tensor(np.random.default_rng(1).integers(0, 2, (20, 3)) + 0.0) + x
+    assert len(np.unique(upper(rdm(x)).round(12))) < 10
+    expected = stats.spearmanr(upper(rdm(x)), upper(rdm(y))).statistic
+    assert float(rsa(x, y)) == pytest.approx(expected, abs=1e-12)
+    values = torch.tensor([3.0, 1.0, 3.0, 2.0, 1.0, 3.0])
+    np.testing.assert_array_equal(_ranks(values).numpy(), stats.rankdata(values.numpy()))
+
+
+def test_mantel_test_equals_a_brute_force_loop():
+    x, y = related(n=20, noise=2.5)
+    result = mantel_test(x, y, n_perm=80, seed=1)
+    observed = stats.spearmanr(upper(rdm(x)), upper(rdm(y))).statistic
+    null = np.array([stats.spearmanr(upper(rdm(x)), upper(rdm(y[p]))).statistic
+                     for p in brute_force_permutations(20, 80, 1)])
+    np.testing.assert_allclose(result.null.numpy(), null, rtol=0, atol=1e-12)
+    assert float(result.observed) == pytest.approx(observed, abs=1e-12)
+    assert float(result.p_value) == (1 + int((null >= observed - 1e-12).sum())) / 81
+
+
+def test_mantel_p_value_against_all_120_permutations():
+    x, y = related(n=5, d1=3, d2=3, noise=1.5, seed=15)
+    orders = list(all_orders(range(5)))
+    null = np.array([float(rsa(x, y[list(p)])) for p in orders])
+    observed = float(rsa(x, y))
+    exact_p = float((null >= observed - 1e-12).mean())
+    assert 0.05 < exact_p < 0.95
+    assert float(mantel_test(x, y, n_perm=5000, seed=0).p_value) == pytest.approx(exact_p, abs=0.03)
+
+
+# -- planted controls --------------------------------------------------------------------------------------
+
+def test_planted_control_measures_grow_with_snr():
+    base = gaussian(200, 6, seed=0) @ gaussian(6, 32, seed=1) + 0.3 * gaussian(200, 32, seed=2)
+    snrs = [0.03, 0.1, 0.3, 1.0, 3.0]
+    ckas, rsas, retrievals = [], [], []
+    for snr in snrs:
+        reps = planted_representations(base, ["en", "de"], snr, seed=0, rotate=False)
+        ckas.append(float(cka(reps["en"], reps["de"], "debiased")))
+        rsas.append(float(rsa(reps["en"], reps["de"])))
+        retrievals.append(retrieval_top1(reps["en"], reps["de"]))
+    assert np.all(np.diff(ckas) > 0) and np.all(np.diff(rsas) > 0) and np.all(np.diff(retrievals) >= 0)
+    assert ckas[0] < 0.05 < 0.7 < ckas[-1] and retrievals[-1] > 0.5
+    signal = planted_representations(base, ["en", "de", "zh"], math.inf, seed=0)
+    assert float(cka(signal["en"], signal["zh"], "linear")) == pytest.approx(1.0, abs=1e-12)  # rotations only
+    assert float(signal["en"].square().mean()) == pytest.approx(1.0, abs=1e-12)  # standardised
+    assert retrieval_top1(signal["en"], signal["de"]) < 0.05  # unaligned coordinates: retrieval is blind
+    again = planted_representations(base, ["de"], 1.0, seed=0)["de"]  # per-language seeds
+    torch.testing.assert_close(again, planted_representations(base, ["en", "de"], 1.0, seed=0)["de"])
+    mixed = planted_representations(base, ["de"], 1.0, seed=0, rotate=False)["de"]
+    scale = (base - base.mean(0)).square().mean().sqrt()
+    noise = (mixed - math.sqrt(0.5) * (base - base.mean(0)) / scale) / math.sqrt(0.5)
+    assert float(noise.square().mean()) == pytest.approx(1.0, abs=0.05)  # what is left is unit noise
+
+
+def test_length_only_control_looks_parallel_to_cka_but_not_to_retrieval():
+    rng = np.random.default_rng(0)
+    en = rng.integers(3, 40, 400)
+    de = np.maximum(1, np.round(1.2 * en + rng.normal(0, 2, 400))).astype(int)
+    reps = length_only_representations({"en": en, "de": de}, d=128, seed=0)
+    x, y = reps["en"], reps["de"]
+    parallel = float(cka(x, y, "linear"))
+    assert parallel > 0.5  # REFERENCES: ~0.70 on the demo
+    assert float(shuffled_pairs_cka(x, y, seed=0)) < 0.15
+    assert retrieval_top1(x, y) < 0.03  # chance is 1/400; a length match is not a translation
+    binned = cka_permutation_test(x, y, n_perm=50, seed=0, kind="linear", groups=length_bins(en, 10))
+    assert abs(float(binned.null_mean) - parallel) < 0.1  # length-matched shuffles keep nearly all of it
+    # ... but not all: within 10 bins lengths still vary, and the test rejects for a content-free encoder;
+    # grouped by exact source length it does not
+    assert float(binned.p_value) < 0.05
+    exact = cka_permutation_test(x, y, n_perm=50, seed=0, kind="linear", groups=en)
+    assert float(exact.p_value) > 0.2
+    assert float(cka(residualize(x, en), residualize(y, en), "linear")) < parallel - 0.2
+    # content-free: a sentence of length 0 is <s></s> and positions 0, 1, the same in every language
+    empty = length_only_representations({"en": [0, 3], "de": [0, 5]}, d=8, seed=1)
+    torch.testing.assert_close(empty["en"][0], empty["de"][0], rtol=0, atol=0)
+    assert not torch.equal(empty["en"][1], empty["en"][0])
+    one_word = length_only_representations({"en": [2, 5, 2, 5]}, d=8, seed=1, vocab=1)["en"]  # length alone
+    torch.testing.assert_close(one_word[0], one_word[2], rtol=0, atol=1e-15)
+    torch.testing.assert_close(one_word[1], one_word[3], rtol=0, atol=1e-15)
+    # without <s>/</s>, a one-token sentence is its token plus position 0; with them, (<s> + t + </s>
+    # + positions 0..2) / 3: the difference of 3x the second and the first is the same for every token
+    plain = length_only_representations({"en": [1, 1]}, d=8, seed=2, special=False)["en"]
+    special = length_only_representations({"en": [1, 1]}, d=8, seed=2)["en"]
+    torch.testing.assert_close(3 * special[0] - plain[0], 3 * special[1] - plain[1], rtol=0, atol=1e-12)
+
+
+def test_detection_limit():
+    p_values = {0.01: 0.02, 0.1: 0.4, 0.3: 0.03, 1.0: 0.001, 3.0: 0.001}  # a lucky p at 0.01 does not count
+    limit, seen = detection_limit(p_values.__getitem__, [3.0, 0.01, 1.0, 0.3, 0.1])
+    assert limit == 0.3 and seen == p_values
+    assert detection_limit(lambda snr: 0.5, [1.0, 2.0])[0] is None
+
+
+# -- kNN-graph eigenvector similarity ----------------------------------------------------------------------
+
+def polygon(m: int, radius: float = 1.0) -> torch.Tensor:
+    angle = 2 * math.pi * torch.arange(m, dtype=torch.float64) / m
+    return radius * torch.stack([angle.cos(), angle.sin()], 1)
+
+
+def two_triangles() -> torch.Tensor:
+    """Two tight clusters of 3 around +e1 and -e1 (centred): the 2-NN graph is two disjoint triangles."""
+    angle = 2 * math.pi * torch.arange(3, dtype=torch.float64) / 3
+    cluster = torch.stack([torch.ones(3, dtype=torch.float64), 0.1 * angle.cos(), 0.1 * angle.sin()], 1)
+    return torch.cat([cluster, -cluster])
+
+
+def test_knn_spectrum_of_a_cycle():
+    """A regular hexagon's 2-NN graph is the cycle C_6, with Laplacian eigenvalues 2 - 2 cos(2 pi j / 6)."""
+    spectrum = knn_laplacian_spectrum(polygon(6), k=2)
+    expected = np.sort(2 - 2 * np.cos(2 * np.pi * np.arange(6) / 6))[::-1]
+    np.testing.assert_allclose(spectrum.numpy(), expected, atol=1e-12)
+    triangles = knn_laplacian_spectrum(two_triangles(), k=2)
+    np.testing.assert_allclose(triangles.numpy(), [3, 3, 3, 3, 0, 0], atol=1e-12)
+
+
+def test_knn_eigen_similarity_hand_computed():
+    """C_6: 4, 3, 3, 1, 1, 0 (90% of 12 after 4); two triangles: 3, 3, 3, 3, 0, 0 (after 4).
+
+    Both need 4 eigenvalues, so the similarity is (4-3)^2 + (3-3)^2 + (3-3)^2 + (1-3)^2 = 5.
+    """
+    hexagon = torch.cat([polygon(6), torch.zeros(6, 1, dtype=torch.float64)], 1)
+    assert knn_eigen_similarity(hexagon, two_triangles(), k=2) == pytest.approx(5.0, abs=1e-10)
+    assert knn_eigen_similarity(hexagon, two_triangles(), k=2, top=1) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_knn_eigen_similarity_is_zero_for_the_same_shape():
+    x, _ = related(n=60, d1=8)
+    assert knn_eigen_similarity(x, x, k=5) == 0.0
+    rotated = 3.0 * x @ random_rotation(8, torch.Generator().manual_seed(0)) + 1.0  # centring undoes the shift
+    assert knn_eigen_similarity(x, rotated, k=5) == pytest.approx(0.0, abs=1e-18)
+    assert knn_eigen_similarity(x, gaussian(60, 8, seed=9), k=5) > 1.0
