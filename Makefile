@@ -8,7 +8,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 # `mlflow run --env-manager local` runs the `python` on PATH: make it the venv's
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup browser corpus demo test bench ui clean
+.PHONY: setup browser corpus demo test bench ui mlproject clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ corpus: setup
 	$(PY) -m xlsub.corpus
 
 demo: corpus
-	mlflow run . --env-manager local --experiment-name $(EXPERIMENT)
+	mlflow run . --env-manager local --experiment-name $(EXPERIMENT) -P seeds=0,1,2
 	$(PY) -m entry_points.summary --experiment $(EXPERIMENT)
 
 # Debian's Chromium drives the real-browser test of the MLflow UI (Playwright uses it; it downloads no browser)
@@ -35,6 +35,10 @@ test: setup browser
 
 bench: setup
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# MLproject is generated from the stage dataclasses (a test fails when it is stale)
+mlproject: setup
+	$(PY) -m entry_points.mlproject
 
 ui: setup
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)

@@ -7,7 +7,7 @@ CKA for the 28 language pairs in every layer. Four ways to get it:
   one d x d product per pair and layer: O(n d^2). float64 throughout (analyze's default).
 - feature, float32 products: the same with `precision="float32"` (analyze's `cka_precision=float32`):
   centred in float64, d x d products in float32 over blocks of examples, accumulated in float64.
-- gram: `xlsub.cka.linear_cka_gram` called per pair and layer, tr(KHLH) / sqrt(tr(KHKH) tr(LHLH)) with
+- gram: `tests.reference.linear_cka_gram` called per pair and layer, tr(KHLH) / sqrt(tr(KHKH) tr(LHLH)) with
   n x n Gram matrices: O(n^2 d), float64. Timed on a subset of pairs and layers, extrapolated linearly (the cost
   per pair and layer is the same for all) to all pairs and layers; printed as extrapolated.
 - gram, cached: a stronger Gram baseline that forms each language's centred Gram matrix once per layer
@@ -39,7 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from xlsub.cka import _centre_gram, cka_matrix, linear_cka_gram  # noqa: E402
+from tests.reference import linear_cka_gram  # noqa: E402
+from xlsub.cka import _centre_gram, cka_matrix  # noqa: E402
 
 LATENT = 64
 

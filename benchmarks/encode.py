@@ -1,4 +1,4 @@
-"""Sentence encoding: the fast path (`encode`) vs the naive loop (`encode_naive`) on the same sentences.
+"""Sentence encoding: the fast path (`encode`) vs the naive loop (`tests/reference.py`) on the same sentences.
 
 The fast path tokenises everything once, sorts by length and pads each batch
 to its own longest sentence; the naive loop tokenises sentence by sentence in
@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
 
-from xlsub.corpus import load_corpus
-from xlsub.encoding import encode, encode_naive
-from xlsub.models import TINY_SHAPE, tiny_model, train_tokenizer
-from xlsub.parallel import load_parallel
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the naive loop lives in tests/reference.py
+
+from tests.reference import encode_naive  # noqa: E402
+from xlsub.corpus import load_corpus  # noqa: E402
+from xlsub.encoding import encode  # noqa: E402
+from xlsub.models import TINY_SHAPE, tiny_model, train_tokenizer  # noqa: E402
+from xlsub.parallel import load_parallel  # noqa: E402
 
 
 def timed(fn, *args, **kwargs):

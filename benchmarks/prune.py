@@ -13,29 +13,32 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
 
-from xlsub.pruning import iterative_pruning, iterative_pruning_two_pass
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the two-pass reference lives in tests/reference.py
+
+from tests.reference import iterative_pruning_two_pass  # noqa: E402
+from xlsub.models import TINY_SHAPE, TINY_VOCAB_SIZE  # noqa: E402
+from xlsub.pruning import iterative_pruning  # noqa: E402
 
 MASK_ID = 4
 
 
 def tiny_xlmr(seed: int) -> XLMRobertaForMaskedLM:
     torch.manual_seed(seed)
-    config = XLMRobertaConfig(
-        vocab_size=8000, hidden_size=128, num_hidden_layers=4, num_attention_heads=8,
-        intermediate_size=512, max_position_embeddings=66 + 2,
-    )
+    config = XLMRobertaConfig(vocab_size=TINY_VOCAB_SIZE, **TINY_SHAPE, max_position_embeddings=66 + 2)
     return XLMRobertaForMaskedLM(config).eval()
 
 
 def masked_batches(n: int, length: int, batch_size: int, seed: int) -> list[dict[str, torch.Tensor]]:
     """Random token sequences with 15% of the positions masked (pre-masked, so every pass sees the same)."""
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 8000, (n, length), generator=generator)
+    ids = torch.randint(5, TINY_VOCAB_SIZE, (n, length), generator=generator)
     scored = torch.rand(n, length, generator=generator) < 0.15
     labels = torch.where(scored, ids, -100)
     inputs = torch.where(scored, MASK_ID, ids)
@@ -81,7 +84,8 @@ def main() -> None:
     same = len(one.steps) == len(two.steps) and all(
         torch.equal(a.mask, b.mask) for a, b in zip(one.steps, two.steps)
     )
-    print(f"model: tiny XLM-R hidden 128, 4 layers x 8 heads; {args.sequences} sequences x {args.length} tokens, "
+    print(f"model: tiny XLM-R hidden {TINY_SHAPE['hidden_size']}, {TINY_SHAPE['num_hidden_layers']} layers x "
+          f"{TINY_SHAPE['num_attention_heads']} heads; {args.sequences} sequences x {args.length} tokens, "
           f"batch {args.batch_size}, {torch.get_num_threads()} threads")
     print(f"steps evaluated: {steps} (kept {int(one.mask.sum())} of {one.mask.numel()} heads, "
           f"ppl {one.steps[-1].ppl:.1f} at the last step vs {one.base_ppl:.1f} unpruned)")

@@ -4,33 +4,35 @@ language subnetwork and optional controls.
     mlflow run . -e encode --env-manager local
     mlflow run . -e encode --env-manager local -P use_base=true -P use_random=true -P dtype=float16
 
-Artifacts: `encodings/<model_key>/<lang>.safetensors` ([layers+1, n, d], row i is
-the same sentence in every language) and `sentences.json` (ids and texts in order).
+Artifacts: `encodings/<model_key>/<lang>.safetensors` ([layers+1, n, d], row i is the same sentence in
+every language; model keys `full`, a subnetwork id such as `de-s0`, `base`, `random`) and
+`sentences.json` (ids and texts in order).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
 import transformers
 
-from entry_points._common import parse_args, parse_languages
-from xlsub import models, tracking
-from xlsub.encoding import encode, random_like, save_encodings
+from entry_points._common import StageArgs, device_field, parse_args, parse_languages
+from entry_points.finetune import FinetuneArgs
+from xlsub import artifacts, models, tracking
+from xlsub.encoding import encode, models_to_encode
 from xlsub.errors import XlsubError
 from xlsub.parallel import load_parallel
+from xlsub.pruning import load_subnetwork
 
 log = logging.getLogger("xlsub.encode")
 
 
 @dataclass
-class EncodeArgs:
+class EncodeArgs(StageArgs):
     finetune_run_id: str = field(default="latest", metadata={"help": "finetune run ID or 'latest'; with an explicit prune_run_id, 'latest' means that prune run's finetune run"})
     prune_run_id: str = field(default="latest", metadata={"help": "prune run ID (the parent run) or 'latest'"})
     corpus: str = field(default="embedded", metadata={"help": "'embedded' (held-out parallel set), a JSON {lang: [sentences]} file, a JSONL file of {id, <lang>: text} records, or a hub dataset with one column per language"})
@@ -40,22 +42,49 @@ class EncodeArgs:
     dtype: str = field(default="float32", metadata={"help": "stored precision: float32 or float16"})
     use_base: bool = field(default=False, metadata={"help": "also encode the model before finetuning (model_key 'base')"})
     use_random: bool = field(default=False, metadata={"help": "also encode a randomly initialised model of the same configuration (model_key 'random')"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
+    subnetwork_seeds: str = field(default="first", metadata={"help": "which pruning seeds' subnetworks to encode: 'first' (each language's smallest seed), 'all', or comma-separated seeds"})
+    device: str = device_field()
+
+    def validate(self) -> None:
+        self.check_positive("max_sentences", "batch_size")
+        self.check_choice("dtype", artifacts.ENCODING_DTYPES)
+        parse_languages(self.languages)
+        self.seed_choice
 
 
-def validate(args: EncodeArgs) -> None:
-    for name in ("max_sentences", "batch_size"):
-        if getattr(args, name) <= 0:
-            raise XlsubError(f"{name}: must be a positive integer, got {getattr(args, name)}")
-    if args.dtype not in ("float32", "float16"):
-        raise XlsubError(f"dtype: '{args.dtype}' is not float32 or float16")
+    @property
+    def seed_choice(self) -> str | set[int]:
+        """'first', 'all', or the set of seeds named."""
+        value = self.subnetwork_seeds.strip().lower()
+        if value in ("first", "all"):
+            return value
+        try:
+            return {int(s) for s in value.split(",") if s.strip()}
+        except ValueError:
+            raise XlsubError(f"subnetwork_seeds: '{self.subnetwork_seeds}' is not first, all or comma-separated seeds, e.g. 0,1") from None
+
+
+def chosen_subnetworks(children: dict, choice) -> dict:
+    """The prune run's subnetworks to encode: every seed, each language's first, or the seeds named."""
+    if choice == "all":
+        return children
+    if choice == "first":
+        first = {}
+        for sid in sorted(children):
+            first.setdefault(sid.language, sid)
+        return {sid: children[sid] for sid in first.values()}
+    chosen = {sid: run for sid, run in children.items() if sid.seed in choice}
+    if not chosen:
+        raise XlsubError(f"subnetwork_seeds: the prune run has no subnetwork with seeds {sorted(choice)}; "
+                         f"it has {sorted({sid.seed for sid in children})}")
+    return chosen
 
 
 def resolve_inputs(args: EncodeArgs):
     """The prune run and the finetune run it was made from; refuses a pair from different lineages."""
     prune = tracking.resolve_run("prune_run_id", args.prune_run_id, "prune")
-    made_from = prune.data.tags.get(tracking.input_tag("finetune"))
-    if args.finetune_run_id == "latest" and args.prune_run_id != "latest":
+    made_from = prune.data.tags.get(artifacts.input_tag("finetune"))
+    if args.finetune_run_id.strip() == "latest" and args.prune_run_id.strip() != "latest":
         finetune = tracking.resolve_run("finetune_run_id", made_from, "finetune")
     else:
         finetune = tracking.resolve_run("finetune_run_id", args.finetune_run_id, "finetune")
@@ -65,64 +94,42 @@ def resolve_inputs(args: EncodeArgs):
     return finetune, prune
 
 
-def models_to_encode(args: EncodeArgs, finetune, prune, model_path: Path):
-    """(model_key, loader) pairs: full, sub_<lang>[_seed<k>] for every subnetwork, then the controls."""
-    from transformers import AutoModelForMaskedLM
-
-    full = lambda: AutoModelForMaskedLM.from_pretrained(model_path)  # noqa: E731
-    yield "full", full
-    children = mlflow.tracking.MlflowClient().search_runs(
-        [prune.info.experiment_id], f"tags.`mlflow.parentRunId` = '{prune.info.run_id}' and tags.`{tracking.CHILD_TAG}` = 'true'")
-    seeds = {c.data.tags["xlsub.seed"] for c in children}
-    for child in sorted(children, key=lambda c: (c.data.tags["xlsub.language"], int(c.data.tags["xlsub.seed"]))):
-        key = f"sub_{child.data.tags['xlsub.language']}" + (f"_seed{child.data.tags['xlsub.seed']}" if len(seeds) > 1 else "")
-        yield key, lambda run_id=child.info.run_id: tracking.load_subnetwork(run_id)[0]
-    seed = int(float(finetune.data.params["seed"]))
-    if args.use_base:
-        yield "base", lambda: base_model(finetune, model_path, seed)
-    if args.use_random:
-        yield "random", lambda: random_like(full(), seed)
-
-
-def base_model(finetune, model_path: Path, seed: int):
-    """The model before finetuning: the pretrained one, or for `tiny` the same seeded initialisation the run started from."""
-    name = finetune.data.params["model"]
-    if name != models.TINY:
-        return models.load_pretrained(name)[0]
-    transformers.set_seed(seed)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
-    return models.tiny_model(tokenizer, int(float(finetune.data.params["max_seq_len"])))
+def subnetwork_loader(run_id: str):
+    """Loads a prune child's subnetwork, checked against its head mask, when called."""
+    def load():
+        mask = artifacts.read_head_mask(tracking.download(run_id, artifacts.HEAD_MASK, param="prune_run_id"))
+        return load_subnetwork(tracking.download(run_id, artifacts.SUBNETWORK_DIR, param="prune_run_id"), mask)[0]
+    return load
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(EncodeArgs, argv)
-    with tracking.stage_run("encode", asdict(args)):
-        validate(args)
+    with tracking.stage_run("encode", args):
         device = models.resolve_device(args.device)
         finetune, prune = resolve_inputs(args)
-        mlflow.set_tags({tracking.input_tag("finetune"): finetune.info.run_id, tracking.input_tag("prune"): prune.info.run_id})
-        langs = parse_languages(args.languages) or finetune.data.tags["xlsub.languages"].split(",")
+        mlflow.set_tags({artifacts.input_tag("finetune"): finetune.info.run_id, artifacts.input_tag("prune"): prune.info.run_id})
+        langs = parse_languages(args.languages) or finetune.data.tags[artifacts.LANGUAGES_TAG].split(",")
         corpus = load_parallel(args.corpus, langs, args.max_sentences)
         mlflow.log_metrics({"sentences": len(corpus.ids), "dropped": corpus.dropped})
         tracking.log_parallel(corpus)
-        model_path = tracking.download(finetune.info.run_id, "model", param="finetune_run_id")  # once: XLM-R base is ~1 GB
+        model_path = tracking.download(finetune.info.run_id, artifacts.MODEL_DIR, param="finetune_run_id")  # once: XLM-R base is ~1 GB
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+        trained_with = FinetuneArgs.from_params(finetune.data.params, "finetune_run_id")
+        chosen = chosen_subnetworks(tracking.prune_children(prune), args.seed_choice)
+        subnetworks = {sid: subnetwork_loader(child.info.run_id) for sid, child in chosen.items()}
         seconds, encoded = 0.0, 0
         with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp)
-            for key, load in models_to_encode(args, finetune, prune, model_path):
+            for key, load in models_to_encode(model_path, subnetworks, base=trained_with.model if args.use_base else None,
+                                              use_random=args.use_random, seed=trained_with.seed, max_seq_len=trained_with.max_seq_len):
                 model = load().to(device).eval()
                 for lang in corpus.languages:
                     start = time.perf_counter()
                     reps = encode(model, tokenizer, corpus.texts[lang], batch_size=args.batch_size, device=device, progress_desc=f"{key} {lang}")
                     seconds += time.perf_counter() - start
                     encoded += len(corpus.ids)
-                    (out / "encodings" / key).mkdir(parents=True, exist_ok=True)
-                    save_encodings(reps, out / "encodings" / key / f"{lang}.safetensors", args.dtype)
+                    artifacts.write_encodings(Path(tmp), key, lang, reps, args.dtype)
                 log.info("encoded %s: %d sentences x %d languages, %d layers", key, len(corpus.ids), len(corpus.languages), reps.shape[0])
-            sentences = {"languages": corpus.languages, "ids": corpus.ids, "texts": corpus.texts, "dropped": corpus.dropped,
-                         "corpus": corpus.name, "source": corpus.source}
-            (out / "sentences.json").write_text(json.dumps(sentences, ensure_ascii=False))
+            artifacts.write_sentences(Path(tmp), corpus)
             mlflow.log_metric("sentences_per_sec", encoded / seconds)
             mlflow.log_artifacts(tmp)
 

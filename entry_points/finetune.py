@@ -10,17 +10,18 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import transformers
 
-from entry_points._common import is_rank_zero, parse_args, parse_languages
+from entry_points._common import StageArgs, device_field, is_rank_zero, parse_args, parse_languages
+from xlsub import artifacts, data, models, tracking
 from xlsub import corpus as corpora
-from xlsub import data, models, plots, tracking
 from xlsub.errors import XlsubError
+from xlsub.figures import stages as figures
 from xlsub.mlm import perplexity
 from xlsub.training import TrainSettings, train_masked_lm
 
@@ -28,15 +29,15 @@ log = logging.getLogger("xlsub.finetune")
 
 
 @dataclass
-class FinetuneArgs:
+class FinetuneArgs(StageArgs):
     model: str = field(default="tiny", metadata={"help": f"'tiny' (offline default), a hub id such as {models.GPU_DEFAULT_MODEL}, or a local folder"})
     corpus: str = field(default="embedded", metadata={"help": "'embedded' (Firefox ESR l10n, offline), a hub dataset id or saved dataset, or a folder of <lang>.txt"})
     languages: str = field(default="all", metadata={"help": "comma-separated ISO codes, or 'all' languages of the corpus"})
-    seed: int = field(default=0, metadata={"help": "seed for initialisation, data order and masking"})
+    seed: int = field(default=0, metadata={"help": "seed for initialisation, data order and masking, in [0, 2**32)"})
     epochs: float = field(default=4.0, metadata={"help": "training epochs over the shuffled languages"})
     batch_size: int = field(default=32, metadata={"help": "sequences per device and step"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (1e-3 for tiny; ~5e-5 for XLM-R base)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay, >= 0"})
     max_seq_len: int = field(default=64, metadata={"help": "tokens per example, <s> and </s> included"})
     examples_per_lang: int = field(default=2000, metadata={"help": "training examples (chunks) per language, at most"})
     test_examples_per_lang: int = field(default=100, metadata={"help": "test chunks per language for perplexity"})
@@ -44,27 +45,28 @@ class FinetuneArgs:
     bf16: bool = field(default=False, metadata={"help": "mixed precision bf16 (recent GPUs/CPUs)"})
     eval_only: bool = field(default=False, metadata={"help": "evaluate the model without training; logs it as the run's model"})
     resume_from_checkpoint: str = field(default="", metadata={"help": "a Trainer checkpoint folder to resume from"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
+    device: str = device_field()
     log_every: int = field(default=10, metadata={"help": "log the training loss every this many steps"})
 
+    NOT_FOR_REUSE = ("log_every",)  # how often the loss is logged, not what is trained
 
-def validate(args: FinetuneArgs) -> None:
-    for name in ("batch_size", "max_seq_len", "examples_per_lang", "test_examples_per_lang", "log_every"):
-        if getattr(args, name) <= 0:
-            raise XlsubError(f"{name}: must be a positive integer, got {getattr(args, name)}")
-    if args.epochs <= 0 or args.lr <= 0:
-        raise XlsubError(f"{'epochs' if args.epochs <= 0 else 'lr'}: must be positive")
-    if args.fp16 and args.bf16:
-        raise XlsubError("fp16, bf16: choose one mixed-precision mode")
-    if args.resume_from_checkpoint and not Path(args.resume_from_checkpoint).is_dir():
-        raise XlsubError(f"resume_from_checkpoint: '{args.resume_from_checkpoint}' is not a checkpoint folder")
+    def validate(self) -> None:
+        self.check_positive("epochs", "batch_size", "lr", "max_seq_len", "examples_per_lang", "test_examples_per_lang", "log_every")
+        if not 0 <= self.seed < 2**32:
+            raise XlsubError(f"seed: must be in [0, 2**32), got {self.seed}")
+        if not self.weight_decay >= 0:
+            raise XlsubError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.fp16 and self.bf16:
+            raise XlsubError("fp16, bf16: choose one mixed-precision mode")
+        if self.resume_from_checkpoint and not Path(self.resume_from_checkpoint).is_dir():
+            raise XlsubError(f"resume_from_checkpoint: '{self.resume_from_checkpoint}' is not a checkpoint folder")
+        parse_languages(self.languages)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(FinetuneArgs, argv)
     rank_zero = is_rank_zero()
-    with tracking.stage_run("finetune", asdict(args), log_to_mlflow=rank_zero) as run:
-        validate(args)
+    with tracking.stage_run("finetune", args, log_to_mlflow=rank_zero) as run:
         device = models.resolve_device(args.device)
         transformers.set_seed(args.seed)
         corpus = corpora.load_corpus(args.corpus, parse_languages(args.languages), seed=args.seed)
@@ -79,17 +81,17 @@ def main(argv: list[str] | None = None) -> None:
         lm = data.build_lm_data(corpus.texts, langs, tokenizer, args.max_seq_len, args.examples_per_lang, args.test_examples_per_lang, args.seed)
         if rank_zero:
             mlflow.log_param("world_size", int(os.environ.get("WORLD_SIZE", "1")))
-            mlflow.set_tag("xlsub.languages", ",".join(langs))
+            mlflow.set_tag(artifacts.LANGUAGES_TAG, ",".join(langs))
             tracking.log_corpus(corpus, {lang: len(c) for lang, c in lm.train_chunks.items()})
         test_batches = {lang: data.masked_batches(chunks, tokenizer, args.batch_size) for lang, chunks in lm.test.items()}
 
-        table = pd.DataFrame({"lang": langs})
+        table = pd.DataFrame(index=pd.Index(langs, name="lang"))
         if rank_zero:
             model.to(device)
             special = set(tokenizer.all_special_ids)
             table["ppl_unigram"] = [data.unigram_perplexity(lm.train_chunks[l], test_batches[l], len(tokenizer), special) for l in langs]
             table["ppl_before"] = [perplexity(model, test_batches[l]) for l in langs]
-            log.info("before:\n%s", table.to_string(index=False))
+            log.info("before:\n%s", table.to_string())
 
         if not args.eval_only:
             settings = TrainSettings(args.epochs, args.batch_size, args.lr, args.weight_decay, args.seed, device, args.fp16, args.bf16, args.log_every)
@@ -104,16 +106,14 @@ def main(argv: list[str] | None = None) -> None:
 
         model.to(device)
         table["ppl_after"] = [perplexity(model, test_batches[l]) for l in langs]
-        log.info("after:\n%s", table.to_string(index=False))
-        for row in table.itertuples():
-            mlflow.log_metrics({f"ppl_before.{row.lang}": row.ppl_before, f"ppl_after.{row.lang}": row.ppl_after, f"ppl_unigram.{row.lang}": row.ppl_unigram})
+        log.info("after:\n%s", table.to_string())
+        for lang, row in table.iterrows():
+            mlflow.log_metrics({f"ppl_before.{lang}": row.ppl_before, f"ppl_after.{lang}": row.ppl_after, f"ppl_unigram.{lang}": row.ppl_unigram})
         with tempfile.TemporaryDirectory() as tmp:
-            table.to_csv(Path(tmp) / "perplexity.csv", index=False)
-            mlflow.log_artifact(str(Path(tmp) / "perplexity.csv"))
-            model.save_pretrained(Path(tmp) / "model")
-            tokenizer.save_pretrained(Path(tmp) / "model")
-            mlflow.log_artifacts(str(Path(tmp) / "model"), "model")
-        mlflow.log_figure(plots.perplexity_bars(table), "perplexity.png")
+            artifacts.write_table(Path(tmp), artifacts.PERPLEXITY_TABLE, table, subfolder=None)
+            artifacts.write_model(Path(tmp), model, tokenizer)
+            mlflow.log_artifacts(tmp)
+        mlflow.log_figure(figures.perplexity_bars(table.reset_index()), artifacts.PERPLEXITY_FIGURE)
 
 
 if __name__ == "__main__":

@@ -3,75 +3,110 @@
     mlflow run . --env-manager local                                  # the offline demo, end to end
     mlflow run . --env-manager local -P languages=en,de,zh -P threshold=1.2
 
-A stage whose FINISHED run exists with the same parameter values, the same
-input run IDs and the same code version is reused instead of recomputed
-(`force=true` recomputes everything); the main run records what it reused.
+A stage whose FINISHED run exists with the same parameter values, the same input run IDs and the same
+code version (of that stage: `xlsub.code_version`) is reused instead of recomputed (`force=true`
+recomputes everything); the main run records what it reused.
+
+main's parameters are the stages' own fields, composed from their dataclasses: each stage field is the
+main parameter of the same name, except those in the mapping below.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import field, fields, make_dataclass, replace
 from pathlib import Path
+from typing import get_type_hints
 
 import mlflow
 from mlflow.exceptions import ExecutionException
 
 from entry_points import analyze, encode, finetune, prune
-from entry_points._common import parse_args
-from xlsub import tracking
+from entry_points._common import StageArgs, parse_args, parse_languages
+from xlsub import artifacts, tracking
 from xlsub.errors import XlsubError
 
 log = logging.getLogger("xlsub.main")
 ROOT = Path(__file__).resolve().parents[1]
+STAGE_ARGS: dict[str, type[StageArgs]] = {"finetune": finetune.FinetuneArgs, "prune": prune.PruneArgs,
+                                          "encode": encode.EncodeArgs, "analyze": analyze.AnalyzeArgs}
+
+# -- the one mapping from main's parameters to the stages' fields -----------------------------------------
+# Input runs: set by main from the runs of earlier stages, never parameters of main.
+INPUTS = {"prune": {"finetune_run_id": "finetune"},
+          "encode": {"finetune_run_id": "finetune", "prune_run_id": "prune"},
+          "analyze": {"encode_run_id": "encode", "prune_run_id": "prune"}}
+# Fixed: later stages cover every language the finetune run trained.
+FIXED = {("prune", "languages"): "all", ("encode", "languages"): "all"}
+# Renamed: a name two stages use with different meanings. finetune's `corpus` is the MLM corpus, encode's
+# the parallel corpus; finetune and prune share `batch_size` (training and importance batches), encode's
+# is a forward-pass size with its own default.
+RENAMED = {("encode", "corpus"): "parallel_corpus", ("encode", "batch_size"): "encode_batch_size"}
+# Defaults that differ from the stage's: the whole study encodes the random-init control.
+MAIN_DEFAULTS = {"use_random": True}
 
 
-@dataclass
-class MainArgs:
-    model: str = field(default="tiny", metadata={"help": "finetune: 'tiny', a hub id or a model folder"})
-    corpus: str = field(default="embedded", metadata={"help": "finetune: MLM corpus"})
-    languages: str = field(default="all", metadata={"help": "languages of the whole study (comma-separated ISO codes or 'all')"})
-    seed: int = field(default=0, metadata={"help": "finetune seed"})
-    epochs: float = field(default=4.0, metadata={"help": "finetune epochs"})
-    batch_size: int = field(default=32, metadata={"help": "finetune and prune batch size"})
-    lr: float = field(default=1e-3, metadata={"help": "finetune learning rate"})
-    max_seq_len: int = field(default=64, metadata={"help": "finetune tokens per example"})
-    examples_per_lang: int = field(default=2000, metadata={"help": "finetune training chunks per language"})
-    test_examples_per_lang: int = field(default=100, metadata={"help": "finetune test chunks per language"})
-    threshold: float = field(default=1.1, metadata={"help": "prune stop rule"})
-    amount: float = field(default=0.1, metadata={"help": "prune: fraction of heads per step"})
-    target_sparsity: str = field(default="none", metadata={"help": "prune: fixed fraction of heads to remove, or none"})
-    eval_examples: int = field(default=64, metadata={"help": "prune: chunks per language for importance"})
-    seeds: str = field(default="0", metadata={"help": "prune seeds, comma-separated"})
-    parallel_corpus: str = field(default="embedded", metadata={"help": "encode: parallel corpus"})
-    max_sentences: int = field(default=2000, metadata={"help": "encode: parallel items at most"})
-    dtype: str = field(default="float32", metadata={"help": "encode: stored precision"})
-    use_base: bool = field(default=False, metadata={"help": "encode the model before finetuning too"})
-    use_random: bool = field(default=True, metadata={"help": "encode a random-initialised model too (a CKA control)"})
-    cka: str = field(default="linear", metadata={"help": "analyze: linear, debiased or rbf"})
-    cka_precision: str = field(default="float64", metadata={"help": "analyze: float64, or float32 products accumulated in float64"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
-    force: bool = field(default=False, metadata={"help": "recompute every stage even where a finished run could be reused"})
+def main_name(stage: str, name: str) -> str | None:
+    """main's parameter for a stage field, or None where main sets it itself."""
+    if name in INPUTS.get(stage, {}) or (stage, name) in FIXED:
+        return None
+    return RENAMED.get((stage, name), name)
 
 
-def stage_params(cls, **values) -> dict[str, str]:
-    """Every parameter of a stage, its defaults overridden by `values`, spelled as `mlflow run -P` takes them."""
-    params = {f.name: getattr(cls(), f.name) for f in fields(cls)}
-    params.update({k: v for k, v in values.items() if k in params})
-    return {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in params.items()}
+def _main_fields() -> list[tuple]:
+    """(name, type, field) for every main parameter, in stage order; one parameter per shared name."""
+    found: dict[str, tuple] = {}
+    stages_of: dict[str, list[str]] = {}
+    for stage, cls in STAGE_ARGS.items():
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            name = main_name(stage, f.name)
+            if name is None:
+                continue
+            stages_of.setdefault(name, []).append(stage)
+            if name not in found:
+                default = MAIN_DEFAULTS.get(name, f.default)
+                found[name] = (name, hints[f.name], dict(f.metadata), default)
+    result = []
+    for name, (name, type_, metadata, default) in found.items():
+        metadata["help"] = f"{', '.join(stages_of[name])}: {metadata.get('help', '')}"
+        result.append((name, type_, field(default=default, metadata=metadata)))
+    result.append(("force", bool, field(default=False, metadata={"help": "recompute every stage even where a finished run could be reused"})))
+    return result
 
 
-def run_stage(stage: str, params: dict[str, str], force: bool, reused: list[str]) -> str:
+def _validate(self) -> None:
+    """Refuse bad input before any stage spends minutes: every stage's own checks, and the reference."""
+    for stage in STAGE_ARGS:
+        self.stage_args(stage).validate()
+    languages = parse_languages(self.languages)
+    if languages is not None and self.reference not in languages:
+        raise XlsubError(f"reference: '{self.reference}' is not among languages {','.join(languages)}; add it or pass -P reference=<one of them>")
+
+
+def _stage_args(self, stage: str) -> StageArgs:
+    """The stage's arguments from main's: mapped parameters, fixed values, input runs left at 'latest'."""
+    cls = STAGE_ARGS[stage]
+    values = {f.name: FIXED[(stage, f.name)] if (stage, f.name) in FIXED else getattr(self, main_name(stage, f.name))
+              for f in fields(cls) if f.name not in INPUTS.get(stage, {})}
+    return cls(**values)
+
+
+MainArgs = make_dataclass("MainArgs", _main_fields(), bases=(StageArgs,),
+                          namespace={"validate": _validate, "stage_args": _stage_args, "__module__": __name__})
+
+
+def run_stage(stage: str, args: StageArgs, force: bool, reused: list[str]) -> str:
     """Reuse a finished run of `stage` with these parameters and this code, or run the entry point as a child run."""
     experiment_id = mlflow.active_run().info.experiment_id
-    found = None if force else tracking.find_reusable(experiment_id, stage, params)
+    found = None if force else tracking.find_reusable(experiment_id, stage, args.reuse_params())
     if found is not None:
         log.info("%s: reusing finished run %s", stage, found.info.run_id)
         reused.append(stage)
-        mlflow.set_tag(f"xlsub.reused.{stage}", found.info.run_id)
+        mlflow.set_tag(artifacts.reused_stage_tag(stage), found.info.run_id)
         return found.info.run_id
     try:
-        submitted = mlflow.projects.run(str(ROOT), entry_point=stage, parameters=params, env_manager="local",
+        submitted = mlflow.projects.run(str(ROOT), entry_point=stage, parameters=args.params(), env_manager="local",
                                         experiment_id=experiment_id, run_name=stage, synchronous=True)
     except ExecutionException:
         raise XlsubError(f"{stage}: the stage failed (its message is above); fix that input and rerun") from None
@@ -80,26 +115,14 @@ def run_stage(stage: str, params: dict[str, str], force: bool, reused: list[str]
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(MainArgs, argv)
-    with tracking.stage_run("main", asdict(args)):
-        a = asdict(args)
-        plans = {
-            "finetune": stage_params(finetune.FinetuneArgs, **a),
-            "prune": stage_params(prune.PruneArgs, **{**a, "languages": "all"}),
-            "encode": stage_params(encode.EncodeArgs, **{**a, "corpus": args.parallel_corpus, "languages": "all", "batch_size": 64}),
-            "analyze": stage_params(analyze.AnalyzeArgs, **a),
-        }
-        # refuse bad input before any stage spends minutes
-        finetune.validate(finetune.FinetuneArgs(**{k: getattr(args, k) for k in plans["finetune"] if hasattr(args, k)}))
-        prune.validate(prune.PruneArgs(**{k: getattr(args, k) for k in plans["prune"] if hasattr(args, k) and k != "languages"}))
-        encode.validate(encode.EncodeArgs(max_sentences=args.max_sentences, dtype=args.dtype))
-        analyze.validate(analyze.AnalyzeArgs(cka=args.cka, cka_precision=args.cka_precision))
+    with tracking.stage_run("main", args):
         reused: list[str] = []
-        ids = {"finetune": run_stage("finetune", plans["finetune"], args.force, reused)}
-        ids["prune"] = run_stage("prune", {**plans["prune"], "finetune_run_id": ids["finetune"]}, args.force, reused)
-        ids["encode"] = run_stage("encode", {**plans["encode"], "finetune_run_id": ids["finetune"], "prune_run_id": ids["prune"]}, args.force, reused)
-        ids["analyze"] = run_stage("analyze", {**plans["analyze"], "encode_run_id": ids["encode"], "prune_run_id": ids["prune"]}, args.force, reused)
-        mlflow.set_tags({tracking.input_tag(stage): run_id for stage, run_id in ids.items()})
-        mlflow.set_tag("xlsub.reused", ",".join(reused) or "none")
+        ids: dict[str, str] = {}
+        for stage in STAGE_ARGS:
+            inputs = {name: ids[source] for name, source in INPUTS.get(stage, {}).items()}
+            ids[stage] = run_stage(stage, replace(args.stage_args(stage), **inputs), args.force, reused)
+        mlflow.set_tags({artifacts.input_tag(stage): run_id for stage, run_id in ids.items()})
+        mlflow.set_tag(artifacts.REUSED_TAG, ",".join(reused) or "none")
         log.info("stage runs: %s; reused: %s", ids, reused or "none")
 
 

@@ -4,12 +4,15 @@ the report, and the command that opens the MLflow UI on the same store."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from xlsub.tracking import STAGE_TAG
+from xlsub.artifacts import REPORT, REUSED_TAG, STAGE_TAG, VERDICTS, input_tag
+from xlsub.errors import XlsubError
+from xlsub.tracking import download
 
 STAGES = ("finetune", "prune", "encode", "analyze")
 
@@ -28,19 +31,26 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"xlsub summary: no main run in experiment '{args.experiment}'; run `make demo` first")
     run = runs[0]
     print(f"\nExperiment '{experiment.name}' (ID {experiment.experiment_id}) on {uri}")
-    print(f"main run {run.info.run_id}: {run.info.status}; reused stages: {run.data.tags.get('xlsub.reused', '?')}")
+    print(f"main run {run.info.run_id}: {run.info.status}; reused stages: {run.data.tags.get(REUSED_TAG, '?')}")
     for stage in STAGES:
-        stage_id = run.data.tags.get(f"xlsub.{stage}_run_id")
+        stage_id = run.data.tags.get(input_tag(stage))
         if stage_id:
             print(f"  {stage:9s} {stage_id}")
-    analyze_id = run.data.tags.get("xlsub.analyze_run_id")
+    analyze_id = run.data.tags.get(input_tag("analyze"))
     if analyze_id:
-        report = client.get_run(analyze_id).info.artifact_uri.rstrip("/") + "/report.html"
+        report = client.get_run(analyze_id).info.artifact_uri.rstrip("/") + "/" + REPORT
         print(f"\nReport: {report.removeprefix('file://')}")
         metrics = client.get_run(analyze_id).data.metrics
-        for key in ("mean_jaccard", "mean_expected_jaccard", "mean_cka_last_layer", "mean_cka_shuffled_last_layer", "mean_heads_kept_frac"):
+        for key in ("mean_jaccard", "mean_expected_jaccard", "mean_cka_last_layer", "mean_cka_shuffled_last_layer", "mean_heads_kept_frac",
+                    "specificity_gap", "specificity_gap_random"):
             if key in metrics:
                 print(f"  {key:30s} {metrics[key]:.3f}")
+        try:
+            answers = json.loads(download(analyze_id, VERDICTS).read_text())
+        except XlsubError:
+            answers = []
+        for verdict in answers:
+            print(f"\n{verdict['question']}\n  {verdict['answer']}")
     ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
     print(f"\nOpen the MLflow UI:  .venv/bin/{ui}   (then http://127.0.0.1:5000, experiment '{experiment.name}')")
 

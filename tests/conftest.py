@@ -40,8 +40,9 @@ def subprocess_env(tracking_uri: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def mlflow_run(tracking_uri: str, entry_point: str, params: dict[str, str], experiment: str = "xlsub-tests", check=True):
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry_point, "--env-manager", "local", "--experiment-name", experiment]
+def mlflow_run(tracking_uri: str, entry_point: str, params: dict[str, str], experiment: str = "xlsub-tests", check=True,
+               root: Path = ROOT):
+    cmd = [sys.executable, "-m", "mlflow", "run", str(root), "-e", entry_point, "--env-manager", "local", "--experiment-name", experiment]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
     proc = subprocess.run(cmd, env=subprocess_env(tracking_uri), capture_output=True, text=True, timeout=900)
@@ -136,8 +137,8 @@ def tracking_server(tmp_path_factory):
     log.close()
 
 
-def main_run(url: str, params: dict[str, str]):
-    proc = mlflow_run(url, "main", params, experiment=PIPELINE_EXPERIMENT)
+def main_run(url: str, params: dict[str, str], root: Path = ROOT):
+    proc = mlflow_run(url, "main", params, experiment=PIPELINE_EXPERIMENT, root=root)
     client = MlflowClient(url)
     exp = client.get_experiment_by_name(PIPELINE_EXPERIMENT)
     (run,) = client.search_runs([exp.experiment_id], "tags.`xlsub.stage` = 'main'", order_by=["attributes.start_time DESC"], max_results=1)

@@ -12,34 +12,37 @@ import pytest
 import torch
 from matplotlib.collections import QuadMesh
 
-from xlsub.analysis import (
-    CKA_CMAP,
-    JACCARD_CMAP,
-    AnalysisInputs,
-    analyze,
+from tests.reference import linear_cka_gram
+from xlsub.analysis import AnalysisInputs, analyze
+from xlsub.artifacts import SubnetworkId as S
+from xlsub.cka import shuffled_pairs_cka
+from xlsub.errors import XlsubError
+from xlsub.figures import CKA_CMAP, JACCARD_CMAP
+from xlsub.figures.stages import cross_perplexity_figures, head_mask_heatmap, matrix_heatmap, perplexity_bars
+from xlsub.overlap import expected_random_jaccard
+from xlsub.pruning import cross_perplexity_matrix
+from xlsub.tables import (
     heads_kept_tables,
     long_table,
     mask_overlap_tables,
-    parse_model_key,
     relative_perplexity,
 )
-from xlsub.cka import linear_cka_gram, shuffled_pairs_cka
-from xlsub.errors import XlsubError
-from xlsub.overlap import expected_random_jaccard
 
 LANGS = ["en", "de", "zh"]
 # 2 layers x 4 heads, two pruning seeds per language, made by hand.
 MASKS = {
-    ("en", 0): torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]]),
-    ("en", 1): torch.tensor([[1, 0, 1, 0], [1, 1, 1, 0]]),
-    ("de", 0): torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]]),
-    ("de", 1): torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]]),
-    ("zh", 0): torch.tensor([[0, 0, 1, 1], [1, 0, 0, 1]]),
-    ("zh", 1): torch.tensor([[0, 1, 1, 1], [1, 0, 0, 1]]),
+    S("en", 0): torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]]),
+    S("en", 1): torch.tensor([[1, 0, 1, 0], [1, 1, 1, 0]]),
+    S("de", 0): torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]]),
+    S("de", 1): torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]]),
+    S("zh", 0): torch.tensor([[0, 0, 1, 1], [1, 0, 0, 1]]),
+    S("zh", 1): torch.tensor([[0, 1, 1, 1], [1, 0, 0, 1]]),
 }
-SEED0 = {key: mask for key, mask in MASKS.items() if key[1] == 0}
+SEED0 = {sid: mask for sid, mask in MASKS.items() if sid.seed == 0}
 PPL_FULL = {"en": 100.0, "de": 200.0, "zh": 400.0}
-CROSS = pd.DataFrame([[110.0, 300.0, 800.0], [150.0, 220.0, 600.0], [180.0, 500.0, 440.0]], index=LANGS, columns=LANGS)
+# rows: the subnetworks of seed 0, as the prune stage logs them
+CROSS = pd.DataFrame([[110.0, 300.0, 800.0], [150.0, 220.0, 600.0], [180.0, 500.0, 440.0]],
+                     index=[f"{lang}-s0" for lang in LANGS], columns=LANGS)
 CROSS_RANDOM = CROSS * 1.5
 # de shares 2 of its 3 tokens with en in sentence 0 and, with clipping, 1 of 2 in sentence 1; zh shares none.
 TOKENS = {"en": [[1, 2, 3], [4, 5]], "de": [[1, 2, 9], [4, 4]], "zh": [[7, 8], [9]]}
@@ -55,18 +58,16 @@ def orthogonal(d, seed):
     return q * torch.sign(torch.diagonal(r))
 
 
-def encodings(seeds=(None,)):
+def encodings(seeds=(0,)):
     """de is an orthogonal rotation (plus an offset) of en at every layer, so CKA(en, de) = 1; zh is independent noise.
-    Subnetworks: sub_en and sub_de reproduce the full model up to scale (CKA 1), sub_zh is unrelated to it."""
+    Subnetworks: en-s* and de-s* reproduce the full model up to scale (CKA 1), zh-s* are unrelated to it."""
     en = gaussian(LAYERS, N, D, seed=1)
     full = {"en": en, "de": en @ orthogonal(D, 2) + 5.0, "zh": gaussian(LAYERS, N, D, seed=3)}
     enc = {"full": full}
-    for seed in seeds:
-        suffix = "" if seed is None else f"_seed{seed}"
-        s = 0 if seed is None else seed
-        enc[f"sub_en{suffix}"] = {lang: 2.0 * x for lang, x in full.items()}
-        enc[f"sub_de{suffix}"] = {lang: x @ orthogonal(D, 10 + s) for lang, x in full.items()}
-        enc[f"sub_zh{suffix}"] = {lang: gaussian(LAYERS, N, D, seed=20 + s + i) for i, lang in enumerate(full)}
+    for s in seeds:
+        enc[f"en-s{s}"] = {lang: 2.0 * x for lang, x in full.items()}
+        enc[f"de-s{s}"] = {lang: x @ orthogonal(D, 10 + s) for lang, x in full.items()}
+        enc[f"zh-s{s}"] = {lang: gaussian(LAYERS, N, D, seed=20 + s + i) for i, lang in enumerate(full)}
     enc["random"] = {lang: gaussian(LAYERS, N, D, seed=30 + i) for i, lang in enumerate(LANGS)}
     enc["base"] = {"en": en, "de": en @ orthogonal(D, 4), "zh": gaussian(LAYERS, N, D, seed=5)}
     return enc
@@ -75,11 +76,11 @@ def encodings(seeds=(None,)):
 def inputs(several_seeds=False, languages=LANGS):
     if several_seeds:
         masks, seeds = MASKS, (0, 1)
-        names = [f"{lang}/seed{s}" for lang in LANGS for s in seeds]
-        cross = pd.DataFrame([CROSS.loc[n.split("/")[0]] * (1 + 0.1 * int(n[-1])) for n in names], index=names)
+        names = [f"{lang}-s{s}" for lang in LANGS for s in seeds]
+        cross = pd.DataFrame([CROSS.loc[f"{n[:2]}-s0"] * (1 + 0.1 * int(n[-1])) for n in names], index=names)
         cross_random = cross * 1.5
     else:
-        masks, seeds, cross, cross_random = SEED0, (None,), CROSS, CROSS_RANDOM
+        masks, seeds, cross, cross_random = SEED0, (0,), CROSS, CROSS_RANDOM
     return AnalysisInputs(languages=list(languages), masks=masks, cross_ppl=cross, cross_ppl_random=cross_random,
                           ppl_full=PPL_FULL, encodings=encodings(seeds), tokens=TOKENS, hidden_size=16, head_dim=4)
 
@@ -104,7 +105,7 @@ def set_jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
 # -- head masks --------------------------------------------------------------------------------------------
 
 def test_jaccard_table_hand_made(single):
-    table = single.tables["mask_jaccard.csv"]
+    table = single.tables["mask_jaccard"]
     assert list(table.index) == LANGS and list(table.columns) == LANGS
     # en0 & de0 share (0,0) (0,1) (1,1) (1,2) of the 6 heads either keeps; zh0 shares one head of 8 with each
     assert table.loc["en", "de"] == pytest.approx(4 / 6)
@@ -112,78 +113,81 @@ def test_jaccard_table_hand_made(single):
     assert table.loc["de", "zh"] == pytest.approx(1 / 8)
     assert np.allclose(np.diag(table), 1.0)
     for a, b in product(LANGS, LANGS):
-        assert table.loc[a, b] == pytest.approx(set_jaccard(SEED0[(a, 0)], SEED0[(b, 0)]))
+        assert table.loc[a, b] == pytest.approx(set_jaccard(SEED0[S(a, 0)], SEED0[S(b, 0)]))
 
 
 def test_expected_table_equals_expected_random_jaccard(single):
-    table = single.tables["mask_jaccard_expected.csv"]
+    table = single.tables["mask_jaccard_expected"]
     for a, b in product(LANGS, LANGS):
-        assert table.loc[a, b] == pytest.approx(expected_random_jaccard(SEED0[(a, 0)], SEED0[(b, 0)]))
+        assert table.loc[a, b] == pytest.approx(expected_random_jaccard(SEED0[S(a, 0)], SEED0[S(b, 0)]))
 
 
 def test_several_seeds_mean_std_and_stability(several):
-    mean, std = several.tables["mask_jaccard.csv"], several.tables["mask_jaccard_std.csv"]
-    expected = several.tables["mask_jaccard_expected.csv"]
+    mean, std = several.tables["mask_jaccard"], several.tables["mask_jaccard_std"]
+    expected = several.tables["mask_jaccard_expected"]
     for a, b in combinations(LANGS, 2):  # across languages: all 2 x 2 seed pairings
-        values = [set_jaccard(MASKS[(a, s)], MASKS[(b, t)]) for s, t in product((0, 1), (0, 1))]
+        values = [set_jaccard(MASKS[S(a, s)], MASKS[S(b, t)]) for s, t in product((0, 1), (0, 1))]
         assert mean.loc[a, b] == pytest.approx(np.mean(values))
         assert std.loc[a, b] == pytest.approx(np.std(values, ddof=1))
-        chance = [expected_random_jaccard(MASKS[(a, s)], MASKS[(b, t)]) for s, t in product((0, 1), (0, 1))]
+        chance = [expected_random_jaccard(MASKS[S(a, s)], MASKS[S(b, t)]) for s, t in product((0, 1), (0, 1))]
         assert expected.loc[a, b] == pytest.approx(np.mean(chance))
-    stability = several.tables["mask_seed_stability.csv"]
+    stability = several.tables["mask_seed_stability"]
     # en: seed 0 keeps {00,01,10,11,12}, seed 1 {00,02,10,11,12}: 4 shared of 6
     assert stability.loc["en", "mean"] == pytest.approx(4 / 6)
     for lang in LANGS:
-        assert stability.loc[lang, "mean"] == pytest.approx(set_jaccard(MASKS[(lang, 0)], MASKS[(lang, 1)]))
+        assert stability.loc[lang, "mean"] == pytest.approx(set_jaccard(MASKS[S(lang, 0)], MASKS[S(lang, 1)]))
         assert mean.loc[lang, lang] == pytest.approx(stability.loc[lang, "mean"])
-        assert stability.loc[lang, "expected"] == pytest.approx(expected_random_jaccard(MASKS[(lang, 0)], MASKS[(lang, 1)]))
+        assert stability.loc[lang, "expected"] == pytest.approx(expected_random_jaccard(MASKS[S(lang, 0)], MASKS[S(lang, 1)]))
     assert several.metrics["mean_seed_stability"] == pytest.approx(stability["mean"].mean())
-    assert "mask_jaccard_seeds.png" in several.figures
+    assert "mask_jaccard_seeds" in several.figures
 
 
 def test_proportion_kept_is_per_layer_not_per_head(single):
-    table = single.tables["heads_kept_per_layer.csv"]
-    assert list(table.columns) == [1, 2]  # transformer layers, as CKA's hidden-state index
-    hand = {"en": [2 / 4, 3 / 4], "de": [2 / 4, 3 / 4], "zh": [2 / 4, 2 / 4]}
-    for lang, values in hand.items():
-        assert table.loc[lang].tolist() == pytest.approx(values)
-    # the study's proportion_masked.py summed over axis 0: one number per head index, not per layer
-    study = SEED0[("en", 0)].sum(0).tolist()
-    assert len(study) == 4 and table.shape[1] == 2
+    table = single.tables["heads_kept_per_layer"]
+    # one column per transformer layer (numbered as CKA's hidden states), not one per head index as the
+    # study's proportion_masked.py has it (its sum over axis 0)
+    assert list(table.columns) == [1, 2]
+    assert table.index.name == "subnetwork" and list(table.index) == ["en-s0", "de-s0", "zh-s0"]
+    hand = {"en-s0": [2 / 4, 3 / 4], "de-s0": [2 / 4, 3 / 4], "zh-s0": [2 / 4, 2 / 4]}
+    for sid, values in hand.items():
+        assert table.loc[sid].tolist() == pytest.approx(values)
 
 
 def test_params_kept_per_layer_hand_made(single):
-    table = single.tables["params_kept_per_layer.csv"]
+    table = single.tables["params_kept_per_layer"]
     hidden, head_dim, heads = 16, 4, 4
     per_head = 4 * hidden * head_dim + 3 * head_dim  # q, k, v rows with biases, output columns
     shared = 3 * hidden  # output bias and LayerNorm
     for lang in LANGS:
-        for layer, kept in enumerate(SEED0[(lang, 0)].sum(1).tolist(), start=1):
-            assert table.loc[lang, layer] == pytest.approx((kept * per_head + shared) / (heads * per_head + shared))
+        for layer, kept in enumerate(SEED0[S(lang, 0)].sum(1).tolist(), start=1):
+            assert table.loc[f"{lang}-s0", layer] == pytest.approx((kept * per_head + shared) / (heads * per_head + shared))
 
 
 def test_several_seeds_heads_kept_has_a_row_per_seed():
-    table = heads_kept_tables(MASKS, LANGS)["heads_kept_per_layer.csv"]
-    assert table.index.names == ["language", "seed"]
-    assert table.loc[("zh", 1)].tolist() == pytest.approx([3 / 4, 2 / 4])
+    shuffled = {sid: MASKS[sid] for sid in reversed(list(MASKS))}
+    table = heads_kept_tables(shuffled, LANGS)["heads_kept_per_layer"]
+    assert table.index.name == "subnetwork"
+    assert list(table.index) == ["en-s0", "en-s1", "de-s0", "de-s1", "zh-s0", "zh-s1"]
+    assert table.loc["zh-s1"].tolist() == pytest.approx([3 / 4, 2 / 4])
 
 
 def test_mask_tables_keep_language_order():
     shuffled = {key: MASKS[key] for key in reversed(list(MASKS))}
     tables = mask_overlap_tables(shuffled, LANGS)
-    assert list(tables["mask_jaccard.csv"].index) == LANGS
-    assert list(tables["mask_jaccard.csv"].columns) == LANGS
+    assert list(tables["mask_jaccard"].index) == LANGS
+    assert list(tables["mask_jaccard"].columns) == LANGS
 
 
 # -- perplexity -----------------------------------------------------------------------------------------
 
 def test_relative_perplexity_is_raw_over_full(single):
-    rel = single.tables["cross_ppl_relative.csv"]
+    rel = single.tables["cross_ppl_relative"]
+    assert rel.index.name == "subnetwork language" and rel.columns.name == "evaluated on"
     expected = CROSS.to_numpy() / np.array([PPL_FULL[c] for c in LANGS])[None, :]
     assert np.allclose(rel.loc[LANGS, LANGS].to_numpy(), expected)
-    rel_random = single.tables["cross_ppl_random_relative.csv"]
+    rel_random = single.tables["cross_ppl_random_relative"]
     assert np.allclose(rel_random.loc[LANGS, LANGS].to_numpy(), 1.5 * expected)
-    raw = single.tables["cross_ppl.csv"]
+    raw = single.tables["cross_ppl"]
     assert raw.loc["full"].tolist() == [PPL_FULL[c] for c in LANGS]
     assert np.allclose(raw.loc[LANGS, LANGS].to_numpy(), CROSS.to_numpy())
 
@@ -197,12 +201,29 @@ def test_relative_perplexity_metrics(single):
 
 
 def test_several_seeds_perplexity_is_the_mean_over_seeds(several):
-    rel = several.tables["cross_ppl_relative.csv"]
+    rel = several.tables["cross_ppl_relative"]
     # seed s scales the row by (1 + 0.1 s): the mean over seeds 0 and 1 is 1.05 x the base row
     expected = 1.05 * CROSS.to_numpy() / np.array([PPL_FULL[c] for c in LANGS])[None, :]
     assert list(rel.index) == LANGS
     assert np.allclose(rel.to_numpy(), expected)
-    assert len(several.tables["cross_ppl_by_seed.csv"]) == 6
+    by_seed = several.tables["cross_ppl_by_seed"]
+    assert list(by_seed.index) == ["en-s0", "en-s1", "de-s0", "de-s1", "zh-s0", "zh-s1"]
+    assert by_seed.loc["zh-s1", "de"] == pytest.approx(1.1 * 500.0)
+
+
+def test_the_prune_stage_matrix_and_its_relative_form():
+    """The matrices prune logs: rows `de-s0` in language then seed order, whatever order they were measured in."""
+    rows = {S("zh", 0): {"zh": 440.0, "en": 180.0, "de": 500.0}, S("en", 1): {"en": 120.0, "de": 310.0, "zh": 810.0}}
+    rows |= {S(lang, 0): dict(zip(LANGS, CROSS.loc[f"{lang}-s0"])) for lang in ("de", "en")}
+    matrix = cross_perplexity_matrix(rows, LANGS)
+    assert matrix.index.name == "subnetwork" and matrix.columns.name == "evaluated on"
+    assert list(matrix.index) == ["en-s0", "en-s1", "de-s0", "zh-s0"] and list(matrix.columns) == LANGS
+    assert matrix.loc["en-s1", "zh"] == 810.0 and matrix.loc["zh-s0", "en"] == 180.0
+    relative = relative_perplexity(matrix, PPL_FULL)
+    for sid, ppls in rows.items():
+        for lang, ppl in ppls.items():
+            assert relative.loc[str(sid), lang] == pytest.approx(ppl / PPL_FULL[lang])
+    assert relative.index.equals(matrix.index) and relative.columns.equals(matrix.columns)
 
 
 def test_relative_perplexity_needs_every_full_ppl():
@@ -213,7 +234,7 @@ def test_relative_perplexity_needs_every_full_ppl():
 # -- CKA ------------------------------------------------------------------------------------------------
 
 def test_cka_with_english_rotation_is_one_noise_is_low(single):
-    curves = single.tables["cka_vs_reference.csv"]
+    curves = single.tables["cka_vs_reference"]
     assert list(curves.index) == ["de", "zh"] and list(curves.columns) == [0, 1, 2]
     assert np.allclose(curves.loc["de"].to_numpy(), 1.0)
     assert (curves.loc["zh"] < 0.9).all()
@@ -223,7 +244,7 @@ def test_cka_with_english_rotation_is_one_noise_is_low(single):
 
 
 def test_shuffled_control_is_below_parallel(single):
-    controls = single.tables["cka_controls.csv"]
+    controls = single.tables["cka_controls"]
     parallel, shuffled = controls.loc[("parallel", "de")], controls.loc[("shuffled", "de")]
     assert (shuffled < parallel - 0.1).all()
     enc = encodings()["full"]
@@ -244,36 +265,38 @@ def test_cka_metrics(single):
 
 
 def test_cka_pairs_at_default_and_chosen_layers(single):
-    pairs = single.tables["cka_pairs.csv"]
+    pairs = single.tables["cka_pairs"]
     assert sorted(set(pairs.index.get_level_values("layer"))) == [0, 1, 2]
     assert pairs.loc[(2, "en"), "de"] == pytest.approx(1.0)
     assert pairs.loc[(0, "zh"), "zh"] == pytest.approx(1.0)
     chosen = analyze(AnalysisInputs(languages=LANGS, encodings={"full": encodings()["full"]}), layers=[-1])
-    assert sorted(set(chosen.tables["cka_pairs.csv"].index.get_level_values("layer"))) == [2]
+    assert sorted(set(chosen.tables["cka_pairs"].index.get_level_values("layer"))) == [2]
     with pytest.raises(XlsubError, match="layers"):
         analyze(AnalysisInputs(languages=LANGS, encodings={"full": encodings()["full"]}), layers=[3])
 
 
 def test_cka_full_vs_subnetwork(single):
-    curves = single.tables["cka_full_vs_subnetwork.csv"]
-    assert np.allclose(curves.loc["en"].to_numpy(), 1.0)  # a scaled copy
-    assert np.allclose(curves.loc["de"].to_numpy(), 1.0)  # a rotated copy
-    assert (curves.loc["zh"] < 0.9).all()
+    curves = single.tables["cka_full_vs_subnetwork"]
+    assert curves.index.name == "subnetwork" and list(curves.index) == ["en-s0", "de-s0", "zh-s0"]
+    assert np.allclose(curves.loc["en-s0"].to_numpy(), 1.0)  # a scaled copy
+    assert np.allclose(curves.loc["de-s0"].to_numpy(), 1.0)  # a rotated copy
+    assert (curves.loc["zh-s0"] < 0.9).all()
     enc = encodings()
-    last = single.tables["cka_full_vs_subnetwork_last_layer.csv"]
-    assert last.loc["zh", "en"] == pytest.approx(float(linear_cka_gram(enc["full"]["en"][-1], enc["sub_zh"]["en"][-1])))
+    last = single.tables["cka_full_vs_subnetwork_last_layer"]
+    assert last.index.name == "subnetwork language" and list(last.index) == LANGS
+    assert last.loc["zh", "en"] == pytest.approx(float(linear_cka_gram(enc["full"]["en"][-1], enc["zh-s0"]["en"][-1])))
     assert single.metrics["mean_cka_full_vs_subnetwork_last_layer"] == pytest.approx(curves[2].mean())
 
 
 def test_cka_full_vs_subnetwork_several_seeds(several):
-    curves = several.tables["cka_full_vs_subnetwork.csv"]
-    assert curves.index.names == ["language", "seed"]
+    curves = several.tables["cka_full_vs_subnetwork"]
+    assert curves.index.name == "subnetwork" and len(curves) == 6
     enc = encodings(seeds=(0, 1))
     for seed in (0, 1):
-        expected = float(linear_cka_gram(enc["full"]["zh"][1], enc[f"sub_zh_seed{seed}"]["zh"][1]))
-        assert curves.loc[("zh", seed), 1] == pytest.approx(expected)
-    last = several.tables["cka_full_vs_subnetwork_last_layer.csv"]
-    mean = np.mean([float(linear_cka_gram(enc["full"]["de"][-1], enc[f"sub_zh_seed{s}"]["de"][-1])) for s in (0, 1)])
+        expected = float(linear_cka_gram(enc["full"]["zh"][1], enc[f"zh-s{seed}"]["zh"][1]))
+        assert curves.loc[f"zh-s{seed}", 1] == pytest.approx(expected)
+    last = several.tables["cka_full_vs_subnetwork_last_layer"]
+    mean = np.mean([float(linear_cka_gram(enc["full"]["de"][-1], enc[f"zh-s{s}"]["de"][-1])) for s in (0, 1)])
     assert last.loc["zh", "de"] == pytest.approx(mean)
 
 
@@ -293,16 +316,10 @@ def test_long_table_one_row_per_cell():
     assert long_table(measures).to_dict("records") == [{"language": "de", "token_overlap": 0.5, "jaccard_with_reference": 0.2}]
 
 
-def test_parse_model_key():
-    assert parse_model_key("sub_de_seed12") == ("sub", "de", 12)
-    assert parse_model_key("sub_zh") == ("sub", "zh", None)
-    assert parse_model_key("full") == ("full", None, None)
-
-
 # -- token overlap, metrics, reference ---------------------------------------------------------------------
 
 def test_token_overlap_and_metrics(single):
-    table = single.tables["token_overlap.csv"]
+    table = single.tables["token_overlap"]
     assert table.loc["de", "token_overlap"] == pytest.approx((2 / 3 + 1 / 2) / 2)
     assert table.loc["zh", "token_overlap"] == 0.0
     assert single.metrics["mean_token_overlap"] == pytest.approx((7 / 12 + 0) / 2)
@@ -312,26 +329,35 @@ def test_token_overlap_and_metrics(single):
 
 def test_mask_metrics(single):
     assert single.metrics["mean_jaccard"] == pytest.approx((4 / 6 + 1 / 8 + 1 / 8) / 3)
-    expected = np.mean([expected_random_jaccard(SEED0[(a, 0)], SEED0[(b, 0)]) for a, b in combinations(LANGS, 2)])
+    expected = np.mean([expected_random_jaccard(SEED0[S(a, 0)], SEED0[S(b, 0)]) for a, b in combinations(LANGS, 2)])
     assert single.metrics["mean_expected_jaccard"] == pytest.approx(expected)
     assert single.metrics["mean_heads_kept_frac"] == pytest.approx((5 + 5 + 4) / 24)
+    # hidden 16, head_dim 4: a head holds 4*16*4 + 3*4 = 268 parameters, a layer 4*268 + 3*16 = 1120
+    kept_heads = (5 + 5 + 4)
+    assert single.metrics["mean_params_kept_frac"] == pytest.approx((kept_heads * 268 + 3 * 2 * 48) / (3 * 2 * 1120))
 
 
-def test_reference_falls_back_to_first_language_without_english():
+def test_reference_is_an_argument():
     full = {k: v for k, v in encodings()["full"].items() if k != "en"}
     tokens = {k: v for k, v in TOKENS.items() if k != "en"}
-    result = analyze(AnalysisInputs(languages=["de", "zh"], encodings={"full": full}, tokens=tokens))
-    assert list(result.tables["cka_vs_reference.csv"].index) == ["zh"]
-    assert "English is not among the languages" in result.captions["cka_vs_reference.png"]
-    assert "German" in result.captions["cka_vs_reference.png"]
-    assert "English is not among the languages" in result.captions["token_overlap.png"]
+    german = AnalysisInputs(languages=["de", "zh"], encodings={"full": full}, tokens=tokens)
+    with pytest.raises(XlsubError, match=r"reference: 'en' is not among the analysed languages \(de, zh\); pass one of them"):
+        analyze(german)
+    result = analyze(german, reference="de")
+    assert list(result.tables["cka_vs_reference"].index) == ["zh"]
+    assert result.tables["cka_vs_reference"].loc["zh", 2] == pytest.approx(float(linear_cka_gram(full["de"][2], full["zh"][2])))
+    assert "German" in result.captions["cka_vs_reference"] and "German" in result.captions["token_overlap"]
+    # with English present, another reference still wins
+    chinese = analyze(AnalysisInputs(languages=LANGS, tokens=TOKENS), reference="zh")
+    assert set(chinese.tables["token_overlap"].index) == {"en", "de"}
+    assert chinese.tables["token_overlap"].loc["en", "token_overlap"] == 0.0
 
 
 def test_missing_inputs_are_skipped_with_a_note():
     result = analyze(AnalysisInputs(languages=LANGS, masks=SEED0))
-    assert "mask_jaccard.png" in result.figures and "cka_vs_reference.png" not in result.figures
+    assert "mask_jaccard" in result.figures and "cka_vs_reference" not in result.figures
     assert any("CKA" in note for note in result.notes)
-    with pytest.raises(XlsubError, match="cka_kind"):
+    with pytest.raises(XlsubError, match="unknown kind 'cosine'"):
         analyze(AnalysisInputs(languages=LANGS), cka_kind="cosine")
     with pytest.raises(XlsubError, match="cka_precision"):
         analyze(AnalysisInputs(languages=LANGS), cka_precision="half")
@@ -339,7 +365,7 @@ def test_missing_inputs_are_skipped_with_a_note():
 
 def test_float32_products_give_the_same_cka_tables(single):
     fast = analyze(inputs(), cka_precision="float32")
-    for name in ("cka_vs_reference.csv", "cka_controls.csv", "cka_pairs.csv", "cka_full_vs_subnetwork.csv"):
+    for name in ("cka_vs_reference", "cka_controls", "cka_pairs", "cka_full_vs_subnetwork"):
         exact, approx = single.tables[name], fast.tables[name]
         assert exact.shape == approx.shape and exact.index.equals(approx.index), name
         np.testing.assert_allclose(approx.to_numpy(float), exact.to_numpy(float), rtol=0, atol=1e-6, err_msg=name)
@@ -348,15 +374,15 @@ def test_float32_products_give_the_same_cka_tables(single):
 
 # -- figures --------------------------------------------------------------------------------------------
 
-EXPECTED_FIGURES = {"mask_jaccard.png", "heads_kept_per_layer.png", "cross_ppl.png", "cross_ppl_relative.png",
-                    "cka_vs_reference.png", "cka_pairs.png", "cka_controls.png", "cka_full_vs_subnetwork.png",
-                    "token_overlap.png"}
+EXPECTED_FIGURES = {"mask_jaccard", "heads_kept_per_layer", "cross_ppl", "cross_ppl_relative",
+                    "cka_vs_reference", "cka_pairs", "cka_controls", "cka_full_vs_subnetwork",
+                    "token_overlap"}
 
 
 @pytest.mark.parametrize("which", ["single", "several"])
 def test_every_figure_has_caption_tables_and_data(which, request):
     result = request.getfixturevalue(which)
-    expected = EXPECTED_FIGURES | ({"mask_jaccard_seeds.png"} if which == "several" else set())
+    expected = EXPECTED_FIGURES | ({"mask_jaccard_seeds"} if which == "several" else set())
     assert set(result.figures) == expected
     owned = set()
     for name, fig in result.figures.items():
@@ -364,7 +390,7 @@ def test_every_figure_has_caption_tables_and_data(which, request):
         assert caption and "\n" not in caption
         assert result.figure_tables[name], name
         for table in result.figure_tables[name]:
-            assert table.endswith(".csv") and not result.tables[table].empty
+            assert "." not in table and not result.tables[table].empty  # an id, not a file name
             owned.add(table)
         drawn = [ax for ax in fig.axes if ax.get_visible()]
         assert drawn, name
@@ -380,23 +406,44 @@ def test_one_colour_scale_per_kind(single, several):
         """The heatmaps' meshes (colour bars, whose axes matplotlib labels "<colorbar>", left out)."""
         return [c for ax in fig.axes if ax.get_label() != "<colorbar>" for c in ax.collections if isinstance(c, QuadMesh)]
     for result in (single, several):
-        assert len(meshes(result.figures["mask_jaccard.png"])) == 2  # observed and chance level
-        assert len(meshes(result.figures["cka_pairs.png"])) == 3  # first, middle, last layer
-        for mesh in meshes(result.figures["mask_jaccard.png"]):
+        assert len(meshes(result.figures["mask_jaccard"])) == 2  # observed and chance level
+        assert len(meshes(result.figures["cka_pairs"])) == 3  # first, middle, last layer
+        for mesh in meshes(result.figures["mask_jaccard"]):
             assert (mesh.norm.vmin, mesh.norm.vmax, mesh.cmap.name) == (0, 1, JACCARD_CMAP)
-        for name in ("cka_pairs.png", "cka_full_vs_subnetwork.png"):
+        for name in ("cka_pairs", "cka_full_vs_subnetwork"):
             for mesh in meshes(result.figures[name]):
                 assert (mesh.norm.vmin, mesh.norm.vmax, mesh.cmap.name) == (0, 1, CKA_CMAP)
-        relative = meshes(result.figures["cross_ppl_relative.png"])
+        relative = meshes(result.figures["cross_ppl_relative"])
         assert len(relative) == 2  # subnetwork and random control share one scale, centred at 1 (log)
         assert relative[0].norm.vmin == relative[1].norm.vmin and relative[0].norm.vmax == relative[1].norm.vmax
         assert relative[0].norm.vmin * relative[0].norm.vmax == pytest.approx(1.0)
         values = np.concatenate([result.tables[n].to_numpy().ravel()
-                                 for n in ("cross_ppl_relative.csv", "cross_ppl_random_relative.csv")])
+                                 for n in ("cross_ppl_relative", "cross_ppl_random_relative")])
         assert relative[0].norm.vmin <= values.min() and values.max() <= relative[0].norm.vmax * (1 + 1e-12)
 
 
 def test_language_names_on_axes(single):
-    ax = single.figures["mask_jaccard.png"].axes[0]
+    ax = single.figures["mask_jaccard"].axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["English", "German", "Chinese"]
     assert not math.isnan(single.metrics["mean_cka_last_layer"])
+
+
+def test_stage_figures_show_their_numbers():
+    """The finetune and prune stages' figures: the drawn values are the table's."""
+    table = pd.DataFrame({"lang": ["en", "de"], "ppl_before": [30.0, 40.0], "ppl_after": [10.0, 12.0], "ppl_unigram": [900.0, 800.0]})
+    bars = perplexity_bars(table).axes[0]
+    heights = sorted(round(p.get_height(), 6) for p in bars.patches if p.get_height() > 0)
+    assert heights == sorted([30.0, 40.0, 10.0, 12.0, 900.0, 800.0])
+    mask = torch.tensor([[1, 0], [1, 1]])
+    importance = torch.tensor([[0.9, 0.1], [0.5, 0.25]])
+    heat = head_mask_heatmap(mask, importance, "de-s0").axes[0]
+    assert [t.get_text() for t in heat.texts] == ["0.90", "×", "0.50", "0.25"]
+    assert "3/4 heads kept" in heat.get_title()
+    matrix = matrix_heatmap(CROSS, "perplexity", "ppl").axes[0]
+    assert [t.get_text() for t in matrix.texts] == [f"{v:.0f}" for v in CROSS.to_numpy().ravel()]
+    relative = relative_perplexity(CROSS, PPL_FULL)
+    drawn = cross_perplexity_figures(CROSS_RANDOM, 1.5 * relative, control=True)
+    assert list(drawn) == ["cross_ppl_random", "cross_ppl_random_relative"]
+    shown = [t.get_text() for t in drawn["cross_ppl_random_relative"].axes[0].texts]
+    assert shown == [f"{1.5 * v / PPL_FULL[c]:.2f}" for row in CROSS.to_numpy() for v, c in zip(row, LANGS)]
+    assert list(cross_perplexity_figures(CROSS, relative)) == ["cross_ppl", "cross_ppl_relative"]

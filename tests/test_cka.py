@@ -10,18 +10,17 @@ import pytest
 import torch
 
 import xlsub.cka as cka_module
+from tests.reference import linear_cka_gram
 from xlsub.cka import (
+    KINDS,
     cka,
     cka_matrix,
     debiased_linear_cka,
     linear_cka,
-    linear_cka_gram,
     rbf_cka,
     shuffled_pairs_cka,
 )
 from xlsub.errors import XlsubError
-
-KINDS = ("linear", "debiased", "rbf")
 
 
 def gaussian(*shape: int, seed: int) -> torch.Tensor:

@@ -25,7 +25,8 @@ def test_encode_run_tags_metrics_and_artifacts_load_by_run_id(store, finetune_ru
 import json, mlflow, torch
 from pathlib import Path
 from transformers import AutoModelForMaskedLM, AutoTokenizer
-from xlsub.encoding import encode, load_encodings
+from xlsub.artifacts import load_encodings
+from xlsub.encoding import encode
 from xlsub.tracking import download
 root = download("{encode_run.info.run_id}", "encodings")
 sentences = json.loads(download("{encode_run.info.run_id}", "sentences.json").read_text())
@@ -39,7 +40,7 @@ print(json.dumps({{"shapes": shapes, "ids": len(sentences["ids"]), "langs": sent
     proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(store), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    keys = ["base", "full", "random", "sub_de", "sub_en", "sub_zh"]
+    keys = ["base", "de-s0", "en-s0", "full", "random", "zh-s0"]
     assert got["shapes"] == {f"{k}/{l}": [5, 40, 128] for k in keys for l in ("de", "en", "zh")}
     assert got["ids"] == 40 and got["langs"] == ["en", "de", "zh"]
     assert got["diff"] < 1e-5  # the stored full-model encodings are what the finetuned model computes

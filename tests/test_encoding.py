@@ -10,7 +10,9 @@ import pytest
 import torch
 from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM, XLMRobertaModel, XLMRobertaTokenizer
 
-from xlsub.encoding import encode, encode_naive, load_encodings, mean_pool, random_like, save_encodings
+from tests.reference import encode_naive
+from xlsub.artifacts import load_encodings, save_encodings
+from xlsub.encoding import encode, mean_pool, random_like
 from xlsub.errors import XlsubError
 from xlsub.heads import HeadGates, num_heads
 from xlsub.pruning import load_pruned, prune_heads, save_pruned

@@ -1,19 +1,23 @@
 """The whole pipeline against a real `mlflow server`: `main` runs the four stages as child runs, a
 second identical run reuses all of them, a changed prune parameter recomputes prune, encode and
-analyze but not finetune, and a fresh process resolves every stage's inputs by run ID from the server."""
+analyze but not finetune, an edit of code only analyze uses recomputes analyze alone, and a fresh
+process resolves every stage's inputs by run ID from the server."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, stage_ids, subprocess_env
+from tests.conftest import PIPELINE_EXPERIMENT, ROOT, SMALL_PIPELINE, main_run, stage_ids, subprocess_env
 
 pytestmark = pytest.mark.slow
+
+
 def test_main_runs_the_four_stages_as_child_runs(tracking_server, pipeline):
     client = MlflowClient(tracking_server)
     first = pipeline["first"]
@@ -46,17 +50,19 @@ def test_a_fresh_process_resolves_inputs_and_downloads_artifacts_from_the_server
 import json
 from mlflow.tracking import MlflowClient
 from xlsub import tracking
-from xlsub.encoding import load_encodings
+from xlsub.artifacts import load_encodings
 analyze = tracking.resolve_run("analyze_run_id", "{ids['analyze']}", "analyze")
 encode = tracking.resolve_run("encode_run_id", analyze.data.tags["xlsub.encode_run_id"], "encode")
 prune = tracking.resolve_run("prune_run_id", encode.data.tags["xlsub.prune_run_id"], "prune")
 finetune = tracking.resolve_run("finetune_run_id", prune.data.tags["xlsub.finetune_run_id"], "finetune")
-child = MlflowClient().search_runs([prune.info.experiment_id], f"tags.`mlflow.parentRunId` = '{{prune.info.run_id}}' and tags.`xlsub.language` = 'de'")[0]
-model, tok = tracking.load_subnetwork(child.info.run_id)
+from xlsub.artifacts import SubnetworkId
+from xlsub.pruning import load_subnetwork
+child = tracking.prune_children(prune)[SubnetworkId("de", 0)]
+model, tok = load_subnetwork(tracking.download(child.info.run_id, "subnetwork"))
 enc = load_encodings(tracking.download(encode.info.run_id, "encodings/full/de.safetensors"))
 html = tracking.download(analyze.info.run_id, "report.html").read_text()
 print(json.dumps({{"chain": [finetune.info.run_id, prune.info.run_id, encode.info.run_id], "shape": list(enc.shape),
-                   "heads": sum(len(h) for h in model.config.xlsub_kept_heads), "report": "cka_vs_reference.png" in html}}))
+                   "heads": sum(len(h) for h in model.config.xlsub_kept_heads), "report": "figures/cka_vs_reference.png" in html}}))
 """
     proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(tracking_server), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -66,3 +72,21 @@ print(json.dumps({{"chain": [finetune.info.run_id, prune.info.run_id, encode.inf
     child_heads = MlflowClient(tracking_server).search_runs(
         [pipeline["first"].info.experiment_id], f"tags.`mlflow.parentRunId` = '{ids['prune']}' and tags.`xlsub.language` = 'de'")[0]
     assert got["heads"] == child_heads.data.metrics["heads_kept"]
+
+
+def test_an_analyze_only_code_change_recomputes_analyze_alone(tracking_server, pipeline, tmp_path):
+    """A copy of the project with a changed line in the report writer: `mlflow run .` from the copy reuses
+    finetune, prune and encode (their code versions are unchanged) and runs a new analyze."""
+    copy = tmp_path / "project"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "mlruns", "mlartifacts", "outputs", "*.db"))
+    with open(copy / "xlsub" / "report.py", "a") as f:
+        f.write("\n# the report's wording changed\n")
+    run, _ = main_run(tracking_server, SMALL_PIPELINE, root=copy)
+    first, edited = stage_ids(pipeline["first"]), stage_ids(run)
+    assert run.data.tags["xlsub.reused"] == "finetune,prune,encode"
+    assert all(edited[s] == first[s] for s in ("finetune", "prune", "encode")) and edited["analyze"] != first["analyze"]
+    client = MlflowClient(tracking_server)
+    versions = {s: client.get_run(edited[s]).data.tags["xlsub.code_version"] for s in edited}
+    before = {s: client.get_run(first[s]).data.tags["xlsub.code_version"] for s in first}
+    assert [s for s in versions if versions[s] != before[s]] == ["analyze"]
+    assert client.get_experiment_by_name(PIPELINE_EXPERIMENT).experiment_id == run.info.experiment_id

@@ -5,6 +5,7 @@ from transformers import XLMRobertaTokenizer
 
 from xlsub.corpus import load_corpus
 from xlsub.errors import XlsubError
+from xlsub.hub import is_hub_id, looks_local
 from xlsub.models import load_pretrained, resolve_device, tiny_model, train_tokenizer
 
 
@@ -41,6 +42,18 @@ def test_missing_local_model_fails_at_once(tmp_path):
     with pytest.raises(XlsubError, match="^model: "):
         load_pretrained("not a hub id!")
     assert time.perf_counter() - start < 5  # no hub retries
+
+
+def test_hub_ids_and_local_paths(tmp_path, monkeypatch):
+    assert is_hub_id("FacebookAI/xlm-roberta-base") and is_hub_id("gpt2")  # with or without an owner
+    for name in ("a/b/c", "not a hub id!", "./model", "-x/y"):
+        assert not is_hub_id(name), name
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for name in ("./model", ".model", "/abs/model", "~/model", "runs/absent"):
+        assert looks_local(name), name
+    for name in ("FacebookAI/xlm-roberta-base", "gpt2", "models/absent"):  # no folder "models" here
+        assert not looks_local(name), name
 
 
 def test_unknown_device():

@@ -5,25 +5,28 @@ from __future__ import annotations
 import copy
 import math
 from fractions import Fraction
-from types import SimpleNamespace
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
+from tests.test_heads import HEADS, HIDDEN, tiny_model
+from xlsub.artifacts import SubnetworkId as S
 from xlsub.errors import XlsubError
 from xlsub.overlap import (
+    expected_jaccard_over_seeds,
     expected_random_jaccard,
     expected_random_jaccard_matrix,
     jaccard,
     jaccard_matrix,
     mean_std_over_seeds,
+    params_kept_frac,
     params_kept_per_layer,
     proportion_kept_per_layer,
     seed_stability,
     token_overlap,
 )
+from xlsub.pruning import prune_heads
 
 A = torch.tensor([[1, 1, 0], [0, 1, 1]])
 B = torch.tensor([[1, 0, 0], [1, 1, 1]])
@@ -141,21 +144,23 @@ def test_params_kept_per_layer_hand_computed():
                                [1.0, (per_head + 3 * hidden) / total, 3 * hidden / total])
 
 
-def test_params_kept_per_layer_counts_a_physically_pruned_model():
-    from tests.test_heads import HEADS, HIDDEN, tiny_model
-    from xlsub.pruning import params_kept_frac, prune_heads
+def attention_params(model) -> list[int]:
+    """Parameters of each layer's attention block as the model holds them: query, key, value, output
+    projection and the attention LayerNorm."""
+    return [sum(p.numel() for p in layer.attention.parameters()) for layer in model.base_model.encoder.layer]
 
-    def attention_params(model) -> list[int]:
-        return [sum(p.numel() for p in layer.attention.parameters()) for layer in model.base_model.encoder.layer]
 
-    model = tiny_model()
-    mask = torch.tensor([[1.0, 1, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0]])
+@pytest.mark.parametrize("kind", ["xlmr", "bert"])
+def test_params_kept_counts_a_physically_pruned_model(kind):
+    model = tiny_model(kind)
+    mask = torch.tensor([[1.0, 1, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0]])  # all, one, none of the 4 heads
     before = attention_params(model)
     after = attention_params(prune_heads(copy.deepcopy(model), mask))
+    assert after[0] == before[0] and after[2] < after[1] < before[1]  # the pruning did remove weights
     table = params_kept_per_layer({"en": mask}, HIDDEN, HIDDEN // HEADS)
     np.testing.assert_allclose(table.loc["en"].to_numpy(), np.array(after) / np.array(before))
-    config = SimpleNamespace(hidden_size=HIDDEN, num_attention_heads=HEADS)
-    assert table.loc["en"].mean() == pytest.approx(params_kept_frac(mask, config))
+    assert params_kept_frac(mask, HIDDEN, HIDDEN // HEADS) == pytest.approx(sum(after) / sum(before))
+    assert params_kept_frac(torch.ones(3, HEADS), HIDDEN, HIDDEN // HEADS) == 1.0
 
 
 # -- token overlap ---------------------------------------------------------------------------------
@@ -186,13 +191,14 @@ def test_token_overlap_refuses_mismatched_input():
 
 def test_mean_std_over_seeds():
     m = {
-        ("en", 0): torch.tensor([[1, 1, 0, 0]]), ("en", 1): torch.tensor([[1, 1, 1, 0]]),
-        ("de", 0): torch.tensor([[0, 1, 1, 0]]), ("de", 1): torch.tensor([[1, 1, 0, 0]]),
-        ("de", 2): torch.tensor([[0, 0, 1, 1]]),
+        S("en", 0): torch.tensor([[1, 1, 0, 0]]), S("en", 1): torch.tensor([[1, 1, 1, 0]]),
+        S("de", 0): torch.tensor([[0, 1, 1, 0]]), S("de", 1): torch.tensor([[1, 1, 0, 0]]),
+        S("de", 2): torch.tensor([[0, 0, 1, 1]]),
     }
     mean, std = mean_std_over_seeds(m)
     assert list(mean.index) == list(mean.columns) == ["en", "de"]
-    cross = [jaccard(m["en", s], m["de", t]) for s in (0, 1) for t in (0, 1, 2)]  # all 6 seed pairs
+    assert list(mean_std_over_seeds(m, ["de", "en"])[0].index) == ["de", "en"]
+    cross = [jaccard(m[S("en", s)], m[S("de", t)]) for s in (0, 1) for t in (0, 1, 2)]  # all 6 seed pairs
     assert cross == pytest.approx([1 / 3, 1, 0, 2 / 3, 2 / 3, 1 / 4])
     assert mean.loc["en", "de"] == mean.loc["de", "en"] == pytest.approx(np.mean(cross))
     assert std.loc["en", "de"] == pytest.approx(np.std(cross, ddof=1))
@@ -203,4 +209,8 @@ def test_mean_std_over_seeds():
     assert stability.loc["de", "mean"] == pytest.approx(np.mean(within_de))
     assert stability.loc["de", "std"] == pytest.approx(np.std(within_de, ddof=1))
     assert list(stability["pairs"]) == [1, 3]
-    assert isinstance(stability, pd.DataFrame)
+    expected = expected_jaccard_over_seeds(m)
+    chance = [expected_random_jaccard(m[S("en", s)], m[S("de", t)]) for s in (0, 1) for t in (0, 1, 2)]
+    assert expected.loc["en", "de"] == expected.loc["de", "en"] == pytest.approx(np.mean(chance))
+    # 2 of 4 heads against 2 of 4: intersection 0, 1, 2 with probability 1/6, 4/6, 1/6 -> 7/18
+    assert expected.loc["de", "de"] == pytest.approx(7 / 18)

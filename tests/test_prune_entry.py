@@ -11,7 +11,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, children_of, runs_of, subprocess_env
+from tests.conftest import ROOT, children_of, subprocess_env
 
 pytestmark = pytest.mark.slow
 LANGS = ["en", "de", "zh"]
@@ -25,7 +25,8 @@ def test_prune_parent_and_one_child_per_language(store, finetune_run, prune_run)
     client = MlflowClient(store)
     total = None
     for lang, child in children.items():
-        assert child.info.status == "FINISHED" and child.info.run_name == f"prune/{lang}"
+        assert child.info.status == "FINISHED" and child.info.run_name == f"prune/{lang}-s0"
+        assert child.data.tags["xlsub.subnetwork"] == f"{lang}-s0" and child.data.tags["xlsub.seed"] == "0"
         m = child.data.metrics
         for other in LANGS:
             assert math.isfinite(m[f"ppl.{other}"]) and math.isfinite(m[f"ppl_random.{other}"])
@@ -56,11 +57,13 @@ def test_subnetwork_loads_by_run_id_in_a_fresh_process(store, finetune_run, prun
     child = next(c for c in children_of(store, prune_run) if c.data.tags["xlsub.language"] == "de")
     code = f"""
 import json, mlflow
-from xlsub import data, tracking
+from xlsub import artifacts, data, tracking
 from xlsub.corpus import load_corpus
 from xlsub.heads import num_heads
 from xlsub.mlm import perplexity
-model, tok = tracking.load_subnetwork("{child.info.run_id}")
+from xlsub.pruning import load_subnetwork
+mask = artifacts.read_head_mask(tracking.download("{child.info.run_id}", "head_mask.json"))
+model, tok = load_subnetwork(tracking.download("{child.info.run_id}", "subnetwork"), mask)  # refuses a config that disagrees
 lm = data.build_lm_data(load_corpus("embedded", ["en", "de", "zh"]).texts, ["en", "de", "zh"], tok, 64, 96, 16, 0)
 out = {{l: perplexity(model, data.masked_batches(lm.test[l], tok, 32)) for l in ["en", "de", "zh"]}}
 out["params"] = sum(p.numel() for p in model.parameters())
@@ -98,7 +101,10 @@ def test_prune_refuses_bad_input(store, finetune_run, prune_run, tmp_path):
         (["--finetune_run_id", prune_run.info.run_id], "finetune_run_id"),
         (["--finetune_run_id", unfinished.info.run_id], "finetune_run_id"),
         (["--finetune_run_id", ft, "--languages", "en,es"], "languages"),
-        (["--finetune_run_id", ft, "--threshold", "1.0"], "threshold"),
+        (["--finetune_run_id", ft, "--threshold", "0.99"], "threshold"),
+        (["--finetune_run_id", ft, "--threshold", "nan"], "threshold"),
+        (["--finetune_run_id", ft, "--languages", "en,en"], "languages"),
+        (["--finetune_run_id", ft, "--seeds", "0,0"], "seeds"),
         (["--finetune_run_id", ft, "--amount", "0"], "amount"),
         (["--finetune_run_id", ft, "--amount", "1.5"], "amount"),
         (["--finetune_run_id", ft, "--target_sparsity", "1"], "target_sparsity"),

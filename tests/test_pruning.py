@@ -8,18 +8,17 @@ import json
 import pytest
 import torch
 
+from tests.reference import iterative_pruning_two_pass
 from tests.test_heads import HEADS, HIDDEN, LAYERS, logits, tiny_batches, tiny_model
 from xlsub.errors import XlsubError
-from xlsub.heads import HeadGates, attention_modules, num_heads
+from xlsub.heads import HeadGates, attention_modules, head_importance, num_heads
 from xlsub.mlm import perplexity
 from xlsub.pruning import (
     _prune_loop,
     iterative_pruning,
-    iterative_pruning_two_pass,
     load_pruned,
     mask_least_important,
     masked_perplexities,
-    params_kept_frac,
     prune_heads,
     random_mask_like,
     save_pruned,
@@ -79,6 +78,24 @@ def test_loop_stops_at_the_first_step_past_the_threshold():
     expected[:6] = 0
     assert torch.equal(result.mask.flatten(), expected)
     assert [s.frac_pruned for s in result.steps] == [0.0, 0.25, 0.5, 0.75]
+
+
+def test_the_trajectory_goes_on_to_continue_to_and_keeps_the_same_mask():
+    importance = torch.arange(12.0).view(3, 4)
+    evaluate, seen = scripted([10.0, 10.4, 11.3, 10.0, 10.0, 10.0], importance)
+    result = _prune_loop(evaluate, (3, 4), threshold=1.1, amount=0.25, target_sparsity=None, progress=None,
+                         progress_desc="test", continue_to=0.9)
+    # past the threshold at step 2, then on in steps of 3 until round(12 * 0.9) = 11 heads are off: 12
+    assert [12 - int(s.mask.sum()) for s in result.steps] == [0, 3, 6, 9, 12]
+    assert result.kept == 1 and torch.equal(result.mask, result.steps[1].mask)
+    sparse = _prune_loop(scripted([10.0] * 9, importance)[0], (3, 4), threshold=1.1, amount=0.25, target_sparsity=0.6,
+                         progress=None, progress_desc="test", continue_to=0.75)
+    # 7 heads (the target) exactly, then whole steps to 9
+    assert [12 - int(s.mask.sum()) for s in sparse.steps] == [0, 3, 6, 7, 10]
+    assert int((sparse.mask == 0).sum()) == 7
+    with pytest.raises(XlsubError, match="^continue_to: "):
+        _prune_loop(evaluate, (3, 4), threshold=1.1, amount=0.25, target_sparsity=None, progress=None, progress_desc="t",
+                    continue_to=1.5)
 
 
 def test_loop_ends_when_no_head_remains():
@@ -149,6 +166,33 @@ def test_one_pass_and_two_pass_pruning_agree():
 
 # -- random control ---------------------------------------------------------------------------------
 
+def test_random_controls_of_two_languages_are_independent_draws():
+    """Draws seeded by (language, seed, draw): their Jaccard matches the exact expectation for independent
+    random masks, and a smaller mask is nested in a larger one only as often as chance allows."""
+    import math
+
+    from xlsub.artifacts import SubnetworkId
+    from xlsub.overlap import expected_random_jaccard, jaccard
+    from xlsub.pruning import control_seed
+
+    small = torch.tensor([[1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.float32)  # 1 and 2 of 8 kept
+    large = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]], dtype=torch.float32)  # 4 and 5 of 8
+    draws = 2000
+    values, nested = [], 0
+    for draw in range(draws):
+        a = random_mask_like(small, control_seed(SubnetworkId("ru", 0), draw))
+        b = random_mask_like(large, control_seed(SubnetworkId("en", 0), draw))
+        values.append(jaccard(a, b))
+        nested += bool(((a == 1) <= (b == 1)).all())
+    mean, sd = float(torch.tensor(values).mean()), float(torch.tensor(values).std())
+    assert abs(mean - expected_random_jaccard(small, large)) < 4 * sd / math.sqrt(draws)
+    # P(nested) = prod over layers of C(5-ish kept in b, k_a) / C(8, k_a): (4/8) * (C(5,2)/C(8,2))
+    p_nested = (4 / 8) * (math.comb(5, 2) / math.comb(8, 2))
+    assert abs(nested / draws - p_nested) < 4 * math.sqrt(p_nested * (1 - p_nested) / draws)
+    seeds = {control_seed(SubnetworkId(l, s), d) for l in ("en", "de") for s in (0, 1) for d in (0, 1)}
+    assert len(seeds) == 8
+
+
 def test_random_mask_like_keeps_per_layer_counts_and_follows_its_seed():
     mask = awkward_mask()
     masks = [random_mask_like(mask, seed) for seed in range(6)]
@@ -161,10 +205,6 @@ def test_random_mask_like_keeps_per_layer_counts_and_follows_its_seed():
 
 # -- physical pruning -------------------------------------------------------------------------------
 
-def attention_param_count(model) -> int:
-    return sum(p.numel() for block in attention_modules(model) for p in block.parameters())
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("kind", ["xlmr", "bert"])
 def test_pruned_model_matches_gated_model_and_has_the_expected_size(kind, attn):
@@ -174,7 +214,6 @@ def test_pruned_model_matches_gated_model_and_has_the_expected_size(kind, attn):
     with HeadGates(model, mask):
         gated = logits(model, batch)
     full_params = sum(p.numel() for p in model.parameters())
-    full_attention = attention_param_count(model)
 
     prune_heads(model, mask)
     assert num_heads(model) == [0, 1, 3]
@@ -184,7 +223,6 @@ def test_pruned_model_matches_gated_model_and_has_the_expected_size(kind, attn):
     removed_heads = int((mask == 0).sum())
     per_head = 3 * (HIDDEN * HEAD_DIM + HEAD_DIM) + HIDDEN * HEAD_DIM
     assert sum(p.numel() for p in model.parameters()) == full_params - removed_heads * per_head
-    assert params_kept_frac(mask, model.config) == pytest.approx(attention_param_count(model) / full_attention)
 
 
 def test_fully_pruned_layer_adds_only_the_output_bias():
@@ -218,6 +256,17 @@ def test_prune_heads_refuses_bad_masks_and_pruned_models():
     prune_heads(model, awkward_mask())
     with pytest.raises(XlsubError, match="already"):
         prune_heads(model, torch.ones(LAYERS, HEADS))
+
+
+def test_gates_importance_and_pruning_refuse_a_pruned_model():
+    model, batches = prune_heads(tiny_model(), awkward_mask()), tiny_batches(1)
+    message = r"^model: its heads are already pruned \(heads per layer \[0, 1, 3\]\)"
+    with pytest.raises(XlsubError, match=message):
+        HeadGates(model, torch.ones(LAYERS, HEADS))
+    with pytest.raises(XlsubError, match=message):
+        head_importance(model, batches)
+    with pytest.raises(XlsubError, match=message):
+        iterative_pruning(model, batches)
 
 
 @pytest.mark.parametrize("kind", ["xlmr", "bert"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,6 +12,8 @@ import torch
 from matplotlib.figure import Figure
 
 from xlsub.analysis import AnalysisInputs, AnalysisResult, analyze
+from xlsub.artifacts import SubnetworkId, read_table
+from xlsub.figures.stages import head_mask_heatmap, matrix_heatmap, perplexity_bars
 from xlsub.report import MAX_INLINE_ROWS, format_number, render_report, table_html, write_report
 
 LINEAGE = {"finetune": "ft0123", "prune": "pr4567", "encode": "en89ab", "analyze": "an_cdef"}
@@ -46,22 +47,27 @@ def parse(page: str) -> Page:
     return parser
 
 
-@pytest.fixture(scope="module")
-def result() -> AnalysisResult:
+def small_analysis() -> AnalysisResult:
     g = torch.Generator().manual_seed(0)
     en = torch.randn(3, 12, 4, generator=g)
-    masks = {("en", 0): torch.tensor([[1, 1, 0], [1, 0, 1]]), ("de", 0): torch.tensor([[1, 0, 1], [1, 1, 1]])}
-    cross = pd.DataFrame([[11.0, 30.0], [15.0, 22.0]], index=["en", "de"], columns=["en", "de"])
+    masks = {SubnetworkId("en", 0): torch.tensor([[1, 1, 0], [1, 0, 1]]),
+             SubnetworkId("de", 0): torch.tensor([[1, 0, 1], [1, 1, 1]])}
+    cross = pd.DataFrame([[11.0, 30.0], [15.0, 22.0]], index=["en-s0", "de-s0"], columns=["en", "de"])
     inputs = AnalysisInputs(languages=["en", "de"], masks=masks, cross_ppl=cross, cross_ppl_random=2 * cross,
                             ppl_full={"en": 10.0, "de": 20.0},
                             encodings={"full": {"en": en, "de": en + 0.3 * torch.randn(3, 12, 4, generator=g)},
-                                       "sub_en": {"en": en, "de": torch.randn(3, 12, 4, generator=g)}},
+                                       "en-s0": {"en": en, "de": torch.randn(3, 12, 4, generator=g)}},
                             tokens={"en": [[1, 2]], "de": [[1, 3]]}, hidden_size=6, head_dim=2)
     return analyze(inputs)
 
 
+@pytest.fixture(scope="module")
+def result() -> AnalysisResult:
+    return small_analysis()
+
+
 def paths(result):
-    return ({name: f"figures/{name}" for name in result.figures}, {name: f"tables/{name}" for name in result.tables})
+    return ({name: f"figures/{name}.png" for name in result.figures}, {name: f"tables/{name}.csv" for name in result.tables})
 
 
 def test_every_figure_with_relative_src_and_caption(result):
@@ -81,7 +87,7 @@ def test_tables_metrics_and_numbers(result):
     parsed = parse(page)
     for name in result.tables:
         assert name in parsed.visible
-        assert f"tables/{name}" in parsed.links
+        assert f"tables/{name}.csv" in parsed.links
     for key, value in result.metrics.items():
         assert key in parsed.visible and format_number(value) in parsed.visible
     # the relative perplexity of the en subnetwork on de, 30 / 20, as the table shows it
@@ -128,8 +134,8 @@ def test_self_contained(result):
 def test_large_tables_are_linked_not_inlined():
     big = pd.DataFrame(np.arange(2 * (MAX_INLINE_ROWS + 1)).reshape(-1, 2), columns=["a", "b"])
     res = AnalysisResult()
-    res.add_figure("big.png", Figure(), "a big table", {"big.csv": big})
-    page = render_report(res, {"big.png": "figures/big.png"}, {"big.csv": "tables/big.csv"}, {}, None, "t")
+    res.add_figure("big", Figure(), "a big table", {"big": big})
+    page = render_report(res, {"big": "figures/big.png"}, {"big": "tables/big.csv"}, {}, None, "t")
     parsed = parse(page)
     assert "tables/big.csv" in parsed.links and "too large" in parsed.visible
     assert str(2 * MAX_INLINE_ROWS + 1) not in parsed.visible  # the last cell is not rendered
@@ -146,13 +152,33 @@ def test_number_formatting():
     assert "&lt;b&gt;" in table_html(table) and "0.500" in table_html(table)
 
 
-def test_write_report_files_exist_next_to_it(result, tmp_path):
-    report = write_report(result, tmp_path, LINEAGE, LINKS, "Demo", dpi=40)
+def test_write_report_files_exist_next_to_it(tmp_path):
+    result = small_analysis()  # its own: writing releases the figures
+    written = write_report(result, tmp_path, LINEAGE, LINKS, "Demo", dpi=40)
+    report = tmp_path / "report.html"
     parsed = parse(report.read_text(encoding="utf-8"))
+    assert sorted(img["src"] for img in parsed.images) == sorted(f"figures/{f}.png" for f in result.figures)
     for img in parsed.images:
-        assert (report.parent / img["src"]).is_file()
-        assert (report.parent / img["src"]).read_bytes()[:4] == b"\x89PNG"
-    for name, table in result.tables.items():
-        saved = pd.read_csv(tmp_path / "tables" / name)
-        assert len(saved) == len(table)
-    assert Path(tmp_path / "report.html") == report
+        assert (tmp_path / img["src"]).read_bytes()[:4] == b"\x89PNG"
+    assert written.keys() == result.tables.keys()
+    for table_id, table in written.items():
+        saved = read_table(tmp_path / "tables" / f"{table_id}.csv", table.index.nlevels)
+        assert f"tables/{table_id}.csv" in parsed.links
+        np.testing.assert_allclose(saved.to_numpy(float), table.to_numpy(float), rtol=1e-12, err_msg=table_id)
+        assert [str(i) for i in saved.index] == [str(i) for i in table.index], table_id
+    # the relative perplexity of the en subnetwork on de, 30 / 20, as written
+    assert written["cross_ppl_relative"].loc["en", "de"] == pytest.approx(1.5)
+
+
+def test_no_figure_is_left_in_pyplot(tmp_path):
+    import matplotlib.pyplot as plt
+
+    plt.close("all")  # what other tests may have left
+    result = small_analysis()
+    stage = [perplexity_bars(pd.DataFrame({"lang": ["en"], "ppl_before": [9.0], "ppl_after": [3.0]})),
+             head_mask_heatmap(torch.tensor([[1, 0]]), torch.tensor([[0.7, 0.2]]), "en-s0"),
+             matrix_heatmap(pd.DataFrame([[1.0]], index=["en-s0"], columns=["en"]), "t", "ppl")]
+    write_report(result, tmp_path, LINEAGE, dpi=30)
+    assert plt.get_fignums() == []
+    assert all(not fig.axes for fig in result.figures.values())  # released once saved
+    assert all(fig.axes for fig in stage)  # the stage figures are ordinary objects, not pyplot's

@@ -88,7 +88,7 @@ def test_mlflow_ui_shows_the_pipeline_its_heatmaps_and_the_subnetwork_comparison
     run_link(page, stages["prune"]).wait_for()
     page.get_by_role("row").filter(has=run_link(page, stages["prune"])).locator(expand).click()
     expected = {main.info.run_id: "main", **{run_id: stage for stage, run_id in stages.items()},
-                **{run_id: f"prune/{lang}" for lang, run_id in child_ids.items()}}
+                **{run_id: f"prune/{lang}-s0" for lang, run_id in child_ids.items()}}
     for run_id, name in expected.items():
         link = run_link(page, run_id)
         link.wait_for()
@@ -118,7 +118,7 @@ def test_mlflow_ui_shows_the_pipeline_its_heatmaps_and_the_subnetwork_comparison
     page.get_by_text("Comparing 3 Runs").wait_for()
     names_row = page.get_by_role("row").filter(has_text="Run Name:")
     names_row.wait_for()
-    assert [c.strip() for c in names_row.get_by_role("cell").all_inner_texts()] == [f"prune/{lang}" for lang in LANGUAGES]
+    assert [c.strip() for c in names_row.get_by_role("cell").all_inner_texts()] == [f"prune/{lang}-s0" for lang in LANGUAGES]
     for section in ("Visualizations", "Parameters", "Artifacts", "Tags"):  # keep run details and metrics on screen
         page.get_by_role("button", name=section, exact=True).click()
     names, values = page.get_by_role("grid").first, page.get_by_role("grid").last  # the metrics table: names | values

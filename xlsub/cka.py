@@ -10,8 +10,8 @@ Three estimators:
 - `linear_cka`: linear kernel, biased HSIC = tr(KHLH) / (n-1)^2, computed in
   feature space: with X, Y centred over examples, tr(KHLH) = ||Y'X||_F^2, so
   CKA = ||Y'X||_F^2 / (||X'X||_F ||Y'Y||_F), O(n d^2) instead of O(n^2 d).
-  `linear_cka_gram` is the same number through n x n Gram matrices, the
-  reference for tests and the benchmark.
+  `tests/reference.py` has the same number through n x n Gram matrices
+  (`linear_cka_gram`), the reference for the tests and `benchmarks/cka.py`.
 - `debiased_linear_cka`: linear kernel, the unbiased HSIC_1 of Song et al.
   2012, as Nguyen et al. 2021 ("Do Wide and Deep Networks Learn the Same
   Things?") use for minibatch CKA. The biased estimator gives independent
@@ -176,7 +176,7 @@ def _prepare(x: torch.Tensor, kind: str, sigma_frac: float = 1.0,
         constant = constant | undefined
         state = {"kc": kc}
     else:
-        raise XlsubError(f"cka: unknown kind '{kind}'; use linear, debiased or rbf")
+        raise ValueError(f"_prepare: unknown kind {kind!r}")  # callers run check_options first
     state["self"] = torch.where(constant, 0.0, self_)
     if precision == "float32":
         # centred in float64 first: each value is rounded once, not as a difference of rounded values
@@ -205,7 +205,7 @@ def _ratio(cross: torch.Tensor, self_a: torch.Tensor, self_b: torch.Tensor) -> t
 def check_options(kind: str, precision: str = "float64") -> None:
     """XlsubError naming the input for an unknown `kind` or `precision`, or rbf with float32."""
     if kind not in KINDS:
-        raise XlsubError(f"cka: unknown kind '{kind}'; use linear, debiased or rbf")
+        raise XlsubError(f"cka: unknown kind '{kind}'; use {', '.join(KINDS[:-1])} or {KINDS[-1]}")
     if precision not in PRECISIONS:
         raise XlsubError(f"cka_precision: unknown precision '{precision}'; use float64 or float32")
     if kind == "rbf" and precision != "float64":
@@ -240,7 +240,8 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, precision: str = "float64") -> 
     """Linear CKA, feature-space form ||Y'X||_F^2 / (||X'X||_F ||Y'Y||_F) of X, Y centred over examples.
 
     Kornblith et al. 2019, eq. 5 / `feature_space_linear_cka`. O(n d1 d2 + n d1^2 + n d2^2) time and
-    O(d^2) extra memory; equal to `linear_cka_gram`. x [..., n, d1], y [..., n, d2] -> [...], float64.
+    O(d^2) extra memory; equal to the Gram form tr(KHLH) / sqrt(tr(KHKH) tr(LHLH)).
+    x [..., n, d1], y [..., n, d2] -> [...], float64.
     `precision="float32"`: float32 products accumulated in float64 (see the module docstring).
     """
     return cka(x, y, "linear", precision=precision)
@@ -268,18 +269,6 @@ def rbf_cka(x: torch.Tensor, y: torch.Tensor, sigma_frac: float = 1.0) -> torch.
     leading index. NaN where the median distance is 0.
     """
     return cka(x, y, "rbf", sigma_frac=sigma_frac)
-
-
-def linear_cka_gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Linear CKA in its Gram form tr(KHLH) / sqrt(tr(KHKH) tr(LHLH)), K = XX', L = YY', H = I - 11'/n.
-
-    The O(n^2 d) time, O(n^2) memory reference for `linear_cka` (tests, benchmark): K and L are formed from
-    the raw inputs and centred as matrices; tr(KHLH) = <HKH, HLH> since H is idempotent.
-    """
-    _check_pair(x, y, "linear")
-    x, y = x.to(torch.float64), y.to(torch.float64)
-    kc, lc = _centre_gram(x @ x.mT), _centre_gram(y @ y.mT)
-    return _ratio((kc * lc).sum((-2, -1)), _sq_frob(kc), _sq_frob(lc))
 
 
 def cka_matrix(reps: Mapping[str, torch.Tensor], kind: str = "linear", *,

@@ -37,6 +37,7 @@ from fluent.syntax import FluentParser
 from fluent.syntax import ast as fluent_ast
 
 from xlsub.errors import XlsubError
+from xlsub.hub import is_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,6 @@ PARALLEL_MIN_SIZE = 1000
 PARALLEL_MAX_SIZE = 1500
 
 _TEXT_FEATURES = datasets.Features({"lang": datasets.Value("string"), "text": datasets.Value("string")})
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -103,7 +103,9 @@ def load_corpus(
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
             return _load_saved_dataset(corpus, path, languages, seed)
         return _load_text_folder(corpus, path, languages, seed)
-    if not _HUB_ID.match(corpus) or corpus.startswith(("./", "../", "~")):
+    # Hub datasets may have no owner (`is_hub_id` allows it, `xlsub.parallel` takes them), but here a bare
+    # word that is no folder is more likely a mistyped folder of <lang>.txt files: refused, owner/name only.
+    if not (is_hub_id(corpus) and "/" in corpus):
         raise XlsubError(
             f"corpus: {corpus!r} is not a folder and not a hub dataset id (owner/name); "
             "use corpus=embedded, a folder of <lang>.txt files, or a hub id like mbelitsky/wikipedia_subset"

@@ -8,8 +8,8 @@ float32 tensor ``[layers+1, n, d]``, the layout of the encode stage's
 
 ``encode`` is the fast path: tokenise once, sort by length, pad each batch to
 its own longest sentence, one forward of the base model (no LM head) per batch.
-``encode_naive`` computes the same numbers the slow way; the benchmark and the
-tests hold the two together.
+``tests/reference.py`` computes the same numbers the slow way (``encode_naive``);
+the tests and ``benchmarks/encode.py`` hold the two together.
 """
 
 from __future__ import annotations
@@ -17,22 +17,19 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from xlsub.artifacts import BASE_MODEL, FULL_MODEL, KEPT_HEADS_CONFIG_KEY, RANDOM_MODEL, SubnetworkId
 from xlsub.errors import XlsubError
 from xlsub.models import max_text_len
 
 log = logging.getLogger(__name__)
 
-ENCODINGS_KEY = "encodings"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def mean_pool(hidden_states: Sequence[torch.Tensor] | torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -164,56 +161,19 @@ def encode(
     return out
 
 
-def encode_naive(
-    model: nn.Module,
-    tokenizer,
-    sentences: Sequence[str],
-    *,
-    batch_size: int = 64,
-    max_length: int | None = None,
-    device: str | torch.device | None = None,
-    progress_desc: str | None = None,
-) -> torch.Tensor:
-    """The same numbers as ``encode``, computed the straightforward way (the benchmark's reference).
-
-    Sentences in their given order; each tokenised on its own inside the loop; every batch padded
-    to the longest sentence of the whole input (found by a first tokenising pass), not to its own.
-    """
-    max_length = _check_args(model, tokenizer, batch_size, max_length)
-    pad_id = _pad_id(tokenizer)
-    base = _base_model(model)
-    sentences = list(sentences)
-    width = max((len(tokenizer(s, truncation=True, max_length=max_length)["input_ids"]) for s in sentences), default=0)
-    chunks = []
-    device = _prepare(model, device)
-    with _EvalMode(model), torch.inference_mode():
-        for start in tqdm(range(0, len(sentences), batch_size), desc=progress_desc or "encode (naive)", leave=False):
-            rows, masks = [], []
-            for sentence in sentences[start:start + batch_size]:
-                ids = tokenizer(sentence, truncation=True, max_length=max_length)["input_ids"]
-                rows.append(ids + [pad_id] * (width - len(ids)))
-                masks.append([1] * len(ids) + [0] * (width - len(ids)))
-            input_ids = torch.tensor(rows, device=device)
-            attention_mask = torch.tensor(masks, device=device)
-            chunks.append(_forward_pooled(base, input_ids, attention_mask).cpu())
-    if not chunks:
-        return torch.empty(base.config.num_hidden_layers + 1, 0, base.config.hidden_size)
-    return torch.cat(chunks, dim=1)
-
-
 def random_like(model: nn.Module, seed: int) -> nn.Module:
     """A model of the same class and config with fresh random weights (the random-encoder control).
 
     Initialised under ``torch.manual_seed(seed)`` inside a forked RNG, so the same seed gives the
     same weights and the caller's random state is left alone. A physically pruned model
-    (``config.xlsub_kept_heads``) gets the same heads pruned. Same dtype and device, in eval mode.
+    (kept heads in its config) gets the same heads pruned. Same dtype and device, in eval mode.
     """
     from xlsub.pruning import kept_heads_mask, prune_heads  # pruning imports the MLM machinery
 
     config = copy.deepcopy(model.config)
     mask = kept_heads_mask(config)
     if mask is not None:
-        del config.xlsub_kept_heads  # prune_heads records it again
+        delattr(config, KEPT_HEADS_CONFIG_KEY)  # prune_heads records it again
     parameter = next(model.parameters())
     kwargs = {}
     if getattr(config, "_attn_implementation", None):
@@ -226,34 +186,34 @@ def random_like(model: nn.Module, seed: int) -> nn.Module:
     return fresh.to(device=parameter.device, dtype=parameter.dtype).eval()
 
 
-def save_encodings(encodings: torch.Tensor, path: str | Path, dtype: str = "float32") -> None:
-    """Write a ``[layers+1, n, d]`` tensor to a safetensors file (key ``encodings``) as float32 or float16."""
-    if dtype not in _DTYPES:
-        raise XlsubError(f"dtype: {dtype!r} is not one of {', '.join(_DTYPES)}; use float32 (exact) or float16 (half the size)")
-    if encodings.dim() != 3:
-        raise ValueError(f"encodings must be [layers+1, n, d], got shape {tuple(encodings.shape)}")
-    tensor = encodings.detach().to(device="cpu", dtype=_DTYPES[dtype]).contiguous()
-    if dtype == "float16" and not bool(torch.isfinite(tensor).all()) and bool(torch.isfinite(encodings).all()):
-        raise XlsubError(
-            f"dtype: values up to {float(encodings.abs().max()):.3g} overflow float16 (max 65504); use float32"
-        )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({ENCODINGS_KEY: tensor}, str(path), metadata={"layout": "[layers+1, n, d]", "dtype": dtype})
+def models_to_encode(model_folder: str | Path, subnetworks: Mapping[SubnetworkId, Callable[[], nn.Module]], *,
+                     base: str | None, use_random: bool, seed: int, max_seq_len: int) -> Iterator[tuple[str, Callable[[], nn.Module]]]:
+    """(model key, loader) for every model the encode stage encodes, loaded only when called: `full`
+    (the finetuned model in `model_folder`), each subnetwork under its id (`de-s0`), then the controls:
+    `base` (the model before finetuning: `base` is the finetune run's `model` parameter, None to skip)
+    and `random` (same configuration, random weights seeded with the finetune seed)."""
+    from transformers import AutoModelForMaskedLM
+
+    def full():
+        return AutoModelForMaskedLM.from_pretrained(model_folder)
+
+    yield FULL_MODEL, full
+    for sid, load in sorted(subnetworks.items()):
+        yield str(sid), load
+    if base is not None:
+        yield BASE_MODEL, lambda: base_model(base, model_folder, max_seq_len, seed)
+    if use_random:
+        yield RANDOM_MODEL, lambda: random_like(full(), seed)
 
 
-def load_encodings(path: str | Path) -> torch.Tensor:
-    """Read what ``save_encodings`` wrote: a float32 ``[layers+1, n, d]`` tensor."""
-    path = Path(path)
-    if not path.is_file():
-        raise XlsubError(f"encodings: {path} does not exist; give a .safetensors file written by save_encodings")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise XlsubError(f"encodings: {path} is not a readable safetensors file ({e}); re-run the encode stage") from e
-    if ENCODINGS_KEY not in tensors:
-        raise XlsubError(
-            f"encodings: {path} has no {ENCODINGS_KEY!r} tensor (it has {', '.join(tensors) or 'none'}); "
-            "give a file written by save_encodings"
-        )
-    return tensors[ENCODINGS_KEY].float()
+def base_model(name: str, model_folder: str | Path, max_seq_len: int, seed: int) -> nn.Module:
+    """The model before finetuning: the pretrained `name`, or for `tiny` the same seeded initialisation
+    the finetune run started from (its tokenizer, saved in `model_folder`, fixes the vocabulary)."""
+    import transformers
+
+    from xlsub import models
+
+    if name != models.TINY:
+        return models.load_pretrained(name)[0]
+    transformers.set_seed(seed)
+    return models.tiny_model(transformers.AutoTokenizer.from_pretrained(model_folder), max_seq_len)

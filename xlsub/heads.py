@@ -52,10 +52,14 @@ def num_heads(model: nn.Module) -> list[int]:
     return [attention.self.num_attention_heads for attention in attention_modules(model)]
 
 
-def _gates_shape(model: nn.Module) -> tuple[int, int]:
+def mask_shape(model: nn.Module) -> tuple[int, int]:
+    """[layers, heads] of the model's head masks; refuses a model whose layers lost different heads."""
     heads = num_heads(model)
     if len(set(heads)) != 1:
-        raise ValueError(f"head gates need the same number of heads in every layer; this model has {heads}")
+        raise XlsubError(
+            f"model: its heads are already pruned (heads per layer {heads}); head masks, gates and pruning "
+            "need the same heads in every layer: start from the full model"
+        )
     return len(heads), heads[0]
 
 
@@ -73,7 +77,7 @@ class HeadGates:
     """
 
     def __init__(self, model: nn.Module, gates: torch.Tensor):
-        shape = _gates_shape(model)
+        shape = mask_shape(model)
         if tuple(gates.shape) != shape:
             raise XlsubError(
                 f"head mask has shape {tuple(gates.shape)}, the model needs [layers, heads] = {list(shape)}"
@@ -205,7 +209,7 @@ def head_importance(
     The model is evaluated in eval mode (no dropout), so the pass is
     deterministic for given batches.
     """
-    layers, heads = _gates_shape(model)
+    layers, heads = mask_shape(model)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     gates = torch.ones(layers, heads) if mask is None else mask.detach().clone()

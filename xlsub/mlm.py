@@ -68,6 +68,30 @@ def perplexity(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) 
     return math.exp(total / count)
 
 
+def chunk_losses(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]):
+    """Per chunk (row of each batch, in order): the summed NLL of its masked tokens and their count, as
+    `xlsub.intervals.ChunkLosses` (float64 sums), under `torch.no_grad`. Their ratio of sums is the
+    log of `perplexity` over the same batches; the chunks are what a bootstrap resamples."""
+    from xlsub.intervals import ChunkLosses
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, tokens = [], []
+    with torch.no_grad():
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            labels = batch["labels"]
+            hidden = encoder_of(model)(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
+            scored = labels != IGNORE_INDEX
+            losses = F.cross_entropy(lm_head_of(model)(hidden[scored]).float(), labels[scored], reduction="none")
+            rows = scored.nonzero()[:, 0]
+            nll.append(torch.zeros(len(labels), dtype=torch.float64, device=device).index_add_(0, rows, losses.double()).cpu())
+            tokens.append(scored.sum(1).cpu())
+    model.train(was_training)
+    return ChunkLosses(torch.cat(nll), torch.cat(tokens))
+
+
 @contextmanager
 def masked_forward(model: nn.Module) -> Iterator[nn.Module]:
     """Make `model(...)` return the masked-only mean loss, so `Trainer` (and DDP around it) train that path.

@@ -10,8 +10,6 @@ language after ~1,000 steps; 8 heads per layer give subnetworks room to differ.
 from __future__ import annotations
 
 import json
-import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,12 +24,12 @@ from transformers import (
 )
 
 from xlsub.errors import XlsubError
+from xlsub.hub import is_hub_id, looks_local
 
 TINY = "tiny"
 TINY_VOCAB_SIZE = 8000
 TINY_SHAPE = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=8, intermediate_size=512)
 GPU_DEFAULT_MODEL = "FacebookAI/xlm-roberta-base"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = TINY_VOCAB_SIZE) -> XLMRobertaTokenizer:
@@ -73,24 +71,17 @@ def tiny_model(tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> XLMRober
     return XLMRobertaForMaskedLM(config)
 
 
-def _looks_local(name: str) -> bool:
-    if name.startswith((".", "/", "~")) or os.path.isabs(name):
-        return True
-    first = name.split("/")[0]
-    return "/" in name and os.path.isdir(first)
-
-
 def load_pretrained(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A pretrained masked LM and its tokenizer from a local folder or a hub id.
 
     A local path that does not exist fails at once rather than falling through to the hub.
     """
-    if _looks_local(name):
+    if looks_local(name):
         path = Path(name).expanduser()
         if not (path / "config.json").is_file():
             raise XlsubError(f"model: '{name}' is not a folder with config.json; give a model folder, a hub id or 'tiny'")
         name = str(path)
-    elif not _HUB_ID.match(name):
+    elif not is_hub_id(name):
         raise XlsubError(f"model: '{name}' is neither 'tiny', an existing folder nor a hub id like {GPU_DEFAULT_MODEL}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)

@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +26,13 @@ from pathlib import Path
 import datasets
 
 from xlsub.errors import XlsubError
+from xlsub.hub import is_hub_id, looks_local
 
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
 ID_COLUMN = "id"
 _JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
-# owner/name, or a bare canonical name; checked only for paths that do not exist.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _FORMATS = "embedded, a .json file {lang: [sentences]}, a .jsonl file of {id, <lang>: text} records, " \
     "a datasets save_to_disk folder or a hub dataset id (owner/name)"
 
@@ -89,7 +86,8 @@ def load_parallel(
             name, ids, columns, source = _read_saved_dataset(corpus, path, split)
         elif path.exists():
             name, ids, columns, source = _read_json_file(corpus, path)
-        elif _looks_local(corpus):
+        elif looks_local(corpus) or corpus.lower().endswith(_JSON_SUFFIXES) or not is_hub_id(corpus):
+            # can only be a path, so a missing one fails at once instead of trying the hub
             raise XlsubError(f"corpus: {corpus} does not exist; give {_FORMATS}")
         else:
             name, ids, columns, source = _read_hub_dataset(corpus, split)
@@ -184,15 +182,6 @@ def _first_duplicate(ids: Sequence[str]) -> str | None:
             return item
         seen.add(item)
     return None
-
-
-def _looks_local(name: str) -> bool:
-    """A name that can only be a path (so a missing one fails at once instead of trying the hub)."""
-    if name.startswith((".", "/", "~")) or os.path.isabs(name) or name.lower().endswith(_JSON_SUFFIXES):
-        return True
-    if not _HUB_ID.match(name):
-        return True
-    return "/" in name and os.path.isdir(name.split("/")[0])
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,15 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MethodType
 
+import pandas as pd
 import torch
 import transformers
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from xlsub import artifacts
 from xlsub.errors import XlsubError
-from xlsub.heads import HeadGates, attention_modules, head_importance, num_heads
-from xlsub.mlm import perplexity
+from xlsub.heads import HeadGates, attention_modules, head_importance, mask_shape
+from xlsub.mlm import chunk_losses, perplexity
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,9 @@ class Step:
 class PruningResult:
     """The chosen mask, the head importance under it, every step evaluated, and the unpruned perplexity.
 
-    `steps[kept]` is the chosen step. With the threshold rule the last step in
-    `steps` is the first one past the threshold, not the chosen one.
+    `steps[kept]` is the chosen step. The steps go on past it (the first one past the
+    threshold, and with `continue_to` on to that fraction of heads off): the trajectory
+    that equal-size overlaps compare.
     """
 
     mask: torch.Tensor
@@ -85,6 +88,23 @@ def mask_least_important(importance: torch.Tensor, mask: torch.Tensor, n: int) -
     return new.view_as(mask)
 
 
+def check_settings(*, threshold: float, amount: float, target_sparsity: float | None, continue_to: float = 0.0) -> None:
+    """The bounds of the pruning loop's settings, the same for the prune stage and the library.
+
+    `threshold` is a factor on the unpruned perplexity (lower is better), so it must be at least 1: below
+    1 even the unpruned model fails the stop rule. `amount` is the fraction of all heads switched off per
+    step, `target_sparsity` the fraction off at the end. NaN fails every comparison and is refused.
+    """
+    if not threshold >= 1 or math.isinf(threshold):
+        raise XlsubError(f"threshold: must be a finite perplexity ratio >= 1 (keep masks with ppl <= threshold x unpruned), got {threshold}")
+    if not 0 < amount <= 1:
+        raise XlsubError(f"amount: must be a fraction of heads in (0, 1], got {amount}")
+    if target_sparsity is not None and not 0 < target_sparsity < 1:
+        raise XlsubError(f"target_sparsity: must be a fraction of heads in (0, 1) or none, got {target_sparsity}")
+    if not 0 <= continue_to <= 1:
+        raise XlsubError(f"continue_to: must be a fraction of heads in [0, 1], got {continue_to}")
+
+
 Evaluate = Callable[[torch.Tensor], tuple[torch.Tensor, float]]
 
 
@@ -97,17 +117,13 @@ def _prune_loop(
     target_sparsity: float | None,
     progress: Callable[[Step], None] | None,
     progress_desc: str,
+    continue_to: float = 0.0,
 ) -> PruningResult:
-    if not 0 < amount <= 1:
-        raise XlsubError(f"amount={amount} must be a fraction of heads in (0, 1]")
-    if threshold < 1:
-        raise XlsubError(f"threshold={threshold} must be at least 1 (a factor on the unpruned perplexity)")
-    if target_sparsity is not None and not 0 < target_sparsity < 1:
-        raise XlsubError(f"target_sparsity={target_sparsity} must be a fraction of heads in (0, 1)")
-
+    check_settings(threshold=threshold, amount=amount, target_sparsity=target_sparsity, continue_to=continue_to)
     total = shape[0] * shape[1]
     per_step = max(1, int(total * amount))
-    goal = total if target_sparsity is None else round(total * target_sparsity)
+    goal = None if target_sparsity is None else round(total * target_sparsity)
+    trajectory_end = round(total * continue_to)
     mask = torch.ones(shape)
     importance, ppl = evaluate(mask)
     base_ppl = ppl
@@ -115,9 +131,16 @@ def _prune_loop(
     importances = [importance]
     if progress is not None:
         progress(steps[0])
-    bar = tqdm(total=math.ceil(goal / per_step), desc=progress_desc, unit="step", disable=None)
-    while (off := total - int(mask.sum())) < goal:
-        mask = mask_least_important(importance, mask, min(per_step, goal - off))
+
+    def done(off: int) -> bool:
+        chosen = off >= goal if goal is not None else (off == total or select_mask([s.ppl for s in steps], base_ppl, threshold) < len(steps) - 1)
+        return chosen and off >= trajectory_end
+
+    bar = tqdm(total=math.ceil(max(goal or 0, trajectory_end) / per_step), desc=progress_desc, unit="step", disable=None)
+    while not done(off := total - int(mask.sum())):
+        # land exactly on the target sparsity, then go on in whole steps
+        n = min(per_step, goal - off) if goal is not None and off < goal else min(per_step, total - off)
+        mask = mask_least_important(importance, mask, n)
         off = total - int(mask.sum())
         importance, ppl = evaluate(mask)
         steps.append(Step(len(steps), ppl, off / total, mask))
@@ -127,10 +150,11 @@ def _prune_loop(
                  len(steps) - 1, off, total, ppl, ppl / base_ppl)
         if progress is not None:
             progress(steps[-1])
-        if target_sparsity is None and select_mask([s.ppl for s in steps], base_ppl, threshold) < len(steps) - 1:
-            break
     bar.close()
-    kept = len(steps) - 1 if target_sparsity is not None else select_mask([s.ppl for s in steps], base_ppl, threshold)
+    if goal is not None:
+        kept = next(i for i, s in enumerate(steps) if round(s.frac_pruned * total) == goal)
+    else:
+        kept = select_mask([s.ppl for s in steps], base_ppl, threshold)
     return PruningResult(mask=steps[kept].mask, importance=importances[kept], steps=steps, base_ppl=base_ppl,
                          kept=kept)
 
@@ -142,6 +166,7 @@ def iterative_pruning(
     threshold: float = 1.1,
     amount: float = 0.1,
     target_sparsity: float | None = None,
+    continue_to: float = 0.0,
     progress: Callable[[Step], None] | None = None,
     progress_desc: str = "pruning",
 ) -> PruningResult:
@@ -154,6 +179,8 @@ def iterative_pruning(
     exceeds `threshold` x unpruned and keeps the step before (`select_mask`),
     or when no heads remain. With `target_sparsity`, prunes until exactly
     `round(heads * target_sparsity)` heads are off, whatever the perplexity.
+    With `continue_to`, the loop goes on (importance only) until at least that
+    fraction of heads is off; the chosen mask is the same.
     `progress(step)` is called after every step (step 0 included), and a tqdm
     bar labelled `progress_desc` counts steps. `batches` are pre-masked, so
     the result is deterministic.
@@ -164,32 +191,8 @@ def iterative_pruning(
         result = head_importance(model, batches, mask)
         return result.importance, result.perplexity
 
-    return _prune_loop(evaluate, _mask_shape(model), threshold=threshold, amount=amount,
-                       target_sparsity=target_sparsity, progress=progress, progress_desc=progress_desc)
-
-
-def iterative_pruning_two_pass(
-    model: nn.Module,
-    batches: Iterable[Mapping[str, torch.Tensor]],
-    *,
-    threshold: float = 1.1,
-    amount: float = 0.1,
-    target_sparsity: float | None = None,
-    progress: Callable[[Step], None] | None = None,
-    progress_desc: str = "pruning",
-) -> PruningResult:
-    """Reference for `iterative_pruning` as bertology runs it: per step an importance pass with
-    gradients for every weight, then a separate no-grad pass for the perplexity. Same masks, slower."""
-    batches = list(batches)
-
-    def evaluate(mask: torch.Tensor) -> tuple[torch.Tensor, float]:
-        importance = head_importance(model, batches, mask, freeze_weights=False).importance
-        with HeadGates(model, mask):
-            ppl = perplexity(model, batches)
-        return importance, ppl
-
-    return _prune_loop(evaluate, _mask_shape(model), threshold=threshold, amount=amount,
-                       target_sparsity=target_sparsity, progress=progress, progress_desc=progress_desc)
+    return _prune_loop(evaluate, mask_shape(model), threshold=threshold, amount=amount,
+                       target_sparsity=target_sparsity, continue_to=continue_to, progress=progress, progress_desc=progress_desc)
 
 
 def masked_perplexities(
@@ -205,13 +208,83 @@ def masked_perplexities(
         return {lang: perplexity(model, batches) for lang, batches in batches_by_language.items()}
 
 
-def _mask_shape(model: nn.Module) -> tuple[int, int]:
-    heads = num_heads(model)
-    if len(set(heads)) != 1:
-        raise XlsubError(
-            f"cannot prune a model whose heads are already pruned (heads per layer {heads}); start from the full model"
-        )
-    return len(heads), heads[0]
+def masked_chunk_losses(model: nn.Module, mask: torch.Tensor | None,
+                        batches_by_language: Mapping[str, Iterable[Mapping[str, torch.Tensor]]]) -> dict:
+    """Per-chunk losses (`xlsub.mlm.chunk_losses`) of each language's batches under a head mask (None:
+    every head on): what the perplexity matrix and its bootstrap intervals are computed from."""
+    if mask is None:
+        return {lang: chunk_losses(model, batches) for lang, batches in batches_by_language.items()}
+    with HeadGates(model, mask):
+        return {lang: chunk_losses(model, batches) for lang, batches in batches_by_language.items()}
+
+
+@dataclass
+class SubnetworkEvaluation:
+    """A subnetwork's per-chunk losses on every language, and those of its random-mask controls."""
+
+    losses: dict
+    random_masks: list[torch.Tensor]
+    random_losses: list[dict]
+
+    @property
+    def perplexity(self) -> dict[str, float]:
+        return {lang: c.perplexity for lang, c in self.losses.items()}
+
+    @property
+    def random_perplexity(self) -> dict[str, float]:
+        """Mean over the random draws of each language's perplexity."""
+        return {lang: sum(d[lang].perplexity for d in self.random_losses) / len(self.random_losses) for lang in self.losses}
+
+
+def evaluate_subnetwork(model: nn.Module, mask: torch.Tensor, subnetwork, batches_by_language, random_draws: int) -> SubnetworkEvaluation:
+    """The subnetwork on every language, beside `random_draws` random masks with the same heads per layer
+    (the control for "any subnetwork of this size would do"), each draw seeded by `control_seed`."""
+    masks = [random_mask_like(mask, control_seed(subnetwork, draw)) for draw in range(random_draws)]
+    return SubnetworkEvaluation(masked_chunk_losses(model, mask, batches_by_language), masks,
+                                [masked_chunk_losses(model, m, batches_by_language) for m in masks])
+
+
+def split_half_importance(model: nn.Module, half_a, half_b) -> float:
+    """Reliability of head importance (Michel et al. 2019) on this much data: Spearman r between the
+    importances, all heads on, from two disjoint halves of the pruning batches."""
+    from xlsub.overlap import split_half_reliability
+
+    ones = torch.ones(mask_shape(model))
+    return split_half_reliability(head_importance(model, half_a, ones).importance, head_importance(model, half_b, ones).importance)
+
+
+# -- the cross-language perplexity matrix ------------------------------------------------------------
+
+def cross_perplexity_matrix(rows: Mapping[artifacts.SubnetworkId, Mapping[str, float]], languages: Sequence[str]) -> pd.DataFrame:
+    """The cross-language perplexity matrix: {SubnetworkId: {evaluation language: ppl}} -> rows `de-s0`
+    (index "subnetwork", languages in `languages` order, seeds ascending) x evaluation languages (columns
+    "evaluated on", in `languages` order, any others after them)."""
+    ids = artifacts.subnetwork_ids(rows, languages)
+    columns = artifacts.ordered(dict.fromkeys(lang for sid in ids for lang in rows[sid]), languages)
+    return pd.DataFrame([[float(rows[sid].get(c, math.nan)) for c in columns] for sid in ids],
+                        index=pd.Index([str(sid) for sid in ids], name="subnetwork"),
+                        columns=pd.Index(columns, name="evaluated on"))
+
+
+def relative_perplexity(matrix: pd.DataFrame, ppl_full: Mapping[str, float]) -> pd.DataFrame:
+    """Subnetwork perplexity / full-model perplexity on the same evaluation language (columns): 1 = no loss.
+
+    The one place the relative matrix is computed (prune logs it, analyze shows it)."""
+    missing = [c for c in matrix.columns if c not in ppl_full]
+    if missing:
+        raise XlsubError(f"ppl_full: no full-model perplexity for {missing}; pass one for every evaluation language")
+    full = pd.Series([float(ppl_full[c]) for c in matrix.columns], index=matrix.columns)
+    return matrix.div(full, axis="columns")
+
+
+def control_seed(subnetwork, draw: int) -> int:
+    """The seed of random-mask draw `draw` of a subnetwork (`SubnetworkId`): a digest of (language,
+    pruning seed, draw), so that every subnetwork and draw gets its own independent permutation (one
+    seed shared by the languages would make their random masks nested subsets of each other)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"random-mask/{subnetwork.language}/{subnetwork.seed}/{draw}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def random_mask_like(mask: torch.Tensor, seed: int) -> torch.Tensor:
@@ -224,18 +297,6 @@ def random_mask_like(mask: torch.Tensor, seed: int) -> torch.Tensor:
         kept = int(mask[layer].sum())
         random[layer, torch.randperm(heads, generator=generator)[:kept]] = 1
     return random
-
-
-def params_kept_frac(mask: torch.Tensor, config) -> float:
-    """Fraction of the attention parameters kept: query/key/value/output weights and biases and the
-    attention LayerNorm of every layer, after removing the masked heads' rows and columns."""
-    hidden = config.hidden_size
-    head_dim = hidden // config.num_attention_heads
-    per_layer = 4 * hidden * hidden + 4 * hidden + 2 * hidden
-    per_head = 3 * (hidden * head_dim + head_dim) + hidden * head_dim
-    removed = int((mask == 0).sum()) * per_head
-    total = per_layer * mask.shape[0]
-    return (total - removed) / total
 
 
 # -- physical pruning ---------------------------------------------------------------------------
@@ -289,10 +350,8 @@ def prune_heads(model: nn.Module, mask: torch.Tensor) -> nn.Module:
             f"head mask has shape {tuple(mask.shape)}, the model needs [layers, heads] = {[len(attentions), full]}"
         )
 
-    kept_heads = []
-    for layer, attention in enumerate(attentions):
-        kept = [h for h in range(full) if mask[layer, h] != 0]  # always a list, even for one head
-        kept_heads.append(kept)
+    kept_heads = artifacts.kept_heads(mask)  # what head_mask.json holds too: one object, two files
+    for attention, kept in zip(attentions, kept_heads):
         if len(kept) == full:
             continue
         self_attention = attention.self
@@ -305,19 +364,16 @@ def prune_heads(model: nn.Module, mask: torch.Tensor) -> nn.Module:
         self_attention.all_head_size = len(kept) * size
         if not kept:
             self_attention.forward = MethodType(_no_heads_forward, self_attention)
-    model.config.xlsub_kept_heads = kept_heads
+    setattr(model.config, artifacts.KEPT_HEADS_CONFIG_KEY, kept_heads)
     return model
 
 
 def kept_heads_mask(config) -> torch.Tensor | None:
     """The head mask `prune_heads` recorded in `config`, or None for an unpruned model."""
-    kept_heads = getattr(config, "xlsub_kept_heads", None)
+    kept_heads = getattr(config, artifacts.KEPT_HEADS_CONFIG_KEY, None)
     if kept_heads is None:
         return None
-    mask = torch.zeros(len(kept_heads), config.num_attention_heads)
-    for layer, kept in enumerate(kept_heads):
-        mask[layer, kept] = 1
-    return mask
+    return artifacts.mask_from_kept_heads(kept_heads, config.num_attention_heads)
 
 
 def save_pruned(model: nn.Module, folder: str | Path) -> None:
@@ -368,3 +424,32 @@ def load_pruned(folder: str | Path, *, attn_implementation: str | None = None) -
         )
     model.load_state_dict(weights, strict=False)
     return model.eval()
+
+
+def load_subnetwork(folder: str | Path, head_mask: torch.Tensor | None = None):
+    """(model, tokenizer) from a prune run's `subnetwork/` folder; with `head_mask` (its `head_mask.json`),
+    refuses a model whose config keeps other heads."""
+    model = load_pruned(folder)
+    if head_mask is not None:
+        recorded = kept_heads_mask(model.config)
+        if recorded is None or not torch.equal(recorded, artifacts.check_mask(head_mask)):
+            raise XlsubError(f"{artifacts.SUBNETWORK_DIR}: the model in {folder} keeps other heads than its {artifacts.HEAD_MASK}; rerun prune")
+    return model, transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def perplexity_tables(evaluations: Mapping, full: Mapping, languages: Sequence[str]) -> dict[str, pd.DataFrame]:
+    """The prune run's tables by id: the cross-language perplexity matrix of the subnetworks (`cross_ppl`)
+    and of their random-mask controls (`cross_ppl_random`, mean over draws), each also relative to the
+    full model (`*_relative`), and every model's per-chunk losses (`chunk_losses`, indexed by model)."""
+    ppl_full = {l: c.perplexity for l, c in full.items()}
+    tables = {}
+    for name, rows in ((artifacts.CROSS_PPL, {sid: e.perplexity for sid, e in evaluations.items()}),
+                       (artifacts.CROSS_PPL_RANDOM, {sid: e.random_perplexity for sid, e in evaluations.items()})):
+        tables[name] = cross_perplexity_matrix(rows, languages)
+        tables[f"{name}_relative"] = relative_perplexity(tables[name], ppl_full)
+    losses = {(artifacts.FULL_MODEL, -1, l): c for l, c in full.items()}
+    for sid, e in evaluations.items():
+        losses |= {(str(sid), -1, l): c for l, c in e.losses.items()}
+        losses |= {(str(sid), k, l): c for k, draw in enumerate(e.random_losses) for l, c in draw.items()}
+    tables[artifacts.CHUNK_LOSSES] = artifacts.chunk_losses_table(losses).set_index("model")
+    return tables

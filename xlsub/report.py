@@ -1,8 +1,9 @@
 """`report.html` for an analyze run: every figure with its caption and numbers, the metrics and the lineage.
 
-The page is self-contained (inline CSS, no scripts, no external resources) and refers to the figures by
-paths relative to itself (`figures/mask_jaccard.png`), because it is logged next to them in the run's
-artifacts. All text is escaped.
+`write_report` is the one writer of an analyze run's artifacts: `figures/<figure id>.png`,
+`tables/<table id>.csv` and `report.html`. The page is self-contained (inline CSS, no scripts, no
+external resources) and refers to the figures by paths relative to itself (`figures/mask_jaccard.png`),
+because it is logged next to them in the run's artifacts. All text is escaped.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 from xlsub.analysis import AnalysisResult
+from xlsub.artifacts import REPORT, figure_path, table_path, write_table, write_verdicts
+from xlsub.figures import save_figure
 
 # Tables larger than this are linked, not inlined.
 MAX_INLINE_ROWS = 40
@@ -148,18 +151,32 @@ def _metrics_html(metrics: Mapping[str, float]) -> str:
     return f"<table><thead><tr><th>metric</th><th>value</th></tr></thead><tbody>{rows}</tbody></table>"
 
 
+def _verdicts_html(verdicts) -> str:
+    """One line per question: the answer (worded by the numbers), then value, interval, control and p."""
+    rows = []
+    for v in verdicts:
+        numbers = (f"value {format_number(v.value)}, 95% interval [{format_number(v.lo)}, {format_number(v.hi)}]; "
+                   f"control ({v.control}): {format_number(v.control_value)}; p = {format_number(v.p)}")
+        rows.append(f'<li class="verdict"><strong>{_e(v.question)}</strong> {_e(v.answer)}.'
+                    f'<br><span class="note">{_e(numbers)}</span></li>')
+    return f'<ul class="verdicts">{"".join(rows)}</ul>'
+
+
 def render_report(result: AnalysisResult, figure_paths: Mapping[str, str], table_paths: Mapping[str, str],
                   lineage: Mapping[str, str], run_links: Mapping[str, str] | None = None,
                   title: str = "xlsub analysis") -> str:
     """The analysis as one self-contained HTML page (UTF-8 text).
 
-    `figure_paths` and `table_paths` map the names in `result` to paths relative to report.html
-    (`figures/mask_jaccard.png`); `lineage` maps a stage (finetune, prune, encode, analyze) to its run ID;
+    `figure_paths` and `table_paths` map the figure and table ids in `result` to paths relative to
+    report.html (`figures/mask_jaccard.png`, `tables/mask_jaccard.csv`); `lineage` maps a stage (finetune,
+    prune, encode, analyze) to its run ID;
     `run_links` maps a stage or a run ID to an http(s) URL of the run (other schemes are not linked).
-    Every figure is shown with its caption and its tables (inline, or linked when large), then the tables
-    no figure owns.
+    The page opens with the verdicts (one line per question), then every figure with its caption and its
+    tables (inline, or linked when large), then the tables no figure owns.
     """
     body = [f"<h1>{_e(title)}</h1>"]
+    if result.verdicts:
+        body.append("<h2>Answers</h2>" + _verdicts_html(result.verdicts))
     body.append("<h2>Lineage</h2>" + _lineage_html(lineage, run_links))
     if result.metrics:
         body.append("<h2>Summary metrics</h2>" + _metrics_html(result.metrics))
@@ -192,19 +209,25 @@ def render_report(result: AnalysisResult, figure_paths: Mapping[str, str], table
 
 
 def write_report(result: AnalysisResult, folder: str | Path, lineage: Mapping[str, str],
-                 run_links: Mapping[str, str] | None = None, title: str = "xlsub analysis", dpi: int = 120) -> Path:
-    """Save every figure under `folder/figures/`, every table under `folder/tables/` and `folder/report.html`
-    referring to them by relative paths; returns the report's path. Figures stay open (the caller's to close)."""
+                 run_links: Mapping[str, str] | None = None, title: str = "xlsub analysis",
+                 dpi: int = 110) -> dict[str, pd.DataFrame]:
+    """Write the analysis into `folder` as the analyze run logs it: every figure as `figures/<figure id>.png`
+    (`save_figure`, which releases it: write a result once), every table as `tables/<table id>.csv`
+    (`write_table`) and `report.html` referring to both by relative paths.
+
+    `lineage`, `run_links` and `title` as in `render_report`. Returns the tables written, by table id, for
+    the caller to log in long form as well (`xlsub.tables.long_table`, `artifacts.table_path(id, ".json")`).
+    """
     folder = Path(folder)
-    (folder / "figures").mkdir(parents=True, exist_ok=True)
-    (folder / "tables").mkdir(parents=True, exist_ok=True)
     figure_paths, table_paths = {}, {}
-    for name, figure in result.figures.items():
-        figure.savefig(folder / "figures" / name, dpi=dpi)
-        figure_paths[name] = f"figures/{name}"
-    for name, table in result.tables.items():
-        table.to_csv(folder / "tables" / name)
-        table_paths[name] = f"tables/{name}"
-    report = folder / "report.html"
-    report.write_text(render_report(result, figure_paths, table_paths, lineage, run_links, title), encoding="utf-8")
-    return report
+    for figure_id, figure in result.figures.items():
+        figure_paths[figure_id] = figure_path(figure_id)
+        save_figure(figure, folder / figure_paths[figure_id], dpi)
+    for table_id, table in result.tables.items():
+        write_table(folder, table_id, table)
+        table_paths[table_id] = table_path(table_id)
+    page = render_report(result, figure_paths, table_paths, lineage, run_links, title)
+    (folder / REPORT).write_text(page, encoding="utf-8")
+    if result.verdicts:
+        write_verdicts(folder, result.verdicts)
+    return dict(result.tables)

@@ -10,6 +10,7 @@ import shlex
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -18,19 +19,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from transformers import TrainerCallback
 
+from xlsub import artifacts
+from xlsub.artifacts import CHILD_TAG, CODE_TAG, ERROR_TAG, PARENT_TAG, STAGE_TAG, SubnetworkId
+from xlsub.code_version import code_version
 from xlsub.errors import XlsubError
 
-STAGE_TAG = "xlsub.stage"
-ERROR_TAG = "xlsub.error"
-CODE_TAG = "xlsub.code_version"  # package version + digest of the source that ran, for reuse
-CHILD_TAG = "xlsub.child"  # "true" on the per-language runs nested in a stage run; never a stage's input
-STAGES = ("finetune", "prune", "encode", "analyze", "main")
+STAGES = artifacts.STAGES
 log = logging.getLogger(__name__)
-
-
-def input_tag(stage: str) -> str:
-    """The tag naming the run of `stage` that a run used as input, e.g. `xlsub.finetune_run_id`."""
-    return f"xlsub.{stage}_run_id"
 
 
 def fail(stage: str, err: XlsubError) -> None:
@@ -39,24 +34,25 @@ def fail(stage: str, err: XlsubError) -> None:
 
 
 @contextmanager
-def stage_run(stage: str, params: Mapping[str, object], *, log_to_mlflow: bool = True) -> Iterator[Run | None]:
-    """Run one stage in an MLflow run (the one `mlflow run` made, or a new one).
+def stage_run(stage: str, args, *, log_to_mlflow: bool = True) -> Iterator[Run | None]:
+    """Run one stage in an MLflow run (the one `mlflow run` made, or a new one), with `args` (the stage's
+    parameter dataclass) logged as parameters and validated inside the run.
 
-    Bad input (XlsubError) prints one line, marks the run FAILED and exits with
-    status 2; any other exception marks it FAILED and propagates. Ranks other
-    than 0 of a distributed job pass `log_to_mlflow=False` and get the same
-    error handling with no run.
+    Bad input (XlsubError, from `args.validate()` or later) prints one line, marks the run FAILED and
+    exits with status 2; any other exception marks it FAILED and propagates. Ranks other than 0 of a
+    distributed job pass `log_to_mlflow=False` and get the same error handling with no run.
     """
     active = None
     if log_to_mlflow:
         active = mlflow.start_run(run_name=stage)
-        mlflow.set_tags({STAGE_TAG: stage, CODE_TAG: code_version()})
+        mlflow.set_tags({STAGE_TAG: stage, CODE_TAG: code_version(stage)})
     status = "FAILED"
     try:
         if log_to_mlflow:
             # `mlflow run` has already logged the -P values as typed; add what it did not
             logged = active.data.params if active.data else {}
-            mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+            mlflow.log_params({k: v for k, v in asdict(args).items() if k not in logged})
+        args.validate()
         yield active
         status = "FINISHED"
     except XlsubError as err:
@@ -73,32 +69,19 @@ def stage_run(stage: str, params: Mapping[str, object], *, log_to_mlflow: bool =
             mlflow.end_run(status)
 
 
-def code_version() -> str:
-    """`<package version>+<sha256 of the project's source>`: what a finished run is reused by.
-
-    A digest rather than the git commit alone: it also tells uncommitted
-    changes apart, and works where there is no git (an installed package).
-    """
-    import hashlib
-
-    import xlsub
-
-    root = Path(xlsub.__file__).resolve().parents[1]
-    digest = hashlib.sha256()
-    files = sorted((root / "xlsub").rglob("*.py")) + sorted((root / "entry_points").rglob("*.py"))
-    for path in files + [root / "MLproject"]:
-        if path.is_file():
-            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return f"{xlsub.__version__}+{digest.hexdigest()[:16]}"
+def unquote(value: object) -> str:
+    """A parameter value as `mlflow run` logged it, without its shell quoting (`''` is an empty value)."""
+    text = str(value).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        text = " ".join(shlex.split(text))
+    return text
 
 
 def same_value(a: object, b: object) -> bool:
     """Parameters compare by value: `1` equals `1.0`, `true` equals `True`, text compares as text."""
 
     def norm(v: object):
-        text = str(v).strip()
-        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-            text = " ".join(shlex.split(text))  # `mlflow run` logs -P values shell-quoted: '' for an empty one
+        text = unquote(v)
         if text.lower() in ("true", "false"):
             return text.lower() == "true"
         try:
@@ -117,7 +100,7 @@ def find_reusable(experiment_id: str, stage: str, params: Mapping[str, object]) 
     """
     runs = MlflowClient().search_runs(
         [experiment_id],
-        filter_string=f"tags.`{STAGE_TAG}` = '{stage}' and tags.`{CODE_TAG}` = '{code_version()}' and attributes.status = 'FINISHED'",
+        filter_string=f"tags.`{STAGE_TAG}` = '{stage}' and tags.`{CODE_TAG}` = '{code_version(stage)}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
         max_results=500,
     )
@@ -133,6 +116,7 @@ def find_reusable(experiment_id: str, stage: str, params: Mapping[str, object]) 
 def resolve_run(param: str, value: str, stage: str) -> Run:
     """The FINISHED run of `stage` that parameter `param` names: a run ID or `latest` in the active experiment."""
     client = MlflowClient()
+    value = str(value).strip()
     if value == "latest":
         experiment_id = mlflow.active_run().info.experiment_id if mlflow.active_run() else "0"
         runs = client.search_runs(
@@ -155,7 +139,7 @@ def resolve_run(param: str, value: str, stage: str) -> Run:
     if found != stage:
         raise XlsubError(f"{param}: run {value} is {'a ' + found if found else 'not an xlsub'} run, not a {stage} run; pass a {stage} run ID")
     if run.data.tags.get(CHILD_TAG) == "true":
-        parent = run.data.tags.get("mlflow.parentRunId", "?")
+        parent = run.data.tags.get(PARENT_TAG, "?")
         raise XlsubError(f"{param}: run {value} is one language's child run; pass its parent {stage} run {parent}")
     if run.info.status != "FINISHED":
         raise XlsubError(f"{param}: run {value} is {run.info.status}, not FINISHED; pass a finished {stage} run")
@@ -200,7 +184,7 @@ def log_corpus(corpus, train_examples: Mapping[str, int]) -> None:
         dataset = mlflow.data.from_huggingface(ds, name=f"{corpus.name}-{split}", source=source if "://" in source else None,
                                                path=None if "://" in source else corpus.name)
         mlflow.log_input(dataset, context=split, tags={k: str(v) for k, v in corpus.source.items()})
-    mlflow.set_tags({f"xlsub.source.{k}": str(v) for k, v in corpus.source.items()})
+    mlflow.set_tags({f"{artifacts.SOURCE_TAG_PREFIX}{k}": str(v) for k, v in corpus.source.items()})
     mlflow.log_params({f"train_examples.{lang}": n for lang, n in train_examples.items()})
 
 
@@ -215,11 +199,22 @@ def log_parallel(corpus) -> None:
     mlflow.log_input(dataset, context="parallel", tags={k: str(v)[:500] for k, v in corpus.source.items()})
 
 
-def load_subnetwork(run_id: str, dst: Path | None = None):
-    """The physically pruned subnetwork (model, tokenizer) logged by a prune child run."""
-    from transformers import AutoTokenizer
+def prune_children(prune: Run, param: str = "prune_run_id") -> dict[SubnetworkId, Run]:
+    """The subnetwork runs nested in a prune run, by SubnetworkId, in id order."""
+    children = MlflowClient().search_runs(
+        [prune.info.experiment_id], f"tags.`{PARENT_TAG}` = '{prune.info.run_id}' and tags.`{CHILD_TAG}` = 'true'", max_results=5000)
+    found = {}
+    for child in children:
+        tags = child.data.tags
+        sid = SubnetworkId(tags[artifacts.LANGUAGE_TAG], int(tags[artifacts.SEED_TAG]))
+        if sid in found:
+            raise XlsubError(f"{param}: prune run {prune.info.run_id} has two runs for subnetwork {sid}; rerun prune")
+        found[sid] = child
+    if not found:
+        raise XlsubError(f"{param}: prune run {prune.info.run_id} has no subnetwork runs; rerun prune")
+    return dict(sorted(found.items()))
 
-    from xlsub.pruning import load_pruned
 
-    path = download(run_id, "subnetwork", dst)
-    return load_pruned(path), AutoTokenizer.from_pretrained(path)
+def log_table(table, path: str) -> None:
+    """A table as an MLflow table artifact (`mlflow.load_table` reads it back across runs)."""
+    mlflow.log_table(table, path)

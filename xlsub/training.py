@@ -77,3 +77,23 @@ def train_masked_lm(
     with masked_forward(model):
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
     return {**result.metrics, "train_steps": trainer.state.global_step}
+
+
+def load_finetuned(folder: str | Path, settings, languages: list[str], device: str):
+    """The model, tokenizer, LM data and corpus of a finished finetune run, from its `model/` folder and
+    its settings (`corpus`, `seed`, `max_seq_len`, `examples_per_lang`, `test_examples_per_lang`).
+
+    The data are chunked exactly as the finetune run chunked them (same corpus, languages, seed and
+    sizes), so test perplexities are comparable with its `ppl_after.<lang>`.
+    """
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from xlsub.corpus import load_corpus
+    from xlsub.data import build_lm_data
+
+    model = AutoModelForMaskedLM.from_pretrained(folder).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    corpus = load_corpus(settings.corpus, languages, seed=settings.seed)
+    lm = build_lm_data(corpus.texts, languages, tokenizer, settings.max_seq_len, settings.examples_per_lang,
+                       settings.test_examples_per_lang, settings.seed)
+    return model, tokenizer, lm, corpus

@@ -1,0 +1,394 @@
+"""The contract between the stages: run tags, artifact paths, subnetwork ids, and one writer and one
+reader for every artifact a stage hands to another.
+
+Writers put files into a local folder that the stage then logs as the run's artifacts (same relative
+paths); readers take the folder (or file) that `xlsub.tracking.download` returns. Nothing here talks to
+MLflow, so the formats are testable with plain files. DESIGN.md describes the same layout in prose.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from xlsub.errors import XlsubError
+
+# -- tags -------------------------------------------------------------------------------------------------
+STAGE_TAG = "xlsub.stage"  # finetune | prune | encode | analyze | main
+ERROR_TAG = "xlsub.error"  # the one line a user saw for bad input
+CODE_TAG = "xlsub.code_version"  # package version + digest of the stage's own source, for reuse
+CHILD_TAG = "xlsub.child"  # "true" on the per-subnetwork runs nested in a prune run; never a stage's input
+LANGUAGES_TAG = "xlsub.languages"  # on finetune runs: the languages trained, comma-separated
+LANGUAGE_TAG = "xlsub.language"  # on prune child runs: the language the subnetwork is for
+SEED_TAG = "xlsub.seed"  # on prune child runs: the pruning seed
+SUBNETWORK_TAG = "xlsub.subnetwork"  # on prune child runs: the SubnetworkId, e.g. de-s0
+REUSED_TAG = "xlsub.reused"  # on main runs: the reused stages, comma-separated in stage order, or "none"
+SOURCE_TAG_PREFIX = "xlsub.source."  # on finetune runs: the corpus' provenance (package versions, ...)
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag on nested runs
+STAGES = ("finetune", "prune", "encode", "analyze", "main")
+
+
+def input_tag(stage: str) -> str:
+    """The tag naming the run of `stage` that a run used as input, e.g. `xlsub.finetune_run_id`."""
+    return f"xlsub.{stage}_run_id"
+
+
+def reused_stage_tag(stage: str) -> str:
+    """On main runs: the finished run reused for `stage`, e.g. `xlsub.reused.prune`."""
+    return f"{REUSED_TAG}.{stage}"
+
+
+# -- artifact paths (inside a run) -----------------------------------------------------------------------
+MODEL_DIR = "model"  # finetune: save_pretrained folder, tokenizer included
+PERPLEXITY_TABLE = "perplexity"  # finetune: perplexity.csv, one row per lang: ppl_unigram, ppl_before, ppl_after
+PERPLEXITY_FIGURE = "perplexity.png"
+HEAD_MASK = "head_mask.json"  # prune child: [layers][heads] of 0/1
+HEAD_IMPORTANCE = "head_importance.json"  # prune child: [layers][heads] of floats
+HEAD_MASK_FIGURE = "head_mask.png"
+STEPS = "steps.json"  # prune child: one row per pruning step, with its mask (an MLflow table)
+RANDOM_MASKS = "random_masks.json"  # prune child: the random-mask control draws, a list of [layers][heads] 0/1
+CHUNK_LOSSES = "chunk_losses"  # prune parent: chunk_losses.csv, per test chunk NLL and tokens of every model
+VERDICTS = "verdicts.json"  # analyze: the answers, one object per question
+SUBNETWORK_DIR = "subnetwork"  # prune child: the physically pruned model, tokenizer included
+PPL_FULL = "ppl_full.json"  # prune parent: {"full": {lang: ppl}}
+CROSS_PPL = "cross_ppl"  # prune parent: subnetwork x evaluation language (.csv, _relative.csv, .png)
+CROSS_PPL_RANDOM = "cross_ppl_random"  # prune parent: the random-mask control of the same
+CROSS_PPL_TABLE = "cross_ppl.json"  # prune parent: the matrix as an MLflow table
+ENCODINGS_DIR = "encodings"  # encode: encodings/<model key>/<lang>.safetensors
+SENTENCES = "sentences.json"  # encode: languages, ids and texts in encoding order
+FIGURES_DIR = "figures"  # analyze
+TABLES_DIR = "tables"  # analyze: tables/<table id>.csv and tables/<table id>.json (long form)
+REPORT = "report.html"  # analyze
+MODEL_TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # enough to tokenize
+KEPT_HEADS_CONFIG_KEY = "xlsub_kept_heads"  # in a pruned model's config.json: kept head indices per layer
+
+# encoding keys besides the subnetworks'
+FULL_MODEL = "full"
+BASE_MODEL = "base"
+RANDOM_MODEL = "random"
+CONTROL_MODELS = (BASE_MODEL, RANDOM_MODEL)
+
+
+# -- subnetwork ids ---------------------------------------------------------------------------------------
+_SUBNETWORK_ID = re.compile(r"^(?P<language>[A-Za-z][A-Za-z0-9_]*(?:-[A-Za-z0-9_]+)*?)-s(?P<seed>\d+)$")
+_LANGUAGE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*(?:-[A-Za-z0-9_]+)*$")
+
+
+@dataclass(frozen=True, order=True)
+class SubnetworkId:
+    """One language's subnetwork from one pruning seed, written `de-s0` everywhere: run names
+    (`prune/de-s0`), table rows, encoding keys and model names (MLflow model names refuse `/ : . %`)."""
+
+    language: str
+    seed: int
+
+    def __post_init__(self):
+        if not isinstance(self.language, str) or not _LANGUAGE.match(self.language):
+            raise XlsubError(f"languages: '{self.language}' is not a language code (letters, digits, '-' or '_')")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise XlsubError(f"seeds: {self.seed!r} is not a non-negative integer seed")
+
+    def __str__(self) -> str:
+        return f"{self.language}-s{self.seed}"
+
+    @property
+    def run_name(self) -> str:
+        """The prune child run's name, e.g. `prune/de-s0`."""
+        return f"prune/{self}"
+
+    @classmethod
+    def parse(cls, text: str) -> SubnetworkId:
+        """`de-s0` -> SubnetworkId("de", 0); refuses anything else."""
+        match = _SUBNETWORK_ID.match(str(text))
+        if match is None:
+            raise XlsubError(f"subnetwork: '{text}' is not a subnetwork id such as de-s0 (<language>-s<seed>)")
+        return cls(match.group("language"), int(match.group("seed")))
+
+    @classmethod
+    def parse_or_none(cls, text: str) -> SubnetworkId | None:
+        """The id that `text` spells, or None for anything else (`full`, `base`, `random`)."""
+        try:
+            return cls.parse(text)
+        except XlsubError:
+            return None
+
+
+def group_by_language(items: Mapping[SubnetworkId, object], languages: Sequence[str] = ()) -> dict[str, dict[int, object]]:
+    """{SubnetworkId: x} -> {language: {seed: x}}: languages in `languages` order (others after them, in
+    first-seen order), seeds ascending."""
+    grouped: dict[str, dict[int, object]] = {}
+    for sid, value in items.items():
+        grouped.setdefault(sid.language, {})[sid.seed] = value
+    order = [l for l in languages if l in grouped] + [l for l in grouped if l not in languages]
+    return {lang: dict(sorted(grouped[lang].items())) for lang in order}
+
+
+def ordered(present, languages: Sequence[str]) -> list[str]:
+    """The languages of `present` in `languages` order, any others after them in their own order."""
+    present = list(present)
+    return [l for l in languages if l in present] + [l for l in present if l not in languages]
+
+
+def subnetwork_ids(items: Mapping[SubnetworkId, object], languages: Sequence[str] = ()) -> list[SubnetworkId]:
+    """The ids of a {SubnetworkId: x} mapping in table order: languages in `languages` order, seeds ascending."""
+    return [SubnetworkId(lang, seed) for lang, seeds in group_by_language(items, languages).items() for seed in seeds]
+
+
+# -- head masks -------------------------------------------------------------------------------------------
+def check_mask(mask: torch.Tensor, name: str = "head mask") -> torch.Tensor:
+    """A head mask is a [layers, heads] tensor of 0/1; returns it as float."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        raise XlsubError(f"{name}: expected a [layers, heads] tensor, got {getattr(mask, 'shape', type(mask).__name__)}")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise XlsubError(f"{name}: entries must be 0 or 1")
+    return mask.float()
+
+
+def kept_heads(mask: torch.Tensor) -> list[list[int]]:
+    """The kept head indices of each layer (always a list, also for one head or none)."""
+    mask = check_mask(mask)
+    return [[h for h in range(mask.shape[1]) if mask[layer, h] != 0] for layer in range(mask.shape[0])]
+
+
+def mask_from_kept_heads(kept: Sequence[Sequence[int]], heads: int) -> torch.Tensor:
+    """The inverse of `kept_heads` for a model with `heads` heads per layer."""
+    mask = torch.zeros(len(kept), heads)
+    for layer, indices in enumerate(kept):
+        if any(not 0 <= int(h) < heads for h in indices):
+            raise XlsubError(f"{KEPT_HEADS_CONFIG_KEY}: layer {layer} names heads {list(indices)} outside 0..{heads - 1}")
+        mask[layer, [int(h) for h in indices]] = 1
+    return mask
+
+
+def write_head_mask(folder: Path, mask: torch.Tensor) -> Path:
+    path = Path(folder) / HEAD_MASK
+    path.write_text(json.dumps(check_mask(mask).int().tolist()))
+    return path
+
+
+def read_head_mask(path: Path) -> torch.Tensor:
+    try:
+        return check_mask(torch.tensor(json.loads(Path(path).read_text()), dtype=torch.float32), HEAD_MASK)
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise XlsubError(f"{HEAD_MASK}: {path} is not a [layers][heads] list of 0/1 ({err}); rerun prune") from None
+
+
+def write_importance(folder: Path, importance: torch.Tensor) -> Path:
+    path = Path(folder) / HEAD_IMPORTANCE
+    path.write_text(json.dumps(importance.double().tolist()))
+    return path
+
+
+def read_importance(path: Path) -> torch.Tensor:
+    return torch.tensor(json.loads(Path(path).read_text()), dtype=torch.float64)
+
+
+def steps_table(steps: Iterable, kept: int | None = None) -> pd.DataFrame:
+    """The pruning trajectory, one row per step (`xlsub.pruning.Step`): step, ppl, frac_pruned, heads_kept,
+    chosen (the step that is the subnetwork) and mask (its [layers][heads] 0/1 list)."""
+    return pd.DataFrame([{"step": s.step, "ppl": s.ppl, "frac_pruned": s.frac_pruned, "heads_kept": int(s.mask.sum()),
+                          "chosen": s.step == kept, "mask": check_mask(s.mask).int().tolist()} for s in steps])
+
+
+def read_steps(path: Path) -> pd.DataFrame:
+    """What `mlflow.log_table` wrote for `steps_table` (pandas' split orientation)."""
+    data = json.loads(Path(path).read_text())
+    return pd.DataFrame(data["data"], columns=data["columns"])
+
+
+def step_masks(steps: pd.DataFrame) -> list[torch.Tensor]:
+    """The masks of a `read_steps` table, in step order: a subnetwork's pruning trajectory."""
+    return [check_mask(torch.tensor(m, dtype=torch.float32), STEPS) for m in steps.sort_values("step")["mask"]]
+
+
+def write_random_masks(folder: Path, masks: Sequence[torch.Tensor]) -> Path:
+    path = Path(folder) / RANDOM_MASKS
+    path.write_text(json.dumps([check_mask(m).int().tolist() for m in masks]))
+    return path
+
+
+def read_random_masks(path: Path) -> list[torch.Tensor]:
+    return [check_mask(torch.tensor(m, dtype=torch.float32), RANDOM_MASKS) for m in json.loads(Path(path).read_text())]
+
+
+def chunk_losses_table(losses: Mapping[tuple[str, int, str], object]) -> pd.DataFrame:
+    """Long table of per-chunk losses: {(model, control draw, language): ChunkLosses} -> rows model
+    (`full` or a subnetwork id), draw (-1 for the model itself, k for its k-th random-mask control),
+    language, chunk, nll, tokens."""
+    frames = [pd.DataFrame({"model": model, "draw": draw, "language": lang, "chunk": range(len(c.nll)),
+                            "nll": c.nll.double().numpy(), "tokens": c.tokens.numpy()})
+              for (model, draw, lang), c in losses.items()]
+    return pd.concat(frames, ignore_index=True)
+
+
+def read_chunk_losses(path: Path) -> dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """The inverse of `chunk_losses_table` from its CSV: {(model, draw, language): (nll, tokens)}, the
+    fields of `xlsub.intervals.ChunkLosses`."""
+    table = pd.read_csv(path, keep_default_na=False)
+    out = {}
+    for (model, draw, lang), group in table.groupby(["model", "draw", "language"], sort=False):
+        group = group.sort_values("chunk")
+        out[(str(model), int(draw), str(lang))] = (torch.tensor(group["nll"].to_numpy(), dtype=torch.float64),
+                                                   torch.tensor(group["tokens"].to_numpy(), dtype=torch.long))
+    return out
+
+
+def write_verdicts(folder: Path, verdicts: Iterable) -> Path:
+    """`verdicts.json`: a list of {question, answer, value, lo, hi, control, control_value, p}."""
+    path = Path(folder) / VERDICTS
+    path.write_text(json.dumps([v.as_dict() for v in verdicts], indent=1, ensure_ascii=False))
+    return path
+
+
+# -- models -----------------------------------------------------------------------------------------------
+def write_model(folder: Path, model, tokenizer, subdir: str = MODEL_DIR) -> Path:
+    """`model/` (finetune) or `subnetwork/` (prune child): `save_pretrained` of the model, whose config
+    records the kept heads of a pruned one (`xlsub.pruning.prune_heads`), and of its tokenizer."""
+    path = Path(folder) / subdir
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# -- encodings --------------------------------------------------------------------------------------------
+ENCODINGS_KEY = "encodings"  # the tensor's name inside each safetensors file
+ENCODING_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def encoding_path(model_key: str, language: str) -> str:
+    """`encodings/<model key>/<lang>.safetensors`; model keys are `full`, a SubnetworkId, `base`, `random`."""
+    return f"{ENCODINGS_DIR}/{model_key}/{language}.safetensors"
+
+
+def write_encodings(folder: Path, model_key: str, language: str, encodings: torch.Tensor, dtype: str) -> Path:
+    path = Path(folder) / encoding_path(model_key, language)
+    save_encodings(encodings, path, dtype)
+    return path
+
+
+def read_encodings(root: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{model key: {language: [layers+1, n, d]}} from a downloaded `encodings/` folder."""
+    root = Path(root)
+    return {key.name: {p.stem: load_encodings(p) for p in sorted(key.glob("*.safetensors"))}
+            for key in sorted(root.iterdir()) if key.is_dir()}
+
+
+def save_encodings(encodings: torch.Tensor, path: str | Path, dtype: str = "float32") -> None:
+    """Write a ``[layers+1, n, d]`` tensor to a safetensors file (key ``encodings``) as float32 or float16."""
+    if dtype not in ENCODING_DTYPES:
+        raise XlsubError(f"dtype: {dtype!r} is not one of {', '.join(ENCODING_DTYPES)}; use float32 (exact) or float16 (half the size)")
+    if encodings.dim() != 3:
+        raise ValueError(f"encodings must be [layers+1, n, d], got shape {tuple(encodings.shape)}")
+    tensor = encodings.detach().to(device="cpu", dtype=ENCODING_DTYPES[dtype]).contiguous()
+    if dtype == "float16" and not bool(torch.isfinite(tensor).all()) and bool(torch.isfinite(encodings).all()):
+        raise XlsubError(
+            f"dtype: values up to {float(encodings.abs().max()):.3g} overflow float16 (max 65504); use float32"
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({ENCODINGS_KEY: tensor}, str(path), metadata={"layout": "[layers+1, n, d]", "dtype": dtype})
+
+
+def load_encodings(path: str | Path) -> torch.Tensor:
+    """Read what ``save_encodings`` wrote: a float32 ``[layers+1, n, d]`` tensor."""
+    path = Path(path)
+    if not path.is_file():
+        raise XlsubError(f"encodings: {path} does not exist; give a .safetensors file written by save_encodings")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise XlsubError(f"encodings: {path} is not a readable safetensors file ({e}); re-run the encode stage") from e
+    if ENCODINGS_KEY not in tensors:
+        raise XlsubError(
+            f"encodings: {path} has no {ENCODINGS_KEY!r} tensor (it has {', '.join(tensors) or 'none'}); "
+            "give a file written by save_encodings"
+        )
+    return tensors[ENCODINGS_KEY].float()
+
+
+def write_sentences(folder: Path, corpus) -> Path:
+    """`sentences.json`: the parallel corpus (`xlsub.parallel.ParallelCorpus`) in encoding order."""
+    path = Path(folder) / SENTENCES
+    sentences = {"languages": corpus.languages, "ids": corpus.ids, "texts": corpus.texts, "dropped": corpus.dropped,
+                 "corpus": corpus.name, "source": corpus.source}
+    path.write_text(json.dumps(sentences, ensure_ascii=False))
+    return path
+
+
+def read_sentences(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# -- perplexity matrices and tables -----------------------------------------------------------------------
+def write_ppl_full(folder: Path, ppl_full: Mapping[str, float]) -> Path:
+    path = Path(folder) / PPL_FULL
+    path.write_text(json.dumps({"full": dict(ppl_full)}))
+    return path
+
+
+def read_ppl_full(path: Path) -> dict[str, float]:
+    return {k: float(v) for k, v in json.loads(Path(path).read_text())["full"].items()}
+
+
+def table_path(table_id: str, suffix: str = ".csv", folder: str | None = TABLES_DIR) -> str:
+    """Where a table lies in its run: `tables/<table id>.csv` (analyze; `.json` is its long form), or at the
+    artifact root with `folder=None` (finetune's `perplexity.csv`, prune's `cross_ppl.csv`)."""
+    return f"{folder}/{table_id}{suffix}" if folder else f"{table_id}{suffix}"
+
+
+def long_table_path(table_id: str) -> str:
+    """`tables/<table id>.json`: an analyze table in long form, as an MLflow table (`mlflow.load_table`)."""
+    return table_path(table_id, ".json")
+
+
+def figure_path(figure_id: str, folder: str | None = FIGURES_DIR) -> str:
+    """Where a figure lies in its run: `figures/<figure id>.png` (analyze), or at the root with `folder=None`."""
+    return f"{folder}/{figure_id}.png" if folder else f"{figure_id}.png"
+
+
+def write_table(folder: Path, table_id: str, table: pd.DataFrame, subfolder: str | None = TABLES_DIR) -> Path:
+    """A table as CSV, its index (one or several levels) first: `<subfolder>/<table id>.csv`."""
+    path = Path(folder) / (subfolder or "") / f"{table_id}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(path)
+    return path
+
+
+def read_table(path: Path, index_levels: int = 1) -> pd.DataFrame:
+    """A CSV written by `write_table`, with its first `index_levels` columns as the index.
+
+    Columns that are numbers (layers) come back as ints, so tables keyed by layer survive the round trip.
+    """
+    table = pd.read_csv(path, index_col=list(range(index_levels)))
+
+    def number(label):
+        try:
+            value = float(label)
+        except (TypeError, ValueError):
+            return label
+        return int(value) if math.isfinite(value) and value == int(value) else value
+
+    table.columns = pd.Index([number(c) for c in table.columns], name=table.columns.name)
+    return table
+
+
+def read_cross_ppl(path: Path) -> pd.DataFrame:
+    """The prune run's `cross_ppl.csv` (rows subnetwork ids, columns evaluation languages)."""
+    table = pd.read_csv(path, index_col=0)
+    for row in table.index:
+        SubnetworkId.parse(row)
+    return table
+
+
+# -- compare ----------------------------------------------------------------------------------------------
+ANALYZE_RUNS_TAG = "xlsub.analyze_run_ids"  # on compare runs: the analyze runs compared, comma-separated
+COMPARE_METRICS = "metrics"  # compare: metrics.csv (artifact root) and figures/metrics.png, one row per headline metric
