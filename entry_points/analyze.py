@@ -23,6 +23,7 @@ from xlsub.cka import check_options as check_cka_options
 from xlsub.errors import XlsubError
 from xlsub.intervals import ChunkLosses
 from xlsub.report import write_report
+from xlsub.similarity_tables import Counts
 from xlsub.tables import long_table
 
 log = logging.getLogger("xlsub.analyze")
@@ -32,13 +33,16 @@ log = logging.getLogger("xlsub.analyze")
 class AnalyzeArgs(StageArgs):
     encode_run_id: str = field(default="latest", metadata={"help": "encode run ID or 'latest'"})
     prune_run_id: str = field(default="latest", metadata={"help": "prune run ID or 'latest'; with an explicit encode_run_id, 'latest' means that encode run's prune run"})
-    cka: str = field(default="linear", metadata={"help": "CKA kind: linear, debiased (unbiased HSIC) or rbf"})
+    cka: str = field(default="debiased", metadata={"help": "CKA kind: debiased (unbiased HSIC, the default: biased CKA is inflated when n is not far above d), linear or rbf"})
     cka_precision: str = field(default="float64", metadata={"help": "CKA products: float64, or float32 accumulated in float64 (linear and debiased; about 1.5x faster on CPUs)"})
     layers: str = field(default="auto", metadata={"help": "layers (0 = embeddings) for the all-pairs CKA heatmaps, comma-separated, or 'auto' (first, middle, last)"})
     reference: str = field(default="en", metadata={"help": "the language every other language is compared with (CKA and token overlap)"})
     bootstrap: int = field(default=1000, metadata={"help": "bootstrap replicates over test chunks for the perplexity intervals and the specificity gap"})
     permutations: int = field(default=1000, metadata={"help": "label permutations and random-mask draws of the overlap tests"})
     resample_seed: int = field(default=0, metadata={"help": "seed of the bootstrap, permutations and random draws"})
+    cka_permutations: int = field(default=1000, metadata={"help": "permutations of the CKA null: full model at every layer, base and random controls at the last"})
+    subnetwork_permutations: int = field(default=200, metadata={"help": "permutations of the CKA null for each subnetwork (last layer)"})
+    length_permutations: int = field(default=500, metadata={"help": "length-matched permutations and RSA's Mantel test (full model and controls, last layer)"})
 
     @property
     def layer_list(self) -> list[int] | None:
@@ -56,7 +60,7 @@ class AnalyzeArgs(StageArgs):
             raise XlsubError("reference: give a language code, e.g. en")
         if self.bootstrap < 10:
             raise XlsubError(f"bootstrap: give at least 10 replicates (1000 for 95% intervals), got {self.bootstrap}")
-        self.check_positive("permutations")
+        self.check_positive("permutations", "cka_permutations", "subnetwork_permutations", "length_permutations")
         if self.resample_seed < 0:
             raise XlsubError(f"resample_seed: must be >= 0, got {self.resample_seed}")
 
@@ -117,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             result = analyze(load_inputs(finetune, prune, encode, Path(tmp) / "inputs"), cka_kind=args.cka, layers=args.layer_list,
                              cka_precision=args.cka_precision, reference=args.reference, bootstrap=args.bootstrap,
-                             permutations=args.permutations, resample_seed=args.resample_seed)
+                             permutations=args.permutations, resample_seed=args.resample_seed,
+                             counts=Counts(args.cka_permutations, args.cka_permutations, args.subnetwork_permutations, args.length_permutations))
             title = f"xlsub analysis ({args.cka} CKA{', float32 products' if args.cka_precision == 'float32' else ''})"
             lineage = {stage: r.info.run_id for stage, r in (runs | {"analyze": run}).items()}
             written = write_report(result, Path(tmp) / "out", lineage, run_links(runs | {"analyze": run}), title=title)

@@ -23,7 +23,7 @@ import transformers
 from entry_points._common import StageArgs, device_field, parse_args, parse_languages
 from entry_points.finetune import FinetuneArgs
 from xlsub import artifacts, models, tracking
-from xlsub.encoding import encode, models_to_encode
+from xlsub.encoding import POOLINGS, encode, models_to_encode
 from xlsub.errors import XlsubError
 from xlsub.parallel import load_parallel
 from xlsub.pruning import load_subnetwork
@@ -42,12 +42,14 @@ class EncodeArgs(StageArgs):
     dtype: str = field(default="float32", metadata={"help": "stored precision: float32 or float16"})
     use_base: bool = field(default=False, metadata={"help": "also encode the model before finetuning (model_key 'base')"})
     use_random: bool = field(default=False, metadata={"help": "also encode a randomly initialised model of the same configuration (model_key 'random')"})
+    pooling: str = field(default="mean", metadata={"help": "mean (every token, <s> and </s> included, as the study pooled) or mean_no_special (special tokens left out of the mean)"})
     subnetwork_seeds: str = field(default="first", metadata={"help": "which pruning seeds' subnetworks to encode: 'first' (each language's smallest seed), 'all', or comma-separated seeds"})
     device: str = device_field()
 
     def validate(self) -> None:
         self.check_positive("max_sentences", "batch_size")
         self.check_choice("dtype", artifacts.ENCODING_DTYPES)
+        self.check_choice("pooling", POOLINGS)
         parse_languages(self.languages)
         self.seed_choice
 
@@ -124,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
                 model = load().to(device).eval()
                 for lang in corpus.languages:
                     start = time.perf_counter()
-                    reps = encode(model, tokenizer, corpus.texts[lang], batch_size=args.batch_size, device=device, progress_desc=f"{key} {lang}")
+                    reps = encode(model, tokenizer, corpus.texts[lang], batch_size=args.batch_size, device=device,
+                                  progress_desc=f"{key} {lang}", pooling=args.pooling)
                     seconds += time.perf_counter() - start
                     encoded += len(corpus.ids)
                     artifacts.write_encodings(Path(tmp), key, lang, reps, args.dtype)

@@ -267,3 +267,17 @@ def test_file_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(XlsubError, match="^encodings: .* not a readable safetensors file"):
         load_encodings(tmp_path / "junk.safetensors")
+
+
+def test_mean_without_special_tokens_leaves_only_s_and_slash_s_out(model, tokenizer):
+    """Each sentence alone through the stock model, hidden states averaged over its tokens but <s>, </s>."""
+    got = encode(model, tokenizer, SENTENCES, batch_size=3, pooling="mean_no_special")
+    for i, sentence in enumerate(SENTENCES):
+        ids = tokenizer(sentence, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            states = model.base_model(input_ids=ids, output_hidden_states=True).hidden_states
+        inner = torch.stack([h[0, 1:-1].mean(0) for h in states])  # <s> first, </s> last
+        assert max_diff(got[:, i], inner) < 1e-5
+    assert max_diff(got, encode(model, tokenizer, SENTENCES, batch_size=3)) > 1e-3  # the specials did count before
+    with pytest.raises(XlsubError, match="^pooling: "):
+        encode(model, tokenizer, SENTENCES, pooling="max")

@@ -90,7 +90,7 @@ def test_analyze_opens_with_three_verdicts_and_writes_them(tmp_path):
     trajectories = {sid: [torch.ones(4, 8), *[m for m in (mask,)]] for sid, mask in masks.items()}
     inputs = AnalysisInputs(languages=LANGS, masks=masks, chunk_losses=chunk_losses(True, seeds=(0, 1, 2)), trajectories=trajectories)
     result = analyze(inputs, bootstrap=200, permutations=200)
-    assert [v.question for v in result.verdicts] == list(QUESTIONS)
+    assert [v.question for v in result.verdicts] == list(QUESTIONS[:3])  # no encodings: no representation verdicts
     different, specific, stable = result.verdicts
     assert specific.answer.startswith("yes")
     # within-language Jaccard across seeds is well above the across-language one
@@ -101,7 +101,7 @@ def test_analyze_opens_with_three_verdicts_and_writes_them(tmp_path):
     assert result.metrics["verdict.specificity.value"] == pytest.approx(specific.value)
     write_report(result, tmp_path, {"analyze": "x"}, dpi=30)
     written = json.loads((tmp_path / "verdicts.json").read_text())
-    assert [v["question"] for v in written] == list(QUESTIONS)
+    assert [v["question"] for v in written] == list(QUESTIONS[:3])
     html = (tmp_path / "report.html").read_text()
     assert html.index("Answers") < html.index("Lineage") and escape(QUESTIONS[1]) in html
 

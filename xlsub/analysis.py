@@ -38,10 +38,11 @@ from matplotlib.figure import Figure
 from xlsub import tables
 from xlsub.figures import CaptionedFigure, palette
 from xlsub.figures import analysis as figures
-from xlsub.artifacts import FULL_MODEL, SubnetworkId, group_by_language
+from xlsub.artifacts import FULL_MODEL, RANDOM_MODEL, SubnetworkId, group_by_language
 from xlsub.cka import check_options
 from xlsub.errors import XlsubError
-from xlsub import verdicts
+from xlsub import similarity_tables, verdicts
+from xlsub.similarity_tables import Counts
 from xlsub.overlap import (across_language_interval, equal_size_jaccard, jaccard_pvalue_table, params_kept_frac, seed_stability_test,
                            token_overlap, within_vs_across_jaccard)
 from xlsub.verdicts import Verdict
@@ -219,13 +220,48 @@ def _cka(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], refer
 
 
 def _subnetwork_cka(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], kind: str, precision: str,
-                    colours) -> None:
+                    colours, permutations: int = 1000, seed: int = 0) -> None:
     sub = tables.cka_subnetwork_tables(inputs.encodings, langs, kind, precision)
     if not sub:
         return
     result.add(sub, figures.subnetwork_cka_figure(sub, kind, colours))
     if "cka_full_vs_subnetwork" in sub:
         result.metrics["mean_cka_full_vs_subnetwork_last_layer"] = _nanmean(sub["cka_full_vs_subnetwork"].iloc[:, -1])
+    if "cka_full_vs_subnetwork_last_layer" in sub:
+        gap = similarity_tables.subnetwork_specificity(sub["cka_full_vs_subnetwork_last_layer"], permutations, seed)
+        result.metrics["subnetwork_cka_gap"], result.metrics["subnetwork_cka_gap_p"] = gap["value"], gap["p"]
+        result.verdicts.append(verdicts.pruning_specific(gap["value"], gap["lo"], gap["hi"], gap["p"]))
+
+
+def _similarity(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], reference: str, kind: str,
+                counts: Counts, seed: int, colours) -> None:
+    """Representation similarity against its nulls and length controls, retrieval and RSA; the fourth verdict."""
+    full = inputs.encodings[FULL_MODEL]
+    result.tables["cka_pvalue"] = similarity_tables.cka_pvalue_table(inputs.encodings, langs, reference, kind, counts, seed)
+    result.tables.update(similarity_tables.cka_interval_tables(inputs.encodings, langs, reference, kind))
+    n = full[reference].shape[1]
+    retrieval = similarity_tables.retrieval_table(inputs.encodings, langs, reference)
+    result.add({"retrieval_top1": retrieval}, figures.retrieval_figure(retrieval, reference, colours, n))
+    result.metrics |= {f"retrieval_top1.{lang}": float(v) for (model, lang), v in retrieval.iloc[:, -1].items() if model == FULL_MODEL}
+    rsa = similarity_tables.rsa_table(inputs.encodings, langs, reference, counts.length, seed)
+    result.add({"rsa": rsa}, figures.rsa_figure(rsa, reference))
+    result.metrics["mean_rsa_last_layer"] = _nanmean(rsa.loc[FULL_MODEL, "rsa"]) if FULL_MODEL in rsa.index.get_level_values(0) else math.nan
+    if reference not in inputs.tokens or any(len(inputs.tokens[l]) != n for l in full if l in inputs.tokens):
+        result.notes.append("length controls: skipped (no token counts aligned with the encoded sentences)")
+        return
+    lengths = similarity_tables.sentence_lengths(inputs.tokens)
+    length = similarity_tables.length_control_table(inputs.encodings, lengths, langs, reference, kind, counts.length, seed)
+    result.add({"cka_length": length}, figures.length_control_figure(length, reference, kind))
+    ours = length.loc[FULL_MODEL]
+    control = RANDOM_MODEL if RANDOM_MODEL in length.index.get_level_values(0) else similarity_tables.LENGTH_ONLY
+    lo = result.tables["cka_vs_reference_lo"].iloc[:, -1].reindex(ours.index) - ours["length_null_mean"]
+    hi = result.tables["cka_vs_reference_hi"].iloc[:, -1].reindex(ours.index) - ours["length_null_mean"]
+    p = min(1.0, len(ours) * float(ours["p_value"].min()))
+    result.metrics |= {"mean_cka_above_length_chance": float(ours["above_length_chance"].mean()),
+                       "mean_residual_cka_last_layer": float(ours["residual_cka"].mean()), "cka_beyond_length_p": p}
+    control_name = "randomly initialised model" if control == RANDOM_MODEL else "length-only encoder"
+    result.verdicts.append(verdicts.beyond_length(float(ours["above_length_chance"].mean()), float(lo.mean()), float(hi.mean()),
+                                                  float(length.loc[control]["above_length_chance"].mean()), p, control_name))
 
 
 def _tokens(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], reference: str, kind: str,
@@ -246,7 +282,7 @@ def _tokens(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], re
 
 def analyze(inputs: AnalysisInputs, cka_kind: str = "linear", layers: Sequence[int] | None = None,
             cka_precision: str = "float64", reference: str = "en", bootstrap: int = 1000, permutations: int = 1000,
-            resample_seed: int = 0) -> AnalysisResult:
+            resample_seed: int = 0, counts: Counts | None = None) -> AnalysisResult:
     """Every analysis whose inputs are present: tables, figures, captions and metrics (see the module docstring).
 
     `cka_kind`: linear, debiased or rbf (`xlsub.cka`). `layers`: hidden-state indices (0 = embeddings) of the
@@ -254,7 +290,8 @@ def analyze(inputs: AnalysisInputs, cka_kind: str = "linear", layers: Sequence[i
     accumulated in float64 (linear and debiased; see `xlsub.cka`). `reference`: the language the CKA and
     token overlap compare every other language with; one of `inputs.languages`. `bootstrap`: replicates of
     the paired bootstrap over test chunks; `permutations`: permutations and random draws of the overlap
-    tests; `resample_seed`: their generators' seed. The verdicts come first in `result.verdicts`.
+    tests; `resample_seed`: their generators' seed; `counts`: the permutation counts of the CKA, length and
+    Mantel tests (`xlsub.similarity_tables.Counts`). The verdicts come first in `result.verdicts`.
     """
     check_options(cka_kind, cka_precision)
     if not inputs.languages:
@@ -290,10 +327,12 @@ def analyze(inputs: AnalysisInputs, cka_kind: str = "linear", layers: Sequence[i
     cka_last = None
     if reference in full and len(full) > 1:
         cka_last = _cka(result, inputs, langs, reference, cka_kind, layers, cka_precision, colours)
+        if cka_kind != "rbf":
+            _similarity(result, inputs, langs, reference, cka_kind, counts or Counts(), resample_seed, colours)
     else:
         result.notes.append(f"CKA between languages: skipped (no full-model encodings of {reference} and another language)")
     if full and tables.subnetwork_encodings(inputs.encodings):
-        _subnetwork_cka(result, inputs, langs, cka_kind, cka_precision, colours)
+        _subnetwork_cka(result, inputs, langs, cka_kind, cka_precision, colours, permutations, resample_seed)
     else:
         result.notes.append("CKA full model vs subnetworks: skipped (no full-model or subnetwork encodings)")
 

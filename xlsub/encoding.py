@@ -85,9 +85,13 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id
 
 
-def _forward_pooled(base: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+POOLINGS = ("mean", "mean_no_special")
+
+
+def _forward_pooled(base: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    pool_mask: torch.Tensor | None = None) -> torch.Tensor:
     out = base(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, return_dict=True)
-    return mean_pool(out.hidden_states, attention_mask)
+    return mean_pool(out.hidden_states, attention_mask if pool_mask is None else pool_mask)
 
 
 class _EvalMode:
@@ -119,8 +123,14 @@ def encode(
     max_length: int | None = None,
     device: str | torch.device | None = None,
     progress_desc: str | None = None,
+    pooling: str = "mean",
 ) -> torch.Tensor:
     """Mean-pooled hidden states of every layer for each sentence: float32 ``[layers+1, n, d]``.
+
+    ``pooling="mean"`` averages every real token, ``<s>`` and ``</s>`` included (the study's
+    pooling); ``"mean_no_special"`` leaves the tokenizer's special tokens out of the mean (they
+    still take part in attention). Their share of a sentence's tokens shrinks as it grows, so
+    they carry sentence length into the pooled vector.
 
     All sentences are tokenised in one batch call (truncated to ``max_length``, by default what
     the position embeddings allow), sorted longest first, cut into batches padded to their own
@@ -129,6 +139,9 @@ def encode(
     moves the model there; by default the model's own device is used.
     """
     max_length = _check_args(model, tokenizer, batch_size, max_length)
+    if pooling not in POOLINGS:
+        raise XlsubError(f"pooling: '{pooling}' is not one of {', '.join(POOLINGS)}")
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
     pad_id = _pad_id(tokenizer)
     base = _base_model(model)
     sentences = list(sentences)
@@ -154,7 +167,10 @@ def encode(
                 # each row reads its own tokens from the flat buffer; positions past its end read a pad
                 gather = (offsets[index][:, None] + steps[None, :]).clamp_(max=flat.numel() - 1)
                 input_ids = torch.where(attention_mask, flat[gather], pad_id)
-                out[:, index] = _forward_pooled(base, input_ids.to(device), attention_mask.long().to(device)).cpu()
+                pool_mask = None
+                if pooling == "mean_no_special":
+                    pool_mask = (attention_mask & ~torch.isin(input_ids, special)).long().to(device)
+                out[:, index] = _forward_pooled(base, input_ids.to(device), attention_mask.long().to(device), pool_mask).cpu()
                 bar.update(len(index))
     seconds = time.perf_counter() - start_time
     log.info("encoded %d sentences in %.2f s (%.0f sentences/s)", n, seconds, n / seconds if seconds else 0.0)

@@ -14,8 +14,11 @@ ALPHA = 0.05
 DIFFERENT_HEADS = "Do the languages need different heads?"
 SPECIFICITY = "Does a language's subnetwork serve the other languages worse than its own?"
 STABILITY = "Are the masks stable across seeds?"
-QUESTIONS = (DIFFERENT_HEADS, SPECIFICITY, STABILITY)  # the report's order
-KEYS = {DIFFERENT_HEADS: "different_heads", SPECIFICITY: "specificity", STABILITY: "stability"}  # metric names
+BEYOND_LENGTH = "Do parallel sentences share representation beyond what length explains?"
+PRUNING_SPECIFIC = "Does pruning to a language's subnetwork change the representation of other languages more than its own?"
+QUESTIONS = (DIFFERENT_HEADS, SPECIFICITY, STABILITY, BEYOND_LENGTH, PRUNING_SPECIFIC)  # the report's order
+KEYS = {DIFFERENT_HEADS: "different_heads", SPECIFICITY: "specificity", STABILITY: "stability",
+        BEYOND_LENGTH: "beyond_length", PRUNING_SPECIFIC: "pruning_specific"}  # metric names
 
 
 def as_metrics(verdicts) -> dict[str, float]:
@@ -107,3 +110,28 @@ def stability(within: float, lo: float, hi: float, chance: float, p: float) -> V
         answer = (f"no evidence: masks from different seeds overlap {_fmt(within)} ({_interval(lo, hi)}), "
                   f"no more than random masks ({_fmt(chance)}), p = {_fmt(p)}")
     return Verdict(question, answer, within, lo, hi, "random masks with the same heads per layer", chance, p)
+
+
+def beyond_length(above: float, lo: float, hi: float, control_above: float, p: float, control: str) -> Verdict:
+    """Parallel sentences' CKA above a length-matched null (pairings that keep the source's token count),
+    mean over languages at the last layer, against the same for a control encoder (the random-init model,
+    or the length-only encoder); p: Bonferroni over languages of the length-matched permutation tests."""
+    if evidence(above, lo, hi, control_above, p):
+        answer = (f"yes: CKA is {_fmt(above)} above length-matched pairings ({_interval(lo, hi)}), against "
+                  f"{_fmt(control_above)} for the {control}, p = {_fmt(p)}")
+    else:
+        answer = (f"no evidence: CKA above length-matched pairings is {_fmt(above)} ({_interval(lo, hi)}), not above "
+                  f"the {control} ({_fmt(control_above)}), p = {_fmt(p)}")
+    return Verdict(BEYOND_LENGTH, answer, above, lo, hi, f"the same for the {control}", control_above, p)
+
+
+def pruning_specific(gap: float, lo: float, hi: float, p: float) -> Verdict:
+    """Mean (1 - CKA(full, subnetwork)) on other languages minus on the subnetwork's own language, last
+    layer; p from permuting which subnetwork belongs to which language (control: no special diagonal, 0)."""
+    if evidence(gap, lo, hi, 0.0, p):
+        answer = (f"yes: a subnetwork changes the other languages' representations more than its own by {_fmt(gap)} "
+                  f"(1 - CKA; {_interval(lo, hi)}), p = {_fmt(p)}")
+    else:
+        answer = (f"no evidence: the difference in 1 - CKA between other languages and its own is {_fmt(gap)} "
+                  f"({_interval(lo, hi)}), p = {_fmt(p)}")
+    return Verdict(PRUNING_SPECIFIC, answer, gap, lo, hi, "no difference (subnetwork labels permuted)", 0.0, p)

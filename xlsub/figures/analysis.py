@@ -486,3 +486,67 @@ def specificity_figure(table: pd.DataFrame) -> dict[str, CaptionedFigure]:
         fig, "Language-specificity gap of each subnetwork (mean perplexity relative to the full model on the other "
              "languages minus on its own language; mean over seeds) with 95% paired-bootstrap intervals over test "
              "chunks, beside random masks with the same heads per layer (draws resampled too).", ("specificity_gap",))}
+
+
+def retrieval_figure(table: pd.DataFrame, reference: str, colours: Mapping[str, tuple], n: int) -> dict[str, CaptionedFigure]:
+    """`retrieval`: top-1 translation retrieval per layer, full model (solid) and random-init model
+    (dotted) where encoded, one colour per language, chance 1/n."""
+    ref_name = language_name(reference)
+    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for (model, lang), values in table.iterrows():
+        if model not in (FULL_MODEL, RANDOM_MODEL):
+            continue
+        ax.plot(np.asarray(values.index, dtype=float), values.to_numpy(dtype=float), "-" if model == FULL_MODEL else ":",
+                color=colours.get(lang), marker="o" if model == FULL_MODEL else None, markersize=3,
+                label=f"{language_name(lang)}" + ("" if model == FULL_MODEL else " (random init)"))
+    ax.axhline(1 / n, color="black", linewidth=0.8, linestyle="--", label=f"chance (1/{n})")
+    ax.set_xlabel("layer (0 = embeddings)")
+    ax.set_ylabel(f"top-1 retrieval of the {ref_name} translation")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title(f"Can a sentence's {ref_name} translation be found by cosine?")
+    return {"retrieval": CaptionedFigure(
+        fig, f"Top-1 accuracy of retrieving each sentence's {ref_name} translation among all {n} {ref_name} sentences by "
+             "cosine similarity after centring each language (solid: full model, dotted: randomly initialised model; "
+             "dashed: chance).", ("retrieval_top1",))}
+
+
+def rsa_figure(table: pd.DataFrame, reference: str) -> dict[str, CaptionedFigure]:
+    """`rsa`: RSA with the reference language at the last layer per model and language, p from Mantel."""
+    wide = table["rsa"].unstack("model")
+    fig = Figure(figsize=(1.8 + 0.9 * len(wide), 4.0), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(wide))
+    width = 0.8 / max(1, wide.shape[1])
+    for i, model in enumerate(wide.columns):
+        ax.bar(x + i * width - 0.4 + width / 2, wide[model].to_numpy(dtype=float), width, label=_CONTROLS.get(model, (model,))[0])
+    ax.set_xticks(x, [language_name(l) for l in wide.index], rotation=45)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel(f"RSA with {language_name(reference)} (Spearman)")
+    ax.legend(fontsize=7)
+    ax.set_title("Representational similarity (last layer)")
+    return {"rsa": CaptionedFigure(
+        fig, f"Spearman correlation between the dissimilarity matrices (1 - cosine) of parallel sentences in each language "
+             f"and in {language_name(reference)} at the last layer; Mantel permutation p-values in the table.", ("rsa",))}
+
+
+def length_control_figure(table: pd.DataFrame, reference: str, kind: str) -> dict[str, CaptionedFigure]:
+    """`cka_length`: per model (full, base, random, the length-only encoder), mean over languages of the
+    parallel CKA, the length-matched null mean and the CKA of length residuals."""
+    means = table.groupby(level="model", sort=False)[["cka", "length_null_mean", "residual_cka"]].mean()
+    fig = Figure(figsize=(2.2 + 1.4 * len(means), 4.0), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(means))
+    for i, (column, label) in enumerate((("cka", "parallel"), ("length_null_mean", "length-matched pairings (null mean)"),
+                                         ("residual_cka", "after regressing out token count"))):
+        ax.bar(x + (i - 1) * 0.27, means[column].to_numpy(dtype=float), 0.27, label=label)
+    ax.set_xticks(x, [_CONTROLS.get(m, (m,))[0] if m != FULL_MODEL else "full model" for m in means.index], rotation=20, fontsize=8)
+    ax.set_ylabel(f"{kind} CKA with {language_name(reference)}, mean over languages")
+    ax.legend(fontsize=7)
+    ax.set_title("How much of the similarity is sentence length?")
+    return {"cka_length": CaptionedFigure(
+        fig, f"{kind.capitalize()} CKA with {language_name(reference)} at the last layer (mean over languages): parallel "
+             "pairs, the mean of pairings that keep the source sentence's token count, and the CKA of residuals after "
+             "regressing each representation on its token count; a content-free length-only encoder is the negative "
+             "control.", ("cka_length",))}

@@ -1,0 +1,178 @@
+"""The analyze stage's representation-similarity tables against their nulls and length controls
+(`xlsub.similarity` computes; this module lays the numbers out by table id).
+
+Sentence length confounds pooled representations: a content-free encoder that sees only lengths gives
+parallel pairs a high CKA. So every similarity here comes with a permutation null (any pairing is as
+good), a length-matched null (pairings that keep the source sentence's token count), the CKA of
+residuals after regressing out token count, a content-free length-only encoder as a negative control,
+translation retrieval and RSA. Intervals use the delete-a-block jackknife, never resampling with
+replacement (duplicated rows inflate CKA).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, SubnetworkId, ordered
+from xlsub.cka import cka
+from xlsub.similarity import (cka_jackknife_interval, cka_null_mean, cka_permutation_test, length_only_representations,
+                              mantel_test, residualize, retrieval_top1_per_layer, rsa)
+
+LENGTH_ONLY = "length-only"  # the content-free control encoder's key in the tables
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Permutation counts: the full model at every layer, the base/random controls and each subnetwork at
+    the last layer, and the length-matched and Mantel tests (full model and controls, last layer)."""
+
+    full: int = 1000
+    controls: int = 1000
+    subnetworks: int = 200
+    length: int = 500
+
+
+def sentence_lengths(tokens: Mapping[str, Sequence[Sequence[int]]]) -> dict[str, torch.Tensor]:
+    """Token count of every sentence as the encoder sees it (<s> and </s> included)."""
+    return {lang: torch.tensor([len(ids) + 2 for ids in sentences], dtype=torch.float64) for lang, sentences in tokens.items()}
+
+
+def _models(encodings: Mapping[str, Mapping[str, torch.Tensor]], languages: Sequence[str]) -> list[str]:
+    """Model keys in report order: full, the subnetworks (language order, seeds ascending), base, random."""
+    position = {lang: i for i, lang in enumerate(languages)}
+    subs = sorted((sid for sid in map(SubnetworkId.parse_or_none, encodings) if sid is not None),
+                  key=lambda sid: (position.get(sid.language, len(position)), sid.seed))
+    return [k for k in (FULL_MODEL, *map(str, subs), BASE_MODEL, RANDOM_MODEL) if k in encodings]
+
+
+def cka_pvalue_table(encodings, languages: Sequence[str], reference: str, kind: str, counts: Counts, seed: int) -> pd.DataFrame:
+    """One row per tested cell: model, language, layer, cka, null_mean, p_value, n_perm. The reference
+    language against every other language; the full model at every layer, other models at the last."""
+    rows = []
+    for model in _models(encodings, languages):
+        reps = encodings[model]
+        if reference not in reps:
+            continue
+        n_perm = counts.full if model == FULL_MODEL else counts.subnetworks if SubnetworkId.parse_or_none(model) else counts.controls
+        for lang in ordered([l for l in reps if l != reference], languages):
+            x, y = reps[reference], reps[lang]
+            layers = list(range(x.shape[0])) if model == FULL_MODEL else [x.shape[0] - 1]
+            result = cka_permutation_test(x[layers], y[layers], n_perm, seed, kind)
+            for i, layer in enumerate(layers):
+                rows.append({"model": model, "language": lang, "layer": layer, "cka": float(result.observed[i]),
+                             "null_mean": float(result.null_mean[i]), "p_value": float(result.p_value[i]), "n_perm": n_perm})
+    columns = ["model", "language", "layer", "cka", "null_mean", "p_value", "n_perm"]
+    return pd.DataFrame(rows, columns=columns).set_index(columns[:3])
+
+
+def length_control_table(encodings, lengths: Mapping[str, torch.Tensor], languages: Sequence[str], reference: str, kind: str,
+                         n_perm: int, seed: int) -> pd.DataFrame:
+    """At the last layer, for the full model, the base and random controls and a content-free length-only
+    encoder: the parallel CKA with the reference; the mean of a null that re-pairs only sentences whose
+    source has the same token count (length-matched; sampled permutations and a p-value for the full
+    model, the exact mean for the controls); the CKA above that chance; and the CKA of residuals after
+    regressing each representation on its token count."""
+    models = [m for m in _models(encodings, languages) if SubnetworkId.parse_or_none(m) is None]
+    d = next(iter(encodings[FULL_MODEL].values())).shape[-1]
+    length_only = {lang: reps[None] for lang, reps in
+                   length_only_representations({l: lengths[l].long().tolist() for l in lengths}, d, seed).items()}
+    rows = []
+    for model, reps in [(m, encodings[m]) for m in models] + [(LENGTH_ONLY, length_only)]:
+        if reference not in reps:
+            continue
+        groups = lengths[reference].long()
+        for lang in ordered([l for l in reps if l != reference and l in lengths], languages):
+            x, y = reps[reference][-1].double(), reps[lang][-1].double()
+            residual = float(cka(residualize(x, lengths[reference]), residualize(y, lengths[lang]), kind))
+            if model == FULL_MODEL:  # the tested model: sampled length-matched permutations
+                matched = cka_permutation_test(x, y, n_perm, seed, kind, groups=groups)
+                observed, null_mean, p, perms = float(matched.observed), float(matched.null_mean), float(matched.p_value), n_perm
+            else:  # the controls: the exact mean over length-matched pairings (closed form), no test
+                observed, null_mean, p, perms = float(cka(x, y, kind)), float(cka_null_mean(x, y, kind, groups)), math.nan, 0
+            rows.append({"model": model, "language": lang, "cka": observed, "length_null_mean": null_mean,
+                         "above_length_chance": observed - null_mean, "p_value": p, "residual_cka": residual, "n_perm": perms})
+    return pd.DataFrame(rows).set_index(["model", "language"])
+
+
+def cka_interval_tables(encodings, languages: Sequence[str], reference: str, kind: str, blocks: int = 20) -> dict[str, pd.DataFrame]:
+    """`cka_vs_reference_lo` / `_hi`: the full model's CKA with the reference, language x layer, 95%
+    delete-a-block jackknife interval (`blocks` contiguous blocks)."""
+    full = encodings[FULL_MODEL]
+    langs = ordered([l for l in full if l != reference], languages)
+    blocks = min(blocks, full[reference].shape[1])  # at most one sentence a block
+    bounds = {lang: cka_jackknife_interval(full[reference], full[lang], kind, blocks) for lang in langs}
+    out = {}
+    for name, pick in (("lo", lambda i: i.lo), ("hi", lambda i: i.hi)):
+        table = pd.DataFrame({lang: pick(bounds[lang]).numpy() for lang in langs}).T
+        table.index.name, table.columns.name = "language", "layer"
+        out[f"cka_vs_reference_{name}"] = table
+    return out
+
+
+def retrieval_table(encodings, languages: Sequence[str], reference: str) -> pd.DataFrame:
+    """Top-1 accuracy of finding each sentence's translation in the reference language among all n
+    reference sentences by cosine, each language centred on its own mean (Libovický et al. 2020):
+    (model, language) x layer. Chance is 1/n."""
+    rows = {}
+    for model in _models(encodings, languages):
+        reps = encodings[model]
+        if reference not in reps:
+            continue
+        for lang in ordered([l for l in reps if l != reference], languages):
+            rows[(model, lang)] = retrieval_top1_per_layer(reps[lang], reps[reference]).numpy()
+    table = pd.DataFrame(rows).T
+    table.index.names = ["model", "language"]
+    table.columns.name = "layer"
+    return table
+
+
+def rsa_table(encodings, languages: Sequence[str], reference: str, n_perm: int, seed: int) -> pd.DataFrame:
+    """RSA at the last layer (Spearman correlation of 1 - cosine dissimilarity matrices of the parallel
+    sentences) between the reference and every language, for the full model (with a Mantel permutation
+    p-value: O(n^2) a permutation, the costliest test) and the base and random controls."""
+    rows = []
+    for model in [m for m in _models(encodings, languages) if SubnetworkId.parse_or_none(m) is None]:
+        reps = encodings[model]
+        if reference not in reps:
+            continue
+        for lang in ordered([l for l in reps if l != reference], languages):
+            if model == FULL_MODEL:
+                result = mantel_test(reps[reference][-1], reps[lang][-1], n_perm, seed)
+                row = {"rsa": float(result.observed), "null_mean": float(result.null_mean), "p_value": float(result.p_value), "n_perm": n_perm}
+            else:
+                row = {"rsa": float(rsa(reps[reference][-1], reps[lang][-1])), "null_mean": math.nan, "p_value": math.nan, "n_perm": 0}
+            rows.append({"model": model, "language": lang, **row})
+    return pd.DataFrame(rows).set_index(["model", "language"])
+
+
+def subnetwork_specificity(last: pd.DataFrame, permutations: int, seed: int) -> dict[str, float]:
+    """Does pruning to a language's subnetwork change the representations of the other languages more than
+    its own? From CKA(full, subnetwork) at the last layer (subnetwork language x evaluated language):
+    change = 1 - CKA; gap = mean change off the diagonal - mean change on it. p: permuting which row is
+    which language (is the diagonal special?), (1 + #{gap_perm >= gap}) / (1 + permutations). Interval:
+    delete-one-language jackknife with a t quantile."""
+    from scipy import stats
+
+    rows = [r for r in last.index if r in last.columns]
+    if len(rows) < 2:
+        return {"value": math.nan, "lo": math.nan, "hi": math.nan, "p": math.nan, "control": 0.0}
+    change = 1 - torch.tensor(last.loc[rows, rows].to_numpy(dtype=float))
+
+    def gap(m: torch.Tensor) -> float:
+        eye = torch.eye(len(m), dtype=torch.bool)
+        return float(m[~eye].mean() - m[eye].mean())
+
+    observed = gap(change)
+    generator = torch.Generator().manual_seed(seed)
+    exceed = sum(gap(change[torch.randperm(len(rows), generator=generator)]) >= observed - 1e-12 for _ in range(permutations))
+    k = len(rows)
+    leave_out = torch.tensor([gap(change[[j for j in range(k) if j != i]][:, [j for j in range(k) if j != i]])
+                              for i in range(k)]) if k > 2 else torch.tensor([observed])
+    se = math.sqrt((k - 1) / k * float(((leave_out - leave_out.mean()) ** 2).sum())) if k > 2 else math.nan
+    half = float(stats.t.ppf(0.975, k - 1)) * se if k > 2 else math.nan
+    return {"value": observed, "lo": observed - half, "hi": observed + half, "p": (1 + exceed) / (1 + permutations), "control": 0.0}
