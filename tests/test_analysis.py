@@ -376,7 +376,7 @@ def test_float32_products_give_the_same_cka_tables(single):
 
 EXPECTED_FIGURES = {"mask_jaccard", "heads_kept_per_layer", "cross_ppl", "cross_ppl_relative",
                     "cka_vs_reference", "cka_pairs", "cka_controls", "cka_full_vs_subnetwork",
-                    "token_overlap", "retrieval", "rsa"}
+                    "token_overlap", "retrieval", "rsa", "power"}
 
 
 @pytest.mark.parametrize("which", ["single", "several"])

@@ -82,3 +82,14 @@ def test_subnetwork_specificity_gap_and_its_permutation_p():
                 - (1 - last.to_numpy()[list(p)]).diagonal().mean() >= gap - 1e-12 for p in itertools.permutations(range(3))) / 6
     assert result["p"] == pytest.approx(exact, abs=0.03)
     assert result["lo"] < result["value"] < result["hi"]
+
+
+def test_power_finds_a_strong_planted_signal_and_not_a_vanishing_one():
+    from xlsub.similarity_tables import power_table
+
+    base = torch.randn(80, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    lengths = {l: v.repeat(2)[:80] for l, v in sentence_lengths(tokens()).items() if l in ("en", "de")}
+    table, limits = power_table(base, lengths, "en", "debiased", n_perm=100, seed=0, snrs=(1e-4, 10.0))
+    assert table.loc[("cka", 10.0), "p_value"] < 0.05 and table.loc[("cka", 1e-4), "p_value"] > 0.05
+    assert limits["cka"] == 10.0 and limits["retrieval"] == 10.0
+    assert "cka (length-only)" in table.index.get_level_values("measure")

@@ -246,10 +246,14 @@ def _similarity(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str]
     rsa = similarity_tables.rsa_table(inputs.encodings, langs, reference, counts.length, seed)
     result.add({"rsa": rsa}, figures.rsa_figure(rsa, reference))
     result.metrics["mean_rsa_last_layer"] = _nanmean(rsa.loc[FULL_MODEL, "rsa"]) if FULL_MODEL in rsa.index.get_level_values(0) else math.nan
-    if reference not in inputs.tokens or any(len(inputs.tokens[l]) != n for l in full if l in inputs.tokens):
+    aligned = reference in inputs.tokens and all(len(inputs.tokens[l]) == n for l in full if l in inputs.tokens)
+    lengths = similarity_tables.sentence_lengths(inputs.tokens) if aligned else None
+    power, limits = similarity_tables.power_table(full[reference][-1], lengths, reference, kind, counts.subnetworks, seed)
+    result.add({"power": power}, figures.power_figure(power, limits))
+    result.metrics |= {f"detection_limit.{measure}": limit for measure, limit in limits.items()}
+    if lengths is None:
         result.notes.append("length controls: skipped (no token counts aligned with the encoded sentences)")
         return
-    lengths = similarity_tables.sentence_lengths(inputs.tokens)
     length = similarity_tables.length_control_table(inputs.encodings, lengths, langs, reference, kind, counts.length, seed)
     result.add({"cka_length": length}, figures.length_control_figure(length, reference, kind))
     ours = length.loc[FULL_MODEL]
@@ -261,7 +265,8 @@ def _similarity(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str]
                        "mean_residual_cka_last_layer": float(ours["residual_cka"].mean()), "cka_beyond_length_p": p}
     control_name = "randomly initialised model" if control == RANDOM_MODEL else "length-only encoder"
     result.verdicts.append(verdicts.beyond_length(float(ours["above_length_chance"].mean()), float(lo.mean()), float(hi.mean()),
-                                                  float(length.loc[control]["above_length_chance"].mean()), p, control_name))
+                                                  float(length.loc[control]["above_length_chance"].mean()), p, control_name,
+                                                  limits.get("cka", math.nan)))
 
 
 def _tokens(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], reference: str, kind: str,

@@ -20,8 +20,9 @@ import torch
 
 from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, SubnetworkId, ordered
 from xlsub.cka import cka
-from xlsub.similarity import (cka_jackknife_interval, cka_null_mean, cka_permutation_test, length_only_representations,
-                              mantel_test, residualize, retrieval_top1_per_layer, rsa)
+from xlsub.similarity import (cka_jackknife_interval, cka_null_mean, cka_permutation_test, detection_limit,
+                              length_only_representations, mantel_test, planted_representations, residualize,
+                              retrieval_permutation_test, retrieval_top1_per_layer, rsa)
 
 LENGTH_ONLY = "length-only"  # the content-free control encoder's key in the tables
 
@@ -176,3 +177,47 @@ def subnetwork_specificity(last: pd.DataFrame, permutations: int, seed: int) -> 
     se = math.sqrt((k - 1) / k * float(((leave_out - leave_out.mean()) ** 2).sum())) if k > 2 else math.nan
     half = float(stats.t.ppf(0.975, k - 1)) * se if k > 2 else math.nan
     return {"value": observed, "lo": observed - half, "hi": observed + half, "p": (1 + exceed) / (1 + permutations), "control": 0.0}
+
+
+POWER_SNRS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def power_table(base: torch.Tensor, lengths: Mapping[str, torch.Tensor] | None, reference: str, kind: str, n_perm: int,
+                seed: int, snrs: Sequence[float] = POWER_SNRS) -> tuple[pd.DataFrame, dict[str, float]]:
+    """How weak a shared signal each measure detects at this n and d: a planted positive control.
+
+    Two "languages" share the per-sentence signal `base` (the full model's reference-language vectors,
+    last layer) under independent noise at each signal-to-noise ratio (`planted_representations`); CKA
+    (permutation test), RSA (Mantel test) and retrieval (permutation test, one shared space) are tested
+    at every SNR. A content-free length-only encoder is the negative control (`snr` = NaN rows), whose
+    CKA and RSA track sentence length. Returns the long table (measure, snr, statistic, p_value) and each
+    measure's detection limit: the weakest SNR from which on every stronger one has p < 0.05
+    (`detection_limit`; NaN if none).
+    """
+    measures = {
+        "cka": lambda x, y: cka_permutation_test(x, y, n_perm, seed, kind),
+        "rsa": lambda x, y: mantel_test(x, y, max(1, n_perm // 5), seed),
+        "retrieval": lambda x, y: retrieval_permutation_test(x, y, n_perm, seed),
+    }
+    rows, limits = [], {}
+    for name, test in measures.items():
+        found = {}
+
+        def p_at(snr: float) -> float:
+            planted = planted_representations(base, [reference, "planted"], snr, seed, rotate=name != "retrieval")
+            result = test(planted[reference], planted["planted"])
+            found[snr] = float(result.observed)
+            return float(result.p_value)
+
+        limit, p_values = detection_limit(p_at, snrs)
+        limits[name] = math.nan if limit is None else limit
+        rows += [{"measure": name, "snr": snr, "statistic": found[snr], "p_value": p} for snr, p in p_values.items()]
+        if lengths is not None and reference in lengths:
+            other = next((l for l in lengths if l != reference), None)
+            if other is not None:
+                content_free = length_only_representations({l: lengths[l].long().sub(2).clamp(min=0).tolist()
+                                                            for l in (reference, other)}, base.shape[-1], seed)
+                result = test(content_free[reference], content_free[other])
+                rows.append({"measure": f"{name} ({LENGTH_ONLY})", "snr": math.nan, "statistic": float(result.observed),
+                             "p_value": float(result.p_value)})
+    return pd.DataFrame(rows).set_index(["measure", "snr"]), limits

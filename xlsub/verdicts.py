@@ -112,7 +112,8 @@ def stability(within: float, lo: float, hi: float, chance: float, p: float) -> V
     return Verdict(question, answer, within, lo, hi, "random masks with the same heads per layer", chance, p)
 
 
-def beyond_length(above: float, lo: float, hi: float, control_above: float, p: float, control: str) -> Verdict:
+def beyond_length(above: float, lo: float, hi: float, control_above: float, p: float, control: str,
+                  detection_limit: float = math.nan) -> Verdict:
     """Parallel sentences' CKA above a length-matched null (pairings that keep the source's token count),
     mean over languages at the last layer, against the same for a control encoder (the random-init model,
     or the length-only encoder); p: Bonferroni over languages of the length-matched permutation tests."""
@@ -122,6 +123,8 @@ def beyond_length(above: float, lo: float, hi: float, control_above: float, p: f
     else:
         answer = (f"no evidence: CKA above length-matched pairings is {_fmt(above)} ({_interval(lo, hi)}), not above "
                   f"the {control} ({_fmt(control_above)}), p = {_fmt(p)}")
+    if math.isfinite(detection_limit):
+        answer += f"; at this n and d, CKA detects a planted shared signal down to a signal-to-noise ratio of {_fmt(detection_limit)}"
     return Verdict(BEYOND_LENGTH, answer, above, lo, hi, f"the same for the {control}", control_above, p)
 
 
