@@ -93,3 +93,15 @@ def test_power_finds_a_strong_planted_signal_and_not_a_vanishing_one():
     assert table.loc[("cka", 10.0), "p_value"] < 0.05 and table.loc[("cka", 1e-4), "p_value"] > 0.05
     assert limits["cka"] == 10.0 and limits["retrieval"] == 10.0
     assert "cka (length-only)" in table.index.get_level_values("measure")
+
+
+def test_isomorphism_table_holds_the_knn_spectrum_distance():
+    from xlsub.similarity import knn_eigen_similarity
+    from xlsub.similarity_tables import isomorphism_table
+
+    enc = encodings()
+    table = isomorphism_table(enc, LANGS, "en", k=5)
+    assert table.loc[("full", "zh"), "eigen_similarity"] == pytest.approx(
+        knn_eigen_similarity(enc["full"]["en"][-1], enc["full"]["zh"][-1], k=5))
+    same = isomorphism_table({"full": {"en": enc["full"]["en"], "de": 3 * enc["full"]["en"]}}, ["en", "de"], "en", k=5)
+    assert same.loc[("full", "de"), "eigen_similarity"] == pytest.approx(0.0, abs=1e-9)  # a rescaled copy: same graph

@@ -243,6 +243,7 @@ def _similarity(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str]
     retrieval = similarity_tables.retrieval_table(inputs.encodings, langs, reference)
     result.add({"retrieval_top1": retrieval}, figures.retrieval_figure(retrieval, reference, colours, n))
     result.metrics |= {f"retrieval_top1.{lang}": float(v) for (model, lang), v in retrieval.iloc[:, -1].items() if model == FULL_MODEL}
+    result.tables["knn_isomorphism"] = similarity_tables.isomorphism_table(inputs.encodings, langs, reference)
     rsa = similarity_tables.rsa_table(inputs.encodings, langs, reference, counts.length, seed)
     result.add({"rsa": rsa}, figures.rsa_figure(rsa, reference))
     result.metrics["mean_rsa_last_layer"] = _nanmean(rsa.loc[FULL_MODEL, "rsa"]) if FULL_MODEL in rsa.index.get_level_values(0) else math.nan

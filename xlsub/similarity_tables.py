@@ -22,7 +22,7 @@ from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, SubnetworkId, 
 from xlsub.cka import cka
 from xlsub.similarity import (cka_jackknife_interval, cka_null_mean, cka_permutation_test, detection_limit,
                               length_only_representations, mantel_test, planted_representations, residualize,
-                              retrieval_permutation_test, retrieval_top1_per_layer, rsa)
+                              retrieval_permutation_test, retrieval_top1_per_layer, rsa, knn_eigen_similarity)
 
 LENGTH_ONLY = "length-only"  # the content-free control encoder's key in the tables
 
@@ -221,3 +221,18 @@ def power_table(base: torch.Tensor, lengths: Mapping[str, torch.Tensor] | None, 
                 rows.append({"measure": f"{name} ({LENGTH_ONLY})", "snr": math.nan, "statistic": float(result.observed),
                              "p_value": float(result.p_value)})
     return pd.DataFrame(rows).set_index(["measure", "snr"]), limits
+
+
+def isomorphism_table(encodings, languages: Sequence[str], reference: str, k: int = 10) -> pd.DataFrame:
+    """Eigenvector similarity of the k-nearest-neighbour graphs of each language's and the reference's
+    sentence vectors at the last layer (Søgaard et al. 2018; lower = more alike in shape), for the full
+    model and the base and random controls: a third view of shared structure beside CKA and RSA."""
+    rows = []
+    for model in [m for m in _models(encodings, languages) if SubnetworkId.parse_or_none(m) is None]:
+        reps = encodings[model]
+        if reference not in reps:
+            continue
+        for lang in ordered([l for l in reps if l != reference], languages):
+            value = knn_eigen_similarity(reps[reference][-1], reps[lang][-1], k=min(k, reps[lang].shape[1] - 1))
+            rows.append({"model": model, "language": lang, "eigen_similarity": float(value)})
+    return pd.DataFrame(rows).set_index(["model", "language"])
