@@ -355,3 +355,62 @@ def test_split_half_reliability_hand_made():
     assert math.isnan(split_half_reliability(a, torch.ones(2, 2)))
     with pytest.raises(XlsubError, match="importance"):
         split_half_reliability(a, torch.ones(4))
+
+
+def test_seed_stability_test_against_a_loop_of_random_masks():
+    """The Monte Carlo p-value and the language bootstrap, redone by hand with the same generator."""
+    from itertools import combinations
+
+    import numpy as np
+
+    from xlsub.artifacts import SubnetworkId
+    from xlsub.overlap import expected_random_jaccard, jaccard, seed_stability_test
+
+    g = torch.Generator().manual_seed(5)
+    masks = {SubnetworkId(l, s): (torch.rand(2, 5, generator=g) < 0.5).float() for l in ("de", "en") for s in (0, 1, 2)}
+    got = seed_stability_test(masks, n_draws=60, seed=7, replicates=50)
+    within = {l: np.mean([jaccard(masks[SubnetworkId(l, a)], masks[SubnetworkId(l, b)]) for a, b in combinations(range(3), 2)])
+              for l in ("de", "en")}
+    assert got["within"] == pytest.approx(np.mean(list(within.values())))
+    expected = np.mean([np.mean([expected_random_jaccard(masks[SubnetworkId(l, a)], masks[SubnetworkId(l, b)])
+                                 for a, b in combinations(range(3), 2)]) for l in ("de", "en")])
+    assert got["expected"] == pytest.approx(expected)
+    rng = np.random.default_rng(7)
+    exceed = 0
+    for _ in range(60):
+        means = []
+        for l in ("de", "en"):
+            drawn = []
+            for s in range(3):
+                m = np.zeros((2, 5), dtype=bool)
+                for layer in range(2):
+                    m[layer, rng.choice(5, size=int(masks[SubnetworkId(l, s)][layer].sum()), replace=False)] = True
+                drawn.append(m)
+            means.append(np.mean([(a & b).sum() / (a | b).sum() if (a | b).sum() else 1.0 for a, b in combinations(drawn, 2)]))
+        exceed += np.mean(means) >= got["within"] - 1e-12
+    assert got["p"] == pytest.approx((1 + exceed) / 61)
+    boot = rng.choice(np.array([within["de"], within["en"]]), size=(50, 2), replace=True).mean(1)
+    assert (got["lo"], got["hi"]) == pytest.approx(tuple(np.quantile(boot, [0.025, 0.975])))
+
+
+def test_across_language_interval_resamples_languages():
+    import numpy as np
+
+    from xlsub.artifacts import SubnetworkId
+    from xlsub.overlap import across_language_interval, jaccard
+
+    g = torch.Generator().manual_seed(2)
+    langs = ["de", "en", "zh", "ar"]
+    masks = {SubnetworkId(l, 0): (torch.rand(3, 4, generator=g) < 0.5).float() for l in langs}
+    masks[SubnetworkId("de", 1)] = torch.ones(3, 4)  # a second seed is ignored: first seeds only
+    point, lo, hi = across_language_interval(masks, replicates=30, seed=4)
+    matrix = np.array([[jaccard(masks[SubnetworkId(a, 0)], masks[SubnetworkId(b, 0)]) for b in langs] for a in langs])
+    assert point == pytest.approx(matrix[~np.eye(4, dtype=bool)].mean())
+    rng = np.random.default_rng(4)
+    values = []
+    for _ in range(30):
+        pick = rng.choice(4, size=4, replace=True)
+        pairs = [matrix[i, j] for i in pick for j in pick if i != j]
+        if pairs:
+            values.append(np.mean(pairs))
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(values, [0.025, 0.975])))

@@ -157,12 +157,12 @@ def _masks(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], col
         result.notes.append("params kept per layer: skipped (hidden_size and head_dim not given)")
 
 
-def _noise_ceiling(result: AnalysisResult, inputs: AnalysisInputs, permutations: int, seed: int) -> None:
+def _noise_ceiling(result: AnalysisResult, inputs: AnalysisInputs, permutations: int, replicates: int, seed: int) -> None:
     """Same-language overlap across seeds (the ceiling) against cross-language overlap, and the masks'
     stability against random masks; the first and third verdicts."""
     within, across_all, p = within_vs_across_jaccard(inputs.masks, permutations, seed)
-    stability = seed_stability_test(inputs.masks, permutations, seed)
-    across, lo, hi = across_language_interval(inputs.masks, seed=seed)
+    stability = seed_stability_test(inputs.masks, permutations, seed, replicates=replicates)
+    across, lo, hi = across_language_interval(inputs.masks, replicates, seed)
     metrics = result.metrics
     metrics |= {"within_vs_across_jaccard_p": p, "mean_within_language_jaccard": within, "mean_across_language_jaccard": across_all,
                 "seed_stability_p": stability["p"]}
@@ -312,7 +312,7 @@ def analyze(inputs: AnalysisInputs, cka_kind: str = "linear", layers: Sequence[i
 
     if inputs.masks:
         _masks(result, inputs, langs, colours)
-        _noise_ceiling(result, inputs, permutations, resample_seed)
+        _noise_ceiling(result, inputs, permutations, bootstrap, resample_seed)
     else:
         result.notes.append("mask overlap and heads kept: skipped (no head masks)")
     if inputs.trajectories:

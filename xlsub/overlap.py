@@ -558,15 +558,15 @@ def split_half_reliability(importance_a: torch.Tensor, importance_b: torch.Tenso
 
 
 def seed_stability_test(masks: Mapping[SubnetworkId, torch.Tensor], n_draws: int = 1000, seed: int = 0,
-                        level: float = 0.95) -> dict[str, float]:
+                        level: float = 0.95, replicates: int = 2000) -> dict[str, float]:
     """Are a language's masks from different pruning seeds more alike than chance?
 
     `within`: mean over languages of the mean Jaccard of their seed pairs. `expected`: the same mean of the
     exact expectation for random masks with each mask's heads per layer. `p`: the share of `n_draws`
     Monte Carlo draws of such random masks (every mask redrawn, `numpy.random.default_rng(seed)`) whose
     within-mean reaches the observed one, (1 + #) / (1 + n_draws). `lo`, `hi`: percentile interval of a
-    bootstrap over languages (each language's mean resampled with replacement). NaN without a language
-    that has two or more seeds.
+    bootstrap over languages (each language's mean resampled with replacement, `replicates` times, after
+    the draws, from the same generator). NaN without a language that has two or more seeds.
     """
     grouped = group_by_language(masks)
     pairs = {lang: list(combinations(by_seed.values(), 2)) for lang, by_seed in grouped.items() if len(by_seed) > 1}
@@ -594,7 +594,7 @@ def seed_stability_test(masks: Mapping[SubnetworkId, torch.Tensor], n_draws: int
     for _ in range(n_draws):
         means = [np.mean([jac(a, b) for a, b in combinations([draw(c) for c in counts[lang]], 2)]) for lang in pairs]
         exceed += float(np.mean(means)) >= within - 1e-12
-    boot = rng.choice(per_language, size=(2000, len(per_language)), replace=True).mean(1)
+    boot = rng.choice(per_language, size=(replicates, len(per_language)), replace=True).mean(1)
     alpha = (1 - level) / 2
     return {"within": within, "expected": expected, "lo": float(np.quantile(boot, alpha)),
             "hi": float(np.quantile(boot, 1 - alpha)), "p": (1 + exceed) / (1 + n_draws)}
