@@ -51,22 +51,29 @@ def _models(encodings: Mapping[str, Mapping[str, torch.Tensor]], languages: Sequ
     return [k for k in (FULL_MODEL, *map(str, subs), BASE_MODEL, RANDOM_MODEL) if k in encodings]
 
 
+def _pairs(encodings, languages: Sequence[str], reference: str, subnetworks: bool = True):
+    """(model, language, reference vectors, language vectors) for every model that encoded the reference,
+    in `_models` order, every other language in `languages` order; `subnetworks=False` keeps only the
+    full model and the controls."""
+    for model in _models(encodings, languages):
+        reps = encodings[model]
+        if reference not in reps or (not subnetworks and SubnetworkId.parse_or_none(model) is not None):
+            continue
+        for lang in ordered([l for l in reps if l != reference], languages):
+            yield model, lang, reps[reference], reps[lang]
+
+
 def cka_pvalue_table(encodings, languages: Sequence[str], reference: str, kind: str, counts: Counts, seed: int) -> pd.DataFrame:
     """One row per tested cell: model, language, layer, cka, null_mean, p_value, n_perm. The reference
     language against every other language; the full model at every layer, other models at the last."""
     rows = []
-    for model in _models(encodings, languages):
-        reps = encodings[model]
-        if reference not in reps:
-            continue
+    for model, lang, x, y in _pairs(encodings, languages, reference):
         n_perm = counts.full if model == FULL_MODEL else counts.subnetworks if SubnetworkId.parse_or_none(model) else counts.controls
-        for lang in ordered([l for l in reps if l != reference], languages):
-            x, y = reps[reference], reps[lang]
-            layers = list(range(x.shape[0])) if model == FULL_MODEL else [x.shape[0] - 1]
-            result = cka_permutation_test(x[layers], y[layers], n_perm, seed, kind)
-            for i, layer in enumerate(layers):
-                rows.append({"model": model, "language": lang, "layer": layer, "cka": float(result.observed[i]),
-                             "null_mean": float(result.null_mean[i]), "p_value": float(result.p_value[i]), "n_perm": n_perm})
+        layers = list(range(x.shape[0])) if model == FULL_MODEL else [x.shape[0] - 1]
+        result = cka_permutation_test(x[layers], y[layers], n_perm, seed, kind)
+        for i, layer in enumerate(layers):
+            rows.append({"model": model, "language": lang, "layer": layer, "cka": float(result.observed[i]),
+                         "null_mean": float(result.null_mean[i]), "p_value": float(result.p_value[i]), "n_perm": n_perm})
     columns = ["model", "language", "layer", "cka", "null_mean", "p_value", "n_perm"]
     return pd.DataFrame(rows, columns=columns).set_index(columns[:3])
 
@@ -119,13 +126,7 @@ def retrieval_table(encodings, languages: Sequence[str], reference: str) -> pd.D
     """Top-1 accuracy of finding each sentence's translation in the reference language among all n
     reference sentences by cosine, each language centred on its own mean (Libovický et al. 2020):
     (model, language) x layer. Chance is 1/n."""
-    rows = {}
-    for model in _models(encodings, languages):
-        reps = encodings[model]
-        if reference not in reps:
-            continue
-        for lang in ordered([l for l in reps if l != reference], languages):
-            rows[(model, lang)] = retrieval_top1_per_layer(reps[lang], reps[reference]).numpy()
+    rows = {(model, lang): retrieval_top1_per_layer(y, x).numpy() for model, lang, x, y in _pairs(encodings, languages, reference)}
     table = pd.DataFrame(rows).T
     table.index.names = ["model", "language"]
     table.columns.name = "layer"
@@ -137,17 +138,13 @@ def rsa_table(encodings, languages: Sequence[str], reference: str, n_perm: int, 
     sentences) between the reference and every language, for the full model (with a Mantel permutation
     p-value: O(n^2) a permutation, the costliest test) and the base and random controls."""
     rows = []
-    for model in [m for m in _models(encodings, languages) if SubnetworkId.parse_or_none(m) is None]:
-        reps = encodings[model]
-        if reference not in reps:
-            continue
-        for lang in ordered([l for l in reps if l != reference], languages):
-            if model == FULL_MODEL:
-                result = mantel_test(reps[reference][-1], reps[lang][-1], n_perm, seed)
-                row = {"rsa": float(result.observed), "null_mean": float(result.null_mean), "p_value": float(result.p_value), "n_perm": n_perm}
-            else:
-                row = {"rsa": float(rsa(reps[reference][-1], reps[lang][-1])), "null_mean": math.nan, "p_value": math.nan, "n_perm": 0}
-            rows.append({"model": model, "language": lang, **row})
+    for model, lang, x, y in _pairs(encodings, languages, reference, subnetworks=False):
+        if model == FULL_MODEL:
+            result = mantel_test(x[-1], y[-1], n_perm, seed)
+            row = {"rsa": float(result.observed), "null_mean": float(result.null_mean), "p_value": float(result.p_value), "n_perm": n_perm}
+        else:
+            row = {"rsa": float(rsa(x[-1], y[-1])), "null_mean": math.nan, "p_value": math.nan, "n_perm": 0}
+        rows.append({"model": model, "language": lang, **row})
     return pd.DataFrame(rows).set_index(["model", "language"])
 
 
@@ -227,12 +224,6 @@ def isomorphism_table(encodings, languages: Sequence[str], reference: str, k: in
     """Eigenvector similarity of the k-nearest-neighbour graphs of each language's and the reference's
     sentence vectors at the last layer (Søgaard et al. 2018; lower = more alike in shape), for the full
     model and the base and random controls: a third view of shared structure beside CKA and RSA."""
-    rows = []
-    for model in [m for m in _models(encodings, languages) if SubnetworkId.parse_or_none(m) is None]:
-        reps = encodings[model]
-        if reference not in reps:
-            continue
-        for lang in ordered([l for l in reps if l != reference], languages):
-            value = knn_eigen_similarity(reps[reference][-1], reps[lang][-1], k=min(k, reps[lang].shape[1] - 1))
-            rows.append({"model": model, "language": lang, "eigen_similarity": float(value)})
+    rows = [{"model": model, "language": lang, "eigen_similarity": float(knn_eigen_similarity(x[-1], y[-1], k=min(k, y.shape[1] - 1)))}
+            for model, lang, x, y in _pairs(encodings, languages, reference, subnetworks=False)]
     return pd.DataFrame(rows).set_index(["model", "language"])
