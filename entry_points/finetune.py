@@ -17,10 +17,10 @@ import mlflow
 import pandas as pd
 import transformers
 
-from entry_points._common import StageArgs, device_field, is_rank_zero, parse_args, parse_languages
+from entry_points._common import COUNT, LANGUAGE, SEED, StageArgs, device_field, is_rank_zero, parse_args, parse_languages
 from xlsub import artifacts, data, models, tracking
 from xlsub import corpus as corpora
-from xlsub.errors import XlsubError
+from xlsub.errors import Range, XlsubError
 from xlsub.figures import stages as figures
 from xlsub.mlm import perplexity
 from xlsub.training import TrainSettings, train_masked_lm
@@ -30,37 +30,32 @@ log = logging.getLogger("xlsub.finetune")
 
 @dataclass
 class FinetuneArgs(StageArgs):
-    model: str = field(default="tiny", metadata={"help": f"'tiny' (offline default), a hub id such as {models.GPU_DEFAULT_MODEL}, or a local folder"})
+    model: str = field(default="tiny", metadata={"help": f"'tiny' (offline default), 'tiny-base-shape' (XLM-R base's layers, random init), a hub id such as {models.GPU_DEFAULT_MODEL}, or a local folder"})
     corpus: str = field(default="embedded", metadata={"help": "'embedded' (Firefox ESR l10n, offline), a hub dataset id or saved dataset, or a folder of <lang>.txt"})
-    languages: str = field(default="all", metadata={"help": "comma-separated ISO codes, or 'all' languages of the corpus"})
-    seed: int = field(default=0, metadata={"help": "seed for initialisation, data order and masking, in [0, 2**32)"})
-    epochs: float = field(default=4.0, metadata={"help": "training epochs over the shuffled languages"})
-    batch_size: int = field(default=32, metadata={"help": "sequences per device and step"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (1e-3 for tiny; ~5e-5 for XLM-R base)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay, >= 0"})
-    max_seq_len: int = field(default=64, metadata={"help": "tokens per example, <s> and </s> included"})
-    examples_per_lang: int = field(default=2000, metadata={"help": "training examples (chunks) per language, at most"})
-    test_examples_per_lang: int = field(default=100, metadata={"help": "test chunks per language for perplexity"})
+    languages: str = field(default="all", metadata={"help": "comma-separated ISO codes, each once (DE = de), or 'all' languages of the corpus",
+                                                   "items": LANGUAGE, "keywords": ("all",)})
+    seed: int = field(default=0, metadata={"help": "seed for initialisation, data order and masking, in [0, 2**32)", "range": SEED})
+    epochs: float = field(default=4.0, metadata={"help": "training epochs over the shuffled languages, > 0", "range": Range(0, low_open=True)})
+    batch_size: int = field(default=32, metadata={"help": "sequences per device and step", "range": COUNT})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate, > 0 (1e-3 for tiny; ~5e-5 for XLM-R base)", "range": Range(0, low_open=True)})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay, >= 0", "range": Range(0)})
+    max_seq_len: int = field(default=64, metadata={"help": "tokens per example, <s> and </s> included, >= 3", "range": data.MAX_SEQ_LEN})
+    examples_per_lang: int = field(default=2000, metadata={"help": "training examples (chunks) per language, at most", "range": COUNT})
+    test_examples_per_lang: int = field(default=100, metadata={"help": "test chunks per language for perplexity", "range": COUNT})
     fp16: bool = field(default=False, metadata={"help": "mixed precision fp16 (CUDA)"})
     bf16: bool = field(default=False, metadata={"help": "mixed precision bf16 (recent GPUs/CPUs)"})
     eval_only: bool = field(default=False, metadata={"help": "evaluate the model without training; logs it as the run's model"})
-    resume_from_checkpoint: str = field(default="", metadata={"help": "a Trainer checkpoint folder to resume from"})
+    resume_from_checkpoint: str = field(default="", metadata={"help": "a Trainer checkpoint folder to resume from", "optional": True})
     device: str = device_field()
-    log_every: int = field(default=10, metadata={"help": "log the training loss every this many steps"})
+    log_every: int = field(default=10, metadata={"help": "log the training loss every this many steps", "range": COUNT})
 
     NOT_FOR_REUSE = ("log_every",)  # how often the loss is logged, not what is trained
 
-    def validate(self) -> None:
-        self.check_positive("epochs", "batch_size", "lr", "max_seq_len", "examples_per_lang", "test_examples_per_lang", "log_every")
-        if not 0 <= self.seed < 2**32:
-            raise XlsubError(f"seed: must be in [0, 2**32), got {self.seed}")
-        if not self.weight_decay >= 0:
-            raise XlsubError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+    def check_stage(self) -> None:
         if self.fp16 and self.bf16:
             raise XlsubError("fp16, bf16: choose one mixed-precision mode")
         if self.resume_from_checkpoint and not Path(self.resume_from_checkpoint).is_dir():
             raise XlsubError(f"resume_from_checkpoint: '{self.resume_from_checkpoint}' is not a checkpoint folder")
-        parse_languages(self.languages)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,9 +66,9 @@ def main(argv: list[str] | None = None) -> None:
         transformers.set_seed(args.seed)
         corpus = corpora.load_corpus(args.corpus, parse_languages(args.languages), seed=args.seed)
         langs = corpus.languages
-        if args.model == models.TINY:
+        if models.is_scratch(args.model):
             tokenizer = models.train_tokenizer(corpus.texts["train"]["text"])
-            model = models.tiny_model(tokenizer, args.max_seq_len)
+            model = models.scratch_model(args.model, tokenizer, args.max_seq_len)
         else:
             model, tokenizer = models.load_pretrained(args.model)
             if args.max_seq_len > models.max_text_len(model):

@@ -60,3 +60,37 @@ def test_unknown_device():
     with pytest.raises(XlsubError, match="^device: unknown"):
         resolve_device("tpu")
     assert resolve_device("cpu") == "cpu"
+
+
+def test_base_shape_model_has_xlmr_base_layers_and_counts_its_parameters(texts):
+    from xlsub.models import BASE_SHAPE, XLMR_VOCAB_SIZE, is_scratch, scratch_model
+
+    tokenizer = train_tokenizer(texts[:2000], vocab_size=500)
+    assert is_scratch("tiny") and is_scratch(BASE_SHAPE) and not is_scratch("FacebookAI/xlm-roberta-base")
+    model = scratch_model(BASE_SHAPE, tokenizer, max_seq_len=512)
+    c = model.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size) == (768, 12, 12, 3072)
+    assert c.vocab_size == len(tokenizer) and c.max_position_embeddings == 512 + 2
+    # XLM-R base has ~278M parameters; 250,002 x 768 of them are the (tied) embedding
+    layers = sum(p.numel() for p in model.roberta.encoder.parameters())
+    assert 84e6 < layers < 86e6  # 12 x (4 x 768^2 + 2 x 768 x 3072 + biases and norms)
+    full_vocab = scratch_model(BASE_SHAPE, tokenizer, max_seq_len=512, vocab_size=XLMR_VOCAB_SIZE)
+    assert full_vocab.roberta.embeddings.word_embeddings.weight.shape == (XLMR_VOCAB_SIZE, 768)
+
+
+def test_gpu_benchmark_runs_its_stages_on_cpu_in_smoke_mode(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu.json"
+    subprocess.run([sys.executable, str(root / "benchmarks/gpu.py"), "--device", "cpu", "--smoke", "--json", str(out)],
+                   check=True, capture_output=True, cwd=tmp_path)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["stage"].split()[0] for r in rows] == ["finetune", "prune", "encode"]
+    assert all(r["rate"] > 0 for r in rows)
+    no_cuda = subprocess.run(["bash", str(root / "benchmarks/gpu.sh")], capture_output=True, text=True,
+                             env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""})
+    assert no_cuda.returncode == 0 and "no CUDA device" in no_cuda.stdout

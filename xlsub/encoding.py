@@ -224,12 +224,13 @@ def models_to_encode(model_folder: str | Path, subnetworks: Mapping[SubnetworkId
 
 def base_model(name: str, model_folder: str | Path, max_seq_len: int, seed: int) -> nn.Module:
     """The model before finetuning: the pretrained `name`, or for `tiny` the same seeded initialisation
-    the finetune run started from (its tokenizer, saved in `model_folder`, fixes the vocabulary)."""
+    the finetune run started from (its tokenizer, saved in `model_folder`, fixes the vocabulary); likewise
+    for `tiny-base-shape`."""
     import transformers
 
     from xlsub import models
 
-    if name != models.TINY:
+    if not models.is_scratch(name):
         return models.load_pretrained(name)[0]
     transformers.set_seed(seed)
-    return models.tiny_model(transformers.AutoTokenizer.from_pretrained(model_folder), max_seq_len)
+    return models.scratch_model(name, transformers.AutoTokenizer.from_pretrained(model_folder), max_seq_len)

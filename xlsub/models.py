@@ -5,6 +5,12 @@ two CPU cores in minutes, with a Unigram tokenizer (XLM-R's special tokens)
 trained on the corpus. Settings measured on the embedded corpus: hidden 128,
 4 layers, lr 1e-3 and no dropout beat a per-language unigram model in every
 language after ~1,000 steps; 8 heads per layer give subnetworks room to differ.
+
+`tiny-base-shape` rehearses the real study offline: XLM-R base's layer shapes
+(12 layers x 12 heads, hidden 768, feed-forward 3072, its dropout), randomly
+initialised, with the same corpus tokenizer. Its 8k-entry vocabulary leaves out
+XLM-R's 250k-entry embedding and tied LM head (~192M of its ~278M parameters):
+`benchmarks/scale.py` adds that cost to its projections explicitly.
 """
 
 from __future__ import annotations
@@ -27,9 +33,22 @@ from xlsub.errors import XlsubError
 from xlsub.hub import is_hub_id, looks_local
 
 TINY = "tiny"
+BASE_SHAPE = "tiny-base-shape"
 TINY_VOCAB_SIZE = 8000
-TINY_SHAPE = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=8, intermediate_size=512)
+TINY_SHAPE = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=8, intermediate_size=512,
+                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+# XLM-R base's layers (Conneau et al. 2020), with its dropout
+XLMR_BASE_SHAPE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                       hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+XLMR_VOCAB_SIZE = 250002
+# models trained from scratch with the corpus tokenizer, by the name the `model` parameter takes
+SCRATCH_SHAPES = {TINY: TINY_SHAPE, BASE_SHAPE: XLMR_BASE_SHAPE}
 GPU_DEFAULT_MODEL = "FacebookAI/xlm-roberta-base"
+
+
+def is_scratch(name: str) -> bool:
+    """Whether `name` is a model xlsub builds from scratch (`tiny`, `tiny-base-shape`) rather than loads."""
+    return name in SCRATCH_SHAPES
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = TINY_VOCAB_SIZE) -> XLMRobertaTokenizer:
@@ -57,11 +76,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = TINY_VOCAB_SIZE) -> 
 
 def tiny_model(tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> XLMRobertaForMaskedLM:
     """A randomly initialised small XLM-R; call `transformers.set_seed` first for reproducibility."""
+    return scratch_model(TINY, tokenizer, max_seq_len)
+
+
+def scratch_model(name: str, tokenizer: PreTrainedTokenizerBase, max_seq_len: int,
+                  vocab_size: int | None = None) -> XLMRobertaForMaskedLM:
+    """A randomly initialised XLM-R of the shape `name` names (`tiny`, `tiny-base-shape`), with the
+    tokenizer's vocabulary unless `vocab_size` is given (XLMR_VOCAB_SIZE to price XLM-R's embedding);
+    call `transformers.set_seed` first for reproducibility."""
     config = XLMRobertaConfig(
-        vocab_size=len(tokenizer),
-        **TINY_SHAPE,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        vocab_size=vocab_size or len(tokenizer),
+        **SCRATCH_SHAPES[name],
         # RoBERTa positions start after the padding index
         max_position_embeddings=max_seq_len + tokenizer.pad_token_id + 1,
         pad_token_id=tokenizer.pad_token_id,
@@ -79,10 +104,10 @@ def load_pretrained(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
     if looks_local(name):
         path = Path(name).expanduser()
         if not (path / "config.json").is_file():
-            raise XlsubError(f"model: '{name}' is not a folder with config.json; give a model folder, a hub id or 'tiny'")
+            raise XlsubError(f"model: '{name}' is not a folder with config.json; give a model folder, a hub id, 'tiny' or 'tiny-base-shape'")
         name = str(path)
     elif not is_hub_id(name):
-        raise XlsubError(f"model: '{name}' is neither 'tiny', an existing folder nor a hub id like {GPU_DEFAULT_MODEL}")
+        raise XlsubError(f"model: '{name}' is neither 'tiny', 'tiny-base-shape', an existing folder nor a hub id like {GPU_DEFAULT_MODEL}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForMaskedLM.from_pretrained(name)

@@ -1,0 +1,204 @@
+"""The GPU paths of finetune, prune and encode at XLM-R base's size, on one GPU.
+
+Each stage's core runs as the stage runs it, on a randomly initialised model
+with XLM-R base's layers and its 250,002-entry vocabulary (`tiny-base-shape`
+priced at XLM-R's embedding), on random token ids: the speed of these kernels
+does not depend on the weights or the text.
+
+- finetune: `train_masked_lm` (Hugging Face Trainer, xlsub's masked-only loss)
+  in fp32, fp16 and bf16 mixed precision, at the study's 8 x 512 tokens a step;
+- prune: one importance pass (`head_importance`: gradients to the head gates
+  only) over 8 x 512-token chunks, the unit an iterative pruning step costs;
+- encode: `encode` (every layer, mean-pooled) of sentences of 10 to 60 tokens.
+
+Prints steps/s, chunks/s, sentences/s and peak GPU memory per stage; without
+CUDA it says so and exits 0. `--smoke` runs the same code with the tiny shape
+and a few steps (on CPU too), so the script is tested where there is no GPU.
+
+    bash benchmarks/gpu.sh              # or: python benchmarks/gpu.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from xlsub import models  # noqa: E402
+
+SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+
+
+def synthetic_tokenizer(vocab: int):
+    """An XLM-R-style Unigram tokenizer over made-up pieces `w0 .. wN` (XLM-R's special ids 0..4)."""
+    from transformers import XLMRobertaTokenizer
+
+    return XLMRobertaTokenizer(vocab=[(t, 0.0) for t in SPECIALS] + [(f"▁w{i}", -1.0) for i in range(vocab - len(SPECIALS))])
+
+
+def build_model(shape: str, tokenizer, max_seq_len: int, vocab_size: int, seed: int = 0):
+    torch.manual_seed(seed)
+    return models.scratch_model(shape, tokenizer, max_seq_len, vocab_size=vocab_size)
+
+
+def random_chunks(n: int, length: int, low: int, high: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[0, *torch.randint(low, high, (length - 2,), generator=g).tolist(), 2] for _ in range(n)]
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def finetune(cfg, device: torch.device, precision: str) -> dict:
+    """Steps/s of the Trainer loop after `cfg.warmup` steps, and peak memory."""
+    import datasets
+    from transformers import TrainerCallback
+
+    from xlsub.training import TrainSettings, train_masked_lm
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync(device)
+            self.times.append(time.perf_counter())
+
+    tokenizer = synthetic_tokenizer(cfg.tokens)
+    model = build_model(cfg.shape, tokenizer, cfg.seq, cfg.vocab)
+    steps = cfg.warmup + cfg.steps
+    chunks = random_chunks(steps * cfg.batch, cfg.seq, len(SPECIALS), cfg.tokens, seed=1)
+    train = datasets.Dataset.from_dict({"input_ids": chunks})
+    settings = TrainSettings(epochs=1, batch_size=cfg.batch, lr=5e-5, weight_decay=0.01, seed=0, device=str(device),
+                             fp16=precision == "fp16", bf16=precision == "bf16", log_every=10**6)
+    clock = StepClock()
+    reset_peak(device)
+    with tempfile.TemporaryDirectory() as out:
+        train_masked_lm(model, tokenizer, train, settings, Path(out), [clock])
+    timed = clock.times[cfg.warmup - 1:]
+    seconds = timed[-1] - timed[0]
+    n = len(timed) - 1
+    return {"stage": f"finetune {precision}", "unit": "steps/s", "rate": n / seconds,
+            "tokens_per_s": n * cfg.batch * cfg.seq / seconds, "peak_gib": peak_gib(device),
+            "setting": f"{cfg.batch} x {cfg.seq} tokens a step, {n} steps timed"}
+
+
+def prune(cfg, device: torch.device) -> dict:
+    """Chunks/s of the importance pass that each pruning step runs (gradients to the gates only)."""
+    from xlsub.heads import head_importance, mask_shape
+    from xlsub.mlm import masked_forward
+
+    tokenizer = synthetic_tokenizer(cfg.tokens)
+    model = build_model(cfg.shape, tokenizer, cfg.seq, cfg.vocab).to(device).eval()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.tensor(random_chunks(cfg.chunks, cfg.seq, len(SPECIALS), cfg.tokens, seed=2))
+    scored = torch.rand(ids.shape, generator=g) < 0.15
+    batches = [{"input_ids": torch.where(scored, 4, ids)[i:i + cfg.batch].to(device),
+                "attention_mask": torch.ones_like(ids[i:i + cfg.batch]).to(device),
+                "labels": torch.where(scored, ids, -100)[i:i + cfg.batch].to(device)}
+               for i in range(0, cfg.chunks, cfg.batch)]
+    mask = torch.ones(mask_shape(model))
+    with masked_forward(model):
+        head_importance(model, batches[:1], mask)  # warm-up: kernels, allocator
+        reset_peak(device)
+        sync(device)
+        start = time.perf_counter()
+        head_importance(model, batches, mask)
+        sync(device)
+    seconds = time.perf_counter() - start
+    return {"stage": "prune (importance pass, fp32)", "unit": "chunks/s", "rate": cfg.chunks / seconds,
+            "tokens_per_s": cfg.chunks * cfg.seq / seconds, "peak_gib": peak_gib(device),
+            "setting": f"{cfg.chunks} chunks of {cfg.seq} tokens, batch {cfg.batch}"}
+
+
+def encode_stage(cfg, device: torch.device) -> dict:
+    """Sentences/s of `encode` (all layers, mean-pooled, fp32) over sentences of 10 to 60 tokens."""
+    from xlsub.encoding import encode
+
+    tokenizer = synthetic_tokenizer(cfg.tokens)
+    model = build_model(cfg.shape, tokenizer, cfg.seq, cfg.vocab).to(device)
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(8, 59, (cfg.sentences,), generator=g)
+    words = torch.randint(0, cfg.tokens - len(SPECIALS), (int(lengths.sum()),), generator=g).tolist()
+    sentences, at = [], 0
+    for n in lengths.tolist():
+        sentences.append(" ".join(f"w{w}" for w in words[at:at + n]))
+        at += n
+    encode(model, tokenizer, sentences[:cfg.encode_batch], batch_size=cfg.encode_batch, device=device)  # warm-up
+    reset_peak(device)
+    sync(device)
+    start = time.perf_counter()
+    encode(model, tokenizer, sentences, batch_size=cfg.encode_batch, device=device)
+    sync(device)
+    seconds = time.perf_counter() - start
+    return {"stage": "encode (fp32)", "unit": "sentences/s", "rate": cfg.sentences / seconds,
+            "tokens_per_s": float("nan"), "peak_gib": peak_gib(device),
+            "setting": f"{cfg.sentences} sentences, batch {cfg.encode_batch}"}
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
+    """Measured dense matrix-product rate, the FLOP rate `benchmarks/scale.py` projects GPU times from."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N (or cpu with --smoke)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shape, a few steps: checks the code, measures nothing")
+    parser.add_argument("--json", type=Path, help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device here: benchmarks/gpu.sh measures nothing on this machine")
+        return
+    cfg = argparse.Namespace(shape=models.BASE_SHAPE, vocab=models.XLMR_VOCAB_SIZE, tokens=8000, seq=512, batch=8,
+                             warmup=5, steps=40, chunks=64, sentences=2000, encode_batch=64)
+    if args.smoke:
+        cfg = argparse.Namespace(shape=models.TINY, vocab=None, tokens=500, seq=32, batch=4,
+                                 warmup=2, steps=3, chunks=8, sentences=40, encode_batch=16)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device: {name}; torch {torch.__version__}; model: {cfg.shape}, vocabulary {cfg.vocab or cfg.tokens}")
+    precisions = ["fp32", "fp16", "bf16"] if device.type == "cuda" else ["fp32"]
+    n = 256 if args.smoke else 8192
+    rates = {str(dtype).removeprefix("torch."): matmul_tflops(device, dtype, n)
+             for dtype in ([torch.float32, torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32])}
+    print("matrix product TFLOP/s at n=%d: %s" % (n, ", ".join(f"{k} {v:.3g}" for k, v in rates.items())))
+    rows = [finetune(cfg, device, p) for p in precisions] + [prune(cfg, device), encode_stage(cfg, device)]
+    print(f"{'stage':32} {'rate':>10} {'unit':12} {'tokens/s':>10} {'peak GiB':>9}  setting")
+    for r in rows:
+        print(f"{r['stage']:32} {r['rate']:10.2f} {r['unit']:12} {r['tokens_per_s']:10.0f} {r['peak_gib']:9.2f}  {r['setting']}")
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "matmul_tflops": rates, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# finetune (fp32, fp16, bf16), prune and encode at XLM-R base's size on one GPU:
+# steps/s, chunks/s, sentences/s and peak GPU memory. Without CUDA it says so and exits 0.
+#   bash benchmarks/gpu.sh [--json results.json]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    echo "no CUDA device here ($PY sees none): benchmarks/gpu.sh measures nothing on this machine"
+    exit 0
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+exec "$PY" benchmarks/gpu.py --device cuda "$@"
