@@ -1,39 +1,50 @@
-"""What every entry point shares: the parameter dataclass base, flag parsing, languages, distributed rank."""
+"""What every entry point shares: the parameter dataclass base with its checks, flag parsing, languages,
+distributed rank."""
 
 from __future__ import annotations
 
+import copy
 import logging
-import math
 import os
+import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import ClassVar, TypeVar
+from types import MappingProxyType
+from typing import ClassVar, TypeVar, get_type_hints
 
 from transformers import HfArgumentParser
 
-from xlsub.errors import XlsubError
+from xlsub.artifacts import is_language_code
+from xlsub.errors import Range, XlsubError
 from xlsub.tracking import unquote
 
 T = TypeVar("T")
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
 
-
-class _OneLineParser(HfArgumentParser):
-    """argparse, but a bad flag is one line naming the parameter, not a page of usage."""
-
-    def error(self, message: str):
-        print(f"xlsub {self.prog}: {message}; see --help", file=sys.stderr)
-        sys.exit(2)
-
-
-class _RaisingParser(HfArgumentParser):
-    def error(self, message: str):
-        raise XlsubError(message)
+# -- what a field accepts, in its metadata --------------------------------------------------------------
+# int and float fields: "range", a Range (required; NaN and +-inf lie outside every Range).
+# str fields: stripped of surrounding spaces, and non-empty unless "optional"; besides that, any of
+#   "keywords": whole values accepted as they are, case-insensitive (`all`, `latest`, `none`);
+#   "choices": the only values accepted; "pattern": a regular expression the value matches in full;
+#   "number": a Range for a number written as text (`target_sparsity`);
+#   "items": a comma-separated list, no empty or repeated item, each a LANGUAGE, a RUN_ID or an
+#            integer in a Range;
+#   "kind": LANGUAGE or RUN_ID for a single value.
+# Languages are lower-cased: `DE` is `de`.
+LANGUAGE = "language"
+RUN_ID = "run_id"
+SEED = Range(0, 2**32, high_open=True, meaning="a seed")  # what numpy, torch and transformers.set_seed take
+COUNT = Range(1)
+REPLICATES = Range(10, meaning="a number of bootstrap replicates (1000 for 95% intervals)")
 
 
 def device_field(default: str = "auto"):
-    return field(default=default, metadata={"help": DEVICE_HELP})
+    return field(default=default, metadata={"help": DEVICE_HELP, "pattern": r"auto|cpu|mps|cuda(:\d+)?"})
+
+
+def run_id_field(help: str):
+    return field(default="latest", metadata={"help": help, "kind": RUN_ID, "keywords": ("latest",)})
 
 
 @dataclass
@@ -41,25 +52,34 @@ class StageArgs:
     """Base of the stage parameter dataclasses: the one place a stage's parameters, defaults, help and
     bounds are declared. MLproject is generated from these classes (`python -m entry_points.mlproject`).
 
-    Fields named in `NOT_FOR_REUSE` cannot change a result (where logs or checkpoints go, how often
-    they are written): `main` leaves them out when it looks for a finished run to reuse.
+    `validate()` checks every field against its metadata (so a new parameter is checked by default), then
+    the stage's own `check_stage()`: rules between parameters and what metadata cannot state. Fields
+    named in `NOT_FOR_REUSE` cannot change a result (where logs or checkpoints go, how often they are
+    written): `main` leaves them out when it looks for a finished run to reuse.
     """
 
     NOT_FOR_REUSE: ClassVar[tuple[str, ...]] = ()
+    _refusal: ClassVar[XlsubError | None] = None  # set on arguments that did not parse (`parse_args`)
+
+    def __post_init__(self) -> None:
+        """Spelling only, never a refusal (that is `validate`'s, inside the run): ` abc ` is `abc`, `DE` is `de`."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, str):
+                setattr(self, f.name, _normal(value, f.metadata))
 
     def validate(self) -> None:
         """Refuse bad values with one XlsubError line naming the parameter. Runs inside the stage's run."""
+        if self._refusal is not None:
+            raise self._refusal
+        hints = get_type_hints(type(self))
+        for f in fields(self):
+            _check_field(f.name, hints[f.name], getattr(self, f.name), f.metadata)
+        self.check_stage()
 
-    # -- shared checks, each naming the parameter --------------------------------------------------------
-    def check_positive(self, *names: str) -> None:
-        for name in names:
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise XlsubError(f"{name}: must be a positive number, got {value}")
-
-    def check_choice(self, name: str, choices) -> None:
-        if getattr(self, name) not in choices:
-            raise XlsubError(f"{name}: '{getattr(self, name)}' is not one of {', '.join(map(str, choices))}")
+    def check_stage(self) -> None:
+        """The stage's own checks, after every field passed its metadata's: rules between parameters,
+        files that must exist. Override."""
 
     # -- to and from MLflow --------------------------------------------------------------------------------
     def params(self) -> dict[str, str]:
@@ -77,31 +97,166 @@ class StageArgs:
         argv = []
         for f in fields(cls):
             if f.name in params:
-                argv += [f"--{f.name}", unquote(params[f.name])]
+                argv.append(f"--{f.name}={unquote(params[f.name])}")
         try:
-            (args,) = _RaisingParser(cls).parse_args_into_dataclasses(args=argv)
+            return _parse(cls, argv)
         except XlsubError as err:
             raise XlsubError(f"{param}: its logged parameters do not parse as {cls.__name__} ({err}); rerun that stage") from None
+
+    @classmethod
+    def refusing(cls: type[T], err: XlsubError, given: Mapping[str, str]) -> T:
+        """Defaults, with the values given on the command line as typed (the FAILED run logs what was
+        asked), whose `validate()` raises `err`: a flag that did not parse fails like any bad value."""
+        args = cls()
+        names = {f.name for f in fields(cls)}
+        for name, value in given.items():
+            if name in names:
+                setattr(args, name, value)
+        args._refusal = err
         return args
 
 
+def _normal(value: str, meta: Mapping) -> str:
+    value = value.strip()
+    if value.lower() in meta.get("keywords", ()):
+        return value.lower()
+    if "items" in meta:
+        parts = [part.strip() for part in value.split(",")]
+        if meta["items"] == LANGUAGE or meta["items"] == RUN_ID:  # a run ID list spells 'latest' as a keyword does
+            parts = [part.lower() if meta["items"] == LANGUAGE or part.lower() == "latest" else part for part in parts]
+        return ",".join(parts)
+    return value.lower() if meta.get("kind") == LANGUAGE else value
+
+
+def _check_field(name: str, kind: type, value, meta: Mapping) -> None:
+    if kind is bool:  # the parser accepts only true/false spellings
+        return
+    if kind in (int, float):
+        if "range" not in meta:
+            raise TypeError(f"{name}: an {kind.__name__} parameter needs a 'range' (xlsub.errors.Range) in its field metadata")
+        meta["range"].check(name, value)
+        return
+    if value in meta.get("keywords", ()):
+        return
+    if not value:
+        if meta.get("optional"):
+            return
+        raise XlsubError(f"{name}: empty; give {meta.get('help', 'a value')}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise XlsubError(f"{name}: '{value}' is not one of {', '.join(meta['choices'])}")
+    if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
+        raise XlsubError(f"{name}: '{value}' is not {meta.get('help', 'a valid value')}")
+    if "number" in meta:
+        try:
+            number = float(value)
+        except ValueError:
+            raise XlsubError(f"{name}: '{value}' is not a number; give {meta.get('help', 'a number')}") from None
+        meta["number"].check(name, number)
+    if "items" in meta:
+        split_items(name, value, meta["items"])
+    if meta.get("kind") == LANGUAGE and not is_language_code(value):
+        raise XlsubError(f"{name}: '{value}' is not a language code; give an ISO code such as en")
+
+
+def split_items(name: str, value: str, item: str | Range) -> list:
+    """`a,b,c` -> [a, b, c], each a LANGUAGE (lower-cased), a RUN_ID, or an integer in the Range `item`;
+    refuses an empty item (`en,,de`) and a repeated one."""
+    parts = [part.strip() for part in value.split(",")]
+    if "" in parts:
+        raise XlsubError(f"{name}: '{value}' has an empty item; separate the items by single commas, e.g. {_EXAMPLE.get(item, '0,1')}")
+    parsed = [_item(name, part, item) for part in parts]
+    repeated = list(dict.fromkeys(str(p) for p in parsed if parsed.count(p) > 1))
+    if repeated:
+        raise XlsubError(f"{name}: '{','.join(repeated)}' given more than once; list each once")
+    return parsed
+
+
+_EXAMPLE = {LANGUAGE: "en,de", RUN_ID: "<run id>,<run id>"}
+
+
+def _item(name: str, text: str, item: str | Range):
+    if isinstance(item, Range):
+        try:
+            number = int(text)
+        except ValueError:
+            raise XlsubError(f"{name}: '{text}' is not an integer; give comma-separated integers in {item}, e.g. 0,1") from None
+        item.check(name, number)
+        return number
+    if item == LANGUAGE:
+        if not is_language_code(text.lower()):
+            raise XlsubError(f"{name}: '{text}' is not a language code; give ISO codes such as en,de")
+        return text.lower()
+    return text
+
+
+# -- the command line ---------------------------------------------------------------------------------------
+class _RaisingParser(HfArgumentParser):
+    """argparse, but a bad flag is an XlsubError naming the parameter, not a page of usage."""
+
+    @staticmethod
+    def _parse_dataclass_field(parser, f):
+        # HfArgumentParser hands a field's metadata to add_argument; the checks above are ours, not argparse's
+        plain = copy.copy(f)
+        plain.metadata = MappingProxyType({"help": f.metadata["help"]} if "help" in f.metadata else {})
+        HfArgumentParser._parse_dataclass_field(parser, plain)
+
+    def error(self, message: str):
+        found = re.match(r"argument --(\w+)(?:/[-\w]+)*: (.*)", message)
+        if not found:
+            raise XlsubError(f"{message}; see --help")
+        name, detail = found.groups()
+        if value := re.match(r"invalid (int|float) value: (.*)", detail):
+            detail = f"{value.group(2)} is not {'an integer' if value.group(1) == 'int' else 'a number'}"
+        elif value := re.match(r"Truthy value expected: got (.*?) but", detail):
+            detail = f"'{value.group(1)}' is not true or false"
+        raise XlsubError(f"{name}: {detail}; see --help")
+
+
+def _parse(cls: type[T], argv: Sequence[str]) -> T:
+    *parsed, rest = _RaisingParser(cls, allow_abbrev=False).parse_args_into_dataclasses(args=list(argv), return_remaining_strings=True)
+    if rest:
+        flag = next((token for token in rest if token.startswith("--")), rest[0])
+        if flag.startswith("--"):
+            raise XlsubError(f"{flag[2:].partition('=')[0]}: no such parameter; see --help for the parameters")
+        raise XlsubError(f"'{flag}' is not a parameter; pass parameters as --name value")
+    return parsed[0]
+
+
+def _joined(argv: Sequence[str], names: set[str]) -> list[str]:
+    """`--epochs -inf` as `--epochs=-inf`: argparse would take `-inf` for a flag and lose the value."""
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--") and token[2:] in names and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out.append(f"{token}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(token)
+            i += 1
+    return out
+
+
 def parse_args(cls: type[T], argv: list[str] | None = None) -> T:
-    """Parse `--name value` flags into the dataclass `cls` (help text comes from its field metadata)."""
+    """Parse `--name value` flags into the dataclass `cls` (help text comes from its field metadata).
+
+    Flags that do not parse give arguments that refuse themselves in `validate()`, inside the stage's
+    run: one line, a FAILED run, exit status 2, like any other bad value.
+    """
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per downloaded file drowns the log
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    (args,) = _OneLineParser(cls).parse_args_into_dataclasses(args=argv)
-    return args
+    argv = _joined(sys.argv[1:] if argv is None else argv, {f.name for f in fields(cls)})
+    try:
+        return _parse(cls, argv)
+    except XlsubError as err:
+        given = dict(token[2:].partition("=")[::2] for token in argv if token.startswith("--") and "=" in token)
+        return cls.refusing(err, given)
 
 
 def parse_languages(value: str, param: str = "languages") -> list[str] | None:
-    """`all` -> None (every language available); `en,de` -> ['en', 'de']; a repeated code is refused."""
+    """`all` -> None (every language available); `en,DE` -> ['en', 'de']; an empty or repeated code is refused."""
     if value.strip().lower() in ("", "all"):
         return None
-    codes = [code.strip() for code in value.split(",") if code.strip()]
-    repeated = sorted({c for c in codes if codes.count(c) > 1})
-    if repeated:
-        raise XlsubError(f"{param}: '{','.join(repeated)}' given more than once; list each language once")
-    return codes
+    return split_items(param, value, LANGUAGE)
 
 
 def is_rank_zero() -> bool:

@@ -13,68 +13,83 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from transformers import AutoConfig, AutoTokenizer
 
-from entry_points._common import StageArgs, parse_args
+from entry_points._common import COUNT, LANGUAGE, REPLICATES, SEED, StageArgs, parse_args, run_id_field, split_items
+from entry_points.encode import EncodeArgs, encoded_keys, subnetworks_of
 from xlsub import artifacts, tracking
 from xlsub.analysis import AnalysisInputs, analyze
+from xlsub.cka import KINDS, PRECISIONS
 from xlsub.cka import check_options as check_cka_options
-from xlsub.errors import XlsubError
+from xlsub.errors import Range, XlsubError
 from xlsub.intervals import ChunkLosses
 from xlsub.report import write_report
 from xlsub.similarity_tables import Counts
 from xlsub.tables import long_table
 
 log = logging.getLogger("xlsub.analyze")
+LAYER = Range(0, meaning="a layer number (0 = embeddings)")
 
 
 @dataclass
 class AnalyzeArgs(StageArgs):
-    encode_run_id: str = field(default="latest", metadata={"help": "encode run ID or 'latest'"})
-    prune_run_id: str = field(default="latest", metadata={"help": "prune run ID or 'latest'; with an explicit encode_run_id, 'latest' means that encode run's prune run"})
-    cka: str = field(default="debiased", metadata={"help": "CKA kind: debiased (unbiased HSIC, the default: biased CKA is inflated when n is not far above d), linear or rbf"})
-    cka_precision: str = field(default="float64", metadata={"help": "CKA products: float64, or float32 accumulated in float64 (linear and debiased; about 1.5x faster on CPUs)"})
-    layers: str = field(default="auto", metadata={"help": "layers (0 = embeddings) for the all-pairs CKA heatmaps, comma-separated, or 'auto' (first, middle, last)"})
-    reference: str = field(default="en", metadata={"help": "the language every other language is compared with (CKA and token overlap)"})
-    bootstrap: int = field(default=1000, metadata={"help": "bootstrap replicates over test chunks for the perplexity intervals and the specificity gap"})
-    permutations: int = field(default=1000, metadata={"help": "label permutations and random-mask draws of the overlap tests"})
-    resample_seed: int = field(default=0, metadata={"help": "seed of the bootstrap, permutations and random draws"})
-    cka_permutations: int = field(default=1000, metadata={"help": "permutations of the CKA null: full model at every layer, base and random controls at the last"})
-    subnetwork_permutations: int = field(default=200, metadata={"help": "permutations of the CKA null for each subnetwork (last layer)"})
-    length_permutations: int = field(default=500, metadata={"help": "length-matched permutations and RSA's Mantel test (full model and controls, last layer)"})
+    encode_run_id: str = run_id_field("encode run ID or 'latest'")
+    prune_run_id: str = run_id_field("prune run ID or 'latest'; with an explicit encode_run_id, 'latest' means that encode run's prune run")
+    cka: str = field(default="debiased", metadata={"help": "CKA kind: debiased (unbiased HSIC, the default: biased CKA is inflated when n is not far above d), linear or rbf",
+                                                  "choices": KINDS})
+    cka_precision: str = field(default="float64", metadata={"help": "CKA products: float64, or float32 accumulated in float64 (linear and debiased; about 1.5x faster on CPUs)",
+                                                            "choices": PRECISIONS})
+    layers: str = field(default="auto", metadata={"help": "layers (0 = embeddings) for the all-pairs CKA heatmaps, comma-separated, each once, or 'auto' (first, middle, last)",
+                                                  "items": LAYER, "keywords": ("auto",)})
+    reference: str = field(default="en", metadata={"help": "the language every other language is compared with (CKA and token overlap)", "kind": LANGUAGE})
+    bootstrap: int = field(default=1000, metadata={"help": "bootstrap replicates over test chunks for the perplexity intervals and the specificity gap, >= 10",
+                                                   "range": REPLICATES})
+    permutations: int = field(default=1000, metadata={"help": "label permutations and random-mask draws of the overlap tests", "range": COUNT})
+    resample_seed: int = field(default=0, metadata={"help": "seed of the bootstrap, permutations and random draws, in [0, 2**32)", "range": SEED})
+    cka_permutations: int = field(default=1000, metadata={"help": "permutations of the CKA null: full model at every layer, base and random controls at the last",
+                                                          "range": COUNT})
+    subnetwork_permutations: int = field(default=200, metadata={"help": "permutations of the CKA null for each subnetwork (last layer)", "range": COUNT})
+    length_permutations: int = field(default=500, metadata={"help": "length-matched permutations and RSA's Mantel test (full model and controls, last layer)",
+                                                            "range": COUNT})
 
     @property
     def layer_list(self) -> list[int] | None:
-        if self.layers.strip().lower() in ("", "auto"):
-            return None
-        try:
-            return [int(x) for x in self.layers.split(",") if x.strip()]
-        except ValueError:
-            raise XlsubError(f"layers: '{self.layers}' is not a comma-separated list of layer numbers, e.g. 0,6,12") from None
+        return None if self.layers == "auto" else split_items("layers", self.layers, LAYER)
 
-    def validate(self) -> None:
+    def check_stage(self) -> None:
         check_cka_options(self.cka, self.cka_precision)
-        self.layer_list
-        if not self.reference.strip():
-            raise XlsubError("reference: give a language code, e.g. en")
-        if self.bootstrap < 10:
-            raise XlsubError(f"bootstrap: give at least 10 replicates (1000 for 95% intervals), got {self.bootstrap}")
-        self.check_positive("permutations", "cka_permutations", "subnetwork_permutations", "length_permutations")
-        if self.resample_seed < 0:
-            raise XlsubError(f"resample_seed: must be >= 0, got {self.resample_seed}")
 
 
 def resolve_inputs(args: AnalyzeArgs):
     encode = tracking.resolve_run("encode_run_id", args.encode_run_id, "encode")
+    for stage in ("prune", "finetune"):
+        if not encode.data.tags.get(artifacts.input_tag(stage)):
+            raise XlsubError(f"encode_run_id: encode run {encode.info.run_id} has no tag {artifacts.input_tag(stage)}; rerun encode")
     made_from = encode.data.tags.get(artifacts.input_tag("prune"))
-    explicit_encode = args.encode_run_id.strip() != "latest"
-    prune_id = made_from if args.prune_run_id.strip() == "latest" and explicit_encode else args.prune_run_id
+    explicit_encode = args.encode_run_id != "latest"
+    prune_id = made_from if args.prune_run_id == "latest" and explicit_encode else args.prune_run_id
     prune = tracking.resolve_run("prune_run_id", prune_id, "prune")
     if made_from != prune.info.run_id:
         raise XlsubError(f"prune_run_id: encode run {encode.info.run_id} was made from prune run {made_from}, not {prune.info.run_id}; pass matching runs")
     finetune = tracking.resolve_run("finetune_run_id of the encode run", encode.data.tags[artifacts.input_tag("finetune")], "finetune")
     return finetune, prune, encode
+
+
+def check_inputs(finetune: Run, prune: Run, encode: Run, work: Path) -> None:
+    """Before any work, every artifact the analysis reads is there: each subnetwork's head mask and
+    pruning steps, the prune run's tables, and every model key's encodings in every encoded language."""
+    children = subnetworks_of(prune, finetune)
+    for child in children.values():
+        tracking.require_artifacts("prune_run_id", child, [artifacts.HEAD_MASK, artifacts.STEPS])
+    tracking.require_artifacts("prune_run_id", prune, [*(artifacts.table_path(t, folder=None) for t in (artifacts.CHUNK_LOSSES, artifacts.CROSS_PPL,
+                                                                                                     artifacts.CROSS_PPL_RANDOM)), artifacts.PPL_FULL])
+    tracking.require_artifacts("encode_run_id", finetune, [artifacts.model_files()[0]])  # config.json: the tokenizer's model
+    tracking.require_artifacts("encode_run_id", encode, [artifacts.SENTENCES])
+    languages = artifacts.read_sentences(tracking.download(encode.info.run_id, artifacts.SENTENCES, work, "encode_run_id"))["languages"]
+    keys = encoded_keys(EncodeArgs.from_params(encode.data.params, "encode_run_id"), children)
+    tracking.require_artifacts("encode_run_id", encode, [artifacts.encoding_path(key, lang) for key in keys for lang in languages])
 
 
 def load_inputs(finetune, prune, encode, work: Path) -> AnalysisInputs:
@@ -119,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = {"finetune": finetune, "prune": prune, "encode": encode}
         mlflow.set_tags({artifacts.input_tag(stage): r.info.run_id for stage, r in runs.items()})
         with tempfile.TemporaryDirectory() as tmp:
+            check_inputs(finetune, prune, encode, Path(tmp) / "inputs")
             result = analyze(load_inputs(finetune, prune, encode, Path(tmp) / "inputs"), cka_kind=args.cka, layers=args.layer_list,
                              cka_precision=args.cka_precision, reference=args.reference, bootstrap=args.bootstrap,
                              permutations=args.permutations, resample_seed=args.resample_seed,

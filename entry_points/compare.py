@@ -21,7 +21,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from entry_points._common import StageArgs, parse_args
+from entry_points._common import RUN_ID, StageArgs, parse_args, split_items
 from xlsub import artifacts, tracking
 from xlsub.compare import PARAM, check_same_languages, compare, run_url, write_comparison
 from xlsub.errors import XlsubError
@@ -32,19 +32,17 @@ LINEAGE = ("finetune", "prune", "encode")
 
 @dataclass
 class CompareArgs(StageArgs):
-    analyze_run_ids: str = field(default="", metadata={"help": "two or more FINISHED analyze run IDs, comma-separated, of runs that analysed the same languages"})
+    analyze_run_ids: str = field(default="", metadata={"help": "two or more FINISHED analyze run IDs, comma-separated, each once, of runs that analysed the same languages",
+                                                       "items": RUN_ID})
 
     @property
     def run_ids(self) -> list[str]:
-        return [run.strip() for run in self.analyze_run_ids.split(",") if run.strip()]
+        return split_items(PARAM, self.analyze_run_ids, RUN_ID)
 
-    def validate(self) -> None:
+    def check_stage(self) -> None:
         ids = self.run_ids
         if "latest" in ids:
             raise XlsubError(f"{PARAM}: 'latest' names a single run and compare needs several; pass two or more analyze run IDs, comma-separated")
-        repeated = sorted({run for run in ids if ids.count(run) > 1})
-        if repeated:
-            raise XlsubError(f"{PARAM}: {','.join(repeated)} given more than once; list each analyze run once")
         if len(ids) < 2:
             raise XlsubError(f"{PARAM}: got {len(ids)} run ID{'' if len(ids) == 1 else 's'}; pass at least two analyze run IDs, comma-separated")
 

@@ -19,10 +19,13 @@ from pathlib import Path
 
 import mlflow
 import transformers
+from mlflow.entities import Run
 
-from entry_points._common import StageArgs, device_field, parse_args, parse_languages
+from entry_points._common import COUNT, LANGUAGE, SEED, StageArgs, device_field, parse_args, parse_languages, run_id_field, split_items
 from entry_points.finetune import FinetuneArgs
+from entry_points.prune import PruneArgs
 from xlsub import artifacts, models, tracking
+from xlsub.artifacts import SubnetworkId
 from xlsub.encoding import POOLINGS, encode, models_to_encode
 from xlsub.errors import XlsubError
 from xlsub.parallel import load_parallel
@@ -33,37 +36,28 @@ log = logging.getLogger("xlsub.encode")
 
 @dataclass
 class EncodeArgs(StageArgs):
-    finetune_run_id: str = field(default="latest", metadata={"help": "finetune run ID or 'latest'; with an explicit prune_run_id, 'latest' means that prune run's finetune run"})
-    prune_run_id: str = field(default="latest", metadata={"help": "prune run ID (the parent run) or 'latest'"})
+    finetune_run_id: str = run_id_field("finetune run ID or 'latest'; with an explicit prune_run_id, 'latest' means that prune run's finetune run")
+    prune_run_id: str = run_id_field("prune run ID (the parent run) or 'latest'")
     corpus: str = field(default="embedded", metadata={"help": "'embedded' (held-out parallel set), a JSON {lang: [sentences]} file, a JSONL file of {id, <lang>: text} records, or a hub dataset with one column per language"})
-    languages: str = field(default="all", metadata={"help": "comma-separated ISO codes; 'all' = the finetune run's languages"})
-    max_sentences: int = field(default=2000, metadata={"help": "encode at most this many parallel items"})
-    batch_size: int = field(default=64, metadata={"help": "sentences per forward pass"})
-    dtype: str = field(default="float32", metadata={"help": "stored precision: float32 or float16"})
+    languages: str = field(default="all", metadata={"help": "comma-separated ISO codes, each once; 'all' = the finetune run's languages",
+                                                   "items": LANGUAGE, "keywords": ("all",)})
+    max_sentences: int = field(default=2000, metadata={"help": "encode at most this many parallel items", "range": COUNT})
+    batch_size: int = field(default=64, metadata={"help": "sentences per forward pass", "range": COUNT})
+    dtype: str = field(default="auto", metadata={"help": "stored precision: float32, float16 (half the size), or auto: float16 for models wider than the demo's (hidden > 128), where it changes CKA by < 1e-3", "choices": ("auto", *artifacts.ENCODING_DTYPES)})
     use_base: bool = field(default=False, metadata={"help": "also encode the model before finetuning (model_key 'base')"})
     use_random: bool = field(default=False, metadata={"help": "also encode a randomly initialised model of the same configuration (model_key 'random')"})
-    pooling: str = field(default="mean", metadata={"help": "mean (every token, <s> and </s> included, as the study pooled) or mean_no_special (special tokens left out of the mean)"})
-    subnetwork_seeds: str = field(default="first", metadata={"help": "which pruning seeds' subnetworks to encode: 'first' (each language's smallest seed), 'all', or comma-separated seeds"})
+    pooling: str = field(default="mean", metadata={"help": "mean (every token, <s> and </s> included, as the study pooled) or mean_no_special (special tokens left out of the mean)",
+                                                  "choices": POOLINGS})
+    subnetwork_seeds: str = field(default="first", metadata={"help": "which pruning seeds' subnetworks to encode: 'first' (each language's smallest seed), 'all', or comma-separated seeds, each once",
+                                                             "items": SEED, "keywords": ("first", "all")})
     device: str = device_field()
-
-    def validate(self) -> None:
-        self.check_positive("max_sentences", "batch_size")
-        self.check_choice("dtype", artifacts.ENCODING_DTYPES)
-        self.check_choice("pooling", POOLINGS)
-        parse_languages(self.languages)
-        self.seed_choice
-
 
     @property
     def seed_choice(self) -> str | set[int]:
         """'first', 'all', or the set of seeds named."""
-        value = self.subnetwork_seeds.strip().lower()
-        if value in ("first", "all"):
-            return value
-        try:
-            return {int(s) for s in value.split(",") if s.strip()}
-        except ValueError:
-            raise XlsubError(f"subnetwork_seeds: '{self.subnetwork_seeds}' is not first, all or comma-separated seeds, e.g. 0,1") from None
+        if self.subnetwork_seeds in ("first", "all"):
+            return self.subnetwork_seeds
+        return set(split_items("subnetwork_seeds", self.subnetwork_seeds, SEED))
 
 
 def chosen_subnetworks(children: dict, choice) -> dict:
@@ -82,11 +76,38 @@ def chosen_subnetworks(children: dict, choice) -> dict:
     return chosen
 
 
+def subnetworks_of(prune: Run, finetune: Run, param: str = "prune_run_id") -> dict[SubnetworkId, Run]:
+    """The prune run's child runs by SubnetworkId; refuses a prune run that lacks one its parameters ask for
+    (a deleted child run would otherwise drop a language without a word)."""
+    children = tracking.prune_children(prune, param)
+    made_with = PruneArgs.from_params(prune.data.params, param)
+    trained = finetune.data.tags.get(artifacts.LANGUAGES_TAG, "").split(",")
+    missing = [str(sid) for sid in made_with.subnetwork_ids(trained) if sid not in children]
+    if missing:
+        raise XlsubError(f"{param}: prune run {prune.info.run_id} has no child run for subnetwork {', '.join(missing)}; rerun prune")
+    return children
+
+
+def encoded_keys(args: EncodeArgs, children: dict[SubnetworkId, Run]) -> list[str]:
+    """The model keys an encode run with `args` writes, given its prune run's children (as `models_to_encode` yields them)."""
+    return [artifacts.FULL_MODEL, *(str(sid) for sid in sorted(chosen_subnetworks(children, args.seed_choice))),
+            *([artifacts.BASE_MODEL] if args.use_base else []), *([artifacts.RANDOM_MODEL] if args.use_random else [])]
+
+
+def check_inputs(finetune: Run, chosen: dict[SubnetworkId, Run]) -> None:
+    """Before any work: the finetuned model, and every chosen subnetwork's head mask and model, are there."""
+    tracking.require_artifacts("finetune_run_id", finetune, artifacts.model_files(artifacts.MODEL_DIR))
+    for child in chosen.values():
+        tracking.require_artifacts("prune_run_id", child, [artifacts.HEAD_MASK, *artifacts.model_files(artifacts.SUBNETWORK_DIR)])
+
+
 def resolve_inputs(args: EncodeArgs):
     """The prune run and the finetune run it was made from; refuses a pair from different lineages."""
     prune = tracking.resolve_run("prune_run_id", args.prune_run_id, "prune")
     made_from = prune.data.tags.get(artifacts.input_tag("finetune"))
-    if args.finetune_run_id.strip() == "latest" and args.prune_run_id.strip() != "latest":
+    if not made_from:
+        raise XlsubError(f"prune_run_id: prune run {prune.info.run_id} has no tag {artifacts.input_tag('finetune')}; rerun prune")
+    if args.finetune_run_id == "latest" and args.prune_run_id != "latest":
         finetune = tracking.resolve_run("finetune_run_id", made_from, "finetune")
     else:
         finetune = tracking.resolve_run("finetune_run_id", args.finetune_run_id, "finetune")
@@ -110,14 +131,17 @@ def main(argv: list[str] | None = None) -> None:
         device = models.resolve_device(args.device)
         finetune, prune = resolve_inputs(args)
         mlflow.set_tags({artifacts.input_tag("finetune"): finetune.info.run_id, artifacts.input_tag("prune"): prune.info.run_id})
+        chosen = chosen_subnetworks(subnetworks_of(prune, finetune), args.seed_choice)
+        check_inputs(finetune, chosen)
         langs = parse_languages(args.languages) or finetune.data.tags[artifacts.LANGUAGES_TAG].split(",")
         corpus = load_parallel(args.corpus, langs, args.max_sentences)
         mlflow.log_metrics({"sentences": len(corpus.ids), "dropped": corpus.dropped})
         tracking.log_parallel(corpus)
         model_path = tracking.download(finetune.info.run_id, artifacts.MODEL_DIR, param="finetune_run_id")  # once: XLM-R base is ~1 GB
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+        dtype = artifacts.storage_dtype(args.dtype, transformers.AutoConfig.from_pretrained(model_path).hidden_size)
+        mlflow.log_param("stored_dtype", dtype)
         trained_with = FinetuneArgs.from_params(finetune.data.params, "finetune_run_id")
-        chosen = chosen_subnetworks(tracking.prune_children(prune), args.seed_choice)
         subnetworks = {sid: subnetwork_loader(child.info.run_id) for sid, child in chosen.items()}
         seconds, encoded = 0.0, 0
         with tempfile.TemporaryDirectory() as tmp:
@@ -130,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
                                   progress_desc=f"{key} {lang}", pooling=args.pooling)
                     seconds += time.perf_counter() - start
                     encoded += len(corpus.ids)
-                    artifacts.write_encodings(Path(tmp), key, lang, reps, args.dtype)
+                    artifacts.write_encodings(Path(tmp), key, lang, reps, dtype)
                 log.info("encoded %s: %d sentences x %d languages, %d layers", key, len(corpus.ids), len(corpus.languages), reps.shape[0])
             artifacts.write_sentences(Path(tmp), corpus)
             mlflow.log_metric("sentences_per_sec", encoded / seconds)

@@ -75,8 +75,9 @@ def _main_fields() -> list[tuple]:
     return result
 
 
-def _validate(self) -> None:
-    """Refuse bad input before any stage spends minutes: every stage's own checks, and the reference."""
+def _check_stage(self) -> None:
+    """Refuse bad input before any stage spends minutes: every stage's checks (main's own fields passed
+    the same metadata checks under their main names), and the reference."""
     for stage in STAGE_ARGS:
         self.stage_args(stage).validate()
     languages = parse_languages(self.languages)
@@ -93,7 +94,7 @@ def _stage_args(self, stage: str) -> StageArgs:
 
 
 MainArgs = make_dataclass("MainArgs", _main_fields(), bases=(StageArgs,),
-                          namespace={"validate": _validate, "stage_args": _stage_args, "__module__": __name__})
+                          namespace={"check_stage": _check_stage, "stage_args": _stage_args, "__module__": __name__})
 
 
 def run_stage(stage: str, args: StageArgs, force: bool, reused: list[str]) -> str:

@@ -2,10 +2,17 @@
 
     mlflow run . -e prune --env-manager local
     mlflow run . -e prune --env-manager local -P languages=en,de -P seeds=0,1,2 -P target_sparsity=0.5
+    torchrun --nproc_per_node 8 -m entry_points.prune --finetune_run_id <id>   # one GPU per process
+    torchrun --nproc_per_node 2 -m entry_points.prune --device cpu
 
 One parent run; one nested child run per language and seed (`prune/de-s0`, `prune/de-s1`), each with
 its head mask, importance, per-step curve, its row of the cross-language perplexity matrix, a
 random-mask control and the physically pruned subnetwork.
+
+Under torchrun the subnetworks are dealt round-robin to the processes (`xlsub.fanout`), one device
+each; each logs the child runs it computes, and rank 0 owns the parent: it shares the parent's ID,
+gathers the others' evaluations and writes the matrices as one process would. A failing rank marks its
+child and the parent FAILED; the others stop at their next subnetwork.
 """
 
 from __future__ import annotations
@@ -14,22 +21,27 @@ import copy
 import logging
 import random
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+from mlflow.tracking import MlflowClient
 
-from entry_points._common import StageArgs, device_field, parse_args, parse_languages
+from entry_points._common import (COUNT, LANGUAGE, REPLICATES, SEED, StageArgs, device_field, parse_args, parse_languages, run_id_field,
+                                 split_items)
 from entry_points.finetune import FinetuneArgs
 from xlsub import artifacts, data, models, tracking
 from xlsub.artifacts import SubnetworkId
-from xlsub.errors import XlsubError
+from xlsub.errors import Range, XlsubError
+from xlsub.fanout import FanOut
 from xlsub.figures import save_figure
 from xlsub.figures import stages as figures
 from xlsub.intervals import language_indices, percentile_interval, random_control_replicates
 from xlsub.overlap import params_kept_frac
-from xlsub.pruning import (SubnetworkEvaluation, check_settings, evaluate_subnetwork, iterative_pruning, masked_chunk_losses,
-                           perplexity_tables, prune_heads, split_half_importance)
+from xlsub.pruning import (AMOUNT, CONTINUE_TO, TARGET_SPARSITY, THRESHOLD, SubnetworkEvaluation, evaluate_subnetwork, iterative_pruning,
+                           masked_chunk_losses, perplexity_tables, prune_heads, split_half_importance)
 from xlsub.training import load_finetuned
 
 log = logging.getLogger("xlsub.prune")
@@ -37,46 +49,36 @@ log = logging.getLogger("xlsub.prune")
 
 @dataclass
 class PruneArgs(StageArgs):
-    finetune_run_id: str = field(default="latest", metadata={"help": "finetune run ID, or 'latest' finished one in the experiment"})
-    languages: str = field(default="all", metadata={"help": "languages to find subnetworks for (comma-separated ISO codes); 'all' = the finetune run's"})
-    threshold: float = field(default=1.1, metadata={"help": "keep the last mask whose perplexity is at most threshold x unpruned (>= 1)"})
-    amount: float = field(default=0.1, metadata={"help": "fraction of all heads switched off per step, in (0, 1]"})
-    target_sparsity: str = field(default="none", metadata={"help": "prune exactly this fraction of heads, in (0, 1), ignoring threshold; 'none' to use threshold"})
-    eval_examples: int = field(default=64, metadata={"help": "training chunks per language for importance and the stop rule"})
-    batch_size: int = field(default=32, metadata={"help": "sequences per importance/evaluation batch"})
-    seeds: str = field(default="0", metadata={"help": "comma-separated seeds in [0, 2**32); each draws its own pruning data, masks and random control"})
-    random_draws: int = field(default=2, metadata={"help": "random masks with the subnetwork's heads per layer, each evaluated on every language (the control)"})
-    bootstrap: int = field(default=1000, metadata={"help": "bootstrap replicates over test chunks (and random draws) for the intervals"})
-    continue_to: float = field(default=0.9, metadata={"help": "go on pruning (importance only) until this fraction of heads is off, for equal-size overlaps; the stop rule still picks the subnetwork"})
+    finetune_run_id: str = run_id_field("finetune run ID, or 'latest' finished one in the experiment")
+    languages: str = field(default="all", metadata={"help": "languages to find subnetworks for (comma-separated ISO codes, each once); 'all' = the finetune run's",
+                                                   "items": LANGUAGE, "keywords": ("all",)})
+    threshold: float = field(default=1.1, metadata={"help": "keep the last mask whose perplexity is at most threshold x unpruned (>= 1)", "range": THRESHOLD})
+    amount: float = field(default=0.1, metadata={"help": "fraction of all heads switched off per step, in (0, 1]", "range": AMOUNT})
+    target_sparsity: str = field(default="none", metadata={"help": "prune exactly this fraction of heads, in (0, 1), ignoring threshold; 'none' to use threshold",
+                                                          "number": TARGET_SPARSITY, "keywords": ("none",)})
+    eval_examples: int = field(default=64, metadata={"help": "training chunks per language for importance and the stop rule (>= 2: its halves measure reliability)",
+                                                     "range": Range(2)})
+    batch_size: int = field(default=32, metadata={"help": "sequences per importance/evaluation batch", "range": COUNT})
+    seeds: str = field(default="0", metadata={"help": "comma-separated seeds in [0, 2**32), each once; each draws its own pruning data, masks and random control",
+                                              "items": SEED})
+    random_draws: int = field(default=2, metadata={"help": "random masks with the subnetwork's heads per layer, each evaluated on every language (the control)", "range": COUNT})
+    bootstrap: int = field(default=1000, metadata={"help": "bootstrap replicates over test chunks (and random draws) for the intervals, >= 10", "range": REPLICATES})
+    continue_to: float = field(default=0.9, metadata={"help": "go on pruning (importance only) until this fraction of heads is off, for equal-size overlaps; the stop rule still picks the subnetwork",
+                                                      "range": CONTINUE_TO})
     device: str = device_field()
 
     @property
     def sparsity(self) -> float | None:
         """`target_sparsity` as a number, or None for the threshold rule."""
-        if self.target_sparsity.strip().lower() in ("", "none"):
-            return None
-        try:
-            return float(self.target_sparsity)
-        except ValueError:
-            raise XlsubError(f"target_sparsity: '{self.target_sparsity}' is not a number; give a fraction in (0, 1) or none") from None
+        return None if self.target_sparsity in ("", "none") else float(self.target_sparsity)
 
     @property
     def seed_list(self) -> list[int]:
-        try:
-            seeds = [int(s) for s in self.seeds.split(",") if s.strip()]
-        except ValueError:
-            raise XlsubError(f"seeds: '{self.seeds}' is not a comma-separated list of integers, e.g. 0,1,2") from None
-        if not seeds or len(set(seeds)) != len(seeds) or not all(0 <= s < 2**32 for s in seeds):
-            raise XlsubError(f"seeds: give one or more distinct integers in [0, 2**32), got '{self.seeds}'")
-        return seeds
+        return split_items("seeds", self.seeds, SEED)
 
-    def validate(self) -> None:
-        self.check_positive("eval_examples", "batch_size", "random_draws")
-        if self.bootstrap < 10:
-            raise XlsubError(f"bootstrap: give at least 10 replicates (1000 for 95% intervals), got {self.bootstrap}")
-        check_settings(threshold=self.threshold, amount=self.amount, target_sparsity=self.sparsity, continue_to=self.continue_to)
-        self.seed_list
-        parse_languages(self.languages)
+    def subnetwork_ids(self, trained: list[str]) -> list[SubnetworkId]:
+        """The subnetworks a prune run with these arguments makes, given the languages its finetune run trained."""
+        return [SubnetworkId(lang, seed) for lang in (parse_languages(self.languages) or trained) for seed in self.seed_list]
 
 
 def prune_language(model, tokenizer, sid: SubnetworkId, args: PruneArgs, train_chunks, test_batches, full) -> SubnetworkEvaluation:
@@ -115,33 +117,92 @@ def prune_language(model, tokenizer, sid: SubnetworkId, args: PruneArgs, train_c
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(PruneArgs, argv)
-    with tracking.stage_run("prune", args):
-        device = models.resolve_device(args.device)
-        finetune = tracking.resolve_run("finetune_run_id", args.finetune_run_id, "finetune")
-        mlflow.set_tag(artifacts.input_tag("finetune"), finetune.info.run_id)
-        trained = finetune.data.tags[artifacts.LANGUAGES_TAG].split(",")
-        langs = parse_languages(args.languages) or trained
-        for lang in langs:
-            if lang not in trained:
-                raise XlsubError(f"languages: finetune run {finetune.info.run_id} did not train '{lang}'; choose from {','.join(trained)}")
-        trained_with = FinetuneArgs.from_params(finetune.data.params, "finetune_run_id")
-        folder = tracking.download(finetune.info.run_id, artifacts.MODEL_DIR, param="finetune_run_id")
-        model, tokenizer, lm, _ = load_finetuned(folder, trained_with, trained, device)
-        test_batches = {l: data.masked_batches(lm.test[l], tokenizer, args.batch_size) for l in trained}
-        full = masked_chunk_losses(model, None, test_batches)
-        mlflow.log_metrics({f"ppl_full.{l}": c.perplexity for l, c in full.items()})
-        evaluations = {}
-        for sid in (SubnetworkId(lang, seed) for lang in langs for seed in args.seed_list):
-            with mlflow.start_run(run_name=sid.run_name, nested=True) as child:
-                mlflow.set_tags({artifacts.STAGE_TAG: "prune", artifacts.CHILD_TAG: "true", artifacts.LANGUAGE_TAG: sid.language,
-                                 artifacts.SEED_TAG: str(sid.seed), artifacts.SUBNETWORK_TAG: str(sid),
-                                 artifacts.input_tag("finetune"): finetune.info.run_id})
-                mlflow.log_params({"language": sid.language, "seed": sid.seed, "threshold": args.threshold, "amount": args.amount,
-                                   "target_sparsity": args.target_sparsity, "eval_examples": args.eval_examples})
-                evaluations[sid] = prune_language(model, tokenizer, sid, args, lm.train_chunks[sid.language], test_batches, full)
-                reliability = mlflow.get_run(child.info.run_id).data.metrics["importance_split_half_r"]
-            mlflow.log_metric(f"importance_split_half_r.{sid}", reliability)
-        log_matrices(evaluations, full, trained)
+    with FanOut.from_env() as fan, tracking.stage_run("prune", args, log_to_mlflow=fan.is_zero) as run:
+        device = fan.device(models.resolve_device(args.device))
+        parent, finetune = fan.share(lambda: (run.info, finetune_input(args)))
+        if fan.is_zero and fan.world > 1:
+            mlflow.log_param("world_size", fan.world)
+        with failing(parent, fan):
+            trained = finetune.data.tags[artifacts.LANGUAGES_TAG].split(",")
+            trained_with = FinetuneArgs.from_params(finetune.data.params, "finetune_run_id")
+            folder = tracking.download(finetune.info.run_id, artifacts.MODEL_DIR, param="finetune_run_id")
+            model, tokenizer, lm, _ = load_finetuned(folder, trained_with, trained, device)
+            test_batches = {l: data.masked_batches(lm.test[l], tokenizer, args.batch_size) for l in trained}
+            full = masked_chunk_losses(model, None, test_batches)
+            if fan.is_zero:
+                mlflow.log_metrics({f"ppl_full.{l}": c.perplexity for l, c in full.items()})
+            sids = args.subnetwork_ids(trained)
+            made, failure = {}, None
+            for sid in fan.mine(sids):
+                if fan.world > 1 and MlflowClient().get_run(parent.run_id).info.status == "FAILED":
+                    break  # another rank failed: the parent cannot finish, stop here
+                try:
+                    made[sid] = prune_child(parent, finetune.info.run_id, sid, args, model, tokenizer, lm.train_chunks[sid.language],
+                                            test_batches, full)
+                except Exception as err:  # its child run is FAILED; the parent at once (the others stop), and on rank 0 after the gather
+                    failure = err
+                    if fan.world > 1:
+                        tracking.mark_failed(parent.run_id, parent.experiment_id)
+                    break
+            gathered = fan.gather((made, failure and (str(sid), isinstance(failure, XlsubError), str(failure))))
+            if failure is not None:
+                raise failure
+        if fan.is_zero:
+            log_matrices(collect(gathered, sids), full, trained)
+
+
+def finetune_input(args: PruneArgs):
+    """Rank 0: the finetune run the prune run reads (tagged on the parent), refused if it did not train a
+    language asked for."""
+    finetune = tracking.resolve_run("finetune_run_id", args.finetune_run_id, "finetune")
+    mlflow.set_tag(artifacts.input_tag("finetune"), finetune.info.run_id)
+    trained = finetune.data.tags[artifacts.LANGUAGES_TAG].split(",")
+    for lang in parse_languages(args.languages) or trained:
+        if lang not in trained:
+            raise XlsubError(f"languages: finetune run {finetune.info.run_id} did not train '{lang}'; choose from {','.join(trained)}")
+    return finetune
+
+
+def prune_child(parent, finetune_id: str, sid: SubnetworkId, args: PruneArgs, model, tokenizer, train_chunks, test_batches, full
+                ) -> tuple[SubnetworkEvaluation, float]:
+    """One subnetwork in its child run of the parent (`parent`: its RunInfo), opened by the rank that computes
+    it; its evaluation and the split-half reliability of its importance, for the parent."""
+    tags = {artifacts.STAGE_TAG: "prune", artifacts.CHILD_TAG: "true", artifacts.LANGUAGE_TAG: sid.language, artifacts.SEED_TAG: str(sid.seed),
+            artifacts.SUBNETWORK_TAG: str(sid), artifacts.input_tag("finetune"): finetune_id}
+    with tracking.child_run(parent.run_id, parent.experiment_id, sid.run_name, tags) as child:
+        mlflow.log_params({"language": sid.language, "seed": sid.seed, "threshold": args.threshold, "amount": args.amount,
+                           "target_sparsity": args.target_sparsity, "eval_examples": args.eval_examples})
+        evaluation = prune_language(model, tokenizer, sid, args, train_chunks, test_batches, full)
+        return evaluation, mlflow.get_run(child.info.run_id).data.metrics["importance_split_half_r"]
+
+
+@contextmanager
+def failing(parent, fan: FanOut) -> Iterator[None]:
+    """Under torchrun, whatever ends this rank early (an error, or torchrun's SIGTERM after another rank
+    died) marks the parent FAILED, and the children a dead rank left RUNNING: rank 0 may be the one gone."""
+    try:
+        yield
+    except BaseException:
+        if fan.world > 1:
+            tracking.mark_failed(parent.run_id, parent.experiment_id, children=True)
+        raise
+
+
+def collect(gathered: list, sids: list[SubnetworkId]) -> dict[SubnetworkId, SubnetworkEvaluation]:
+    """Rank 0: every rank's evaluations in run order, each subnetwork's reliability logged on the parent.
+    A rank that failed, or a subnetwork no rank made, fails the parent."""
+    made = {}
+    for rank, (results, failure) in enumerate(gathered):
+        if failure:
+            sid, bad_input, line = failure
+            raise XlsubError(line) if bad_input else RuntimeError(f"subnetwork {sid} failed on rank {rank}: {line}; see that rank's log")
+        made |= results
+    missing = [str(sid) for sid in sids if sid not in made]
+    if missing:
+        raise RuntimeError(f"subnetworks {','.join(missing)} were not made: the parent run was marked FAILED before their turn")
+    for sid in sids:
+        mlflow.log_metric(f"importance_split_half_r.{sid}", made[sid][1])
+    return {sid: made[sid][0] for sid in sids}
 
 
 def log_matrices(evaluations: dict, full: dict, languages: list[str]) -> None:

@@ -248,7 +248,7 @@ def test_an_analyze_only_edit_changes_only_analyzes_code_version(tmp_path):
 def test_an_mlproject_block_edit_changes_only_that_stage(tmp_path):
     root = copy_project(tmp_path)
     before = versions(root)
-    text = (root / "MLproject").read_text().replace("dtype: {type: string, default: float32}", "dtype: {type: string, default: float16}", 1)
+    text = (root / "MLproject").read_text().replace("dtype: {type: string, default: auto}", "dtype: {type: string, default: float16}", 1)
     (root / "MLproject").write_text(text)
     changed = {s for s, v in versions(root).items() if v != before[s]}
     assert changed == {"encode"}

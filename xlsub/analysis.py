@@ -17,7 +17,9 @@ What is measured, and against which control:
   language per layer of the full model, between all pairs at chosen layers, and between the full model
   and each subnetwork; controls: non-parallel pairings (`shuffled_pairs_cka`), a randomly initialised
   model and the model before finetuning;
-- token overlap with the reference language, the shared-vocabulary rival explanation.
+- token overlap with the reference language, the shared-vocabulary rival explanation;
+- URIEL's syntactic, genetic and geographic distances between the languages against the language x
+  language Jaccard, perplexity and CKA matrices (Mantel test, `xlsub.language_distance`).
 
 Layers: CKA layer l is hidden state l (0 = embeddings, l >= 1 = output of transformer layer l); head
 masks are labelled the same way, so mask layer 1 is the first transformer layer.
@@ -38,9 +40,11 @@ from matplotlib.figure import Figure
 from xlsub import tables
 from xlsub.figures import CaptionedFigure, palette
 from xlsub.figures import analysis as figures
-from xlsub.artifacts import FULL_MODEL, RANDOM_MODEL, SubnetworkId, group_by_language
-from xlsub.cka import check_options
+from xlsub.artifacts import (FULL_MODEL, LANGUAGE_DISTANCE, LANGUAGE_DISTANCE_URIEL, RANDOM_MODEL, SubnetworkId,
+                             group_by_language)
+from xlsub.cka import check_options, cka_matrix
 from xlsub.errors import XlsubError
+from xlsub.language_distance import MIN_LANGUAGES, distance_correlations, uriel_distances
 from xlsub import similarity_tables, verdicts
 from xlsub.similarity_tables import Counts
 from xlsub.overlap import (across_language_interval, equal_size_jaccard, jaccard_pvalue_table, params_kept_frac, seed_stability_test,
@@ -284,6 +288,37 @@ def _tokens(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], re
     result.metrics["mean_token_overlap"] = _nanmean(table["token_overlap"])
 
 
+def _language_distance(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], kind: str, precision: str,
+                       permutations: int, seed: int) -> None:
+    """Mantel correlation of URIEL's language distances (`xlsub.language_distance`) with the language x language
+    matrices: Jaccard of kept heads, relative cross-language perplexity, CKA of the full model at the last layer."""
+    matrices = {m: result.tables[m] for m in ("mask_jaccard", "cross_ppl_relative") if m in result.tables}
+    labels = {"mask_jaccard": "Jaccard of kept heads", "cross_ppl_relative": "perplexity on the other language\n/ full model"}
+    full = inputs.encodings.get(FULL_MODEL, {})
+    encoded = [lang for lang in langs if lang in full]
+    if len(encoded) >= MIN_LANGUAGES:
+        last = full[encoded[0]].shape[0] - 1
+        pairs = result.tables.get("cka_pairs")
+        if pairs is not None and last in pairs.index.get_level_values("layer"):
+            matrices["cka"] = pairs.loc[last]
+        else:  # the heatmaps' layers leave out the last one
+            cka = cka_matrix({lang: full[lang][-1:] for lang in encoded}, kind, precision=precision)[0].numpy()
+            matrices["cka"] = pd.DataFrame(cka, index=encoded, columns=encoded)
+        labels["cka"] = f"{kind} CKA, last layer"
+    if len(langs) < MIN_LANGUAGES or not matrices:
+        result.notes.append(f"language distance: skipped (needs {MIN_LANGUAGES}+ languages and a language x language matrix)")
+        return
+    try:
+        distances = uriel_distances(langs)
+    except XlsubError as error:
+        result.notes.append(f"language distance: skipped ({error})")
+        return
+    table = distance_correlations(distances, matrices, permutations, seed).set_index(["distance", "measure"])
+    uriel = pd.concat(distances, names=["distance", "language"])
+    result.add({LANGUAGE_DISTANCE: table, LANGUAGE_DISTANCE_URIEL: uriel},
+               figures.language_distance_figure(table, distances, matrices, labels))
+
+
 # -- the analysis ------------------------------------------------------------------------------------------
 
 def analyze(inputs: AnalysisInputs, cka_kind: str = "linear", layers: Sequence[int] | None = None,
@@ -346,6 +381,8 @@ def analyze(inputs: AnalysisInputs, cka_kind: str = "linear", layers: Sequence[i
         _tokens(result, inputs, langs, reference, cka_kind, cka_last, colours)
     else:
         result.notes.append(f"token overlap: skipped (no tokens for the reference language {reference})")
+
+    _language_distance(result, inputs, langs, cka_kind, cka_precision, permutations, resample_seed)
 
     for note in result.notes:
         log.info(note)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +70,10 @@ SENTENCES = "sentences.json"  # encode: languages, ids and texts in encoding ord
 FIGURES_DIR = "figures"  # analyze
 TABLES_DIR = "tables"  # analyze: tables/<table id>.csv and tables/<table id>.json (long form)
 REPORT = "report.html"  # analyze
+LANGUAGE_DISTANCE = "language_distance"  # analyze: table and figure id, Mantel r of URIEL distances vs the matrices
+LANGUAGE_DISTANCE_URIEL = "language_distance_uriel"  # analyze: table id, the URIEL distances (distance, language) x language
 MODEL_TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # enough to tokenize
+MODEL_FILES = ("config.json", "model.safetensors")  # what a saved model needs (save_pretrained writes one weights file up to 50 GB)
 KEPT_HEADS_CONFIG_KEY = "xlsub_kept_heads"  # in a pruned model's config.json: kept head indices per layer
 
 # encoding keys besides the subnetworks'
@@ -120,6 +125,11 @@ class SubnetworkId:
             return cls.parse(text)
         except XlsubError:
             return None
+
+
+def is_language_code(text: str) -> bool:
+    """Letters, digits, '-' or '_', starting with a letter: `de`, `zh-cn`."""
+    return bool(_LANGUAGE.match(text))
 
 
 def group_by_language(items: Mapping[SubnetworkId, object], languages: Sequence[str] = ()) -> dict[str, dict[int, object]]:
@@ -250,6 +260,11 @@ def write_verdicts(folder: Path, verdicts: Iterable) -> Path:
 
 
 # -- models -----------------------------------------------------------------------------------------------
+def model_files(subdir: str = MODEL_DIR) -> list[str]:
+    """The artifact paths a saved model needs in its run: `model/config.json`, `model/model.safetensors`."""
+    return [f"{subdir}/{name}" for name in MODEL_FILES]
+
+
 def write_model(folder: Path, model, tokenizer, subdir: str = MODEL_DIR) -> Path:
     """`model/` (finetune) or `subnetwork/` (prune child): `save_pretrained` of the model, whose config
     records the kept heads of a pruned one (`xlsub.pruning.prune_heads`), and of its tokenizer."""
@@ -264,6 +279,18 @@ ENCODINGS_KEY = "encodings"  # the tensor's name inside each safetensors file
 ENCODING_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
+# `dtype=auto` stores models wider than the demo's (hidden 128) in float16: half the size, and at XLM-R
+# base's width a CKA change below 1e-3 (measured in tests/test_encoding_store.py)
+FLOAT16_ABOVE_HIDDEN = 128
+
+
+def storage_dtype(choice: str, hidden_size: int) -> str:
+    """The precision `encode` stores: `choice`, or for `auto` float16 above the demo's width, else float32."""
+    if choice != "auto":
+        return choice
+    return "float16" if hidden_size > FLOAT16_ABOVE_HIDDEN else "float32"
+
+
 def encoding_path(model_key: str, language: str) -> str:
     """`encodings/<model key>/<lang>.safetensors`; model keys are `full`, a SubnetworkId, `base`, `random`."""
     return f"{ENCODINGS_DIR}/{model_key}/{language}.safetensors"
@@ -275,11 +302,82 @@ def write_encodings(folder: Path, model_key: str, language: str, encodings: torc
     return path
 
 
-def read_encodings(root: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """{model key: {language: [layers+1, n, d]}} from a downloaded `encodings/` folder."""
-    root = Path(root)
-    return {key.name: {p.stem: load_encodings(p) for p in sorted(key.glob("*.safetensors"))}
-            for key in sorted(root.iterdir()) if key.is_dir()}
+def read_encodings(root: Path, resident: int = 3) -> EncodingStore:
+    """{model key: {language: [layers+1, n, d]}} from a downloaded `encodings/` folder, read lazily
+    (`EncodingStore`): analyze's memory then does not grow with the number of models."""
+    return EncodingStore(root, resident)
+
+
+class EncodingStore(Mapping):
+    """{model key: {language: float32 [layers+1, n, d]}} over an `encodings/` folder, read on demand.
+
+    Only the file names are listed up front. A tensor is read when asked for; the `resident` most
+    recently used stay cached (the reference language, the language compared with it and the full
+    model beside a subnetwork), older ones are dropped. With the study's 11 models x 8 languages of
+    5,000 x 768 x 13 layers (17.6 GB in float32) analyze thus holds a few hundred MB of encodings,
+    whatever the number of models, as long as callers do not keep the tensors they are given.
+    `live_bytes`/`peak_live_bytes` count the bytes of loaded tensors still referenced anywhere (cache
+    or caller), to check that.
+    """
+
+    def __init__(self, root: str | Path, resident: int = 3):
+        self.root = Path(root)
+        self.resident = resident
+        self._files = {key.name: {p.stem: p for p in sorted(key.glob("*.safetensors"))}
+                       for key in sorted(self.root.iterdir()) if key.is_dir()} if self.root.is_dir() else {}
+        self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self.loads = 0
+        self.live_bytes = 0
+        self.peak_live_bytes = 0
+
+    def __getitem__(self, model_key: str) -> Mapping[str, torch.Tensor]:
+        return _StoredLanguages(self, model_key, self._files[model_key])
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def path(self, model_key: str, language: str) -> Path:
+        return self._files[model_key][language]
+
+    def tensor(self, model_key: str, language: str) -> torch.Tensor:
+        key = (model_key, language)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        while len(self._cache) >= max(self.resident, 1):
+            self._cache.popitem(last=False)
+        tensor = load_encodings(self._files[model_key][language])
+        self.loads += 1
+        size = tensor.numel() * tensor.element_size()
+        self.live_bytes += size
+        self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
+        weakref.finalize(tensor, self._released, size)
+        self._cache[key] = tensor
+        return tensor
+
+    def _released(self, size: int) -> None:
+        self.live_bytes -= size
+
+
+class _StoredLanguages(Mapping):
+    """One model key's {language: tensor} of an `EncodingStore`, each read when asked for."""
+
+    def __init__(self, store: EncodingStore, model_key: str, files: Mapping[str, Path]):
+        self._store, self._key, self._files = store, model_key, files
+
+    def __getitem__(self, language: str) -> torch.Tensor:
+        if language not in self._files:
+            raise KeyError(language)
+        return self._store.tensor(self._key, language)
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
 
 
 def save_encodings(encodings: torch.Tensor, path: str | Path, dtype: str = "float32") -> None:

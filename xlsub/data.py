@@ -19,10 +19,11 @@ import datasets
 import torch
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
-from xlsub.errors import XlsubError
+from xlsub.errors import Range, XlsubError
 
 MLM_PROBABILITY = 0.15
 EVAL_MASK_SEED = 1234  # fixed, so every evaluation of a language scores the same masked tokens
+MAX_SEQ_LEN = Range(3, meaning="a length with room for <s>, text and </s>")  # tokens per block
 
 
 def chunk_ids(token_lists: Sequence[Sequence[int]], max_seq_len: int, bos: int, eos: int) -> list[list[int]]:
@@ -30,8 +31,7 @@ def chunk_ids(token_lists: Sequence[Sequence[int]], max_seq_len: int, bos: int, 
 
     The last, shorter block is kept: a small corpus should still give examples.
     """
-    if max_seq_len < 3:
-        raise XlsubError(f"max_seq_len: {max_seq_len} leaves no room for text; use at least 8")
+    MAX_SEQ_LEN.check("max_seq_len", max_seq_len)
     stream: list[int] = []
     for ids in token_lists:
         if ids:

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from xlsub import artifacts
-from xlsub.errors import XlsubError
+from xlsub.errors import Range, XlsubError
 from xlsub.heads import HeadGates, attention_modules, head_importance, mask_shape
 from xlsub.mlm import chunk_losses, perplexity
 
@@ -88,21 +88,23 @@ def mask_least_important(importance: torch.Tensor, mask: torch.Tensor, n: int) -
     return new.view_as(mask)
 
 
-def check_settings(*, threshold: float, amount: float, target_sparsity: float | None, continue_to: float = 0.0) -> None:
-    """The bounds of the pruning loop's settings, the same for the prune stage and the library.
+# The bounds of the pruning loop's settings, the same for the prune stage (its fields' metadata) and the
+# library. `threshold` is a factor on the unpruned perplexity (lower is better), so it must be at least 1:
+# below 1 even the unpruned model fails the stop rule. `amount` is the fraction of all heads switched off
+# per step, `target_sparsity` the fraction off at the end. NaN and inf lie in no Range.
+THRESHOLD = Range(1, meaning="a perplexity ratio (keep masks with ppl <= threshold x unpruned)")
+AMOUNT = Range(0, 1, low_open=True, meaning="a fraction of heads")
+TARGET_SPARSITY = Range(0, 1, low_open=True, high_open=True, meaning="a fraction of heads (or none)")
+CONTINUE_TO = Range(0, 1, meaning="a fraction of heads")
 
-    `threshold` is a factor on the unpruned perplexity (lower is better), so it must be at least 1: below
-    1 even the unpruned model fails the stop rule. `amount` is the fraction of all heads switched off per
-    step, `target_sparsity` the fraction off at the end. NaN fails every comparison and is refused.
-    """
-    if not threshold >= 1 or math.isinf(threshold):
-        raise XlsubError(f"threshold: must be a finite perplexity ratio >= 1 (keep masks with ppl <= threshold x unpruned), got {threshold}")
-    if not 0 < amount <= 1:
-        raise XlsubError(f"amount: must be a fraction of heads in (0, 1], got {amount}")
-    if target_sparsity is not None and not 0 < target_sparsity < 1:
-        raise XlsubError(f"target_sparsity: must be a fraction of heads in (0, 1) or none, got {target_sparsity}")
-    if not 0 <= continue_to <= 1:
-        raise XlsubError(f"continue_to: must be a fraction of heads in [0, 1], got {continue_to}")
+
+def check_settings(*, threshold: float, amount: float, target_sparsity: float | None, continue_to: float = 0.0) -> None:
+    """The pruning loop's settings within their Ranges, with the messages the prune stage gives."""
+    THRESHOLD.check("threshold", threshold)
+    AMOUNT.check("amount", amount)
+    if target_sparsity is not None:
+        TARGET_SPARSITY.check("target_sparsity", target_sparsity)
+    CONTINUE_TO.check("continue_to", continue_to)
 
 
 Evaluate = Callable[[torch.Tensor], tuple[torch.Tensor, float]]

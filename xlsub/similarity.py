@@ -451,6 +451,11 @@ def leave_block_out_cka(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor,
     check_options(kind)
     blocks = torch.as_tensor(blocks, dtype=torch.long)
     count = int(blocks.max()) + 1
+    if x.dim() > 2:
+        # one layer at a time: the per-block d1 x d2 moments of all 13 layers at d=768 would take ~4 GB
+        lead = x.shape[:-2]
+        pairs = zip(x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:]))
+        return torch.stack([leave_block_out_cka(a, b, blocks, kind) for a, b in pairs]).reshape(*lead, count)
     if kind == "rbf":
         return torch.stack([cka(x[..., blocks != b, :], y[..., blocks != b, :], kind) for b in range(count)], -1)
     members = [(blocks == b).nonzero().reshape(-1) for b in range(count)]

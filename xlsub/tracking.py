@@ -6,9 +6,10 @@ The numerical modules never import mlflow; the entry points and this module do.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -158,6 +159,27 @@ def download(run_id: str, path: str, dst: Path | None = None, param: str = "run"
     return Path(local)
 
 
+def require_artifacts(param: str, run: Run, paths: Iterable[str]) -> None:
+    """Refuse an input run that lacks an artifact file the stage will read, before any work: one line
+    naming the parameter, the run, the artifact and the stage to rerun. Lists folders, downloads nothing."""
+    client, listed, missing = MlflowClient(), {}, []
+    for path in paths:
+        folder = path.rpartition("/")[0]
+        if folder not in listed:
+            listed[folder] = {a.path for a in client.list_artifacts(run.info.run_id, folder or None)}
+        if path not in listed[folder]:
+            missing.append(path)
+    if not missing:
+        return
+    tags = run.data.tags
+    stage = tags.get(STAGE_TAG, "that stage")
+    which = f"{stage} run {run.info.run_id}"
+    if tags.get(CHILD_TAG) == "true":
+        which += f" (subnetwork {tags.get(artifacts.SUBNETWORK_TAG, '?')} of {stage} run {tags.get(PARENT_TAG, '?')})"
+    more = f" and {len(missing) - 1} more ({', '.join(missing[1:4])}{', ...' if len(missing) > 4 else ''})" if len(missing) > 1 else ""
+    raise XlsubError(f"{param}: {which} has no artifact '{missing[0]}'{more}; rerun {stage}")
+
+
 class LossLogger(TrainerCallback):
     """Logs the Trainer's training loss (and learning rate) by step into the active run.
 
@@ -213,6 +235,28 @@ def prune_children(prune: Run, param: str = "prune_run_id") -> dict[SubnetworkId
     if not found:
         raise XlsubError(f"{param}: prune run {prune.info.run_id} has no subnetwork runs; rerun prune")
     return dict(sorted(found.items()))
+
+
+@contextmanager
+def child_run(parent_run_id: str, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> Iterator[Run]:
+    """A run nested in run `parent_run_id`, active inside the block, FINISHED at its end and FAILED if the
+    block raises. Any process may open it: the one that holds the parent active, or another rank of a
+    torchrun job that only knows the parent's ID."""
+    # `mlflow run` hands its run to the first start_run of a process through MLFLOW_RUN_ID; a rank that
+    # did not start the parent would take that run as its child
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    with mlflow.start_run(run_name=run_name, experiment_id=experiment_id, parent_run_id=parent_run_id, nested=True, tags=dict(tags)) as run:
+        yield run
+
+
+def mark_failed(run_id: str, experiment_id: str, children: bool = False) -> None:
+    """Mark run `run_id` FAILED from any process (another rank of a torchrun job than the one that holds
+    it), and with `children` its child runs still RUNNING: those of a process that died without ending them."""
+    client = MlflowClient()
+    client.set_terminated(run_id, "FAILED")
+    if children:
+        for child in client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{run_id}' and attributes.status = 'RUNNING'"):
+            client.set_terminated(child.info.run_id, "FAILED")
 
 
 def log_table(table, path: str) -> None:

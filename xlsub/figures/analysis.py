@@ -15,6 +15,7 @@ from matplotlib.lines import Line2D
 
 from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, SubnetworkId
 from xlsub.figures import CKA_CMAP, JACCARD_CMAP, MAX_ANNOTATED_COLUMNS, PPL_CMAP, RATIO_CMAP, SPREAD_CMAP, CaptionedFigure
+from xlsub.language_distance import paired_matrices
 from xlsub.tables import language_name, several_seeds
 
 _CONTROLS = {  # CKA condition (a pairing or a model key) -> legend label, line style
@@ -574,3 +575,30 @@ def power_figure(table: pd.DataFrame, limits: Mapping[str, float]) -> dict[str, 
         fig, "p-values of CKA, RSA and retrieval on two sets of vectors sharing the full model's reference-language "
              "vectors under independent noise, against the signal-to-noise ratio, at the demo's n and d; a measure's "
              "detection limit is the weakest ratio from which on it is significant.", ("power",))}
+
+
+def language_distance_figure(table: pd.DataFrame, distances: Mapping[str, pd.DataFrame],
+                             matrices: Mapping[str, pd.DataFrame], labels: Mapping[str, str]) -> dict[str, CaptionedFigure]:
+    """`language_distance`: one panel per (analysis matrix, URIEL distance): every language pair's value
+    against the two languages' distance, the Mantel r and p in the title from `table` (`distance_correlations`
+    indexed by distance and measure). `labels`: {measure: axis label}."""
+    fig = Figure(figsize=(0.6 + 2.9 * len(distances), 0.6 + 2.6 * len(matrices)), layout="constrained")
+    axes = fig.subplots(len(matrices), len(distances), squeeze=False, sharex="col", sharey="row")
+    for row, (measure, matrix) in enumerate(matrices.items()):
+        for col, (distance, dist) in enumerate(distances.items()):
+            ax = axes[row][col]
+            langs, x, y = paired_matrices(dist, matrix)
+            i, j = np.triu_indices(len(langs), 1)
+            ax.scatter(x[i, j], y[i, j], s=18, color=sns.color_palette("colorblind")[0], edgecolor="white", linewidth=0.5)
+            r, p = table.loc[(distance, measure), ["spearman_r", "p_value"]]
+            ax.set_title(f"r = {r:.2f}, p = {p:.3g}" if np.isfinite(r) else "r: too few languages", fontsize=9)
+            ax.grid(alpha=0.3)
+            if row == len(matrices) - 1:
+                ax.set_xlabel(f"{distance} distance (URIEL)")
+            if col == 0:
+                ax.set_ylabel(labels.get(measure, measure), fontsize=8)
+    fig.suptitle("Do typologically closer languages share more?")
+    return {"language_distance": CaptionedFigure(
+        fig, "Each language pair's value in the analysis matrices (rows; asymmetric ones averaged over both directions) "
+             "against the two languages' URIEL distance (columns; Littell et al. 2017); Spearman r and two-sided Mantel "
+             "p from relabelling the languages.", ("language_distance", "language_distance_uriel"))}

@@ -1,0 +1,91 @@
+"""analyze reads encodings lazily: the same tables as from tensors in memory, and at most a few tensors
+held at once, however many models were encoded."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_analysis import LANGS, TOKENS, encodings
+from xlsub import artifacts
+from xlsub.analysis import AnalysisInputs, analyze
+from xlsub.similarity_tables import Counts
+
+COUNTS = Counts(full=20, controls=20, subnetworks=10, length=10)
+
+
+def stored(tmp_path, enc):
+    for key, langs in enc.items():
+        for lang, x in langs.items():
+            artifacts.write_encodings(tmp_path, key, lang, x, "float32")
+    return artifacts.read_encodings(tmp_path / artifacts.ENCODINGS_DIR)
+
+
+def run(enc):
+    return analyze(AnalysisInputs(languages=LANGS, encodings=enc, tokens=TOKENS), counts=COUNTS, bootstrap=50, permutations=50)
+
+
+def test_store_reads_on_demand_and_drops_the_least_recently_used(tmp_path):
+    store = stored(tmp_path, encodings())
+    assert set(store) == {"full", "en-s0", "de-s0", "zh-s0", "random", "base"} and store.loads == 0
+    assert set(store["full"]) == set(LANGS)
+    x = store["full"]["de"]
+    assert torch.equal(x, encodings()["full"]["de"].float()) and store.loads == 1
+    assert store["full"]["de"] is x and store.loads == 1  # cached
+    for lang in ("en", "zh", "en"):
+        store["base"][lang]
+    assert store.loads == 3
+    store["full"]["de"]  # still one of the three most recent
+    assert store.loads == 3
+    store["random"]["de"]  # a fourth tensor: the least recently used one (base/zh) goes
+    assert store.loads == 4
+    store["full"]["de"], store["base"]["en"]
+    assert store.loads == 4
+    store["base"]["zh"]
+    assert store.loads == 5
+    with pytest.raises(KeyError):
+        store["full"]["fr"]
+
+
+def test_analyze_from_the_store_equals_analyze_in_memory(tmp_path):
+    in_memory = run({k: {l: x.float() for l, x in v.items()} for k, v in encodings().items()})
+    lazy = run(stored(tmp_path, encodings()))
+    assert set(lazy.tables) == set(in_memory.tables)
+    for name, table in in_memory.tables.items():
+        a, b = table.select_dtypes("number").to_numpy(), lazy.tables[name].select_dtypes("number").to_numpy()
+        assert np.allclose(a, b, equal_nan=True), name
+
+
+def test_encodings_held_at_once_do_not_grow_with_the_number_of_models(tmp_path):
+    few = stored(tmp_path / "few", encodings(seeds=(0,)))
+    many = stored(tmp_path / "many", encodings(seeds=(0, 1, 2, 3)))
+    run(few), run(many)
+    one = next(iter(few["full"].values())).numel() * 4
+    assert len(many) == len(few) + 9
+    assert many.loads > few.loads
+    assert many.peak_live_bytes == few.peak_live_bytes
+    # all languages of one model (the language x language CKA) plus the cache: never two models' worth
+    assert many.peak_live_bytes <= (len(LANGS) + many.resident) * one
+
+
+def test_float16_storage_changes_cka_by_less_than_1e3_at_base_width():
+    """`dtype=auto` stores base-width encodings in float16: measure what that does to CKA."""
+    import transformers
+
+    from xlsub import models
+    from xlsub.cka import cka_matrix
+    from xlsub.encoding import encode
+    from xlsub.parallel import load_parallel
+
+    assert artifacts.storage_dtype("auto", 768) == "float16" and artifacts.storage_dtype("auto", 128) == "float32"
+    assert artifacts.storage_dtype("float32", 768) == "float32"
+    corpus = load_parallel("embedded", ["en", "de"], 100)
+    tokenizer = models.train_tokenizer([t for lang in corpus.languages for t in corpus.texts[lang]], vocab_size=1000)
+    transformers.set_seed(0)
+    model = models.scratch_model(models.BASE_SHAPE, tokenizer, 32).eval()
+    reps = {lang: encode(model, tokenizer, corpus.texts[lang], batch_size=50) for lang in corpus.languages}
+    half = {lang: x.half().float() for lang, x in reps.items()}
+    for kind in ("linear", "debiased"):
+        exact, rounded = cka_matrix(reps, kind), cka_matrix(half, kind)
+        change = float((exact - rounded).abs().max())
+        print(f"{kind}: largest CKA change from float16 storage {change:.2e}")
+        assert 0 < change < 1e-3, kind
