@@ -19,30 +19,67 @@ are built (write 5 to /proc/self/clear_refs) and read after the computation, min
 before it. That sees torch's allocations (tracemalloc would not). Agreement is the largest absolute
 difference between the methods on the pairs and layers both computed.
 
-    python benchmarks/cka.py                 # the study's sizes; ~1.5 minutes on 2 cores
+Then the CKA libraries a user would pick instead, on the same data, per pair of representations (one
+layer of two languages, float32 as encode stores them), at the demo's size (n=1077, d=128) and the study's
+(n=5000, d=768): for each estimator xlsub offers, the time per pair of xlsub's function and of each library's,
+their ratio and the largest absolute difference of the values. The libraries are benchmark-only extras
+(`pip install -e '.[bench]'`); one that is not installed is skipped with one line.
+
+- ckatorch (`cka_base`): the Gram form, always in float64. linear; debiased (`unbiased=True`, Kornblith's
+  unbiased centring); rbf, whose bandwidth is sqrt(median of the squared distances over the whole n x n
+  matrix, zero diagonal included, lower middle), where xlsub takes the median distance over the pairs
+  i < j: the values differ by that, so a second check runs ckatorch's kernel and centring with xlsub's
+  bandwidth. Also `cka_batch` (HSIC_1 of Nguyen et al.; with the whole sample as one batch it is the
+  debiased CKA), which multiplies n x n matrices: O(n^3).
+- pytorch-cka (`cka_from_features`): debiased only (unbiased HSIC of Gram matrices), in the dtype of its
+  inputs, so it is timed on float64 copies and, as a user would call it on stored encodings, on float32
+  (compared with xlsub's `precision="float32"`). Its model-hook API (`CKA`, `compute_cka`) sums the HSIC
+  terms into float32 tensors whatever the inputs, so only `cka_from_features` can give float64 values.
+
+Times are per pair: each implementation runs once per pair, the implementations interleaved, after one
+warm-up call on a small input; printed are the best and the median over the pairs (the best is the least
+disturbed by other work on the machine; ratios use it). A last row per estimator times xlsub's
+`cka_matrix` over 8 languages (one layer) divided by its 28 pairs: what a pair costs when, as in the
+study, each language is prepared once for all its pairs.
+
+    python benchmarks/cka.py                 # the study's sizes, then the libraries; ~4 minutes on 2 cores
     python benchmarks/cka.py --n 1000 --gram-pairs 28 --gram-layers 13   # small: the Gram form in full
+    python benchmarks/cka.py --libraries only   # only the libraries (--libraries no: without them)
+    python benchmarks/cka.py --threads 1        # on a loaded machine (see --help)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import math
+import os
 import re
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from importlib.metadata import version
 from itertools import combinations
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# This file is cka.py: with its folder on the path, pytorch-cka's `import cka` would import this file.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT))
 
 from tests.reference import linear_cka_gram  # noqa: E402
-from xlsub.cka import _centre_gram, cka_matrix  # noqa: E402
+from xlsub.cka import _centre_gram, cka_matrix, debiased_linear_cka, linear_cka, rbf_cka  # noqa: E402
 
 LATENT = 64
+# (n, d, pairs timed): the demo's size and the study's
+LIBRARY_SIZES = ((1077, 128, 12), (5000, 768, 3))
+LIBRARIES = {"ckatorch": "ckatorch", "pytorch-cka": "cka"}  # PyPI name: import name
 
 
 def language(index: int, layers: int, n: int, d: int) -> torch.Tensor:
@@ -136,16 +173,33 @@ def main() -> None:
     parser.add_argument("--langs", type=int, default=8, help="languages")
     parser.add_argument("--gram-pairs", type=int, default=2, help="language pairs the Gram form is timed on")
     parser.add_argument("--gram-layers", type=int, default=4, help="layers the Gram form is timed on")
+    parser.add_argument("--libraries", choices=["yes", "no", "only"], default="yes",
+                        help="also time the CKA libraries (ckatorch, pytorch-cka) per pair, or only them")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's). On a loaded machine use 1: with 2, a parallel op "
+                             "waits for a descheduled thread, and the libraries' long calls are hit more often "
+                             "than xlsub's short ones")
     parser.add_argument("--worker", choices=["feature", "feature32", "gram", "gram_cached"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.gram_pairs = min(args.gram_pairs, args.langs * (args.langs - 1) // 2)
     args.gram_layers = min(args.gram_layers, args.layers)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return
+    if args.libraries != "only":
+        compare_forms(args)
+    if args.libraries != "no":
+        compare_libraries()
 
+
+def compare_forms(args: argparse.Namespace) -> None:
+    """xlsub's feature-space all-pairs CKA against the Gram forms (the module docstring's first part)."""
     argv = [f"--n={args.n}", f"--d={args.d}", f"--layers={args.layers}", f"--langs={args.langs}",
             f"--gram-pairs={args.gram_pairs}", f"--gram-layers={args.gram_layers}"]
+    if args.threads:
+        argv.append(f"--threads={args.threads}")
     pairs = args.langs * (args.langs - 1) // 2
     total_units = pairs * args.layers
     print(f"linear CKA, n={args.n}, d={args.d}, {args.layers} layers, {args.langs} languages = {pairs} pairs "
@@ -193,6 +247,132 @@ def main() -> None:
           f"max |feature - gram cached| = {diff_cached:.2e} over {cached['units']}; "
           f"max |feature float32 products - feature| = {diff_32:.2e} over all {total_units}, "
           f"- gram = {diff_32_gram:.2e}")
+
+
+# -- the CKA libraries a user would pick instead, per pair of representations ---------------------------
+
+def _ckatorch_rbf_matched(ckatorch, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """ckatorch's RBF kernel, centring and ratio (as in its `cka_base`) with xlsub's bandwidth.
+
+    ckatorch's sigma^2 is threshold^2 x the median of its n x n squared distances; the threshold is set per
+    input so that sigma is the median distance over the pairs i < j (numpy's median, not xlsub's), which
+    removes the one difference in definition between the two.
+    """
+    grams = []
+    for z in (x.double(), y.double()):
+        dot = z @ z.T
+        sq = -2 * dot + dot.diag()[:, None] + dot.diag()[None, :]  # as ckatorch.rbf_kernel
+        upper = np.triu_indices(len(z), 1)
+        sigma = float(np.median(np.sqrt(np.clip(sq.numpy()[upper], 0, None))))
+        threshold = sigma / math.sqrt(float(torch.median(sq)))
+        grams.append(ckatorch.center_gram_matrix(ckatorch.rbf_kernel(z, threshold)))
+    kx, ky = grams
+    return kx.ravel().dot(ky.ravel()) / (torch.linalg.norm(kx) * torch.linalg.norm(ky))
+
+
+def library_methods() -> tuple[dict[str, list[tuple[str, Callable]]], dict[str, Callable]]:
+    """{estimator: [(label, f(x, y) -> CKA)]}, xlsub first, with the libraries that are installed; and the
+    checks that are not timed. Prints one line for each library that is not installed."""
+    found = {}
+    for name, module in LIBRARIES.items():
+        try:
+            found[name] = importlib.import_module(module)
+        except ImportError:
+            print(f"{name}: not installed, skipped (pip install -e '.[bench]')")
+    methods = {
+        "linear": [("xlsub linear_cka", linear_cka)],
+        "debiased": [("xlsub debiased_linear_cka", debiased_linear_cka)],
+        "rbf": [("xlsub rbf_cka", rbf_cka)],
+        "debiased, float32": [("xlsub debiased_linear_cka(precision=float32)",
+                               lambda x, y: debiased_linear_cka(x, y, precision="float32"))],
+    }
+    checks = {}
+    if "ckatorch" in found:
+        ckatorch, tag = found["ckatorch"], f"ckatorch {version('ckatorch')}"
+        methods["linear"].append((f"{tag} cka_base", lambda x, y: ckatorch.cka_base(x, y, "linear")))
+        methods["debiased"].append((f"{tag} cka_base(unbiased=True)",
+                                    lambda x, y: ckatorch.cka_base(x, y, "linear", unbiased=True)))
+        methods["debiased"].append((f"{tag} cka_batch, one batch", lambda x, y: ckatorch.cka_batch(x[None], y[None])))
+        methods["rbf"].append((f"{tag} cka_base(kernel=rbf)", lambda x, y: ckatorch.cka_base(x, y, "rbf")))
+        checks["rbf"] = (f"{tag}, xlsub's bandwidth", lambda x, y: _ckatorch_rbf_matched(ckatorch, x, y))
+    if "pytorch-cka" in found:
+        pytorch_cka, tag = found["pytorch-cka"], f"pytorch-cka {version('pytorch-cka')}"
+        methods["debiased"].append((f"{tag} cka_from_features, float64",
+                                    lambda x, y: pytorch_cka.cka_from_features(x.double(), y.double())))
+        methods["debiased, float32"].append((f"{tag} cka_from_features, float32 inputs",
+                                             pytorch_cka.cka_from_features))
+    return methods, checks
+
+
+def time_pairs(methods: dict[str, list[tuple[str, Callable]]], pairs: list[tuple[torch.Tensor, torch.Tensor]]
+               ) -> dict[str, tuple[list[float], list[float]]]:
+    """{label: (seconds per pair, values)}, every implementation once per pair, interleaved over the pairs."""
+    out = {label: ([], []) for group in methods.values() for label, _ in group}
+    for x, y in pairs:
+        for group in methods.values():
+            for label, f in group:
+                start = time.perf_counter()
+                value = float(f(x, y).reshape(-1)[0])
+                out[label][0].append(time.perf_counter() - start)
+                out[label][1].append(value)
+    return out
+
+
+def compare_libraries() -> None:
+    """Time per pair and agreement of xlsub and the CKA libraries, per estimator (module docstring)."""
+    print(f"\nCKA libraries, per pair (one layer of two languages, float32 inputs), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "
+          f"(timings are only comparable at a load below the CPU count)")
+    methods, checks = library_methods()
+    if all(len(group) == 1 for group in methods.values()):
+        return
+    tiny = language(0, 1, 64, 16)[0], language(1, 1, 64, 16)[0]
+    time_pairs(methods, [tiny])  # warm-up: first calls, lazy initialisation
+
+    ratios = {}
+    for n, d, count in LIBRARY_SIZES:
+        langs = range(8)
+        reps = {i: language(i, 1, n, d)[0] for i in langs}
+        all_pairs = list(combinations(langs, 2))
+        pairs = [(reps[i], reps[j]) for i, j in all_pairs[:count]]
+        print(f"n={n}, d={d}: {count} pairs; s per pair best / median; ratio = time / xlsub's (best); "
+              f"max |value - xlsub float64| over the pairs")
+        results = time_pairs(methods, pairs)
+        matrices = {}
+        for kind in ("linear", "debiased", "rbf"):  # all 28 pairs at once: each language prepared once
+            start = time.perf_counter()
+            matrix = cka_matrix({i: reps[i][None] for i in langs}, kind)[0]
+            matrices[kind] = ((time.perf_counter() - start) / len(all_pairs),
+                              [float(matrix[i, j]) for i, j in all_pairs[:count]])
+        for estimator, group in methods.items():
+            xlsub_label = group[0][0]
+            xlsub_time = min(results[xlsub_label][0])
+            reference = results[methods[estimator.split(",")[0]][0][0]][1]  # xlsub in float64
+            for label, _ in group:
+                seconds, values = results[label]
+                ratio = min(seconds) / xlsub_time
+                diff = max(abs(a - b) for a, b in zip(values, reference))
+                print(f"  {estimator:18s} {label:52s} {min(seconds):8.4f} / {statistics.median(seconds):8.4f} s  "
+                      f"{ratio:6.1f}x  diff {diff:.1e}")
+                if label != xlsub_label and ratio < ratios.get((estimator, n), (math.inf,))[0]:
+                    ratios[estimator, n] = ratio, label.split()[0]
+            if estimator in matrices:
+                seconds, values = matrices[estimator]
+                diff = max(abs(a - b) for a, b in zip(values, reference))
+                print(f"  {estimator:18s} {'xlsub cka_matrix, 8 languages: time / 28 pairs':52s} {seconds:8.4f}"
+                      f"{'':13s}  {seconds / xlsub_time:6.1f}x  diff {diff:.1e}")
+            if estimator in checks:
+                label, f = checks[estimator]
+                diff = max(abs(float(f(x, y)) - b) for (x, y), b in zip(pairs, reference))
+                print(f"  {estimator:18s} {label:52s} {'(not timed)':21s}  {'':7s}  diff {diff:.1e}")
+    sizes = " / ".join(f"n={n}" for n, _, _ in LIBRARY_SIZES)
+    print(f"fastest library's time / xlsub's per estimator ({sizes}):")
+    for estimator in methods:
+        closest = [ratios[estimator, n] for n, _, _ in LIBRARY_SIZES if (estimator, n) in ratios]
+        if closest:
+            verdict = "xlsub ahead" if all(ratio > 1 for ratio, _ in closest) else "xlsub NOT ahead"
+            print(f"  {estimator:18s} " + " / ".join(f"{ratio:.1f}x ({name})" for ratio, name in closest)
+                  + f": {verdict}")
 
 
 if __name__ == "__main__":

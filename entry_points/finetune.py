@@ -26,6 +26,7 @@ from xlsub.mlm import perplexity
 from xlsub.training import TrainSettings, train_masked_lm
 
 log = logging.getLogger("xlsub.finetune")
+CHECKPOINTS = Path("outputs/checkpoints")  # <run id>/checkpoint-<step>/, where a later run with resume=auto finds them
 
 
 @dataclass
@@ -45,23 +46,48 @@ class FinetuneArgs(StageArgs):
     fp16: bool = field(default=False, metadata={"help": "mixed precision fp16 (CUDA)"})
     bf16: bool = field(default=False, metadata={"help": "mixed precision bf16 (recent GPUs/CPUs)"})
     eval_only: bool = field(default=False, metadata={"help": "evaluate the model without training; logs it as the run's model"})
-    resume_from_checkpoint: str = field(default="", metadata={"help": "a Trainer checkpoint folder to resume from", "optional": True})
+    resume: str = field(default="auto", metadata={"help": "'auto' (continue a dead run with these parameters from its newest checkpoint), 'never', or a Trainer checkpoint folder",
+                                                   "keywords": ("auto", "never")})
+    save_steps: int = field(default=250, metadata={"help": "save a checkpoint every this many steps (about a minute of the CPU demo)", "range": COUNT})
+    checkpoint_artifacts: bool = field(default=False, metadata={"help": "also log each checkpoint as run artifacts, so that a run on another machine can resume it"})
     device: str = device_field()
     log_every: int = field(default=10, metadata={"help": "log the training loss every this many steps", "range": COUNT})
 
-    NOT_FOR_REUSE = ("log_every",)  # how often the loss is logged, not what is trained
+    # how often the loss is logged and checkpoints saved, where training continues from: not what is trained
+    NOT_FOR_REUSE = ("log_every", "save_steps", "resume", "checkpoint_artifacts")
 
     def check_stage(self) -> None:
         if self.fp16 and self.bf16:
             raise XlsubError("fp16, bf16: choose one mixed-precision mode")
-        if self.resume_from_checkpoint and not Path(self.resume_from_checkpoint).is_dir():
-            raise XlsubError(f"resume_from_checkpoint: '{self.resume_from_checkpoint}' is not a checkpoint folder")
+        if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
+            raise XlsubError(f"resume: '{self.resume}' is not a checkpoint folder; give one, or auto, or never")
+
+
+def resume_point(args: FinetuneArgs, run, out: Path) -> str | None:
+    """The checkpoint training continues from: `resume` as given, or for `auto` the newest checkpoint of a
+    dead run (FAILED, KILLED, or RUNNING with a stale heartbeat) with these parameters and this code,
+    which this run then supersedes."""
+    if args.eval_only or args.resume == "never":
+        return None
+    if args.resume != "auto":
+        return args.resume
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the ranks would have to agree on one checkpoint
+        if run is not None:
+            log.warning("resume=auto does not look for dead runs under torchrun; pass resume=<checkpoint folder>")
+        return None
+    found = tracking.find_resume_point(run.info.experiment_id, "finetune", args.reuse_params(), run.info.run_id, CHECKPOINTS, out / "downloaded")
+    if found is None:
+        return None
+    dead, checkpoint = found
+    tracking.supersede(dead, run.info.run_id)
+    log.info("resuming dead run %s (%s) from %s", dead.info.run_id, dead.info.status, checkpoint)
+    return str(checkpoint)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(FinetuneArgs, argv)
     rank_zero = is_rank_zero()
-    with tracking.stage_run("finetune", args, log_to_mlflow=rank_zero) as run:
+    with tracking.stage_run("finetune", args, log_to_mlflow=rank_zero) as run, tracking.heartbeat(run):
         device = models.resolve_device(args.device)
         transformers.set_seed(args.seed)
         corpus = corpora.load_corpus(args.corpus, parse_languages(args.languages), seed=args.seed)
@@ -77,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         if rank_zero:
             mlflow.log_param("world_size", int(os.environ.get("WORLD_SIZE", "1")))
             mlflow.set_tag(artifacts.LANGUAGES_TAG, ",".join(langs))
-            tracking.log_corpus(corpus, {lang: len(c) for lang, c in lm.train_chunks.items()})
+            datasets = tracking.log_corpus(corpus, {lang: len(c) for lang, c in lm.train_chunks.items()})
         test_batches = {lang: data.masked_batches(chunks, tokenizer, args.batch_size) for lang, chunks in lm.test.items()}
 
         table = pd.DataFrame(index=pd.Index(langs, name="lang"))
@@ -89,10 +115,15 @@ def main(argv: list[str] | None = None) -> None:
             log.info("before:\n%s", table.to_string())
 
         if not args.eval_only:
-            settings = TrainSettings(args.epochs, args.batch_size, args.lr, args.weight_decay, args.seed, device, args.fp16, args.bf16, args.log_every)
-            out = Path("outputs/checkpoints") / (run.info.run_id if run else "rank-other")
+            settings = TrainSettings(args.epochs, args.batch_size, args.lr, args.weight_decay, args.seed, device, args.fp16, args.bf16,
+                                     args.log_every, save_steps=args.save_steps)
+            out = CHECKPOINTS / (run.info.run_id if run else "rank-other")
+            checkpoint = resume_point(args, run, out)
+            if checkpoint and rank_zero and (step := Path(checkpoint).name.rpartition("-")[2]).isdigit():
+                mlflow.log_metric("resumed_at_step", int(step))
+            callbacks = [tracking.LossLogger()] + ([tracking.CheckpointLogger()] if args.checkpoint_artifacts else [])
             start = time.perf_counter()
-            metrics = train_masked_lm(model, tokenizer, lm.train, settings, out, [tracking.LossLogger()], args.resume_from_checkpoint)
+            metrics = train_masked_lm(model, tokenizer, lm.train, settings, out, callbacks, checkpoint)
             if rank_zero:
                 mlflow.log_metrics({"train_seconds": time.perf_counter() - start, "train_steps": metrics["train_steps"],
                                     "train_steps_per_sec": metrics["train_steps_per_second"]})
@@ -102,8 +133,13 @@ def main(argv: list[str] | None = None) -> None:
         model.to(device)
         table["ppl_after"] = [perplexity(model, test_batches[l]) for l in langs]
         log.info("after:\n%s", table.to_string())
+        # the model also as an MLflow model, logged first so that its perplexities are attached to it and
+        # linked to the test split they were measured on (the run's metrics keep no dataset otherwise)
+        finetuned = tracking.log_masked_lm(model, tokenizer, artifacts.FINETUNED_MODEL, params={"model": args.model, "corpus": args.corpus},
+                                           tags={artifacts.LANGUAGES_TAG: ",".join(langs), artifacts.SEED_TAG: str(args.seed)})
         for lang, row in table.iterrows():
-            mlflow.log_metrics({f"ppl_before.{lang}": row.ppl_before, f"ppl_after.{lang}": row.ppl_after, f"ppl_unigram.{lang}": row.ppl_unigram})
+            mlflow.log_metrics({f"ppl_before.{lang}": row.ppl_before, f"ppl_after.{lang}": row.ppl_after, f"ppl_unigram.{lang}": row.ppl_unigram},
+                               model_id=finetuned.model_id, dataset=datasets.get("test"))
         with tempfile.TemporaryDirectory() as tmp:
             artifacts.write_table(Path(tmp), artifacts.PERPLEXITY_TABLE, table, subfolder=None)
             artifacts.write_model(Path(tmp), model, tokenizer)

@@ -14,16 +14,18 @@ main parameter of the same name, except those in the mapping below.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import field, fields, make_dataclass, replace
 from pathlib import Path
 from typing import get_type_hints
 
 import mlflow
 from mlflow.exceptions import ExecutionException
+from mlflow.tracking import MlflowClient
 
 from entry_points import analyze, encode, finetune, prune
 from entry_points._common import StageArgs, parse_args, parse_languages
-from xlsub import artifacts, tracking
+from xlsub import artifacts, interrupts, tracking
 from xlsub.errors import XlsubError
 
 log = logging.getLogger("xlsub.main")
@@ -106,11 +108,24 @@ def run_stage(stage: str, args: StageArgs, force: bool, reused: list[str]) -> st
         reused.append(stage)
         mlflow.set_tag(artifacts.reused_stage_tag(stage), found.info.run_id)
         return found.info.run_id
+    submitted = None
+    # asynchronous: mlflow starts `mlflow run --experiment-id` in a process group of its own, whose handle
+    # lets a signal to main stop the stage first; that command refuses an experiment name beside the ID
+    name = os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
     try:
         submitted = mlflow.projects.run(str(ROOT), entry_point=stage, parameters=args.params(), env_manager="local",
-                                        experiment_id=experiment_id, run_name=stage, synchronous=True)
+                                        experiment_id=experiment_id, run_name=stage, synchronous=False)
+        with interrupts.forwarding(submitted.command_proc):
+            finished = submitted.wait()
     except ExecutionException:
-        raise XlsubError(f"{stage}: the stage failed (its message is above); fix that input and rerun") from None
+        finished = False
+    finally:
+        if name is not None:
+            os.environ["MLFLOW_EXPERIMENT_NAME"] = name
+    if not finished:
+        if submitted and MlflowClient().get_run(submitted.run_id).info.status == "RUNNING":  # it died without ending its run
+            MlflowClient().set_terminated(submitted.run_id, "FAILED")
+        raise XlsubError(f"{stage}: the stage failed (its message is above); fix that input and rerun")
     return submitted.run_id
 
 

@@ -41,7 +41,7 @@ from xlsub.figures import stages as figures
 from xlsub.intervals import language_indices, percentile_interval, random_control_replicates
 from xlsub.overlap import params_kept_frac
 from xlsub.pruning import (AMOUNT, CONTINUE_TO, TARGET_SPARSITY, THRESHOLD, SubnetworkEvaluation, evaluate_subnetwork, iterative_pruning,
-                           masked_chunk_losses, perplexity_tables, prune_heads, split_half_importance)
+                           masked_chunk_losses, perplexity_tables, prune_heads, split_half_importance, zero_pruned_heads)
 from xlsub.training import load_finetuned
 
 log = logging.getLogger("xlsub.prune")
@@ -65,6 +65,8 @@ class PruneArgs(StageArgs):
     bootstrap: int = field(default=1000, metadata={"help": "bootstrap replicates over test chunks (and random draws) for the intervals, >= 10", "range": REPLICATES})
     continue_to: float = field(default=0.9, metadata={"help": "go on pruning (importance only) until this fraction of heads is off, for equal-size overlaps; the stop rule still picks the subnetwork",
                                                       "range": CONTINUE_TO})
+    log_stock_models: bool = field(default=True, metadata={"help": "also log each subnetwork as a stock MLflow model (full size, pruned heads' output weights zeroed, "
+                                                                    "loads without xlsub); false skips it for large models"})
     device: str = device_field()
 
     @property
@@ -112,7 +114,26 @@ def prune_language(model, tokenizer, sid: SubnetworkId, args: PruneArgs, train_c
         mlflow.log_artifacts(tmp)
     mlflow.log_figure(figures.head_mask_heatmap(mask, result.importance, f"{sid} subnetwork"), artifacts.HEAD_MASK_FIGURE)
     tracking.log_table(artifacts.steps_table(result.steps, result.kept), artifacts.STEPS)
+    if args.log_stock_models:
+        log_stock_model(model, tokenizer, mask, sid, result.kept)
     return evaluation
+
+
+def log_stock_model(model, tokenizer, mask, sid: SubnetworkId, kept: int) -> None:
+    """The subnetwork in stock form (the full architecture, the pruned heads' output-projection columns
+    zeroed) as the active child run's MLflow model `subnetwork-<id>`, with the child's metrics and tags:
+    it loads without xlsub. Logged at the chosen pruning step, so that its `ppl` and `frac_pruned` are the
+    subnetwork's, not the unpruned model's."""
+    child = mlflow.get_run(mlflow.active_run().info.run_id)
+    finetune_id = child.data.tags[artifacts.input_tag("finetune")]
+    source = tracking.logged_model_id(finetune_id, artifacts.FINETUNED_MODEL)
+    tags = {artifacts.LANGUAGE_TAG: sid.language, artifacts.SEED_TAG: str(sid.seed), artifacts.SUBNETWORK_TAG: str(sid),
+            artifacts.MASK_DIGEST_TAG: artifacts.mask_digest(mask), artifacts.input_tag("finetune"): finetune_id}
+    if source is not None:
+        tags[artifacts.SOURCE_MODEL_TAG] = source
+    per_step = ("ppl", "frac_pruned")
+    tracking.log_masked_lm(zero_pruned_heads(model, mask), tokenizer, sid.model_name, tags=tags, step=kept,
+                           link=[k for k in child.data.metrics if k not in per_step] if kept else ())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -147,7 +147,7 @@ def test_main_composes_the_stage_dataclasses_through_one_mapping():
 
 def test_stage_arguments_rebuild_from_logged_params():
     args = finetune.FinetuneArgs(seed=3, epochs=1.5, fp16=True, languages="en,de", max_seq_len=32)
-    logged = {**args.params(), "resume_from_checkpoint": "''", "world_size": "1", "train_examples.en": "96"}
+    logged = {**args.params(), "resume": "'auto'", "world_size": "1", "train_examples.en": "96"}
     assert finetune.FinetuneArgs.from_params(logged) == args
     assert finetune.FinetuneArgs.from_params({"seed": "7"}) == finetune.FinetuneArgs(seed=7)
     with pytest.raises(XlsubError, match="^finetune_run_id: "):
@@ -156,7 +156,7 @@ def test_stage_arguments_rebuild_from_logged_params():
 
 def test_reuse_leaves_out_only_what_cannot_change_a_result():
     args = finetune.FinetuneArgs()
-    assert set(args.params()) - set(args.reuse_params()) == {"log_every"}
+    assert set(args.params()) - set(args.reuse_params()) == {"log_every", "save_steps", "resume", "checkpoint_artifacts"}
     for cls in (prune.PruneArgs, encode.EncodeArgs, analyze.AnalyzeArgs):
         assert cls().reuse_params() == cls().params()
 

@@ -49,7 +49,9 @@ BAD: dict[str, dict[str, list[str]]] = {
         "fp16": ["maybe"],
         "bf16": ["2"],
         "eval_only": ["yes please"],
-        "resume_from_checkpoint": ["no/such/checkpoint-1"],
+        "resume": ["no/such/checkpoint-1", "", "sometimes"],
+        "save_steps": ["0", "-1"],
+        "checkpoint_artifacts": ["maybe"],
         "device": ["gpu", "cuda:x", "cpu,cuda", ""],
         "log_every": ["0"],
     },
@@ -65,6 +67,7 @@ BAD: dict[str, dict[str, list[str]]] = {
         "random_draws": ["0"],
         "bootstrap": ["9", "0", "-1"],
         "continue_to": ["1.01", "-0.1"],
+        "log_stock_models": ["maybe"],
         "device": ["tpu"],
     },
     "encode": {

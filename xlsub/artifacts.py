@@ -8,6 +8,7 @@ MLflow, so the formats are testable with plain files. DESIGN.md describes the sa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -33,9 +34,15 @@ LANGUAGES_TAG = "xlsub.languages"  # on finetune runs: the languages trained, co
 LANGUAGE_TAG = "xlsub.language"  # on prune child runs: the language the subnetwork is for
 SEED_TAG = "xlsub.seed"  # on prune child runs: the pruning seed
 SUBNETWORK_TAG = "xlsub.subnetwork"  # on prune child runs: the SubnetworkId, e.g. de-s0
+SOURCE_MODEL_TAG = "xlsub.source_model_id"  # on subnetwork logged models: the finetune run's logged model, if any
+MASK_DIGEST_TAG = "xlsub.mask_sha256"  # on subnetwork logged models: `mask_digest` of the head mask
 REUSED_TAG = "xlsub.reused"  # on main runs: the reused stages, comma-separated in stage order, or "none"
 SOURCE_TAG_PREFIX = "xlsub.source."  # on finetune runs: the corpus' provenance (package versions, ...)
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag on nested runs
+RESUMED_FROM_TAG = "xlsub.resumed_from"  # on finetune runs: the dead run whose checkpoint this run resumed from
+SUPERSEDED_BY_TAG = "xlsub.superseded_by"  # on that dead run: the run that resumed from it
+HEARTBEAT_TAG = "xlsub.heartbeat"  # on finetune runs: unix time of the last sign of life, renewed about every 30 s
+CHECKPOINT_TAG = "xlsub.checkpoint"  # on finetune runs with checkpoint_artifacts: the newest checkpoint logged in full
 STAGES = ("finetune", "prune", "encode", "analyze", "main")
 
 
@@ -51,6 +58,8 @@ def reused_stage_tag(stage: str) -> str:
 
 # -- artifact paths (inside a run) -----------------------------------------------------------------------
 MODEL_DIR = "model"  # finetune: save_pretrained folder, tokenizer included
+FINETUNED_MODEL = "finetuned"  # finetune: the MLflow (transformers flavor) logged model's name
+CHECKPOINTS_DIR = "checkpoints"  # finetune with checkpoint_artifacts: checkpoints/checkpoint-<step>/, the Trainer's folders
 PERPLEXITY_TABLE = "perplexity"  # finetune: perplexity.csv, one row per lang: ppl_unigram, ppl_before, ppl_after
 PERPLEXITY_FIGURE = "perplexity.png"
 HEAD_MASK = "head_mask.json"  # prune child: [layers][heads] of 0/1
@@ -109,6 +118,11 @@ class SubnetworkId:
     def run_name(self) -> str:
         """The prune child run's name, e.g. `prune/de-s0`."""
         return f"prune/{self}"
+
+    @property
+    def model_name(self) -> str:
+        """The prune child's MLflow logged model (stock form), e.g. `subnetwork-de-s0`."""
+        return f"subnetwork-{self}"
 
     @classmethod
     def parse(cls, text: str) -> SubnetworkId:
@@ -179,9 +193,19 @@ def mask_from_kept_heads(kept: Sequence[Sequence[int]], heads: int) -> torch.Ten
     return mask
 
 
+def head_mask_text(mask: torch.Tensor) -> str:
+    """The content of `head_mask.json`."""
+    return json.dumps(check_mask(mask).int().tolist())
+
+
+def mask_digest(mask: torch.Tensor) -> str:
+    """sha256 (hex) of `head_mask.json`'s content: `sha256sum head_mask.json` gives the same."""
+    return hashlib.sha256(head_mask_text(mask).encode()).hexdigest()
+
+
 def write_head_mask(folder: Path, mask: torch.Tensor) -> Path:
     path = Path(folder) / HEAD_MASK
-    path.write_text(json.dumps(check_mask(mask).int().tolist()))
+    path.write_text(head_mask_text(mask))
     return path
 
 

@@ -8,6 +8,8 @@ The collectives carry small Python objects over gloo, also on GPU machines: no G
 them and they behave the same with or without CUDA. Before each collective the ranks meet at a barrier
 that is polled from Python, so that the SIGTERM torchrun sends when another rank died is handled (the
 runs of this rank marked FAILED, see `SIGTERM`) instead of waiting inside gloo until torchrun's SIGKILL.
+`tracking.stage_run` leaves this SIGTERM handler in place and takes SIGINT and SIGHUP (signals from
+outside: KILLED, `xlsub.interrupts`).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ such a model.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -368,6 +369,30 @@ def prune_heads(model: nn.Module, mask: torch.Tensor) -> nn.Module:
             self_attention.forward = MethodType(_no_heads_forward, self_attention)
     setattr(model.config, artifacts.KEPT_HEADS_CONFIG_KEY, kept_heads)
     return model
+
+
+def zero_pruned_heads(model: nn.Module, mask: torch.Tensor) -> nn.Module:
+    """A copy of the full `model` that computes what `HeadGates(model, mask)` computes, in stock form.
+
+    Each switched-off head's input columns of the output projection (`attention.output.dense`, the
+    head's `head_dim` slice) are set to 0. A gate of 0 zeroes that slice of the projection's input, so
+    both give `W_o[:, kept] @ context[kept] + b`: the bias stays (the gated and the physically pruned
+    models add it too, also in a layer with no head left). The architecture and config are untouched,
+    so `AutoModelForMaskedLM.from_pretrained` loads it without xlsub; it is as large as the full model.
+    """
+    mask = artifacts.check_mask(mask)
+    shape = mask_shape(model)
+    if tuple(mask.shape) != shape:
+        raise XlsubError(f"head mask has shape {tuple(mask.shape)}, the model needs [layers, heads] = {list(shape)}")
+    if getattr(model.config, artifacts.KEPT_HEADS_CONFIG_KEY, None) is not None:
+        raise XlsubError("this model already has heads pruned; zero the heads of the full model")
+    stock = copy.deepcopy(model)
+    with torch.no_grad():
+        for attention, gates in zip(attention_modules(stock), mask):
+            weight = attention.output.dense.weight  # [hidden, heads * head_dim]
+            columns = weight.view(weight.shape[0], len(gates), -1)
+            columns[:, (gates == 0).to(weight.device), :] = 0
+    return stock
 
 
 def kept_heads_mask(config) -> torch.Tensor | None:

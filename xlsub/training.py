@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
 from xlsub.data import mlm_collator
@@ -25,6 +27,28 @@ class TrainSettings:
     bf16: bool = False
     log_every: int = 10
     warmup_ratio: float = 0.05
+    save_steps: int = 250  # a checkpoint every this many steps: about one a minute in the CPU demo
+
+
+class _BatchSeededCollator:
+    """The MLM collator, each batch masked by a generator seeded with the run's seed and the batch's tokens.
+
+    Masks drawn from the global RNG (the collator's default) depend on everything drawn before them, which
+    a run resumed mid-epoch cannot replay: the data loader masks the next batch before the current step's
+    dropout, across the checkpoint. Seeded by content, the resumed run masks every batch as the interrupted
+    run did, and the Trainer's restored RNG state gives it the same dropout.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, seed: int):
+        self.collator, self.seed = mlm_collator(tokenizer, seed=seed), seed
+
+    def __call__(self, examples):
+        digest = hashlib.sha256(str(self.seed).encode())
+        for example in examples:
+            digest.update(np.asarray(example["input_ids"], dtype=np.int64).tobytes())
+        self.collator.create_rng("pt")
+        self.collator.generator.manual_seed(int.from_bytes(digest.digest()[:8], "little"))
+        return self.collator(examples)
 
 
 def train_masked_lm(
@@ -38,9 +62,10 @@ def train_masked_lm(
 ) -> dict[str, float]:
     """Train `model` in place on `train` (column `input_ids`) with dynamic 15% masking; returns Trainer metrics.
 
-    Under `torchrun` the Trainer runs DDP (gloo on CPU, NCCL on GPU). The
-    checkpoint of each epoch (only the last is kept) lies in `output_dir`, for
-    `resume_from_checkpoint`.
+    Under `torchrun` the Trainer runs DDP (gloo on CPU, NCCL on GPU). A
+    checkpoint every `settings.save_steps` steps (only the newest is kept) lies
+    in `output_dir`; `resume_from_checkpoint` continues from one, optimizer,
+    scheduler, RNG states and position in the data included.
     """
     cpu = settings.device == "cpu"
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -59,7 +84,8 @@ def train_masked_lm(
         use_cpu=cpu,
         ddp_backend="gloo" if cpu and distributed else None,
         logging_steps=settings.log_every,
-        save_strategy="epoch",
+        save_strategy="steps",
+        save_steps=settings.save_steps,
         save_total_limit=1,
         eval_strategy="no",
         report_to="none",  # xlsub logs into its own run (LossLogger): no second MLflow run
@@ -70,7 +96,7 @@ def train_masked_lm(
         model=model,
         args=args,
         train_dataset=train.select_columns(["input_ids"]),
-        data_collator=mlm_collator(tokenizer),
+        data_collator=_BatchSeededCollator(tokenizer, settings.seed),
         callbacks=list(callbacks),
     )
     trainer.model_accepts_loss_kwargs = False  # the masked-only loss is already a mean over scored tokens
