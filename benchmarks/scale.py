@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
         line = f"{stage:9} {what + ' ' + measured:52.52} {b:5.2f} {cpu_s / 3600:9.1f} h {mem:9.2f}"
         for result in gpus.values():
             rate = result["matmul_tflops"]["bfloat16" if stage == "finetune" else "float32"]
-            line += f" {cpu_s * cpu_rate / rate / 3600:18.2f} h {gpu_stage_hours(stage, result):14.2f} h"
+            flop = cpu_s * cpu_rate / rate / 3600 if stage != "analyze" else math.nan  # analyze runs on the CPU
+            line += f" {flop:18.2f} h {gpu_stage_hours(stage, result):14.2f} h"
         print(line)
     streamed = ", ".join(f"{m['peak_gib']:.2f}" for m in by_models)
     everything_at_once = ", ".join(f"{m['peak_gib']:.2f}" for m in eager)
