@@ -302,3 +302,21 @@ def test_entry_points_hold_no_tag_or_artifact_path_literals():
                 # logger names (`xlsub.prune`) are not tags
                 is_logger = node.value in {f"xlsub.{s}" for s in DOCUMENTED + ("main",)}
                 assert is_logger or not suspicious.search(node.value), (path.name, node.value)
+
+
+def test_conda_env_pins_the_same_packages_as_pyproject():
+    """`mlflow run --env-manager conda` builds conda.yaml, which cannot be exercised offline here: its pip
+    section must list exactly pyproject's runtime pins (plus the project itself)."""
+    import re
+    import tomllib
+
+    import yaml
+
+    pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    env = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    assert sorted(p for p in pip if p != "-e .") == sorted(pins)
+    assert "-e ." in pip
+    python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python="))
+    required = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert re.fullmatch(r">=3\.(\d+)", required) and int(python.split(".")[1]) >= int(required.split(".")[1])
