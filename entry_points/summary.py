@@ -51,8 +51,25 @@ def main(argv: list[str] | None = None) -> None:
             answers = []
         for verdict in answers:
             print(f"\n{verdict['question']}\n  {verdict['answer']}")
-    ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
-    print(f"\nOpen the MLflow UI:  .venv/bin/{ui}   (then http://127.0.0.1:5000, experiment '{experiment.name}')")
+    for line in next_steps(uri, experiment.experiment_id, run.data.tags):
+        print(line)
+
+
+def next_steps(uri: str, experiment_id: str, tags: dict) -> list[str]:
+    """The commands after `make demo`: activate the venv (`mlflow run` runs the `python` on PATH), open the
+    UI on the runs table (an experiment's root page opens MLflow's GenAI overview, empty here), rerun a
+    stage on the demo's runs."""
+    server = uri if uri.startswith("http") else "http://127.0.0.1:5000"
+    lines = ["", "Next (from this folder):", "  source .venv/bin/activate   # `mlflow run` runs the python on PATH"]
+    if not uri.startswith("http"):
+        lines.append(f"  mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+    lines.append(f"  open {server.rstrip('/')}/#/experiments/{experiment_id}/runs   # the training-runs table")
+    finetune, encode = tags.get(input_tag("finetune")), tags.get(input_tag("encode"))
+    if finetune:
+        lines.append(f"  mlflow run . -e prune --env-manager local -P finetune_run_id={finetune} -P languages=en,de")
+    if encode:
+        lines.append(f"  mlflow run . -e analyze --env-manager local -P encode_run_id={encode} -P cka=linear")
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,0 +1,19 @@
+"""What `make demo` prints last: the commands that work from a fresh shell (venv activated, conda not
+needed) and the link to the runs table rather than the experiment's GenAI overview."""
+
+from entry_points.summary import next_steps
+from xlsub.artifacts import input_tag
+
+
+def test_next_steps_activate_the_venv_open_the_runs_table_and_rerun_a_stage_locally():
+    tags = {input_tag("finetune"): "f1", input_tag("encode"): "e1"}
+    lines = next_steps("sqlite:////tmp/mlflow.db", "7", tags)
+    text = "\n".join(lines)
+    assert "source .venv/bin/activate" in text
+    assert "mlflow ui --backend-store-uri sqlite:////tmp/mlflow.db --host 127.0.0.1" in text
+    assert "http://127.0.0.1:5000/#/experiments/7/runs" in text
+    prune = next(l for l in lines if "-e prune" in l)
+    assert "--env-manager local" in prune and "finetune_run_id=f1" in prune
+    assert any("-e analyze" in l and "encode_run_id=e1" in l for l in lines)
+    server = "\n".join(next_steps("http://tracking.example:5000/", "3", {}))
+    assert "mlflow ui" not in server and "http://tracking.example:5000/#/experiments/3/runs" in server
