@@ -10,6 +10,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
+from entry_points.encode import EncodeArgs
 from tests.conftest import ROOT, subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -33,7 +34,7 @@ sentences = json.loads(download("{encode_run.info.run_id}", "sentences.json").re
 shapes = {{f"{{p.parent.name}}/{{p.stem}}": list(load_encodings(p).shape) for p in sorted(root.glob("*/*.safetensors"))}}
 model_dir = download("{finetune_run.info.run_id}", "model")
 model, tok = AutoModelForMaskedLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
-again = encode(model, tok, sentences["texts"]["de"], batch_size=7)
+again = encode(model, tok, sentences["texts"]["de"], batch_size=7, pooling="{EncodeArgs.pooling}")
 diff = float((again - load_encodings(root / "full" / "de.safetensors")).abs().max())
 print(json.dumps({{"shapes": shapes, "ids": len(sentences["ids"]), "langs": sentences["languages"], "diff": diff}}))
 """
