@@ -56,6 +56,13 @@ def test_length_controls_residuals_and_the_content_free_encoder():
     xr, yr = enc["random"]["en"][-1], enc["random"]["de"][-1]
     assert control["length_null_mean"] == pytest.approx(float(cka_null_mean(xr, yr, "debiased", lengths["en"].long())))
     assert LENGTH_ONLY in table.index.get_level_values("model")
+    sub = table.loc[("de-s0", "zh")]  # a subnetwork: the closed-form null mean, its own residual CKA, no test
+    xs, ys = enc["de-s0"]["en"][-1], enc["de-s0"]["zh"][-1]
+    assert (sub["cka"], sub["length_null_mean"], sub["residual_cka"]) == pytest.approx(
+        (float(cka(xs, ys, "debiased")), float(cka_null_mean(xs, ys, "debiased", lengths["en"].long())),
+         float(cka(residualize(xs, lengths["en"]), residualize(ys, lengths["zh"]), "debiased"))))
+    assert pd.isna(sub["p_value"]) and sub["n_perm"] == 0
+    assert list(dict.fromkeys(table.index.get_level_values("model"))) == ["full", "de-s0", "random", LENGTH_ONLY]
 
 
 def test_retrieval_rsa_and_jackknife_tables_hold_the_direct_numbers():

@@ -80,12 +80,12 @@ def cka_pvalue_table(encodings, languages: Sequence[str], reference: str, kind: 
 
 def length_control_table(encodings, lengths: Mapping[str, torch.Tensor], languages: Sequence[str], reference: str, kind: str,
                          n_perm: int, seed: int) -> pd.DataFrame:
-    """At the last layer, for the full model, the base and random controls and a content-free length-only
-    encoder: the parallel CKA with the reference; the mean of a null that re-pairs only sentences whose
-    source has the same token count (length-matched; sampled permutations and a p-value for the full
-    model, the exact mean for the controls); the CKA above that chance; and the CKA of residuals after
-    regressing each representation on its token count."""
-    models = [m for m in _models(encodings, languages) if SubnetworkId.parse_or_none(m) is None]
+    """At the last layer, for the full model, each subnetwork, the base and random controls and a
+    content-free length-only encoder: the parallel CKA with the reference; the mean of a null that
+    re-pairs only sentences whose source has the same token count (length-matched; sampled permutations
+    and a p-value for the full model, the exact mean for the others); the CKA above that chance; and the
+    CKA of residuals after regressing each representation on its token count."""
+    models = _models(encodings, languages)
     d = next(iter(encodings[FULL_MODEL].values())).shape[-1]
     length_only = {lang: reps[None] for lang, reps in
                    length_only_representations({l: lengths[l].long().tolist() for l in lengths}, d, seed).items()}
@@ -100,7 +100,7 @@ def length_control_table(encodings, lengths: Mapping[str, torch.Tensor], languag
             if model == FULL_MODEL:  # the tested model: sampled length-matched permutations
                 matched = cka_permutation_test(x, y, n_perm, seed, kind, groups=groups)
                 observed, null_mean, p, perms = float(matched.observed), float(matched.null_mean), float(matched.p_value), n_perm
-            else:  # the controls: the exact mean over length-matched pairings (closed form), no test
+            else:  # subnetworks and controls: the exact mean over length-matched pairings (closed form), no test
                 observed, null_mean, p, perms = float(cka(x, y, kind)), float(cka_null_mean(x, y, kind, groups)), math.nan, 0
             rows.append({"model": model, "language": lang, "cka": observed, "length_null_mean": null_mean,
                          "above_length_chance": observed - null_mean, "p_value": p, "residual_cka": residual, "n_perm": perms})

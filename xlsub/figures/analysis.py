@@ -533,24 +533,36 @@ def rsa_figure(table: pd.DataFrame, reference: str) -> dict[str, CaptionedFigure
 
 
 def length_control_figure(table: pd.DataFrame, reference: str, kind: str) -> dict[str, CaptionedFigure]:
-    """`cka_length`: per model (full, base, random, the length-only encoder), mean over languages of the
-    parallel CKA, the length-matched null mean and the CKA of length residuals."""
-    means = table.groupby(level="model", sort=False)[["cka", "length_null_mean", "residual_cka"]].mean()
+    """`cka_length`: per model (full, the subnetworks pooled, base, random, the length-only encoder), mean
+    over languages of the parallel CKA, the length-matched null mean and the CKA of length residuals."""
+    def group(model: str) -> str:
+        if model == FULL_MODEL:
+            return "full model"
+        if SubnetworkId.parse_or_none(model) is not None:
+            return "subnetworks"
+        return _CONTROLS[model][0].removeprefix("parallel, ") if model in _CONTROLS else f"{model} encoder"
+
+    columns = ["cka", "length_null_mean", "residual_cka"]
+    labels = table.index.get_level_values("model").map(group)
+    means = table[columns].groupby(labels, sort=False).mean()
+    is_subnetwork = table.index.get_level_values("model").map(lambda m: SubnetworkId.parse_or_none(m) is not None).to_numpy()
     fig = Figure(figsize=(2.2 + 1.4 * len(means), 4.0), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(means))
     for i, (column, label) in enumerate((("cka", "parallel"), ("length_null_mean", "length-matched pairings (null mean)"),
                                          ("residual_cka", "after regressing out token count"))):
         ax.bar(x + (i - 1) * 0.27, means[column].to_numpy(dtype=float), 0.27, label=label)
-    ax.set_xticks(x, [_CONTROLS.get(m, (m,))[0] if m != FULL_MODEL else "full model" for m in means.index], rotation=20, fontsize=8)
+    ax.set_xticks(x, list(means.index), rotation=20, fontsize=8)
     ax.set_ylabel(f"{kind} CKA with {language_name(reference)}, mean over languages")
     ax.legend(fontsize=7)
     ax.set_title("How much of the similarity is sentence length?")
+    k = len(set(table.index.get_level_values("model")[is_subnetwork]))
+    pooled = f" The subnetworks' bars pool {k} subnetwork{'s' if k > 1 else ''}." if k else ""
     return {"cka_length": CaptionedFigure(
         fig, f"{kind.capitalize()} CKA with {language_name(reference)} at the last layer (mean over languages): parallel "
              "pairs, the mean of pairings that keep the source sentence's token count, and the CKA of residuals after "
              "regressing each representation on its token count; a content-free length-only encoder is the negative "
-             "control.", ("cka_length",))}
+             f"control.{pooled}", ("cka_length",))}
 
 
 def power_figure(table: pd.DataFrame, limits: Mapping[str, float]) -> dict[str, CaptionedFigure]:
