@@ -71,9 +71,7 @@ def resume_point(args: FinetuneArgs, run, out: Path) -> str | None:
         return None
     if args.resume != "auto":
         return args.resume
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the ranks would have to agree on one checkpoint
-        if run is not None:
-            log.warning("resume=auto does not look for dead runs under torchrun; pass resume=<checkpoint folder>")
+    if run is None:  # another rank of a torchrun job: it continues from rank 0's choice (train_masked_lm)
         return None
     found = tracking.find_resume_point(run.info.experiment_id, "finetune", args.reuse_params(), run.info.run_id, CHECKPOINTS, out / "downloaded")
     if found is None:
@@ -117,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.eval_only:
             settings = TrainSettings(args.epochs, args.batch_size, args.lr, args.weight_decay, args.seed, device, args.fp16, args.bf16,
                                      args.log_every, save_steps=args.save_steps)
-            out = CHECKPOINTS / (run.info.run_id if run else "rank-other")
+            out = CHECKPOINTS / (run.info.run_id if run else "rank-other")  # the other ranks of torchrun save into rank 0's
             checkpoint = resume_point(args, run, out)
             if checkpoint and rank_zero and (step := Path(checkpoint).name.rpartition("-")[2]).isdigit():
                 mlflow.log_metric("resumed_at_step", int(step))

@@ -5,18 +5,18 @@ parameters, ending where an uninterrupted run ends."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import mlflow
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import ROOT, free_port, sqlite_store, subprocess_env
 from xlsub import artifacts, tracking
 from xlsub.code_version import code_version
 
@@ -26,11 +26,8 @@ PARAMS = {"languages": "en,de", "seed": "0", "epochs": "1.0"}
 # -- which dead run is chosen ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def database(tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('resume')}/mlflow.db"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    yield MlflowClient(uri)
-    mlflow.set_tracking_uri(previous)
+    with sqlite_store(tmp_path_factory.mktemp("resume")) as client:
+        yield client
 
 
 @pytest.fixture
@@ -154,15 +151,18 @@ E2E = {"languages": "en,de", "epochs": "1", "examples_per_lang": "160", "test_ex
 TOTAL_STEPS = 80
 
 
-def finetune(source: Path, cwd: Path, store: str, experiment: str, **extra: str) -> subprocess.Popen:
+def finetune(source: Path, cwd: Path, store: str, experiment: str, processes: int = 1, **extra: str) -> subprocess.Popen:
     """`python -m entry_points.finetune` from a copy of the code (an edit to the tree mid-test would change
     the code version, and a changed code version is never resumed), in `cwd` (its own machine: its own
-    outputs/checkpoints), with a one-second heartbeat that goes stale after three."""
+    outputs/checkpoints), with a one-second heartbeat that goes stale after three; `processes` > 1 runs it
+    under torchrun, in its own process group."""
     argv = [f"--{k}={v}" for k, v in {**E2E, **extra}.items()]
     env = subprocess_env(store, MLFLOW_EXPERIMENT_NAME=experiment, PYTHONPATH=str(source), OMP_NUM_THREADS="1",
                          XLSUB_HEARTBEAT_SECONDS="1", XLSUB_STALE_SECONDS="3")
     cwd.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, "-m", "entry_points.finetune", *argv], cwd=cwd, env=env,
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+                str(free_port())] if processes > 1 else [sys.executable]
+    return subprocess.Popen([*launcher, "-m", "entry_points.finetune", *argv], cwd=cwd, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=open(cwd / "stderr.log", "w"))
 
 
@@ -170,13 +170,59 @@ def finished(proc: subprocess.Popen, cwd: Path, timeout: float = 300) -> None:
     assert proc.wait(timeout=timeout) == 0, (cwd / "stderr.log").read_text()[-3000:]
 
 
-@pytest.mark.slow
-def test_a_run_killed_mid_training_is_resumed_and_ends_as_an_uninterrupted_run(tmp_path):
-    start = time.perf_counter()
+def code_copy(tmp_path: Path) -> Path:
     source = tmp_path / "src"
     for name in ("xlsub", "entry_points"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "MLproject", source / "MLproject")
+    return source
+
+
+def kill_after_half(proc: subprocess.Popen, client: MlflowClient, exp: str, total: int, log: Path):
+    """SIGKILL to `proc`'s process group once its run has checkpointed past half of `total` steps; the run,
+    which nobody ends, reads RUNNING, and it returns once its heartbeat has gone stale."""
+    deadline = time.time() + 240
+    while True:
+        runs = client.search_runs([exp])
+        tag = runs[0].data.tags.get(artifacts.CHECKPOINT_TAG, "") if runs else ""
+        if tag and int(tag.rpartition("-")[2]) >= total // 2:
+            break
+        assert proc.poll() is None and time.time() < deadline, f"no checkpoint past half way: {log.read_text()[-3000:]}"
+        time.sleep(0.2)
+    launcher = psutil.Process(proc.pid)  # and torchrun's workers, which it starts in sessions of their own
+    for process in [launcher, *launcher.children(recursive=True)]:
+        process.kill()
+    proc.wait()
+    (dead,) = client.search_runs([exp])
+    assert dead.info.status == "RUNNING"  # nobody ended it
+    time.sleep(3.5)  # its heartbeat goes stale
+    return dead
+
+
+def second_id(client: MlflowClient, exp: str, dead) -> str:
+    (second,) = [r.info.run_id for r in client.search_runs([exp]) if r.info.run_id != dead.info.run_id]
+    return second
+
+
+def resumed_run(client: MlflowClient, exp: str, dead, total: int):
+    """The run that continued `dead`, checked: tags both ways, and it trained only the steps after its checkpoint."""
+    dead = client.get_run(dead.info.run_id)
+    (resumed,) = [r for r in client.search_runs([exp]) if r.info.run_id != dead.info.run_id]
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags[artifacts.RESUMED_FROM_TAG] == dead.info.run_id
+    assert dead.info.status == "FAILED" and dead.data.tags[artifacts.SUPERSEDED_BY_TAG] == resumed.info.run_id
+    at = int(resumed.data.metrics["resumed_at_step"])
+    assert at >= total // 2 and at % 10 == 0
+    steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "train_loss")]
+    assert sorted(steps) == list(range(at + 1, total + 1))
+    assert resumed.data.metrics["train_steps"] == total
+    return resumed, steps
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_training_is_resumed_and_ends_as_an_uninterrupted_run(tmp_path):
+    start = time.perf_counter()
+    source = code_copy(tmp_path)
     store = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(store)
     exp = client.create_experiment("resume", artifact_location=(tmp_path / "artifacts").as_uri())
@@ -186,37 +232,16 @@ def test_a_run_killed_mid_training_is_resumed_and_ends_as_an_uninterrupted_run(t
     # rerun can resume on "another machine" (another working folder)
     reference = finetune(source, tmp_path / "ref", store, "reference")
     first = finetune(source, tmp_path / "machine-a", store, "resume", checkpoint_artifacts="true")
-    deadline = time.time() + 240
-    while True:
-        runs = client.search_runs([exp])
-        tag = runs[0].data.tags.get(artifacts.CHECKPOINT_TAG, "") if runs else ""
-        if tag and int(tag.rpartition("-")[2]) >= TOTAL_STEPS // 2:
-            break
-        assert first.poll() is None and time.time() < deadline, f"no checkpoint past half way: {(tmp_path / 'machine-a' / 'stderr.log').read_text()[-3000:]}"
-        time.sleep(0.2)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    (dead,) = client.search_runs([exp])
-    assert dead.info.status == "RUNNING"  # nobody ended it
-    time.sleep(3.5)  # its heartbeat goes stale
+    dead = kill_after_half(first, client, exp, TOTAL_STEPS, tmp_path / "machine-a" / "stderr.log")
 
     second = finetune(source, tmp_path / "machine-b", store, "resume")
     finished(second, tmp_path / "machine-b")
     finished(reference, tmp_path / "ref")
     took = time.perf_counter() - start
 
-    dead = client.get_run(dead.info.run_id)
-    (resumed,) = [r for r in client.search_runs([exp]) if r.info.run_id != dead.info.run_id]
+    resumed, steps = resumed_run(client, exp, dead, TOTAL_STEPS)
     (ref,) = client.search_runs([client.get_experiment_by_name("reference").experiment_id])
-    assert resumed.info.status == "FINISHED"
-    assert resumed.data.tags[artifacts.RESUMED_FROM_TAG] == dead.info.run_id
-    assert dead.info.status == "FAILED" and dead.data.tags[artifacts.SUPERSEDED_BY_TAG] == resumed.info.run_id
-    # it trained the remainder only: its loss history starts after the checkpoint and ends at the total
-    at = int(resumed.data.metrics["resumed_at_step"])
-    assert at >= TOTAL_STEPS // 2 and at % 10 == 0
-    steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "train_loss")]
-    assert sorted(steps) == list(range(at + 1, TOTAL_STEPS + 1))
-    assert resumed.data.metrics["train_steps"] == ref.data.metrics["train_steps"] == TOTAL_STEPS
+    assert ref.data.metrics["train_steps"] == TOTAL_STEPS
     # and lands exactly where the uninterrupted run lands (CPU training in one thread is deterministic;
     # masks seeded by batch content and the restored RNG states replay the same random numbers)
     for lang in ("en", "de"):
@@ -225,3 +250,24 @@ def test_a_run_killed_mid_training_is_resumed_and_ends_as_an_uninterrupted_run(t
     ref_loss = {m.step: m.value for m in client.get_metric_history(ref.info.run_id, "train_loss")}
     assert {m.step: m.value for m in client.get_metric_history(resumed.info.run_id, "train_loss")} == {s: ref_loss[s] for s in steps}
     print(f"kill, resume and reference took {took:.0f} s")
+
+
+@pytest.mark.slow
+def test_resume_under_torchrun_every_rank_continues_from_rank_zeros_checkpoint(tmp_path):
+    """Two processes: rank 0 finds the dead run and its checkpoint, the other rank continues from the same."""
+    source = code_copy(tmp_path)
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(store)
+    exp = client.create_experiment("resume", artifact_location=(tmp_path / "artifacts").as_uri())
+    total, examples = TOTAL_STEPS, str(2 * int(E2E["examples_per_lang"]))  # each process takes its own batch of 4 a step
+    first = finetune(source, tmp_path, store, "resume", processes=2, checkpoint_artifacts="true", examples_per_lang=examples)
+    dead = kill_after_half(first, client, exp, total, tmp_path / "stderr.log")
+    second = finetune(source, tmp_path, store, "resume", processes=2, examples_per_lang=examples)  # the same machine
+    finished(second, tmp_path)
+    # one checkpoint folder for both ranks, each rank's RNG state in it
+    assert not (tmp_path / "outputs" / "checkpoints" / "rank-other").exists()
+    (saved,) = (tmp_path / "outputs" / "checkpoints" / second_id(client, exp, dead)).glob("checkpoint-*")
+    assert {p.name for p in saved.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    resumed, _ = resumed_run(client, exp, dead, total)
+    assert resumed.data.params["world_size"] == "2"
+    assert all(math.isfinite(resumed.data.metrics[f"ppl_after.{lang}"]) for lang in ("en", "de"))

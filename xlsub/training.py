@@ -9,9 +9,11 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import torch.distributed as dist
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
 from xlsub.data import mlm_collator
+from xlsub.errors import XlsubError
 from xlsub.mlm import masked_forward
 
 
@@ -65,7 +67,9 @@ def train_masked_lm(
     Under `torchrun` the Trainer runs DDP (gloo on CPU, NCCL on GPU). A
     checkpoint every `settings.save_steps` steps (only the newest is kept) lies
     in `output_dir`; `resume_from_checkpoint` continues from one, optimizer,
-    scheduler, RNG states and position in the data included.
+    scheduler, RNG states and position in the data included. Under torchrun every rank saves into rank
+    0's `output_dir` and continues from rank 0's `resume_from_checkpoint` (the one rank that looks for
+    dead runs).
     """
     cpu = settings.device == "cpu"
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -92,6 +96,9 @@ def train_masked_lm(
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )
+    if distributed:  # every rank saves its RNG state into the checkpoint: one folder for all of them
+        _ = args.device  # sets up the process group
+        args.output_dir, resume_from_checkpoint = _rank_zero_folders(str(output_dir), resume_from_checkpoint)
     trainer = Trainer(
         model=model,
         args=args,
@@ -103,6 +110,18 @@ def train_masked_lm(
     with masked_forward(model):
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
     return {**result.metrics, "train_steps": trainer.state.global_step}
+
+
+def _rank_zero_folders(output_dir: str, checkpoint: str | None) -> tuple[str, str | None]:
+    """Rank 0's output folder and checkpoint, on every rank (torchrun). Each rank saves and restores its own
+    RNG state file in them, so they must lie on storage every rank sees (one node, or a shared file system)."""
+    shared = [output_dir, checkpoint]
+    dist.broadcast_object_list(shared, src=0)
+    output_dir, checkpoint = shared
+    if checkpoint is not None and not Path(checkpoint).is_dir():
+        raise XlsubError(f"resume: rank {dist.get_rank()} cannot see rank 0's checkpoint {checkpoint}; put outputs/checkpoints "
+                         "on storage every node shares, or pass resume=never")
+    return output_dir, checkpoint
 
 
 def load_finetuned(folder: str | Path, settings, languages: list[str], device: str):
