@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -58,6 +60,18 @@ def runs_of(tracking_uri: str, experiment: str, stage: str | None = None):
         return []
     filt = f"tags.`xlsub.stage` = '{stage}'" if stage else ""
     return client.search_runs([exp.experiment_id], filter_string=filt, order_by=["attributes.start_time DESC"])
+
+
+@contextmanager
+def sqlite_store(folder: Path) -> Iterator[MlflowClient]:
+    """A sqlite tracking store in `folder`, the process's tracking URI while the block runs."""
+    uri = f"sqlite:///{folder}/mlflow.db"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield MlflowClient(uri)
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import ROOT, sqlite_store, subprocess_env
 from xlsub import interrupts, tracking
 from xlsub.artifacts import CHILD_TAG, STAGE_TAG
 
@@ -34,13 +34,10 @@ class TinyArgs:
 
 @pytest.fixture
 def local_store(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    experiment = MlflowClient(uri).create_experiment("signals", artifact_location=(tmp_path / "artifacts").as_uri())
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment)  # not mlflow.set_experiment: it leaves the variable set for later subprocesses
-    yield uri, experiment
-    mlflow.set_tracking_uri(previous)
+    with sqlite_store(tmp_path) as client:
+        experiment = client.create_experiment("signals", artifact_location=(tmp_path / "artifacts").as_uri())
+        monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment)  # not mlflow.set_experiment: it leaves the variable set for later subprocesses
+        yield mlflow.get_tracking_uri(), experiment
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
@@ -99,6 +96,27 @@ def _alive(pgid: int) -> list[int]:
     return found
 
 
+def signal_once_a_child_runs(proc: subprocess.Popen, client: MlflowClient, experiment: str, log: Path, send, wait: float = 600):
+    """Wait until a child run of `experiment` is RUNNING, `send(proc)` a signal, and time how long `proc`
+    takes to exit (SIGKILL to its group after 15 s, or on any failure). Returns the child runs seen
+    running and the seconds to exit."""
+    try:
+        deadline, running = time.time() + wait, []
+        while not running:
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            running = client.search_runs([experiment], f"tags.`{CHILD_TAG}` = 'true' and attributes.status = 'RUNNING'")
+            time.sleep(0.1)
+        start = time.monotonic()
+        send(proc)
+        while _alive(proc.pid) and time.monotonic() - start < 15:
+            time.sleep(0.05)
+        return running, time.monotonic() - start
+    finally:
+        if _alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
 @pytest.mark.slow
 def test_sigterm_to_mlflow_run_prune_marks_parent_and_children_killed(store, finetune_run, tmp_path):
     """`mlflow run . -e prune` as a user starts it, its process group sent SIGTERM while a child run is open."""
@@ -106,24 +124,10 @@ def test_sigterm_to_mlflow_run_prune_marks_parent_and_children_killed(store, fin
     experiment = client.create_experiment("xlsub-signals", artifact_location=(tmp_path / "artifacts").as_uri())
     cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "prune", "--env-manager", "local", "--experiment-name", "xlsub-signals",
            "-P", f"finetune_run_id={finetune_run.info.run_id}", "-P", "seeds=0,1,2,3", "-P", "device=cpu"]
-    log = open(tmp_path / "prune.log", "w")
-    proc = subprocess.Popen(cmd, env=subprocess_env(store), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline, running = time.time() + 600, []
-        while not running:
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "prune.log").read_text()[-3000:]
-            running = client.search_runs([experiment], f"tags.`{CHILD_TAG}` = 'true' and attributes.status = 'RUNNING'")
-            time.sleep(0.1)
-        start = time.monotonic()
-        os.killpg(proc.pid, signal.SIGTERM)
-        while _alive(proc.pid) and time.monotonic() - start < 15:
-            time.sleep(0.05)
-        elapsed = time.monotonic() - start
-    finally:
-        if _alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        log.close()
+    with open(tmp_path / "prune.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=subprocess_env(store), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        running, elapsed = signal_once_a_child_runs(proc, client, experiment, tmp_path / "prune.log",
+                                                    lambda p: os.killpg(p.pid, signal.SIGTERM))
     output = (tmp_path / "prune.log").read_text()
     assert elapsed < 10, output[-3000:]
     runs = client.search_runs([experiment], f"tags.`{STAGE_TAG}` = 'prune'")
@@ -180,25 +184,11 @@ def test_sigterm_to_main_alone_stops_the_running_stage_and_marks_both_killed(sto
     cmd = [sys.executable, "-m", "entry_points.main"]
     for key, value in {**SMALL_PIPELINE, "seeds": "0,1,2"}.items():
         cmd += [f"--{key}", value]
-    log = open(tmp_path / "main.log", "w")
-    proc = subprocess.Popen(cmd, env=subprocess_env(store, MLFLOW_EXPERIMENT_ID=experiment), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, cwd=ROOT)
-    try:
-        deadline, running = time.time() + 900, []
-        while not running:
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "main.log").read_text()[-3000:]
-            running = client.search_runs([experiment], f"tags.`{CHILD_TAG}` = 'true' and attributes.status = 'RUNNING'")
-            time.sleep(0.1)
-        start = time.monotonic()
-        os.kill(proc.pid, signal.SIGTERM)
-        while _alive(proc.pid) and time.monotonic() - start < 15:
-            time.sleep(0.05)
-        elapsed = time.monotonic() - start
-    finally:
-        if _alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        log.close()
+    with open(tmp_path / "main.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=subprocess_env(store, MLFLOW_EXPERIMENT_ID=experiment), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=ROOT)
+        running, elapsed = signal_once_a_child_runs(proc, client, experiment, tmp_path / "main.log",
+                                                    lambda p: os.kill(p.pid, signal.SIGTERM), wait=900)
     output = (tmp_path / "main.log").read_text()
     assert elapsed < 10, output[-3000:]
     assert proc.returncode == 128 + signal.SIGTERM

@@ -1,20 +1,16 @@
 """Run resolution and reuse rules, against a throwaway sqlite store."""
 
-import mlflow
 import pytest
-from mlflow.tracking import MlflowClient
 
+from tests.conftest import sqlite_store
 from xlsub import tracking
 from xlsub.errors import XlsubError
 
 
 @pytest.fixture()
 def client(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    yield MlflowClient(uri)
-    mlflow.set_tracking_uri(previous)
+    with sqlite_store(tmp_path) as client:
+        yield client
 
 
 def make_run(client, stage, params, status="FINISHED", code=None, child=False):

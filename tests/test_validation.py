@@ -5,6 +5,7 @@ throwaway sqlite store; nothing here loads a model."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -14,12 +15,11 @@ from pathlib import Path
 from typing import get_type_hints
 from urllib.parse import urlparse
 
-import mlflow
 import pytest
-from mlflow.tracking import MlflowClient
 
 from entry_points import analyze, compare, encode, finetune, main, mlproject, prune
 from entry_points._common import StageArgs
+from tests.conftest import sqlite_store
 from xlsub import artifacts
 
 MODULES = {"finetune": finetune, "prune": prune, "encode": encode, "analyze": analyze, "compare": compare, "main": main}
@@ -160,10 +160,8 @@ def store(tmp_path_factory):
     folder = tmp_path_factory.mktemp("validation")
     ram = Path("/dev/shm")  # sqlite commits wait for the disk: on a RAM disk, where there is one, ~300 runs take a third of the time
     db = Path(tempfile.mkdtemp(dir=ram)) if ram.is_dir() and os.access(ram, os.W_OK) else folder
-    uri = f"sqlite:///{db}/mlflow.db"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    stack = contextlib.ExitStack()
+    client = stack.enter_context(sqlite_store(db))
     exp = client.create_experiment("xlsub-validation", artifact_location=(folder / "artifacts").as_uri())
     files = folder / "files"
 
@@ -199,7 +197,7 @@ def store(tmp_path_factory):
         patch.setenv("MLFLOW_EXPERIMENT_ID", exp)
         patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         yield {"client": client, "exp": exp, "finetune": ft, "prune": pr, "children": children, "encode": enc}
-    mlflow.set_tracking_uri(previous)
+    stack.close()
     if db != folder:
         shutil.rmtree(db)
 
