@@ -127,7 +127,7 @@ def subnetwork_loader(run_id: str):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(EncodeArgs, argv)
-    with tracking.stage_run("encode", args):
+    with tracking.stage_run("encode", args, system_metrics=True):
         device = models.resolve_device(args.device)
         finetune, prune = resolve_inputs(args)
         mlflow.set_tags({artifacts.input_tag("finetune"): finetune.info.run_id, artifacts.input_tag("prune"): prune.info.run_id})

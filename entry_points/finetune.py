@@ -85,7 +85,7 @@ def resume_point(args: FinetuneArgs, run, out: Path) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(FinetuneArgs, argv)
     rank_zero = is_rank_zero()
-    with tracking.stage_run("finetune", args, log_to_mlflow=rank_zero) as run, tracking.heartbeat(run):
+    with tracking.stage_run("finetune", args, log_to_mlflow=rank_zero, system_metrics=True) as run, tracking.heartbeat(run):
         device = models.resolve_device(args.device)
         transformers.set_seed(args.seed)
         corpus = corpora.load_corpus(args.corpus, parse_languages(args.languages), seed=args.seed)

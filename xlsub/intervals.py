@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from xlsub.mlm import masked_perplexity
+
 LEVEL = 0.95
 
 
@@ -33,7 +35,7 @@ class ChunkLosses:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(float(self.nll.sum()) / float(self.tokens.sum()))
+        return masked_perplexity(float(self.nll.sum()), int(self.tokens.sum()))
 
     def resampled_log_ppl(self, indices: torch.Tensor) -> torch.Tensor:
         """log perplexity under each row of `indices` ([B, n] chunk indices): [B]."""

@@ -46,13 +46,28 @@ def masked_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple
         input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
     ).last_hidden_state
     scored = labels != IGNORE_INDEX
-    logits = lm_head_of(model)(hidden[scored])
-    loss = F.cross_entropy(logits.float(), labels[scored], reduction="sum")
-    return loss, int(scored.sum())
+    return masked_nll(lm_head_of(model)(hidden[scored]), labels[scored])
+
+
+def masked_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy -log softmax(logits)[label] over the positions whose label is not IGNORE_INDEX,
+    and their count. logits [..., vocab] (or log-probabilities: log_softmax leaves those unchanged),
+    labels [...]. Computed in float32 at least, whatever the logits' dtype."""
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    return loss, int((labels != IGNORE_INDEX).sum())
+
+
+def masked_perplexity(nll_sum: float, n_tokens: int) -> float:
+    """Masked-LM perplexity exp(sum of masked-token NLL / number of masked tokens): the mean is over tokens,
+    not over batches or sentences. ValueError when no token was masked."""
+    if n_tokens == 0:
+        raise ValueError("no masked tokens to score")
+    return math.exp(float(nll_sum) / n_tokens)
 
 
 def perplexity(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> float:
-    """exp(mean loss over every masked token of `batches`) under `torch.no_grad`."""
+    """`masked_perplexity` over every masked token of `batches`, under `torch.no_grad`."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -63,9 +78,7 @@ def perplexity(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) 
             total += float(loss)
             count += n
     model.train(was_training)
-    if count == 0:
-        raise ValueError("no masked tokens to score")
-    return math.exp(total / count)
+    return masked_perplexity(total, count)
 
 
 def chunk_losses(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]):

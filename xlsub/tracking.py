@@ -6,6 +6,7 @@ The numerical modules never import mlflow; the entry points and this module do.
 from __future__ import annotations
 
 import gc
+import importlib.util
 import logging
 import os
 import shlex
@@ -37,8 +38,45 @@ def fail(stage: str, err: XlsubError) -> None:
     print(f"xlsub {stage}: {err}", file=sys.stderr, flush=True)
 
 
+# -- system metrics: CPU, memory, disk, network and (with nvidia-ml-py, the `gpu` extra) GPU use, by MLflow ---------
+# MLflow samples every 10 s by default; a stage of a minute would show a handful of points, one of a few
+# seconds none. A user's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL wins.
+SYSTEM_METRICS_SECONDS = 2.0
+# its start and stop lines would follow a refusal's one line on stderr
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+
+
+def _log_system_metrics(wanted: bool) -> bool | None:
+    """`log_system_metrics` for `mlflow.start_run`: None (MLflow decides) where the user set MLflow's own switch
+    MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING, else `wanted`, unless psutil, which MLflow samples with, is missing."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+
+    if MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.defined:
+        return None
+    if wanted and importlib.util.find_spec("psutil") is None:
+        log.warning("system metrics not logged: psutil is not installed")
+        return False
+    return wanted
+
+
 @contextmanager
-def stage_run(stage: str, args, *, log_to_mlflow: bool = True) -> Iterator[Run | None]:
+def _sampling_interval(seconds: float) -> Iterator[None]:
+    """MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL = `seconds` while the block runs, unless the user set it. MLflow
+    reads it when the monitor starts (in `start_run`); unset after, so that child processes see the user's value."""
+    from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL as interval
+
+    if interval.defined:
+        yield
+        return
+    interval.set(seconds)
+    try:
+        yield
+    finally:
+        interval.unset()
+
+
+@contextmanager
+def stage_run(stage: str, args, *, log_to_mlflow: bool = True, system_metrics: bool = False) -> Iterator[Run | None]:
     """Run one stage in an MLflow run (the one `mlflow run` made, or a new one), with `args` (the stage's
     parameter dataclass) logged as parameters and validated inside the run.
 
@@ -49,6 +87,11 @@ def stage_run(stage: str, args, *, log_to_mlflow: bool = True) -> Iterator[Run |
     SIGTERM, SIGHUP and SIGINT (`xlsub.interrupts`) mark the run, the run the process was logging to and
     the run's children KILLED, and exit with status 128 + the signal's number. An http(s) tracking server
     that does not answer is refused first, in seconds: one line, exit status 2.
+
+    `system_metrics` has MLflow log the machine's CPU, memory, disk, network and, where nvidia-ml-py is
+    installed, GPU utilisation into the run (`system/...`, every SYSTEM_METRICS_SECONDS) from a thread that
+    `mlflow.end_run` stops, on every path out of the run. MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING, where set,
+    decides instead.
     """
     try:
         server.check(mlflow.get_tracking_uri())
@@ -57,7 +100,8 @@ def stage_run(stage: str, args, *, log_to_mlflow: bool = True) -> Iterator[Run |
         sys.exit(2)
     active = None
     if log_to_mlflow:
-        active = mlflow.start_run(run_name=stage)
+        with _sampling_interval(SYSTEM_METRICS_SECONDS):
+            active = mlflow.start_run(run_name=stage, log_system_metrics=_log_system_metrics(system_metrics))
         mlflow.set_tags({STAGE_TAG: stage, CODE_TAG: code_version(stage)})
     status = "FAILED"
     try:
