@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         for stage in STAGE_ARGS:
             inputs = {name: ids[source] for name, source in INPUTS.get(stage, {}).items()}
             ids[stage] = run_stage(stage, replace(args.stage_args(stage), **inputs), args.force, reused)
+            if stage == "prune" and stage in reused and args.register:  # register is not compared for reuse
+                prune.register_subnetworks(ids[stage])
         mlflow.set_tags({artifacts.input_tag(stage): run_id for stage, run_id in ids.items()})
         mlflow.set_tag(artifacts.REUSED_TAG, ",".join(reused) or "none")
         log.info("stage runs: %s; reused: %s", ids, reused or "none")

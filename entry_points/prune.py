@@ -67,7 +67,17 @@ class PruneArgs(StageArgs):
                                                       "range": CONTINUE_TO})
     log_stock_models: bool = field(default=True, metadata={"help": "also log each subnetwork as a stock MLflow model (full size, pruned heads' output weights zeroed, "
                                                                     "loads without xlsub); false skips it for large models"})
+    register: bool = field(default=False, metadata={"help": "also register each stock model as a version of the registered model "
+                                                            "<experiment>-<language> (needs log_stock_models=true)"})
     device: str = device_field()
+
+    # registering changes no result: main reuses a finished prune run and registers its models (`register_subnetworks`)
+    NOT_FOR_REUSE = ("register",)
+
+    def check_stage(self) -> None:
+        if self.register and not self.log_stock_models:
+            raise XlsubError("register: registers the stock models that log_stock_models=false skips; "
+                             "pass log_stock_models=true, or register=false")
 
     @property
     def sparsity(self) -> float | None:
@@ -136,9 +146,36 @@ def log_stock_model(model, tokenizer, mask, sid: SubnetworkId, kept: int) -> Non
                            link=[k for k in child.data.metrics if k not in per_step] if kept else ())
 
 
+def register_subnetworks(prune_run_id: str) -> list:
+    """Register the stock model of every subnetwork of prune run `prune_run_id` as a version of the registered
+    model `<experiment>-<language>`, tagged with its seed, the run's threshold and target_sparsity, its mask
+    digest and its child run. A model registered there before is not registered again, so that main can
+    register a reused run's models. Returns the versions, new or found."""
+    client = MlflowClient()
+    prune = client.get_run(prune_run_id)
+    experiment = client.get_experiment(prune.info.experiment_id).name
+    versions = []
+    for sid, child in tracking.prune_children(prune).items():
+        model_id = tracking.logged_model_id(child.info.run_id, sid.model_name)
+        if model_id is None:
+            raise XlsubError(f"register: prune run {prune_run_id} logged no stock model {sid.model_name}; rerun prune with log_stock_models=true")
+        name = f"{experiment}-{sid.language}"
+        found = [v for v in client.search_model_versions(f"name = '{name}'") if v.source == f"models:/{model_id}"]  # v.model_id is unset
+        if found:
+            versions.append(found[0])
+            continue
+        model = mlflow.get_logged_model(model_id)
+        tags = {artifacts.SEED_TAG: str(sid.seed), artifacts.SUBNETWORK_TAG: str(sid), "threshold": prune.data.params["threshold"],
+                "target_sparsity": prune.data.params["target_sparsity"], artifacts.MASK_DIGEST_TAG: model.tags[artifacts.MASK_DIGEST_TAG],
+                "source_run_id": child.info.run_id}
+        versions.append(mlflow.register_model(f"models:/{model_id}", name, tags=tags))
+        log.info("registered %s as %s version %s", sid.model_name, name, versions[-1].version)
+    return versions
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(PruneArgs, argv)
-    with FanOut.from_env() as fan, tracking.stage_run("prune", args, log_to_mlflow=fan.is_zero) as run:
+    with FanOut.from_env() as fan, tracking.stage_run("prune", args, log_to_mlflow=fan.is_zero, system_metrics=True) as run:
         device = fan.device(models.resolve_device(args.device))
         parent, finetune = fan.share(lambda: (run.info, finetune_input(args)))
         if fan.is_zero and fan.world > 1:
@@ -170,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
                 raise failure
         if fan.is_zero:
             log_matrices(collect(gathered, sids), full, trained)
+            if args.register:
+                register_subnetworks(parent.run_id)
 
 
 def finetune_input(args: PruneArgs):

@@ -165,7 +165,7 @@ def pipeline(tracking_server):
     start = time.perf_counter()
     second, _ = main_run(tracking_server, {**SMALL_PIPELINE, "epochs": "1.0"})  # same value, other spelling
     second_seconds = time.perf_counter() - start
-    third, _ = main_run(tracking_server, {**SMALL_PIPELINE, "threshold": "1.3"})
+    third, _ = main_run(tracking_server, {**SMALL_PIPELINE, "threshold": "1.3", "register": "true"})
     return {"first": first, "second": second, "third": third, "second_seconds": second_seconds}
 
 

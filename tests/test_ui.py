@@ -2,13 +2,16 @@
 
 Headless Chromium (the system one, /usr/bin/chromium, driven by Playwright) opens the three views of the
 README walkthrough: the experiment's runs table with the pipeline's nested runs, the analyze run's
-artifacts with a CKA heatmap, and MLflow's compare-runs page for the per-language prune subnetworks.
-It saves screenshots in pytest's tmp_path; with XLSUB_UPDATE_DOCS=1 the runs table and the comparison also go to docs/.
+artifacts with a CKA heatmap, and MLflow's compare-runs page for the per-language prune subnetworks; and the
+experiment's Models view of the subnetworks' logged models with their perplexities.
+It saves screenshots in pytest's tmp_path; with XLSUB_UPDATE_DOCS=1 the runs table, the comparison and the
+Models view also go to docs/.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -148,3 +151,50 @@ def test_mlflow_ui_shows_the_pipeline_its_heatmaps_and_the_subnetwork_comparison
     page.screenshot(path=tmp_path / "ui-compare-subnetworks.png")
     if os.environ.get("XLSUB_UPDATE_DOCS"):  # the README's pictures change only on request
         shutil.copyfile(tmp_path / "ui-compare-subnetworks.png", DOCS / "ui-compare-subnetworks.png")
+
+
+def test_mlflow_ui_models_view_lists_the_subnetworks_with_their_perplexities(tracking_server, pipeline, page, tmp_path):
+    """The experiment's Models view (MLflow 3's logged models, `#/experiments/<id>/models`): the subnetworks
+    of the third pipeline run (threshold 1.3, registered) by name, with their ppl.<lang> columns on screen
+    showing the models' own metrics."""
+    client = MlflowClient(tracking_server)
+    exp = pipeline["third"].info.experiment_id
+    prune_id = stage_ids(pipeline["third"])["prune"]
+    models = [m for child in client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{prune_id}'")
+              for m in client.search_logged_models(experiment_ids=[exp], filter_string=f"source_run_id = '{child.info.run_id}'")]
+    assert sorted(m.name for m in models) == [f"subnetwork-{lang}-s0" for lang in sorted(LANGUAGES)]
+
+    open_page(page, f"{tracking_server}/#/experiments/{exp}/models")
+    for m in models:
+        page.locator(f'.ag-pinned-left-cols-container [row-id="{m.model_id}"]').get_by_text(m.name, exact=True).wait_for()
+    # Columns: leave the model name, creation time, source run and registered versions, and of the metrics
+    # only ppl.<lang>; the table shows every metric in a column of its own, wider together than the page,
+    # and renders only the columns in view.
+    page.get_by_role("button", name="Columns").click()
+    node = lambda title: page.locator('[class*="-tree-treenode"]').filter(has=page.locator(f'[class*="-tree-title"]:text-is("{title}")'))
+    for title in ("Status", "Logged from", "Dataset", "Metrics"):  # every metric off (the finetuned model's too), then ppl.<lang>
+        node(title).locator('[class*="-tree-checkbox"]').first.click()
+    node("No dataset").locator('[class*="-tree-switcher"]').first.click()
+    for lang in LANGUAGES:
+        node(f"ppl.{lang}").locator('[class*="-tree-checkbox"]').first.click()
+    page.keyboard.press("Escape")
+    page.set_viewport_size({"width": 1700, "height": 940})  # columns are 200 px: seven of them, beside the side bar
+    width, columns = page.viewport_size["width"], {}
+    for lang in LANGUAGES:
+        header = page.get_by_role("columnheader", name=f"ppl.{lang}", exact=True)
+        header.wait_for()
+        box = header.bounding_box()
+        assert 0 <= box["x"] and box["x"] + box["width"] <= width, f"ppl.{lang} not in view"
+        columns[lang] = header.get_attribute("col-id")
+    for m in models:
+        metrics = {metric.key: metric.value for metric in m.metrics}
+        cells = page.locator(f'.ag-center-cols-container [row-id="{m.model_id}"] [col-id]')
+        ids = [c.replace("&quot;", '"') for c in cells.evaluate_all("cs => cs.map(c => c.getAttribute('col-id'))")]  # cells escape it, headers not
+        for lang in LANGUAGES:
+            cell = cells.nth(ids.index(columns[lang]))
+            assert cell.is_visible(), (m.name, lang)
+            assert math.isclose(float(cell.inner_text()), metrics[f"ppl.{lang}"], rel_tol=1e-9), (m.name, lang, cell.inner_text())
+    settle(page)
+    page.screenshot(path=tmp_path / "ui-models.png")
+    if os.environ.get("XLSUB_UPDATE_DOCS"):
+        shutil.copyfile(tmp_path / "ui-models.png", DOCS / "ui-models.png")

@@ -68,6 +68,7 @@ BAD: dict[str, dict[str, list[str]]] = {
         "bootstrap": ["9", "0", "-1"],
         "continue_to": ["1.01", "-0.1"],
         "log_stock_models": ["maybe"],
+        "register": ["maybe"],
         "device": ["tpu"],
     },
     "encode": {
@@ -232,6 +233,8 @@ def test_bad_value_is_one_line_naming_the_parameter_exit_2_and_a_failed_run(stor
     ("finetune", ["--fp16", "true", "--bf16", "true"], "fp16, bf16"),
     ("prune", ["--threshold", "1.2", "--amount", "0.2", "--seeds", "3,3"], "seeds"),
     ("analyze", ["--cka", "rbf", "--cka_precision", "float32"], "cka_precision"),
+    ("prune", ["--register", "true", "--log_stock_models", "false"], "register"),
+    ("main", ["--register", "true", "--log_stock_models", "false"], "register"),
     ("main", ["--languages", "de,zh"], "reference"),  # reference en is not among them
     ("main", ["--languages", "DE,ZH", "--reference", "EN"], "reference"),
 ])
