@@ -12,7 +12,7 @@ export MLFLOW_HTTP_REQUEST_TIMEOUT ?= 10
 # `mlflow run --env-manager local` runs the `python` on PATH: make it the venv's
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup browser corpus demo test bench ui mlproject clean
+.PHONY: setup browser postgres corpus demo test bench ui mlproject clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,12 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 		|| echo "chromium could not be installed (needs root and apt): the browser test will be skipped"
 
-test: setup browser
+# Debian's PostgreSQL is the store of the team-server test (tests/test_team_server.py)
+postgres:
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+		|| echo "postgresql could not be installed (needs root and apt): the team-server test will be skipped"
+
+test: setup browser postgres
 	$(PY) -m pytest
 
 # pooling.py measures a finetuned model (--model); scale.py runs --quick here (the full sizes take longer)
