@@ -120,7 +120,10 @@ def test_two_processes_give_what_one_gives(store, one_and_two):
         assert one[sid].data.metrics == two[sid].data.metrics, sid
     for name in ("cross_ppl.csv", "cross_ppl_random.csv", "cross_ppl_relative.csv", "chunk_losses.csv"):
         pd.testing.assert_frame_equal(table_of(client, one_and_two["one"], name), table_of(client, one_and_two["two"], name), check_exact=True)
-    metrics_one, metrics_two = one_and_two["one"].data.metrics, one_and_two["two"].data.metrics
+    # the parent's own results; its system/* metrics (MLflow's monitor: CPU, memory) differ from run to run
+    metrics_one, metrics_two = ({k: v for k, v in one_and_two[name].data.metrics.items() if not k.startswith("system/")}
+                                for name in ("one", "two"))
+    assert any(k.startswith("system/") for k in one_and_two["two"].data.metrics)
     assert {k for k in metrics_one if k.startswith("importance_split_half_r.")} == {f"importance_split_half_r.{s}" for s in SUBNETWORKS}
     assert metrics_one == metrics_two
     files = {a.path for a in client.list_artifacts(one_and_two["two"].info.run_id)}
