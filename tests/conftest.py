@@ -6,6 +6,7 @@ as a user would type them, against a sqlite store in a temp folder.
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import socket
@@ -20,6 +21,8 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
+
+from xlsub import artifacts
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small but real: three scripts, enough steps to learn something.
@@ -72,6 +75,39 @@ def sqlite_store(folder: Path) -> Iterator[MlflowClient]:
         yield MlflowClient(uri)
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+def refuse_in_process(capsys, uri: str, experiment_id: str, stage: str, argv: list[str]):
+    """Entry point `stage` run in-process (`main(argv)`) against the store `uri`, in experiment
+    `experiment_id`: it must exit 2 with one stderr line and no traceback, and leave one new run of that
+    stage, FAILED, without artifacts, whose error tag is the line. Returns the line and the run.
+
+    In-process, a refusal costs milliseconds; `python -m entry_points.<stage>` costs ~10 s of imports. Each
+    stage's end-to-end test keeps one refusal through a real process."""
+    client = MlflowClient(uri)
+    recent = f"attributes.start_time >= {int(time.time() * 1000) - 5000}"  # keeps the searches small
+    before = {r.info.run_id for r in client.search_runs([experiment_id], recent)}
+    capsys.readouterr()
+    previous = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+        patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        mlflow.set_tracking_uri(uri)
+        try:
+            with pytest.raises(SystemExit) as exited:
+                importlib.import_module(f"entry_points.{stage}").main(argv)
+        finally:
+            mlflow.set_tracking_uri(previous)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, (argv, err)
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, (argv, err)
+    (run,) = [r for r in client.search_runs([experiment_id], recent) if r.info.run_id not in before]
+    assert run.info.status == "FAILED" and run.data.tags[artifacts.STAGE_TAG] == stage, argv
+    assert lines[0] == f"xlsub {stage}: {run.data.tags[artifacts.ERROR_TAG]}"
+    assert not client.list_artifacts(run.info.run_id), argv
+    return lines[0], run
 
 
 @pytest.fixture(scope="session")

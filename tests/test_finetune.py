@@ -10,7 +10,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, SMALL_FINETUNE, mlflow_run, runs_of, subprocess_env
+from tests.conftest import ROOT, SMALL_FINETUNE, mlflow_run, refuse_in_process, runs_of, subprocess_env
 
 pytestmark = pytest.mark.slow
 LANGS = SMALL_FINETUNE["languages"].split(",")
@@ -79,27 +79,27 @@ def test_torchrun_two_processes_log_one_run(store, tmp_path):
     assert {f"ppl_after.{l}" for l in ("en", "de")} <= set(run.data.metrics)
 
 
-BAD_INPUTS = [
-    ({"languages": "en,xx"}, "languages"),
-    ({"corpus": "/nonexistent/corpus-folder"}, "corpus"),
-    ({"model": "./no/such/model"}, "model"),
-    ({"batch_size": "0"}, "batch_size"),
-    ({"examples_per_lang": "-3"}, "examples_per_lang"),
-]
-
-
-@pytest.mark.parametrize("params, named", BAD_INPUTS)
-def test_bad_input_is_one_line_nonzero_exit_and_failed_run(store, params, named, tmp_path):
-    experiment = f"xlsub-bad-{named}"
+def test_bad_input_through_mlflow_run_is_one_line_nonzero_exit_and_failed_run(store, tmp_path):
+    """A local model path that does not exist is refused at once (no hub retries), as `mlflow run` shows it."""
+    experiment = "xlsub-bad-model"
     MlflowClient(store).create_experiment(experiment, artifact_location=(tmp_path / "a").as_uri())
-    proc = mlflow_run(store, "finetune", {**SMALL_FINETUNE, **params}, experiment=experiment, check=False)
+    proc = mlflow_run(store, "finetune", {**SMALL_FINETUNE, "model": "./no/such/model"}, experiment=experiment, check=False)
     assert proc.returncode != 0
     lines = [l for l in proc.stderr.splitlines() if l.startswith("xlsub finetune:")]
-    assert len(lines) == 1 and named in lines[0], proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("xlsub finetune: model:"), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     (run,) = runs_of(store, experiment)
     assert run.info.status == "FAILED"
     assert "model" not in {a.path for a in MlflowClient(store).list_artifacts(run.info.run_id)}
+
+
+@pytest.mark.parametrize("params, named", [({"languages": "en,xx"}, "languages"), ({"corpus": "/nonexistent/corpus-folder"}, "corpus")])
+def test_input_the_corpus_cannot_serve_is_refused(store, capsys, params, named, tmp_path):
+    """Well-formed values that name nothing: checked against the corpus (the values alone, in tests/test_validation.py)."""
+    exp_id = MlflowClient(store).create_experiment(f"xlsub-bad-{named}", artifact_location=(tmp_path / "a").as_uri())
+    argv = [f"--{k}={v}" for k, v in {**SMALL_FINETUNE, **params}.items()]
+    line, _ = refuse_in_process(capsys, store, exp_id, "finetune", argv)
+    assert line.startswith(f"xlsub finetune: {named}:"), line
 
 
 def test_unreadable_corpus_folder(store, tmp_path):

@@ -11,7 +11,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, children_of, subprocess_env
+from tests.conftest import ROOT, children_of, refuse_in_process, subprocess_env
 
 pytestmark = pytest.mark.slow
 LANGS = ["en", "de", "zh"]
@@ -90,31 +90,27 @@ def prune_cli(store, experiment, *args):
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
-def test_prune_refuses_bad_input(store, finetune_run, prune_run, tmp_path):
+def test_prune_refuses_bad_input(store, finetune_run, prune_run, capsys):
+    """Input runs that cannot be pruned. Parameter values alone (nan, repeated languages or seeds, ranges) are
+    refused in tests/test_validation.py; the first case also goes through a real process."""
     client = MlflowClient(store)
     experiment = "xlsub-tests"  # the same experiment, so `latest` and the real runs are in reach
     exp_id = client.get_experiment_by_name(experiment).experiment_id
     unfinished = client.create_run(exp_id, tags={"xlsub.stage": "finetune"})  # left RUNNING, like a crashed run
     ft = finetune_run.info.run_id
-    cases = [
-        (["--finetune_run_id", "0123456789abcdef0123456789abcdef"], "finetune_run_id"),
-        (["--finetune_run_id", prune_run.info.run_id], "finetune_run_id"),
-        (["--finetune_run_id", unfinished.info.run_id], "finetune_run_id"),
-        (["--finetune_run_id", ft, "--languages", "en,es"], "languages"),
-        (["--finetune_run_id", ft, "--threshold", "0.99"], "threshold"),
-        (["--finetune_run_id", ft, "--threshold", "nan"], "threshold"),
-        (["--finetune_run_id", ft, "--languages", "en,en"], "languages"),
-        (["--finetune_run_id", ft, "--seeds", "0,0"], "seeds"),
-        (["--finetune_run_id", ft, "--amount", "0"], "amount"),
-        (["--finetune_run_id", ft, "--amount", "1.5"], "amount"),
-        (["--finetune_run_id", ft, "--target_sparsity", "1"], "target_sparsity"),
-    ]
-    for args, named in cases:
-        before = {r.info.run_id for r in client.search_runs([exp_id])}
-        proc = prune_cli(store, experiment, *args)
-        assert proc.returncode == 2, (args, proc.stderr[-2000:])
-        last = proc.stderr.strip().splitlines()[-1]
-        assert last.startswith(f"xlsub prune: {named}:"), (args, last)
-        new = [r for r in client.search_runs([exp_id]) if r.info.run_id not in before]
-        assert len(new) == 1 and new[0].info.status == "FAILED", args  # one parent, FAILED, no children
-    client.set_terminated(unfinished.info.run_id, "KILLED")
+    try:
+        proc = prune_cli(store, experiment, "--finetune_run_id", f" {unfinished.info.run_id}")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"xlsub prune: finetune_run_id: run {unfinished.info.run_id} is RUNNING")
+        cases = [
+            (["--finetune_run_id", "0123456789abcdef0123456789abcdef"], "finetune_run_id"),
+            (["--finetune_run_id", prune_run.info.run_id], "finetune_run_id"),  # a run of another stage
+            (["--finetune_run_id", unfinished.info.run_id], "finetune_run_id"),
+            (["--finetune_run_id", ft, "--languages", "en,es"], "languages"),  # es was not trained
+        ]
+        for args, named in cases:
+            line, run = refuse_in_process(capsys, store, exp_id, "prune", args)
+            assert line.startswith(f"xlsub prune: {named}:"), (args, line)
+            assert not children_of(store, run), args
+    finally:
+        client.set_terminated(unfinished.info.run_id, "KILLED")

@@ -242,13 +242,16 @@ def test_a_run_killed_mid_training_is_resumed_and_ends_as_an_uninterrupted_run(t
     resumed, steps = resumed_run(client, exp, dead, TOTAL_STEPS)
     (ref,) = client.search_runs([client.get_experiment_by_name("reference").experiment_id])
     assert ref.data.metrics["train_steps"] == TOTAL_STEPS
-    # and lands exactly where the uninterrupted run lands (CPU training in one thread is deterministic;
-    # masks seeded by batch content and the restored RNG states replay the same random numbers)
+    # and lands where the uninterrupted run lands. CPU training in one thread replays the same arithmetic
+    # (masks seeded by batch content, the restored RNG states), but MKL's kernels may take another path
+    # for another buffer alignment, so two processes can part in the last bits (1e-6 relative seen once
+    # in CI). A wrong RNG state masks other tokens: its per-step losses part far beyond 1e-4.
     for lang in ("en", "de"):
-        assert resumed.data.metrics[f"ppl_after.{lang}"] == ref.data.metrics[f"ppl_after.{lang}"], lang
+        assert resumed.data.metrics[f"ppl_after.{lang}"] == pytest.approx(ref.data.metrics[f"ppl_after.{lang}"], rel=1e-4), lang
     # the reference's losses after the checkpoint are the resumed run's, step by step
     ref_loss = {m.step: m.value for m in client.get_metric_history(ref.info.run_id, "train_loss")}
-    assert {m.step: m.value for m in client.get_metric_history(resumed.info.run_id, "train_loss")} == {s: ref_loss[s] for s in steps}
+    got = {m.step: m.value for m in client.get_metric_history(resumed.info.run_id, "train_loss")}
+    assert got == pytest.approx({s: ref_loss[s] for s in steps}, rel=1e-4)
     print(f"kill, resume and reference took {took:.0f} s")
 
 

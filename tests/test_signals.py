@@ -96,15 +96,16 @@ def _alive(pgid: int) -> list[int]:
     return found
 
 
-def signal_once_a_child_runs(proc: subprocess.Popen, client: MlflowClient, experiment: str, log: Path, send, wait: float = 600):
-    """Wait until a child run of `experiment` is RUNNING, `send(proc)` a signal, and time how long `proc`
-    takes to exit (SIGKILL to its group after 15 s, or on any failure). Returns the child runs seen
-    running and the seconds to exit."""
+def signal_once_a_child_runs(proc: subprocess.Popen, client: MlflowClient, experiment: str, log: Path, send, wait: float = 600,
+                             running_filter: str = f"tags.`{CHILD_TAG}` = 'true' and attributes.status = 'RUNNING'"):
+    """Wait until a run of `experiment` matches `running_filter` (by default: a child run is RUNNING),
+    `send(proc)` a signal, and time how long `proc` takes to exit (SIGKILL to its group after 15 s, or on
+    any failure). Returns the runs seen running and the seconds to exit."""
     try:
         deadline, running = time.time() + wait, []
         while not running:
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            running = client.search_runs([experiment], f"tags.`{CHILD_TAG}` = 'true' and attributes.status = 'RUNNING'")
+            running = client.search_runs([experiment], running_filter)
             time.sleep(0.1)
         start = time.monotonic()
         send(proc)
@@ -172,7 +173,8 @@ def test_mlflow_run_with_the_makefile_settings_gives_up_on_a_dead_server_in_30_s
 
 @pytest.mark.slow
 def test_sigterm_to_main_alone_stops_the_running_stage_and_marks_both_killed(store, tmp_path):
-    """SIGTERM to the `main` process only (not its group): main passes it to the prune stage it runs.
+    """SIGTERM to the `main` process only (not its group): main passes it to the finetune stage it runs,
+    signalled once that stage has logged its first training loss (it has 30 epochs to go).
 
     main is started as `python -m entry_points.main`: under `mlflow run`, MLflow's launcher marks the run
     FAILED once main has exited, whatever main marked (mlflow 3.17 `_maybe_set_run_terminated` compares
@@ -182,20 +184,21 @@ def test_sigterm_to_main_alone_stops_the_running_stage_and_marks_both_killed(sto
     client = MlflowClient(store)
     experiment = client.create_experiment("xlsub-signals-main", artifact_location=(tmp_path / "artifacts").as_uri())
     cmd = [sys.executable, "-m", "entry_points.main"]
-    for key, value in {**SMALL_PIPELINE, "seeds": "0,1,2"}.items():
+    for key, value in {**SMALL_PIPELINE, "epochs": "30"}.items():
         cmd += [f"--{key}", value]
+    training = f"tags.`{STAGE_TAG}` = 'finetune' and attributes.status = 'RUNNING' and metrics.train_loss > -1"
     with open(tmp_path / "main.log", "w") as log:
         proc = subprocess.Popen(cmd, env=subprocess_env(store, MLFLOW_EXPERIMENT_ID=experiment), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=ROOT)
         running, elapsed = signal_once_a_child_runs(proc, client, experiment, tmp_path / "main.log",
-                                                    lambda p: os.kill(p.pid, signal.SIGTERM), wait=900)
+                                                    lambda p: os.kill(p.pid, signal.SIGTERM), wait=600, running_filter=training)
     output = (tmp_path / "main.log").read_text()
     assert elapsed < 10, output[-3000:]
     assert proc.returncode == 128 + signal.SIGTERM
     runs = {r.info.run_id: r for r in client.search_runs([experiment], "")}
-    by_stage = {r.data.tags.get(STAGE_TAG): r for r in runs.values() if r.data.tags.get(CHILD_TAG) != "true"}
+    by_stage = {r.data.tags.get(STAGE_TAG): r for r in runs.values()}
+    assert set(by_stage) == {"main", "finetune"}, output[-3000:]  # no stage after the stopped one
     assert by_stage["main"].info.status == "KILLED", output[-3000:]
-    assert by_stage["prune"].info.status == "KILLED" and by_stage["finetune"].info.status == "FINISHED"
-    assert runs[running[0].info.run_id].info.status == "KILLED"
-    assert not [r.info.run_name for r in runs.values() if r.info.status == "RUNNING"]
+    assert by_stage["finetune"].info.status == "KILLED" and by_stage["finetune"].info.run_id == running[0].info.run_id
+    assert "train_steps" not in by_stage["finetune"].data.metrics  # stopped in training, not after it
     print(f"main stopped in {elapsed:.2f} s")

@@ -9,7 +9,6 @@ import contextlib
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import fields, make_dataclass
 from pathlib import Path
 from typing import get_type_hints
@@ -19,7 +18,7 @@ import pytest
 
 from entry_points import analyze, compare, encode, finetune, main, mlproject, prune
 from entry_points._common import StageArgs
-from tests.conftest import sqlite_store
+from tests.conftest import refuse_in_process, sqlite_store
 from xlsub import artifacts
 
 MODULES = {"finetune": finetune, "prune": prune, "encode": encode, "analyze": analyze, "compare": compare, "main": main}
@@ -197,7 +196,7 @@ def store(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_EXPERIMENT_ID", exp)
         patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        yield {"client": client, "exp": exp, "finetune": ft, "prune": pr, "children": children, "encode": enc}
+        yield {"client": client, "uri": client.tracking_uri, "exp": exp, "finetune": ft, "prune": pr, "children": children, "encode": enc}
     stack.close()
     if db != folder:
         shutil.rmtree(db)
@@ -205,20 +204,7 @@ def store(tmp_path_factory):
 
 def refuse(store, capsys, stage: str, argv: list[str]) -> tuple[str, object]:
     """Run `stage` in-process; it must exit 2 with one stderr line and leave one FAILED run. Returns both."""
-    client = store["client"]
-    started = int(time.time() * 1000)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exited:
-        MODULES[stage].main(argv)
-    err = capsys.readouterr().err
-    assert exited.value.code == 2, (argv, err)
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, (argv, err)
-    (run,) = client.search_runs([store["exp"]], f"attributes.start_time >= {started}", max_results=2)
-    assert run.info.status == "FAILED" and run.data.tags[artifacts.STAGE_TAG] == stage, argv
-    assert lines[0] == f"xlsub {stage}: {run.data.tags[artifacts.ERROR_TAG]}"
-    return lines[0], run
+    return refuse_in_process(capsys, store["uri"], store["exp"], stage, argv)
 
 
 @pytest.mark.parametrize("stage, name, value", CASES, ids=[f"{s}-{n}-{v!r}" for s, n, v in CASES])
