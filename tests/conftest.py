@@ -45,12 +45,25 @@ def subprocess_env(tracking_uri: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def run_in_own_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run with captured text output, in a process group of its own: past `timeout`, the
+    whole group is killed (`mlflow run` and the stage process it started), not the launcher alone."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def mlflow_run(tracking_uri: str, entry_point: str, params: dict[str, str], experiment: str = "xlsub-tests", check=True,
                root: Path = ROOT):
     cmd = [sys.executable, "-m", "mlflow", "run", str(root), "-e", entry_point, "--env-manager", "local", "--experiment-name", experiment]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
-    proc = subprocess.run(cmd, env=subprocess_env(tracking_uri), capture_output=True, text=True, timeout=900)
+    proc = run_in_own_group(cmd, env=subprocess_env(tracking_uri), timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
     return proc
@@ -160,31 +173,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def mlflow_server(folder: Path, backend_store_uri: str, *extra: str, env: dict[str, str] | None = None, wait: float = 90) -> Iterator[str]:
+    """`mlflow server` on loopback (one worker, no job execution), its artifacts proxied into
+    `folder`/artifacts and its log in `folder`/server.log: yields its URL once /health answers, and stops
+    it, with its worker, by the PID it started."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = folder / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", *extra, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", backend_store_uri, "--artifacts-destination", str(folder / "artifacts")],
+            env={**(env or os.environ), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        try:
+            deadline = time.time() + wait
+            while True:
+                try:
+                    if urllib.request.urlopen(f"{url}/health", timeout=2).read().strip() == b"OK":
+                        break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"mlflow server did not start: {log_path.read_text()[-3000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="session")
 def tracking_server(tmp_path_factory):
     """A real MLflow tracking server on loopback: sqlite backend, proxied artifact store in a temp folder."""
     folder = tmp_path_factory.mktemp("server")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(folder / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts")],
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 90
-    while True:
-        try:
-            if urllib.request.urlopen(f"{url}/health", timeout=2).read().strip() == b"OK":
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)  # the server and its worker, by the PID we started
-    proc.wait(timeout=30)
-    log.close()
+    with mlflow_server(folder, f"sqlite:///{folder}/mlflow.db") as url:
+        yield url
 
 
 def main_run(url: str, params: dict[str, str], root: Path = ROOT):

@@ -12,16 +12,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import free_port
+from tests.conftest import free_port, mlflow_server
 
 ADMIN = ("admin", "admin-password-for-tests")  # the auth app refuses passwords under 12 characters
 DB_ROLE = ("mlflow", "mlflow-db-password")
@@ -116,38 +114,14 @@ def auth_server(pg: Postgres, folder: Path) -> Iterator[TeamServer]:
     pg.execute(f"CREATE ROLE {DB_ROLE[0]} LOGIN PASSWORD '{DB_ROLE[1]}'", f"CREATE DATABASE mlflow OWNER {DB_ROLE[0]}",
                f"CREATE DATABASE mlflow_auth OWNER {DB_ROLE[0]}")
     ini = folder / "basic_auth.ini"
-    # the credential cache: without it every request pays a scrypt hash check (0.6-0.9 s per request on the
+    # the credential cache: without it every request pays the password hash check (0.6-0.9 s per request on the
     # 2 shared CI cores, against 0.04 s with it), which multiplies the pipeline's run time
     ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {pg.uri('mlflow_auth')}\n"
                    f"admin_username = {ADMIN[0]}\nadmin_password = {ADMIN[1]}\n"
                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
                    "auth_cache_ttl_seconds = 60\n")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = folder / "server.log"
-    log = open(log_path, "w")
-    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": "xlsub-tests-secret",
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": "xlsub-tests-secret"}
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         env.pop(name, None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", pg.uri("mlflow"), "--artifacts-destination", str(folder / "artifacts")],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=2).read().strip() == b"OK":
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield TeamServer(url, ADMIN, log_path)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and its worker, by the PID we started
-        proc.wait(timeout=30)
-        log.close()
+    with mlflow_server(folder, pg.uri("mlflow"), "--app-name", "basic-auth", env=env, wait=120) as url:
+        yield TeamServer(url, ADMIN, folder / "server.log")
