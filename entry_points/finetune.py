@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         corpus = corpora.load_corpus(args.corpus, parse_languages(args.languages), seed=args.seed)
         langs = corpus.languages
         if models.is_scratch(args.model):
-            tokenizer = models.train_tokenizer(corpus.texts["train"]["text"])
+            tokenizer = models.train_tokenizer(batch["text"] for batch in corpus.texts["train"].iter(batch_size=10_000))
             model = models.scratch_model(args.model, tokenizer, args.max_seq_len)
         else:
             model, tokenizer = models.load_pretrained(args.model)

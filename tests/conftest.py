@@ -183,8 +183,8 @@ def mlflow_server(folder: Path, backend_store_uri: str, *extra: str, env: dict[s
     log_path = folder / "server.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", *extra, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", backend_store_uri, "--artifacts-destination", str(folder / "artifacts")],
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", backend_store_uri, "--artifacts-destination", str(folder / "artifacts"), *extra],
             env={**(env or os.environ), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
         try:

@@ -49,3 +49,6 @@ def test_servers_bind_to_loopback():
     assert "mlflow ui --host 127.0.0.1 " in ui
     conftest = (ROOT / "tests" / "conftest.py").read_text()
     assert '"mlflow", "server", "--host", "127.0.0.1"' in conftest
+    # the team server (tests/team_server.py) is started by conftest's mlflow_server, not by a command of its own
+    team = (ROOT / "tests" / "team_server.py").read_text()
+    assert "mlflow_server(" in team and '"server"' not in team

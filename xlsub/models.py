@@ -51,8 +51,9 @@ def is_scratch(name: str) -> bool:
     return name in SCRATCH_SHAPES
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = TINY_VOCAB_SIZE) -> XLMRobertaTokenizer:
-    """A Unigram (SentencePiece-style) tokenizer with XLM-R's special tokens, trained on `texts`.
+def train_tokenizer(texts: Iterable[str] | Iterable[list[str]], vocab_size: int = TINY_VOCAB_SIZE) -> XLMRobertaTokenizer:
+    """A Unigram (SentencePiece-style) tokenizer with XLM-R's special tokens, trained on `texts` (strings,
+    or batches of them: the same pieces either way).
 
     Two trainings on the same texts differ: scores are summed in parallel (the
     last digits vary), and the characters the trainer must keep but did not
