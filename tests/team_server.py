@@ -1,5 +1,6 @@
-"""A team's tracking server, as README's "A shared server" section sets it up: PostgreSQL for the runs and
-the users, `mlflow server --app-name basic-auth` in front of it, a proxied artifact store, all on loopback.
+"""A team's tracking server, as docs/deployment.md's "A shared server" section sets it up: PostgreSQL for
+the runs and the users, `mlflow server --app-name basic-auth` in front of it, a proxied artifact store, all
+on loopback.
 
 Debian's PostgreSQL refuses to run as root (CI runs as root), so under root initdb and the postmaster run
 as the `postgres` user, in a temp folder it owns; the postmaster is stopped by its PID.
