@@ -47,9 +47,10 @@ bench: setup
 	for b in benchmarks/*.py; do case $$b in *pooling.py) continue;; *scale.py) set -- --quick;; *) set --;; esac; \
 		echo "== $$b"; $(PY) $$b "$$@" || exit 1; done
 
-# MLproject is generated from the stage dataclasses (a test fails when it is stale)
+# MLproject and docs/parameters.md are generated from the stage dataclasses (a test fails when either is stale)
 mlproject: setup
 	$(PY) -m entry_points.mlproject
+	$(PY) -m entry_points.docs
 
 ui: setup
 	mlflow ui --host 127.0.0.1 --backend-store-uri $(MLFLOW_TRACKING_URI)  # loopback only: the UI has no login

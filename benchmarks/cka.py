@@ -74,7 +74,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchm
 sys.path.insert(0, str(ROOT))
 
 from tests.reference import linear_cka_gram  # noqa: E402
-from xlsub.cka import _centre_gram, cka_matrix, debiased_linear_cka, linear_cka, rbf_cka  # noqa: E402
+from xlsub.cka import centre_gram, cka_matrix, debiased_linear_cka, linear_cka, rbf_cka  # noqa: E402
 
 LATENT = 64
 # (n, d, pairs timed): the demo's size and the study's
@@ -148,7 +148,7 @@ def worker(method: str, args: argparse.Namespace) -> dict:
             centred = {}
             for i, x in reps.items():
                 x = x.double()
-                centred[i] = _centre_gram(x @ x.T)
+                centred[i] = centre_gram(x @ x.T)
             norms = {i: float(kc.square().sum().sqrt()) for i, kc in centred.items()}
             for i, j in pairs:
                 values[f"{i},{j},0"] = float((centred[i] * centred[j]).sum()) / (norms[i] * norms[j])

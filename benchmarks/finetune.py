@@ -97,7 +97,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
         train = datasets.Dataset.from_dict({"input_ids": chunks})
-        settings = TrainSettings(epochs=1, batch_size=BATCH, lr=1e-3, weight_decay=0.01, seed=0, device="cpu", log_every=10)
+        settings = TrainSettings(epochs=1, batch_size=BATCH, lr=1e-3, weight_decay=0.01, seed=0, device="cpu", fp16=False, bf16=False,
+                                 log_every=10, save_steps=250)
         with mlflow.start_run():
             start = time.perf_counter()
             train_masked_lm(copy.deepcopy(base), tokenizer, train, settings, Path(tmp) / "ckpt", [TimedLossLogger()])

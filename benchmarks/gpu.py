@@ -90,7 +90,7 @@ def finetune(cfg, device: torch.device, precision: str) -> dict:
     chunks = random_chunks(steps * cfg.batch, cfg.seq, len(SPECIALS), cfg.tokens, seed=1)
     train = datasets.Dataset.from_dict({"input_ids": chunks})
     settings = TrainSettings(epochs=1, batch_size=cfg.batch, lr=5e-5, weight_decay=0.01, seed=0, device=str(device),
-                             fp16=precision == "fp16", bf16=precision == "bf16", log_every=10**6)
+                             fp16=precision == "fp16", bf16=precision == "bf16", log_every=10**6, save_steps=250)
     clock = StepClock()
     reset_peak(device)
     with tempfile.TemporaryDirectory() as out:
@@ -144,11 +144,11 @@ def encode_stage(cfg, device: torch.device) -> dict:
     for n in lengths.tolist():
         sentences.append(" ".join(f"w{w}" for w in words[at:at + n]))
         at += n
-    encode(model, tokenizer, sentences[:cfg.encode_batch], batch_size=cfg.encode_batch, device=device)  # warm-up
+    encode(model, tokenizer, sentences[:cfg.encode_batch], batch_size=cfg.encode_batch, device=device, pooling="mean")  # warm-up
     reset_peak(device)
     sync(device)
     start = time.perf_counter()
-    encode(model, tokenizer, sentences, batch_size=cfg.encode_batch, device=device)
+    encode(model, tokenizer, sentences, batch_size=cfg.encode_batch, device=device, pooling="mean")
     sync(device)
     seconds = time.perf_counter() - start
     return {"stage": "encode (fp32)", "unit": "sentences/s", "rate": cfg.sentences / seconds,

@@ -37,7 +37,7 @@ from xlsub.corpus import load_corpus  # noqa: E402
 from xlsub.heads import head_importance  # noqa: E402
 from xlsub.mlm import perplexity  # noqa: E402
 from xlsub.pruning import split_half_importance  # noqa: E402
-from xlsub.training import TrainSettings, load_finetuned, train_masked_lm  # noqa: E402
+from xlsub.training import TrainSettings, lm_data_settings, load_finetuned, train_masked_lm  # noqa: E402
 
 SIZES, QUICK_SIZES = (16, 32, 64, 128, 256, 512), (16, 64, 256)
 BATCH = 32  # the prune stage's default batch_size
@@ -57,7 +57,7 @@ def trained_model(settings: FinetuneArgs):
     lm = data.build_lm_data(corpus.texts, corpus.languages, tokenizer, settings.max_seq_len, settings.examples_per_lang,
                             settings.test_examples_per_lang, settings.seed)
     train = TrainSettings(settings.epochs, settings.batch_size, settings.lr, settings.weight_decay, settings.seed, "cpu",
-                          log_every=10**9)
+                          settings.fp16, settings.bf16, log_every=10**9, save_steps=settings.save_steps)
     with tempfile.TemporaryDirectory() as tmp:
         metrics = train_masked_lm(model, tokenizer, lm.train, train, Path(tmp))
     return model.eval(), tokenizer, lm, int(metrics["train_steps"])
@@ -97,7 +97,8 @@ def main() -> None:
     if args.model:
         settings = FinetuneArgs(languages=args.languages, seed=args.finetune_seed,
                                 examples_per_lang=args.examples_per_lang or FinetuneArgs.examples_per_lang)
-        model, tokenizer, lm, _ = load_finetuned(args.model, settings, languages, "cpu")
+        lm_data = lm_data_settings(settings.corpus, settings.seed, settings.max_seq_len, settings.examples_per_lang, settings.test_examples_per_lang)
+        model, tokenizer, lm, _ = load_finetuned(args.model, lm_data, languages, "cpu")
         print(f"model: {args.model}")
     else:
         settings = FinetuneArgs(languages=args.languages, seed=args.finetune_seed, epochs=args.epochs,

@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'pooling':16} {'CKA full':>9} {'CKA random':>11} {'CKA length-only':>16} {'CKA residual':>13} "
           f"{'retrieval':>10} {'length R2':>10}")
     for pooling in POOLINGS:
-        full = {l: encode(model, tokenizer, corpus.texts[l], pooling=pooling)[-1] for l in langs}
-        rand = {l: encode(random_model, tokenizer, corpus.texts[l], pooling=pooling)[-1] for l in langs}
+        full = {l: encode(model, tokenizer, corpus.texts[l], pooling=pooling, batch_size=64)[-1] for l in langs}
+        rand = {l: encode(random_model, tokenizer, corpus.texts[l], pooling=pooling, batch_size=64)[-1] for l in langs}
         only = length_only_representations({l: lengths[l].tolist() for l in langs}, d, special=pooling == "mean")
         ref = args.reference
 

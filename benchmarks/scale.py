@@ -113,9 +113,9 @@ def child_encode(sentences: int, batch: int = 64) -> float:
     g = torch.Generator().manual_seed(3)
     texts = [" ".join(f"w{w}" for w in torch.randint(0, 7990, (int(n),), generator=g).tolist())
              for n in torch.randint(8, 59, (sentences,), generator=g)]
-    encode(model, tokenizer, texts[:8], batch_size=batch)
+    encode(model, tokenizer, texts[:8], batch_size=batch, pooling="mean")
     start = time.perf_counter()
-    encode(model, tokenizer, texts, batch_size=batch)
+    encode(model, tokenizer, texts, batch_size=batch, pooling="mean")
     return (time.perf_counter() - start) / sentences
 
 
@@ -147,8 +147,9 @@ def child_analyze(n: int, subnetworks: int, eager: bool, languages: int = 4, lay
         g = torch.Generator().manual_seed(4)
         tokens = {lang: [list(range(int(k))) for k in torch.randint(6, 40, (n,), generator=g)] for lang in langs}
         start = time.perf_counter()
-        analyze(AnalysisInputs(languages=langs, encodings=encodings, tokens=tokens), cka_kind="debiased",
-                counts=Counts(full=100, controls=100, subnetworks=20, length=50), bootstrap=100, permutations=100)
+        analyze(AnalysisInputs(languages=langs, encodings=encodings, tokens=tokens), cka_kind="debiased", layers=None,
+                cka_precision="float64", reference="en", counts=Counts(full=100, controls=100, subnetworks=20, length=50),
+                bootstrap=100, permutations=100, resample_seed=0)
         return time.perf_counter() - start
 
 

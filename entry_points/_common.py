@@ -4,6 +4,7 @@ distributed rank."""
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import os
 import re
@@ -15,6 +16,7 @@ from typing import ClassVar, TypeVar, get_type_hints
 
 from transformers import HfArgumentParser
 
+from xlsub import stages
 from xlsub.artifacts import is_language_code
 from xlsub.errors import Range, XlsubError
 from xlsub.tracking import unquote
@@ -172,6 +174,8 @@ def split_items(name: str, value: str, item: str | Range) -> list:
 
 
 _EXAMPLE = {LANGUAGE: "en,de", RUN_ID: "<run id>,<run id>"}
+ITEM_NAMES = {LANGUAGE: "language codes", RUN_ID: "run IDs"}
+KIND_NAMES = {LANGUAGE: "a language code", RUN_ID: "a run ID"}
 
 
 def _item(name: str, text: str, item: str | Range):
@@ -190,6 +194,37 @@ def _item(name: str, text: str, item: str | Range):
 
 
 # -- the command line ---------------------------------------------------------------------------------------
+def accepts(meta: Mapping, quote=str) -> str:
+    """What a field's metadata lets through, in words: the same keys `StageArgs.validate()` checks, so no help
+    text restates a bound by hand. `quote` formats values (docs/parameters.md puts them in backticks)."""
+    parts = []
+    if "range" in meta:
+        parts.append(f"in {quote(meta['range'])}")
+    if "number" in meta:
+        parts.append(f"a number in {quote(meta['number'])}")
+    if "choices" in meta:
+        parts.append("one of " + ", ".join(quote(c) for c in meta["choices"]))
+    if "items" in meta:
+        item = meta["items"]
+        what = ITEM_NAMES.get(item) if isinstance(item, str) else f"integers in {quote(item)}"
+        parts.append(f"comma-separated {what}, each once")
+    if "kind" in meta:
+        parts.append(KIND_NAMES[meta["kind"]])
+    if "pattern" in meta:
+        parts.append(f"matches {quote(meta['pattern'])}")
+    if meta.get("keywords"):  # whole values taken as they are (any case), besides what the other keys allow
+        keywords = " or ".join(quote(k) for k in meta["keywords"])
+        parts.append(f"or {keywords}" if parts else f"keywords {keywords}")
+    if meta.get("optional"):
+        parts.append("may be empty")
+    return "; ".join(parts)
+
+
+def help_text(meta: Mapping) -> str:
+    """A field's help followed by what its metadata accepts, as `--help` shows it."""
+    return "; ".join(part for part in (meta.get("help", ""), accepts(meta)) if part)
+
+
 class _RaisingParser(HfArgumentParser):
     """argparse, but a bad flag is an XlsubError naming the parameter, not a page of usage."""
 
@@ -197,7 +232,7 @@ class _RaisingParser(HfArgumentParser):
     def _parse_dataclass_field(parser, f):
         # HfArgumentParser hands a field's metadata to add_argument; the checks above are ours, not argparse's
         plain = copy.copy(f)
-        plain.metadata = MappingProxyType({"help": f.metadata["help"]} if "help" in f.metadata else {})
+        plain.metadata = MappingProxyType({"help": help_text(f.metadata)} if f.metadata else {})
         HfArgumentParser._parse_dataclass_field(parser, plain)
 
     def error(self, message: str):
@@ -262,3 +297,16 @@ def parse_languages(value: str, param: str = "languages") -> list[str] | None:
 def is_rank_zero() -> bool:
     """True outside torchrun and on its rank 0: the one process that talks to MLflow."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def stage_args_class(name: str) -> type[StageArgs]:
+    """A stage's parameter dataclass, found through the registry (`xlsub.stages`): `entry_points.<name>.<args>`.
+    Imported by name, so that no entry point imports another one's module."""
+    stage = stages.get(name)
+    return getattr(importlib.import_module(stage.module), stage.args)
+
+
+def stage_classes() -> dict[str, type[StageArgs]]:
+    """{stage: its parameter dataclass} for every stage, in registry order: what MLproject and the parameter
+    reference are generated from."""
+    return {name: stage_args_class(name) for name in stages.names()}

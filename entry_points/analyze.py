@@ -18,13 +18,12 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoConfig, AutoTokenizer
 
 from entry_points._common import COUNT, LANGUAGE, REPLICATES, SEED, StageArgs, parse_args, run_id_field, split_items
-from entry_points.encode import EncodeArgs, encoded_keys, subnetworks_of
-from xlsub import artifacts, tracking
+from xlsub import artifacts, lineage, tracking
 from xlsub.analysis import AnalysisInputs, analyze
 from xlsub.cka import KINDS, PRECISIONS
 from xlsub.cka import check_options as check_cka_options
 from xlsub.errors import Range, XlsubError
-from xlsub.intervals import ChunkLosses
+from xlsub.mlm import ChunkLosses
 from xlsub.report import write_report
 from xlsub.similarity_tables import Counts
 from xlsub.tables import long_table
@@ -44,10 +43,10 @@ class AnalyzeArgs(StageArgs):
     layers: str = field(default="auto", metadata={"help": "layers (0 = embeddings) for the all-pairs CKA heatmaps, comma-separated, each once, or 'auto' (first, middle, last)",
                                                   "items": LAYER, "keywords": ("auto",)})
     reference: str = field(default="en", metadata={"help": "the language every other language is compared with (CKA and token overlap)", "kind": LANGUAGE})
-    bootstrap: int = field(default=1000, metadata={"help": "bootstrap replicates over test chunks for the perplexity intervals and the specificity gap, >= 10",
+    bootstrap: int = field(default=1000, metadata={"help": "bootstrap replicates over test chunks for the perplexity intervals and the specificity gap",
                                                    "range": REPLICATES})
     permutations: int = field(default=1000, metadata={"help": "label permutations and random-mask draws of the overlap tests", "range": COUNT})
-    resample_seed: int = field(default=0, metadata={"help": "seed of the bootstrap, permutations and random draws, in [0, 2**32)", "range": SEED})
+    resample_seed: int = field(default=0, metadata={"help": "seed of the bootstrap, permutations and random draws", "range": SEED})
     cka_permutations: int = field(default=1000, metadata={"help": "permutations of the CKA null: full model at every layer, base and random controls at the last",
                                                           "range": COUNT})
     subnetwork_permutations: int = field(default=200, metadata={"help": "permutations of the CKA null for each subnetwork (last layer)", "range": COUNT})
@@ -62,39 +61,27 @@ class AnalyzeArgs(StageArgs):
         check_cka_options(self.cka, self.cka_precision)
 
 
-def resolve_inputs(args: AnalyzeArgs):
-    encode = tracking.resolve_run("encode_run_id", args.encode_run_id, "encode")
-    for stage in ("prune", "finetune"):
-        if not encode.data.tags.get(artifacts.input_tag(stage)):
-            raise XlsubError(f"encode_run_id: encode run {encode.info.run_id} has no tag {artifacts.input_tag(stage)}; rerun encode")
-    made_from = encode.data.tags.get(artifacts.input_tag("prune"))
-    explicit_encode = args.encode_run_id != "latest"
-    prune_id = made_from if args.prune_run_id == "latest" and explicit_encode else args.prune_run_id
-    prune = tracking.resolve_run("prune_run_id", prune_id, "prune")
-    if made_from != prune.info.run_id:
-        raise XlsubError(f"prune_run_id: encode run {encode.info.run_id} was made from prune run {made_from}, not {prune.info.run_id}; pass matching runs")
-    finetune = tracking.resolve_run("finetune_run_id of the encode run", encode.data.tags[artifacts.input_tag("finetune")], "finetune")
-    return finetune, prune, encode
-
-
-def check_inputs(finetune: Run, prune: Run, encode: Run, work: Path) -> None:
+def check_inputs(runs: dict[str, Run], work: Path) -> dict:
     """Before any work, every artifact the analysis reads is there: each subnetwork's head mask and
-    pruning steps, the prune run's tables, and every model key's encodings in every encoded language."""
-    children = subnetworks_of(prune, finetune)
+    pruning steps, the prune run's tables, and every model key's encodings in every encoded language
+    (the encode run's manifest). Returns the subnetwork runs by id."""
+    finetune, prune, encode = runs["finetune"], runs["prune"], runs["encode"]
+    children = lineage.subnetworks(prune, dst=work / "prune")
     for child in children.values():
         tracking.require_artifacts("prune_run_id", child, [artifacts.HEAD_MASK, artifacts.STEPS])
     tracking.require_artifacts("prune_run_id", prune, [*(artifacts.table_path(t, folder=None) for t in (artifacts.CHUNK_LOSSES, artifacts.CROSS_PPL,
                                                                                                      artifacts.CROSS_PPL_RANDOM)), artifacts.PPL_FULL])
     tracking.require_artifacts("encode_run_id", finetune, [artifacts.model_files()[0]])  # config.json: the tokenizer's model
     tracking.require_artifacts("encode_run_id", encode, [artifacts.SENTENCES])
-    languages = artifacts.read_sentences(tracking.download(encode.info.run_id, artifacts.SENTENCES, work, "encode_run_id"))["languages"]
-    keys = encoded_keys(EncodeArgs.from_params(encode.data.params, "encode_run_id"), children)
-    tracking.require_artifacts("encode_run_id", encode, [artifacts.encoding_path(key, lang) for key in keys for lang in languages])
+    encoded = lineage.manifest(encode, "encode_run_id", work / "encode")
+    tracking.require_artifacts("encode_run_id", encode, [artifacts.encoding_path(key, lang) for key in encoded["model_keys"]
+                                                         for lang in encoded["languages"]])
+    return children
 
 
-def load_inputs(finetune, prune, encode, work: Path) -> AnalysisInputs:
+def load_inputs(runs: dict[str, Run], children: dict, work: Path) -> AnalysisInputs:
     """Everything the analysis needs, downloaded by run ID."""
-    children = tracking.prune_children(prune)
+    finetune, prune, encode = runs["finetune"], runs["prune"], runs["encode"]
     masks = {sid: artifacts.read_head_mask(tracking.download(child.info.run_id, artifacts.HEAD_MASK, work / child.info.run_id, "prune_run_id"))
              for sid, child in children.items()}
     trajectories = {sid: artifacts.step_masks(artifacts.read_steps(tracking.download(child.info.run_id, artifacts.STEPS, work / child.info.run_id, "prune_run_id")))
@@ -119,29 +106,22 @@ def load_inputs(finetune, prune, encode, work: Path) -> AnalysisInputs:
                           chunk_losses={key: ChunkLosses(*value) for key, value in losses.items()})
 
 
-def run_links(runs: dict[str, object]) -> dict[str, str] | None:
-    """Links to the runs in the MLflow UI when the tracking server has an HTTP address."""
-    uri = mlflow.get_tracking_uri()
-    if not uri.startswith(("http://", "https://")):
-        return None
-    return {stage: f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" for stage, run in runs.items()}
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(AnalyzeArgs, argv)
     with tracking.stage_run("analyze", args) as run:
-        finetune, prune, encode = resolve_inputs(args)
-        runs = {"finetune": finetune, "prune": prune, "encode": encode}
-        mlflow.set_tags({artifacts.input_tag(stage): r.info.run_id for stage, r in runs.items()})
+        runs = lineage.resolve_inputs("analyze", args.params())
+        lineage.tag_inputs(runs)
         with tempfile.TemporaryDirectory() as tmp:
-            check_inputs(finetune, prune, encode, Path(tmp) / "inputs")
-            result = analyze(load_inputs(finetune, prune, encode, Path(tmp) / "inputs"), cka_kind=args.cka, layers=args.layer_list,
+            children = check_inputs(runs, Path(tmp) / "inputs")
+            inputs = load_inputs(runs, children, Path(tmp) / "inputs")
+            result = analyze(inputs, cka_kind=args.cka, layers=args.layer_list,
                              cka_precision=args.cka_precision, reference=args.reference, bootstrap=args.bootstrap,
                              permutations=args.permutations, resample_seed=args.resample_seed,
                              counts=Counts(args.cka_permutations, args.cka_permutations, args.subnetwork_permutations, args.length_permutations))
             title = f"xlsub analysis ({args.cka} CKA{', float32 products' if args.cka_precision == 'float32' else ''})"
-            lineage = {stage: r.info.run_id for stage, r in (runs | {"analyze": run}).items()}
-            written = write_report(result, Path(tmp) / "out", lineage, run_links(runs | {"analyze": run}), title=title)
+            written = write_report(result, Path(tmp) / "out", {stage: r.info.run_id for stage, r in (runs | {"analyze": run}).items()},
+                                   lineage.run_links(runs | {"analyze": run}), title=title)
+            artifacts.write_manifest(Path(tmp) / "out", "analyze", languages=inputs.languages, tables=list(written))
             mlflow.log_metrics(result.metrics)
             mlflow.log_artifacts(str(Path(tmp) / "out"))
             for table_id, table in written.items():  # queryable across runs: mlflow.load_table(..., extra_columns=["run_id"])

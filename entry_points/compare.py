@@ -4,8 +4,8 @@ with error bars and a report.
     mlflow run . -e compare --env-manager local -P analyze_run_ids=<id>,<id>,<id>
 
 Each analyze run keeps its own lineage; the compare run names them in its parameter and in the tag
-`xlsub.analyze_run_ids`. A run's languages are those its encode run encoded (`sentences.json`), which
-are exactly the languages the analyze run was given; the tables' row labels depend on which analyses ran
+`xlsub.analyze_run_ids`. A run's languages are those its manifest records (its encode run's, which
+are exactly the languages the analyze run was given); the tables' row labels depend on which analyses ran
 and leave out the reference language.
 """
 
@@ -22,12 +22,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from entry_points._common import RUN_ID, StageArgs, parse_args, split_items
-from xlsub import artifacts, tracking
-from xlsub.compare import PARAM, check_same_languages, compare, run_url, write_comparison
+from xlsub import artifacts, lineage, stages, tracking
+from xlsub.compare import PARAM, check_same_languages, compare, write_comparison
 from xlsub.errors import XlsubError
 
 log = logging.getLogger(compare.__module__)  # xlsub.compare, the library this stage drives
-LINEAGE = ("finetune", "prune", "encode")
 
 
 @dataclass
@@ -60,11 +59,8 @@ def resolve_inputs(args: CompareArgs) -> dict[str, Run]:
 
 
 def analysed_languages(run: Run, work: Path) -> list[str]:
-    """The languages of the analyze run: its encode run's `sentences.json`."""
-    encode_id = run.data.tags.get(artifacts.input_tag("encode"))
-    if not encode_id:
-        raise XlsubError(f"{PARAM}: analyze run {run.info.run_id} has no tag {artifacts.input_tag('encode')}; rerun analyze")
-    return list(artifacts.read_sentences(tracking.download(encode_id, artifacts.SENTENCES, work / encode_id, PARAM))["languages"])
+    """The languages of the analyze run, as its manifest records them."""
+    return list(lineage.manifest(run, PARAM, work / run.info.run_id)["languages"])
 
 
 def load_tables(run: Run) -> dict[str, object]:
@@ -80,7 +76,7 @@ def describe(run: Run) -> dict[str, str]:
     """What the report lists about an analyze run: its name, experiment, input runs and parameters."""
     tags = run.data.tags
     return {"run name": run.info.run_name or "", "experiment": run.info.experiment_id,
-            **{f"{stage} run": tags.get(artifacts.input_tag(stage), "") for stage in LINEAGE}, **run.data.params}
+            **{f"{stage} run": tags.get(artifacts.input_tag(stage), "") for stage in stages.lineage("analyze")}, **run.data.params}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
             result = compare({run_id: r.data.metrics for run_id, r in runs.items()},
                              {run_id: load_tables(r) for run_id, r in runs.items()}, languages)
             uri = mlflow.get_tracking_uri()
-            links = {r.info.run_id: run_url(uri, r.info.experiment_id, r.info.run_id) for r in [*runs.values(), run]}
+            links = {r.info.run_id: lineage.run_url(uri, r.info.experiment_id, r.info.run_id) for r in [*runs.values(), run]}
             out = Path(tmp) / "out"
             write_comparison(out, result, {run_id: describe(r) for run_id, r in runs.items()}, links, run.info.run_id)
             mlflow.log_metrics(result.logged_metrics())

@@ -22,9 +22,7 @@ import transformers
 from mlflow.entities import Run
 
 from entry_points._common import COUNT, LANGUAGE, SEED, StageArgs, device_field, parse_args, parse_languages, run_id_field, split_items
-from entry_points.finetune import FinetuneArgs
-from entry_points.prune import PruneArgs
-from xlsub import artifacts, models, tracking
+from xlsub import artifacts, lineage, models, tracking
 from xlsub.artifacts import SubnetworkId
 from xlsub.encoding import POOLINGS, encode, models_to_encode
 from xlsub.errors import XlsubError
@@ -76,45 +74,11 @@ def chosen_subnetworks(children: dict, choice) -> dict:
     return chosen
 
 
-def subnetworks_of(prune: Run, finetune: Run, param: str = "prune_run_id") -> dict[SubnetworkId, Run]:
-    """The prune run's child runs by SubnetworkId; refuses a prune run that lacks one its parameters ask for
-    (a deleted child run would otherwise drop a language without a word)."""
-    children = tracking.prune_children(prune, param)
-    made_with = PruneArgs.from_params(prune.data.params, param)
-    trained = finetune.data.tags.get(artifacts.LANGUAGES_TAG, "").split(",")
-    missing = [str(sid) for sid in made_with.subnetwork_ids(trained) if sid not in children]
-    if missing:
-        raise XlsubError(f"{param}: prune run {prune.info.run_id} has no child run for subnetwork {', '.join(missing)}; rerun prune")
-    return children
-
-
-def encoded_keys(args: EncodeArgs, children: dict[SubnetworkId, Run]) -> list[str]:
-    """The model keys an encode run with `args` writes, given its prune run's children (as `models_to_encode` yields them)."""
-    return [artifacts.FULL_MODEL, *(str(sid) for sid in sorted(chosen_subnetworks(children, args.seed_choice))),
-            *([artifacts.BASE_MODEL] if args.use_base else []), *([artifacts.RANDOM_MODEL] if args.use_random else [])]
-
-
 def check_inputs(finetune: Run, chosen: dict[SubnetworkId, Run]) -> None:
     """Before any work: the finetuned model, and every chosen subnetwork's head mask and model, are there."""
     tracking.require_artifacts("finetune_run_id", finetune, artifacts.model_files(artifacts.MODEL_DIR))
     for child in chosen.values():
         tracking.require_artifacts("prune_run_id", child, [artifacts.HEAD_MASK, *artifacts.model_files(artifacts.SUBNETWORK_DIR)])
-
-
-def resolve_inputs(args: EncodeArgs):
-    """The prune run and the finetune run it was made from; refuses a pair from different lineages."""
-    prune = tracking.resolve_run("prune_run_id", args.prune_run_id, "prune")
-    made_from = prune.data.tags.get(artifacts.input_tag("finetune"))
-    if not made_from:
-        raise XlsubError(f"prune_run_id: prune run {prune.info.run_id} has no tag {artifacts.input_tag('finetune')}; rerun prune")
-    if args.finetune_run_id == "latest" and args.prune_run_id != "latest":
-        finetune = tracking.resolve_run("finetune_run_id", made_from, "finetune")
-    else:
-        finetune = tracking.resolve_run("finetune_run_id", args.finetune_run_id, "finetune")
-    if made_from != finetune.info.run_id:
-        raise XlsubError(f"prune_run_id: prune run {prune.info.run_id} was made from finetune run {made_from}, "
-                         f"not {finetune.info.run_id}; pass matching runs")
-    return finetune, prune
 
 
 def subnetwork_loader(run_id: str):
@@ -129,11 +93,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(EncodeArgs, argv)
     with tracking.stage_run("encode", args, system_metrics=True):
         device = models.resolve_device(args.device)
-        finetune, prune = resolve_inputs(args)
-        mlflow.set_tags({artifacts.input_tag("finetune"): finetune.info.run_id, artifacts.input_tag("prune"): prune.info.run_id})
-        chosen = chosen_subnetworks(subnetworks_of(prune, finetune), args.seed_choice)
+        runs = lineage.resolve_inputs("encode", args.params())
+        lineage.tag_inputs(runs)
+        finetune, prune = runs["finetune"], runs["prune"]
+        chosen = chosen_subnetworks(lineage.subnetworks(prune), args.seed_choice)
         check_inputs(finetune, chosen)
-        langs = parse_languages(args.languages) or finetune.data.tags[artifacts.LANGUAGES_TAG].split(",")
+        trained = lineage.manifest(finetune, "finetune_run_id")
+        langs = parse_languages(args.languages) or trained["languages"]
         corpus = load_parallel(args.corpus, langs, args.max_sentences)
         mlflow.log_metrics({"sentences": len(corpus.ids), "dropped": corpus.dropped})
         tracking.log_parallel(corpus)
@@ -141,13 +107,14 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
         dtype = artifacts.storage_dtype(args.dtype, transformers.AutoConfig.from_pretrained(model_path).hidden_size)
         mlflow.log_param("stored_dtype", dtype)
-        trained_with = FinetuneArgs.from_params(finetune.data.params, "finetune_run_id")
         subnetworks = {sid: subnetwork_loader(child.info.run_id) for sid, child in chosen.items()}
-        seconds, encoded = 0.0, 0
+        seconds, encoded, keys = 0.0, 0, []
         with tempfile.TemporaryDirectory() as tmp:
-            for key, load in models_to_encode(model_path, subnetworks, base=trained_with.model if args.use_base else None,
-                                              use_random=args.use_random, seed=trained_with.seed, max_seq_len=trained_with.max_seq_len):
+            for key, load in models_to_encode(model_path, subnetworks, base=trained["model"] if args.use_base else None,
+                                              use_random=args.use_random, seed=trained["lm_data"]["seed"],
+                                              max_seq_len=trained["lm_data"]["max_seq_len"]):
                 model = load().to(device).eval()
+                keys.append(key)
                 for lang in corpus.languages:
                     start = time.perf_counter()
                     reps = encode(model, tokenizer, corpus.texts[lang], batch_size=args.batch_size, device=device,
@@ -157,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
                     artifacts.write_encodings(Path(tmp), key, lang, reps, dtype)
                 log.info("encoded %s: %d sentences x %d languages, %d layers", key, len(corpus.ids), len(corpus.languages), reps.shape[0])
             artifacts.write_sentences(Path(tmp), corpus)
+            artifacts.write_manifest(Path(tmp), "encode", languages=corpus.languages, model_keys=keys)
             mlflow.log_metric("sentences_per_sec", encoded / seconds)
             mlflow.log_artifacts(tmp)
 

@@ -23,7 +23,7 @@ from xlsub import corpus as corpora
 from xlsub.errors import Range, XlsubError
 from xlsub.figures import stages as figures
 from xlsub.mlm import perplexity
-from xlsub.training import TrainSettings, train_masked_lm
+from xlsub.training import TrainSettings, lm_data_settings, train_masked_lm
 
 log = logging.getLogger("xlsub.finetune")
 CHECKPOINTS = Path("outputs/checkpoints")  # <run id>/checkpoint-<step>/, where a later run with resume=auto finds them
@@ -35,12 +35,12 @@ class FinetuneArgs(StageArgs):
     corpus: str = field(default="embedded", metadata={"help": "'embedded' (Firefox ESR l10n, offline), a hub dataset id or saved dataset, or a folder of <lang>.txt"})
     languages: str = field(default="all", metadata={"help": "comma-separated ISO codes, each once (DE = de), or 'all' languages of the corpus",
                                                    "items": LANGUAGE, "keywords": ("all",)})
-    seed: int = field(default=0, metadata={"help": "seed for initialisation, data order and masking, in [0, 2**32)", "range": SEED})
-    epochs: float = field(default=4.0, metadata={"help": "training epochs over the shuffled languages, > 0", "range": Range(0, low_open=True)})
+    seed: int = field(default=0, metadata={"help": "seed for initialisation, data order and masking", "range": SEED})
+    epochs: float = field(default=4.0, metadata={"help": "training epochs over the shuffled languages", "range": Range(0, low_open=True)})
     batch_size: int = field(default=32, metadata={"help": "sequences per device and step", "range": COUNT})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate, > 0 (1e-3 for tiny; ~5e-5 for XLM-R base)", "range": Range(0, low_open=True)})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay, >= 0", "range": Range(0)})
-    max_seq_len: int = field(default=64, metadata={"help": "tokens per example, <s> and </s> included, >= 3", "range": data.MAX_SEQ_LEN})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (1e-3 for tiny; ~5e-5 for XLM-R base)", "range": Range(0, low_open=True)})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay", "range": Range(0)})
+    max_seq_len: int = field(default=64, metadata={"help": "tokens per example, <s> and </s> included", "range": data.MAX_SEQ_LEN})
     examples_per_lang: int = field(default=2000, metadata={"help": "training examples (chunks) per language, at most", "range": COUNT})
     test_examples_per_lang: int = field(default=100, metadata={"help": "test chunks per language for perplexity", "range": COUNT})
     fp16: bool = field(default=False, metadata={"help": "mixed precision fp16 (CUDA)"})
@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             artifacts.write_table(Path(tmp), artifacts.PERPLEXITY_TABLE, table, subfolder=None)
             artifacts.write_model(Path(tmp), model, tokenizer)
+            lm_data = lm_data_settings(args.corpus, args.seed, args.max_seq_len, args.examples_per_lang, args.test_examples_per_lang)
+            artifacts.write_manifest(Path(tmp), "finetune", languages=langs, model=args.model, lm_data=lm_data)
             mlflow.log_artifacts(tmp)
         mlflow.log_figure(figures.perplexity_bars(table.reset_index()), artifacts.PERPLEXITY_FIGURE)
 

@@ -23,21 +23,17 @@ import mlflow
 from mlflow.exceptions import ExecutionException
 from mlflow.tracking import MlflowClient
 
-from entry_points import analyze, encode, finetune, prune
-from entry_points._common import StageArgs, parse_args, parse_languages
-from xlsub import artifacts, interrupts, tracking
+from entry_points._common import StageArgs, parse_args, parse_languages, stage_args_class
+from xlsub import artifacts, interrupts, stages, tracking
 from xlsub.errors import XlsubError
 
 log = logging.getLogger("xlsub.main")
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_ARGS: dict[str, type[StageArgs]] = {"finetune": finetune.FinetuneArgs, "prune": prune.PruneArgs,
-                                          "encode": encode.EncodeArgs, "analyze": analyze.AnalyzeArgs}
+STAGE_ARGS: dict[str, type[StageArgs]] = {stage.name: stage_args_class(stage.name) for stage in stages.pipeline()}
 
 # -- the one mapping from main's parameters to the stages' fields -----------------------------------------
-# Input runs: set by main from the runs of earlier stages, never parameters of main.
-INPUTS = {"prune": {"finetune_run_id": "finetune"},
-          "encode": {"finetune_run_id": "finetune", "prune_run_id": "prune"},
-          "analyze": {"encode_run_id": "encode", "prune_run_id": "prune"}}
+# Input runs (the registry's): set by main from the runs of earlier stages, never parameters of main.
+INPUTS = {stage.name: dict(stage.inputs) for stage in stages.pipeline()}
 # Fixed: later stages cover every language the finetune run trained.
 FIXED = {("prune", "languages"): "all", ("encode", "languages"): "all"}
 # Renamed: a name two stages use with different meanings. finetune's `corpus` is the MLM corpus, encode's
@@ -138,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
             inputs = {name: ids[source] for name, source in INPUTS.get(stage, {}).items()}
             ids[stage] = run_stage(stage, replace(args.stage_args(stage), **inputs), args.force, reused)
             if stage == "prune" and stage in reused and args.register:  # register is not compared for reuse
-                prune.register_subnetworks(ids[stage])
+                tracking.register_subnetworks(ids[stage])
         mlflow.set_tags({artifacts.input_tag(stage): run_id for stage, run_id in ids.items()})
         mlflow.set_tag(artifacts.REUSED_TAG, ",".join(reused) or "none")
         log.info("stage runs: %s; reused: %s", ids, reused or "none")

@@ -31,8 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from entry_points._common import (COUNT, LANGUAGE, REPLICATES, SEED, StageArgs, device_field, parse_args, parse_languages, run_id_field,
                                  split_items)
-from entry_points.finetune import FinetuneArgs
-from xlsub import artifacts, data, models, tracking
+from xlsub import artifacts, data, lineage, models, tracking
 from xlsub.artifacts import SubnetworkId
 from xlsub.errors import Range, XlsubError
 from xlsub.fanout import FanOut
@@ -41,7 +40,7 @@ from xlsub.figures import stages as figures
 from xlsub.intervals import language_indices, percentile_interval, random_control_replicates
 from xlsub.overlap import params_kept_frac
 from xlsub.pruning import (AMOUNT, CONTINUE_TO, TARGET_SPARSITY, THRESHOLD, SubnetworkEvaluation, evaluate_subnetwork, iterative_pruning,
-                           masked_chunk_losses, perplexity_tables, prune_heads, split_half_importance, zero_pruned_heads)
+                           masked_chunk_losses, prune_heads, prune_run_tables, split_half_importance, zero_pruned_heads)
 from xlsub.training import load_finetuned
 
 log = logging.getLogger("xlsub.prune")
@@ -52,17 +51,17 @@ class PruneArgs(StageArgs):
     finetune_run_id: str = run_id_field("finetune run ID, or 'latest' finished one in the experiment")
     languages: str = field(default="all", metadata={"help": "languages to find subnetworks for (comma-separated ISO codes, each once); 'all' = the finetune run's",
                                                    "items": LANGUAGE, "keywords": ("all",)})
-    threshold: float = field(default=1.1, metadata={"help": "keep the last mask whose perplexity is at most threshold x unpruned (>= 1)", "range": THRESHOLD})
-    amount: float = field(default=0.1, metadata={"help": "fraction of all heads switched off per step, in (0, 1]", "range": AMOUNT})
-    target_sparsity: str = field(default="none", metadata={"help": "prune exactly this fraction of heads, in (0, 1), ignoring threshold; 'none' to use threshold",
+    threshold: float = field(default=1.1, metadata={"help": "keep the last mask whose perplexity is at most threshold x unpruned", "range": THRESHOLD})
+    amount: float = field(default=0.1, metadata={"help": "fraction of all heads switched off per step", "range": AMOUNT})
+    target_sparsity: str = field(default="none", metadata={"help": "prune exactly this fraction of heads, ignoring threshold; 'none' to use threshold",
                                                           "number": TARGET_SPARSITY, "keywords": ("none",)})
-    eval_examples: int = field(default=64, metadata={"help": "training chunks per language for importance and the stop rule (>= 2: its halves measure reliability)",
+    eval_examples: int = field(default=64, metadata={"help": "training chunks per language for importance and the stop rule (its two halves measure reliability)",
                                                      "range": Range(2)})
     batch_size: int = field(default=32, metadata={"help": "sequences per importance/evaluation batch", "range": COUNT})
-    seeds: str = field(default="0", metadata={"help": "comma-separated seeds in [0, 2**32), each once; each draws its own pruning data, masks and random control",
+    seeds: str = field(default="0", metadata={"help": "comma-separated seeds, each once; each draws its own pruning data, masks and random control",
                                               "items": SEED})
     random_draws: int = field(default=2, metadata={"help": "random masks with the subnetwork's heads per layer, each evaluated on every language (the control)", "range": COUNT})
-    bootstrap: int = field(default=1000, metadata={"help": "bootstrap replicates over test chunks (and random draws) for the intervals, >= 10", "range": REPLICATES})
+    bootstrap: int = field(default=1000, metadata={"help": "bootstrap replicates over test chunks (and random draws) for the intervals", "range": REPLICATES})
     continue_to: float = field(default=0.9, metadata={"help": "go on pruning (importance only) until this fraction of heads is off, for equal-size overlaps; the stop rule still picks the subnetwork",
                                                       "range": CONTINUE_TO})
     log_stock_models: bool = field(default=True, metadata={"help": "also log each subnetwork as a stock MLflow model (full size, pruned heads' output weights zeroed, "
@@ -71,7 +70,7 @@ class PruneArgs(StageArgs):
                                                             "<experiment>-<language> (needs log_stock_models=true)"})
     device: str = device_field()
 
-    # registering changes no result: main reuses a finished prune run and registers its models (`register_subnetworks`)
+    # registering changes no result: main reuses a finished prune run and registers its models (`xlsub.tracking.register_subnetworks`)
     NOT_FOR_REUSE = ("register",)
 
     def check_stage(self) -> None:
@@ -146,45 +145,17 @@ def log_stock_model(model, tokenizer, mask, sid: SubnetworkId, kept: int) -> Non
                            link=[k for k in child.data.metrics if k not in per_step] if kept else ())
 
 
-def register_subnetworks(prune_run_id: str) -> list:
-    """Register the stock model of every subnetwork of prune run `prune_run_id` as a version of the registered
-    model `<experiment>-<language>`, tagged with its seed, the run's threshold and target_sparsity, its mask
-    digest and its child run. A model registered there before is not registered again, so that main can
-    register a reused run's models. Returns the versions, new or found."""
-    client = MlflowClient()
-    prune = client.get_run(prune_run_id)
-    experiment = client.get_experiment(prune.info.experiment_id).name
-    versions = []
-    for sid, child in tracking.prune_children(prune).items():
-        model_id = tracking.logged_model_id(child.info.run_id, sid.model_name)
-        if model_id is None:
-            raise XlsubError(f"register: prune run {prune_run_id} logged no stock model {sid.model_name}; rerun prune with log_stock_models=true")
-        name = f"{experiment}-{sid.language}"
-        found = [v for v in client.search_model_versions(f"name = '{name}'") if v.source == f"models:/{model_id}"]  # v.model_id is unset
-        if found:
-            versions.append(found[0])
-            continue
-        model = mlflow.get_logged_model(model_id)
-        tags = {artifacts.SEED_TAG: str(sid.seed), artifacts.SUBNETWORK_TAG: str(sid), "threshold": prune.data.params["threshold"],
-                "target_sparsity": prune.data.params["target_sparsity"], artifacts.MASK_DIGEST_TAG: model.tags[artifacts.MASK_DIGEST_TAG],
-                "source_run_id": child.info.run_id}
-        versions.append(mlflow.register_model(f"models:/{model_id}", name, tags=tags))
-        log.info("registered %s as %s version %s", sid.model_name, name, versions[-1].version)
-    return versions
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(PruneArgs, argv)
     with FanOut.from_env() as fan, tracking.stage_run("prune", args, log_to_mlflow=fan.is_zero, system_metrics=True) as run:
         device = fan.device(models.resolve_device(args.device))
-        parent, finetune = fan.share(lambda: (run.info, finetune_input(args)))
+        parent, (finetune, finetune_made) = fan.share(lambda: (run.info, finetune_input(args)))
         if fan.is_zero and fan.world > 1:
             mlflow.log_param("world_size", fan.world)
         with failing(parent, fan):
-            trained = finetune.data.tags[artifacts.LANGUAGES_TAG].split(",")
-            trained_with = FinetuneArgs.from_params(finetune.data.params, "finetune_run_id")
+            trained = finetune_made["languages"]
             folder = tracking.download(finetune.info.run_id, artifacts.MODEL_DIR, param="finetune_run_id")
-            model, tokenizer, lm, _ = load_finetuned(folder, trained_with, trained, device)
+            model, tokenizer, lm, _ = load_finetuned(folder, finetune_made["lm_data"], trained, device)
             test_batches = {l: data.masked_batches(lm.test[l], tokenizer, args.batch_size) for l in trained}
             full = masked_chunk_losses(model, None, test_batches)
             if fan.is_zero:
@@ -207,20 +178,26 @@ def main(argv: list[str] | None = None) -> None:
                 raise failure
         if fan.is_zero:
             log_matrices(collect(gathered, sids), full, trained)
+            with tempfile.TemporaryDirectory() as tmp:
+                artifacts.write_manifest(Path(tmp), "prune", languages=parse_languages(args.languages) or trained,
+                                         subnetworks=[str(sid) for sid in sids])
+                mlflow.log_artifacts(tmp)
             if args.register:
-                register_subnetworks(parent.run_id)
+                tracking.register_subnetworks(parent.run_id)
 
 
 def finetune_input(args: PruneArgs):
-    """Rank 0: the finetune run the prune run reads (tagged on the parent), refused if it did not train a
-    language asked for."""
-    finetune = tracking.resolve_run("finetune_run_id", args.finetune_run_id, "finetune")
-    mlflow.set_tag(artifacts.input_tag("finetune"), finetune.info.run_id)
-    trained = finetune.data.tags[artifacts.LANGUAGES_TAG].split(",")
+    """Rank 0: the finetune run the prune run reads (tagged on the parent) and its manifest, refused if it
+    did not train a language asked for."""
+    runs = lineage.resolve_inputs("prune", args.params())
+    lineage.tag_inputs(runs)
+    finetune = runs["finetune"]
+    made = lineage.manifest(finetune, "finetune_run_id")
+    trained = made["languages"]
     for lang in parse_languages(args.languages) or trained:
         if lang not in trained:
             raise XlsubError(f"languages: finetune run {finetune.info.run_id} did not train '{lang}'; choose from {','.join(trained)}")
-    return finetune
+    return finetune, made
 
 
 def prune_child(parent, finetune_id: str, sid: SubnetworkId, args: PruneArgs, model, tokenizer, train_chunks, test_batches, full
@@ -268,7 +245,7 @@ def collect(gathered: list, sids: list[SubnetworkId]) -> dict[SubnetworkId, Subn
 def log_matrices(evaluations: dict, full: dict, languages: list[str]) -> None:
     """The cross-language perplexity matrices for the UI (raw and relative, subnetworks and random
     controls, with heatmaps) and the per-chunk losses analyze bootstraps its intervals from."""
-    tables = perplexity_tables(evaluations, full, languages)
+    tables = prune_run_tables(evaluations, full, languages)
     with tempfile.TemporaryDirectory() as tmp:
         for table_id, table in tables.items():
             artifacts.write_table(Path(tmp), table_id, table, subfolder=None)

@@ -10,11 +10,10 @@ import sys
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from xlsub.artifacts import REPORT, REUSED_TAG, STAGE_TAG, VERDICTS, input_tag
+from xlsub import stages
+from xlsub.artifacts import METRIC, REPORT, REUSED_TAG, STAGE_TAG, VERDICTS, input_tag
 from xlsub.errors import XlsubError
 from xlsub.tracking import download
-
-STAGES = ("finetune", "prune", "encode", "analyze")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,17 +31,21 @@ def main(argv: list[str] | None = None) -> None:
     run = runs[0]
     print(f"\nExperiment '{experiment.name}' (ID {experiment.experiment_id}) on {uri}")
     print(f"main run {run.info.run_id}: {run.info.status}; reused stages: {run.data.tags.get(REUSED_TAG, '?')}")
-    for stage in STAGES:
+    reused = run.data.tags.get(REUSED_TAG, "").split(",")
+    for stage in stages.lineage_order():
         stage_id = run.data.tags.get(input_tag(stage))
         if stage_id:
-            print(f"  {stage:9s} {stage_id}")
+            info = client.get_run(stage_id).info
+            seconds = (info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None
+            print(stage_line(stage, stage_id, seconds, stage in reused))
     analyze_id = run.data.tags.get(input_tag("analyze"))
     if analyze_id:
         report = client.get_run(analyze_id).info.artifact_uri.rstrip("/") + "/" + REPORT
         print(f"\nReport: {report.removeprefix('file://')}")
         metrics = client.get_run(analyze_id).data.metrics
-        for key in ("mean_jaccard", "mean_expected_jaccard", "mean_cka_last_layer", "mean_cka_shuffled_last_layer", "mean_heads_kept_frac",
-                    "specificity_gap", "specificity_gap_random"):
+        for key in (METRIC.mean_jaccard, METRIC.mean_expected_jaccard, METRIC.mean_cka_last_layer,
+                    METRIC.mean_cka_control_last_layer("shuffled"), METRIC.mean_heads_kept_frac, METRIC.specificity_gap,
+                    METRIC.specificity_gap_random):
             if key in metrics:
                 print(f"  {key:30s} {metrics[key]:.3f}")
         try:
@@ -53,6 +56,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\n{verdict['question']}\n  {verdict['answer']}")
     for line in next_steps(uri, experiment.experiment_id, run.data.tags):
         print(line)
+
+
+def stage_line(stage: str, run_id: str, seconds: float | None, reused: bool) -> str:
+    """One stage of the pipeline: its run and how long it took (a reused run's own time, said so)."""
+    took = "still running" if seconds is None else f"{seconds:6.0f} s"
+    return f"  {stage:9s} {run_id}  {took}{' (reused: computed by an earlier pipeline)' if reused else ''}"
 
 
 def next_steps(uri: str, experiment_id: str, tags: dict) -> list[str]:

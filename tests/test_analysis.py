@@ -13,7 +13,7 @@ import torch
 from matplotlib.collections import QuadMesh
 
 from tests.reference import linear_cka_gram
-from xlsub.analysis import AnalysisInputs, analyze
+from xlsub.analysis import AnalysisInputs, AnalysisResult, analyze
 from xlsub.artifacts import SubnetworkId as S
 from xlsub.cka import shuffled_pairs_cka
 from xlsub.errors import XlsubError
@@ -21,6 +21,7 @@ from xlsub.figures import CKA_CMAP, JACCARD_CMAP
 from xlsub.figures.stages import cross_perplexity_figures, head_mask_heatmap, matrix_heatmap, perplexity_bars
 from xlsub.overlap import expected_random_jaccard
 from xlsub.pruning import cross_perplexity_matrix
+from xlsub.similarity_tables import Counts
 from xlsub.tables import (
     heads_kept_tables,
     long_table,
@@ -46,6 +47,15 @@ CROSS = pd.DataFrame([[110.0, 300.0, 800.0], [150.0, 220.0, 600.0], [180.0, 500.
 CROSS_RANDOM = CROSS * 1.5
 # de shares 2 of its 3 tokens with en in sentence 0 and, with clipping, 1 of 2 in sentence 1; zh shares none.
 TOKENS = {"en": [[1, 2, 3], [4, 5]], "de": [[1, 2, 9], [4, 4]], "zh": [[7, 8], [9]]}
+# `analyze` has no defaults of its own (the analyze stage's dataclass declares them); these tests were
+# written for linear CKA with these counts, and the other analysis tests share them
+OPTIONS = dict(cka_kind="linear", layers=None, cka_precision="float64", reference="en", bootstrap=1000, permutations=1000,
+               resample_seed=0, counts=Counts(full=1000, controls=1000, subnetworks=200, length=500))
+
+
+def analyzed(given: AnalysisInputs, **options) -> AnalysisResult:
+    """`analyze(given)` with OPTIONS, those named in `options` replaced."""
+    return analyze(given, **(OPTIONS | options))
 N, LAYERS, D = 20, 3, 8
 
 
@@ -87,12 +97,12 @@ def inputs(several_seeds=False, languages=LANGS):
 
 @pytest.fixture(scope="module")
 def single():
-    return analyze(inputs())
+    return analyzed(inputs())
 
 
 @pytest.fixture(scope="module")
 def several():
-    return analyze(inputs(several_seeds=True))
+    return analyzed(inputs(several_seeds=True))
 
 
 def set_jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -269,10 +279,10 @@ def test_cka_pairs_at_default_and_chosen_layers(single):
     assert sorted(set(pairs.index.get_level_values("layer"))) == [0, 1, 2]
     assert pairs.loc[(2, "en"), "de"] == pytest.approx(1.0)
     assert pairs.loc[(0, "zh"), "zh"] == pytest.approx(1.0)
-    chosen = analyze(AnalysisInputs(languages=LANGS, encodings={"full": encodings()["full"]}), layers=[-1])
+    chosen = analyzed(AnalysisInputs(languages=LANGS, encodings={"full": encodings()["full"]}), layers=[-1])
     assert sorted(set(chosen.tables["cka_pairs"].index.get_level_values("layer"))) == [2]
     with pytest.raises(XlsubError, match="layers"):
-        analyze(AnalysisInputs(languages=LANGS, encodings={"full": encodings()["full"]}), layers=[3])
+        analyzed(AnalysisInputs(languages=LANGS, encodings={"full": encodings()["full"]}), layers=[3])
 
 
 def test_cka_full_vs_subnetwork(single):
@@ -342,29 +352,29 @@ def test_reference_is_an_argument():
     tokens = {k: v for k, v in TOKENS.items() if k != "en"}
     german = AnalysisInputs(languages=["de", "zh"], encodings={"full": full}, tokens=tokens)
     with pytest.raises(XlsubError, match=r"reference: 'en' is not among the analysed languages \(de, zh\); pass one of them"):
-        analyze(german)
-    result = analyze(german, reference="de")
+        analyzed(german)
+    result = analyzed(german, reference="de")
     assert list(result.tables["cka_vs_reference"].index) == ["zh"]
     assert result.tables["cka_vs_reference"].loc["zh", 2] == pytest.approx(float(linear_cka_gram(full["de"][2], full["zh"][2])))
     assert "German" in result.captions["cka_vs_reference"] and "German" in result.captions["token_overlap"]
     # with English present, another reference still wins
-    chinese = analyze(AnalysisInputs(languages=LANGS, tokens=TOKENS), reference="zh")
+    chinese = analyzed(AnalysisInputs(languages=LANGS, tokens=TOKENS), reference="zh")
     assert set(chinese.tables["token_overlap"].index) == {"en", "de"}
     assert chinese.tables["token_overlap"].loc["en", "token_overlap"] == 0.0
 
 
 def test_missing_inputs_are_skipped_with_a_note():
-    result = analyze(AnalysisInputs(languages=LANGS, masks=SEED0))
+    result = analyzed(AnalysisInputs(languages=LANGS, masks=SEED0))
     assert "mask_jaccard" in result.figures and "cka_vs_reference" not in result.figures
     assert any("CKA" in note for note in result.notes)
     with pytest.raises(XlsubError, match="unknown kind 'cosine'"):
-        analyze(AnalysisInputs(languages=LANGS), cka_kind="cosine")
+        analyzed(AnalysisInputs(languages=LANGS), cka_kind="cosine")
     with pytest.raises(XlsubError, match="cka_precision"):
-        analyze(AnalysisInputs(languages=LANGS), cka_precision="half")
+        analyzed(AnalysisInputs(languages=LANGS), cka_precision="half")
 
 
 def test_float32_products_give_the_same_cka_tables(single):
-    fast = analyze(inputs(), cka_precision="float32")
+    fast = analyzed(inputs(), cka_precision="float32")
     for name in ("cka_vs_reference", "cka_controls", "cka_pairs", "cka_full_vs_subnetwork"):
         exact, approx = single.tables[name], fast.tables[name]
         assert exact.shape == approx.shape and exact.index.equals(approx.index), name
@@ -447,3 +457,72 @@ def test_stage_figures_show_their_numbers():
     shown = [t.get_text() for t in drawn["cross_ppl_random_relative"].axes[0].texts]
     assert shown == [f"{1.5 * v / PPL_FULL[c]:.2f}" for row in CROSS.to_numpy() for v, c in zip(row, LANGS)]
     assert list(cross_perplexity_figures(CROSS, relative)) == ["cross_ppl", "cross_ppl_relative"]
+
+
+# -- verdicts as metrics ------------------------------------------------------------------------------------
+
+# written out here, not taken from xlsub.verdicts: the metric key of each question
+VERDICT_KEYS = {
+    "different_heads": "Do the languages need different heads?",
+    "specificity": "Does a language's subnetwork serve the other languages worse than its own?",
+    "stability": "Are the masks stable across seeds?",
+    "beyond_length": "Do parallel sentences share representation beyond what length explains?",
+    "pruning_specific": "Does pruning to a language's subnetwork change the representation of other languages more than its own?",
+}
+
+
+@pytest.fixture(scope="module")
+def complete():
+    """Every section present, so all five verdicts are made: two seeds, per-chunk losses, and token counts
+    aligned with the N encoded sentences (the length control)."""
+    from tests.test_uncertainty import chunk_losses
+
+    given = inputs(several_seeds=True)
+    g = torch.Generator().manual_seed(7)
+    given.tokens = {l: [torch.randint(3, 50, (int(k),), generator=g).tolist() for k in torch.randint(2, 6, (N,), generator=g)]
+                    for l in LANGS}
+    given.chunk_losses = chunk_losses(True, seeds=(0, 1))
+    return analyzed(given, bootstrap=50, permutations=50, counts=Counts(20, 20, 20, 20))
+
+
+@pytest.mark.parametrize("key", list(VERDICT_KEYS))
+def test_every_verdict_is_logged_as_metrics(complete, key):
+    found = [v for v in complete.verdicts if v.question == VERDICT_KEYS[key]]
+    assert len(found) == 1
+    verdict = found[0]
+    fields = {"value": verdict.value, "lo": verdict.lo, "hi": verdict.hi, "control": verdict.control_value, "p": verdict.p}
+    assert all(math.isfinite(x) for x in fields.values())
+    for name, x in fields.items():
+        assert complete.metrics[f"verdict.{key}.{name}"] == x
+
+
+def test_verdict_values_against_their_tables(complete):
+    """The verdicts' numbers, recomputed from the tables and masks they summarise."""
+    by_key = {key: next(v for v in complete.verdicts if v.question == q) for key, q in VERDICT_KEYS.items()}
+    assert [v.question for v in complete.verdicts] == list(VERDICT_KEYS.values())
+    within = np.mean([set_jaccard(MASKS[S(l, 0)], MASKS[S(l, 1)]) for l in LANGS])
+    assert by_key["stability"].value == pytest.approx(within)
+    assert by_key["different_heads"].control_value == pytest.approx(within)
+    assert by_key["specificity"].value == pytest.approx(complete.metrics["specificity_gap"])
+    length = complete.tables["cka_length"]
+    assert by_key["beyond_length"].value == pytest.approx(length.loc["full", "above_length_chance"].mean())
+    assert by_key["beyond_length"].control_value == pytest.approx(length.loc["random", "above_length_chance"].mean())
+    change = 1 - complete.tables["cka_full_vs_subnetwork_last_layer"].loc[LANGS, LANGS].to_numpy()
+    off = ~np.eye(len(LANGS), dtype=bool)
+    assert by_key["pruning_specific"].value == pytest.approx(change[off].mean() - np.diag(change).mean())
+
+
+def test_every_table_id_and_metric_name_is_in_the_contract(complete):
+    """What analyze writes is named in xlsub.artifacts: table ids in TABLE, metrics in METRIC (per language
+    with a dot), besides the verdicts' `verdict.<key>.<field>`."""
+    from dataclasses import astuple
+
+    from xlsub.artifacts import METRIC, TABLE
+
+    assert set(complete.tables) <= set(astuple(TABLE))
+    assert {"cka_length", "cka_pvalue", "power", "specificity_gap", "cross_ppl_random_relative_hi"} <= set(complete.tables)
+    named = set(astuple(METRIC))
+    for name in complete.metrics:
+        stem = name.split(".")[0]
+        assert name in named or stem in named or stem == "verdict", name
+    assert complete.metrics["retrieval_top1.de"] == complete.tables["retrieval_top1"].loc[("full", "de")].iloc[-1]

@@ -101,7 +101,7 @@ def test_float32_products_agree_with_float64(kind, monkeypatch):
     assert 1e-12 < difference < 1e-6, difference  # float32 rounding is visible, and small
     # Blocks of 100 examples summed in float64 give the same CKA (the blocking is a sum, not an approximation)
     # and no larger error than one 3000-example float32 product.
-    monkeypatch.setattr(cka_module, "_FLOAT32_BLOCK", 100)
+    monkeypatch.setattr(cka_module, "FLOAT32_BLOCK", 100)
     blocked = cka(x, y, kind, precision="float32")
     assert float((blocked - exact).abs().max()) < 1e-6
     assert not torch.equal(blocked, fast)
@@ -109,7 +109,7 @@ def test_float32_products_agree_with_float64(kind, monkeypatch):
 
 def test_float32_product_blocks_sum_to_the_whole_product(monkeypatch):
     a, b = gaussian(2, 250, 7, seed=1).float(), gaussian(2, 250, 5, seed=2).float()
-    monkeypatch.setattr(cka_module, "_FLOAT32_BLOCK", 64)  # 64 + 64 + 64 + 58
+    monkeypatch.setattr(cka_module, "FLOAT32_BLOCK", 64)  # 64 + 64 + 64 + 58
     blocked = cka_module._product(a, b)
     assert blocked.dtype == torch.float64 and blocked.shape == (2, 5, 7)
     torch.testing.assert_close(blocked, b.double().mT @ a.double(), rtol=0, atol=1e-4)

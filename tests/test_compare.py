@@ -11,13 +11,13 @@ import pytest
 from matplotlib.collections import PolyCollection
 
 from xlsub import artifacts
+from xlsub.lineage import run_url
 from xlsub.compare import (
     Comparison,
     cells,
     check_same_languages,
     compare,
     render_report,
-    run_url,
     short_ids,
     summarise,
     summarise_metrics,

@@ -35,12 +35,14 @@ def store(tmp_path_factory):
 
     def encode(languages):
         run_id = finished("encode")
-        client.log_dict(run_id, {"languages": languages, "ids": [], "texts": {}}, "sentences.json")
         client.set_terminated(run_id, "FINISHED")
-        return run_id
+        return run_id, languages
 
-    def analyze(encode_id, i, extra_metric=False):
+    def analyze(encoded, i, extra_metric=False):
+        encode_id, languages = encoded
         run_id = finished("analyze", {"xlsub.encode_run_id": encode_id, "xlsub.prune_run_id": "p", "xlsub.finetune_run_id": "f"})
+        client.log_dict(run_id, {"stage": "analyze", "languages": languages, "tables": ["cka_vs_reference", "token_overlap"]},
+                        "manifest.json")
         client.log_param(run_id, "cka", "linear")
         for name, values in METRICS.items():
             client.log_metric(run_id, name, values[i])

@@ -15,7 +15,8 @@ import torch
 import yaml
 from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
 
-from entry_points import analyze, encode, finetune, main, mlproject, prune
+from entry_points._common import stage_classes
+from entry_points import analyze, docs, encode, finetune, main, mlproject, prune
 from xlsub import artifacts
 from xlsub.artifacts import SubnetworkId
 from xlsub.code_version import code_version, import_closure
@@ -108,7 +109,7 @@ def test_mlproject_agrees_with_the_dataclasses_on_names_defaults_and_types():
     """Read back as MLflow reads it: the type mapping is float -> float; int, bool and str -> string."""
     declared = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
     expected_type = {float: "float", int: "string", bool: "string", str: "string"}
-    for stage, cls in mlproject.stage_classes().items():
+    for stage, cls in stage_classes().items():
         params = declared[stage]["parameters"]
         hints = get_type_hints(cls)
         assert list(params) == [f.name for f in fields(cls)], stage
@@ -192,21 +193,32 @@ def test_validation_names_the_parameter(args, param):
         args.validate()
 
 
-@pytest.mark.parametrize("threshold, amount, sparsity", [(1.0, 1.0, None), (1.5, 0.01, 0.5)])
-def test_the_library_accepts_exactly_what_the_stage_accepts(threshold, amount, sparsity):
+# heads on after each step of 2 layers x 2 heads: amount 1.0 switches all 4 off in one step; amount 0.01 one
+# head a step (at least one), to the target of round(4 x 0.5) = 2 off
+@pytest.mark.parametrize("threshold, amount, sparsity, heads_on", [(1.0, 1.0, None, [4, 0]), (1.5, 0.01, 0.5, [4, 3, 2])])
+def test_the_library_accepts_exactly_what_the_stage_accepts(threshold, amount, sparsity, heads_on):
     prune.PruneArgs(threshold=threshold, amount=amount, target_sparsity=str(sparsity or "none")).validate()
     model = tiny(2, 2)
     batch = {"input_ids": torch.tensor([[0, 5, 6, 2]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
              "labels": torch.tensor([[-100, 5, -100, -100]])}
-    iterative_pruning(model, [batch], threshold=threshold, amount=amount, target_sparsity=sparsity)
+    result = iterative_pruning(model, [batch], threshold=threshold, amount=amount, target_sparsity=sparsity, continue_to=0.0)
+    assert [int(step.mask.sum()) for step in result.steps] == heads_on
+    if sparsity is None:  # the stop rule: keep the last step within threshold x unpruned
+        within = [step.ppl <= threshold * result.steps[0].ppl for step in result.steps]
+        assert result.kept == (len(within) - 1 if all(within) else within.index(False) - 1)
+    else:  # the target: exactly round(heads x sparsity) heads off, whatever the perplexity
+        assert result.kept == len(heads_on) - 1 and int(result.mask.sum()) == 4 - round(4 * sparsity)
+    assert torch.equal(result.mask, result.steps[result.kept].mask)
 
 
 def test_the_library_refuses_with_the_stages_message():
+    stage = prune.PruneArgs()
+    defaults = {"threshold": stage.threshold, "amount": stage.amount, "target_sparsity": stage.sparsity, "continue_to": stage.continue_to}
     for kwargs in ({"threshold": 0.9}, {"amount": 0.0}, {"threshold": math.nan}):
         with pytest.raises(XlsubError) as from_stage:
             prune.PruneArgs(**kwargs).validate()
         with pytest.raises(XlsubError) as from_library:
-            iterative_pruning(tiny(2, 2), [], **kwargs)
+            iterative_pruning(tiny(2, 2), [], **(defaults | kwargs))
         assert str(from_stage.value) == str(from_library.value)
 
 
@@ -255,34 +267,47 @@ def test_an_mlproject_block_edit_changes_only_that_stage(tmp_path):
     assert changed == {"encode"}
 
 
-def readme_parameter_tables() -> dict[str, dict[str, str]]:
-    """{stage: {parameter: default}} from the README's `### <stage>` parameter tables."""
+def documented_defaults() -> dict[str, dict[str, str]]:
+    """{stage: {parameter: default}} read back from docs/parameters.md's `## <stage>` tables."""
     import re
 
-    tables, stage, header = {}, None, ""
-    for line in (ROOT / "README.md").read_text().splitlines():
-        if line.startswith("### "):
-            stage = line[4:].strip()
-        elif line.startswith("## "):
-            stage = None
-        elif line.startswith("| ") and not line.startswith("| `"):
-            header = line
-        elif stage in DOCUMENTED and header.startswith("| parameter | default |") and line.startswith("| `"):
-            names, default = line.split("|")[1:3]
-            for name in re.findall(r"`([^`]+)`", names):
-                tables.setdefault(stage, {})[name] = default.strip().strip("`")
+    tables, stage = {}, None
+    for line in (ROOT / "docs" / "parameters.md").read_text().splitlines():
+        if line.startswith("## "):
+            stage = line[3:].strip()
+        elif stage and (row := re.match(r"\| `([^`]+)` \| [^|]+ \| `([^`]*)` \|", line)):
+            tables.setdefault(stage, {})[row[1]] = row[2]
     return tables
 
 
-def test_readme_parameter_tables_match_the_dataclasses():
-    """The README documents every parameter `--help` shows, with the same default."""
-    documented = readme_parameter_tables()
-    for stage, cls in mlproject.stage_classes().items():
-        if stage == "main":  # documented as the mapping onto the stages' parameters
-            continue
-        declared = {f.name: f.default for f in fields(cls)}
-        assert set(documented[stage]) == set(declared), stage
-        for name, default in declared.items():
+def test_parameters_doc_is_fresh():
+    """docs/parameters.md is what `entry_points.docs.render` gives for the stage dataclasses."""
+    expected = docs.render(stage_classes())
+    assert (ROOT / "docs" / "parameters.md").read_text() == expected, "docs/parameters.md is stale: run `python -m entry_points.docs`"
+    docs.main(["--check"])  # and the check `make`-less callers use agrees
+
+
+def test_parameters_doc_check_refuses_a_stale_file(tmp_path, monkeypatch):
+    stale = tmp_path / "parameters.md"
+    stale.write_text(docs.render(stage_classes()).replace("| `seed` |", "| `sead` |", 1))
+    monkeypatch.setattr(docs, "PATH", stale)
+    with pytest.raises(SystemExit) as exit_:
+        docs.main(["--check"])
+    assert "python -m entry_points.docs" in str(exit_.value.code) and "\n" not in str(exit_.value.code)
+
+
+def test_parameters_doc_documents_every_flag_help_shows():
+    """docs/parameters.md documents every parameter a stage's `--help` shows, with the parser's default."""
+    from entry_points._common import _RaisingParser
+
+    documented = documented_defaults()
+    for stage, cls in stage_classes().items():
+        shown: dict[str, object] = {}
+        for action in _RaisingParser(cls)._actions:  # a True bool also gets `--no_<name>`, same dest: keep the first
+            if action.dest != "help":
+                shown.setdefault(action.dest, action.default)
+        assert set(documented[stage]) == set(shown) == {f.name for f in fields(cls)}, stage
+        for name, default in shown.items():
             default = str(default).lower() if isinstance(default, bool) else default
             assert same_value(documented[stage][name], default), (stage, name, documented[stage][name], default)
 
@@ -303,6 +328,64 @@ def test_entry_points_hold_no_tag_or_artifact_path_literals():
                 # logger names (`xlsub.prune`) are not tags
                 is_logger = node.value in {f"xlsub.{s}" for s in DOCUMENTED + ("main",)}
                 assert is_logger or not suspicious.search(node.value), (path.name, node.value)
+
+
+# Literals still to switch to artifacts.METRIC, in code other engineers own; remove an entry when its file switches.
+PENDING_NAME_LITERALS: set[tuple[str, str]] = set()
+# table ids that are also a column name of their own table (`token_overlap`'s column `token_overlap`)
+ALSO_COLUMNS = {"token_overlap", "rsa"}
+
+
+def name_literals(path: Path, names: set[str]) -> set[str]:
+    """The string literals of `path` (docstrings left out) that spell one of `names`, or whose f-string parts
+    start one (`f"retrieval_top1.{lang}"`, `f"mean_cka_{condition}_last_layer"`)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    in_fstrings = {id(part) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for part in node.values}
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings | in_fstrings:
+            if node.value in names:
+                found.add(node.value)
+        elif isinstance(node, ast.JoinedStr):
+            for part in node.values:
+                text = part.value if isinstance(part, ast.Constant) and isinstance(part.value, str) else ""
+                if text.rstrip("._") in names or (text.endswith("_") and any(n.startswith(text) for n in names)):
+                    found.add(text)
+    return found
+
+
+def test_table_ids_and_metric_names_have_one_home(tmp_path):
+    """Table ids and summary metric names are spelled once, in xlsub.artifacts (TABLE, METRIC): a literal in an
+    entry point or in the code that writes the analyze tables and report is a second copy."""
+    from dataclasses import astuple
+
+    table_ids, metric_names = set(astuple(artifacts.TABLE)), set(astuple(artifacts.METRIC))
+    names = (table_ids | metric_names) - ALSO_COLUMNS
+    files = [*sorted((ROOT / "entry_points").glob("*.py")), *(ROOT / "xlsub" / f for f in ("report.py", "compare.py", "analysis.py")),
+             *sorted((ROOT / "xlsub" / "figures").glob("*.py"))]
+    found = {(path.relative_to(ROOT).as_posix(), literal) for path in files for literal in name_literals(path, names)}
+    assert found == PENDING_NAME_LITERALS
+    # the scan sees what it looks for, and not docstrings
+    sample = tmp_path / "probe.py"
+    sample.write_text('"""mean_jaccard"""\nx = {"mask_jaccard": 1, "mean_cka_last_layer": 2, "mean": 3}\ny = f"retrieval_top1.{x}"\n')
+    assert name_literals(sample, names) == {"mask_jaccard", "mean_cka_last_layer", "retrieval_top1."}
+
+
+def test_the_contract_names_are_todays_spellings():
+    """The namespaces change no name: each field spells itself, and the ids the demo writes are these."""
+    for namespace in (artifacts.TABLE, artifacts.METRIC):
+        assert all(getattr(namespace, f.name) == f.name for f in fields(namespace))
+    assert artifacts.TABLE.cross_ppl_random_relative_hi == "cross_ppl_random_relative_hi"
+    assert artifacts.TABLE.language_distance_uriel == "language_distance_uriel"
+    assert artifacts.language_metric(artifacts.METRIC.retrieval_top1, "de") == "retrieval_top1.de"
+    assert artifacts.METRIC.mean_cka_control_last_layer("shuffled") == "mean_cka_shuffled_last_layer"
+    assert (artifacts.REGISTERED_THRESHOLD_TAG, artifacts.REGISTERED_TARGET_SPARSITY_TAG,
+            artifacts.REGISTERED_SOURCE_RUN_TAG) == ("threshold", "target_sparsity", "source_run_id")
 
 
 def test_conda_env_pins_the_same_packages_as_pyproject():

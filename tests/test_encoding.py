@@ -101,7 +101,7 @@ def independent_encoding(model, tokenizer, sentence: str) -> torch.Tensor:
 
 
 def test_encode_matches_each_sentence_encoded_alone(model, tokenizer):
-    out = encode(model, tokenizer, SENTENCES + [LONG])
+    out = encode(model, tokenizer, SENTENCES + [LONG], batch_size=64, pooling="mean")
     assert out.shape == (LAYERS + 1, len(SENTENCES) + 1, HIDDEN) and out.dtype == torch.float32
     for i, sentence in enumerate(SENTENCES + [LONG]):
         assert max_diff(out[:, i], independent_encoding(model, tokenizer, sentence)) < 1e-5
@@ -109,23 +109,23 @@ def test_encode_matches_each_sentence_encoded_alone(model, tokenizer):
 
 
 def test_padding_does_not_change_a_sentence(model, tokenizer):
-    alone = encode(model, tokenizer, ["a dog."])
-    with_long = encode(model, tokenizer, ["a dog.", LONG], batch_size=2)  # padded to LONG's length
+    alone = encode(model, tokenizer, ["a dog."], batch_size=64, pooling="mean")
+    with_long = encode(model, tokenizer, ["a dog.", LONG], batch_size=2, pooling="mean")  # padded to LONG's length
     assert len(tokenizer(LONG)["input_ids"]) > 5 * len(tokenizer("a dog.")["input_ids"])
     assert max_diff(alone[:, 0], with_long[:, 0]) < 1e-5
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
 def test_batch_size_and_order_do_not_change_results(model, tokenizer, batch_size):
-    reference = encode(model, tokenizer, SENTENCES, batch_size=64)
-    assert max_diff(encode(model, tokenizer, SENTENCES, batch_size=batch_size), reference) < 1e-5
-    reversed_out = encode(model, tokenizer, SENTENCES[::-1], batch_size=batch_size)
+    reference = encode(model, tokenizer, SENTENCES, batch_size=64, pooling="mean")
+    assert max_diff(encode(model, tokenizer, SENTENCES, batch_size=batch_size, pooling="mean"), reference) < 1e-5
+    reversed_out = encode(model, tokenizer, SENTENCES[::-1], batch_size=batch_size, pooling="mean")
     assert max_diff(reversed_out.flip(1), reference) < 1e-5
 
 
 @pytest.mark.parametrize("batch_size", [2, 64])
 def test_encode_equals_the_naive_loop(model, tokenizer, batch_size):
-    fast = encode(model, tokenizer, SENTENCES + [LONG], batch_size=batch_size)
+    fast = encode(model, tokenizer, SENTENCES + [LONG], batch_size=batch_size, pooling="mean")
     naive = encode_naive(model, tokenizer, SENTENCES + [LONG], batch_size=batch_size)
     assert naive.shape == fast.shape
     assert max_diff(fast, naive) < 1e-5
@@ -134,44 +134,44 @@ def test_encode_equals_the_naive_loop(model, tokenizer, batch_size):
 def test_base_model_and_no_lm_head(model, tokenizer):
     handle = model.lm_head.register_forward_hook(lambda *args: pytest.fail("encode ran the LM head"))
     try:
-        out = encode(model, tokenizer, SENTENCES)
+        out = encode(model, tokenizer, SENTENCES, batch_size=64, pooling="mean")
     finally:
         handle.remove()
     assert isinstance(model.base_model, XLMRobertaModel)
-    assert max_diff(encode(model.base_model, tokenizer, SENTENCES), out) < 1e-6
+    assert max_diff(encode(model.base_model, tokenizer, SENTENCES, batch_size=64, pooling="mean"), out) < 1e-6
 
 
 def test_truncates_to_the_position_embeddings(model, tokenizer):
     very_long = " ".join(WORDS * 20)  # ~200 tokens, far past the 38 positions
-    out = encode(model, tokenizer, [very_long, "cat"])
+    out = encode(model, tokenizer, [very_long, "cat"], batch_size=64, pooling="mean")
     assert out.shape == (LAYERS + 1, 2, HIDDEN) and torch.isfinite(out).all()
     ids = tokenizer(very_long, truncation=True, max_length=MAX_TOKENS)["input_ids"]
     assert len(ids) == MAX_TOKENS and ids[-1] == tokenizer.eos_token_id
     with torch.no_grad():
         hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
     assert max_diff(out[:, 0], torch.stack([h[0].mean(0) for h in hidden])) < 1e-5
-    short = encode(model, tokenizer, [very_long], max_length=8)
+    short = encode(model, tokenizer, [very_long], max_length=8, batch_size=64, pooling="mean")
     assert max_diff(short[:, 0], out[:, 0]) > 1e-3
 
 
 def test_dropout_is_off_and_the_mode_is_restored(tokenizer):
     model = tiny_model(tokenizer, hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5).train()
-    first = encode(model, tokenizer, SENTENCES)
+    first = encode(model, tokenizer, SENTENCES, batch_size=64, pooling="mean")
     assert model.training
-    assert torch.equal(first, encode(model, tokenizer, SENTENCES))
+    assert torch.equal(first, encode(model, tokenizer, SENTENCES, batch_size=64, pooling="mean"))
     assert not first.is_inference()  # usable outside inference mode
 
 
 def test_half_precision_model_gives_float32(model, tokenizer):
-    reference = encode(model, tokenizer, SENTENCES)
-    half = encode(copy.deepcopy(model).to(torch.bfloat16), tokenizer, SENTENCES)
+    reference = encode(model, tokenizer, SENTENCES, batch_size=64, pooling="mean")
+    half = encode(copy.deepcopy(model).to(torch.bfloat16), tokenizer, SENTENCES, batch_size=64, pooling="mean")
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     # bfloat16 keeps 8 significant bits; errors compound over the layers but stay at the percent level
     assert max_diff(half, reference) < 0.05 * float(reference.abs().max())
 
 
 def test_no_sentences(model, tokenizer):
-    assert encode(model, tokenizer, []).shape == (LAYERS + 1, 0, HIDDEN)
+    assert encode(model, tokenizer, [], batch_size=64, pooling="mean").shape == (LAYERS + 1, 0, HIDDEN)
     assert encode_naive(model, tokenizer, []).shape == (LAYERS + 1, 0, HIDDEN)
 
 
@@ -181,7 +181,7 @@ def test_no_sentences(model, tokenizer):
 )
 def test_bad_arguments(model, tokenizer, kwargs, prefix):
     with pytest.raises(XlsubError, match=f"^{prefix}"):
-        encode(model, tokenizer, SENTENCES, **kwargs)
+        encode(model, tokenizer, SENTENCES, **({"batch_size": 64, "pooling": "mean"} | kwargs))
 
 
 # -- pruned subnetworks ---------------------------------------------------------------------------
@@ -197,17 +197,17 @@ def awkward_mask() -> torch.Tensor:
 def test_pruned_model_equals_the_gated_model(model, tokenizer, tmp_path):
     mask = awkward_mask()
     with HeadGates(model, mask):
-        gated = encode(model, tokenizer, SENTENCES + [LONG], batch_size=4)
+        gated = encode(model, tokenizer, SENTENCES + [LONG], batch_size=4, pooling="mean")
     pruned = prune_heads(copy.deepcopy(model), mask)
     assert num_heads(pruned) == [0, 2]
-    out = encode(pruned, tokenizer, SENTENCES + [LONG], batch_size=4)
+    out = encode(pruned, tokenizer, SENTENCES + [LONG], batch_size=4, pooling="mean")
     assert out.shape == (LAYERS + 1, len(SENTENCES) + 1, HIDDEN) and torch.isfinite(out).all()
     assert max_diff(out, gated) < 1e-5
-    assert max_diff(out, encode(model, tokenizer, SENTENCES + [LONG])) > 1e-3  # pruning changed something
+    assert max_diff(out, encode(model, tokenizer, SENTENCES + [LONG], batch_size=64, pooling="mean")) > 1e-3  # pruning changed something
 
     save_pruned(pruned, tmp_path / "subnetwork")
     reloaded = load_pruned(tmp_path / "subnetwork")
-    assert max_diff(encode(reloaded, tokenizer, SENTENCES + [LONG]), gated) < 1e-5
+    assert max_diff(encode(reloaded, tokenizer, SENTENCES + [LONG], batch_size=64, pooling="mean"), gated) < 1e-5
 
 
 # -- random control -------------------------------------------------------------------------------
@@ -229,7 +229,8 @@ def test_random_like(model, tokenizer):
     w = "roberta.encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(dict(a.named_parameters())[w], weights[w])
     assert not torch.equal(dict(a.named_parameters())[w], dict(c.named_parameters())[w])
-    assert max_diff(encode(a, tokenizer, SENTENCES), encode(b, tokenizer, SENTENCES)) == 0.0
+    options = dict(batch_size=64, pooling="mean")
+    assert max_diff(encode(a, tokenizer, SENTENCES, **options), encode(b, tokenizer, SENTENCES, **options)) == 0.0
 
 
 def test_random_like_a_pruned_model_keeps_its_heads(model, tokenizer):
@@ -237,7 +238,7 @@ def test_random_like_a_pruned_model_keeps_its_heads(model, tokenizer):
     fresh = random_like(pruned, seed=0)
     assert num_heads(fresh) == [0, 2]
     assert fresh.config.xlsub_kept_heads == pruned.config.xlsub_kept_heads
-    assert torch.isfinite(encode(fresh, tokenizer, SENTENCES)).all()
+    assert torch.isfinite(encode(fresh, tokenizer, SENTENCES, batch_size=64, pooling="mean")).all()
 
 
 # -- files ----------------------------------------------------------------------------------------
@@ -278,6 +279,6 @@ def test_mean_without_special_tokens_leaves_only_s_and_slash_s_out(model, tokeni
             states = model.base_model(input_ids=ids, output_hidden_states=True).hidden_states
         inner = torch.stack([h[0, 1:-1].mean(0) for h in states])  # <s> first, </s> last
         assert max_diff(got[:, i], inner) < 1e-5
-    assert max_diff(got, encode(model, tokenizer, SENTENCES, batch_size=3)) > 1e-3  # the specials did count before
+    assert max_diff(got, encode(model, tokenizer, SENTENCES, batch_size=3, pooling="mean")) > 1e-3  # the specials did count before
     with pytest.raises(XlsubError, match="^pooling: "):
-        encode(model, tokenizer, SENTENCES, pooling="max")
+        encode(model, tokenizer, SENTENCES, pooling="max", batch_size=64)

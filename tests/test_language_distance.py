@@ -21,7 +21,8 @@ from scipy.spatial.distance import cosine
 from scipy.stats import false_discovery_control, spearmanr
 
 from tests.reference import linear_cka_gram
-from xlsub.analysis import AnalysisInputs, analyze
+from tests.test_analysis import analyzed
+from xlsub.analysis import AnalysisInputs
 from xlsub.artifacts import LANGUAGE_DISTANCE, LANGUAGE_DISTANCE_URIEL
 from xlsub.artifacts import SubnetworkId as S
 from xlsub.errors import XlsubError
@@ -247,7 +248,7 @@ SMALL = dict(bootstrap=20, permutations=30, counts=Counts(full=20, controls=20, 
 
 @pytest.fixture(scope="module")
 def analysed():
-    return analysis_inputs(), analyze(analysis_inputs(), **SMALL)
+    return analysis_inputs(), analyzed(analysis_inputs(), **SMALL)
 
 
 def test_analyze_writes_the_language_distance_table(analysed):
@@ -300,19 +301,19 @@ def test_analyze_draws_the_language_distance_figure(analysed):
 
 def test_cka_without_the_last_heatmap_layer_is_computed_and_the_same(analysed):
     _, result = analysed
-    other = analyze(analysis_inputs(), layers=[0], **SMALL)
+    other = analyzed(analysis_inputs(), layers=[0], **SMALL)
     assert LAYERS - 1 not in other.tables["cka_pairs"].index.get_level_values("layer")
     pd.testing.assert_frame_equal(other.tables[LANGUAGE_DISTANCE], result.tables[LANGUAGE_DISTANCE], atol=1e-9)
 
 
 def test_analyze_skips_language_distance_with_few_languages_or_unmapped_codes():
     three = ["en", "de", "zh"]
-    few = analyze(AnalysisInputs(languages=three, masks={S(l, 0): m for l, m in zip(three, analysis_inputs().masks.values())}))
+    few = analyzed(AnalysisInputs(languages=three, masks={S(l, 0): m for l, m in zip(three, analysis_inputs().masks.values())}))
     assert LANGUAGE_DISTANCE not in few.tables and any(n.startswith("language distance: skipped (needs 4+") for n in few.notes)
     inputs = analysis_inputs()
     inputs.languages = ["en", "de", "es", "xx"]
     inputs.masks = {S(l, 0): m for l, m in zip(inputs.languages, analysis_inputs().masks.values())}
     inputs.cross_ppl, inputs.encodings = None, {}
-    result = analyze(inputs, **SMALL)
+    result = analyzed(inputs, **SMALL)
     assert LANGUAGE_DISTANCE not in result.tables
     assert "language distance: skipped (languages: no URIEL code for 'xx'; add its ISO 639-3 code" in "\n".join(result.notes)

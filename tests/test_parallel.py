@@ -34,7 +34,7 @@ def no_hub(monkeypatch):
 
 def test_json_aligned_lists_drop_items_missing_in_any_language():
     bible = raw_bible()
-    corpus = load_parallel(BIBLE, None)
+    corpus = load_parallel(BIBLE, None, max_sentences=None)
     assert corpus.languages == ["en", "de", "es"]
     assert corpus.ids == ["0", "1", "4"]
     assert corpus.dropped == 2
@@ -48,7 +48,7 @@ def test_json_aligned_lists_drop_items_missing_in_any_language():
     [(["en", "de"], ["0", "1", "3", "4"], 1), (["es", "en"], ["0", "1", "2", "4"], 1), (["en"], ["0", "1", "2", "3", "4"], 0)],
 )
 def test_json_only_requested_languages_count(languages, ids, dropped):
-    corpus = load_parallel(BIBLE, languages)
+    corpus = load_parallel(BIBLE, languages, max_sentences=None)
     assert corpus.languages == languages
     assert list(corpus.texts) == languages
     assert corpus.ids == ids and corpus.dropped == dropped
@@ -67,14 +67,14 @@ def test_json_file_of_records_and_jsonl_under_a_json_name(tmp_path):
     (tmp_path / "records.json").write_text(json.dumps(records))
     (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in records))
     for name in ("records.json", "lines.json"):
-        corpus = load_parallel(str(tmp_path / name), None)
+        corpus = load_parallel(str(tmp_path / name), None, max_sentences=None)
         assert corpus.ids == ["7"] and corpus.texts == {"en": ["One."], "de": ["Eins."]} and corpus.dropped == 1
 
 
 # -- JSONL ----------------------------------------------------------------------------------------
 
 def test_jsonl_records_by_id():
-    corpus = load_parallel(ITEMS, None)
+    corpus = load_parallel(ITEMS, None, max_sentences=None)
     assert corpus.languages == ["en", "de", "zh"]
     assert corpus.ids == ["greet", "thanks", "water"]
     assert corpus.dropped == 2
@@ -82,7 +82,7 @@ def test_jsonl_records_by_id():
     assert corpus.texts["de"][2] == "Ein Glas Wasser, bitte."
     assert corpus.source["format"] == "jsonl"
 
-    en_de = load_parallel(ITEMS, ["en", "de"])
+    en_de = load_parallel(ITEMS, ["en", "de"], max_sentences=None)
     assert en_de.ids == ["greet", "thanks", "bye", "water"] and en_de.dropped == 1
     assert en_de.texts["en"][2] == "Goodbye."
 
@@ -100,7 +100,7 @@ def bible_dataset(with_id: bool = True) -> datasets.Dataset:
 
 def test_saved_dataset_with_id_column(tmp_path, no_hub):
     bible_dataset().save_to_disk(str(tmp_path / "ds"))
-    corpus = load_parallel(str(tmp_path / "ds"), None)
+    corpus = load_parallel(str(tmp_path / "ds"), None, max_sentences=None)
     assert corpus.languages == ["en", "de", "es"]
     assert corpus.ids == ["Gen.1.1", "Gen.1.2", "Gen.1.5"] and corpus.dropped == 2
     assert corpus.texts["es"] == [raw_bible()["es"][i] for i in (0, 1, 4)]
@@ -110,12 +110,12 @@ def test_saved_dataset_with_id_column(tmp_path, no_hub):
 def test_saved_dataset_dict_without_ids_uses_the_index(tmp_path, no_hub):
     splits = datasets.DatasetDict({"train": bible_dataset(False).select(range(2)), "test": bible_dataset(False)})
     splits.save_to_disk(str(tmp_path / "dd"))
-    corpus = load_parallel(str(tmp_path / "dd"), ["en", "de"])  # two splits: "test" by default
+    corpus = load_parallel(str(tmp_path / "dd"), ["en", "de"], max_sentences=None)  # two splits: "test" by default
     assert corpus.ids == ["0", "1", "3", "4"] and corpus.dropped == 1
-    train = load_parallel(str(tmp_path / "dd"), ["en", "de"], split="train")
+    train = load_parallel(str(tmp_path / "dd"), ["en", "de"], split="train", max_sentences=None)
     assert train.ids == ["0", "1"] and train.texts["de"] == raw_bible()["de"][:2]
     with pytest.raises(XlsubError, match="^split: "):
-        load_parallel(str(tmp_path / "dd"), None, split="validation")
+        load_parallel(str(tmp_path / "dd"), None, split="validation", max_sentences=None)
 
 
 def test_hub_dataset_goes_through_load_dataset(monkeypatch):
@@ -138,14 +138,14 @@ def test_hub_failure_is_one_line(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(XlsubError, match="^corpus: cannot load hub dataset 'someone/missing'") as caught:
-        load_parallel("someone/missing", None)
+        load_parallel("someone/missing", None, max_sentences=None)
     assert "\n" not in str(caught.value)
 
 
 # -- embedded -------------------------------------------------------------------------------------
 
 def test_embedded_parallel_set():
-    corpus = load_parallel("embedded", None)
+    corpus = load_parallel("embedded", None, max_sentences=None)
     assert corpus.name == "embedded"
     assert corpus.languages == ["en", "es", "ru", "de", "zh", "ar", "hi", "ur"]
     assert len(corpus.ids) >= 1000 and len(set(corpus.ids)) == len(corpus.ids)
@@ -176,7 +176,7 @@ def test_embedded_parallel_set():
 )
 def test_bad_parameters(kwargs, prefix, mentions):
     with pytest.raises(XlsubError) as caught:
-        load_parallel(**kwargs)
+        load_parallel(**({"max_sentences": None} | kwargs))
     message = str(caught.value)
     assert message.startswith(prefix) and mentions in message and "\n" not in message
 
@@ -197,7 +197,7 @@ def test_bad_files(tmp_path, no_hub, content, languages, mentions):
     path = tmp_path / "corpus.json"
     path.write_text(content)
     with pytest.raises(XlsubError) as caught:
-        load_parallel(str(path), languages)
+        load_parallel(str(path), languages, max_sentences=None)
     message = str(caught.value)
     assert message.startswith("corpus: ") and mentions in message and "\n" not in message
 
@@ -205,18 +205,18 @@ def test_bad_files(tmp_path, no_hub, content, languages, mentions):
 def test_bad_jsonl_line_and_duplicate_ids(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"id": 1, "en": "a"}\n{"id": 2, "en": \n')
     with pytest.raises(XlsubError, match="^corpus: .* line 2 is not valid JSON"):
-        load_parallel(str(tmp_path / "bad.jsonl"), None)
+        load_parallel(str(tmp_path / "bad.jsonl"), None, max_sentences=None)
     (tmp_path / "dup.jsonl").write_text('{"id": 1, "en": "a"}\n{"id": "1", "en": "b"}\n')
     with pytest.raises(XlsubError, match="^corpus: .* the id '1' twice"):
-        load_parallel(str(tmp_path / "dup.jsonl"), None)
+        load_parallel(str(tmp_path / "dup.jsonl"), None, max_sentences=None)
 
 
 @pytest.mark.parametrize("name", ["missing.json", "data/missing.jsonl", "./nope", "/no/such/folder", "not a hub id"])
 def test_missing_path_fails_at_once_without_the_hub(no_hub, name):
     with pytest.raises(XlsubError, match=r"^corpus: .* does not exist; give embedded"):
-        load_parallel(name, None)
+        load_parallel(name, None, max_sentences=None)
 
 
 def test_folder_that_is_not_a_dataset(tmp_path, no_hub):
     with pytest.raises(XlsubError, match="^corpus: folder .* is not a datasets save_to_disk folder"):
-        load_parallel(str(tmp_path), None)
+        load_parallel(str(tmp_path), None, max_sentences=None)

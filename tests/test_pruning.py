@@ -66,8 +66,8 @@ def scripted(ppls: list[float], importance: torch.Tensor):
 def test_loop_stops_at_the_first_step_past_the_threshold():
     importance = torch.arange(12.0).view(3, 4)  # head (0, 0) least important, then (0, 1), ...
     evaluate, seen = scripted([10.0, 10.4, 10.9, 11.3, 10.0, 10.0], importance)
-    result = _prune_loop(evaluate, (3, 4), threshold=1.1, amount=0.25, target_sparsity=None, progress=None,
-                         progress_desc="test")
+    result = _prune_loop(evaluate, (3, 4), threshold=1.1, amount=0.25, target_sparsity=None, continue_to=0.0,
+                         progress=None, progress_desc="test")
     assert len(seen) == 4  # step 3 exceeds 11.0; steps 4 and 5 are never evaluated
     assert [s.ppl for s in result.steps] == [10.0, 10.4, 10.9, 11.3]
     assert result.base_ppl == 10.0
@@ -100,8 +100,8 @@ def test_the_trajectory_goes_on_to_continue_to_and_keeps_the_same_mask():
 
 def test_loop_ends_when_no_head_remains():
     evaluate, seen = scripted([10.0] * 20, torch.rand(3, 4))
-    result = _prune_loop(evaluate, (3, 4), threshold=1.1, amount=0.4, target_sparsity=None, progress=None,
-                         progress_desc="test")
+    result = _prune_loop(evaluate, (3, 4), threshold=1.1, amount=0.4, target_sparsity=None, continue_to=0.0,
+                         progress=None, progress_desc="test")
     # int(12 * 0.4) = 4 heads per step: 12 heads off after 3 steps
     assert [int(s.mask.sum()) for s in result.steps] == [12, 8, 4, 0]
     assert result.mask.sum() == 0
@@ -118,7 +118,7 @@ def test_heads_already_off_are_never_picked_again():
 def test_target_sparsity_removes_exactly_the_requested_heads():
     model = tiny_model()
     calls = []
-    result = iterative_pruning(model, tiny_batches(2), threshold=1.0, amount=0.25, target_sparsity=0.6,
+    result = iterative_pruning(model, tiny_batches(2), threshold=1.0, amount=0.25, target_sparsity=0.6, continue_to=0.0,
                                progress=calls.append)
     # round(12 * 0.6) = 7 heads: 3, 3, then the 1 still needed, whatever the perplexity does
     assert [12 - int(s.mask.sum()) for s in result.steps] == [0, 3, 6, 7]
@@ -143,16 +143,18 @@ def test_masked_perplexities_gate_each_language():
 
 def test_bad_parameters_are_user_errors():
     model, batches = tiny_model(), tiny_batches(1)
+    settings = {"threshold": 1.1, "amount": 0.1, "target_sparsity": None, "continue_to": 0.0}
     for kwargs in ({"threshold": 0.9}, {"amount": 0.0}, {"target_sparsity": 1.0}):
         with pytest.raises(XlsubError):
-            iterative_pruning(model, batches, **kwargs)
+            iterative_pruning(model, batches, **(settings | kwargs))
 
 
 def test_one_pass_and_two_pass_pruning_agree():
     model = tiny_model()
     batches = tiny_batches(2)
-    one = iterative_pruning(model, batches, threshold=1.05, amount=0.2)
-    two = iterative_pruning_two_pass(model, batches, threshold=1.05, amount=0.2)
+    settings = {"threshold": 1.05, "amount": 0.2, "target_sparsity": None, "continue_to": 0.0}
+    one = iterative_pruning(model, batches, **settings)
+    two = iterative_pruning_two_pass(model, batches, **settings)
     assert len(one.steps) == len(two.steps) > 2
     for a, b in zip(one.steps, two.steps):
         assert torch.equal(a.mask, b.mask)
@@ -266,7 +268,7 @@ def test_gates_importance_and_pruning_refuse_a_pruned_model():
     with pytest.raises(XlsubError, match=message):
         head_importance(model, batches)
     with pytest.raises(XlsubError, match=message):
-        iterative_pruning(model, batches)
+        iterative_pruning(model, batches, threshold=1.1, amount=0.1, target_sparsity=None, continue_to=0.0)
 
 
 @pytest.mark.parametrize("kind", ["xlmr", "bert"])

@@ -11,7 +11,8 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from xlsub.analysis import AnalysisInputs, AnalysisResult, analyze
+from tests.test_analysis import analyzed
+from xlsub.analysis import AnalysisInputs, AnalysisResult
 from xlsub.artifacts import SubnetworkId, read_table
 from xlsub.figures.stages import head_mask_heatmap, matrix_heatmap, perplexity_bars
 from xlsub.report import MAX_INLINE_ROWS, format_number, render_report, table_html, write_report
@@ -58,7 +59,7 @@ def small_analysis() -> AnalysisResult:
                             encodings={"full": {"en": en, "de": en + 0.3 * torch.randn(3, 12, 4, generator=g)},
                                        "en-s0": {"en": en, "de": torch.randn(3, 12, 4, generator=g)}},
                             tokens={"en": [[1, 2]], "de": [[1, 3]]}, hidden_size=6, head_dim=2)
-    return analyze(inputs)
+    return analyzed(inputs)
 
 
 @pytest.fixture(scope="module")

@@ -123,7 +123,7 @@ def test_permuted_cka_float32_products_agree_with_float64(monkeypatch):
     difference = float((fast - exact).abs().max())
     assert 1e-13 < difference < 1e-6, difference
     # float32 products over blocks of 64 examples, summed in float64; and blocks of 7 permutations
-    monkeypatch.setattr(similarity, "_FLOAT32_BLOCK", 64)
+    monkeypatch.setattr(similarity, "FLOAT32_BLOCK", 64)
     monkeypatch.setattr(similarity, "_BLOCK_BYTES", 7 * (200 * 12 * 4 + 16 * 12 * 12))
     blocked = permuted_cka(x, y, perms, "debiased", engine="feature", precision="float32")
     assert float((blocked - exact).abs().max()) < 1e-6 and not torch.equal(blocked, fast)

@@ -33,7 +33,7 @@ def tokens():
 
 def test_cka_pvalue_rows_are_the_permutation_tests_of_each_cell():
     enc = encodings()
-    table = cka_pvalue_table(enc, LANGS, "en", "debiased", Counts(full=50, controls=40, subnetworks=30), seed=2)
+    table = cka_pvalue_table(enc, LANGS, "en", "debiased", Counts(full=50, controls=40, subnetworks=30, length=500), seed=2)
     assert set(table.index.get_level_values("model")) == {"full", "de-s0", "random"}
     assert len(table.loc["full"]) == 2 * LAYERS and len(table.loc["de-s0"]) == 2  # every layer / the last
     direct = cka_permutation_test(enc["full"]["en"], enc["full"]["zh"], 50, 2, "debiased")

@@ -1,7 +1,7 @@
 """What `make demo` prints last: the commands that work from a fresh shell (venv activated, conda not
 needed) and the link to the runs table rather than the experiment's GenAI overview."""
 
-from entry_points.summary import next_steps
+from entry_points.summary import next_steps, stage_line
 from xlsub.artifacts import input_tag
 
 
@@ -17,3 +17,9 @@ def test_next_steps_activate_the_venv_open_the_runs_table_and_rerun_a_stage_loca
     assert any("-e analyze" in l and "encode_run_id=e1" in l for l in lines)
     server = "\n".join(next_steps("http://tracking.example:5000/", "3", {}))
     assert "mlflow ui" not in server and "http://tracking.example:5000/#/experiments/3/runs" in server
+
+
+def test_each_stage_line_shows_its_time_and_whether_it_was_reused():
+    assert stage_line("prune", "p1", 123.4, False) == "  prune     p1     123 s"
+    assert stage_line("encode", "e1", 9.6, True).endswith("  10 s (reused: computed by an earlier pipeline)")
+    assert stage_line("analyze", "a1", None, False).endswith("still running")

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from xlsub.analysis import AnalysisInputs, analyze
+from tests.test_analysis import analyzed
+from xlsub.analysis import AnalysisInputs
 from xlsub.artifacts import SubnetworkId
-from xlsub.intervals import ChunkLosses, bootstrap_indices
+from xlsub.intervals import bootstrap_indices
+from xlsub.mlm import ChunkLosses
 from xlsub.overlap import jaccard
 from xlsub.report import write_report
 from xlsub.tables import perplexity_interval_tables
@@ -89,7 +91,7 @@ def test_analyze_opens_with_three_verdicts_and_writes_them(tmp_path):
     masks = masks_for()
     trajectories = {sid: [torch.ones(4, 8), *[m for m in (mask,)]] for sid, mask in masks.items()}
     inputs = AnalysisInputs(languages=LANGS, masks=masks, chunk_losses=chunk_losses(True, seeds=(0, 1, 2)), trajectories=trajectories)
-    result = analyze(inputs, bootstrap=200, permutations=200)
+    result = analyzed(inputs, bootstrap=200, permutations=200)
     assert [v.question for v in result.verdicts] == list(QUESTIONS[:3])  # no encodings: no representation verdicts
     different, specific, stable = result.verdicts
     assert specific.answer.startswith("yes")
@@ -108,7 +110,7 @@ def test_analyze_opens_with_three_verdicts_and_writes_them(tmp_path):
 
 def test_one_seed_cannot_tell_stability():
     masks = masks_for(seeds=(0,))
-    result = analyze(AnalysisInputs(languages=LANGS, masks=masks), permutations=50)
+    result = analyzed(AnalysisInputs(languages=LANGS, masks=masks), permutations=50)
     questions = {v.question: v for v in result.verdicts}
     assert questions[QUESTIONS[2]].answer.startswith("cannot tell")
     assert questions[QUESTIONS[0]].answer.startswith("cannot tell")

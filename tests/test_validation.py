@@ -17,12 +17,12 @@ from urllib.parse import urlparse
 import pytest
 
 from entry_points import analyze, compare, encode, finetune, main, mlproject, prune
-from entry_points._common import StageArgs
+from entry_points._common import StageArgs, stage_classes
 from tests.conftest import refuse_in_process, sqlite_store
-from xlsub import artifacts
+from xlsub import artifacts, lineage
 
 MODULES = {"finetune": finetune, "prune": prune, "encode": encode, "analyze": analyze, "compare": compare, "main": main}
-CLASSES = mlproject.stage_classes()
+CLASSES = stage_classes()
 MISSING_RUN = "f" * 32
 RUN_ID_BAD = ["", "   ", MISSING_RUN]
 LANGUAGES_BAD = ["en,,de", ",en", "en,de,en", "en,DE,de", "", " , ", "e n", "en;de", "1x"]
@@ -165,7 +165,7 @@ def store(tmp_path_factory):
     exp = client.create_experiment("xlsub-validation", artifact_location=(folder / "artifacts").as_uri())
     files = folder / "files"
 
-    def run(stage, tags=None, params=None, paths=(), parent=None, sentences=None):
+    def run(stage, tags=None, params=None, paths=(), parent=None, sentences=None, manifest=None):
         made = client.create_run(exp, tags={artifacts.STAGE_TAG: stage, **(tags or {})})
         run_id = made.info.run_id
         for key, value in (params or {}).items():
@@ -176,14 +176,19 @@ def store(tmp_path_factory):
             (out / path).write_text("placeholder")
         if sentences is not None:
             client.log_dict(run_id, {"languages": sentences, "ids": [], "texts": {}}, artifacts.SENTENCES)
+        if manifest is not None:
+            client.log_dict(run_id, {"stage": stage, **manifest}, artifacts.MANIFEST)
         if paths:
             client.log_artifacts(run_id, str(out))
         client.set_terminated(run_id, "FINISHED")
         return client.get_run(run_id)
 
-    ft = run("finetune", {artifacts.LANGUAGES_TAG: "en,de"}, paths=artifacts.model_files())
+    lm_data = {"corpus": "embedded", "seed": 0, "max_seq_len": 64, "examples_per_lang": 10, "test_examples_per_lang": 5}
+    ft = run("finetune", {artifacts.LANGUAGES_TAG: "en,de"}, paths=artifacts.model_files(),
+             manifest={"languages": ["en", "de"], "model": "tiny", "lm_data": lm_data})
     tables = [artifacts.table_path(t, folder=None) for t in (artifacts.CHUNK_LOSSES, artifacts.CROSS_PPL, artifacts.CROSS_PPL_RANDOM)]
-    pr = run("prune", {artifacts.input_tag("finetune"): ft.info.run_id}, {"languages": "all", "seeds": "0"}, [*tables, artifacts.PPL_FULL])
+    pr = run("prune", {artifacts.input_tag("finetune"): ft.info.run_id}, {"languages": "all", "seeds": "0"}, [*tables, artifacts.PPL_FULL],
+             manifest={"languages": ["en", "de"], "subnetworks": ["en-s0", "de-s0"]})
     children = {}
     for lang in ("en", "de"):
         children[lang] = run("prune", {artifacts.CHILD_TAG: "true", artifacts.LANGUAGE_TAG: lang, artifacts.SEED_TAG: "0",
@@ -192,7 +197,8 @@ def store(tmp_path_factory):
     keys = ["full", "de-s0", "en-s0", "random"]
     enc = run("encode", {artifacts.input_tag("finetune"): ft.info.run_id, artifacts.input_tag("prune"): pr.info.run_id},
               {"use_base": "false", "use_random": "true", "subnetwork_seeds": "first"},
-              [artifacts.encoding_path(k, lang) for k in keys for lang in ("en", "de")], sentences=["en", "de"])
+              [artifacts.encoding_path(k, lang) for k in keys for lang in ("en", "de")], sentences=["en", "de"],
+              manifest={"languages": ["en", "de"], "model_keys": keys})
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_EXPERIMENT_ID", exp)
         patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -271,11 +277,12 @@ def without(store, tmp_path):
 
 def test_the_complete_fake_lineage_passes_both_checks(store, tmp_path):
     ft, pr = store["finetune"], store["prune"]
-    children = encode.subnetworks_of(pr, ft)
+    children = lineage.subnetworks(pr)
     assert sorted(map(str, children)) == ["de-s0", "en-s0"]
     encode.check_inputs(ft, children)
-    analyze.check_inputs(ft, pr, store["encode"], tmp_path)
-    assert encode.encoded_keys(encode.EncodeArgs.from_params(store["encode"].data.params), children) == ["full", "de-s0", "en-s0", "random"]
+    checked = analyze.check_inputs({"finetune": ft, "prune": pr, "encode": store["encode"]}, tmp_path)
+    assert {sid: r.info.run_id for sid, r in checked.items()} == {sid: r.info.run_id for sid, r in children.items()}
+    assert lineage.manifest(store["encode"], "encode_run_id", tmp_path / "m")["model_keys"] == ["full", "de-s0", "en-s0", "random"]
 
 
 @pytest.mark.parametrize("lang, path", [("de", artifacts.HEAD_MASK), ("en", f"{artifacts.SUBNETWORK_DIR}/model.safetensors"),

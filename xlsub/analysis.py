@@ -40,8 +40,7 @@ from matplotlib.figure import Figure
 from xlsub import tables
 from xlsub.figures import CaptionedFigure, palette
 from xlsub.figures import analysis as figures
-from xlsub.artifacts import (FULL_MODEL, LANGUAGE_DISTANCE, LANGUAGE_DISTANCE_URIEL, RANDOM_MODEL, SubnetworkId,
-                             group_by_language)
+from xlsub.artifacts import FULL_MODEL, METRIC, RANDOM_MODEL, TABLE, SubnetworkId, group_by_language, language_metric
 from xlsub.cka import check_options, cka_matrix
 from xlsub.errors import XlsubError
 from xlsub.language_distance import MIN_LANGUAGES, distance_correlations, uriel_distances
@@ -61,7 +60,7 @@ class AnalysisInputs:
     - `languages`: ISO codes in display order.
     - `masks`: {SubnetworkId: [layers, heads] 0/1 mask}, one or several pruning seeds per language.
     - `cross_ppl`, `cross_ppl_random`: subnetwork x evaluation language perplexities of the subnetworks
-      and of their random-mask controls, rows `de-s0` (`xlsub.tables.cross_perplexity_matrix`).
+      and of their random-mask controls, rows `de-s0` (`xlsub.pruning.cross_perplexity_matrix`).
     - `ppl_full`: the full model's perplexity per evaluation language.
     - `encodings`: {model key: {language: [layers+1, n, d]}}, keys `full`, one `de-s0` per subnetwork,
       optionally `base` and `random` (`xlsub.artifacts`); row i is the same sentence in every language.
@@ -143,19 +142,19 @@ def _masks(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], col
     n_seeds = max(len(seeds) for seeds in group_by_language(inputs.masks).values())
     result.add(overlap, figures.mask_figures(overlap, n_seeds))
     metrics = result.metrics
-    metrics["mean_jaccard"] = _offdiag_mean(overlap["mask_jaccard"])
-    metrics["mean_expected_jaccard"] = _offdiag_mean(overlap["mask_jaccard_expected"])
-    if "mask_seed_stability" in overlap:
-        metrics["mean_seed_stability"] = _nanmean(overlap["mask_seed_stability"]["mean"])
+    metrics[METRIC.mean_jaccard] = _offdiag_mean(overlap[TABLE.mask_jaccard])
+    metrics[METRIC.mean_expected_jaccard] = _offdiag_mean(overlap[TABLE.mask_jaccard_expected])
+    if TABLE.mask_seed_stability in overlap:
+        metrics[METRIC.mean_seed_stability] = _nanmean(overlap[TABLE.mask_seed_stability]["mean"])
     pvalues = (jaccard_pvalue_table(inputs.masks, langs).drop(columns=["pruned_p_value", "pruned_p_bh"])  # = p_value: one event
                .set_index(["language_a", "language_b"]))
-    result.tables["mask_jaccard_pvalue"] = pvalues
-    metrics["mask_jaccard_pairs_significant"] = float((pvalues["p_bh"] < 0.05).sum()) if len(pvalues) else math.nan
+    result.tables[TABLE.mask_jaccard_pvalue] = pvalues
+    metrics[METRIC.mask_jaccard_pairs_significant] = float((pvalues["p_bh"] < 0.05).sum()) if len(pvalues) else math.nan
     kept = tables.heads_kept_tables(inputs.masks, langs, inputs.hidden_size, inputs.head_dim)
     result.add(kept, figures.heads_kept_figure(kept, colours))
-    metrics["mean_heads_kept_frac"] = _nanmean([float(m.float().mean()) for m in inputs.masks.values()])
-    if "params_kept_per_layer" in kept:
-        metrics["mean_params_kept_frac"] = _nanmean([params_kept_frac(m, inputs.hidden_size, inputs.head_dim)
+    metrics[METRIC.mean_heads_kept_frac] = _nanmean([float(m.float().mean()) for m in inputs.masks.values()])
+    if TABLE.params_kept_per_layer in kept:
+        metrics[METRIC.mean_params_kept_frac] = _nanmean([params_kept_frac(m, inputs.hidden_size, inputs.head_dim)
                                                      for m in inputs.masks.values()])
     else:
         result.notes.append("params kept per layer: skipped (hidden_size and head_dim not given)")
@@ -168,9 +167,9 @@ def _noise_ceiling(result: AnalysisResult, inputs: AnalysisInputs, permutations:
     stability = seed_stability_test(inputs.masks, permutations, seed, replicates=replicates)
     across, lo, hi = across_language_interval(inputs.masks, replicates, seed)
     metrics = result.metrics
-    metrics |= {"within_vs_across_jaccard_p": p, "mean_within_language_jaccard": within, "mean_across_language_jaccard": across_all,
-                "seed_stability_p": stability["p"]}
-    chance = result.metrics.get("mean_expected_jaccard", math.nan)
+    metrics |= {METRIC.within_vs_across_jaccard_p: p, METRIC.mean_within_language_jaccard: within, METRIC.mean_across_language_jaccard: across_all,
+                METRIC.seed_stability_p: stability["p"]}
+    chance = result.metrics.get(METRIC.mean_expected_jaccard, math.nan)
     result.verdicts.append(verdicts.different_heads(across, lo, hi, within, p, chance))
     result.verdicts.append(verdicts.stability(stability["within"], stability["lo"], stability["hi"], stability["expected"], stability["p"]))
 
@@ -180,31 +179,31 @@ def _equal_size(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str]
     if table.empty:
         result.notes.append("equal-size overlap: skipped (trajectories do not reach 10% of heads pruned)")
         return
-    result.add({"equal_size_jaccard": table}, figures.equal_size_figure(table))
-    result.metrics["equal_size_jaccard_above_chance_frac"] = float((table["p_value"] < 0.05).mean())
+    result.add({TABLE.equal_size_jaccard: table}, figures.equal_size_figure(table))
+    result.metrics[METRIC.equal_size_jaccard_above_chance_frac] = float((table["p_value"] < 0.05).mean())
 
 
 def _intervals(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], replicates: int, seed: int) -> None:
     """Bootstrap intervals of the relative perplexities and the specificity gap; the second verdict."""
     tables_, metrics = tables.perplexity_interval_tables(inputs.chunk_losses, langs, replicates, seed)
-    result.tables.update({k: v for k, v in tables_.items() if k != "specificity_gap"})
-    if "specificity_gap" in tables_:
-        result.add({"specificity_gap": tables_["specificity_gap"]}, figures.specificity_figure(tables_["specificity_gap"]))
+    result.tables.update({k: v for k, v in tables_.items() if k != TABLE.specificity_gap})
+    if TABLE.specificity_gap in tables_:
+        result.add({TABLE.specificity_gap: tables_[TABLE.specificity_gap]}, figures.specificity_figure(tables_[TABLE.specificity_gap]))
     result.metrics |= metrics
     nan = math.nan
-    result.verdicts.append(verdicts.specificity(metrics.get("specificity_gap", nan), metrics.get("specificity_gap_lo", nan),
-                                                metrics.get("specificity_gap_hi", nan), metrics.get("specificity_gap_random", nan),
-                                                metrics.get("specificity_gap_p", nan)))
+    result.verdicts.append(verdicts.specificity(metrics.get(METRIC.specificity_gap, nan), metrics.get(METRIC.specificity_gap_lo, nan),
+                                                metrics.get(METRIC.specificity_gap_hi, nan), metrics.get(METRIC.specificity_gap_random, nan),
+                                                metrics.get(METRIC.specificity_gap_p, nan)))
 
 
 def _perplexity(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str]) -> None:
-    ppl = tables.perplexity_tables(inputs.cross_ppl, inputs.cross_ppl_random, inputs.ppl_full, langs)
+    ppl = tables.seed_averaged_perplexity_tables(inputs.cross_ppl, inputs.cross_ppl_random, inputs.ppl_full, langs)
     result.add(ppl, figures.perplexity_figures(ppl))
     metrics = result.metrics
-    metrics["mean_relative_ppl_diag"], metrics["mean_relative_ppl_offdiag"] = _diag_offdiag_mean(ppl["cross_ppl_relative"])
-    if "cross_ppl_random_relative" in ppl:
-        (metrics["mean_relative_ppl_random_diag"],
-         metrics["mean_relative_ppl_random_offdiag"]) = _diag_offdiag_mean(ppl["cross_ppl_random_relative"])
+    metrics[METRIC.mean_relative_ppl_diag], metrics[METRIC.mean_relative_ppl_offdiag] = _diag_offdiag_mean(ppl[TABLE.cross_ppl_relative])
+    if TABLE.cross_ppl_random_relative in ppl:
+        (metrics[METRIC.mean_relative_ppl_random_diag],
+         metrics[METRIC.mean_relative_ppl_random_offdiag]) = _diag_offdiag_mean(ppl[TABLE.cross_ppl_random_relative])
 
 
 def _cka(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], reference: str, kind: str,
@@ -212,28 +211,28 @@ def _cka(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], refer
     """The CKA sections with the reference language; returns its last-layer CKA per language."""
     matrix, cka_langs, cka = tables.cka_reference_tables(inputs.encodings, langs, reference, kind, inputs.shuffle_seed,
                                                          precision)
-    cka["cka_pairs"] = tables.cka_pairs_table(matrix, cka_langs, tables.resolve_layers(layers, matrix.shape[0]))
+    cka[TABLE.cka_pairs] = tables.cka_pairs_table(matrix, cka_langs, tables.resolve_layers(layers, matrix.shape[0]))
     result.add(cka, figures.cka_figures(cka, reference, kind, colours))
-    last = cka["cka_vs_reference"].iloc[:, -1]
-    result.metrics["mean_cka_last_layer"] = _nanmean(last)
-    controls = cka["cka_controls"]
+    last = cka[TABLE.cka_vs_reference].iloc[:, -1]
+    result.metrics[METRIC.mean_cka_last_layer] = _nanmean(last)
+    controls = cka[TABLE.cka_controls]
     for condition in ("shuffled", "base", "random"):
         if condition in controls.index.get_level_values("condition"):
-            result.metrics[f"mean_cka_{condition}_last_layer"] = _nanmean(controls.loc[condition].iloc[:, -1])
+            result.metrics[METRIC.mean_cka_control_last_layer(condition)] = _nanmean(controls.loc[condition].iloc[:, -1])
     return last
 
 
 def _subnetwork_cka(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], kind: str, precision: str,
-                    colours, permutations: int = 1000, seed: int = 0) -> None:
+                    colours, permutations: int, seed: int) -> None:
     sub = tables.cka_subnetwork_tables(inputs.encodings, langs, kind, precision)
     if not sub:
         return
     result.add(sub, figures.subnetwork_cka_figure(sub, kind, colours))
-    if "cka_full_vs_subnetwork" in sub:
-        result.metrics["mean_cka_full_vs_subnetwork_last_layer"] = _nanmean(sub["cka_full_vs_subnetwork"].iloc[:, -1])
-    if "cka_full_vs_subnetwork_last_layer" in sub:
-        gap = similarity_tables.subnetwork_specificity(sub["cka_full_vs_subnetwork_last_layer"], permutations, seed)
-        result.metrics["subnetwork_cka_gap"], result.metrics["subnetwork_cka_gap_p"] = gap["value"], gap["p"]
+    if TABLE.cka_full_vs_subnetwork in sub:
+        result.metrics[METRIC.mean_cka_full_vs_subnetwork_last_layer] = _nanmean(sub[TABLE.cka_full_vs_subnetwork].iloc[:, -1])
+    if TABLE.cka_full_vs_subnetwork_last_layer in sub:
+        gap = similarity_tables.subnetwork_specificity(sub[TABLE.cka_full_vs_subnetwork_last_layer], permutations, seed)
+        result.metrics[METRIC.subnetwork_cka_gap], result.metrics[METRIC.subnetwork_cka_gap_p] = gap["value"], gap["p"]
         result.verdicts.append(verdicts.pruning_specific(gap["value"], gap["lo"], gap["hi"], gap["p"]))
 
 
@@ -241,33 +240,33 @@ def _similarity(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str]
                 counts: Counts, seed: int, colours) -> None:
     """Representation similarity against its nulls and length controls, retrieval and RSA; the fourth verdict."""
     full = inputs.encodings[FULL_MODEL]
-    result.tables["cka_pvalue"] = similarity_tables.cka_pvalue_table(inputs.encodings, langs, reference, kind, counts, seed)
+    result.tables[TABLE.cka_pvalue] = similarity_tables.cka_pvalue_table(inputs.encodings, langs, reference, kind, counts, seed)
     result.tables.update(similarity_tables.cka_interval_tables(inputs.encodings, langs, reference, kind))
     n = full[reference].shape[1]
     retrieval = similarity_tables.retrieval_table(inputs.encodings, langs, reference)
-    result.add({"retrieval_top1": retrieval}, figures.retrieval_figure(retrieval, reference, colours, n))
-    result.metrics |= {f"retrieval_top1.{lang}": float(v) for (model, lang), v in retrieval.iloc[:, -1].items() if model == FULL_MODEL}
-    result.tables["knn_isomorphism"] = similarity_tables.isomorphism_table(inputs.encodings, langs, reference)
+    result.add({TABLE.retrieval_top1: retrieval}, figures.retrieval_figure(retrieval, reference, colours, n))
+    result.metrics |= {language_metric(METRIC.retrieval_top1, lang): float(v) for (model, lang), v in retrieval.iloc[:, -1].items() if model == FULL_MODEL}
+    result.tables[TABLE.knn_isomorphism] = similarity_tables.isomorphism_table(inputs.encodings, langs, reference)
     rsa = similarity_tables.rsa_table(inputs.encodings, langs, reference, counts.length, seed)
-    result.add({"rsa": rsa}, figures.rsa_figure(rsa, reference))
-    result.metrics["mean_rsa_last_layer"] = _nanmean(rsa.loc[FULL_MODEL, "rsa"]) if FULL_MODEL in rsa.index.get_level_values(0) else math.nan
+    result.add({TABLE.rsa: rsa}, figures.rsa_figure(rsa, reference))
+    result.metrics[METRIC.mean_rsa_last_layer] = _nanmean(rsa.loc[FULL_MODEL, "rsa"]) if FULL_MODEL in rsa.index.get_level_values(0) else math.nan
     aligned = reference in inputs.tokens and all(len(inputs.tokens[l]) == n for l in full if l in inputs.tokens)
     lengths = similarity_tables.sentence_lengths(inputs.tokens) if aligned else None
     power, limits = similarity_tables.power_table(full[reference][-1], lengths, reference, kind, counts.subnetworks, seed)
-    result.add({"power": power}, figures.power_figure(power, limits))
-    result.metrics |= {f"detection_limit.{measure}": limit for measure, limit in limits.items()}
+    result.add({TABLE.power: power}, figures.power_figure(power, limits))
+    result.metrics |= {language_metric(METRIC.detection_limit, measure): limit for measure, limit in limits.items()}
     if lengths is None:
         result.notes.append("length controls: skipped (no token counts aligned with the encoded sentences)")
         return
     length = similarity_tables.length_control_table(inputs.encodings, lengths, langs, reference, kind, counts.length, seed)
-    result.add({"cka_length": length}, figures.length_control_figure(length, reference, kind))
+    result.add({TABLE.cka_length: length}, figures.length_control_figure(length, reference, kind))
     ours = length.loc[FULL_MODEL]
     control = RANDOM_MODEL if RANDOM_MODEL in length.index.get_level_values(0) else similarity_tables.LENGTH_ONLY
-    lo = result.tables["cka_vs_reference_lo"].iloc[:, -1].reindex(ours.index) - ours["length_null_mean"]
-    hi = result.tables["cka_vs_reference_hi"].iloc[:, -1].reindex(ours.index) - ours["length_null_mean"]
+    lo = result.tables[TABLE.cka_vs_reference_lo].iloc[:, -1].reindex(ours.index) - ours["length_null_mean"]
+    hi = result.tables[TABLE.cka_vs_reference_hi].iloc[:, -1].reindex(ours.index) - ours["length_null_mean"]
     p = min(1.0, len(ours) * float(ours["p_value"].min()))
-    result.metrics |= {"mean_cka_above_length_chance": float(ours["above_length_chance"].mean()),
-                       "mean_residual_cka_last_layer": float(ours["residual_cka"].mean()), "cka_beyond_length_p": p}
+    result.metrics |= {METRIC.mean_cka_above_length_chance: float(ours["above_length_chance"].mean()),
+                       METRIC.mean_residual_cka_last_layer: float(ours["residual_cka"].mean()), METRIC.cka_beyond_length_p: p}
     control_name = "randomly initialised model" if control == RANDOM_MODEL else "length-only encoder"
     result.verdicts.append(verdicts.beyond_length(float(ours["above_length_chance"].mean()), float(lo.mean()), float(hi.mean()),
                                                   float(length.loc[control]["above_length_chance"].mean()), p, control_name,
@@ -279,26 +278,26 @@ def _tokens(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], re
     overlap = token_overlap({l: inputs.tokens[l] for l in tables.ordered(inputs.tokens, langs)}, reference=reference)
     table = pd.DataFrame({"token_overlap": {l: v for l, v in overlap.items() if l != reference}})
     table.index.name = "language"
-    jaccard = result.tables.get("mask_jaccard")
+    jaccard = result.tables.get(TABLE.mask_jaccard)
     if jaccard is not None and reference in jaccard.index:
         table["jaccard_with_reference"] = [jaccard.loc[reference].get(l, math.nan) for l in table.index]
     if cka_last is not None:
         table["cka_last_layer_with_reference"] = [cka_last.get(l, math.nan) for l in table.index]
-    result.add({"token_overlap": table}, figures.token_overlap_figure(table, reference, kind, colours))
-    result.metrics["mean_token_overlap"] = _nanmean(table["token_overlap"])
+    result.add({TABLE.token_overlap: table}, figures.token_overlap_figure(table, reference, kind, colours))
+    result.metrics[METRIC.mean_token_overlap] = _nanmean(table["token_overlap"])
 
 
 def _language_distance(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], kind: str, precision: str,
                        permutations: int, seed: int) -> None:
     """Mantel correlation of URIEL's language distances (`xlsub.language_distance`) with the language x language
     matrices: Jaccard of kept heads, relative cross-language perplexity, CKA of the full model at the last layer."""
-    matrices = {m: result.tables[m] for m in ("mask_jaccard", "cross_ppl_relative") if m in result.tables}
-    labels = {"mask_jaccard": "Jaccard of kept heads", "cross_ppl_relative": "perplexity on the other language\n/ full model"}
+    matrices = {m: result.tables[m] for m in (TABLE.mask_jaccard, TABLE.cross_ppl_relative) if m in result.tables}
+    labels = {TABLE.mask_jaccard: "Jaccard of kept heads", TABLE.cross_ppl_relative: "perplexity on the other language\n/ full model"}
     full = inputs.encodings.get(FULL_MODEL, {})
     encoded = [lang for lang in langs if lang in full]
     if len(encoded) >= MIN_LANGUAGES:
         last = full[encoded[0]].shape[0] - 1
-        pairs = result.tables.get("cka_pairs")
+        pairs = result.tables.get(TABLE.cka_pairs)
         if pairs is not None and last in pairs.index.get_level_values("layer"):
             matrices["cka"] = pairs.loc[last]
         else:  # the heatmaps' layers leave out the last one
@@ -315,24 +314,25 @@ def _language_distance(result: AnalysisResult, inputs: AnalysisInputs, langs: li
         return
     table = distance_correlations(distances, matrices, permutations, seed).set_index(["distance", "measure"])
     uriel = pd.concat(distances, names=["distance", "language"])
-    result.add({LANGUAGE_DISTANCE: table, LANGUAGE_DISTANCE_URIEL: uriel},
+    result.add({TABLE.language_distance: table, TABLE.language_distance_uriel: uriel},
                figures.language_distance_figure(table, distances, matrices, labels))
 
 
 # -- the analysis ------------------------------------------------------------------------------------------
 
-def analyze(inputs: AnalysisInputs, cka_kind: str = "linear", layers: Sequence[int] | None = None,
-            cka_precision: str = "float64", reference: str = "en", bootstrap: int = 1000, permutations: int = 1000,
-            resample_seed: int = 0, counts: Counts | None = None) -> AnalysisResult:
+def analyze(inputs: AnalysisInputs, *, cka_kind: str, layers: Sequence[int] | None, cka_precision: str, reference: str,
+            bootstrap: int, permutations: int, resample_seed: int, counts: Counts) -> AnalysisResult:
     """Every analysis whose inputs are present: tables, figures, captions and metrics (see the module docstring).
 
     `cka_kind`: linear, debiased or rbf (`xlsub.cka`). `layers`: hidden-state indices (0 = embeddings) of the
-    all-pairs CKA heatmaps; default first, middle and last. `cka_precision`: float64, or float32 products
+    all-pairs CKA heatmaps; None: first, middle and last. `cka_precision`: float64, or float32 products
     accumulated in float64 (linear and debiased; see `xlsub.cka`). `reference`: the language the CKA and
     token overlap compare every other language with; one of `inputs.languages`. `bootstrap`: replicates of
     the paired bootstrap over test chunks; `permutations`: permutations and random draws of the overlap
     tests; `resample_seed`: their generators' seed; `counts`: the permutation counts of the CKA, length and
-    Mantel tests (`xlsub.similarity_tables.Counts`). The verdicts come first in `result.verdicts`.
+    Mantel tests (`xlsub.similarity_tables.Counts`). The verdicts come first in `result.verdicts`. None of these
+    has a default here: the analyze stage's parameters (`entry_points.analyze.AnalyzeArgs`) are their one
+    declaration.
     """
     check_options(cka_kind, cka_precision)
     if not inputs.languages:
@@ -356,8 +356,6 @@ def analyze(inputs: AnalysisInputs, cka_kind: str = "linear", layers: Sequence[i
         _intervals(result, inputs, langs, bootstrap, resample_seed)
     else:
         result.notes.append("perplexity intervals and specificity gap: skipped (no per-chunk losses)")
-    result.verdicts.sort(key=lambda v: verdicts.QUESTIONS.index(v.question))
-    result.metrics |= verdicts.as_metrics(result.verdicts)
 
     if inputs.cross_ppl is not None and not inputs.cross_ppl.empty:
         _perplexity(result, inputs, langs)
@@ -369,7 +367,7 @@ def analyze(inputs: AnalysisInputs, cka_kind: str = "linear", layers: Sequence[i
     if reference in full and len(full) > 1:
         cka_last = _cka(result, inputs, langs, reference, cka_kind, layers, cka_precision, colours)
         if cka_kind != "rbf":
-            _similarity(result, inputs, langs, reference, cka_kind, counts or Counts(), resample_seed, colours)
+            _similarity(result, inputs, langs, reference, cka_kind, counts, resample_seed, colours)
     else:
         result.notes.append(f"CKA between languages: skipped (no full-model encodings of {reference} and another language)")
     if full and tables.subnetwork_encodings(inputs.encodings):
@@ -384,6 +382,9 @@ def analyze(inputs: AnalysisInputs, cka_kind: str = "linear", layers: Sequence[i
 
     _language_distance(result, inputs, langs, cka_kind, cka_precision, permutations, resample_seed)
 
+    # after every section: the representation sections add the last two verdicts
+    result.verdicts.sort(key=lambda v: verdicts.QUESTIONS.index(v.question))
+    result.metrics |= verdicts.as_metrics(result.verdicts)
     for note in result.notes:
         log.info(note)
     return result

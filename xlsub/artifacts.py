@@ -3,7 +3,8 @@ reader for every artifact a stage hands to another.
 
 Writers put files into a local folder that the stage then logs as the run's artifacts (same relative
 paths); readers take the folder (or file) that `xlsub.tracking.download` returns. Nothing here talks to
-MLflow, so the formats are testable with plain files. DESIGN.md describes the same layout in prose.
+MLflow, so the formats are testable with plain files. The README describes the same layout in prose; this
+module is where the names are defined.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ RESUMED_FROM_TAG = "xlsub.resumed_from"  # on finetune runs: the dead run whose 
 SUPERSEDED_BY_TAG = "xlsub.superseded_by"  # on that dead run: the run that resumed from it
 HEARTBEAT_TAG = "xlsub.heartbeat"  # on finetune runs: unix time of the last sign of life, renewed about every 30 s
 CHECKPOINT_TAG = "xlsub.checkpoint"  # on finetune runs with checkpoint_artifacts: the newest checkpoint logged in full
-STAGES = ("finetune", "prune", "encode", "analyze", "main")
 
 
 def input_tag(stage: str) -> str:
@@ -69,6 +69,7 @@ STEPS = "steps.json"  # prune child: one row per pruning step, with its mask (an
 RANDOM_MASKS = "random_masks.json"  # prune child: the random-mask control draws, a list of [layers][heads] 0/1
 CHUNK_LOSSES = "chunk_losses"  # prune parent: chunk_losses.csv, per test chunk NLL and tokens of every model
 VERDICTS = "verdicts.json"  # analyze: the answers, one object per question
+MANIFEST = "manifest.json"  # every pipeline stage: what it made, read by the stages after it (`write_manifest`)
 SUBNETWORK_DIR = "subnetwork"  # prune child: the physically pruned model, tokenizer included
 PPL_FULL = "ppl_full.json"  # prune parent: {"full": {lang: ppl}}
 CROSS_PPL = "cross_ppl"  # prune parent: subnetwork x evaluation language (.csv, _relative.csv, .png)
@@ -85,11 +86,15 @@ MODEL_TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json
 MODEL_FILES = ("config.json", "model.safetensors")  # what a saved model needs (save_pretrained writes one weights file up to 50 GB)
 KEPT_HEADS_CONFIG_KEY = "xlsub_kept_heads"  # in a pruned model's config.json: kept head indices per layer
 
+# on registered model versions (`xlsub.tracking.register_subnetworks`), besides SEED_TAG, SUBNETWORK_TAG, MASK_DIGEST_TAG
+REGISTERED_THRESHOLD_TAG = "threshold"  # the prune run's threshold parameter
+REGISTERED_TARGET_SPARSITY_TAG = "target_sparsity"  # the prune run's target_sparsity parameter
+REGISTERED_SOURCE_RUN_TAG = "source_run_id"  # the prune child run that logged the model
+
 # encoding keys besides the subnetworks'
 FULL_MODEL = "full"
 BASE_MODEL = "base"
 RANDOM_MODEL = "random"
-CONTROL_MODELS = (BASE_MODEL, RANDOM_MODEL)
 
 
 # -- subnetwork ids ---------------------------------------------------------------------------------------
@@ -222,10 +227,6 @@ def write_importance(folder: Path, importance: torch.Tensor) -> Path:
     return path
 
 
-def read_importance(path: Path) -> torch.Tensor:
-    return torch.tensor(json.loads(Path(path).read_text()), dtype=torch.float64)
-
-
 def steps_table(steps: Iterable, kept: int | None = None) -> pd.DataFrame:
     """The pruning trajectory, one row per step (`xlsub.pruning.Step`): step, ppl, frac_pruned, heads_kept,
     chosen (the step that is the subnetwork) and mask (its [layers][heads] 0/1 list)."""
@@ -250,10 +251,6 @@ def write_random_masks(folder: Path, masks: Sequence[torch.Tensor]) -> Path:
     return path
 
 
-def read_random_masks(path: Path) -> list[torch.Tensor]:
-    return [check_mask(torch.tensor(m, dtype=torch.float32), RANDOM_MASKS) for m in json.loads(Path(path).read_text())]
-
-
 def chunk_losses_table(losses: Mapping[tuple[str, int, str], object]) -> pd.DataFrame:
     """Long table of per-chunk losses: {(model, control draw, language): ChunkLosses} -> rows model
     (`full` or a subnetwork id), draw (-1 for the model itself, k for its k-th random-mask control),
@@ -266,7 +263,7 @@ def chunk_losses_table(losses: Mapping[tuple[str, int, str], object]) -> pd.Data
 
 def read_chunk_losses(path: Path) -> dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]]:
     """The inverse of `chunk_losses_table` from its CSV: {(model, draw, language): (nll, tokens)}, the
-    fields of `xlsub.intervals.ChunkLosses`."""
+    fields of `xlsub.mlm.ChunkLosses`."""
     table = pd.read_csv(path, keep_default_na=False)
     out = {}
     for (model, draw, lang), group in table.groupby(["model", "draw", "language"], sort=False):
@@ -281,6 +278,38 @@ def write_verdicts(folder: Path, verdicts: Iterable) -> Path:
     path = Path(folder) / VERDICTS
     path.write_text(json.dumps([v.as_dict() for v in verdicts], indent=1, ensure_ascii=False))
     return path
+
+
+# -- manifests: what a stage made, for the stages after it ----------------------------------------------------
+# A later stage reads these, never the upstream run's parameters or module. The keys each stage records:
+MANIFEST_KEYS = {
+    "finetune": ("languages", "model", "lm_data"),  # lm_data: corpus, seed, max_seq_len, examples_per_lang, test_examples_per_lang
+    "prune": ("languages", "subnetworks"),  # subnetworks: SubnetworkIds as text, in run order
+    "encode": ("languages", "model_keys"),  # model_keys: `full`, subnetwork ids, `base`, `random`, as encoded
+    "analyze": ("languages", "tables"),  # tables: the table ids written under tables/
+}
+
+
+def write_manifest(folder: Path, stage: str, **made) -> Path:
+    """`manifest.json`: {"stage": stage, **made}, with exactly the keys `MANIFEST_KEYS` names for the stage."""
+    if set(made) != set(MANIFEST_KEYS[stage]):
+        raise ValueError(f"{stage} manifest: keys {sorted(made)} are not {sorted(MANIFEST_KEYS[stage])}")
+    path = Path(folder) / MANIFEST
+    path.write_text(json.dumps({"stage": stage, **made}, indent=1, ensure_ascii=False))
+    return path
+
+
+def read_manifest(path: Path, stage: str, param: str = "run") -> dict:
+    """What `write_manifest` wrote for `stage`; refuses another stage's or an incomplete one."""
+    try:
+        made = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise XlsubError(f"{param}: {MANIFEST} of the {stage} run does not read as JSON ({err}); rerun {stage}") from None
+    missing = [key for key in ("stage", *MANIFEST_KEYS[stage]) if key not in made]
+    if made.get("stage") != stage or missing:
+        raise XlsubError(f"{param}: {MANIFEST} is not from a run of stage {stage} (it says {made.get('stage')}"
+                         f"{', and lacks ' + ', '.join(missing) if missing else ''}); rerun {stage}")
+    return made
 
 
 # -- models -----------------------------------------------------------------------------------------------
@@ -514,3 +543,103 @@ def read_cross_ppl(path: Path) -> pd.DataFrame:
 # -- compare ----------------------------------------------------------------------------------------------
 ANALYZE_RUNS_TAG = "xlsub.analyze_run_ids"  # on compare runs: the analyze runs compared, comma-separated
 COMPARE_METRICS = "metrics"  # compare: metrics.csv (artifact root) and figures/metrics.png, one row per headline metric
+
+
+# -- analyze: table ids and metric names ------------------------------------------------------------------
+@dataclass(frozen=True)
+class TableIds:
+    """The analyze stage's table ids: `tables/<id>.csv` and `.json`, the keys of `AnalysisResult.tables`, and
+    the ids of the figures that show one table under its name. Read them from `TABLE` (`TABLE.mask_jaccard`)."""
+
+    mask_jaccard: str = "mask_jaccard"  # language x language Jaccard of kept heads (mean over seed pairs)
+    mask_jaccard_expected: str = "mask_jaccard_expected"  # the same for random masks of the same size per layer
+    mask_jaccard_std: str = "mask_jaccard_std"  # its spread over seed pairs (several seeds)
+    mask_seed_stability: str = "mask_seed_stability"  # a language's masks across seeds
+    mask_jaccard_pvalue: str = "mask_jaccard_pvalue"
+    heads_kept_per_layer: str = "heads_kept_per_layer"
+    params_kept_per_layer: str = "params_kept_per_layer"
+    equal_size_jaccard: str = "equal_size_jaccard"
+    cross_ppl: str = CROSS_PPL
+    cross_ppl_relative: str = f"{CROSS_PPL}_relative"
+    cross_ppl_by_seed: str = f"{CROSS_PPL}_by_seed"
+    cross_ppl_relative_lo: str = f"{CROSS_PPL}_relative_lo"
+    cross_ppl_relative_hi: str = f"{CROSS_PPL}_relative_hi"
+    cross_ppl_random: str = CROSS_PPL_RANDOM
+    cross_ppl_random_relative: str = f"{CROSS_PPL_RANDOM}_relative"
+    cross_ppl_random_by_seed: str = f"{CROSS_PPL_RANDOM}_by_seed"
+    cross_ppl_random_relative_lo: str = f"{CROSS_PPL_RANDOM}_relative_lo"
+    cross_ppl_random_relative_hi: str = f"{CROSS_PPL_RANDOM}_relative_hi"
+    specificity_gap: str = "specificity_gap"
+    cka_vs_reference: str = "cka_vs_reference"
+    cka_vs_reference_lo: str = "cka_vs_reference_lo"
+    cka_vs_reference_hi: str = "cka_vs_reference_hi"
+    cka_controls: str = "cka_controls"
+    cka_pairs: str = "cka_pairs"
+    cka_pvalue: str = "cka_pvalue"
+    cka_length: str = "cka_length"
+    cka_full_vs_subnetwork: str = "cka_full_vs_subnetwork"
+    cka_full_vs_subnetwork_last_layer: str = "cka_full_vs_subnetwork_last_layer"
+    retrieval_top1: str = "retrieval_top1"
+    knn_isomorphism: str = "knn_isomorphism"
+    rsa: str = "rsa"
+    power: str = "power"
+    token_overlap: str = "token_overlap"
+    language_distance: str = LANGUAGE_DISTANCE
+    language_distance_uriel: str = LANGUAGE_DISTANCE_URIEL
+
+
+@dataclass(frozen=True)
+class MetricNames:
+    """The analyze run's summary metrics (per-language ones through `language_metric`), which the summary
+    command, compare and the report read. Read them from `METRIC` (`METRIC.mean_jaccard`)."""
+
+    mean_jaccard: str = "mean_jaccard"
+    mean_expected_jaccard: str = "mean_expected_jaccard"
+    mean_seed_stability: str = "mean_seed_stability"
+    mask_jaccard_pairs_significant: str = "mask_jaccard_pairs_significant"
+    mean_heads_kept_frac: str = "mean_heads_kept_frac"
+    mean_params_kept_frac: str = "mean_params_kept_frac"
+    within_vs_across_jaccard_p: str = "within_vs_across_jaccard_p"
+    mean_within_language_jaccard: str = "mean_within_language_jaccard"
+    mean_across_language_jaccard: str = "mean_across_language_jaccard"
+    seed_stability_p: str = "seed_stability_p"
+    equal_size_jaccard_above_chance_frac: str = "equal_size_jaccard_above_chance_frac"
+    specificity_gap: str = "specificity_gap"  # also per subnetwork language: language_metric(specificity_gap, lang)
+    specificity_gap_lo: str = "specificity_gap_lo"
+    specificity_gap_hi: str = "specificity_gap_hi"
+    specificity_gap_random: str = "specificity_gap_random"
+    specificity_gap_random_lo: str = "specificity_gap_random_lo"
+    specificity_gap_random_hi: str = "specificity_gap_random_hi"
+    specificity_gap_p: str = "specificity_gap_p"
+    mean_relative_ppl_diag: str = "mean_relative_ppl_diag"
+    mean_relative_ppl_offdiag: str = "mean_relative_ppl_offdiag"
+    mean_relative_ppl_random_diag: str = "mean_relative_ppl_random_diag"
+    mean_relative_ppl_random_offdiag: str = "mean_relative_ppl_random_offdiag"
+    mean_cka_last_layer: str = "mean_cka_last_layer"
+    mean_cka_shuffled_last_layer: str = "mean_cka_shuffled_last_layer"
+    mean_cka_base_last_layer: str = "mean_cka_base_last_layer"
+    mean_cka_random_last_layer: str = "mean_cka_random_last_layer"
+    mean_cka_full_vs_subnetwork_last_layer: str = "mean_cka_full_vs_subnetwork_last_layer"
+    subnetwork_cka_gap: str = "subnetwork_cka_gap"
+    subnetwork_cka_gap_p: str = "subnetwork_cka_gap_p"
+    retrieval_top1: str = "retrieval_top1"  # per language: language_metric(retrieval_top1, lang)
+    mean_rsa_last_layer: str = "mean_rsa_last_layer"
+    detection_limit: str = "detection_limit"  # per measure: language_metric(detection_limit, "cka")
+    mean_cka_above_length_chance: str = "mean_cka_above_length_chance"
+    mean_residual_cka_last_layer: str = "mean_residual_cka_last_layer"
+    cka_beyond_length_p: str = "cka_beyond_length_p"
+    mean_token_overlap: str = "mean_token_overlap"
+
+    def mean_cka_control_last_layer(self, condition: str) -> str:
+        """`mean_cka_<condition>_last_layer` for the CKA controls shuffled, base and random."""
+        return {"shuffled": self.mean_cka_shuffled_last_layer, "base": self.mean_cka_base_last_layer,
+                "random": self.mean_cka_random_last_layer}[condition]
+
+
+TABLE = TableIds()
+METRIC = MetricNames()
+
+
+def language_metric(name: str, key: str) -> str:
+    """A metric's per-language (or per-measure) form, with a dot as every metric of a language: `retrieval_top1.de`."""
+    return f"{name}.{key}"

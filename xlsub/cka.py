@@ -57,54 +57,54 @@ PRECISIONS = ("float64", "float32")
 _CONSTANT_RTOL = 1e-10
 # An unbiased HSIC_1(K, K) below this fraction of its natural scale ||X||_F^4 is zero up to rounding (exactly
 # zero for inputs such as one outlier among identical points; genuine values are ~1/rank(X) of it or more).
-_HSIC_RTOL = 1e-12
+HSIC_RTOL = 1e-12
 # float64 copies of every language held at once by `cka_matrix`, per chunk of leading indices (layers).
 # Batching more layers into one product gains nothing once a product is as large as n x d = 5000 x 768.
 _CHUNK_BYTES = 2**28
 # With precision="float32", each float32 product reduces over at most this many examples; the block
 # products are summed in float64, so rounding grows with the block size, not with n.
-_FLOAT32_BLOCK = 4096
+FLOAT32_BLOCK = 4096
 
 
 # -- the estimators, as per-representation statistics and a cross term ----------------------------------
 #
-# Each kind reduces one representation to what its HSIC needs (`_prepare`), HSIC(K, K) from those
+# Each kind reduces one representation to what its HSIC needs (`prepare`), HSIC(K, K) from those
 # statistics (`state["self"]`), and HSIC(K, L) from two of them (`_cross`). `cka` and `cka_matrix` share
 # this code; `cka_matrix` just prepares every language once.
 
-def _centre(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def centre(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x in float64 centred over examples (axis -2), and where it is constant over the examples."""
     xc = x.to(torch.float64, copy=True)  # one float64 copy, centred in place
-    raw = _frob(xc)
+    raw = frob(xc)
     xc -= xc.mean(dim=-2, keepdim=True)
-    return xc, _frob(xc) <= _CONSTANT_RTOL * raw
+    return xc, frob(xc) <= _CONSTANT_RTOL * raw
 
 
 def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """b'a in float64 for centred a [..., n, d1], b [..., n, d2] in float64 or float32.
 
     float64 operands: one product. float32 operands: float32 products over blocks of at most
-    `_FLOAT32_BLOCK` examples, summed in float64.
+    `FLOAT32_BLOCK` examples, summed in float64.
     """
     if a.dtype == torch.float64:
         return b.mT @ a
     n = a.shape[-2]
     total = None
-    for start in range(0, n, _FLOAT32_BLOCK):
-        block = (b[..., start:start + _FLOAT32_BLOCK, :].mT @ a[..., start:start + _FLOAT32_BLOCK, :]).double()
+    for start in range(0, n, FLOAT32_BLOCK):
+        block = (b[..., start:start + FLOAT32_BLOCK, :].mT @ a[..., start:start + FLOAT32_BLOCK, :]).double()
         total = block if total is None else total.add_(block)
     return total
 
 
-def _frob(m: torch.Tensor) -> torch.Tensor:
+def frob(m: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(m, dim=(-2, -1))
 
 
-def _sq_frob(m: torch.Tensor) -> torch.Tensor:
-    return _frob(m).square()
+def sq_frob(m: torch.Tensor) -> torch.Tensor:
+    return frob(m).square()
 
 
-def _debiased_hsic(xty_sq: torch.Tensor, rx: torch.Tensor, ry: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor,
+def debiased_hsic(xty_sq: torch.Tensor, rx: torch.Tensor, ry: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor,
                    n: int) -> torch.Tensor:
     """n(n-3) HSIC_1(K, L) for linear kernels of centred X, Y (Song et al. 2012, eq. 5), in feature space.
 
@@ -126,7 +126,7 @@ def _median(values: torch.Tensor) -> torch.Tensor:
     return (low + torch.kthvalue(values, m // 2 + 1, dim=-1).values) / 2
 
 
-def _centre_gram(k: torch.Tensor) -> torch.Tensor:
+def centre_gram(k: torch.Tensor) -> torch.Tensor:
     """HKH with H = I - 11'/n, by subtracting row and column means (O(n^2), not two n x n products)."""
     return k - k.mean(-1, keepdim=True) - k.mean(-2, keepdim=True) + k.mean((-2, -1), keepdim=True)
 
@@ -152,7 +152,7 @@ def _rbf_gram(xc: torch.Tensor, sigma_frac: float) -> tuple[torch.Tensor, torch.
     return kernel.div_(-2 * sigma[..., None, None] ** 2).exp_(), undefined
 
 
-def _prepare(x: torch.Tensor, kind: str, sigma_frac: float = 1.0,
+def prepare(x: torch.Tensor, kind: str, sigma_frac: float = 1.0,
              precision: str = "float64") -> dict[str, torch.Tensor]:
     """The statistics of one representation [..., n, d] that its HSIC terms need; "self" is HSIC(K, K).
 
@@ -160,26 +160,26 @@ def _prepare(x: torch.Tensor, kind: str, sigma_frac: float = 1.0,
     (HSIC(K, K) = 0 up to float64 rounding) is recognised as such; "xc", the centred representation the
     cross terms multiply, is in the dtype of `precision`. Everything else is float64.
     """
-    xc, constant = _centre(x)
+    xc, constant = centre(x)
     n = x.shape[-2]
     if kind == "linear":
-        self_ = _sq_frob(xc.mT @ xc)
+        self_ = sq_frob(xc.mT @ xc)
         state = {"xc": xc}
     elif kind == "debiased":
         rows = torch.linalg.vector_norm(xc, dim=-1).square()
         total = rows.sum(-1)
-        self_ = _debiased_hsic(_sq_frob(xc.mT @ xc), rows, rows, total, total, n)
-        self_ = torch.where(self_ <= _HSIC_RTOL * total.square(), 0.0, self_)
+        self_ = debiased_hsic(sq_frob(xc.mT @ xc), rows, rows, total, total, n)
+        self_ = torch.where(self_ <= HSIC_RTOL * total.square(), 0.0, self_)
         state = {"xc": xc, "rows": rows, "total": total}
     elif kind == "rbf":
         kc, undefined = _rbf_gram(xc, sigma_frac)
         row, col = kc.mean(-1, keepdim=True), kc.mean(-2, keepdim=True)
-        kc.sub_(row).sub_(col).add_(col.mean(-1, keepdim=True))  # _centre_gram, in place
-        self_ = _sq_frob(kc)
+        kc.sub_(row).sub_(col).add_(col.mean(-1, keepdim=True))  # centre_gram, in place
+        self_ = sq_frob(kc)
         constant = constant | undefined
         state = {"kc": kc}
     else:
-        raise ValueError(f"_prepare: unknown kind {kind!r}")  # callers run check_options first
+        raise ValueError(f"prepare: unknown kind {kind!r}")  # callers run check_options first
     state["self"] = torch.where(constant, 0.0, self_)
     if precision == "float32":
         # centred in float64 first: each value is rounded once, not as a difference of rounded values
@@ -191,14 +191,14 @@ def _cross(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], kind: str) ->
     """HSIC(K, L) between two prepared representations (up to the factor `self` carries too)."""
     if kind == "rbf":  # <K, L> as a dot product: no n x n temporary
         return (a["kc"].flatten(-2)[..., None, :] @ b["kc"].flatten(-2)[..., :, None])[..., 0, 0]
-    xty_sq = _sq_frob(_product(a["xc"], b["xc"]))
+    xty_sq = sq_frob(_product(a["xc"], b["xc"]))
     if kind == "linear":
         return xty_sq
     n = a["xc"].shape[-2]
-    return _debiased_hsic(xty_sq, a["rows"], b["rows"], a["total"], b["total"], n)
+    return debiased_hsic(xty_sq, a["rows"], b["rows"], a["total"], b["total"], n)
 
 
-def _ratio(cross: torch.Tensor, self_a: torch.Tensor, self_b: torch.Tensor) -> torch.Tensor:
+def ratio(cross: torch.Tensor, self_a: torch.Tensor, self_b: torch.Tensor) -> torch.Tensor:
     """HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)), NaN where either self term is not positive."""
     valid = (self_a > 0) & (self_b > 0)
     denom = torch.where(valid, self_a * self_b, 1.0).sqrt()
@@ -216,7 +216,7 @@ def check_options(kind: str, precision: str = "float64") -> None:
                          "use cka_precision=float64 or a linear kind")
 
 
-def _check_pair(x: torch.Tensor, y: torch.Tensor, kind: str, precision: str = "float64") -> None:
+def check_pair(x: torch.Tensor, y: torch.Tensor, kind: str, precision: str = "float64") -> None:
     check_options(kind, precision)
     if x.ndim < 2 or y.ndim < 2 or x.shape[:-1] != y.shape[:-1]:
         raise ValueError(f"cka: x {tuple(x.shape)} and y {tuple(y.shape)} must be [..., n, d] with the same "
@@ -234,9 +234,9 @@ def cka(x: torch.Tensor, y: torch.Tensor, kind: str = "linear", *, sigma_frac: f
     `sigma_frac` is the RBF bandwidth as a fraction of the median pairwise distance (rbf only).
     `precision`: float64, or float32 products accumulated in float64 (linear, debiased; module docstring).
     """
-    _check_pair(x, y, kind, precision)
-    a, b = _prepare(x, kind, sigma_frac, precision), _prepare(y, kind, sigma_frac, precision)
-    return _ratio(_cross(a, b, kind), a["self"], b["self"])
+    check_pair(x, y, kind, precision)
+    a, b = prepare(x, kind, sigma_frac, precision), prepare(y, kind, sigma_frac, precision)
+    return ratio(_cross(a, b, kind), a["self"], b["self"])
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor, precision: str = "float64") -> torch.Tensor:
@@ -255,7 +255,7 @@ def debiased_linear_cka(x: torch.Tensor, y: torch.Tensor, precision: str = "floa
 
     HSIC_1(K, L) = [tr(K~L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3)), K~ = K with a zero
     diagonal, K = XX'. For linear kernels every term reduces to d x d products and row norms (see
-    `_debiased_hsic`), so the cost is that of `linear_cka`, O(n d^2), with no n x n matrix. Needs n >= 4
+    `debiased_hsic`), so the cost is that of `linear_cka`, O(n d^2), with no n x n matrix. Needs n >= 4
     (ValueError otherwise). NaN where HSIC_1(K, K) or HSIC_1(L, L) is not positive beyond rounding
     (degenerate inputs; see the module docstring).
     Values can fall slightly below 0 or above 1: the estimate is unbiased, not bounded.
@@ -291,7 +291,7 @@ def cka_matrix(reps: Mapping[str, torch.Tensor], kind: str = "linear", *,
         raise ValueError("cka_matrix: no representations")
     first = reps[langs[0]]
     for lang in langs:
-        _check_pair(first, reps[lang], kind, precision)
+        check_pair(first, reps[lang], kind, precision)
     lead, (n, _) = first.shape[:-2], first.shape[-2:]
     flat = {lang: reps[lang].reshape(-1, n, reps[lang].shape[-1]) for lang in langs}
     batch, k = flat[langs[0]].shape[0], len(langs)
@@ -301,12 +301,12 @@ def cka_matrix(reps: Mapping[str, torch.Tensor], kind: str = "linear", *,
     out = torch.empty(batch, k, k, dtype=torch.float64)
     for start in range(0, batch, chunk):
         part = slice(start, start + chunk)
-        states = [_prepare(flat[lang][part], kind, sigma_frac, precision) for lang in langs]
+        states = [prepare(flat[lang][part], kind, sigma_frac, precision) for lang in langs]
         for i, a in enumerate(states):
             out[part, i, i] = torch.where(a["self"] > 0, 1.0, math.nan)
             for j in range(i + 1, k):
                 b = states[j]
-                out[part, i, j] = out[part, j, i] = _ratio(_cross(a, b, kind), a["self"], b["self"])
+                out[part, i, j] = out[part, j, i] = ratio(_cross(a, b, kind), a["self"], b["self"])
         del states
     return out.reshape(*lead, k, k)
 

@@ -2,8 +2,10 @@
 
 A stage's version digests only the source that can change its results: its entry module, every project
 module in that module's static import closure (imports inside functions included, found from the source
-because `main` decides reuse before a stage runs) and the stage's block of MLproject. So a change to code
-that only `analyze` uses leaves the finished finetune, prune and encode runs reusable.
+because `main` decides reuse before a stage runs), the stage's block of MLproject and the dependency pins
+of pyproject.toml. So a change to code that only `analyze` uses leaves the finished finetune, prune and
+encode runs reusable, and an upgrade of a pinned library recomputes every stage. The pins, not the
+installed builds: a `+cpu` and a `+cu130` build of the same torch reuse each other's runs.
 
 A digest rather than the git commit: it also tells uncommitted changes apart, and works without git.
 """
@@ -78,11 +80,30 @@ def mlproject_block(stage: str, root: Path = ROOT) -> str:
     return yaml.safe_dump(block, sort_keys=True)
 
 
+def dependency_pins(root: Path = ROOT) -> str:
+    """The runtime requirements as pyproject.toml pins them (extras, which only tests and benchmarks use, left
+    out), one per line; from the installed package's metadata where no pyproject.toml lies beside the code."""
+    import importlib.metadata
+
+    path = root / "pyproject.toml"
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = None
+    if path.is_file() and tomllib is not None:
+        pins = tomllib.loads(path.read_text(encoding="utf-8")).get("project", {}).get("dependencies", [])
+    else:
+        pins = [r for r in importlib.metadata.requires("xlsub") or [] if "extra ==" not in r]
+    return "\n".join(sorted(" ".join(pin.split()) for pin in pins))
+
+
 @lru_cache(maxsize=None)
 def code_version(stage: str, root: Path = ROOT) -> str:
-    """`<package version>+<16 hex digits>`: sha256 over the stage's import closure and MLproject block."""
+    """`<package version>+<16 hex digits>`: sha256 over the stage's import closure, MLproject block and the
+    dependency pins."""
     digest = hashlib.sha256()
     for path in import_closure(f"entry_points.{stage}", root):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     digest.update(b"MLproject\0" + mlproject_block(stage, root).encode())
+    digest.update(b"pyproject.toml\0" + dependency_pins(root).encode())
     return f"{xlsub.__version__}+{digest.hexdigest()[:16]}"

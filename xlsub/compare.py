@@ -30,7 +30,7 @@ from xlsub.artifacts import COMPARE_METRICS, REPORT, figure_path, table_path, wr
 from xlsub.errors import XlsubError
 from xlsub.figures import save_figure
 from xlsub.figures.compare import comparison_figures
-from xlsub.report import _CSS, MAX_INLINE_ROWS, table_html  # the analyze report's look
+from xlsub.report import CSS, MAX_INLINE_ROWS, table_html  # the analyze report's look
 
 VALUE = "value"  # the number column of a long table
 MEASURE = "measure"  # the key naming the measure of a table of measures
@@ -182,13 +182,6 @@ def compare(metrics_by_run: Mapping[str, Mapping[str, float]], tables_by_run: Ma
 
 # -- report ------------------------------------------------------------------------------------------------
 
-def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
-    """The run's page in the MLflow UI when the tracking server has an http(s) address, else None."""
-    if not str(tracking_uri).startswith(("http://", "https://")):
-        return None
-    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-
-
 def short_ids(run_ids: Sequence[str], width: int = 8) -> dict[str, str]:
     """Run IDs as the tables of the report show them: their first `width` characters, whole where those clash."""
     short = {run: run[:width] for run in run_ids}
@@ -255,7 +248,7 @@ def render_report(comparison: Comparison, runs: Mapping[str, Mapping[str, str]],
         body.append("<h2>Not compared</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in comparison.notes) + "</ul>")
     title = f"xlsub compare: {len(run_ids)} analyze runs"
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
+            f"<title>{_e(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
 
 
 def write_comparison(folder: str | Path, comparison: Comparison, runs: Mapping[str, Mapping[str, str]],

@@ -119,11 +119,11 @@ def encode(
     tokenizer,
     sentences: Sequence[str],
     *,
-    batch_size: int = 64,
+    batch_size: int,
+    pooling: str,
     max_length: int | None = None,
     device: str | torch.device | None = None,
     progress_desc: str | None = None,
-    pooling: str = "mean",
 ) -> torch.Tensor:
     """Mean-pooled hidden states of every layer for each sentence: float32 ``[layers+1, n, d]``.
 

@@ -13,33 +13,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 
-from xlsub.mlm import masked_perplexity
+from xlsub.mlm import ChunkLosses
 
 LEVEL = 0.95
-
-
-@dataclass(frozen=True)
-class ChunkLosses:
-    """Per test chunk: the summed NLL of its masked tokens (float64) and how many tokens were masked."""
-
-    nll: torch.Tensor
-    tokens: torch.Tensor
-
-    def __post_init__(self):
-        if self.nll.shape != self.tokens.shape or self.nll.dim() != 1:
-            raise ValueError(f"nll {tuple(self.nll.shape)} and tokens {tuple(self.tokens.shape)} must be the same 1-d shape")
-
-    @property
-    def perplexity(self) -> float:
-        return masked_perplexity(float(self.nll.sum()), int(self.tokens.sum()))
-
-    def resampled_log_ppl(self, indices: torch.Tensor) -> torch.Tensor:
-        """log perplexity under each row of `indices` ([B, n] chunk indices): [B]."""
-        return self.nll.double()[indices].sum(-1) / self.tokens.double()[indices].sum(-1)
 
 
 def bootstrap_indices(n: int, replicates: int, seed: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +67,26 @@ def masked_perplexity(nll_sum: float, n_tokens: int) -> float:
     return math.exp(float(nll_sum) / n_tokens)
 
 
+@dataclass(frozen=True)
+class ChunkLosses:
+    """Per test chunk: the summed NLL of its masked tokens (float64) and how many tokens were masked."""
+
+    nll: torch.Tensor
+    tokens: torch.Tensor
+
+    def __post_init__(self):
+        if self.nll.shape != self.tokens.shape or self.nll.dim() != 1:
+            raise ValueError(f"nll {tuple(self.nll.shape)} and tokens {tuple(self.tokens.shape)} must be the same 1-d shape")
+
+    @property
+    def perplexity(self) -> float:
+        return masked_perplexity(float(self.nll.sum()), int(self.tokens.sum()))
+
+    def resampled_log_ppl(self, indices: torch.Tensor) -> torch.Tensor:
+        """log perplexity under each row of `indices` ([B, n] chunk indices): [B]."""
+        return self.nll.double()[indices].sum(-1) / self.tokens.double()[indices].sum(-1)
+
+
 def perplexity(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> float:
     """`masked_perplexity` over every masked token of `batches`, under `torch.no_grad`."""
     device = next(model.parameters()).device
@@ -83,10 +104,8 @@ def perplexity(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) 
 
 def chunk_losses(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]):
     """Per chunk (row of each batch, in order): the summed NLL of its masked tokens and their count, as
-    `xlsub.intervals.ChunkLosses` (float64 sums), under `torch.no_grad`. Their ratio of sums is the
+    `ChunkLosses` (float64 sums), under `torch.no_grad`. Their ratio of sums is the
     log of `perplexity` over the same batches; the chunks are what a bootstrap resamples."""
-    from xlsub.intervals import ChunkLosses
-
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -58,13 +58,14 @@ class ParallelCorpus:
 
 
 def load_parallel(
-    corpus: str = EMBEDDED,
-    languages: list[str] | None = None,
-    max_sentences: int | None = None,
+    corpus: str,
+    languages: list[str] | None,
+    max_sentences: int | None,
     *,
     split: str | None = None,
 ) -> ParallelCorpus:
-    """Load a parallel corpus for ``languages`` (None: every language it has), first ``max_sentences`` items.
+    """Load a parallel corpus for ``languages`` (None: every language it has), first ``max_sentences`` items
+    (None: all).
 
     ``max_sentences`` counts items left after dropping incomplete ones, in corpus order (so the
     same corpus always gives the same items). ``split`` picks the split of a hub or saved
@@ -73,7 +74,7 @@ def load_parallel(
     if max_sentences is not None and (isinstance(max_sentences, bool) or not isinstance(max_sentences, int)
                                       or max_sentences <= 0):
         raise XlsubError(
-            f"max_sentences: must be a positive number of items, got {max_sentences!r}; leave it out to keep all"
+            f"max_sentences: must be a positive number of items, got {max_sentences!r}; or None to keep all"
         )
     if languages is not None:
         _check_language_list(languages)

@@ -99,7 +99,7 @@ TARGET_SPARSITY = Range(0, 1, low_open=True, high_open=True, meaning="a fraction
 CONTINUE_TO = Range(0, 1, meaning="a fraction of heads")
 
 
-def check_settings(*, threshold: float, amount: float, target_sparsity: float | None, continue_to: float = 0.0) -> None:
+def check_settings(*, threshold: float, amount: float, target_sparsity: float | None, continue_to: float) -> None:
     """The pruning loop's settings within their Ranges, with the messages the prune stage gives."""
     THRESHOLD.check("threshold", threshold)
     AMOUNT.check("amount", amount)
@@ -118,9 +118,9 @@ def _prune_loop(
     threshold: float,
     amount: float,
     target_sparsity: float | None,
+    continue_to: float,
     progress: Callable[[Step], None] | None,
     progress_desc: str,
-    continue_to: float = 0.0,
 ) -> PruningResult:
     check_settings(threshold=threshold, amount=amount, target_sparsity=target_sparsity, continue_to=continue_to)
     total = shape[0] * shape[1]
@@ -166,10 +166,10 @@ def iterative_pruning(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
     *,
-    threshold: float = 1.1,
-    amount: float = 0.1,
-    target_sparsity: float | None = None,
-    continue_to: float = 0.0,
+    threshold: float,
+    amount: float,
+    target_sparsity: float | None,
+    continue_to: float,
     progress: Callable[[Step], None] | None = None,
     progress_desc: str = "pruning",
 ) -> PruningResult:
@@ -464,7 +464,7 @@ def load_subnetwork(folder: str | Path, head_mask: torch.Tensor | None = None):
     return model, transformers.AutoTokenizer.from_pretrained(folder)
 
 
-def perplexity_tables(evaluations: Mapping, full: Mapping, languages: Sequence[str]) -> dict[str, pd.DataFrame]:
+def prune_run_tables(evaluations: Mapping, full: Mapping, languages: Sequence[str]) -> dict[str, pd.DataFrame]:
     """The prune run's tables by id: the cross-language perplexity matrix of the subnetworks (`cross_ppl`)
     and of their random-mask controls (`cross_ppl_random`, mean over draws), each also relative to the
     full model (`*_relative`), and every model's per-chunk losses (`chunk_losses`, indexed by model)."""

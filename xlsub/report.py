@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from xlsub import stages
 from xlsub.analysis import AnalysisResult
 from xlsub.artifacts import REPORT, figure_path, table_path, write_table, write_verdicts
 from xlsub.figures import save_figure
@@ -24,9 +25,8 @@ from xlsub.figures import save_figure
 # Tables larger than this are linked, not inlined.
 MAX_INLINE_ROWS = 40
 MAX_INLINE_COLUMNS = 16
-LINEAGE_ORDER = ("finetune", "prune", "encode", "analyze")
 
-_CSS = """
+CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2rem auto; max-width: 1200px;
        padding: 0 1rem; color: #222; line-height: 1.45; }
 h1 { font-size: 1.6rem; margin-bottom: 0.3rem; }
@@ -135,9 +135,10 @@ def _table_block(name: str, table: pd.DataFrame, table_paths: Mapping[str, str])
 
 def _lineage_html(lineage: Mapping[str, str], run_links: Mapping[str, str] | None) -> str:
     run_links = run_links or {}
-    stages = [s for s in LINEAGE_ORDER if s in lineage] + [s for s in lineage if s not in LINEAGE_ORDER]
+    order = stages.lineage_order()
+    ordered = [s for s in order if s in lineage] + [s for s in lineage if s not in order]
     rows = []
-    for stage in stages:
+    for stage in ordered:
         run_id = lineage[stage]
         url = _http_url(run_links.get(stage)) or _http_url(run_links.get(run_id))
         cell = f'<a href="{_e(url)}"><code>{_e(run_id)}</code></a>' if url else f"<code>{_e(run_id)}</code>"
@@ -205,7 +206,7 @@ def render_report(result: AnalysisResult, figure_paths: Mapping[str, str], table
         body.append("<h2>Skipped</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in result.notes) + "</ul>")
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n<title>{_e(title)}</title>\n"
-            f"<style>{_CSS}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
+            f"<style>{CSS}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
 
 
 def write_report(result: AnalysisResult, folder: str | Path, lineage: Mapping[str, str],

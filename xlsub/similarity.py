@@ -21,7 +21,7 @@ float64; none touches files or MLflow.
 The permutation engine. Re-pairing keeps each representation's own statistics and changes only the
 cross term of HSIC: for linear kernels of centred X, Y and y permuted by p, ||Y_p'X||_F^2, and for the
 unbiased HSIC_1 also r_x . r_(y,p) (the 1'K~L~1 term; 1'K~1 1'L~1 does not depend on the pairing; see
-`xlsub.cka._debiased_hsic`). The "feature" engine computes ||Y_p'X||_F^2 for a block of permutations with
+`xlsub.cka.debiased_hsic`). The "feature" engine computes ||Y_p'X||_F^2 for a block of permutations with
 one matrix product [Y_p1 | Y_p2 | ...]' X (O(n d1 d2) per permutation); the "gram" engine permutes the
 centred n x n Gram matrix, sum_ij K_ij L_p(i)p(j) (O(n^2) per permutation, but a random gather). "auto"
 picks gram only where n^2 is small against n d1 d2 (and for RBF kernels, which have no feature space).
@@ -49,17 +49,17 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from xlsub.cka import (
-    _FLOAT32_BLOCK,
-    _HSIC_RTOL,
-    _centre,
-    _check_pair,
-    _debiased_hsic,
-    _frob,
-    _prepare,
-    _ratio,
-    _sq_frob,
+    FLOAT32_BLOCK,
+    HSIC_RTOL,
+    centre,
     check_options,
+    check_pair,
     cka,
+    debiased_hsic,
+    frob,
+    prepare,
+    ratio,
+    sq_frob,
 )
 from xlsub.errors import XlsubError
 
@@ -196,7 +196,7 @@ def _feature_cross(xc: torch.Tensor, yc: torch.Tensor, perms: torch.Tensor) -> t
 
     A block of B permutations is one product [Y_p1 | ... | Y_pB]' X ([B d2, d1]): y's rows gathered into
     an [n, B, d2] array, so the product sees one tall matrix and each permutation's d2 x d1 result is
-    contiguous for its norm. float32 operands: float32 products over at most `xlsub.cka._FLOAT32_BLOCK`
+    contiguous for its norm. float32 operands: float32 products over at most `xlsub.cka.FLOAT32_BLOCK`
     examples, summed in float64, as `xlsub.cka._product`. The gather and product buffers are allocated
     once and reused: a fresh multi-megabyte buffer per block costs more in page faults than the gather.
     """
@@ -215,14 +215,14 @@ def _feature_cross(xc: torch.Tensor, yc: torch.Tensor, perms: torch.Tensor) -> t
         if partial is None:
             torch.mm(g.mT, xc, out=product[:b * d2])
         else:
-            for first in range(0, n, _FLOAT32_BLOCK):
-                rows = slice(first, first + _FLOAT32_BLOCK)
+            for first in range(0, n, FLOAT32_BLOCK):
+                rows = slice(first, first + FLOAT32_BLOCK)
                 torch.mm(g[rows].mT, xc[rows], out=partial[:b * d2])
                 if first == 0:
                     product[:b * d2].copy_(partial[:b * d2])
                 else:
                     product[:b * d2].add_(partial[:b * d2])
-        out[start:start + b] = _frob(product[:b * d2].view(b, d2, d1)).square()
+        out[start:start + b] = frob(product[:b * d2].view(b, d2, d1)).square()
     return out
 
 
@@ -242,13 +242,13 @@ def permuted_cka(x: torch.Tensor, y: torch.Tensor, perms: torch.Tensor, kind: st
                  engine: str = "auto", precision: str = "float64", sigma_frac: float = 1.0) -> torch.Tensor:
     """CKA of x with y re-paired by each permutation: out[..., k] = cka(x, y[..., perms[k], :]), [..., P].
 
-    Each representation is centred and reduced once (`xlsub.cka._prepare`); per permutation only the cross
+    Each representation is centred and reduced once (`xlsub.cka.prepare`); per permutation only the cross
     term is recomputed, by the feature engine (||Y_p'X||_F^2 in blocks of permutations) or the gram engine
     (tr(K P L P') on centred n x n Gram matrices); see the module docstring. rbf kernels use the gram
     engine. The same permutations serve every leading index (layer). `precision="float32"`: float32
     products accumulated in float64 (linear and debiased with the feature engine), as in `xlsub.cka.cka`.
     """
-    _check_pair(x, y, kind, precision)
+    check_pair(x, y, kind, precision)
     perms = torch.as_tensor(perms, dtype=torch.long).reshape(-1, x.shape[-2])
     lead, (n, d1), d2 = x.shape[:-2], x.shape[-2:], y.shape[-1]
     engine = _pick_engine(engine, kind, n, d1, d2)
@@ -257,8 +257,8 @@ def permuted_cka(x: torch.Tensor, y: torch.Tensor, perms: torch.Tensor, kind: st
     xs, ys = x.reshape(-1, n, d1), y.reshape(-1, n, d2)
     out = torch.empty(xs.shape[0], len(perms), dtype=torch.float64)
     for index in tqdm(range(xs.shape[0]), desc="permutations", leave=False, disable=None):
-        a = _prepare(xs[index], kind, sigma_frac, precision)
-        b = _prepare(ys[index], kind, sigma_frac, precision)
+        a = prepare(xs[index], kind, sigma_frac, precision)
+        b = prepare(ys[index], kind, sigma_frac, precision)
         if kind == "rbf":
             cross = _gram_cross(a["kc"], b["kc"], perms)
         else:
@@ -270,8 +270,8 @@ def permuted_cka(x: torch.Tensor, y: torch.Tensor, perms: torch.Tensor, kind: st
             if kind == "linear":
                 cross = xty_sq
             else:  # the unbiased HSIC's other pairing-dependent term: r_x . r_(y,p)
-                cross = _debiased_hsic(xty_sq, a["rows"], b["rows"][perms], a["total"], b["total"], n)
-        out[index] = _ratio(cross, a["self"], b["self"])
+                cross = debiased_hsic(xty_sq, a["rows"], b["rows"][perms], a["total"], b["total"], n)
+        out[index] = ratio(cross, a["self"], b["self"])
     return out.reshape(*lead, len(perms))
 
 
@@ -299,7 +299,7 @@ def cka_null_mean(x: torch.Tensor, y: torch.Tensor, kind: str = "debiased", grou
         shape[dim] = len(sizes)
         return values.new_zeros(shape).index_add_(dim, codes, values)
 
-    a, b = _prepare(x, kind), _prepare(y, kind)
+    a, b = prepare(x, kind), prepare(y, kind)
     if kind == "rbf":
         k, l = a["kc"], b["kc"]
         diag_k, diag_l = k.diagonal(dim1=-2, dim2=-1), l.diagonal(dim1=-2, dim2=-1)
@@ -317,9 +317,9 @@ def cka_null_mean(x: torch.Tensor, y: torch.Tensor, kind: str = "debiased", grou
                - (same_k * same_l / sizes.square()).sum(-1))
     diagonal = (tr_k * tr_l / sizes).sum(-1)
     expected = diagonal + within.sum(-1) + between
-    if kind == "debiased":  # `xlsub.cka._debiased_hsic` with E[r_x . r_(y,p)] = sum_g tr_g(K) tr_g(L) / n_g
+    if kind == "debiased":  # `xlsub.cka.debiased_hsic` with E[r_x . r_(y,p)] = sum_g tr_g(K) tr_g(L) / n_g
         expected = expected - n / (n - 2) * diagonal + a["total"] * b["total"] / ((n - 1) * (n - 2))
-    return _ratio(expected, a["self"], b["self"])
+    return ratio(expected, a["self"], b["self"])
 
 
 def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, seed: int = 0,
@@ -437,8 +437,8 @@ def _hsic_from_moments(t: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     """
     n = t["n"]
     if kind == "linear":
-        return _sq_frob(t["A"] - t["su"][..., :, None] * t["sv"][..., None, :] / n[..., None, None])
-    tr_kl = _sq_frob(t["A"]) - t["m"]
+        return sq_frob(t["A"] - t["su"][..., :, None] * t["sv"][..., None, :] / n[..., None, None])
+    tr_kl = sq_frob(t["A"]) - t["m"]
     ones_k = t["su"].square().sum(-1) - t["qu"]
     ones_l = t["sv"].square().sum(-1) - t["qv"]
     ones_kl = (torch.einsum("...i,...ij,...j->...", t["su"], t["A"], t["sv"])
@@ -468,7 +468,7 @@ def leave_block_out_cka(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor,
     members = [(blocks == b).nonzero().reshape(-1) for b in range(count)]
     if kind == "debiased" and len(blocks) - max(len(m) for m in members) < 4:
         raise ValueError("debiased CKA needs at least 4 examples left out of every block")
-    xc, yc = _centre(x)[0], _centre(y)[0]
+    xc, yc = centre(x)[0], centre(y)[0]
     hsic = {}
     for name, (u, v) in {"xy": (xc, yc), "xx": (xc, xc), "yy": (yc, yc)}.items():
         per_block = _moments(u, v, members)
@@ -476,12 +476,12 @@ def leave_block_out_cka(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor,
                 for key, value in per_block.items()}
         value = _hsic_from_moments(kept, kind)
         if name != "xy":
-            # as in xlsub.cka._prepare: a self term that is zero up to rounding is zero (CKA NaN)
+            # as in xlsub.cka.prepare: a self term that is zero up to rounding is zero (CKA NaN)
             scale = kept["qu"] - kept["su"].square().sum(-1) / kept["n"]  # sum of re-centred squared norms
-            floor = _HSIC_RTOL * scale.square() if kind == "debiased" else 0.0
+            floor = HSIC_RTOL * scale.square() if kind == "debiased" else 0.0
             value = torch.where(value <= floor, 0.0, value)
         hsic[name] = value
-    return _ratio(hsic["xy"], hsic["xx"], hsic["yy"])
+    return ratio(hsic["xy"], hsic["xx"], hsic["yy"])
 
 
 def cka_jackknife_interval(x: torch.Tensor, y: torch.Tensor, kind: str = "debiased", blocks: int = 20,
@@ -611,7 +611,7 @@ def rsa(x: torch.Tensor, y: torch.Tensor, centre: bool = False) -> torch.Tensor:
     Representational similarity analysis (Kriegeskorte et al. 2008); ties get average ranks.
     """
     a, b = _centred_rank_matrix(x, centre), _centred_rank_matrix(y, centre)
-    return (a * b).sum((-2, -1)) / (_frob(a) * _frob(b))
+    return (a * b).sum((-2, -1)) / (frob(a) * frob(b))
 
 
 def mantel_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 500, seed: int = 0, groups=None,
@@ -629,8 +629,8 @@ def mantel_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 500, seed: int =
     if n * (n - 1) // 2 < 2**24:  # centred ranks: multiples of 1/2 below 2^23, exact in float32
         flat_a, flat_b = flat_a.float(), flat_b.float()
     null = torch.stack([_gram_cross(ranks_x, ranks_y, perms) for ranks_x, ranks_y in zip(flat_a, flat_b)])
-    norms = (_frob(a) * _frob(b)).reshape(-1, 1)
-    observed = (a * b).sum((-2, -1)) / _frob(a) / _frob(b)
+    norms = (frob(a) * frob(b)).reshape(-1, 1)
+    observed = (a * b).sum((-2, -1)) / frob(a) / frob(b)
     return _result(observed, (null / norms).reshape(*a.shape[:-2], n_perm))
 
 

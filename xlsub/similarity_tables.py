@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, SubnetworkId, ordered
+from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, TABLE, SubnetworkId, ordered
 from xlsub.cka import cka
 from xlsub.similarity import (cka_jackknife_interval, cka_null_mean, cka_permutation_test, detection_limit,
                               length_only_representations, mantel_test, planted_representations, residualize,
@@ -32,10 +32,10 @@ class Counts:
     """Permutation counts: the full model at every layer, the base/random controls and each subnetwork at
     the last layer, and the length-matched and Mantel tests (full model and controls, last layer)."""
 
-    full: int = 1000
-    controls: int = 1000
-    subnetworks: int = 200
-    length: int = 500
+    full: int
+    controls: int
+    subnetworks: int
+    length: int
 
 
 def sentence_lengths(tokens: Mapping[str, Sequence[Sequence[int]]]) -> dict[str, torch.Tensor]:
@@ -115,10 +115,10 @@ def cka_interval_tables(encodings, languages: Sequence[str], reference: str, kin
     blocks = min(blocks, full[reference].shape[1])  # at most one sentence a block
     bounds = {lang: cka_jackknife_interval(full[reference], full[lang], kind, blocks) for lang in langs}
     out = {}
-    for name, pick in (("lo", lambda i: i.lo), ("hi", lambda i: i.hi)):
+    for table_id, pick in ((TABLE.cka_vs_reference_lo, lambda i: i.lo), (TABLE.cka_vs_reference_hi, lambda i: i.hi)):
         table = pd.DataFrame({lang: pick(bounds[lang]).numpy() for lang in langs}).T
         table.index.name, table.columns.name = "language", "layer"
-        out[f"cka_vs_reference_{name}"] = table
+        out[table_id] = table
     return out
 
 

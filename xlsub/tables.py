@@ -10,8 +10,9 @@ Rows and columns:
   output of transformer layer l), and head masks are labelled the same way, so mask layer 1 is the first
   transformer layer.
 
-`cross_perplexity_matrix` and `relative_perplexity` are also the prune stage's: it logs its matrices with
-them, so the two stages compute the relative perplexity in one place.
+`cross_perplexity_matrix` and `relative_perplexity` live in `xlsub.pruning`: the prune stage logs its matrices
+with them and this module reuses `relative_perplexity`, so the two stages compute the relative perplexity in
+one place.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, SubnetworkId, group_by_language, ordered, subnetwork_ids
+from xlsub.artifacts import (BASE_MODEL, FULL_MODEL, METRIC, RANDOM_MODEL, TABLE, SubnetworkId, group_by_language,
+                             language_metric, ordered, subnetwork_ids)
 from xlsub.cka import cka_matrix, shuffled_pairs_cka
 from xlsub.errors import XlsubError
-from xlsub.intervals import ChunkLosses, percentile_interval, relative_replicates
+from xlsub.intervals import percentile_interval, relative_replicates
+from xlsub.mlm import ChunkLosses
 from xlsub.pruning import relative_perplexity
 from xlsub.overlap import (
     expected_jaccard_over_seeds,
@@ -74,13 +77,13 @@ def mask_overlap_tables(masks: Mapping[SubnetworkId, torch.Tensor], languages: S
     grouped = group_by_language(masks, languages)
     if not several_seeds(masks):
         single = {lang: next(iter(seeds.values())) for lang, seeds in grouped.items()}
-        return {"mask_jaccard": jaccard_matrix(single), "mask_jaccard_expected": expected_random_jaccard_matrix(single)}
+        return {TABLE.mask_jaccard: jaccard_matrix(single), TABLE.mask_jaccard_expected: expected_random_jaccard_matrix(single)}
     mean, std = mean_std_over_seeds(masks, languages)
     expected = expected_jaccard_over_seeds(masks, languages)
     stability = seed_stability(masks, languages)
     stability["expected"] = [expected.loc[lang, lang] for lang in stability.index]
-    return {"mask_jaccard": mean, "mask_jaccard_expected": expected, "mask_jaccard_std": std,
-            "mask_seed_stability": stability}
+    return {TABLE.mask_jaccard: mean, TABLE.mask_jaccard_expected: expected, TABLE.mask_jaccard_std: std,
+            TABLE.mask_seed_stability: stability}
 
 
 def heads_kept_tables(masks: Mapping[SubnetworkId, torch.Tensor], languages: Sequence[str],
@@ -91,9 +94,9 @@ def heads_kept_tables(masks: Mapping[SubnetworkId, torch.Tensor], languages: Seq
     columns are layers 1..L (mask row 0 is transformer layer 1).
     """
     flat = {str(sid): masks[sid] for sid in subnetwork_ids(masks, languages)}
-    tables = {"heads_kept_per_layer": proportion_kept_per_layer(flat)}
+    tables = {TABLE.heads_kept_per_layer: proportion_kept_per_layer(flat)}
     if hidden_size and head_dim:
-        tables["params_kept_per_layer"] = params_kept_per_layer(flat, hidden_size, head_dim)
+        tables[TABLE.params_kept_per_layer] = params_kept_per_layer(flat, hidden_size, head_dim)
     for table in tables.values():
         table.index.name = "subnetwork"
         table.columns = pd.RangeIndex(1, table.shape[1] + 1, name="layer")
@@ -117,14 +120,16 @@ def _mean_over_seeds(by_seed: pd.DataFrame) -> pd.DataFrame:
     return means
 
 
-def perplexity_tables(cross: pd.DataFrame, cross_random: pd.DataFrame | None, ppl_full: Mapping[str, float],
-                      languages: Sequence[str]) -> dict[str, pd.DataFrame]:
-    """The cross-language perplexity matrix (rows `de-s0` as `cross_perplexity_matrix` makes them) per
-    subnetwork language: raw (`cross_ppl`, first row `full` = the full model) and relative to the full model
+def seed_averaged_perplexity_tables(cross: pd.DataFrame, cross_random: pd.DataFrame | None, ppl_full: Mapping[str, float],
+                                     languages: Sequence[str]) -> dict[str, pd.DataFrame]:
+    """The cross-language perplexity matrix (rows `de-s0` as `xlsub.pruning.cross_perplexity_matrix` makes
+    them) per subnetwork language: raw (`cross_ppl`, first row `full` = the full model) and relative to the full model
     (`cross_ppl_relative`), the same for the random-mask control (`cross_ppl_random*`). With several seeds a
     row is the mean over the language's seeds and the per-seed rows are kept in `*_by_seed`."""
     tables = {}
-    for stem, table in (("cross_ppl", cross), ("cross_ppl_random", cross_random)):
+    for (stem, relative, seeds), table in (((TABLE.cross_ppl, TABLE.cross_ppl_relative, TABLE.cross_ppl_by_seed), cross),
+                                           ((TABLE.cross_ppl_random, TABLE.cross_ppl_random_relative,
+                                             TABLE.cross_ppl_random_by_seed), cross_random)):
         if table is None or table.empty:
             continue
         by_seed = _by_seed(table, languages)
@@ -134,9 +139,9 @@ def perplexity_tables(cross: pd.DataFrame, cross_random: pd.DataFrame | None, pp
         raw = pd.concat([full_row, by_language])
         raw.index.name = by_language.index.name
         tables[stem] = raw
-        tables[f"{stem}_relative"] = relative_perplexity(by_language, ppl_full)
+        tables[relative] = relative_perplexity(by_language, ppl_full)
         if len(by_language) != len(by_seed):
-            tables[f"{stem}_by_seed"] = by_seed
+            tables[seeds] = by_seed
     return tables
 
 
@@ -170,12 +175,13 @@ def perplexity_interval_tables(chunk_losses: Mapping[tuple[str, int, str], Chunk
     rows = ordered(dict.fromkeys(r for r, _ in sub), languages)
     columns = ordered(dict.fromkeys(c for _, c in sub), languages)
     out: dict[str, pd.DataFrame] = {}
-    for stem, reps in (("cross_ppl_relative", sub), ("cross_ppl_random_relative", rand)):
+    for ids, reps in (((TABLE.cross_ppl_relative_lo, TABLE.cross_ppl_relative_hi), sub),
+                      ((TABLE.cross_ppl_random_relative_lo, TABLE.cross_ppl_random_relative_hi), rand)):
         bounds = {(r, c): percentile_interval(reps[(r, c)]) for r in rows for c in columns if (r, c) in reps}
-        for i, suffix in enumerate(("lo", "hi")):
+        for i, table_id in enumerate(ids):
             table = pd.DataFrame([[bounds[(r, c)][i] if (r, c) in bounds else math.nan for c in columns] for r in rows],
                                  index=pd.Index(rows, name="subnetwork language"), columns=pd.Index(columns, name="evaluated on"))
-            out[f"{stem}_{suffix}"] = table
+            out[table_id] = table
 
     def gaps(reps) -> dict[str, torch.Tensor]:
         """Per language: replicates [B] (or the point estimate) of mean off-diagonal minus diagonal."""
@@ -200,16 +206,16 @@ def perplexity_interval_tables(chunk_losses: Mapping[tuple[str, int, str], Chunk
                            "random_gap_hi": rhi, "p_value": p})
     metrics: dict[str, float] = {}
     if table_rows:
-        out["specificity_gap"] = pd.DataFrame(table_rows).set_index("subnetwork language")
+        out[TABLE.specificity_gap] = pd.DataFrame(table_rows).set_index("subnetwork language")
         mean_gap = torch.stack(list(gap.values())).mean(0)
-        metrics["specificity_gap"] = float(torch.stack(list(gap_point.values())).mean())
-        metrics["specificity_gap_lo"], metrics["specificity_gap_hi"] = percentile_interval(mean_gap)
-        metrics |= {f"specificity_gap.{r}": float(v) for r, v in gap_point.items()}
+        metrics[METRIC.specificity_gap] = float(torch.stack(list(gap_point.values())).mean())
+        metrics[METRIC.specificity_gap_lo], metrics[METRIC.specificity_gap_hi] = percentile_interval(mean_gap)
+        metrics |= {language_metric(METRIC.specificity_gap, r): float(v) for r, v in gap_point.items()}
         if gap_random:
             mean_random = torch.stack(list(gap_random.values())).mean(0)
-            metrics["specificity_gap_random"] = float(torch.stack(list(gap_random_point.values())).mean())
-            metrics["specificity_gap_random_lo"], metrics["specificity_gap_random_hi"] = percentile_interval(mean_random)
-            metrics["specificity_gap_p"] = (1 + int((mean_gap <= mean_random).sum())) / (1 + len(mean_gap))
+            metrics[METRIC.specificity_gap_random] = float(torch.stack(list(gap_random_point.values())).mean())
+            metrics[METRIC.specificity_gap_random_lo], metrics[METRIC.specificity_gap_random_hi] = percentile_interval(mean_random)
+            metrics[METRIC.specificity_gap_p] = (1 + int((mean_gap <= mean_random).sum())) / (1 + len(mean_gap))
     return out, metrics
 
 
@@ -293,8 +299,8 @@ def cka_reference_tables(encodings: Mapping[str, Mapping[str, torch.Tensor]], la
         for lang in others:
             if lang in reps:
                 controls[(model, lang)] = pair_cka(reps[reference], reps[lang], kind, precision)
-    tables = {"cka_vs_reference": _layer_table(parallel, ["language"]),
-              "cka_controls": _layer_table(controls, ["condition", "language"])}
+    tables = {TABLE.cka_vs_reference: _layer_table(parallel, ["language"]),
+              TABLE.cka_controls: _layer_table(controls, ["condition", "language"])}
     return matrix, langs, tables
 
 
@@ -334,11 +340,11 @@ def cka_subnetwork_tables(encodings: Mapping[str, Mapping[str, torch.Tensor]], l
                           for e in eval_langs if e in reps}
     tables = {}
     if curves:
-        tables["cka_full_vs_subnetwork"] = _layer_table(curves, ["subnetwork"])
+        tables[TABLE.cka_full_vs_subnetwork] = _layer_table(curves, ["subnetwork"])
     if last:
         by_seed = pd.DataFrame.from_dict(last, orient="index")
         table = _mean_over_seeds(by_seed)
-        tables["cka_full_vs_subnetwork_last_layer"] = table.loc[:, ordered(table.columns, languages)]
+        tables[TABLE.cka_full_vs_subnetwork_last_layer] = table.loc[:, ordered(table.columns, languages)]
     return tables
 
 

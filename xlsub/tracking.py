@@ -29,7 +29,6 @@ from xlsub.artifacts import CHILD_TAG, CODE_TAG, ERROR_TAG, PARENT_TAG, STAGE_TA
 from xlsub.code_version import code_version
 from xlsub.errors import XlsubError
 
-STAGES = artifacts.STAGES
 log = logging.getLogger(__name__)
 
 
@@ -528,3 +527,31 @@ def logged_model_id(run_id: str, name: str) -> str | None:
                                         filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",
                                         order_by=[{"field_name": "creation_time", "ascending": False}], max_results=1)
     return found[0].model_id if found else None
+
+
+def register_subnetworks(prune_run_id: str) -> list:
+    """Register the stock model of every subnetwork of prune run `prune_run_id` as a version of the registered
+    model `<experiment>-<language>`, tagged with its seed, the run's threshold and target_sparsity, its mask
+    digest and its child run. A model registered there before is not registered again, so that main can
+    register a reused run's models. Returns the versions, new or found."""
+    client = MlflowClient()
+    prune = client.get_run(prune_run_id)
+    experiment = client.get_experiment(prune.info.experiment_id).name
+    versions = []
+    for sid, child in prune_children(prune).items():
+        model_id = logged_model_id(child.info.run_id, sid.model_name)
+        if model_id is None:
+            raise XlsubError(f"register: prune run {prune_run_id} logged no stock model {sid.model_name}; rerun prune with log_stock_models=true")
+        name = f"{experiment}-{sid.language}"
+        found = [v for v in client.search_model_versions(f"name = '{name}'") if v.source == f"models:/{model_id}"]  # v.model_id is unset
+        if found:
+            versions.append(found[0])
+            continue
+        model = mlflow.get_logged_model(model_id)
+        tags = {artifacts.SEED_TAG: str(sid.seed), artifacts.SUBNETWORK_TAG: str(sid),
+                artifacts.REGISTERED_THRESHOLD_TAG: prune.data.params["threshold"],
+                artifacts.REGISTERED_TARGET_SPARSITY_TAG: prune.data.params["target_sparsity"],
+                artifacts.MASK_DIGEST_TAG: model.tags[artifacts.MASK_DIGEST_TAG], artifacts.REGISTERED_SOURCE_RUN_TAG: child.info.run_id}
+        versions.append(mlflow.register_model(f"models:/{model_id}", name, tags=tags))
+        log.info("registered %s as %s version %s", sid.model_name, name, versions[-1].version)
+    return versions

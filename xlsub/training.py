@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +26,11 @@ class TrainSettings:
     weight_decay: float
     seed: int
     device: str  # cpu, cuda, cuda:N, mps
-    fp16: bool = False
-    bf16: bool = False
-    log_every: int = 10
+    fp16: bool
+    bf16: bool
+    log_every: int
+    save_steps: int  # a checkpoint every this many steps
     warmup_ratio: float = 0.05
-    save_steps: int = 250  # a checkpoint every this many steps: about one a minute in the CPU demo
 
 
 class _BatchSeededCollator:
@@ -124,9 +125,10 @@ def _rank_zero_folders(output_dir: str, checkpoint: str | None) -> tuple[str, st
     return output_dir, checkpoint
 
 
-def load_finetuned(folder: str | Path, settings, languages: list[str], device: str):
+def load_finetuned(folder: str | Path, lm_data: Mapping, languages: list[str], device: str):
     """The model, tokenizer, LM data and corpus of a finished finetune run, from its `model/` folder and
-    its settings (`corpus`, `seed`, `max_seq_len`, `examples_per_lang`, `test_examples_per_lang`).
+    the LM-data settings its manifest records (`corpus`, `seed`, `max_seq_len`, `examples_per_lang`,
+    `test_examples_per_lang`; `lm_data_settings` builds them).
 
     The data are chunked exactly as the finetune run chunked them (same corpus, languages, seed and
     sizes), so test perplexities are comparable with its `ppl_after.<lang>`.
@@ -138,7 +140,13 @@ def load_finetuned(folder: str | Path, settings, languages: list[str], device: s
 
     model = AutoModelForMaskedLM.from_pretrained(folder).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    corpus = load_corpus(settings.corpus, languages, seed=settings.seed)
-    lm = build_lm_data(corpus.texts, languages, tokenizer, settings.max_seq_len, settings.examples_per_lang,
-                       settings.test_examples_per_lang, settings.seed)
+    corpus = load_corpus(lm_data["corpus"], languages, seed=lm_data["seed"])
+    lm = build_lm_data(corpus.texts, languages, tokenizer, lm_data["max_seq_len"], lm_data["examples_per_lang"],
+                       lm_data["test_examples_per_lang"], lm_data["seed"])
     return model, tokenizer, lm, corpus
+
+
+def lm_data_settings(corpus: str, seed: int, max_seq_len: int, examples_per_lang: int, test_examples_per_lang: int) -> dict:
+    """What a finetune run's manifest records of how its text was chunked, for `load_finetuned`."""
+    return {"corpus": corpus, "seed": seed, "max_seq_len": max_seq_len, "examples_per_lang": examples_per_lang,
+            "test_examples_per_lang": test_examples_per_lang}

@@ -13,7 +13,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, SubnetworkId
+from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, TABLE, SubnetworkId
 from xlsub.figures import CKA_CMAP, JACCARD_CMAP, MAX_ANNOTATED_COLUMNS, PPL_CMAP, RATIO_CMAP, SPREAD_CMAP, CaptionedFigure
 from xlsub.language_distance import paired_matrices
 from xlsub.tables import language_name, several_seeds
@@ -26,7 +26,7 @@ _CONTROLS = {  # CKA condition (a pairing or a model key) -> legend label, line 
 }
 
 
-def _label(label) -> str:
+def display_label(label) -> str:
     """How a row or column is shown: `German` for `de`, `German (seed 1)` for `de-s1`, `full model` for `full`."""
     label = str(label)
     if label == FULL_MODEL:
@@ -38,8 +38,8 @@ def _label(label) -> str:
 def _display(table: pd.DataFrame) -> pd.DataFrame:
     """The table with language codes and subnetwork ids replaced by names on both axes."""
     shown = table.copy()
-    shown.index = [_label(i) for i in table.index]
-    shown.columns = [_label(c) for c in table.columns]
+    shown.index = [display_label(i) for i in table.index]
+    shown.columns = [display_label(c) for c in table.columns]
     return shown
 
 
@@ -153,10 +153,10 @@ def mask_figures(tables: Mapping[str, pd.DataFrame], n_seeds: int = 1) -> dict[s
     """`mask_jaccard`: observed Jaccard of kept heads beside its random-mask chance level; with several
     seeds (`n_seeds` the most per language) also `mask_jaccard_seeds`: the spread over seed pairs and each
     language's agreement with itself across seeds. Tables of `xlsub.tables.mask_overlap_tables`."""
-    observed, expected = tables["mask_jaccard"], tables["mask_jaccard_expected"]
+    observed, expected = tables[TABLE.mask_jaccard], tables[TABLE.mask_jaccard_expected]
     k = len(observed)
     fig, axes = _heatmap_figure(2, k, k)
-    several = "mask_jaccard_std" in tables
+    several = TABLE.mask_jaccard_std in tables
     left = "mean over seed pairs" if several else "observed"
     _heatmap(axes[0], observed, cmap=JACCARD_CMAP, vmin=0, vmax=1, cbar=False, title=f"Jaccard of kept heads ({left})",
              xlabel="subnetwork language", ylabel="subnetwork language")
@@ -165,13 +165,13 @@ def mask_figures(tables: Mapping[str, pd.DataFrame], n_seeds: int = 1) -> dict[s
     fig.suptitle("Overlap of the attention heads kept by each language's subnetwork")
     seeds_note = (f"; mean over pairs of {n_seeds} pruning seeds, the diagonal is each language's agreement with itself "
                   "across seeds" if several else "")
-    drawn = {"mask_jaccard": CaptionedFigure(
+    drawn = {TABLE.mask_jaccard: CaptionedFigure(
         fig, "Jaccard index of the heads kept by two languages' subnetworks (left) beside its exact expectation "
              f"for random masks keeping as many heads in every layer (right){seeds_note}.",
-        ("mask_jaccard", "mask_jaccard_expected"))}
+        (TABLE.mask_jaccard, TABLE.mask_jaccard_expected))}
     if not several:
         return drawn
-    std, stability = tables["mask_jaccard_std"], tables["mask_seed_stability"]
+    std, stability = tables[TABLE.mask_jaccard_std], tables[TABLE.mask_seed_stability]
     fig = Figure(figsize=(2 * (1.6 + 0.62 * k) + 1.5, 1.6 + 0.5 * max(k, 6)), layout="constrained")
     ax_std, ax_stab = fig.subplots(1, 2)
     finite = std.to_numpy(dtype=float)
@@ -193,7 +193,7 @@ def mask_figures(tables: Mapping[str, pd.DataFrame], n_seeds: int = 1) -> dict[s
     drawn["mask_jaccard_seeds"] = CaptionedFigure(
         fig, "Standard deviation of the between-language Jaccard index over seed pairs (left) and each "
              "language's Jaccard with itself across pruning seeds against its random-mask chance level (right).",
-        ("mask_jaccard_std", "mask_seed_stability"))
+        (TABLE.mask_jaccard_std, TABLE.mask_seed_stability))
     return drawn
 
 
@@ -213,8 +213,8 @@ def _per_layer_bars(ax, table: pd.DataFrame, colours: Mapping[str, tuple]) -> No
 def heads_kept_figure(tables: Mapping[str, pd.DataFrame], colours: Mapping[str, tuple]) -> dict[str, CaptionedFigure]:
     """`heads_kept_per_layer`: share of heads (and of attention parameters) kept per layer, one bar per
     subnetwork language (mean ± std over seeds). Tables of `xlsub.tables.heads_kept_tables`."""
-    heads = tables["heads_kept_per_layer"]
-    params = tables.get("params_kept_per_layer")
+    heads = tables[TABLE.heads_kept_per_layer]
+    params = tables.get(TABLE.params_kept_per_layer)
     panels = [(heads, "share of heads kept")] + ([(params, "share of attention parameters kept")] if params is not None else [])
     groups = len(_by_language(heads)[0]) * heads.shape[1]
     fig = Figure(figsize=(len(panels) * max(5.0, 1.0 + 0.16 * groups) + 1.8, 4), layout="constrained")
@@ -233,17 +233,17 @@ def heads_kept_figure(tables: Mapping[str, pd.DataFrame], colours: Mapping[str, 
     caption = ("Share of each layer's attention heads" + (" and attention parameters (query, key, value, output; "
                "the output bias and LayerNorm always stay)" if params is not None else "")
                + " kept by each language's subnetwork" + ("; mean ± std over pruning seeds" if several else "") + ".")
-    return {"heads_kept_per_layer": CaptionedFigure(fig, caption, tuple(t for t in ("heads_kept_per_layer", "params_kept_per_layer")
+    return {TABLE.heads_kept_per_layer: CaptionedFigure(fig, caption, tuple(t for t in (TABLE.heads_kept_per_layer, TABLE.params_kept_per_layer)
                                                                          if t in tables))}
 
 
 def perplexity_figures(tables: Mapping[str, pd.DataFrame]) -> dict[str, CaptionedFigure]:
     """`cross_ppl`: the cross-language perplexity matrix (and its random-mask control) on one log colour
     scale; `cross_ppl_relative`: the same relative to the full model, on a log scale centred at 1. Tables
-    of `xlsub.tables.perplexity_tables`."""
-    raw, rel = tables["cross_ppl"], tables["cross_ppl_relative"]
-    raw_ctl, rel_ctl = tables.get("cross_ppl_random"), tables.get("cross_ppl_random_relative")
-    by_seed = tuple(t for t in ("cross_ppl_by_seed", "cross_ppl_random_by_seed") if t in tables)
+    of `xlsub.tables.seed_averaged_perplexity_tables`."""
+    raw, rel = tables[TABLE.cross_ppl], tables[TABLE.cross_ppl_relative]
+    raw_ctl, rel_ctl = tables.get(TABLE.cross_ppl_random), tables.get(TABLE.cross_ppl_random_relative)
+    by_seed = tuple(t for t in (TABLE.cross_ppl_by_seed, TABLE.cross_ppl_random_by_seed) if t in tables)
     seeds = " (rows: mean over pruning seeds)" if by_seed else ""
     panels = [(raw, "language subnetwork")] + ([(raw_ctl, "random mask, same heads per layer")] if raw_ctl is not None else [])
     norm = _log_norm(*(t for t, _ in panels))
@@ -254,11 +254,11 @@ def perplexity_figures(tables: Mapping[str, pd.DataFrame]) -> dict[str, Captione
                  ylabel="subnetwork" if i == 0 else "")
     _log_ticks(axes[-1], norm)
     fig.suptitle("Masked-LM perplexity of each subnetwork on each language")
-    drawn = {"cross_ppl": CaptionedFigure(
+    drawn = {TABLE.cross_ppl: CaptionedFigure(
         fig, "Perplexity of each language's subnetwork (rows) on every language's test set (columns)"
              + (", beside random masks of the same size per layer" if raw_ctl is not None else "")
              + f"; first row: the full model{seeds}.",
-        ("cross_ppl",) + (("cross_ppl_random",) if raw_ctl is not None else ()) + by_seed)}
+        (TABLE.cross_ppl,) + ((TABLE.cross_ppl_random,) if raw_ctl is not None else ()) + by_seed)}
 
     panels = [(rel, "language subnetwork")] + ([(rel_ctl, "random mask, same heads per layer")] if rel_ctl is not None else [])
     norm = _ratio_norm(*(t for t, _ in panels))
@@ -269,11 +269,11 @@ def perplexity_figures(tables: Mapping[str, pd.DataFrame]) -> dict[str, Captione
                  ylabel="subnetwork" if i == 0 else "")
     _log_ticks(axes[-1], norm, centre=1)
     fig.suptitle("Perplexity relative to the full model (1 = no loss; shared log scale)")
-    drawn["cross_ppl_relative"] = CaptionedFigure(
+    drawn[TABLE.cross_ppl_relative] = CaptionedFigure(
         fig, "Each subnetwork's perplexity divided by the full model's on the same language"
              + (" (left) and the same for random masks of the same size per layer (right), on one colour scale"
                 if rel_ctl is not None else "") + f"{seeds}.",
-        ("cross_ppl_relative",) + (("cross_ppl_random_relative",) if rel_ctl is not None else ()))
+        (TABLE.cross_ppl_relative,) + ((TABLE.cross_ppl_random_relative,) if rel_ctl is not None else ()))
     return drawn
 
 
@@ -287,7 +287,7 @@ def cka_figures(tables: Mapping[str, pd.DataFrame], reference: str, kind: str,
     pair of languages at the chosen layers; `cka_controls`: parallel sentences against the controls, one
     panel per language. Tables of `xlsub.tables.cka_reference_tables` and `cka_pairs_table`."""
     ref_name = language_name(reference)
-    curves = tables["cka_vs_reference"]
+    curves = tables[TABLE.cka_vs_reference]
     last = int(curves.columns[-1])
     fig = Figure(figsize=(7.5, 4.2), layout="constrained")
     ax = fig.subplots()
@@ -298,11 +298,11 @@ def cka_figures(tables: Mapping[str, pd.DataFrame], reference: str, kind: str,
     ax.set_title(f"Similarity of parallel sentences to their {ref_name} translation, full model")
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title="language")
-    drawn = {"cka_vs_reference": CaptionedFigure(
+    drawn = {TABLE.cka_vs_reference: CaptionedFigure(
         fig, f"{kind.capitalize()} CKA between the full model's representations of {ref_name} sentences and "
-             "their translations, per layer.", ("cka_vs_reference",))}
+             "their translations, per layer.", (TABLE.cka_vs_reference,))}
 
-    pairs = tables["cka_pairs"]
+    pairs = tables[TABLE.cka_pairs]
     layers = list(dict.fromkeys(pairs.index.get_level_values("layer")))
     k = pairs.shape[1]
     fig, axes = _heatmap_figure(len(layers), k, k)
@@ -310,11 +310,11 @@ def cka_figures(tables: Mapping[str, pd.DataFrame], reference: str, kind: str,
         _heatmap(ax, pairs.loc[layer], cmap=CKA_CMAP, vmin=0, vmax=1, cbar=i == len(layers) - 1, cbar_label=f"{kind} CKA",
                  title=_layer_label(layer, last), xlabel="language", ylabel="language" if i == 0 else "")
     fig.suptitle(f"{kind.capitalize()} CKA between every pair of languages, full model")
-    drawn["cka_pairs"] = CaptionedFigure(
+    drawn[TABLE.cka_pairs] = CaptionedFigure(
         fig, f"{kind.capitalize()} CKA between the full model's representations of parallel sentences in every "
-             f"pair of languages at layers {', '.join(map(str, layers))} (0 = embeddings).", ("cka_pairs",))
+             f"pair of languages at layers {', '.join(map(str, layers))} (0 = embeddings).", (TABLE.cka_pairs,))
 
-    controls = tables["cka_controls"]
+    controls = tables[TABLE.cka_controls]
     conditions = list(dict.fromkeys(controls.index.get_level_values("condition")))
     langs = list(dict.fromkeys(controls.index.get_level_values("language")))
     panels = langs + ["mean"]
@@ -347,12 +347,12 @@ def cka_figures(tables: Mapping[str, pd.DataFrame], reference: str, kind: str,
     handles, labels = axes[len(panels) - 1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", fontsize=8)
     fig.suptitle(f"Is the CKA with {ref_name} more than chance? Parallel sentences against controls")
-    drawn["cka_controls"] = CaptionedFigure(
+    drawn[TABLE.cka_controls] = CaptionedFigure(
         fig, f"{kind.capitalize()} CKA with {ref_name} per layer for parallel sentences in the full model (solid) "
              "against the same sentences paired at random (dashed)"
              + "".join(f", {_CONTROLS[c][0].split(', ')[1]} ({'dash-dot' if c == BASE_MODEL else 'dotted'})"
                        for c in (BASE_MODEL, RANDOM_MODEL) if c in conditions) + "; same y scale.",
-        ("cka_controls",))
+        (TABLE.cka_controls,))
     return drawn
 
 
@@ -361,8 +361,8 @@ def subnetwork_cka_figure(tables: Mapping[str, pd.DataFrame], kind: str,
     """`cka_full_vs_subnetwork`: CKA between the full model and each subnetwork on its own language per layer
     (mean ± std over seeds) and on every language at the last layer. Tables of
     `xlsub.tables.cka_subnetwork_tables`."""
-    curves = tables.get("cka_full_vs_subnetwork")
-    last = tables.get("cka_full_vs_subnetwork_last_layer")
+    curves = tables.get(TABLE.cka_full_vs_subnetwork)
+    last = tables.get(TABLE.cka_full_vs_subnetwork_last_layer)
     widths = ([6.5] if curves is not None else []) + ([1.6 + 0.62 * last.shape[1]] if last is not None else [])
     height = max(4.2, 1.6 + 0.5 * (last.shape[0] if last is not None else 0))
     fig = Figure(figsize=(sum(widths) + 2.2, height), layout="constrained")
@@ -386,8 +386,8 @@ def subnetwork_cka_figure(tables: Mapping[str, pd.DataFrame], kind: str,
     caption = (f"{kind.capitalize()} CKA between the full model and each language's subnetwork on that language per "
                "layer (left" + ("; mean ± std over pruning seeds" if several else "") + ") and on every language at "
                "the last layer (right" + ("; mean over seeds" if several else "") + ").")
-    return {"cka_full_vs_subnetwork": CaptionedFigure(
-        fig, caption, tuple(t for t in ("cka_full_vs_subnetwork", "cka_full_vs_subnetwork_last_layer") if t in tables))}
+    return {TABLE.cka_full_vs_subnetwork: CaptionedFigure(
+        fig, caption, tuple(t for t in (TABLE.cka_full_vs_subnetwork, TABLE.cka_full_vs_subnetwork_last_layer) if t in tables))}
 
 
 def token_overlap_figure(table: pd.DataFrame, reference: str, kind: str,
@@ -433,7 +433,7 @@ def token_overlap_figure(table: pd.DataFrame, reference: str, kind: str,
         ax.grid(alpha=0.3)
     caption = (f"Mean share of a sentence's tokens that also occur in its {ref_name} translation (clipped counts)"
                + (f", against each language's similarity to {ref_name}" if others else "") + ".")
-    return {"token_overlap": CaptionedFigure(fig, caption, ("token_overlap",))}
+    return {TABLE.token_overlap: CaptionedFigure(fig, caption, (TABLE.token_overlap,))}
 
 
 def equal_size_figure(table: pd.DataFrame) -> dict[str, CaptionedFigure]:
@@ -457,10 +457,10 @@ def equal_size_figure(table: pd.DataFrame) -> dict[str, CaptionedFigure]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title("Do languages keep the same heads at equal sparsity?")
-    return {"equal_size_jaccard": CaptionedFigure(
+    return {TABLE.equal_size_jaccard: CaptionedFigure(
         fig, "Jaccard of the heads two languages' pruning trajectories keep after the same number of steps (thin lines: "
              "each pair, black: the mean), against random masks with the same heads per layer (exact expectation "
-             "and 95% band).", ("equal_size_jaccard",))}
+             "and 95% band).", (TABLE.equal_size_jaccard,))}
 
 
 def specificity_figure(table: pd.DataFrame) -> dict[str, CaptionedFigure]:
@@ -483,10 +483,10 @@ def specificity_figure(table: pd.DataFrame) -> dict[str, CaptionedFigure]:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     ax.set_title("Does a subnetwork serve its own language best?")
-    return {"specificity_gap": CaptionedFigure(
+    return {TABLE.specificity_gap: CaptionedFigure(
         fig, "Language-specificity gap of each subnetwork (mean perplexity relative to the full model on the other "
              "languages minus on its own language; mean over seeds) with 95% paired-bootstrap intervals over test "
-             "chunks, beside random masks with the same heads per layer (draws resampled too).", ("specificity_gap",))}
+             "chunks, beside random masks with the same heads per layer (draws resampled too).", (TABLE.specificity_gap,))}
 
 
 def retrieval_figure(table: pd.DataFrame, reference: str, colours: Mapping[str, tuple], n: int) -> dict[str, CaptionedFigure]:
@@ -510,7 +510,7 @@ def retrieval_figure(table: pd.DataFrame, reference: str, colours: Mapping[str, 
     return {"retrieval": CaptionedFigure(
         fig, f"Top-1 accuracy of retrieving each sentence's {ref_name} translation among all {n} {ref_name} sentences by "
              "cosine similarity after centring each language (solid: full model, dotted: randomly initialised model; "
-             "dashed: chance).", ("retrieval_top1",))}
+             "dashed: chance).", (TABLE.retrieval_top1,))}
 
 
 def rsa_figure(table: pd.DataFrame, reference: str) -> dict[str, CaptionedFigure]:
@@ -527,9 +527,9 @@ def rsa_figure(table: pd.DataFrame, reference: str) -> dict[str, CaptionedFigure
     ax.set_ylabel(f"RSA with {language_name(reference)} (Spearman)")
     ax.legend(fontsize=7)
     ax.set_title("Representational similarity (last layer)")
-    return {"rsa": CaptionedFigure(
+    return {TABLE.rsa: CaptionedFigure(
         fig, f"Spearman correlation between the dissimilarity matrices (1 - cosine) of parallel sentences in each language "
-             f"and in {language_name(reference)} at the last layer; Mantel permutation p-values in the table.", ("rsa",))}
+             f"and in {language_name(reference)} at the last layer; Mantel permutation p-values in the table.", (TABLE.rsa,))}
 
 
 def length_control_figure(table: pd.DataFrame, reference: str, kind: str) -> dict[str, CaptionedFigure]:
@@ -558,11 +558,11 @@ def length_control_figure(table: pd.DataFrame, reference: str, kind: str) -> dic
     ax.set_title("How much of the similarity is sentence length?")
     k = len(set(table.index.get_level_values("model")[is_subnetwork]))
     pooled = f" The subnetworks' bars pool {k} subnetwork{'s' if k > 1 else ''}." if k else ""
-    return {"cka_length": CaptionedFigure(
+    return {TABLE.cka_length: CaptionedFigure(
         fig, f"{kind.capitalize()} CKA with {language_name(reference)} at the last layer (mean over languages): parallel "
              "pairs, the mean of pairings that keep the source sentence's token count, and the CKA of residuals after "
              "regressing each representation on its token count; a content-free length-only encoder is the negative "
-             f"control.{pooled}", ("cka_length",))}
+             f"control.{pooled}", (TABLE.cka_length,))}
 
 
 def power_figure(table: pd.DataFrame, limits: Mapping[str, float]) -> dict[str, CaptionedFigure]:
@@ -583,10 +583,10 @@ def power_figure(table: pd.DataFrame, limits: Mapping[str, float]) -> dict[str, 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Power: the weakest shared signal each measure detects here")
-    return {"power": CaptionedFigure(
+    return {TABLE.power: CaptionedFigure(
         fig, "p-values of CKA, RSA and retrieval on two sets of vectors sharing the full model's reference-language "
              "vectors under independent noise, against the signal-to-noise ratio, at the demo's n and d; a measure's "
-             "detection limit is the weakest ratio from which on it is significant.", ("power",))}
+             "detection limit is the weakest ratio from which on it is significant.", (TABLE.power,))}
 
 
 def language_distance_figure(table: pd.DataFrame, distances: Mapping[str, pd.DataFrame],
@@ -610,7 +610,7 @@ def language_distance_figure(table: pd.DataFrame, distances: Mapping[str, pd.Dat
             if col == 0:
                 ax.set_ylabel(labels.get(measure, measure), fontsize=8)
     fig.suptitle("Do typologically closer languages share more?")
-    return {"language_distance": CaptionedFigure(
+    return {TABLE.language_distance: CaptionedFigure(
         fig, "Each language pair's value in the analysis matrices (rows; asymmetric ones averaged over both directions) "
              "against the two languages' URIEL distance (columns; Littell et al. 2017); Spearman r and two-sided Mantel "
-             "p from relabelling the languages.", ("language_distance", "language_distance_uriel"))}
+             "p from relabelling the languages.", (TABLE.language_distance, TABLE.language_distance_uriel))}

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from xlsub.figures import CaptionedFigure, palette
-from xlsub.figures.analysis import _label
+from xlsub.figures.analysis import display_label
 
 LAYER = "layer"
 
@@ -78,7 +78,7 @@ def layer_figure(summary: pd.DataFrame, table_id: str, run_ids: Sequence[str]) -
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if panel_key:
-            ax.set_title(f"{panel_key}: {_label(panel)}")
+            ax.set_title(f"{panel_key}: {display_label(panel)}")
     axes[0].set_ylabel(table_id)
     axes[-1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, title=" / ".join(line_keys) or None)
     fig.suptitle(f"{table_id}: mean over {len(run_ids)} analyze runs, ± std band, each run's values")
@@ -94,7 +94,7 @@ def _lines(part: pd.DataFrame, line_keys: Sequence[str]):
         return
     for key, rows in part.groupby(list(line_keys), sort=False):
         key = key if isinstance(key, tuple) else (key,)
-        yield " / ".join(_label(k) for k in key), rows
+        yield " / ".join(display_label(k) for k in key), rows
 
 
 def comparison_figures(metrics: pd.DataFrame, tables: Mapping[str, pd.DataFrame], run_ids: Sequence[str],

@@ -57,7 +57,7 @@ def matrix_heatmap(table: pd.DataFrame, title: str, label: str, fmt: str = ".0f"
 
 def cross_perplexity_figures(matrix: pd.DataFrame, relative: pd.DataFrame, control: bool = False) -> dict[str, Figure]:
     """The prune stage's heatmaps of the cross-language perplexity matrix and of the same relative to the
-    full model (`xlsub.tables.cross_perplexity_matrix`, `relative_perplexity`), by table id: `cross_ppl`
+    full model (`xlsub.pruning.cross_perplexity_matrix`, `relative_perplexity`), by table id: `cross_ppl`
     and `cross_ppl_relative`, or with `control` (the random-mask matrices) `cross_ppl_random` and
     `cross_ppl_random_relative`."""
     stem, what = (CROSS_PPL_RANDOM, "random mask of the same size per layer") if control else (CROSS_PPL, "language subnetwork")
