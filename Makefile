@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 corpus: setup
-	$(PY) -m xlsub.corpus
+	$(PY) -m xlsub.data.corpus
 
 demo: corpus
 	mlflow run . --env-manager local --experiment-name $(EXPERIMENT) -P seeds=0,1,2

@@ -3,7 +3,7 @@
 The study's analysis: 8 languages, 13 hidden layers (embeddings + 12), 5000 parallel sentences, d = 768,
 CKA for the 28 language pairs in every layer. Four ways to get it:
 
-- feature: `xlsub.cka.cka_matrix`, ||Y'X||_F^2 / (||X'X||_F ||Y'Y||_F), each language centred once,
+- feature: `xlsub.similarity.cka.cka_matrix`, ||Y'X||_F^2 / (||X'X||_F ||Y'Y||_F), each language centred once,
   one d x d product per pair and layer: O(n d^2). float64 throughout (analyze's default).
 - feature, float32 products: the same with `precision="float32"` (analyze's `cka_precision=float32`):
   centred in float64, d x d products in float32 over blocks of examples, accumulated in float64.
@@ -74,7 +74,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchm
 sys.path.insert(0, str(ROOT))
 
 from tests.reference import linear_cka_gram  # noqa: E402
-from xlsub.cka import centre_gram, cka_matrix, debiased_linear_cka, linear_cka, rbf_cka  # noqa: E402
+from xlsub.similarity.cka import centre_gram, cka_matrix, debiased_linear_cka, linear_cka, rbf_cka  # noqa: E402
 
 LATENT = 64
 # (n, d, pairs timed): the demo's size and the study's

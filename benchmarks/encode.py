@@ -23,10 +23,10 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the naive loop lives in tests/reference.py
 
 from tests.reference import encode_naive  # noqa: E402
-from xlsub.corpus import load_corpus  # noqa: E402
-from xlsub.encoding import encode  # noqa: E402
-from xlsub.models import TINY_SHAPE, tiny_model, train_tokenizer  # noqa: E402
-from xlsub.parallel import load_parallel  # noqa: E402
+from xlsub.data.corpus import load_corpus  # noqa: E402
+from xlsub.data.parallel import load_parallel  # noqa: E402
+from xlsub.models.encoding import encode  # noqa: E402
+from xlsub.models.loading import TINY_SHAPE, tiny_model, train_tokenizer  # noqa: E402
 
 
 def timed(fn, *args, **kwargs):

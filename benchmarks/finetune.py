@@ -22,11 +22,11 @@ import mlflow
 import torch
 from transformers import XLMRobertaTokenizer
 
-from xlsub.data import masked_batches
-from xlsub.mlm import masked_lm_loss
-from xlsub.models import tiny_model
-from xlsub.tracking import SYSTEM_METRICS_SECONDS, LossLogger
-from xlsub.training import TrainSettings, train_masked_lm
+from xlsub.data.lm import masked_batches
+from xlsub.models.loading import tiny_model
+from xlsub.models.mlm import masked_lm_loss
+from xlsub.models.training import TrainSettings, train_masked_lm
+from xlsub.tracking.runs import SYSTEM_METRICS_SECONDS, LossLogger
 
 STEPS, BATCH, SEQ, VOCAB = 40, 32, 64, 8000
 

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xlsub import models  # noqa: E402
+from xlsub.models import loading as models  # noqa: E402
 
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 
@@ -74,7 +74,7 @@ def finetune(cfg, device: torch.device, precision: str) -> dict:
     import datasets
     from transformers import TrainerCallback
 
-    from xlsub.training import TrainSettings, train_masked_lm
+    from xlsub.models.training import TrainSettings, train_masked_lm
 
     class StepClock(TrainerCallback):
         def __init__(self):
@@ -105,8 +105,8 @@ def finetune(cfg, device: torch.device, precision: str) -> dict:
 
 def prune(cfg, device: torch.device) -> dict:
     """Chunks/s of the importance pass that each pruning step runs (gradients to the gates only)."""
-    from xlsub.heads import head_importance, mask_shape
-    from xlsub.mlm import masked_forward
+    from xlsub.models.heads import head_importance, mask_shape
+    from xlsub.models.mlm import masked_forward
 
     tokenizer = synthetic_tokenizer(cfg.tokens)
     model = build_model(cfg.shape, tokenizer, cfg.seq, cfg.vocab).to(device).eval()
@@ -133,7 +133,7 @@ def prune(cfg, device: torch.device) -> dict:
 
 def encode_stage(cfg, device: torch.device) -> dict:
     """Sentences/s of `encode` (all layers, mean-pooled, fp32) over sentences of 10 to 60 tokens."""
-    from xlsub.encoding import encode
+    from xlsub.models.encoding import encode
 
     tokenizer = synthetic_tokenizer(cfg.tokens)
     model = build_model(cfg.shape, tokenizer, cfg.seq, cfg.vocab).to(device)

@@ -32,12 +32,13 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # FinetuneArgs: the demo's finetune settings
 
 from entry_points.finetune import FinetuneArgs  # noqa: E402
-from xlsub import data, models  # noqa: E402
-from xlsub.corpus import load_corpus  # noqa: E402
-from xlsub.heads import head_importance  # noqa: E402
-from xlsub.mlm import perplexity  # noqa: E402
-from xlsub.pruning import split_half_importance  # noqa: E402
-from xlsub.training import TrainSettings, lm_data_settings, load_finetuned, train_masked_lm  # noqa: E402
+from xlsub.data import lm as data  # noqa: E402
+from xlsub.data.corpus import load_corpus  # noqa: E402
+from xlsub.models import loading as models
+from xlsub.models.heads import head_importance  # noqa: E402
+from xlsub.models.mlm import perplexity  # noqa: E402
+from xlsub.models.pruning import split_half_importance  # noqa: E402
+from xlsub.models.training import TrainSettings, lm_data_settings, load_finetuned, train_masked_lm  # noqa: E402
 
 SIZES, QUICK_SIZES = (16, 32, 64, 128, 256, 512), (16, 64, 256)
 BATCH = 32  # the prune stage's default batch_size

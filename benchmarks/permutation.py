@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xlsub.cka import cka  # noqa: E402
-from xlsub.similarity import (  # noqa: E402
+from xlsub.similarity.cka import cka  # noqa: E402
+from xlsub.similarity.nulls import (  # noqa: E402
     _pick_engine,
     length_bins,
     mantel_test,

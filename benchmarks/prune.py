@@ -32,8 +32,8 @@ from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the two-pass reference lives in tests/reference.py
 
 from tests.reference import iterative_pruning_two_pass  # noqa: E402
-from xlsub.models import TINY_SHAPE, TINY_VOCAB_SIZE  # noqa: E402
-from xlsub.pruning import iterative_pruning  # noqa: E402
+from xlsub.models.loading import TINY_SHAPE, TINY_VOCAB_SIZE  # noqa: E402
+from xlsub.models.pruning import iterative_pruning  # noqa: E402
 
 MASK_ID = 4
 
@@ -74,8 +74,8 @@ def logging_overhead(seeds: str, repeats: int) -> None:
     from entry_points import prune
     from entry_points.finetune import FinetuneArgs
     from xlsub import artifacts
-    from xlsub.corpus import load_corpus
-    from xlsub.models import scratch_model, train_tokenizer
+    from xlsub.data.corpus import load_corpus
+    from xlsub.models.loading import scratch_model, train_tokenizer
 
     settings = FinetuneArgs()  # the demo's data settings
     corpus = load_corpus(settings.corpus, None, seed=settings.seed)

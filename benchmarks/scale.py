@@ -63,7 +63,7 @@ def masked(ids: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
 
 def base_model(seq: int):
     from benchmarks.gpu import build_model, synthetic_tokenizer
-    from xlsub import models
+    from xlsub.models import loading as models
 
     tokenizer = synthetic_tokenizer(8000)
     return build_model(models.BASE_SHAPE, tokenizer, seq, None), tokenizer
@@ -71,7 +71,7 @@ def base_model(seq: int):
 
 def child_finetune(seq: int, batch: int = 8, steps: int = 2) -> float:
     """Seconds per training step (masked-only loss, backward, AdamW), after one warm-up step."""
-    from xlsub.mlm import masked_lm_loss
+    from xlsub.models.mlm import masked_lm_loss
 
     model, _ = base_model(seq)
     model.train()
@@ -90,8 +90,8 @@ def child_finetune(seq: int, batch: int = 8, steps: int = 2) -> float:
 
 def child_prune(seq: int, chunks: int = 8, batch: int = 8) -> float:
     """Seconds per chunk of the importance pass each pruning step runs."""
-    from xlsub.heads import head_importance, mask_shape
-    from xlsub.mlm import masked_forward
+    from xlsub.models.heads import head_importance, mask_shape
+    from xlsub.models.mlm import masked_forward
 
     model, _ = base_model(seq)
     model.eval()
@@ -107,7 +107,7 @@ def child_prune(seq: int, chunks: int = 8, batch: int = 8) -> float:
 
 def child_encode(sentences: int, batch: int = 64) -> float:
     """Seconds per sentence of `encode` (sentences of 8 to 58 tokens, mean 33)."""
-    from xlsub.encoding import encode
+    from xlsub.models.encoding import encode
 
     model, tokenizer = base_model(128)
     g = torch.Generator().manual_seed(3)
@@ -136,8 +136,8 @@ def synthetic_encodings(folder: Path, n: int, subnetworks: int, languages: list[
 def child_analyze(n: int, subnetworks: int, eager: bool, languages: int = 4, layers: int = 13, d: int = 768) -> float:
     """Seconds of `analysis.analyze` over synthetic encodings; `eager` hands it every tensor at once."""
     from xlsub import artifacts
-    from xlsub.analysis import AnalysisInputs, analyze
-    from xlsub.similarity_tables import Counts
+    from xlsub.report.analysis import AnalysisInputs, analyze
+    from xlsub.report.similarity_tables import Counts
 
     langs = ["en", "de", "zh", "ru", "es", "ar", "hi", "ur"][:languages]
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,6 +7,6 @@ import sys
 if sys.argv[:1] == ["-m"] and "-m" in sys.orig_argv:
     _module = sys.orig_argv[sys.orig_argv.index("-m") + 1]
     if _module.startswith("entry_points.") and _module != "entry_points.mlproject":  # that one writes a file, no server
-        from xlsub import server
+        from xlsub.tracking import server
 
         server.check_or_exit(_module.rpartition(".")[2])

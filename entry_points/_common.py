@@ -19,7 +19,7 @@ from transformers import HfArgumentParser
 from xlsub import stages
 from xlsub.artifacts import is_language_code
 from xlsub.errors import Range, XlsubError
-from xlsub.tracking import unquote
+from xlsub.tracking.runs import unquote
 
 T = TypeVar("T")
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"

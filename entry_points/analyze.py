@@ -18,15 +18,17 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoConfig, AutoTokenizer
 
 from entry_points._common import COUNT, LANGUAGE, REPLICATES, SEED, StageArgs, parse_args, run_id_field, split_items
-from xlsub import artifacts, lineage, tracking
-from xlsub.analysis import AnalysisInputs, analyze
-from xlsub.cka import KINDS, PRECISIONS
-from xlsub.cka import check_options as check_cka_options
+from xlsub import artifacts
 from xlsub.errors import Range, XlsubError
-from xlsub.mlm import ChunkLosses
-from xlsub.report import write_report
-from xlsub.similarity_tables import Counts
-from xlsub.tables import long_table
+from xlsub.models.mlm import ChunkLosses
+from xlsub.report.analysis import AnalysisInputs, analyze
+from xlsub.report.html import write_report
+from xlsub.report.similarity_tables import Counts
+from xlsub.report.tables import long_table
+from xlsub.similarity.cka import KINDS, PRECISIONS
+from xlsub.similarity.cka import check_options as check_cka_options
+from xlsub.tracking import lineage
+from xlsub.tracking import runs as tracking
 
 log = logging.getLogger("xlsub.analyze")
 LAYER = Range(0, meaning="a layer number (0 = embeddings)")

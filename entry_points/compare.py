@@ -22,11 +22,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from entry_points._common import RUN_ID, StageArgs, parse_args, split_items
-from xlsub import artifacts, lineage, stages, tracking
-from xlsub.compare import PARAM, check_same_languages, compare, write_comparison
+from xlsub import artifacts, stages
 from xlsub.errors import XlsubError
+from xlsub.report.compare import PARAM, check_same_languages, compare, write_comparison
+from xlsub.tracking import lineage
+from xlsub.tracking import runs as tracking
 
-log = logging.getLogger(compare.__module__)  # xlsub.compare, the library this stage drives
+log = logging.getLogger(compare.__module__)  # xlsub.report.compare, the library this stage drives
 
 
 @dataclass

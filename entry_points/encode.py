@@ -22,12 +22,15 @@ import transformers
 from mlflow.entities import Run
 
 from entry_points._common import COUNT, LANGUAGE, SEED, StageArgs, device_field, parse_args, parse_languages, run_id_field, split_items
-from xlsub import artifacts, lineage, models, tracking
+from xlsub import artifacts
 from xlsub.artifacts import SubnetworkId
-from xlsub.encoding import POOLINGS, encode, models_to_encode
+from xlsub.data.parallel import load_parallel
 from xlsub.errors import XlsubError
-from xlsub.parallel import load_parallel
-from xlsub.pruning import load_subnetwork
+from xlsub.models import loading as models
+from xlsub.models.encoding import POOLINGS, encode, models_to_encode
+from xlsub.models.pruning import load_subnetwork
+from xlsub.tracking import lineage
+from xlsub.tracking import runs as tracking
 
 log = logging.getLogger("xlsub.encode")
 

@@ -18,12 +18,15 @@ import pandas as pd
 import transformers
 
 from entry_points._common import COUNT, LANGUAGE, SEED, StageArgs, device_field, is_rank_zero, parse_args, parse_languages
-from xlsub import artifacts, data, models, tracking
-from xlsub import corpus as corpora
+from xlsub import artifacts
+from xlsub.data import corpus as corpora
+from xlsub.data import lm as data
 from xlsub.errors import Range, XlsubError
-from xlsub.figures import stages as figures
-from xlsub.mlm import perplexity
-from xlsub.training import TrainSettings, lm_data_settings, train_masked_lm
+from xlsub.models import loading as models
+from xlsub.models.mlm import perplexity
+from xlsub.models.training import TrainSettings, lm_data_settings, train_masked_lm
+from xlsub.report.figures import stages as figures
+from xlsub.tracking import runs as tracking
 
 log = logging.getLogger("xlsub.finetune")
 CHECKPOINTS = Path("outputs/checkpoints")  # <run id>/checkpoint-<step>/, where a later run with resume=auto finds them

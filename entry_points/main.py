@@ -4,7 +4,7 @@
     mlflow run . --env-manager local -P languages=en,de,zh -P threshold=1.2
 
 A stage whose FINISHED run exists with the same parameter values, the same input run IDs and the same
-code version (of that stage: `xlsub.code_version`) is reused instead of recomputed (`force=true`
+code version (of that stage: `xlsub.tracking.code_version`) is reused instead of recomputed (`force=true`
 recomputes everything); the main run records what it reused.
 
 main's parameters are the stages' own fields, composed from their dataclasses: each stage field is the
@@ -24,8 +24,10 @@ from mlflow.exceptions import ExecutionException
 from mlflow.tracking import MlflowClient
 
 from entry_points._common import StageArgs, parse_args, parse_languages, stage_args_class
-from xlsub import artifacts, interrupts, stages, tracking
+from xlsub import artifacts, stages
 from xlsub.errors import XlsubError
+from xlsub.tracking import interrupts
+from xlsub.tracking import runs as tracking
 
 log = logging.getLogger("xlsub.main")
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ One parent run; one nested child run per language and seed (`prune/de-s0`, `prun
 its head mask, importance, per-step curve, its row of the cross-language perplexity matrix, a
 random-mask control and the physically pruned subnetwork.
 
-Under torchrun the subnetworks are dealt round-robin to the processes (`xlsub.fanout`), one device
+Under torchrun the subnetworks are dealt round-robin to the processes (`xlsub.tracking.fanout`), one device
 each; each logs the child runs it computes, and rank 0 owns the parent: it shares the parent's ID,
 gathers the others' evaluations and writes the matrices as one process would. A failing rank marks its
 child and the parent FAILED; the others stop at their next subnetwork.
@@ -29,19 +29,34 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from entry_points._common import (COUNT, LANGUAGE, REPLICATES, SEED, StageArgs, device_field, parse_args, parse_languages, run_id_field,
-                                 split_items)
-from xlsub import artifacts, data, lineage, models, tracking
+from entry_points._common import COUNT, LANGUAGE, REPLICATES, SEED, StageArgs, device_field, parse_args, parse_languages, run_id_field, split_items
+from xlsub import artifacts
 from xlsub.artifacts import SubnetworkId
+from xlsub.data import lm as data
 from xlsub.errors import Range, XlsubError
-from xlsub.fanout import FanOut
-from xlsub.figures import save_figure
-from xlsub.figures import stages as figures
-from xlsub.intervals import language_indices, percentile_interval, random_control_replicates
-from xlsub.overlap import params_kept_frac
-from xlsub.pruning import (AMOUNT, CONTINUE_TO, TARGET_SPARSITY, THRESHOLD, SubnetworkEvaluation, evaluate_subnetwork, iterative_pruning,
-                           masked_chunk_losses, prune_heads, prune_run_tables, split_half_importance, zero_pruned_heads)
-from xlsub.training import load_finetuned
+from xlsub.models import loading as models
+from xlsub.models.pruning import (
+    AMOUNT,
+    CONTINUE_TO,
+    TARGET_SPARSITY,
+    THRESHOLD,
+    SubnetworkEvaluation,
+    evaluate_subnetwork,
+    iterative_pruning,
+    masked_chunk_losses,
+    prune_heads,
+    prune_run_tables,
+    split_half_importance,
+    zero_pruned_heads,
+)
+from xlsub.models.training import load_finetuned
+from xlsub.report.figures import save_figure
+from xlsub.report.figures import stages as figures
+from xlsub.stats.intervals import language_indices, percentile_interval, random_control_replicates
+from xlsub.stats.overlap import params_kept_frac
+from xlsub.tracking import lineage
+from xlsub.tracking import runs as tracking
+from xlsub.tracking.fanout import FanOut
 
 log = logging.getLogger("xlsub.prune")
 
@@ -70,7 +85,7 @@ class PruneArgs(StageArgs):
                                                             "<experiment>-<language> (needs log_stock_models=true)"})
     device: str = device_field()
 
-    # registering changes no result: main reuses a finished prune run and registers its models (`xlsub.tracking.register_subnetworks`)
+    # registering changes no result: main reuses a finished prune run and registers its models (`xlsub.tracking.runs.register_subnetworks`)
     NOT_FOR_REUSE = ("register",)
 
     def check_stage(self) -> None:

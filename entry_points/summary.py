@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from xlsub import stages
 from xlsub.artifacts import METRIC, REPORT, REUSED_TAG, STAGE_TAG, VERDICTS, input_tag
 from xlsub.errors import XlsubError
-from xlsub.tracking import download
+from xlsub.tracking.runs import download
 
 
 def main(argv: list[str] | None = None) -> None:

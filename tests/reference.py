@@ -168,7 +168,7 @@ def iterative_pruning_two_pass(
     target_sparsity: float | None = None,
     continue_to: float = 0.0,
 ) -> NaivePruning:
-    """Reference for `xlsub.pruning.iterative_pruning` as bertology runs it (Michel et al. 2019): per step an
+    """Reference for `xlsub.models.pruning.iterative_pruning` as bertology runs it (Michel et al. 2019): per step an
     importance pass with gradients for every weight, then a separate no-grad pass for the perplexity.
 
     Step 0 is the unpruned model. Each step switches off the max(1, int(heads x amount)) heads still on

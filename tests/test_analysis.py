@@ -13,21 +13,21 @@ import torch
 from matplotlib.collections import QuadMesh
 
 from tests.reference import linear_cka_gram
-from xlsub.analysis import AnalysisInputs, AnalysisResult, analyze
 from xlsub.artifacts import SubnetworkId as S
-from xlsub.cka import shuffled_pairs_cka
 from xlsub.errors import XlsubError
-from xlsub.figures import CKA_CMAP, JACCARD_CMAP
-from xlsub.figures.stages import cross_perplexity_figures, head_mask_heatmap, matrix_heatmap, perplexity_bars
-from xlsub.overlap import expected_random_jaccard
-from xlsub.pruning import cross_perplexity_matrix
-from xlsub.similarity_tables import Counts
-from xlsub.tables import (
+from xlsub.models.pruning import cross_perplexity_matrix
+from xlsub.report.analysis import AnalysisInputs, AnalysisResult, analyze
+from xlsub.report.figures import CKA_CMAP, JACCARD_CMAP
+from xlsub.report.figures.stages import cross_perplexity_figures, head_mask_heatmap, matrix_heatmap, perplexity_bars
+from xlsub.report.similarity_tables import Counts
+from xlsub.report.tables import (
     heads_kept_tables,
     long_table,
     mask_overlap_tables,
     relative_perplexity,
 )
+from xlsub.similarity.cka import shuffled_pairs_cka
+from xlsub.stats.overlap import expected_random_jaccard
 
 LANGS = ["en", "de", "zh"]
 # 2 layers x 4 heads, two pruning seeds per language, made by hand.
@@ -461,7 +461,7 @@ def test_stage_figures_show_their_numbers():
 
 # -- verdicts as metrics ------------------------------------------------------------------------------------
 
-# written out here, not taken from xlsub.verdicts: the metric key of each question
+# written out here, not taken from xlsub.report.verdicts: the metric key of each question
 VERDICT_KEYS = {
     "different_heads": "Do the languages need different heads?",
     "specificity": "Does a language's subnetwork serve the other languages worse than its own?",

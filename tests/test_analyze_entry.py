@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-from html import escape
 import sys
+from html import escape
 
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import ROOT, children_of, mlflow_run, refuse_in_process, runs_of, subprocess_env
-from xlsub.verdicts import QUESTIONS
+from xlsub.report.verdicts import QUESTIONS
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import xlsub.cka as cka_module
+import xlsub.similarity.cka as cka_module
 from tests.reference import linear_cka_gram
-from xlsub.cka import (
+from xlsub.errors import XlsubError
+from xlsub.similarity.cka import (
     KINDS,
     cka,
     cka_matrix,
@@ -20,7 +21,6 @@ from xlsub.cka import (
     rbf_cka,
     shuffled_pairs_cka,
 )
-from xlsub.errors import XlsubError
 
 
 def gaussian(*shape: int, seed: int) -> torch.Tensor:

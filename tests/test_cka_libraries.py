@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from xlsub.cka import debiased_linear_cka, linear_cka, rbf_cka
+from xlsub.similarity.cka import debiased_linear_cka, linear_cka, rbf_cka
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "cka.py"
 

@@ -11,8 +11,8 @@ import pytest
 from matplotlib.collections import PolyCollection
 
 from xlsub import artifacts
-from xlsub.lineage import run_url
-from xlsub.compare import (
+from xlsub.errors import XlsubError
+from xlsub.report.compare import (
     Comparison,
     cells,
     check_same_languages,
@@ -23,8 +23,8 @@ from xlsub.compare import (
     summarise_metrics,
     write_comparison,
 )
-from xlsub.errors import XlsubError
-from xlsub.figures.compare import layer_figure, metrics_figure
+from xlsub.report.figures.compare import layer_figure, metrics_figure
+from xlsub.tracking.lineage import run_url
 
 A, B, C = "a" * 32, "b" * 32, "c" * 32
 

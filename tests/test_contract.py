@@ -15,14 +15,14 @@ import torch
 import yaml
 from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
 
-from entry_points._common import stage_classes
 from entry_points import analyze, docs, encode, finetune, main, mlproject, prune
+from entry_points._common import stage_classes
 from xlsub import artifacts
 from xlsub.artifacts import SubnetworkId
-from xlsub.code_version import code_version, import_closure
 from xlsub.errors import XlsubError
-from xlsub.pruning import iterative_pruning, kept_heads_mask, load_subnetwork, prune_heads
-from xlsub.tracking import same_value
+from xlsub.models.pruning import iterative_pruning, kept_heads_mask, load_subnetwork, prune_heads
+from xlsub.tracking.code_version import code_version, import_closure
+from xlsub.tracking.runs import same_value
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("finetune", "prune", "encode", "analyze")
@@ -225,12 +225,12 @@ def test_the_library_refuses_with_the_stages_message():
 # -- code versions ------------------------------------------------------------------------------------------
 def test_import_closures_are_per_stage():
     closure = {stage: {p.relative_to(ROOT).as_posix() for p in import_closure(f"entry_points.{stage}")} for stage in STAGES}
-    analyze_only = {"xlsub/analysis.py", "xlsub/report.py", "xlsub/tables.py", "xlsub/cka.py"}
+    analyze_only = {"xlsub/report/analysis.py", "xlsub/report/html.py", "xlsub/report/tables.py", "xlsub/similarity/cka.py"}
     assert analyze_only <= closure["analyze"]
     for stage in ("finetune", "prune", "encode"):
         assert not analyze_only & closure[stage], stage
         assert {"xlsub/__init__.py", "xlsub/artifacts.py", f"entry_points/{stage}.py"} <= closure[stage]
-    assert "xlsub/training.py" in closure["finetune"] and "xlsub/pruning.py" not in closure["finetune"]
+    assert "xlsub/models/training.py" in closure["finetune"] and "xlsub/models/pruning.py" not in closure["finetune"]
 
 
 def copy_project(dst: Path) -> Path:
@@ -249,7 +249,7 @@ def test_an_analyze_only_edit_changes_only_analyzes_code_version(tmp_path):
     root = copy_project(tmp_path)
     before = versions(root)
     assert versions(ROOT) == before  # the digest depends on content, not on where the project lies
-    with open(root / "xlsub" / "report.py", "a") as f:
+    with open(root / "xlsub" / "report" / "html.py", "a") as f:
         f.write("\n# a caption changed\n")
     after = versions(root)
     assert {s for s in STAGES if after[s] != before[s]} == {"analyze"}
@@ -366,8 +366,8 @@ def test_table_ids_and_metric_names_have_one_home(tmp_path):
 
     table_ids, metric_names = set(astuple(artifacts.TABLE)), set(astuple(artifacts.METRIC))
     names = (table_ids | metric_names) - ALSO_COLUMNS
-    files = [*sorted((ROOT / "entry_points").glob("*.py")), *(ROOT / "xlsub" / f for f in ("report.py", "compare.py", "analysis.py")),
-             *sorted((ROOT / "xlsub" / "figures").glob("*.py"))]
+    files = [*sorted((ROOT / "entry_points").glob("*.py")), *(ROOT / "xlsub" / "report" / f for f in ("html.py", "compare.py", "analysis.py")),
+             *sorted((ROOT / "xlsub" / "report" / "figures").glob("*.py"))]
     found = {(path.relative_to(ROOT).as_posix(), literal) for path in files for literal in name_literals(path, names)}
     assert found == PENDING_NAME_LITERALS
     # the scan sees what it looks for, and not docstrings
@@ -392,8 +392,8 @@ def test_conda_env_pins_the_same_packages_as_pyproject():
     """`mlflow run --env-manager conda` builds conda.yaml, which cannot be exercised offline here: its pip
     section must list exactly pyproject's runtime pins (plus the project itself)."""
     import re
-    import tomllib
 
+    import tomllib
     import yaml
 
     pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]

@@ -1,4 +1,4 @@
-"""Tests for xlsub.corpus: parsing of Firefox localization files, splitting, and the corpus loaders.
+"""Tests for xlsub.data.corpus: parsing of Firefox localization files, splitting, and the corpus loaders.
 
 Parsing is checked against hand-written fixtures (tests/fixtures/corpus) with outputs worked out by
 hand; splits are checked against sha256 computed here, independently of the module.
@@ -17,8 +17,8 @@ from pathlib import Path
 import datasets
 import pytest
 
-from xlsub import corpus
-from xlsub.corpus import (
+from xlsub.data import corpus
+from xlsub.data.corpus import (
     EMBEDDED_PACKS,
     clean_text,
     deduplicate,
@@ -423,7 +423,7 @@ def test_nonexistent_path_fails_without_hub(monkeypatch):
 
 def test_unreachable_hub_id_fails_fast_offline():
     code = (
-        "from xlsub.corpus import load_corpus\n"
+        "from xlsub.data.corpus import load_corpus\n"
         "from xlsub.errors import XlsubError\n"
         "try:\n"
         "    load_corpus('xlsub-tests/no-such-dataset', ['en'])\n"
@@ -454,7 +454,7 @@ def wiki_articles(lang, n):
 
 
 def test_saved_dataset_in_the_study_layout(tmp_path):
-    # One split per language, one column "text" (see the comment in xlsub/corpus.py).
+    # One split per language, one column "text" (see the comment in xlsub/data/corpus.py).
     folder = tmp_path / "wikipedia_subset"
     articles = {lang: wiki_articles(lang, 30) for lang in ("en", "de", "fr")}
     datasets.DatasetDict({lang: datasets.Dataset.from_dict({"text": a}) for lang, a in articles.items()}).save_to_disk(

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from entry_points._common import _RaisingParser
-from entry_points._common import stage_classes
+from entry_points._common import _RaisingParser, stage_classes
 from xlsub.errors import Range
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,8 +27,8 @@ import json, mlflow, torch
 from pathlib import Path
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 from xlsub.artifacts import load_encodings
-from xlsub.encoding import encode
-from xlsub.tracking import download
+from xlsub.models.encoding import encode
+from xlsub.tracking.runs import download
 root = download("{encode_run.info.run_id}", "encodings")
 sentences = json.loads(download("{encode_run.info.run_id}", "sentences.json").read_text())
 shapes = {{f"{{p.parent.name}}/{{p.stem}}": list(load_encodings(p).shape) for p in sorted(root.glob("*/*.safetensors"))}}

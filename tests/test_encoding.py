@@ -12,10 +12,10 @@ from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM, XLMRobertaMode
 
 from tests.reference import encode_naive
 from xlsub.artifacts import load_encodings, save_encodings
-from xlsub.encoding import encode, mean_pool, random_like
 from xlsub.errors import XlsubError
-from xlsub.heads import HeadGates, num_heads
-from xlsub.pruning import load_pruned, prune_heads, save_pruned
+from xlsub.models.encoding import encode, mean_pool, random_like
+from xlsub.models.heads import HeadGates, num_heads
+from xlsub.models.pruning import load_pruned, prune_heads, save_pruned
 
 LAYERS, HEADS, HIDDEN, POSITIONS = 2, 4, 16, 40
 MAX_TOKENS = POSITIONS - 2  # XLM-R positions start after pad_token_id = 1

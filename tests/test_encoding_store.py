@@ -7,8 +7,8 @@ import torch
 
 from tests.test_analysis import LANGS, TOKENS, analyzed, encodings
 from xlsub import artifacts
-from xlsub.analysis import AnalysisInputs
-from xlsub.similarity_tables import Counts
+from xlsub.report.analysis import AnalysisInputs
+from xlsub.report.similarity_tables import Counts
 
 COUNTS = Counts(full=20, controls=20, subnetworks=10, length=10)
 
@@ -71,10 +71,10 @@ def test_float16_storage_changes_cka_by_less_than_1e3_at_base_width():
     """`dtype=auto` stores base-width encodings in float16: measure what that does to CKA."""
     import transformers
 
-    from xlsub import models
-    from xlsub.cka import cka_matrix
-    from xlsub.encoding import encode
-    from xlsub.parallel import load_parallel
+    from xlsub.data.parallel import load_parallel
+    from xlsub.models import loading as models
+    from xlsub.models.encoding import encode
+    from xlsub.similarity.cka import cka_matrix
 
     assert artifacts.storage_dtype("auto", 768) == "float16" and artifacts.storage_dtype("auto", 128) == "float32"
     assert artifacts.storage_dtype("float32", 768) == "float32"

@@ -44,9 +44,9 @@ def test_model_loads_by_run_id_in_a_fresh_process_and_reproduces_ppl(store, fine
     code = f"""
 import json, math, mlflow
 from transformers import AutoModelForMaskedLM, AutoTokenizer
-from xlsub.corpus import load_corpus
-from xlsub import data
-from xlsub.mlm import perplexity
+from xlsub.data.corpus import load_corpus
+from xlsub.data import lm as data
+from xlsub.models.mlm import perplexity
 path = mlflow.artifacts.download_artifacts(run_id="{finetune_run.info.run_id}", artifact_path="model")
 model = AutoModelForMaskedLM.from_pretrained(path)
 tok = AutoTokenizer.from_pretrained(path)
@@ -129,7 +129,7 @@ def test_finetune_on_a_saved_wikipedia_subset_layout(store, tmp_path):
     """The study's hub dataset layout (one split per language, a `text` column of articles), saved to disk."""
     import datasets
 
-    from xlsub.corpus import load_corpus
+    from xlsub.data.corpus import load_corpus
 
     source = load_corpus("embedded", ["en", "ru"])
     articles = {}

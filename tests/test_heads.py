@@ -9,8 +9,8 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, XLMRobertaConfig, XLMRobertaForMaskedLM
 
 from xlsub.errors import XlsubError
-from xlsub.heads import HeadGates, attention_modules, head_importance, num_heads
-from xlsub.mlm import masked_lm_loss, perplexity
+from xlsub.models.heads import HeadGates, attention_modules, head_importance, num_heads
+from xlsub.models.mlm import masked_lm_loss, perplexity
 
 LAYERS, HEADS, HIDDEN, VOCAB = 3, 4, 32, 100
 

@@ -9,9 +9,15 @@ import pytest
 import torch
 from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
 
-from xlsub.intervals import (bootstrap_indices, percentile_interval, random_control_replicates, relative_perplexity_replicates,
-                             relative_replicates, specificity_gap)
-from xlsub.mlm import ChunkLosses, chunk_losses, perplexity
+from xlsub.models.mlm import ChunkLosses, chunk_losses, perplexity
+from xlsub.stats.intervals import (
+    bootstrap_indices,
+    percentile_interval,
+    random_control_replicates,
+    relative_perplexity_replicates,
+    relative_replicates,
+    specificity_gap,
+)
 
 
 def tiny_model():

@@ -22,11 +22,13 @@ from scipy.stats import false_discovery_control, spearmanr
 
 from tests.reference import linear_cka_gram
 from tests.test_analysis import analyzed
-from xlsub.analysis import AnalysisInputs
 from xlsub.artifacts import LANGUAGE_DISTANCE, LANGUAGE_DISTANCE_URIEL
 from xlsub.artifacts import SubnetworkId as S
 from xlsub.errors import XlsubError
-from xlsub.language_distance import (
+from xlsub.report.analysis import AnalysisInputs
+from xlsub.report.similarity_tables import Counts
+from xlsub.similarity.nulls import permutations
+from xlsub.stats.language_distance import (
     DISTANCE_KINDS,
     URIEL_CODES,
     distance_correlations,
@@ -35,8 +37,6 @@ from xlsub.language_distance import (
     uriel_distances,
     uriel_locations,
 )
-from xlsub.similarity import permutations
-from xlsub.similarity_tables import Counts
 
 EMBEDDED = ["en", "es", "ru", "de", "zh", "ar", "hi", "ur"]
 
@@ -215,7 +215,7 @@ def test_distance_matrices_are_symmetric_with_known_relations(embedded):
 
 
 def test_languages_uriel_lacks_give_nan_and_a_note(caplog):
-    with caplog.at_level(logging.INFO, logger="xlsub.language_distance"):
+    with caplog.at_level(logging.INFO, logger="xlsub.stats.language_distance"):
         table = uriel_distances(["en", "de", "qqq", "eus"], ["syntactic", "genetic"])
     assert table["syntactic"].loc["qqq"].isna().all() and table["syntactic"].loc["en", "qqq"] != 0
     assert math.isnan(table["syntactic"].loc["en", "qqq"]) and np.isfinite(table["syntactic"].loc["en", "eus"])

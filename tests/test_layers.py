@@ -102,5 +102,5 @@ def test_the_cycle_check_finds_a_cycle_and_a_function_local_import(tmp_path):
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
     source = tmp_path / "m.py"
-    source.write_text("def f():\n    from xlsub.intervals import _hidden\n")
-    assert imports("xlsub.m", source) == [("xlsub.intervals", ["_hidden"], 2)]
+    source.write_text("def f():\n    from xlsub.stats.intervals import _hidden\n")
+    assert imports("xlsub.m", source) == [("xlsub.stats.intervals", ["_hidden"], 2)]

@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import children_of, subprocess_env
 from tests.test_heads import HEADS, HIDDEN, LAYERS, logits, tiny_batches, tiny_model
 from xlsub import artifacts
-from xlsub.heads import HeadGates, attention_modules
-from xlsub.pruning import prune_heads, zero_pruned_heads
+from xlsub.models.heads import HeadGates, attention_modules
+from xlsub.models.pruning import prune_heads, zero_pruned_heads
 
 LANGS = ["en", "de", "zh"]
 

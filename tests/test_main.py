@@ -49,14 +49,14 @@ def test_a_fresh_process_resolves_inputs_and_downloads_artifacts_from_the_server
     code = f"""
 import json
 from mlflow.tracking import MlflowClient
-from xlsub import tracking
+from xlsub.tracking import runs as tracking
 from xlsub.artifacts import load_encodings
 analyze = tracking.resolve_run("analyze_run_id", "{ids['analyze']}", "analyze")
 encode = tracking.resolve_run("encode_run_id", analyze.data.tags["xlsub.encode_run_id"], "encode")
 prune = tracking.resolve_run("prune_run_id", encode.data.tags["xlsub.prune_run_id"], "prune")
 finetune = tracking.resolve_run("finetune_run_id", prune.data.tags["xlsub.finetune_run_id"], "finetune")
 from xlsub.artifacts import SubnetworkId
-from xlsub.pruning import load_subnetwork
+from xlsub.models.pruning import load_subnetwork
 child = tracking.prune_children(prune)[SubnetworkId("de", 0)]
 model, tok = load_subnetwork(tracking.download(child.info.run_id, "subnetwork"))
 enc = load_encodings(tracking.download(encode.info.run_id, "encodings/full/de.safetensors"))
@@ -79,7 +79,7 @@ def test_an_analyze_only_code_change_recomputes_analyze_alone(tracking_server, p
     finetune, prune and encode (their code versions are unchanged) and runs a new analyze."""
     copy = tmp_path / "project"
     shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "mlruns", "mlartifacts", "outputs", "*.db"))
-    with open(copy / "xlsub" / "report.py", "a") as f:
+    with open(copy / "xlsub" / "report" / "html.py", "a") as f:
         f.write("\n# the report's wording changed\n")
     run, _ = main_run(tracking_server, SMALL_PIPELINE, root=copy)
     first, edited = stage_ids(pipeline["first"]), stage_ids(run)

@@ -11,8 +11,8 @@ import torch
 
 import xlsub.metrics
 from tests.test_mlm import toy_batch, toy_xlmr
-from xlsub.cka import cka
-from xlsub.mlm import masked_nll, masked_perplexity, perplexity
+from xlsub.models.mlm import masked_nll, masked_perplexity, perplexity
+from xlsub.similarity.cka import cka
 
 
 @pytest.fixture()

@@ -3,8 +3,8 @@ import math
 import torch
 from transformers import BertConfig, BertForMaskedLM, XLMRobertaConfig, XLMRobertaForMaskedLM
 
-from xlsub.data import chunk_ids, unigram_perplexity
-from xlsub.mlm import masked_forward, masked_lm_loss, perplexity
+from xlsub.data.lm import chunk_ids, unigram_perplexity
+from xlsub.models.mlm import masked_forward, masked_lm_loss, perplexity
 
 
 def toy_xlmr(seed=0):

@@ -3,10 +3,10 @@ import time
 import pytest
 from transformers import XLMRobertaTokenizer
 
-from xlsub.corpus import load_corpus
+from xlsub.data.corpus import load_corpus
 from xlsub.errors import XlsubError
-from xlsub.hub import is_hub_id, looks_local
-from xlsub.models import load_pretrained, resolve_device, tiny_model, train_tokenizer
+from xlsub.models.hub import is_hub_id, looks_local
+from xlsub.models.loading import load_pretrained, resolve_device, tiny_model, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_unknown_device():
 
 
 def test_base_shape_model_has_xlmr_base_layers_and_counts_its_parameters(texts):
-    from xlsub.models import BASE_SHAPE, XLMR_VOCAB_SIZE, is_scratch, scratch_model
+    from xlsub.models.loading import BASE_SHAPE, XLMR_VOCAB_SIZE, is_scratch, scratch_model
 
     tokenizer = train_tokenizer(texts[:2000], vocab_size=500)
     assert is_scratch("tiny") and is_scratch(BASE_SHAPE) and not is_scratch("FacebookAI/xlm-roberta-base")

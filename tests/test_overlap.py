@@ -13,7 +13,8 @@ import torch
 from tests.test_heads import HEADS, HIDDEN, tiny_model
 from xlsub.artifacts import SubnetworkId as S
 from xlsub.errors import XlsubError
-from xlsub.overlap import (
+from xlsub.models.pruning import prune_heads
+from xlsub.stats.overlap import (
     expected_jaccard_over_seeds,
     expected_random_jaccard,
     expected_random_jaccard_matrix,
@@ -26,7 +27,6 @@ from xlsub.overlap import (
     seed_stability,
     token_overlap,
 )
-from xlsub.pruning import prune_heads
 
 A = torch.tensor([[1, 1, 0], [0, 1, 1]])
 B = torch.tensor([[1, 0, 0], [1, 1, 1]])
@@ -101,7 +101,7 @@ def test_expected_random_jaccard_equals_enumeration():
 
 
 def test_expected_random_jaccard_matches_monte_carlo_of_random_mask_like():
-    from xlsub.pruning import random_mask_like
+    from xlsub.models.pruning import random_mask_like
 
     g = torch.Generator().manual_seed(0)
     layers, heads = 12, 12

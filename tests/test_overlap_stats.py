@@ -16,7 +16,7 @@ import torch
 
 from xlsub.artifacts import SubnetworkId as S
 from xlsub.errors import XlsubError
-from xlsub.overlap import (
+from xlsub.stats.overlap import (
     _average_ranks,
     benjamini_hochberg,
     equal_size_jaccard,
@@ -364,7 +364,7 @@ def test_seed_stability_test_against_a_loop_of_random_masks():
     import numpy as np
 
     from xlsub.artifacts import SubnetworkId
-    from xlsub.overlap import expected_random_jaccard, jaccard, seed_stability_test
+    from xlsub.stats.overlap import expected_random_jaccard, jaccard, seed_stability_test
 
     g = torch.Generator().manual_seed(5)
     masks = {SubnetworkId(l, s): (torch.rand(2, 5, generator=g) < 0.5).float() for l in ("de", "en") for s in (0, 1, 2)}
@@ -397,7 +397,7 @@ def test_across_language_interval_resamples_languages():
     import numpy as np
 
     from xlsub.artifacts import SubnetworkId
-    from xlsub.overlap import across_language_interval, jaccard
+    from xlsub.stats.overlap import across_language_interval, jaccard
 
     g = torch.Generator().manual_seed(2)
     langs = ["de", "en", "zh", "ar"]

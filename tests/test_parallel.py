@@ -8,8 +8,8 @@ from pathlib import Path
 import datasets
 import pytest
 
+from xlsub.data.parallel import load_parallel
 from xlsub.errors import XlsubError
-from xlsub.parallel import load_parallel
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parallel"
 BIBLE = str(FIXTURES / "bible.json")  # de blank at index 2, es null at index 3

@@ -57,11 +57,13 @@ def test_subnetwork_loads_by_run_id_in_a_fresh_process(store, finetune_run, prun
     child = next(c for c in children_of(store, prune_run) if c.data.tags["xlsub.language"] == "de")
     code = f"""
 import json, mlflow
-from xlsub import artifacts, data, tracking
-from xlsub.corpus import load_corpus
-from xlsub.heads import num_heads
-from xlsub.mlm import perplexity
-from xlsub.pruning import load_subnetwork
+from xlsub import artifacts
+from xlsub.data import lm as data
+from xlsub.tracking import runs as tracking
+from xlsub.data.corpus import load_corpus
+from xlsub.models.heads import num_heads
+from xlsub.models.mlm import perplexity
+from xlsub.models.pruning import load_subnetwork
 mask = artifacts.read_head_mask(tracking.download("{child.info.run_id}", "head_mask.json"))
 model, tok = load_subnetwork(tracking.download("{child.info.run_id}", "subnetwork"), mask)  # refuses a config that disagrees
 lm = data.build_lm_data(load_corpus("embedded", ["en", "de", "zh"]).texts, ["en", "de", "zh"], tok, 64, 96, 16, 0)

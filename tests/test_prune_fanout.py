@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import ROOT, children_of, free_port, runs_of, subprocess_env
 from xlsub.artifacts import SubnetworkId
 from xlsub.errors import XlsubError
-from xlsub.fanout import FanOut
+from xlsub.tracking.fanout import FanOut
 
 # 2 languages x 2 seeds: round-robin gives rank 0 en-s0, de-s0 and rank 1 en-s1, de-s1. No stock models
 # (their logging is tested in test_logged_models): each is a full model's worth of artifacts.

@@ -11,9 +11,9 @@ import torch
 from tests.reference import iterative_pruning_two_pass
 from tests.test_heads import HEADS, HIDDEN, LAYERS, logits, tiny_batches, tiny_model
 from xlsub.errors import XlsubError
-from xlsub.heads import HeadGates, attention_modules, head_importance, num_heads
-from xlsub.mlm import perplexity
-from xlsub.pruning import (
+from xlsub.models.heads import HeadGates, attention_modules, head_importance, num_heads
+from xlsub.models.mlm import perplexity
+from xlsub.models.pruning import (
     _prune_loop,
     iterative_pruning,
     load_pruned,
@@ -174,8 +174,8 @@ def test_random_controls_of_two_languages_are_independent_draws():
     import math
 
     from xlsub.artifacts import SubnetworkId
-    from xlsub.overlap import expected_random_jaccard, jaccard
-    from xlsub.pruning import control_seed
+    from xlsub.models.pruning import control_seed
+    from xlsub.stats.overlap import expected_random_jaccard, jaccard
 
     small = torch.tensor([[1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.float32)  # 1 and 2 of 8 kept
     large = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]], dtype=torch.float32)  # 4 and 5 of 8

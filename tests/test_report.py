@@ -12,10 +12,10 @@ import torch
 from matplotlib.figure import Figure
 
 from tests.test_analysis import analyzed
-from xlsub.analysis import AnalysisInputs, AnalysisResult
 from xlsub.artifacts import SubnetworkId, read_table
-from xlsub.figures.stages import head_mask_heatmap, matrix_heatmap, perplexity_bars
-from xlsub.report import MAX_INLINE_ROWS, format_number, render_report, table_html, write_report
+from xlsub.report.analysis import AnalysisInputs, AnalysisResult
+from xlsub.report.figures.stages import head_mask_heatmap, matrix_heatmap, perplexity_bars
+from xlsub.report.html import MAX_INLINE_ROWS, format_number, render_report, table_html, write_report
 
 LINEAGE = {"finetune": "ft0123", "prune": "pr4567", "encode": "en89ab", "analyze": "an_cdef"}
 LINKS = {"prune": "http://127.0.0.1:5000/#/experiments/1/runs/pr4567", "en89ab": "https://mlflow.example/runs/en89ab",

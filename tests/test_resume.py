@@ -17,8 +17,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import ROOT, free_port, sqlite_store, subprocess_env
-from xlsub import artifacts, tracking
-from xlsub.code_version import code_version
+from xlsub import artifacts
+from xlsub.tracking import runs as tracking
+from xlsub.tracking.code_version import code_version
 
 PARAMS = {"languages": "en,de", "seed": "0", "epochs": "1.0"}
 

@@ -49,8 +49,8 @@ def test_analyze_core_runs_streamed_and_eager_on_tiny_sizes(tmp_path):
         assert 0 < seconds <= time.perf_counter() - start  # it times analyze alone, in seconds
     # streamed from files or handed over at once, analyze sees the same numbers
     from xlsub import artifacts
-    from xlsub.analysis import AnalysisInputs, analyze
-    from xlsub.similarity_tables import Counts
+    from xlsub.report.analysis import AnalysisInputs, analyze
+    from xlsub.report.similarity_tables import Counts
 
     langs = ["en", "de"]
     scale.synthetic_encodings(tmp_path, 12, 1, langs, 2, 8)

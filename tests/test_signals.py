@@ -1,5 +1,5 @@
 """Stopping: SIGTERM, SIGHUP and SIGINT mark a stage's run and its open child runs KILLED and end the
-process within 10 s (`xlsub.interrupts`, `tracking.stage_run`); an unreachable tracking server is refused
+process within 10 s (`xlsub.tracking.interrupts`, `tracking.stage_run`); an unreachable tracking server is refused
 in seconds."""
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import ROOT, sqlite_store, subprocess_env
-from xlsub import interrupts, tracking
 from xlsub.artifacts import CHILD_TAG, STAGE_TAG
+from xlsub.tracking import interrupts
+from xlsub.tracking import runs as tracking
 
 DEAD_URI = "http://127.0.0.1:9"  # the discard port: nothing listens there
 
@@ -70,7 +71,7 @@ def test_a_signal_to_the_process_marks_the_run_and_its_open_child_killed(local_s
 
 
 def test_a_handler_installed_before_is_left_in_place():
-    """xlsub.fanout's SIGTERM handler under torchrun (another rank died: FAILED) keeps SIGTERM."""
+    """xlsub.tracking.fanout's SIGTERM handler under torchrun (another rank died: FAILED) keeps SIGTERM."""
     def mine(signum, frame):
         pass
 

@@ -13,10 +13,10 @@ import torch
 from scipy import stats
 from scipy.spatial.distance import pdist, squareform
 
-from xlsub.cka import cka, shuffled_pairs_cka
-from xlsub import similarity
 from xlsub.errors import XlsubError
-from xlsub.similarity import (
+from xlsub.similarity import nulls as similarity
+from xlsub.similarity.cka import cka, shuffled_pairs_cka
+from xlsub.similarity.nulls import (
     _ranks,
     cka_jackknife_interval,
     cka_null_mean,

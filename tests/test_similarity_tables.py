@@ -8,10 +8,19 @@ import pandas as pd
 import pytest
 import torch
 
-from xlsub.cka import cka
-from xlsub.similarity import cka_null_mean, cka_permutation_test, residualize, retrieval_top1, rsa
-from xlsub.similarity_tables import (LENGTH_ONLY, Counts, cka_interval_tables, cka_pvalue_table, length_control_table,
-                                     retrieval_table, rsa_table, sentence_lengths, subnetwork_specificity)
+from xlsub.report.similarity_tables import (
+    LENGTH_ONLY,
+    Counts,
+    cka_interval_tables,
+    cka_pvalue_table,
+    length_control_table,
+    retrieval_table,
+    rsa_table,
+    sentence_lengths,
+    subnetwork_specificity,
+)
+from xlsub.similarity.cka import cka
+from xlsub.similarity.nulls import cka_null_mean, cka_permutation_test, residualize, retrieval_top1, rsa
 
 LANGS = ["en", "de", "zh"]
 N, D, LAYERS = 60, 8, 3
@@ -92,7 +101,7 @@ def test_subnetwork_specificity_gap_and_its_permutation_p():
 
 
 def test_power_finds_a_strong_planted_signal_and_not_a_vanishing_one():
-    from xlsub.similarity_tables import power_table
+    from xlsub.report.similarity_tables import power_table
 
     base = torch.randn(80, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     lengths = {l: v.repeat(2)[:80] for l, v in sentence_lengths(tokens()).items() if l in ("en", "de")}
@@ -103,8 +112,8 @@ def test_power_finds_a_strong_planted_signal_and_not_a_vanishing_one():
 
 
 def test_isomorphism_table_holds_the_knn_spectrum_distance():
-    from xlsub.similarity import knn_eigen_similarity
-    from xlsub.similarity_tables import isomorphism_table
+    from xlsub.report.similarity_tables import isomorphism_table
+    from xlsub.similarity.nulls import knn_eigen_similarity
 
     enc = encodings()
     table = isomorphism_table(enc, LANGS, "en", k=5)

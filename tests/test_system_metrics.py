@@ -12,8 +12,8 @@ import psutil
 import pytest
 
 from tests.conftest import sqlite_store
-from xlsub import tracking
 from xlsub.errors import XlsubError
+from xlsub.tracking import runs as tracking
 
 CPU = "system/cpu_utilization_percentage"
 MEMORY = "system/system_memory_usage_megabytes"

@@ -3,8 +3,8 @@
 import pytest
 
 from tests.conftest import sqlite_store
-from xlsub import tracking
 from xlsub.errors import XlsubError
+from xlsub.tracking import runs as tracking
 
 
 @pytest.fixture()

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import json
-from html import escape
 import math
+from html import escape
 
 import numpy as np
 import pytest
 import torch
 
 from tests.test_analysis import analyzed
-from xlsub.analysis import AnalysisInputs
 from xlsub.artifacts import SubnetworkId
-from xlsub.intervals import bootstrap_indices
-from xlsub.mlm import ChunkLosses
-from xlsub.overlap import jaccard
-from xlsub.report import write_report
-from xlsub.tables import perplexity_interval_tables
-from xlsub.verdicts import QUESTIONS
+from xlsub.models.mlm import ChunkLosses
+from xlsub.report.analysis import AnalysisInputs
+from xlsub.report.html import write_report
+from xlsub.report.tables import perplexity_interval_tables
+from xlsub.report.verdicts import QUESTIONS
+from xlsub.stats.intervals import bootstrap_indices
+from xlsub.stats.overlap import jaccard
 
 LANGS = ["en", "de", "zh"]
 N_CHUNKS = 40

@@ -19,7 +19,8 @@ import pytest
 from entry_points import analyze, compare, encode, finetune, main, mlproject, prune
 from entry_points._common import StageArgs, stage_classes
 from tests.conftest import refuse_in_process, sqlite_store
-from xlsub import artifacts, lineage
+from xlsub import artifacts
+from xlsub.tracking import lineage
 
 MODULES = {"finetune": finetune, "prune": prune, "encode": encode, "analyze": analyze, "compare": compare, "main": main}
 CLASSES = stage_classes()

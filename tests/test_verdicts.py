@@ -3,7 +3,7 @@
 import json
 import math
 
-from xlsub.verdicts import different_heads, evidence, specificity, stability
+from xlsub.report.verdicts import different_heads, evidence, specificity, stability
 
 
 def test_evidence_needs_the_interval_beyond_the_control_and_a_small_p():

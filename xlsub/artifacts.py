@@ -2,7 +2,7 @@
 reader for every artifact a stage hands to another.
 
 Writers put files into a local folder that the stage then logs as the run's artifacts (same relative
-paths); readers take the folder (or file) that `xlsub.tracking.download` returns. Nothing here talks to
+paths); readers take the folder (or file) that `xlsub.tracking.runs.download` returns. Nothing here talks to
 MLflow, so the formats are testable with plain files. The README describes the same layout in prose; this
 module is where the names are defined.
 """
@@ -86,7 +86,7 @@ MODEL_TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json
 MODEL_FILES = ("config.json", "model.safetensors")  # what a saved model needs (save_pretrained writes one weights file up to 50 GB)
 KEPT_HEADS_CONFIG_KEY = "xlsub_kept_heads"  # in a pruned model's config.json: kept head indices per layer
 
-# on registered model versions (`xlsub.tracking.register_subnetworks`), besides SEED_TAG, SUBNETWORK_TAG, MASK_DIGEST_TAG
+# on registered model versions (`xlsub.tracking.runs.register_subnetworks`), besides SEED_TAG, SUBNETWORK_TAG, MASK_DIGEST_TAG
 REGISTERED_THRESHOLD_TAG = "threshold"  # the prune run's threshold parameter
 REGISTERED_TARGET_SPARSITY_TAG = "target_sparsity"  # the prune run's target_sparsity parameter
 REGISTERED_SOURCE_RUN_TAG = "source_run_id"  # the prune child run that logged the model
@@ -228,7 +228,7 @@ def write_importance(folder: Path, importance: torch.Tensor) -> Path:
 
 
 def steps_table(steps: Iterable, kept: int | None = None) -> pd.DataFrame:
-    """The pruning trajectory, one row per step (`xlsub.pruning.Step`): step, ppl, frac_pruned, heads_kept,
+    """The pruning trajectory, one row per step (`xlsub.models.pruning.Step`): step, ppl, frac_pruned, heads_kept,
     chosen (the step that is the subnetwork) and mask (its [layers][heads] 0/1 list)."""
     return pd.DataFrame([{"step": s.step, "ppl": s.ppl, "frac_pruned": s.frac_pruned, "heads_kept": int(s.mask.sum()),
                           "chosen": s.step == kept, "mask": check_mask(s.mask).int().tolist()} for s in steps])
@@ -263,7 +263,7 @@ def chunk_losses_table(losses: Mapping[tuple[str, int, str], object]) -> pd.Data
 
 def read_chunk_losses(path: Path) -> dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]]:
     """The inverse of `chunk_losses_table` from its CSV: {(model, draw, language): (nll, tokens)}, the
-    fields of `xlsub.mlm.ChunkLosses`."""
+    fields of `xlsub.models.mlm.ChunkLosses`."""
     table = pd.read_csv(path, keep_default_na=False)
     out = {}
     for (model, draw, lang), group in table.groupby(["model", "draw", "language"], sort=False):
@@ -320,7 +320,7 @@ def model_files(subdir: str = MODEL_DIR) -> list[str]:
 
 def write_model(folder: Path, model, tokenizer, subdir: str = MODEL_DIR) -> Path:
     """`model/` (finetune) or `subnetwork/` (prune child): `save_pretrained` of the model, whose config
-    records the kept heads of a pruned one (`xlsub.pruning.prune_heads`), and of its tokenizer."""
+    records the kept heads of a pruned one (`xlsub.models.pruning.prune_heads`), and of its tokenizer."""
     path = Path(folder) / subdir
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -467,7 +467,7 @@ def load_encodings(path: str | Path) -> torch.Tensor:
 
 
 def write_sentences(folder: Path, corpus) -> Path:
-    """`sentences.json`: the parallel corpus (`xlsub.parallel.ParallelCorpus`) in encoding order."""
+    """`sentences.json`: the parallel corpus (`xlsub.data.parallel.ParallelCorpus`) in encoding order."""
     path = Path(folder) / SENTENCES
     sentences = {"languages": corpus.languages, "ids": corpus.ids, "texts": corpus.texts, "dropped": corpus.dropped,
                  "corpus": corpus.name, "source": corpus.source}

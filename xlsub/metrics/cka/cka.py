@@ -1,4 +1,4 @@
-"""Centred kernel alignment (Kornblith et al. 2019) as an `evaluate` metric, computed by `xlsub.cka.cka`,
+"""Centred kernel alignment (Kornblith et al. 2019) as an `evaluate` metric, computed by `xlsub.similarity.cka.cka`,
 the function behind the CKA the analyze stage reports.
 """
 
@@ -6,8 +6,7 @@ import datasets
 import evaluate
 import torch
 
-from xlsub.cka import KINDS
-from xlsub.cka import cka
+from xlsub.similarity.cka import KINDS, cka
 
 _DESCRIPTION = (
     "CKA between two representations of the same sentences, one row per sentence: 1 for representations that "

@@ -1,6 +1,6 @@
 """Masked-LM perplexity as an `evaluate` metric: exp(sum of masked-token NLL / number of masked tokens).
 
-The numbers come from `xlsub.mlm.masked_nll` and `xlsub.mlm.masked_perplexity`, the functions behind the
+The numbers come from `xlsub.models.mlm.masked_nll` and `xlsub.models.mlm.masked_perplexity`, the functions behind the
 perplexities finetune and prune log, so the metric and the stages cannot drift apart.
 """
 
@@ -9,8 +9,7 @@ import evaluate
 import numpy
 import torch
 
-from xlsub.mlm import masked_nll
-from xlsub.mlm import masked_perplexity
+from xlsub.models.mlm import masked_nll, masked_perplexity
 
 _DESCRIPTION = (
     "Perplexity of a masked language model over its masked tokens: exp of the mean negative log-likelihood "

@@ -1,0 +1,1 @@
+"""Representation similarity: CKA, its permutation nulls and jackknife, retrieval, RSA, kNN-graph isomorphism, planted controls."""

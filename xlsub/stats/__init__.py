@@ -1,0 +1,1 @@
+"""Inference over masks, perplexities and languages: intervals, overlap statistics, language distance."""

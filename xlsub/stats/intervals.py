@@ -1,0 +1,86 @@
+"""Intervals for perplexities: a paired bootstrap over test chunks (Efron & Tibshirani 1993, percentile
+intervals), on stored per-chunk losses, so no extra forward pass is needed.
+
+A language's test perplexity is exp(sum of masked-token NLL / number of masked tokens) over its test
+chunks. Resampling chunks with replacement (the chunk is the unit the data were cut into) and
+recomputing that ratio gives the sampling spread of the perplexity. Two models scored on the same
+chunks (a subnetwork and the full model) are resampled with the same indices: a paired bootstrap, so
+the relative perplexity's interval reflects the difference between the models, not the difficulty of
+the chunks both models see. The random-mask control is bootstrapped over chunks and its draws together.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from xlsub.models.mlm import ChunkLosses
+
+LEVEL = 0.95
+
+
+def bootstrap_indices(n: int, replicates: int, seed: int) -> torch.Tensor:
+    """[replicates, n] chunk indices drawn with replacement from a seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n, (replicates, n), generator=generator)
+
+
+def percentile_interval(values: torch.Tensor, level: float = LEVEL) -> tuple[float, float]:
+    """The (1 - level)/2 and (1 + level)/2 quantiles of the bootstrap replicates (NaN-free)."""
+    values = values.double()
+    alpha = (1 - level) / 2
+    return float(torch.quantile(values, alpha)), float(torch.quantile(values, 1 - alpha))
+
+
+def relative_perplexity_replicates(model: ChunkLosses, full: ChunkLosses, indices: torch.Tensor) -> torch.Tensor:
+    """Paired replicates of ppl(model) / ppl(full) on the same resampled chunks: [B]."""
+    if model.nll.shape != full.nll.shape:
+        raise ValueError("a paired bootstrap needs both models scored on the same chunks")
+    return torch.exp(model.resampled_log_ppl(indices) - full.resampled_log_ppl(indices))
+
+
+def random_control_replicates(draws: Sequence[ChunkLosses], indices: torch.Tensor, seed: int) -> torch.Tensor:
+    """Replicates of the mean perplexity over random-mask draws, resampling chunks and draws together:
+    each replicate draws len(draws) draws with replacement and scores them on its resampled chunks. [B]."""
+    if not draws:
+        raise ValueError("no random draws")
+    generator = torch.Generator().manual_seed(seed + 1)
+    picks = torch.randint(0, len(draws), (indices.shape[0], len(draws)), generator=generator)
+    ppl = torch.stack([torch.exp(d.resampled_log_ppl(indices)) for d in draws], dim=1)  # [B, draws]
+    return ppl.gather(1, picks).mean(1)
+
+
+def specificity_gap(relative: Mapping[str, Mapping[str, float]], language_of: Mapping[str, str]) -> dict[str, float]:
+    """Per subnetwork row: mean relative perplexity on the other languages minus that on its own language.
+
+    Positive: the subnetwork serves the other languages worse than its own. `relative` is
+    {row: {evaluation language: ppl / full ppl}}; `language_of` maps a row to its language.
+    """
+    gaps = {}
+    for row, values in relative.items():
+        own = language_of[row]
+        others = [v for lang, v in values.items() if lang != own]
+        gaps[row] = (sum(others) / len(others) - values[own]) if others and own in values else math.nan
+    return gaps
+
+
+def language_indices(full: Mapping[str, ChunkLosses], replicates: int, seed: int) -> dict[str, torch.Tensor]:
+    """One set of resampled chunk indices per evaluation language, shared by every model scored on that
+    language (the pairing); languages in sorted order, each from its own seed."""
+    return {lang: bootstrap_indices(len(full[lang].nll), replicates, seed + i) for i, lang in enumerate(sorted(full))}
+
+
+def relative_replicates(cells: Mapping[tuple[str, str], ChunkLosses], random_cells: Mapping[tuple[str, str], Sequence[ChunkLosses]],
+                        full: Mapping[str, ChunkLosses], replicates: int, seed: int
+                        ) -> tuple[dict[tuple[str, str], torch.Tensor], dict[tuple[str, str], torch.Tensor]]:
+    """Bootstrap replicates [B] of every cell's relative perplexity, (row, evaluation language) ->
+    ppl(subnetwork) / ppl(full), and of the random controls' mean over draws / ppl(full), all resampled
+    with the same chunk indices per evaluation language."""
+    indices = language_indices(full, replicates, seed)
+    log_full = {lang: full[lang].resampled_log_ppl(idx) for lang, idx in indices.items()}
+    sub = {cell: torch.exp(c.resampled_log_ppl(indices[cell[1]]) - log_full[cell[1]]) for cell, c in cells.items()}
+    rand = {cell: random_control_replicates(draws, indices[cell[1]], seed) / torch.exp(log_full[cell[1]])
+            for cell, draws in random_cells.items()}
+    return sub, rand

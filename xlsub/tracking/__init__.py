@@ -1,0 +1,1 @@
+"""Everything said to MLflow: stage runs, lineage by run ID, code versions, the server check, signals, fan-out."""
