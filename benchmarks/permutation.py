@@ -35,14 +35,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xlsub.similarity.cka import cka  # noqa: E402
-from xlsub.similarity.nulls import (  # noqa: E402
-    _pick_engine,
-    length_bins,
-    mantel_test,
-    permutations,
-    permuted_cka,
-    retrieval_permutation_test,
-)
+from xlsub.similarity.permutation import _pick_engine, length_bins, permutations, permuted_cka  # noqa: E402
+from xlsub.similarity.retrieval import retrieval_permutation_test  # noqa: E402
+from xlsub.similarity.rsa import mantel_test  # noqa: E402
 
 LATENT = 32
 

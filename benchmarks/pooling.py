@@ -3,7 +3,7 @@
 
 For each pooling, at the last layer, over the non-English languages of the parallel set against English:
 debiased CKA of the finetuned model, of a randomly initialised model of the same configuration and of
-the length-only encoder (`xlsub.similarity.nulls.length_only_representations`, with or without special
+the length-only encoder (`xlsub.similarity.controls.length_only_representations`, with or without special
 tokens to match); CKA after regressing out token counts (finetuned model); translation retrieval top-1;
 and how much of the sentence length a linear probe reads from the finetuned model's vectors (held-out
 R^2 of log token count, fitted on one half of the sentences, tested on the other). The pooling that
@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from xlsub.data.parallel import load_parallel  # noqa: E402
 from xlsub.models.encoding import POOLINGS, encode, random_like  # noqa: E402
 from xlsub.similarity.cka import cka  # noqa: E402
-from xlsub.similarity.nulls import length_only_representations, residualize, retrieval_top1  # noqa: E402
+from xlsub.similarity.controls import length_only_representations  # noqa: E402
+from xlsub.similarity.permutation import residualize  # noqa: E402
+from xlsub.similarity.retrieval import retrieval_top1  # noqa: E402
 
 
 def probe_r2(x: torch.Tensor, target: torch.Tensor) -> float:

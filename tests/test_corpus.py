@@ -1,4 +1,5 @@
-"""Tests for xlsub.data.corpus: parsing of Firefox localization files, splitting, and the corpus loaders.
+"""Tests for xlsub.data.embedded, .splits and .corpus: parsing of Firefox localization files, splitting, and the
+corpus loaders.
 
 Parsing is checked against hand-written fixtures (tests/fixtures/corpus) with outputs worked out by
 hand; splits are checked against sha256 computed here, independently of the module.
@@ -17,22 +18,22 @@ from pathlib import Path
 import datasets
 import pytest
 
-from xlsub.data import corpus
-from xlsub.data.corpus import (
+from xlsub.data import corpus, embedded
+from xlsub.data.corpus import load_corpus
+from xlsub.data.embedded import (
     EMBEDDED_PACKS,
     clean_text,
     deduplicate,
     drop_untranslated,
     langpack_messages,
-    load_corpus,
     normalise_path,
     parse_ftl,
     parse_properties,
     properties_text,
     read_xpi,
     select_parallel,
-    split_flags,
 )
+from xlsub.data.splits import split_flags
 from xlsub.errors import XlsubError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "corpus"
@@ -247,10 +248,10 @@ def synthetic_packs(n=3000):
 
 def test_build_embedded_holds_out_parallel_and_splits_by_id():
     packs = synthetic_packs()
-    built = corpus.build_embedded(packs)
+    built = embedded.build_embedded(packs)
     assert built["parallel"].column_names == ["id", *EMBEDDED_PACKS]
     parallel = built["parallel"].to_dict()
-    assert len(parallel["id"]) == corpus.PARALLEL_MAX_SIZE  # 2,314 eligible long items, capped
+    assert len(parallel["id"]) == embedded.PARALLEL_MAX_SIZE  # 2,314 eligible long items, capped
     assert all(len(en.split()) >= 6 for en in parallel["en"])
     assert not any(int(i[-5:]) % 7 == 0 for i in parallel["id"])  # hi has no real translation of these
     held_out = set(parallel["id"])
@@ -279,7 +280,7 @@ def test_embedded_cache_is_built_once_and_reused(tmp_path, monkeypatch):
         calls.append(workdir)
         return synthetic_packs(), {f"firefox-esr-l10n-{p}": "1.0" for p in EMBEDDED_PACKS.values()}
 
-    monkeypatch.setattr(corpus, "_fetch_packs", fake_fetch)
+    monkeypatch.setattr(embedded, "_fetch_packs", fake_fetch)
     c = load_corpus("embedded", ["de", "en"], cache_dir=tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["embedded-v1"]  # the temporary build folder is gone
     cache = tmp_path / "embedded-v1"
@@ -290,7 +291,7 @@ def test_embedded_cache_is_built_once_and_reused(tmp_path, monkeypatch):
     assert langs == sorted(langs, key=["de", "en"].index)  # grouped in the requested order
     assert c.parallel.column_names == ["id", *EMBEDDED_PACKS]
 
-    monkeypatch.setattr(corpus, "_fetch_packs", lambda workdir: pytest.fail("cache was rebuilt"))
+    monkeypatch.setattr(embedded, "_fetch_packs", lambda workdir: pytest.fail("cache was rebuilt"))
     again = load_corpus("embedded", ["de", "en"], cache_dir=tmp_path)
     assert col(again.texts["test"], "text") == col(c.texts["test"], "text")
     assert len(calls) == 1
@@ -308,14 +309,14 @@ def test_interrupted_build_leaves_no_cache(tmp_path, monkeypatch):
     def crash(workdir):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(corpus, "_fetch_packs", crash)
+    monkeypatch.setattr(embedded, "_fetch_packs", crash)
     with pytest.raises(KeyboardInterrupt):
         load_corpus("embedded", None, cache_dir=tmp_path)
     assert os.listdir(tmp_path) == []
 
 
 def test_embedded_without_apt_names_the_alternatives(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
+    monkeypatch.setattr(embedded.shutil, "which", lambda name: None)
     with pytest.raises(XlsubError) as e:
         load_corpus("embedded", None, cache_dir=tmp_path)
     message = str(e.value)

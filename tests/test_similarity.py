@@ -14,33 +14,14 @@ from scipy import stats
 from scipy.spatial.distance import pdist, squareform
 
 from xlsub.errors import XlsubError
-from xlsub.similarity import nulls as similarity
+from xlsub.similarity import permutation
 from xlsub.similarity.cka import cka, shuffled_pairs_cka
-from xlsub.similarity.nulls import (
-    _ranks,
-    cka_jackknife_interval,
-    cka_null_mean,
-    cka_permutation_test,
-    detection_limit,
-    jackknife_blocks,
-    knn_eigen_similarity,
-    knn_laplacian_spectrum,
-    leave_block_out_cka,
-    length_bins,
-    length_only_representations,
-    mantel_test,
-    nearest_translation,
-    permutations,
-    permuted_cka,
-    planted_representations,
-    random_rotation,
-    rdm,
-    residualize,
-    retrieval_permutation_test,
-    retrieval_top1,
-    retrieval_top1_per_layer,
-    rsa,
-)
+from xlsub.similarity.controls import detection_limit, length_only_representations, planted_representations, random_rotation
+from xlsub.similarity.isomorphism import knn_eigen_similarity, knn_laplacian_spectrum
+from xlsub.similarity.jackknife import cka_jackknife_interval, jackknife_blocks, leave_block_out_cka
+from xlsub.similarity.permutation import cka_null_mean, cka_permutation_test, length_bins, permutations, permuted_cka, residualize
+from xlsub.similarity.retrieval import nearest_translation, retrieval_permutation_test, retrieval_top1, retrieval_top1_per_layer
+from xlsub.similarity.rsa import _ranks, mantel_test, rdm, rsa
 
 KINDS = ["linear", "debiased", "rbf"]
 
@@ -123,11 +104,11 @@ def test_permuted_cka_float32_products_agree_with_float64(monkeypatch):
     difference = float((fast - exact).abs().max())
     assert 1e-13 < difference < 1e-6, difference
     # float32 products over blocks of 64 examples, summed in float64; and blocks of 7 permutations
-    monkeypatch.setattr(similarity, "FLOAT32_BLOCK", 64)
-    monkeypatch.setattr(similarity, "_BLOCK_BYTES", 7 * (200 * 12 * 4 + 16 * 12 * 12))
+    monkeypatch.setattr(permutation, "FLOAT32_BLOCK", 64)
+    monkeypatch.setattr(permutation, "_BLOCK_BYTES", 7 * (200 * 12 * 4 + 16 * 12 * 12))
     blocked = permuted_cka(x, y, perms, "debiased", engine="feature", precision="float32")
     assert float((blocked - exact).abs().max()) < 1e-6 and not torch.equal(blocked, fast)
-    monkeypatch.setattr(similarity, "_BLOCK_BYTES", 7 * (200 * 12 * 8 + 16 * 12 * 8))
+    monkeypatch.setattr(permutation, "_BLOCK_BYTES", 7 * (200 * 12 * 8 + 16 * 12 * 8))
     torch.testing.assert_close(permuted_cka(x, y, perms, "debiased", engine="feature"), exact, rtol=0, atol=1e-14)
 
 

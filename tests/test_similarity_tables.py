@@ -20,7 +20,9 @@ from xlsub.report.similarity_tables import (
     subnetwork_specificity,
 )
 from xlsub.similarity.cka import cka
-from xlsub.similarity.nulls import cka_null_mean, cka_permutation_test, residualize, retrieval_top1, rsa
+from xlsub.similarity.permutation import cka_null_mean, cka_permutation_test, residualize
+from xlsub.similarity.retrieval import retrieval_top1
+from xlsub.similarity.rsa import rsa
 
 LANGS = ["en", "de", "zh"]
 N, D, LAYERS = 60, 8, 3
@@ -113,7 +115,7 @@ def test_power_finds_a_strong_planted_signal_and_not_a_vanishing_one():
 
 def test_isomorphism_table_holds_the_knn_spectrum_distance():
     from xlsub.report.similarity_tables import isomorphism_table
-    from xlsub.similarity.nulls import knn_eigen_similarity
+    from xlsub.similarity.isomorphism import knn_eigen_similarity
 
     enc = encodings()
     table = isomorphism_table(enc, LANGS, "en", k=5)

@@ -1,5 +1,6 @@
 """The analyze stage's representation-similarity tables against their nulls and length controls
-(`xlsub.similarity.nulls` computes; this module lays the numbers out by table id).
+(`xlsub.similarity`'s `permutation`, `jackknife`, `retrieval`, `rsa`, `controls` and `isomorphism` compute; this
+module lays the numbers out by table id).
 
 Sentence length confounds pooled representations: a content-free encoder that sees only lengths gives
 parallel pairs a high CKA. So every similarity here comes with a permutation null (any pairing is as
@@ -20,20 +21,12 @@ import torch
 
 from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, TABLE, SubnetworkId, ordered
 from xlsub.similarity.cka import cka
-from xlsub.similarity.nulls import (
-    cka_jackknife_interval,
-    cka_null_mean,
-    cka_permutation_test,
-    detection_limit,
-    knn_eigen_similarity,
-    length_only_representations,
-    mantel_test,
-    planted_representations,
-    residualize,
-    retrieval_permutation_test,
-    retrieval_top1_per_layer,
-    rsa,
-)
+from xlsub.similarity.controls import detection_limit, length_only_representations, planted_representations
+from xlsub.similarity.isomorphism import knn_eigen_similarity
+from xlsub.similarity.jackknife import cka_jackknife_interval
+from xlsub.similarity.permutation import cka_null_mean, cka_permutation_test, residualize
+from xlsub.similarity.retrieval import retrieval_permutation_test, retrieval_top1_per_layer
+from xlsub.similarity.rsa import mantel_test, rsa
 
 LENGTH_ONLY = "length-only"  # the content-free control encoder's key in the tables
 

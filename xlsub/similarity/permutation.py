@@ -1,0 +1,362 @@
+"""Permutation nulls for representation similarity (issue 12), the CKA permutation engine, and length control.
+
+Representations are x, y [n, d] (or [..., n, d], e.g. one slice per layer) where row i of x and row i of
+y encode translations of one sentence. Everything here is a plain function over tensors, computed in
+float64; none touches files or MLflow.
+
+- Permutation nulls (`cka_permutation_test`): CKA of x with y's rows re-paired by random permutations,
+  optionally only within groups (`length_bins`: length-matched permutations). p = (1 + #{null >= observed})
+  / (1 + n_perm) (Phipson & Smyth 2010). `cka_null_mean` is the exact permutation mean in closed form.
+  `permutations` and `PermutationResult` serve the other permutation tests too (`xlsub.similarity.retrieval`,
+  `xlsub.similarity.rsa`).
+- Length control: `residualize` regresses each feature on covariates (token count) before CKA.
+
+The permutation engine. Re-pairing keeps each representation's own statistics and changes only the
+cross term of HSIC: for linear kernels of centred X, Y and y permuted by p, ||Y_p'X||_F^2, and for the
+unbiased HSIC_1 also r_x . r_(y,p) (the 1'K~L~1 term; 1'K~1 1'L~1 does not depend on the pairing; see
+`xlsub.similarity.cka.debiased_hsic`). The "feature" engine computes ||Y_p'X||_F^2 for a block of permutations with
+one matrix product [Y_p1 | Y_p2 | ...]' X (O(n d1 d2) per permutation); the "gram" engine permutes the
+centred n x n Gram matrix, sum_ij K_ij L_p(i)p(j) (O(n^2) per permutation, but a random gather). "auto"
+picks gram only where n^2 is small against n d1 d2 (and for RBF kernels, which have no feature space).
+Measured with `benchmarks/permutation.py` (1 thread, debiased, ms per permutation):
+
+    n, d        naive cka() loop   feature float64   feature float32 products   gram
+    1077, 128         2.2               0.92                 0.39                4.9
+    5000, 768       366               133                   70                    -
+
+The feature engine does one of the naive loop's three n d^2 products per permutation, so in float64 it
+is ~2.5x faster and with float32 products ~5x; the permutation test uses float32 products for its null.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from xlsub.errors import XlsubError
+from xlsub.similarity.cka import (
+    FLOAT32_BLOCK,
+    check_options,
+    check_pair,
+    cka,
+    debiased_hsic,
+    frob,
+    prepare,
+    ratio,
+)
+
+ENGINES = ("auto", "feature", "gram")
+# Bytes of gathered rows (and d1 x d2 products) per block of permutations in the feature engine.
+_BLOCK_BYTES = 2**26
+# "auto" uses the gram engine where n * _GRAM_RATIO < d1 * d2 and n <= _GRAM_MAX_N. Per permutation the
+# gram engine gathers n^2 entries (~3-5 ns each, more once n x n leaves the cache), the feature engine
+# multiplies n d1 d2 (~0.02-0.04 ns each in a float64 GEMM). Measured with 1 thread (debiased, ms per
+# permutation, feature / gram): d=128: n=128 0.21 / 0.12, n=256 0.30 / 0.47; d=768: n=1024 19.6 / 8.7,
+# n=2048 38.6 / 41.5.
+_GRAM_RATIO = 100
+_GRAM_MAX_N = 1536
+# With float32 products for the null, null values within this relative distance of the observed value are
+# recomputed in float64, so that a tie (e.g. a permutation that leaves the pairing unchanged) counts as one.
+_FLOAT32_RECHECK = 1e-5
+# A null value counts as >= the observed one within 100 float64 eps of it (scipy.stats.permutation_test's
+# convention): the same number computed by two summation orders must tie.
+_TIE_RTOL = 100 * torch.finfo(torch.float64).eps
+
+
+# -- permutations ------------------------------------------------------------------------------------------
+
+def _as_groups(groups, n: int) -> torch.Tensor | None:
+    if groups is None:
+        return None
+    groups = torch.as_tensor(np.asarray(groups)).reshape(-1)
+    if groups.numel() != n:
+        raise ValueError(f"groups has {groups.numel()} labels for {n} examples")
+    return torch.unique(groups, return_inverse=True)[1]  # labels 0..G-1
+
+
+def permutations(n: int, n_perm: int, seed: int, groups=None) -> torch.Tensor:
+    """`n_perm` uniformly random permutations of range(n), [n_perm, n] (int64), from torch.Generator(seed).
+
+    With `groups` (one integer label per example), each permutation maps every example to one of the same
+    group (uniformly among those): permutations within, e.g., sentence-length bins (`length_bins`).
+    Drawn as the argsort of float64 uniforms (ties have probability ~n^2 / 2^54); permutation k is row k,
+    so the same seed gives the same permutations to every test that uses it.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.rand(n_perm, n, generator=generator, dtype=torch.float64)
+    codes = _as_groups(groups, n)
+    if codes is None:
+        return torch.argsort(keys, dim=1)
+    # sort by (group, key): each row lists every group's members in a random order, groups in label order
+    order = torch.argsort(keys + 2.0 * codes, dim=1)
+    slots = torch.argsort(codes, stable=True)  # the examples in the same group order
+    perms = torch.empty_like(order)
+    perms[:, slots] = order
+    return perms
+
+
+def length_bins(lengths, n_bins: int) -> torch.Tensor:
+    """Quantile bins of sentence length: an int64 label 0..m-1 per sentence, m <= n_bins.
+
+    Bin edges are the 1/n_bins, ..., (n_bins-1)/n_bins quantiles of `lengths` (numpy's linear
+    interpolation); a sentence's bin is the number of edges <= its length, so equal lengths always share
+    a bin, and bins left empty by ties are dropped (labels stay consecutive). The groups for
+    length-matched permutations: shuffling within bins keeps the length of each pairing's partner.
+
+    Coarse bins leave length varying within a bin, and a permutation test then still finds "shared
+    structure" in an encoder that sees only length: for `length_only_representations` (n=1077, lengths
+    3-39) 10 and 20 bins gave p = 0.005, while one group per distinct length (n_bins >= the number of
+    distinct lengths, or groups=lengths) gave p = 0.57-0.70.
+    """
+    lengths = np.asarray(lengths, dtype=np.float64).reshape(-1)
+    if n_bins < 1:
+        raise XlsubError(f"length bins: n_bins must be at least 1, got {n_bins}; use 1 for no length matching")
+    if lengths.size == 0:
+        return torch.empty(0, dtype=torch.long)
+    edges = np.quantile(lengths, np.arange(1, n_bins) / n_bins)
+    codes = np.searchsorted(edges, lengths, side="right")
+    return torch.as_tensor(np.unique(codes, return_inverse=True)[1].reshape(-1), dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class PermutationResult:
+    """A statistic against its permutation null, per leading index (layer) of the inputs.
+
+    `observed`, `null_mean`, `null_std`, `p_value`: [...] float64 (0-dim for [n, d] inputs); `null`: the
+    sampled null values [..., n_perm]. p = (1 + #{null >= observed}) / (1 + n_perm), one-sided (more
+    similar than chance), never 0 (Phipson & Smyth 2010). `exact_null_mean`: the permutation mean in closed
+    form where one is implemented (CKA: `cka_null_mean`), else None.
+    """
+
+    observed: torch.Tensor
+    null_mean: torch.Tensor
+    null_std: torch.Tensor
+    p_value: torch.Tensor
+    n_perm: int
+    null: torch.Tensor
+    exact_null_mean: torch.Tensor | None = None
+
+    @property
+    def above_chance(self) -> torch.Tensor:
+        """observed - null_mean: for CKA, the issue's "CKA above chance"."""
+        return self.observed - self.null_mean
+
+
+def permutation_result(observed: torch.Tensor, null: torch.Tensor, exact_null_mean=None) -> PermutationResult:
+    """`observed` [...] against its sampled `null` [..., n_perm]: p = (1 + #{null >= observed}) / (1 + n_perm),
+    with a null value within `_TIE_RTOL` of the observed one counted as a tie, and NaN where observed is NaN."""
+    n_perm = null.shape[-1]
+    ties = _TIE_RTOL * observed.abs()
+    exceed = (null >= (observed - ties)[..., None]).sum(-1)
+    p_value = torch.where(observed.isnan(), math.nan, (1.0 + exceed.double()) / (1.0 + n_perm))
+    std = null.std(-1) if n_perm > 1 else torch.full_like(observed, math.nan)
+    return PermutationResult(observed, null.mean(-1), std, p_value, n_perm, null, exact_null_mean)
+
+
+# -- the CKA permutation engine ----------------------------------------------------------------------------
+
+def permuted_gram_cross(k: torch.Tensor, l: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    """sum_ij K_ij L_p(i)p(j) = tr(K P L P') for each permutation p (rows of perms), [P], float64.
+
+    float32 K and L (half the memory traffic of the two gathers, which bound the time) are multiplied
+    in float32 and summed in float64."""
+    flat = k.reshape(-1)
+    rows, both = torch.empty_like(l), torch.empty_like(l)  # reused: see `_feature_cross`
+    products = torch.empty_like(flat) if flat.dtype != torch.float64 else None
+    out = torch.empty(len(perms), dtype=torch.float64)
+    for i, p in enumerate(perms):
+        torch.index_select(torch.index_select(l, 0, p, out=rows), 1, p, out=both)
+        if products is None:
+            out[i] = torch.dot(flat, both.reshape(-1))
+        else:
+            out[i] = torch.mul(flat, both.reshape(-1), out=products).sum(dtype=torch.float64)
+    return out
+
+
+def _feature_cross(xc: torch.Tensor, yc: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    """||Y_p' X||_F^2 for each permutation p, [P], for centred xc [n, d1], yc [n, d2] (float64 or float32).
+
+    A block of B permutations is one product [Y_p1 | ... | Y_pB]' X ([B d2, d1]): y's rows gathered into
+    an [n, B, d2] array, so the product sees one tall matrix and each permutation's d2 x d1 result is
+    contiguous for its norm. float32 operands: float32 products over at most `xlsub.similarity.cka.FLOAT32_BLOCK`
+    examples, summed in float64, as `xlsub.similarity.cka._product`. The gather and product buffers are allocated
+    once and reused: a fresh multi-megabyte buffer per block costs more in page faults than the gather.
+    """
+    n, d1 = xc.shape
+    d2 = yc.shape[1]
+    per_perm = n * d2 * yc.element_size() + d1 * d2 * (8 + yc.element_size())
+    block = max(1, min(len(perms), _BLOCK_BYTES // per_perm))
+    gathered = torch.empty(n * block, d2, dtype=yc.dtype)
+    product = torch.empty(block * d2, d1, dtype=torch.float64)
+    partial = None if yc.dtype == torch.float64 else torch.empty(block * d2, d1, dtype=yc.dtype)
+    out = torch.empty(len(perms), dtype=torch.float64)
+    for start in range(0, len(perms), block):
+        chunk = perms[start:start + block]
+        b = len(chunk)
+        g = torch.index_select(yc, 0, chunk.T.reshape(-1), out=gathered[:n * b]).view(n, b * d2)
+        if partial is None:
+            torch.mm(g.mT, xc, out=product[:b * d2])
+        else:
+            for first in range(0, n, FLOAT32_BLOCK):
+                rows = slice(first, first + FLOAT32_BLOCK)
+                torch.mm(g[rows].mT, xc[rows], out=partial[:b * d2])
+                if first == 0:
+                    product[:b * d2].copy_(partial[:b * d2])
+                else:
+                    product[:b * d2].add_(partial[:b * d2])
+        out[start:start + b] = frob(product[:b * d2].view(b, d2, d1)).square()
+    return out
+
+
+def _pick_engine(engine: str, kind: str, n: int, d1: int, d2: int) -> str:
+    if engine not in ENGINES:
+        raise XlsubError(f"permutation engine: unknown engine '{engine}'; use auto, feature or gram")
+    if kind == "rbf":
+        if engine == "feature":
+            raise XlsubError("permutation engine: rbf CKA has no feature-space form; use engine=auto or gram")
+        return "gram"
+    if engine == "auto":
+        return "gram" if n <= _GRAM_MAX_N and n * _GRAM_RATIO < d1 * d2 else "feature"
+    return engine
+
+
+def permuted_cka(x: torch.Tensor, y: torch.Tensor, perms: torch.Tensor, kind: str = "debiased", *,
+                 engine: str = "auto", precision: str = "float64", sigma_frac: float = 1.0) -> torch.Tensor:
+    """CKA of x with y re-paired by each permutation: out[..., k] = cka(x, y[..., perms[k], :]), [..., P].
+
+    Each representation is centred and reduced once (`xlsub.similarity.cka.prepare`); per permutation only the cross
+    term is recomputed, by the feature engine (||Y_p'X||_F^2 in blocks of permutations) or the gram engine
+    (tr(K P L P') on centred n x n Gram matrices); see the module docstring. rbf kernels use the gram
+    engine. The same permutations serve every leading index (layer). `precision="float32"`: float32
+    products accumulated in float64 (linear and debiased with the feature engine), as in `xlsub.similarity.cka.cka`.
+    """
+    check_pair(x, y, kind, precision)
+    perms = torch.as_tensor(perms, dtype=torch.long).reshape(-1, x.shape[-2])
+    lead, (n, d1), d2 = x.shape[:-2], x.shape[-2:], y.shape[-1]
+    engine = _pick_engine(engine, kind, n, d1, d2)
+    if engine == "gram" and precision != "float64":
+        precision = "float64"  # the gather, not the arithmetic, is what the gram engine spends its time on
+    xs, ys = x.reshape(-1, n, d1), y.reshape(-1, n, d2)
+    out = torch.empty(xs.shape[0], len(perms), dtype=torch.float64)
+    for index in tqdm(range(xs.shape[0]), desc="permutations", leave=False, disable=None):
+        a = prepare(xs[index], kind, sigma_frac, precision)
+        b = prepare(ys[index], kind, sigma_frac, precision)
+        if kind == "rbf":
+            cross = permuted_gram_cross(a["kc"], b["kc"], perms)
+        else:
+            if engine == "gram":
+                xc, yc = a["xc"].double(), b["xc"].double()
+                xty_sq = permuted_gram_cross(xc @ xc.mT, yc @ yc.mT, perms)
+            else:
+                xty_sq = _feature_cross(a["xc"], b["xc"], perms)
+            if kind == "linear":
+                cross = xty_sq
+            else:  # the unbiased HSIC's other pairing-dependent term: r_x . r_(y,p)
+                cross = debiased_hsic(xty_sq, a["rows"], b["rows"][perms], a["total"], b["total"], n)
+        out[index] = ratio(cross, a["self"], b["self"])
+    return out.reshape(*lead, len(perms))
+
+
+def cka_null_mean(x: torch.Tensor, y: torch.Tensor, kind: str = "debiased", groups=None) -> torch.Tensor:
+    """The exact mean of CKA over all re-pairings of y (within `groups` when given), in closed form, [...].
+
+    The self terms do not depend on the pairing, so E[CKA] = E[cross] / sqrt(self_x self_y). With K, L the
+    (centred) kernels, E[tr(K P L P')] over uniform permutations within groups g of size n_g is
+        sum_g tr_g(K) tr_g(L) / n_g                                   (i = j)
+      + sum_g (S_gg(K) - tr_g(K)) (S_gg(L) - tr_g(L)) / (n_g (n_g - 1))   (i != j, same group)
+      + sum_{g != h} S_gh(K) S_gh(L) / (n_g n_h)                       (different groups),
+    S_gh the sum of a block, tr_g the sum of its diagonal. For linear kernels S_gh(K) = s_g . s_h with s_g the
+    sum of x over group g, so this is O(n d + G^2 d); rbf sums its n x n kernel by blocks. Without groups
+    (one group) it is tr(K) tr(L) / (n - 1) for linear CKA, and exactly 0 for the unbiased HSIC (a
+    U-statistic of products of distinct pairs).
+    """
+    check_options(kind)
+    n = x.shape[-2]
+    codes = _as_groups(groups, n)
+    codes = torch.zeros(n, dtype=torch.long) if codes is None else codes
+    sizes = torch.bincount(codes).double()  # [G]
+
+    def group_sum(values: torch.Tensor, dim: int) -> torch.Tensor:
+        shape = list(values.shape)
+        shape[dim] = len(sizes)
+        return values.new_zeros(shape).index_add_(dim, codes, values)
+
+    a, b = prepare(x, kind), prepare(y, kind)
+    if kind == "rbf":
+        k, l = a["kc"], b["kc"]
+        diag_k, diag_l = k.diagonal(dim1=-2, dim2=-1), l.diagonal(dim1=-2, dim2=-1)
+        block_k, block_l = (group_sum(group_sum(m, -1), -2) for m in (k, l))
+    else:
+        xc, yc = a["xc"], b["xc"]
+        diag_k, diag_l = xc.square().sum(-1), yc.square().sum(-1)
+        sx, sy = group_sum(xc, -2), group_sum(yc, -2)  # [..., G, d]
+        block_k, block_l = sx @ sx.mT, sy @ sy.mT
+    tr_k, tr_l = group_sum(diag_k, -1), group_sum(diag_l, -1)  # [..., G]
+    same_k, same_l = block_k.diagonal(dim1=-2, dim2=-1), block_l.diagonal(dim1=-2, dim2=-1)
+    pairs = sizes * (sizes - 1)
+    within = torch.where(pairs > 0, (same_k - tr_k) * (same_l - tr_l) / pairs.clamp_min(1), 0.0)
+    between = ((block_k * block_l / (sizes[:, None] * sizes[None, :])).sum((-2, -1))
+               - (same_k * same_l / sizes.square()).sum(-1))
+    diagonal = (tr_k * tr_l / sizes).sum(-1)
+    expected = diagonal + within.sum(-1) + between
+    if kind == "debiased":  # `xlsub.similarity.cka.debiased_hsic` with E[r_x . r_(y,p)] = sum_g tr_g(K) tr_g(L) / n_g
+        expected = expected - n / (n - 2) * diagonal + a["total"] * b["total"] / ((n - 1) * (n - 2))
+    return ratio(expected, a["self"], b["self"])
+
+
+def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, seed: int = 0,
+                         kind: str = "debiased", groups=None, *, engine: str = "auto",
+                         null_precision: str = "float32", sigma_frac: float = 1.0) -> PermutationResult:
+    """CKA of parallel x, y [..., n, d] against the CKA of `n_perm` random re-pairings of y's rows.
+
+    The null hypothesis is that the pairing carries no information (any pairing is as good); with
+    `groups` (e.g. `length_bins` of the source sentence), permutations stay within groups, so the null
+    keeps what the group explains (sentence length) and the test asks for similarity beyond it. The
+    permutations are `permutations(n, n_perm, seed, groups)`, shared by all leading indices (layers).
+    `exact_null_mean` is `cka_null_mean`.
+
+    The observed CKA is float64. The null uses float32 products accumulated in float64 by default
+    (`null_precision`; linear and debiased with the feature engine), about twice as fast: its values move
+    by ~1e-9 (`benchmarks/permutation.py`), a millionth of the null's own sampling error, and null values
+    within 1e-5 (relative) of the observed CKA are recomputed in float64, so the p-value counts exactly
+    the ties float64 would. `null_precision="float64"` computes everything in float64.
+    """
+    check_options(kind)
+    if null_precision not in ("float64", "float32"):
+        raise XlsubError(f"null precision: unknown precision '{null_precision}'; use float64 or float32")
+    if kind == "rbf":
+        null_precision = "float64"  # the gram engine: no float32 products to speed up
+    n = x.shape[-2]
+    perms = permutations(n, n_perm, seed, groups)
+    observed = cka(x, y, kind, sigma_frac=sigma_frac)
+    null = permuted_cka(x, y, perms, kind, engine=engine, precision=null_precision, sigma_frac=sigma_frac)
+    if null_precision == "float32":
+        near = (null - observed[..., None]).abs() <= _FLOAT32_RECHECK * observed.abs()[..., None]
+        for index in near.reshape(-1, n_perm).any(-1).nonzero().reshape(-1).tolist():
+            lead = tuple(int(i) for i in np.unravel_index(index, observed.shape)) if observed.ndim else ()
+            which = near[lead].nonzero().reshape(-1)
+            null[lead][which] = permuted_cka(x[lead], y[lead], perms[which], kind, engine=engine)
+    return permutation_result(observed, null, cka_null_mean(x, y, kind, groups))
+
+
+# -- length control ----------------------------------------------------------------------------------------
+
+def residualize(x: torch.Tensor, covariates) -> torch.Tensor:
+    """Residuals of every column of x [..., n, d] after least squares on [1, covariates] (float64).
+
+    `covariates`: [n] or [n, c] (e.g. token counts). x - Q Q'x with Q an orthonormal basis of the design
+    matrix's column space (from its SVD, so a constant or collinear covariate is harmless): the
+    residuals of ordinary least squares with an intercept, for every column at once. Used for the CKA of
+    residuals, cka(residualize(x, lengths), residualize(y, lengths)).
+    """
+    n = x.shape[-2]
+    z = torch.as_tensor(np.asarray(covariates, dtype=np.float64)).reshape(n, -1)
+    design = torch.cat([torch.ones(n, 1, dtype=torch.float64), z], dim=1)
+    u, s, _ = torch.linalg.svd(design, full_matrices=False)
+    q = u[:, s > s[0] * max(design.shape) * torch.finfo(torch.float64).eps]
+    x = x.to(torch.float64)
+    return x - q @ (q.mT @ x)
