@@ -12,7 +12,7 @@ export MLFLOW_HTTP_REQUEST_TIMEOUT ?= 10
 # `mlflow run --env-manager local` runs the `python` on PATH: make it the venv's
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup browser postgres corpus demo test bench ui mlproject clean
+.PHONY: setup browser postgres corpus demo demo-doc test bench ui mlproject clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ corpus: setup
 demo: corpus
 	mlflow run . --env-manager local --experiment-name $(EXPERIMENT) -P seeds=0,1,2
 	$(PY) -m entry_points.summary --experiment $(EXPERIMENT)
+
+# docs/demo.md from the newest demo's verdicts.json (no number on it is copied by hand)
+demo-doc: setup
+	$(PY) -m entry_points.summary --experiment $(EXPERIMENT) --markdown docs/demo.md
 
 # Debian's Chromium drives the real-browser test of the MLflow UI (Playwright uses it; it downloads no browser)
 browser:

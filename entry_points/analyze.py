@@ -8,6 +8,7 @@ token overlap, as figures, tables and one report.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +103,8 @@ def load_inputs(runs: dict[str, Run], children: dict, work: Path) -> AnalysisInp
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     config = AutoConfig.from_pretrained(tok_dir)
     tokens = {lang: tokenizer(texts, add_special_tokens=False)["input_ids"] for lang, texts in sentences["texts"].items()}
-    return AnalysisInputs(languages=sentences["languages"], masks=masks, cross_ppl=cross, cross_ppl_random=cross_random, ppl_full=ppl_full,
+    reliability = {sid: child.data.metrics.get(artifacts.IMPORTANCE_RELIABILITY, math.nan) for sid, child in children.items()}
+    return AnalysisInputs(languages=sentences["languages"], masks=masks, importance_reliability=reliability, cross_ppl=cross, cross_ppl_random=cross_random, ppl_full=ppl_full,
                           encodings=encodings, tokens=tokens, hidden_size=config.hidden_size,
                           head_dim=config.hidden_size // config.num_attention_heads, trajectories=trajectories,
                           chunk_losses={key: ChunkLosses(*value) for key, value in losses.items()})

@@ -53,7 +53,7 @@ from xlsub.models.training import load_finetuned
 from xlsub.report.figures import save_figure
 from xlsub.report.figures import stages as figures
 from xlsub.stats.intervals import language_indices, percentile_interval, random_control_replicates
-from xlsub.stats.overlap import params_kept_frac
+from xlsub.stats.overlap import params_kept_frac, spearman_brown
 from xlsub.tracking import lineage
 from xlsub.tracking import runs as tracking
 from xlsub.tracking.fanout import FanOut
@@ -129,7 +129,8 @@ def prune_language(model, tokenizer, sid: SubnetworkId, args: PruneArgs, train_c
     mlflow.log_metrics({"heads_kept": int(mask.sum()), "heads_kept_frac": float(mask.mean()),
                         "params_kept_frac": params_kept_frac(mask, config.hidden_size, config.hidden_size // config.num_attention_heads),
                         "ppl_prune_data": result.ppl, "ppl_prune_data_unpruned": result.base_ppl, "steps": result.kept,
-                        "importance_split_half_r": split_half_importance(model, *halves)})
+                        "importance_split_half_r": (r := split_half_importance(model, *halves)),
+                        artifacts.IMPORTANCE_RELIABILITY: spearman_brown(r)})
     with tempfile.TemporaryDirectory() as tmp:
         artifacts.write_head_mask(Path(tmp), mask)
         artifacts.write_importance(Path(tmp), result.importance)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import replace
 from itertools import combinations, product
 
 import numpy as np
@@ -490,10 +491,11 @@ def test_every_verdict_is_logged_as_metrics(complete, key):
     found = [v for v in complete.verdicts if v.question == VERDICT_KEYS[key]]
     assert len(found) == 1
     verdict = found[0]
-    fields = {"value": verdict.value, "lo": verdict.lo, "hi": verdict.hi, "control": verdict.control_value, "p": verdict.p}
-    assert all(math.isfinite(x) for x in fields.values())
-    for name, x in fields.items():
-        assert complete.metrics[f"verdict.{key}.{name}"] == x
+    fields = {"value": verdict.value, "lo": verdict.lo, "hi": verdict.hi, "control": verdict.control_value, "p": verdict.p,
+              "p_floor": verdict.p_floor}
+    assert all(math.isfinite(fields[name]) for name in ("value", "control", "p", "p_floor"))
+    for name, x in fields.items():  # an interval end is infinite where 3 languages cannot give a 95% sign-flip interval
+        assert complete.metrics.get(f"verdict.{key}.{name}") == (x if math.isfinite(x) else None)
 
 
 def test_verdict_values_against_their_tables(complete):
@@ -502,8 +504,17 @@ def test_verdict_values_against_their_tables(complete):
     assert [v.question for v in complete.verdicts] == list(VERDICT_KEYS.values())
     within = np.mean([set_jaccard(MASKS[S(l, 0)], MASKS[S(l, 1)]) for l in LANGS])
     assert by_key["stability"].value == pytest.approx(within)
-    assert by_key["different_heads"].control_value == pytest.approx(within)
-    assert by_key["specificity"].value == pytest.approx(complete.metrics["specificity_gap"])
+    agreement = complete.tables["head_agreement"]
+    assert by_key["different_heads"].value == pytest.approx(agreement["difference"].mean())
+    assert agreement.loc["de", "within"] == pytest.approx(set_jaccard(MASKS[S("de", 0)], MASKS[S("de", 1)])
+                                                          - expected_random_jaccard(MASKS[S("de", 0)], MASKS[S("de", 1)]))
+    assert (by_key["different_heads"].lo, by_key["different_heads"].hi) == (-math.inf, math.inf)  # 3 languages: 2^-3 > 0.025
+    # the claim about languages: the mean over languages of gap - random gap, at the unit of languages
+    specificity = complete.tables["specificity_gap"]
+    assert by_key["specificity"].value == pytest.approx((specificity["gap"] - specificity["random_gap"]).mean())
+    assert by_key["specificity"].value == pytest.approx(complete.metrics["specificity_excess"])
+    assert (by_key["specificity"].lo, by_key["specificity"].hi) == (-math.inf, math.inf)  # 3 languages: 2^-3 > 0.025
+    assert by_key["specificity"].p == complete.metrics["specificity_excess_p"] >= by_key["specificity"].p_floor == 1 / 8
     length = complete.tables["cka_length"]
     assert by_key["beyond_length"].value == pytest.approx(length.loc["full", "above_length_chance"].mean())
     assert by_key["beyond_length"].control_value == pytest.approx(length.loc["random", "above_length_chance"].mean())
@@ -526,3 +537,21 @@ def test_every_table_id_and_metric_name_is_in_the_contract(complete):
         stem = name.split(".")[0]
         assert name in named or stem in named or stem == "verdict", name
     assert complete.metrics["retrieval_top1.de"] == complete.tables["retrieval_top1"].loc[("full", "de")].iloc[-1]
+
+
+def test_spearman_brown_and_the_reliability_caveat():
+    """Reliability of the whole from two halves, 2r / (1 + r); a language below 0.7 puts a caveat naming it and
+    eval_examples on the verdicts that rest on the masks, and only on those."""
+    from xlsub.stats.overlap import spearman_brown
+
+    assert spearman_brown(0.5) == pytest.approx(2 / 3) and spearman_brown(1.0) == 1.0 and math.isnan(spearman_brown(math.nan))
+    given = inputs(several_seeds=True)
+    reliability = {sid: (0.4 if sid.language == "de" else 0.9) + 0.02 * sid.seed for sid in given.masks}
+    result = analyzed(replace(given, importance_reliability=reliability), permutations=50, bootstrap=50)
+    table = result.tables["importance_reliability"]
+    assert table.loc["de", "reliability"] == pytest.approx(0.41) and table.loc["en", "reliability"] == pytest.approx(0.91)
+    assert result.metrics["min_importance_reliability"] == pytest.approx(0.41)
+    flagged = [v for v in result.verdicts if "caveat: head importance is unreliable for de " in v.answer]
+    assert {v.key for v in flagged} == {"different_heads", "stability"} and all("eval_examples" in v.answer for v in flagged)
+    fine = analyzed(replace(given, importance_reliability={sid: 0.9 for sid in given.masks}), permutations=50, bootstrap=50)
+    assert not any("caveat" in v.answer for v in fine.verdicts)

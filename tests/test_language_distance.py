@@ -27,7 +27,7 @@ from xlsub.artifacts import SubnetworkId as S
 from xlsub.errors import XlsubError
 from xlsub.report.analysis import AnalysisInputs
 from xlsub.report.similarity_tables import Counts
-from xlsub.similarity.nulls import permutations
+from xlsub.similarity.permutation import permutations
 from xlsub.stats.language_distance import (
     DISTANCE_KINDS,
     URIEL_CODES,

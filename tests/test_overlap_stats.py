@@ -1,5 +1,5 @@
-"""Overlap tests against chance, BH, equal-size overlap and the noise ceiling, against independent computations:
-every random mask pair of tiny shapes enumerated in exact fractions, scipy's BH and Spearman, and a
+"""Overlap tests against chance, equal-size overlap and the noise ceiling, against independent computations:
+every random mask pair of tiny shapes enumerated in exact fractions, scipy's Spearman, and a
 permutation loop written out by hand."""
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from xlsub.artifacts import SubnetworkId as S
 from xlsub.errors import XlsubError
 from xlsub.stats.overlap import (
     _average_ranks,
-    benjamini_hochberg,
     equal_size_jaccard,
     expected_random_jaccard,
     jaccard,
@@ -176,25 +175,6 @@ def test_overlap_null_of_a_model_sized_mask():
     mean = float((a.sum(1) * b.sum(1)).sum()) / 12
     assert (np.arange(len(null)) * null).sum() == pytest.approx(mean, rel=1e-12)
     assert jaccard_pvalue(a, a.clone()) < 1e-10  # a mask against itself is far in the tail
-
-
-# -- Benjamini-Hochberg ------------------------------------------------------------------------------
-
-
-def test_benjamini_hochberg_hand_made():
-    # sorted 0.01, 0.03, 0.04, 0.2 -> 4 p / rank = 0.04, 0.06, 0.0533, 0.2 -> step-up minimum from the top
-    np.testing.assert_allclose(benjamini_hochberg([0.01, 0.04, 0.03, 0.2]), [0.04, 0.16 / 3, 0.16 / 3, 0.2])
-    assert benjamini_hochberg([]).shape == (0,)
-    with pytest.raises(ValueError):
-        benjamini_hochberg([0.5, 1.2])
-
-
-@pytest.mark.parametrize("m", [1, 2, 7, 50])
-def test_benjamini_hochberg_matches_scipy(m):
-    rng = np.random.default_rng(m)
-    p = np.concatenate([rng.uniform(size=m) ** 3, [0.5, 0.5, 1.0]])  # with ties and a 1
-    rng.shuffle(p)
-    np.testing.assert_allclose(benjamini_hochberg(p), scipy.stats.false_discovery_control(p), rtol=1e-14)
 
 
 # -- the table over language pairs -------------------------------------------------------------------
@@ -393,24 +373,39 @@ def test_seed_stability_test_against_a_loop_of_random_masks():
     assert (got["lo"], got["hi"]) == pytest.approx(tuple(np.quantile(boot, [0.025, 0.975])))
 
 
-def test_across_language_interval_resamples_languages():
+def test_head_agreement_by_language_is_chance_adjusted_and_permutes_languages():
+    """Every seed's masks, J - E[J] per pair, within/across per language, and the label permutation p, against a
+    plain loop over the pairs and the same generator."""
+    import itertools
+
     import numpy as np
 
     from xlsub.artifacts import SubnetworkId
-    from xlsub.stats.overlap import across_language_interval, jaccard
+    from xlsub.stats.overlap import expected_random_jaccard, head_agreement_by_language, jaccard
 
-    g = torch.Generator().manual_seed(2)
-    langs = ["de", "en", "zh", "ar"]
-    masks = {SubnetworkId(l, 0): (torch.rand(3, 4, generator=g) < 0.5).float() for l in langs}
-    masks[SubnetworkId("de", 1)] = torch.ones(3, 4)  # a second seed is ignored: first seeds only
-    point, lo, hi = across_language_interval(masks, replicates=30, seed=4)
-    matrix = np.array([[jaccard(masks[SubnetworkId(a, 0)], masks[SubnetworkId(b, 0)]) for b in langs] for a in langs])
-    assert point == pytest.approx(matrix[~np.eye(4, dtype=bool)].mean())
-    rng = np.random.default_rng(4)
-    values = []
-    for _ in range(30):
-        pick = rng.choice(4, size=4, replace=True)
-        pairs = [matrix[i, j] for i in pick for j in pick if i != j]
-        if pairs:
-            values.append(np.mean(pairs))
-    assert (lo, hi) == pytest.approx(tuple(np.quantile(values, [0.025, 0.975])))
+    g = torch.Generator().manual_seed(5)
+    ids = [SubnetworkId(lang, s) for lang in ("de", "en", "zh") for s in (0, 1)]
+    masks = {sid: (torch.rand(3, 4, generator=g) < 0.6).float() for sid in ids}
+    table, p = head_agreement_by_language(masks, 40, 7, ["de", "en", "zh"])
+    excess = {(a, b): jaccard(masks[a], masks[b]) - expected_random_jaccard(masks[a], masks[b]) for a, b in itertools.combinations(ids, 2)}
+    for lang in ("de", "en", "zh"):
+        within = [v for (a, b), v in excess.items() if a.language == b.language == lang]
+        across = [v for (a, b), v in excess.items() if (a.language == lang) != (b.language == lang)]
+        assert table.loc[lang, "within"] == pytest.approx(np.mean(within))
+        assert table.loc[lang, "across"] == pytest.approx(np.mean(across))
+        assert table.loc[lang, "difference"] == pytest.approx(np.mean(within) - np.mean(across))
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    pairs = list(itertools.combinations(range(6), 2))
+    values = np.array([excess[(ids[i], ids[j])] for i, j in pairs])
+
+    def stat(codes):
+        same = np.array([codes[i] == codes[j] for i, j in pairs])
+        return values[same].mean() - values[~same].mean()
+
+    rng = np.random.default_rng(7)
+    observed = stat(labels)
+    exceed = sum(stat(rng.permutation(labels)) >= observed - 1e-12 for _ in range(40))
+    assert p == pytest.approx((1 + exceed) / 41)
+    one_seed = {SubnetworkId(sid.language, 0): m for sid, m in masks.items() if sid.seed == 0}
+    table, p = head_agreement_by_language(one_seed, 10, 0)
+    assert table["within"].isna().all() and math.isnan(p)

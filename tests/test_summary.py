@@ -1,7 +1,7 @@
 """What `make demo` prints last: the commands that work from a fresh shell (venv activated, conda not
 needed) and the link to the runs table rather than the experiment's GenAI overview."""
 
-from entry_points.summary import next_steps, stage_line
+from entry_points.summary import demo_page, next_steps, stage_line
 from xlsub.artifacts import input_tag
 
 
@@ -23,3 +23,14 @@ def test_each_stage_line_shows_its_time_and_whether_it_was_reused():
     assert stage_line("prune", "p1", 123.4, False) == "  prune     p1     123 s"
     assert stage_line("encode", "e1", 9.6, True).endswith("  10 s (reused: computed by an earlier pipeline)")
     assert stage_line("analyze", "a1", None, False).endswith("still running")
+
+
+def test_the_demo_page_is_made_of_the_verdicts_and_stamped_with_the_commit():
+    answers = [{"key": "specificity", "question": "Q?", "answer": "yes for 6 of 8 languages", "value": 0.318, "lo": 0.075, "hi": 0.643,
+                "control": "random masks", "control_value": 0.274, "p": 1 / 256, "unit": "languages > seeds > chunks", "n_units": 8,
+                "test": "sign_flip_exact", "p_floor": 1 / 256, "robust_to_leave_one_out": False}]
+    page = demo_page("xlsub-demo", "0123456789abcdef", {"finetune": 216.0, "prune": 60.0}, ["prune"], answers, {"bootstrap": "1000", "lr": "1"})
+    assert "commit `0123456789ab`" in page and "### Q?" in page and "yes for 6 of 8 languages." in page
+    assert "| 0.318 | [0.075, 0.643] | random masks: 0.274 | 0.00391 | 0.00391 | sign_flip_exact | languages > seeds > chunks | 8 | no |" in page
+    assert "| finetune | 3.6 |  |" in page and "| prune | 1.0 | reused |" in page and "3.6 minutes for the stages this pipeline computed" in page
+    assert "`bootstrap=1000`" in page and "lr" not in page.split("settings")[-1]

@@ -1,9 +1,13 @@
-"""Verdict wording follows the numbers: "yes" only where the interval clears the control and p < 0.05."""
+"""Verdict wording follows the numbers: "yes" only where the interval clears the control and p < 0.05; every
+verdict says how it was tested (unit, test, p floor) and writes a p at its floor as "p <= x"."""
 
 import json
 import math
 
-from xlsub.report.verdicts import different_heads, evidence, specificity, stability
+from xlsub.report.verdicts import Inference, different_heads, evidence, format_p, specificity, stability
+
+LANGUAGES = Inference("languages > seeds > chunks", 8, "sign_flip_exact", 1 / 256, True)
+SEEDS = Inference("languages > seed pairs", 8, "random_masks_mc", 1 / 1001)
 
 
 def test_evidence_needs_the_interval_beyond_the_control_and_a_small_p():
@@ -12,25 +16,48 @@ def test_evidence_needs_the_interval_beyond_the_control_and_a_small_p():
     assert not evidence(0.5, 0.3, 0.7, 0.2, 0.2)  # not significant
     assert evidence(0.1, 0.05, 0.15, 0.2, 0.01, larger=False)
     assert not evidence(math.nan, 0.3, 0.7, 0.2, 0.01)
+    assert evidence(0.5, math.nan, math.nan, 0.2, 0.01)  # no interval computed: the point estimate decides
+    assert not evidence(0.5, -math.inf, math.inf, 0.2, 0.01)  # too few units for an interval: no evidence
 
 
 def test_specificity_says_no_evidence_when_random_masks_explain_the_gap():
-    yes = specificity(0.30, 0.20, 0.40, 0.05, 0.001)
-    no = specificity(0.30, 0.02, 0.60, 0.05, 0.2)
+    yes = specificity(0.30, 0.20, 0.40, 0.05, 0.001, LANGUAGES)
+    no = specificity(0.30, 0.02, 0.60, 0.05, 0.2, LANGUAGES)
     assert yes.answer.startswith("yes") and no.answer.startswith("no evidence")
     assert (yes.value, yes.lo, yes.hi, yes.control_value, yes.p) == (0.30, 0.20, 0.40, 0.05, 0.001)
 
 
 def test_different_heads_and_stability_need_several_seeds():
-    assert different_heads(0.3, math.nan, math.nan, math.nan, math.nan, 0.2).answer.startswith("cannot tell")
-    assert stability(math.nan, math.nan, math.nan, 0.2, math.nan).answer.startswith("cannot tell")
-    assert different_heads(0.3, 0.25, 0.35, 0.7, 0.001, 0.2).answer.startswith("yes")
-    assert different_heads(0.3, 0.25, 0.75, 0.7, 0.001, 0.2).answer.startswith("no evidence")
-    assert stability(0.6, 0.5, 0.7, 0.25, 0.001).answer.startswith("yes")
-    assert stability(0.3, 0.2, 0.4, 0.25, 0.3).answer.startswith("no evidence")
+    assert different_heads(math.nan, math.nan, math.nan, math.nan, 0, 0, 0.01, -0.02, 0.04, 0, 28, SEEDS).answer.startswith("cannot tell")
+    assert stability(math.nan, math.nan, math.nan, 0.2, math.nan, SEEDS).answer.startswith("cannot tell")
+    yes = different_heads(0.3, 0.25, 0.35, 0.001, 7, 8, 0.01, -0.02, 0.04, 0, 28, SEEDS)
+    assert yes.answer.startswith("yes") and "positive in 7 of 8 languages" in yes.answer and "0 of 28 first-seed language pairs" in yes.answer
+    assert different_heads(0.3, -0.05, 0.75, 0.001, 5, 8, 0.01, -0.02, 0.04, 0, 28, SEEDS).answer.startswith("no evidence")
+    assert different_heads(0.3, 0.25, 0.35, 0.2, 5, 8, 0.01, -0.02, 0.04, 0, 28, SEEDS).answer.startswith("no evidence")
+    assert stability(0.6, 0.5, 0.7, 0.25, 0.001, SEEDS).answer.startswith("yes")
+    assert stability(0.3, 0.2, 0.4, 0.25, 0.3, SEEDS).answer.startswith("no evidence")
+
+
+def test_a_p_at_its_floor_is_written_as_a_bound_and_only_then():
+    assert format_p(1 / 256, 1 / 256) == "p <= 0.00391"
+    assert format_p(1 / 1001, 1 / 1001) == "p <= 0.000999"
+    assert format_p(0.027, 1 / 256) == "p = 0.027"
+    assert format_p(math.nan, 1 / 256) == "p n/a"
+    at_floor = stability(0.6, 0.5, 0.7, 0.25, 1 / 1001, SEEDS).answer
+    assert "p <= 0.000999" in at_floor and "p = " not in at_floor
+    above = stability(0.6, 0.5, 0.7, 0.25, 0.004, SEEDS).answer
+    assert "p = 0.004" in above and "<=" not in above
 
 
 def test_verdicts_are_json_with_the_schema_and_nan_as_null():
-    row = stability(math.nan, math.nan, math.nan, 0.2, math.nan).as_dict()
-    assert list(row) == ["question", "answer", "value", "lo", "hi", "control", "control_value", "p"]
-    assert json.loads(json.dumps(row))["value"] is None
+    row = stability(math.nan, math.nan, math.nan, 0.2, math.nan, SEEDS).as_dict()
+    assert list(row) == ["key", "question", "answer", "value", "lo", "hi", "control", "control_value", "p",
+                         "unit", "n_units", "test", "p_floor", "robust_to_leave_one_out"]
+    parsed = json.loads(json.dumps(row))
+    assert parsed["value"] is None and parsed["key"] == "stability" and parsed["test"] == "random_masks_mc"
+    assert parsed["p_floor"] == 1 / 1001 and parsed["n_units"] == 8 and parsed["robust_to_leave_one_out"] is None
+
+
+def test_an_infinite_interval_end_is_null_in_json():
+    row = stability(0.6, -math.inf, math.inf, 0.25, 0.01, SEEDS).as_dict()
+    assert json.loads(json.dumps(row, allow_nan=False))["lo"] is None

@@ -40,6 +40,7 @@ MASK_DIGEST_TAG = "xlsub.mask_sha256"  # on subnetwork logged models: `mask_dige
 REUSED_TAG = "xlsub.reused"  # on main runs: the reused stages, comma-separated in stage order, or "none"
 SOURCE_TAG_PREFIX = "xlsub.source."  # on finetune runs: the corpus' provenance (package versions, ...)
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag on nested runs
+GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own tag: the commit `mlflow run` ran
 RESUMED_FROM_TAG = "xlsub.resumed_from"  # on finetune runs: the dead run whose checkpoint this run resumed from
 SUPERSEDED_BY_TAG = "xlsub.superseded_by"  # on that dead run: the run that resumed from it
 HEARTBEAT_TAG = "xlsub.heartbeat"  # on finetune runs: unix time of the last sign of life, renewed about every 30 s
@@ -69,6 +70,7 @@ STEPS = "steps.json"  # prune child: one row per pruning step, with its mask (an
 RANDOM_MASKS = "random_masks.json"  # prune child: the random-mask control draws, a list of [layers][heads] 0/1
 CHUNK_LOSSES = "chunk_losses"  # prune parent: chunk_losses.csv, per test chunk NLL and tokens of every model
 VERDICTS = "verdicts.json"  # analyze: the answers, one object per question
+IMPORTANCE_RELIABILITY = "importance_reliability"  # prune child metric: Spearman-Brown split-half reliability of importance
 MANIFEST = "manifest.json"  # every pipeline stage: what it made, read by the stages after it (`write_manifest`)
 SUBNETWORK_DIR = "subnetwork"  # prune child: the physically pruned model, tokenizer included
 PPL_FULL = "ppl_full.json"  # prune parent: {"full": {lang: ppl}}
@@ -556,6 +558,8 @@ class TableIds:
     mask_jaccard_std: str = "mask_jaccard_std"  # its spread over seed pairs (several seeds)
     mask_seed_stability: str = "mask_seed_stability"  # a language's masks across seeds
     mask_jaccard_pvalue: str = "mask_jaccard_pvalue"
+    importance_reliability: str = "importance_reliability"  # per language: Spearman-Brown split-half reliability of importance
+    head_agreement: str = "head_agreement"  # per language: chance-adjusted Jaccard within (across seeds), across languages, difference
     heads_kept_per_layer: str = "heads_kept_per_layer"
     params_kept_per_layer: str = "params_kept_per_layer"
     equal_size_jaccard: str = "equal_size_jaccard"
@@ -594,6 +598,9 @@ class MetricNames:
     command, compare and the report read. Read them from `METRIC` (`METRIC.mean_jaccard`)."""
 
     mean_jaccard: str = "mean_jaccard"
+    min_importance_reliability: str = "min_importance_reliability"  # the least reliable language's
+    head_agreement_difference: str = "head_agreement_difference"  # mean over languages of within - across (chance-adjusted)
+    head_agreement_p: str = "head_agreement_p"  # its p from permuting the languages' labels
     mean_expected_jaccard: str = "mean_expected_jaccard"
     mean_seed_stability: str = "mean_seed_stability"
     mask_jaccard_pairs_significant: str = "mask_jaccard_pairs_significant"
@@ -610,7 +617,11 @@ class MetricNames:
     specificity_gap_random: str = "specificity_gap_random"
     specificity_gap_random_lo: str = "specificity_gap_random_lo"
     specificity_gap_random_hi: str = "specificity_gap_random_hi"
-    specificity_gap_p: str = "specificity_gap_p"
+    # the claim about languages: mean over languages of d = gap - random gap, its sign-flip interval and p
+    specificity_excess: str = "specificity_excess"  # also per subnetwork language: language_metric(specificity_excess, lang)
+    specificity_excess_lo: str = "specificity_excess_lo"
+    specificity_excess_hi: str = "specificity_excess_hi"
+    specificity_excess_p: str = "specificity_excess_p"
     mean_relative_ppl_diag: str = "mean_relative_ppl_diag"
     mean_relative_ppl_offdiag: str = "mean_relative_ppl_offdiag"
     mean_relative_ppl_random_diag: str = "mean_relative_ppl_random_diag"

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -43,12 +43,14 @@ from xlsub.report import similarity_tables, tables, verdicts
 from xlsub.report.figures import CaptionedFigure, palette
 from xlsub.report.figures import analysis as figures
 from xlsub.report.similarity_tables import Counts
-from xlsub.report.verdicts import Verdict
+from xlsub.report.verdicts import Inference, Verdict
 from xlsub.similarity.cka import check_options, cka_matrix
+from xlsub.stats.inference import sign_flip_interval
 from xlsub.stats.language_distance import MIN_LANGUAGES, distance_correlations, uriel_distances
 from xlsub.stats.overlap import (
-    across_language_interval,
+    RELIABLE,
     equal_size_jaccard,
+    head_agreement_by_language,
     jaccard_pvalue_table,
     params_kept_frac,
     seed_stability_test,
@@ -76,10 +78,13 @@ class AnalysisInputs:
     - `chunk_losses`: {(model, draw, language): ChunkLosses}, the prune run's per-test-chunk losses of the
       full model (`full`), every subnetwork (draw -1) and its random-mask controls (draw 0, 1, ...).
     - `trajectories`: {SubnetworkId: masks after each pruning step}, for overlaps at equal size.
+    - `importance_reliability`: {SubnetworkId: Spearman-Brown split-half reliability of its head importance}
+      (NaN where the prune run did not measure it); below `RELIABLE` the head verdicts carry a caveat.
     """
 
     languages: list[str]
     masks: dict[SubnetworkId, torch.Tensor] = field(default_factory=dict)
+    importance_reliability: dict[SubnetworkId, float] = field(default_factory=dict)
     cross_ppl: pd.DataFrame | None = None
     cross_ppl_random: pd.DataFrame | None = None
     ppl_full: dict[str, float] = field(default_factory=dict)
@@ -166,18 +171,63 @@ def _masks(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], col
         result.notes.append("params kept per layer: skipped (hidden_size and head_dim not given)")
 
 
-def _noise_ceiling(result: AnalysisResult, inputs: AnalysisInputs, permutations: int, replicates: int, seed: int) -> None:
-    """Same-language overlap across seeds (the ceiling) against cross-language overlap, and the masks'
-    stability against random masks; the first and third verdicts."""
-    within, across_all, p = within_vs_across_jaccard(inputs.masks, permutations, seed)
+def _noise_ceiling(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], permutations: int, replicates: int,
+                   seed: int) -> None:
+    """Same-language agreement of masks across seeds against cross-language agreement, chance-adjusted, at
+    the language level; the masks' stability against random masks; the first and third verdicts."""
+    within, across_all, p_raw = within_vs_across_jaccard(inputs.masks, permutations, seed)
     stability = seed_stability_test(inputs.masks, permutations, seed, replicates=replicates)
-    across, lo, hi = across_language_interval(inputs.masks, replicates, seed)
     metrics = result.metrics
-    metrics |= {METRIC.within_vs_across_jaccard_p: p, METRIC.mean_within_language_jaccard: within, METRIC.mean_across_language_jaccard: across_all,
-                METRIC.seed_stability_p: stability["p"]}
-    chance = result.metrics.get(METRIC.mean_expected_jaccard, math.nan)
-    result.verdicts.append(verdicts.different_heads(across, lo, hi, within, p, chance))
-    result.verdicts.append(verdicts.stability(stability["within"], stability["lo"], stability["hi"], stability["expected"], stability["p"]))
+    metrics |= {METRIC.within_vs_across_jaccard_p: p_raw, METRIC.mean_within_language_jaccard: within,
+                METRIC.mean_across_language_jaccard: across_all, METRIC.seed_stability_p: stability["p"]}
+    agreement, p = head_agreement_by_language(inputs.masks, permutations, seed, langs)
+    result.tables[TABLE.head_agreement] = agreement
+    floor = 1 / (permutations + 1)
+    differences = agreement["difference"].dropna().to_numpy()
+    across = agreement["across"].dropna().to_numpy()
+    lo, hi = sign_flip_interval(differences) if len(differences) > 1 else (math.nan, math.nan)
+    across_lo, across_hi = sign_flip_interval(across) if len(across) > 1 else (math.nan, math.nan)
+    decided = verdicts.evidence(float(differences.mean()) if len(differences) else math.nan, lo, hi, 0.0, p)
+
+    def same_answer_without(lang: str) -> bool:
+        rest = {sid: m for sid, m in inputs.masks.items() if sid.language != lang}
+        table, p_rest = head_agreement_by_language(rest, permutations, seed, langs)
+        values = table["difference"].dropna().to_numpy()
+        bounds = sign_flip_interval(values) if len(values) > 1 else (math.nan, math.nan)
+        return verdicts.evidence(float(values.mean()) if len(values) else math.nan, *bounds, 0.0, p_rest) == decided
+
+    robust = all(same_answer_without(lang) for lang in agreement.index) if len(differences) > 2 else None
+    pairs = result.tables.get(TABLE.mask_jaccard_pvalue)
+    above = int((pairs["p_bh"] < 0.05).sum()) if pairs is not None else 0
+    difference = float(differences.mean()) if len(differences) else math.nan
+    metrics |= {METRIC.head_agreement_difference: difference, METRIC.head_agreement_p: p}
+    result.verdicts.append(verdicts.different_heads(
+        difference, lo, hi, p, int((differences > 0).sum()), len(differences), float(across.mean()) if len(across) else math.nan,
+        across_lo, across_hi, above, len(pairs) if pairs is not None else 0,
+        Inference("languages (labels permuted) > seeds", len(agreement), "relabel_mc", floor, robust)))
+    several = int((agreement["seeds"] > 1).sum())
+    result.verdicts.append(verdicts.stability(stability["within"], stability["lo"], stability["hi"], stability["expected"], stability["p"],
+                                              Inference("languages > seed pairs (random masks drawn alike)", several, "random_masks_mc", floor)))
+
+
+def _importance_reliability(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str]) -> None:
+    """Per language, the Spearman-Brown split-half reliability of head importance (mean over seeds); where
+    any is below RELIABLE, the verdicts that rest on the masks say so and name the parameter that raises it."""
+    measured = {sid: r for sid, r in inputs.importance_reliability.items() if math.isfinite(r)}
+    if not measured:
+        return
+    table = pd.DataFrame({"reliability": {lang: float(np.mean(list(by_seed.values())))
+                                          for lang, by_seed in group_by_language(measured, langs).items()}})
+    table.index.name = "language"
+    result.tables[TABLE.importance_reliability] = table
+    result.metrics[METRIC.min_importance_reliability] = float(table["reliability"].min())
+    low = [lang for lang, r in table["reliability"].items() if r < RELIABLE]
+    if not low:
+        return
+    caveat = (f"; caveat: head importance is unreliable for {', '.join(low)} (Spearman-Brown split-half reliability below "
+              f"{RELIABLE}), so those masks are noisy: raise eval_examples when pruning")
+    masked = {verdicts.DIFFERENT_HEADS, verdicts.SPECIFICITY, verdicts.STABILITY}
+    result.verdicts[:] = [replace(v, answer=v.answer + caveat) if v.question in masked else v for v in result.verdicts]
 
 
 def _equal_size(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str]) -> None:
@@ -190,16 +240,24 @@ def _equal_size(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str]
 
 
 def _intervals(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], replicates: int, seed: int) -> None:
-    """Bootstrap intervals of the relative perplexities and the specificity gap; the second verdict."""
+    """Bootstrap intervals of the relative perplexities and the specificity gap; the second verdict, on the
+    specificity excess over random masks at the level of languages."""
     tables_, metrics = tables.perplexity_interval_tables(inputs.chunk_losses, langs, replicates, seed)
     result.tables.update({k: v for k, v in tables_.items() if k != TABLE.specificity_gap})
     if TABLE.specificity_gap in tables_:
         result.add({TABLE.specificity_gap: tables_[TABLE.specificity_gap]}, figures.specificity_figure(tables_[TABLE.specificity_gap]))
     result.metrics |= metrics
-    nan = math.nan
-    result.verdicts.append(verdicts.specificity(metrics.get(METRIC.specificity_gap, nan), metrics.get(METRIC.specificity_gap_lo, nan),
-                                                metrics.get(METRIC.specificity_gap_hi, nan), metrics.get(METRIC.specificity_gap_random, nan),
-                                                metrics.get(METRIC.specificity_gap_p, nan)))
+    table = tables_.get(TABLE.specificity_gap)
+    if table is None or not table["d"].notna().any():
+        result.notes.append("specificity verdict: skipped (no random-mask controls in the per-chunk losses)")
+        return
+    # the claim is about languages: one paired difference d = gap - random gap per language
+    level = tables.specificity_excess(table, replicates, seed)
+    tested = table.dropna(subset=["d"])
+    result.verdicts.append(verdicts.specificity(
+        level.value, level.lo, level.hi, metrics.get(METRIC.specificity_gap_random, math.nan), level.p,
+        Inference("languages > seeds > random draws > chunks", level.n_units, level.test, level.p_floor, level.robust_to_leave_one_out),
+        {lang: (row["d"], row["p_bh"]) for lang, row in tested.iterrows()}))
 
 
 def _perplexity(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str]) -> None:
@@ -239,7 +297,9 @@ def _subnetwork_cka(result: AnalysisResult, inputs: AnalysisInputs, langs: list[
     if TABLE.cka_full_vs_subnetwork_last_layer in sub:
         gap = similarity_tables.subnetwork_specificity(sub[TABLE.cka_full_vs_subnetwork_last_layer], permutations, seed)
         result.metrics[METRIC.subnetwork_cka_gap], result.metrics[METRIC.subnetwork_cka_gap_p] = gap["value"], gap["p"]
-        result.verdicts.append(verdicts.pruning_specific(gap["value"], gap["lo"], gap["hi"], gap["p"]))
+        rows = sum(r in sub[TABLE.cka_full_vs_subnetwork_last_layer].columns for r in sub[TABLE.cka_full_vs_subnetwork_last_layer].index)
+        result.verdicts.append(verdicts.pruning_specific(gap["value"], gap["lo"], gap["hi"], gap["p"], Inference(
+            "languages (subnetwork labels permuted; interval: delete-one-language jackknife)", rows, "relabel_mc", 1 / (permutations + 1))))
 
 
 def _similarity(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], reference: str, kind: str,
@@ -276,7 +336,9 @@ def _similarity(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str]
     control_name = "randomly initialised model" if control == RANDOM_MODEL else "length-only encoder"
     result.verdicts.append(verdicts.beyond_length(float(ours["above_length_chance"].mean()), float(lo.mean()), float(hi.mean()),
                                                   float(length.loc[control]["above_length_chance"].mean()), p, control_name,
-                                                  limits.get("cka", math.nan)))
+                                                  limits.get("cka", math.nan), Inference(
+                                                      "languages (Bonferroni) > sentences (length-restricted permutations)", len(ours),
+                                                      "restricted_perm_mc", min(1.0, len(ours) / (counts.length + 1)))))
 
 
 def _tokens(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], reference: str, kind: str,
@@ -353,7 +415,7 @@ def analyze(inputs: AnalysisInputs, *, cka_kind: str, layers: Sequence[int] | No
 
     if inputs.masks:
         _masks(result, inputs, langs, colours)
-        _noise_ceiling(result, inputs, permutations, bootstrap, resample_seed)
+        _noise_ceiling(result, inputs, langs, permutations, bootstrap, resample_seed)
     else:
         result.notes.append("mask overlap and heads kept: skipped (no head masks)")
     if inputs.trajectories:
@@ -388,6 +450,7 @@ def analyze(inputs: AnalysisInputs, *, cka_kind: str, layers: Sequence[int] | No
 
     _language_distance(result, inputs, langs, cka_kind, cka_precision, permutations, resample_seed)
 
+    _importance_reliability(result, inputs, langs)
     # after every section: the representation sections add the last two verdicts
     result.verdicts.sort(key=lambda v: verdicts.QUESTIONS.index(v.question))
     result.metrics |= verdicts.as_metrics(result.verdicts)

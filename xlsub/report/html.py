@@ -21,6 +21,7 @@ from xlsub import stages
 from xlsub.artifacts import REPORT, figure_path, table_path, write_table, write_verdicts
 from xlsub.report.analysis import AnalysisResult
 from xlsub.report.figures import save_figure
+from xlsub.report.verdicts import format_p
 
 # Tables larger than this are linked, not inlined.
 MAX_INLINE_ROWS = 40
@@ -156,8 +157,11 @@ def _verdicts_html(verdicts) -> str:
     """One line per question: the answer (worded by the numbers), then value, interval, control and p."""
     rows = []
     for v in verdicts:
+        robust = {True: "yes", False: "no", None: "not computed"}[v.inference.robust_to_leave_one_out]
         numbers = (f"value {format_number(v.value)}, 95% interval [{format_number(v.lo)}, {format_number(v.hi)}]; "
-                   f"control ({v.control}): {format_number(v.control_value)}; p = {format_number(v.p)}")
+                   f"control ({v.control}): {format_number(v.control_value)}; {format_p(v.p, v.p_floor)} "
+                   f"({v.inference.test} over {v.inference.unit}, {v.inference.n_units} units); "
+                   f"same answer without any one unit: {robust}")
         rows.append(f'<li class="verdict"><strong>{_e(v.question)}</strong> {_e(v.answer)}.'
                     f'<br><span class="note">{_e(numbers)}</span></li>')
     return f'<ul class="verdicts">{"".join(rows)}</ul>'

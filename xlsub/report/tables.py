@@ -18,6 +18,7 @@ one place.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -41,6 +42,12 @@ from xlsub.errors import XlsubError
 from xlsub.models.mlm import ChunkLosses
 from xlsub.models.pruning import relative_perplexity
 from xlsub.similarity.cka import cka_matrix, shuffled_pairs_cka
+from xlsub.stats.inference import (
+    UnitLevel,
+    benjamini_hochberg,
+    monte_carlo_p,
+    unit_level,
+)
 from xlsub.stats.intervals import percentile_interval, relative_replicates
 from xlsub.stats.overlap import (
     expected_jaccard_over_seeds,
@@ -158,14 +165,21 @@ def seed_averaged_perplexity_tables(cross: pd.DataFrame, cross_random: pd.DataFr
 def perplexity_interval_tables(chunk_losses: Mapping[tuple[str, int, str], ChunkLosses], languages: Sequence[str],
                                replicates: int = 1000, seed: int = 0) -> tuple[dict[str, pd.DataFrame], dict[str, float]]:
     """95% intervals of the relative cross-language perplexity and of the language-specificity gap, from a
-    paired bootstrap over test chunks (`xlsub.stats.intervals`) of the prune run's per-chunk losses.
+    paired bootstrap over test chunks (`xlsub.stats.intervals`) of the prune run's per-chunk losses, and the
+    specificity excess over random masks tested at the level of languages.
 
     Tables (rows: subnetwork language, the mean over its seeds as in `cross_ppl_relative`):
     `cross_ppl_relative_lo` / `_hi`, `cross_ppl_random_relative_lo` / `_hi` (random draws resampled too),
     and `specificity_gap`: per language, the gap (mean relative perplexity on the other languages minus on
-    its own) with its interval, the same for the random masks, and a one-sided bootstrap p-value of
-    gap <= random gap. Metrics: `specificity_gap` (`_lo`, `_hi`; mean over languages),
-    `specificity_gap.<lang>`, `specificity_gap_random` (`_lo`, `_hi`), `specificity_gap_p`.
+    its own) with its chunk-bootstrap interval (within-language uncertainty), the same for the random
+    masks, `d` = gap - random_gap, `p_value` from a label-swap test within the language
+    (`label_swap_test`, `replicates` swaps) and `p_bh` (Benjamini-Hochberg across languages).
+
+    Metrics: descriptive `specificity_gap` (`_lo`, `_hi`: chunk bootstrap of the mean over languages),
+    `specificity_gap.<lang>`, `specificity_gap_random` (`_lo`, `_hi`); the claim about languages
+    `specificity_excess` = mean over languages of d, its 95% sign-flip interval over languages
+    (`specificity_excess_lo`, `_hi`; NaN where the languages are too few for one) and one-sided exact
+    sign-flip p (`specificity_excess_p`), all from `specificity_excess`; `specificity_excess.<lang>` = d.
     """
     full = {lang: c for (model, draw, lang), c in chunk_losses.items() if model == FULL_MODEL}
     cells = {(model, lang): c for (model, draw, lang), c in chunk_losses.items() if model != FULL_MODEL and draw < 0}
@@ -206,14 +220,17 @@ def perplexity_interval_tables(chunk_losses: Mapping[tuple[str, int, str], Chunk
                                  for cell in (cells if name == "sub" else random_cells)}) for name in ("sub", "random")}
     gap, gap_random = gaps(sub), gaps(rand)
     gap_point, gap_random_point = gaps(points["sub"]), gaps(points["random"])
+    excess = {r: float(gap_point[r] - gap_random_point[r]) for r in gap if r in gap_random_point}
+    swap_p = {r: label_swap_test(chunk_losses, r, columns, replicates, _swap_seed(seed, r))[1] for r in excess}
+    p_bh = dict(zip(swap_p, benjamini_hochberg(list(swap_p.values()))))
     table_rows = []
     for r in gap:
         lo, hi = percentile_interval(gap[r])
         rlo, rhi = percentile_interval(gap_random[r]) if r in gap_random else (math.nan, math.nan)
-        p = (1 + int((gap[r] <= gap_random[r]).sum())) / (1 + len(gap[r])) if r in gap_random else math.nan
         table_rows.append({"subnetwork language": r, "gap": float(gap_point[r]), "gap_lo": lo, "gap_hi": hi,
                            "random_gap": float(gap_random_point.get(r, torch.tensor(math.nan))), "random_gap_lo": rlo,
-                           "random_gap_hi": rhi, "p_value": p})
+                           "random_gap_hi": rhi, "d": excess.get(r, math.nan), "p_value": swap_p.get(r, math.nan),
+                           "p_bh": p_bh.get(r, math.nan)})
     metrics: dict[str, float] = {}
     if table_rows:
         out[TABLE.specificity_gap] = pd.DataFrame(table_rows).set_index("subnetwork language")
@@ -225,8 +242,75 @@ def perplexity_interval_tables(chunk_losses: Mapping[tuple[str, int, str], Chunk
             mean_random = torch.stack(list(gap_random.values())).mean(0)
             metrics[METRIC.specificity_gap_random] = float(torch.stack(list(gap_random_point.values())).mean())
             metrics[METRIC.specificity_gap_random_lo], metrics[METRIC.specificity_gap_random_hi] = percentile_interval(mean_random)
-            metrics[METRIC.specificity_gap_p] = (1 + int((mean_gap <= mean_random).sum())) / (1 + len(mean_gap))
+        if excess:
+            level = specificity_excess(out[TABLE.specificity_gap], replicates, seed)
+            metrics[METRIC.specificity_excess] = level.value
+            metrics[METRIC.specificity_excess_lo], metrics[METRIC.specificity_excess_hi] = (
+                x if math.isfinite(x) else math.nan for x in (level.lo, level.hi))
+            metrics[METRIC.specificity_excess_p] = level.p
+            metrics |= {language_metric(METRIC.specificity_excess, r): v for r, v in excess.items()}
     return out, metrics
+
+
+def specificity_excess(table: pd.DataFrame, n_perm: int, seed: int) -> UnitLevel:
+    """The claim about languages from the `specificity_gap` table: one paired difference per language,
+    d = gap - random_gap (its seeds, random draws and chunks already averaged in), its mean, 95% sign-flip
+    interval, one-sided sign-flip p (exact up to 16 languages, else `n_perm` flips from `seed`) and
+    robustness to leaving out a language (`xlsub.stats.inference.unit_level`)."""
+    return unit_level(table["d"].dropna().to_numpy(dtype=float), n_perm=n_perm, seed=seed)
+
+
+def _swap_seed(seed: int, language: str) -> int:
+    """The label-swap test's generator seed for a language: stable whichever other languages are analysed."""
+    return seed * 1_000_003 + zlib.crc32(f"label swap {language}".encode())
+
+
+def label_swap_test(chunk_losses: Mapping[tuple[str, int, str], ChunkLosses], language: str, evaluated_on: Sequence[str],
+                    n_swaps: int, seed: int) -> tuple[float, float]:
+    """Monte Carlo label-swap test of one subnetwork language's specificity excess over its random masks.
+
+    H0: the language's subnetwork is no more specific than random masks with the same heads per layer, so
+    on every test chunk its loss and its random-mask control's loss are exchangeable. The statistic is the
+    language's gap minus random gap, gap = mean relative perplexity on the other languages minus on its own
+    (mean over its seeds); here the control's chunk loss is the draws' mean NLL (and mean token count), so
+    the observed statistic differs from the table's `d` (mean of the draws' perplexities) only by that
+    averaging. Each null replicate swaps, independently per seed, evaluation language and chunk with
+    probability 1/2, the subnetwork's (NLL, tokens) with the control's, and recomputes the statistic.
+    Swaps come from `torch.Generator().manual_seed(seed)`, one `torch.rand(n_swaps, chunks) < 0.5` per
+    (seed in order, evaluation language in `evaluated_on` order). Returns (observed, p), p = (1 + #{null >=
+    observed}) / (1 + n_swaps) (`xlsub.stats.inference.monte_carlo_p`).
+    """
+    full = {lang: c for (model, draw, lang), c in chunk_losses.items() if model == FULL_MODEL}
+    models = sorted({model for (model, draw, lang) in chunk_losses
+                     if model != FULL_MODEL and draw < 0 and SubnetworkId.parse(model).language == language}, key=SubnetworkId.parse)
+    generator = torch.Generator().manual_seed(seed)
+    relative: dict[str, list[torch.Tensor]] = {}  # evaluation language -> per seed [2, 1 + n_swaps]: subnetwork, control
+    for model in models:
+        for lang in evaluated_on:
+            draws = [c for (m, d, l), c in sorted(chunk_losses.items(), key=lambda item: item[0][1])
+                     if m == model and l == lang and d >= 0]
+            if (model, -1, lang) not in chunk_losses or not draws or lang not in full:
+                continue
+            sub = chunk_losses[(model, -1, lang)]
+            control_nll = torch.stack([c.nll.double() for c in draws]).mean(0)
+            control_tokens = torch.stack([c.tokens.double() for c in draws]).mean(0)
+            swap = torch.rand(n_swaps, len(sub.nll), generator=generator) < 0.5
+            swap = torch.cat([torch.zeros(1, len(sub.nll), dtype=torch.bool), swap])  # row 0: as observed
+            log_full = float(full[lang].nll.sum()) / float(full[lang].tokens.sum())
+            pair = []
+            for own, other in (((sub.nll.double(), sub.tokens.double()), (control_nll, control_tokens)),
+                               ((control_nll, control_tokens), (sub.nll.double(), sub.tokens.double()))):
+                nll = torch.where(swap, other[0], own[0]).sum(-1)
+                tokens = torch.where(swap, other[1], own[1]).sum(-1)
+                pair.append(torch.exp(nll / tokens - log_full))
+            relative.setdefault(lang, []).append(torch.stack(pair))
+    others = [lang for lang in relative if lang != language]
+    if language not in relative or not others:
+        return math.nan, math.nan
+    mean = {lang: torch.stack(v).mean(0) for lang, v in relative.items()}
+    gap = torch.stack([mean[lang] for lang in others]).mean(0) - mean[language]  # [2, 1 + n_swaps]
+    statistic = gap[0] - gap[1]
+    return float(statistic[0]), monte_carlo_p(statistic[1:].numpy(), float(statistic[0]))
 
 
 def relative_point(chunk_losses: Mapping[tuple[str, int, str], ChunkLosses], cell: tuple[str, str],

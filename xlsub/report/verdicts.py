@@ -8,6 +8,7 @@ order; `report.html` opens with the same lines.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 ALPHA = 0.05
@@ -22,14 +23,29 @@ KEYS = {DIFFERENT_HEADS: "different_heads", SPECIFICITY: "specificity", STABILIT
 
 
 def as_metrics(verdicts) -> dict[str, float]:
-    """`verdict.<key>.value`, `.lo`, `.hi`, `.control`, `.p` for each verdict (finite numbers only)."""
+    """`verdict.<key>.value`, `.lo`, `.hi`, `.control`, `.p`, `.p_floor` for each verdict (finite numbers only)."""
     out = {}
     for v in verdicts:
-        key = KEYS.get(v.question, "other")
-        for name, x in (("value", v.value), ("lo", v.lo), ("hi", v.hi), ("control", v.control_value), ("p", v.p)):
+        key = v.key
+        for name, x in (("value", v.value), ("lo", v.lo), ("hi", v.hi), ("control", v.control_value), ("p", v.p), ("p_floor", v.p_floor)):
             if x is not None and math.isfinite(x):
                 out[f"verdict.{key}.{name}"] = float(x)
     return out
+
+
+@dataclass(frozen=True)
+class Inference:
+    """How a verdict's interval and p were obtained: `unit` is what was resampled or permuted, top level
+    first ("languages > seeds > chunks"), `n_units` how many of the top unit there were, `test` the null's
+    name (`sign_flip_exact`, `relabel_mc`, `restricted_perm_mc`, ...), `p_floor` the smallest p that null
+    can give (p >= p_floor always), `robust_to_leave_one_out` whether dropping any single top unit leaves
+    the answer as it is (None where it was not computed)."""
+
+    unit: str
+    n_units: int
+    test: str
+    p_floor: float
+    robust_to_leave_one_out: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -42,14 +58,35 @@ class Verdict:
     control: str
     control_value: float
     p: float
+    inference: Inference
+
+    @property
+    def key(self) -> str:
+        """The verdict's name in metrics (`verdict.<key>.value`) and in `verdicts.json`."""
+        return KEYS[self.question]
+
+    @property
+    def p_floor(self) -> float:
+        return self.inference.p_floor
 
     def as_dict(self) -> dict:
-        """JSON-ready: NaN becomes None."""
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+        """JSON-ready (NaN and infinities become None): the fields of DESIGN.md's verdicts.json, `key` first."""
+        fields = {k: v for k, v in asdict(self).items() if k != "inference"} | asdict(self.inference)
+        # NaN (not measured) and an infinite interval end (too few units for one) are not JSON: both null
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in {"key": self.key, **fields}.items()}
 
 
 def _fmt(x: float) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.3g}"
+
+
+def format_p(p: float, p_floor: float) -> str:
+    """`p <= x` where p sits at the smallest value its null can give (it could be smaller), else `p = x`."""
+    if p is None or not math.isfinite(p):
+        return "p n/a"
+    if math.isfinite(p_floor) and p <= p_floor * (1 + 1e-9):
+        return f"p <= {p_floor:.3g}"
+    return f"p = {p:.3g}"
 
 
 def _interval(lo: float, hi: float) -> str:
@@ -58,46 +95,81 @@ def _interval(lo: float, hi: float) -> str:
 
 def evidence(value: float, lo: float, hi: float, control_value: float, p: float, larger: bool = True) -> bool:
     """Evidence of an effect in the stated direction: the interval excludes the control on that side (or,
-    without an interval, the point estimate does) and the p-value is below ALPHA (where there is one)."""
+    where no interval was computed (NaN), the point estimate does) and the p-value is below ALPHA (where
+    there is one). An infinite end (too few units for an interval) excludes nothing."""
     if not (math.isfinite(value) and math.isfinite(control_value)):
         return False
-    if math.isfinite(lo) and math.isfinite(hi):
+    if not (math.isnan(lo) or math.isnan(hi)):
         beyond = lo > control_value if larger else hi < control_value
     else:
         beyond = value > control_value if larger else value < control_value
     return beyond and (not math.isfinite(p) or p < ALPHA)
 
 
-def different_heads(across: float, lo: float, hi: float, within: float, p: float, chance: float) -> Verdict:
-    """Do the languages need different heads? Across-language overlap of kept heads against the same
-    language's overlap with itself across pruning seeds (the noise ceiling); p from permuting languages."""
+def different_heads(difference: float, lo: float, hi: float, p: float, positive: int, languages: int, across: float,
+                    across_lo: float, across_hi: float, pairs_above_chance: int, pairs: int, inference: Inference) -> Verdict:
+    """Do the languages need different heads? Within-language agreement of masks across pruning seeds minus
+    their agreement with other languages' masks, both as Jaccard above what random masks of the same sizes
+    share (so a small subnetwork is not called different for being small); every seed's masks; interval
+    and p over languages. The answer also says where the across-language overlap stands against chance."""
     question = DIFFERENT_HEADS
-    if not math.isfinite(within):
-        answer = (f"cannot tell: one pruning seed gives no within-language noise ceiling (across-language Jaccard "
-                  f"{_fmt(across)}, random masks {_fmt(chance)}); prune with several seeds")
-    elif math.isfinite(p) and p < ALPHA and within > across and (not math.isfinite(hi) or hi < within):
-        answer = (f"yes: masks agree less across languages (Jaccard {_fmt(across)}, {_interval(lo, hi)}) than within a "
-                  f"language across seeds ({_fmt(within)}), p = {_fmt(p)}")
+    where = (f"across languages, masks overlap {_fmt(across)} above chance ({_interval(across_lo, across_hi)}; "
+             f"{pairs_above_chance} of {pairs} first-seed language pairs above chance after BH)")
+    if not math.isfinite(difference):
+        answer = f"cannot tell: one pruning seed gives no within-language agreement to compare with; prune with several seeds; {where}"
+    elif evidence(difference, lo, hi, 0.0, p):
+        answer = (f"yes: a language's masks from different seeds agree more with each other than with other languages' masks, by "
+                  f"{_fmt(difference)} chance-adjusted Jaccard ({_interval(lo, hi)}; positive in {positive} of {languages} languages), "
+                  f"{format_p(p, inference.p_floor)}; {where}")
     else:
-        answer = (f"no evidence: across-language Jaccard {_fmt(across)} ({_interval(lo, hi)}) is not below the "
-                  f"within-language agreement across seeds ({_fmt(within)}), p = {_fmt(p)}")
-    return Verdict(question, answer, across, lo, hi, "within-language Jaccard across pruning seeds", within, p)
+        answer = (f"no evidence: within-language agreement across seeds exceeds agreement with other languages by "
+                  f"{_fmt(difference)} chance-adjusted Jaccard ({_interval(lo, hi)}; positive in {positive} of {languages} languages), "
+                  f"{format_p(p, inference.p_floor)}; {where}")
+    return Verdict(question, answer, difference, lo, hi, "no difference (language labels of the masks permuted)", 0.0, p, inference)
 
 
-def specificity(gap: float, lo: float, hi: float, random_gap: float, p: float) -> Verdict:
-    """Does a language's subnetwork serve the other languages worse than its own? The mean specificity
-    gap (off-diagonal minus diagonal relative perplexity) against the same gap of random masks."""
+def _listed(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def specificity(excess: float, lo: float, hi: float, random_gap: float, p: float, inference: Inference,
+                per_language: Mapping[str, tuple[float, float]] | None = None) -> Verdict:
+    """Does a language's subnetwork serve the other languages worse than its own? Per language, the
+    specificity gap (off-diagonal minus diagonal relative perplexity) minus the same gap of its random
+    masks, d; the claim is about languages: the mean of d with its sign-flip interval and p over languages
+    (`xlsub.stats.inference.unit_level`). "yes" needs p < ALPHA and a lower end above 0 (so an interval:
+    at least 6 languages at 95%). `random_gap` (the random masks' mean gap) is shown for reading;
+    `per_language`: {language: (d, BH-adjusted p of its label-swap test)} names the languages without an
+    excess."""
     question = SPECIFICITY
-    if evidence(gap, lo, hi, random_gap, p):
-        answer = (f"yes: relative perplexity is {_fmt(gap)} higher on other languages than on its own ({_interval(lo, hi)}), "
-                  f"against {_fmt(random_gap)} for random masks of the same size, p = {_fmt(p)}")
+    n = inference.n_units
+    p_text = format_p(p, inference.p_floor)
+    per_language = dict(per_language or {})
+    holds = [lang for lang, (d, q) in per_language.items() if d > 0 and q < ALPHA]
+    without = [lang for lang in per_language if lang not in holds]
+    if math.isfinite(excess) and math.isfinite(lo) and lo > 0 and math.isfinite(p) and p < ALPHA:
+        scope = "" if not per_language else f" for all {n} languages" if not without else f" for {len(holds)} of {n} languages"
+        answer = (f"yes{scope}: a subnetwork's relative perplexity on the other languages exceeds that on its own by "
+                  f"{_fmt(excess)} more than for random masks with the same heads per layer (mean over {n} languages, "
+                  f"{_interval(lo, hi)} from sign flips over languages; random masks' own gap {_fmt(random_gap)}), {p_text}")
+        if without:
+            answer += (f"; {_listed(without)} {'shows' if len(without) == 1 else 'show'} no excess over random masks "
+                       f"(BH-adjusted p >= {ALPHA:g})")
     else:
-        answer = (f"no evidence: the specificity gap {_fmt(gap)} ({_interval(lo, hi)}) is not above that of random masks "
-                  f"of the same size ({_fmt(random_gap)}), p = {_fmt(p)}")
-    return Verdict(question, answer, gap, lo, hi, "the same gap for random masks with the same heads per layer", random_gap, p)
+        answer = (f"no evidence at the level of languages: the specificity gap exceeds that of random masks with the same "
+                  f"heads per layer by {_fmt(excess)} on average over {n} languages ({_interval(lo, hi)}), {p_text}")
+        if math.isfinite(inference.p_floor) and inference.p_floor >= ALPHA:
+            answer += f"; {n} languages cannot give p below {inference.p_floor:.3g}"
+        elif not math.isfinite(lo):
+            answer += f"; {n} languages are too few for a 95% sign-flip interval (it needs 6)"
+        if per_language:
+            answer += f"; within languages the excess is significant for {len(holds)} of {len(per_language)} (BH-adjusted p < {ALPHA:g})"
+    if inference.robust_to_leave_one_out is False:
+        answer += "; the answer changes when one language is left out"
+    return Verdict(question, answer, excess, lo, hi, "random masks with the same heads per layer", random_gap, p, inference)
 
 
-def stability(within: float, lo: float, hi: float, chance: float, p: float) -> Verdict:
+def stability(within: float, lo: float, hi: float, chance: float, p: float, inference: Inference) -> Verdict:
     """Are the masks stable across seeds? Same-language Jaccard across pruning seeds against random masks
     with the same heads per layer (exact expectation; p from random masks drawn alike)."""
     question = STABILITY
@@ -105,36 +177,36 @@ def stability(within: float, lo: float, hi: float, chance: float, p: float) -> V
         answer = "cannot tell: prune with several seeds (e.g. seeds=0,1,2) to measure it"
     elif evidence(within, lo, hi, chance, p):
         answer = (f"yes, above chance: a language's masks from different seeds share Jaccard {_fmt(within)} "
-                  f"({_interval(lo, hi)}) of their heads, against {_fmt(chance)} for random masks, p = {_fmt(p)}")
+                  f"({_interval(lo, hi)}) of their heads, against {_fmt(chance)} for random masks, {format_p(p, inference.p_floor)}")
     else:
         answer = (f"no evidence: masks from different seeds overlap {_fmt(within)} ({_interval(lo, hi)}), "
-                  f"no more than random masks ({_fmt(chance)}), p = {_fmt(p)}")
-    return Verdict(question, answer, within, lo, hi, "random masks with the same heads per layer", chance, p)
+                  f"no more than random masks ({_fmt(chance)}), {format_p(p, inference.p_floor)}")
+    return Verdict(question, answer, within, lo, hi, "random masks with the same heads per layer", chance, p, inference)
 
 
 def beyond_length(above: float, lo: float, hi: float, control_above: float, p: float, control: str,
-                  detection_limit: float = math.nan) -> Verdict:
+                  detection_limit: float, inference: Inference) -> Verdict:
     """Parallel sentences' CKA above a length-matched null (pairings that keep the source's token count),
     mean over languages at the last layer, against the same for a control encoder (the random-init model,
     or the length-only encoder); p: Bonferroni over languages of the length-matched permutation tests."""
     if evidence(above, lo, hi, control_above, p):
         answer = (f"yes: CKA is {_fmt(above)} above length-matched pairings ({_interval(lo, hi)}), against "
-                  f"{_fmt(control_above)} for the {control}, p = {_fmt(p)}")
+                  f"{_fmt(control_above)} for the {control}, {format_p(p, inference.p_floor)}")
     else:
         answer = (f"no evidence: CKA above length-matched pairings is {_fmt(above)} ({_interval(lo, hi)}), not above "
-                  f"the {control} ({_fmt(control_above)}), p = {_fmt(p)}")
+                  f"the {control} ({_fmt(control_above)}), {format_p(p, inference.p_floor)}")
     if math.isfinite(detection_limit):
         answer += f"; at this n and d, CKA detects a planted shared signal down to a signal-to-noise ratio of {_fmt(detection_limit)}"
-    return Verdict(BEYOND_LENGTH, answer, above, lo, hi, f"the same for the {control}", control_above, p)
+    return Verdict(BEYOND_LENGTH, answer, above, lo, hi, f"the same for the {control}", control_above, p, inference)
 
 
-def pruning_specific(gap: float, lo: float, hi: float, p: float) -> Verdict:
+def pruning_specific(gap: float, lo: float, hi: float, p: float, inference: Inference) -> Verdict:
     """Mean (1 - CKA(full, subnetwork)) on other languages minus on the subnetwork's own language, last
     layer; p from permuting which subnetwork belongs to which language (control: no special diagonal, 0)."""
     if evidence(gap, lo, hi, 0.0, p):
         answer = (f"yes: a subnetwork changes the other languages' representations more than its own by {_fmt(gap)} "
-                  f"(1 - CKA; {_interval(lo, hi)}), p = {_fmt(p)}")
+                  f"(1 - CKA; {_interval(lo, hi)}), {format_p(p, inference.p_floor)}")
     else:
         answer = (f"no evidence: the difference in 1 - CKA between other languages and its own is {_fmt(gap)} "
-                  f"({_interval(lo, hi)}), p = {_fmt(p)}")
-    return Verdict(PRUNING_SPECIFIC, answer, gap, lo, hi, "no difference (subnetwork labels permuted)", 0.0, p)
+                  f"({_interval(lo, hi)}), {format_p(p, inference.p_floor)}")
+    return Verdict(PRUNING_SPECIFIC, answer, gap, lo, hi, "no difference (subnetwork labels permuted)", 0.0, p, inference)

@@ -1,1 +1,2 @@
-"""Inference over masks, perplexities and languages: intervals, overlap statistics, language distance."""
+"""Inference over masks, perplexities and languages: language-level tests and intervals (`inference`),
+intervals over chunks, overlap statistics, language distance."""

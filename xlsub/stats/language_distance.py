@@ -35,8 +35,8 @@ import pandas as pd
 from scipy.stats import rankdata
 
 from xlsub.errors import XlsubError
-from xlsub.similarity.nulls import permutations
-from xlsub.stats.overlap import benjamini_hochberg
+from xlsub.similarity.permutation import permutations
+from xlsub.stats.inference import benjamini_hochberg
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def mantel_spearman(x: np.ndarray, y: np.ndarray, n_perm: int = 1000, seed: int 
     two-sided Mantel p-value (Mantel 1967): y's rows and columns permuted jointly (relabelling languages).
 
     Every one of the k! permutations when k! <= max(n_perm, exact_limit) (p = share with |r| >= observed,
-    the identity included); else `n_perm` random ones (`xlsub.similarity.nulls.permutations`, p = (1 + count) /
+    the identity included); else `n_perm` random ones (`xlsub.similarity.permutation.permutations`, p = (1 + count) /
     (1 + n_perm)). A permutation only reorders the pairs, so the ranks of the permuted triangle are the
     permuted ranks and r is a dot product of centred ranks. Returns (r, p, permutations used, exact);
     r and p are NaN where either triangle is constant.

@@ -15,7 +15,7 @@ A head mask is a `[layers, heads]` 0/1 tensor (1 = head kept), one per language.
   seeds, masks keyed by `SubnetworkId`.
 - `overlap_null`, `jaccard_pvalue`, `pruned_overlap_pvalue`, `jaccard_chance_band`: the exact law of the
   overlap of random masks, and from it exact one-sided p-values and a chance band; `benjamini_hochberg`
-  across pairs; `jaccard_pvalue_table` for every pair of languages.
+  (`xlsub.stats.inference`) across pairs; `jaccard_pvalue_table` for every pair of languages.
 - `equal_size_jaccard`: overlap at equal sparsity along the pruning trajectories, against its chance band.
 - `within_vs_across_jaccard` (same-language seeds against other languages, a permutation test) and
   `split_half_reliability` (Spearman rho of importances from two halves of the data): the noise ceiling.
@@ -35,6 +35,7 @@ import torch
 
 from xlsub.artifacts import SubnetworkId, group_by_language
 from xlsub.errors import XlsubError
+from xlsub.stats.inference import benjamini_hochberg
 
 
 def _kept(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
@@ -382,27 +383,6 @@ def jaccard_chance_band(mask_a: torch.Tensor, mask_b: torch.Tensor, coverage: fl
     return lo / (size - lo), hi / (size - hi)
 
 
-def benjamini_hochberg(pvalues: Sequence[float]) -> np.ndarray:
-    """Benjamini-Hochberg (1995) adjusted p-values, in the input order.
-
-    With the m p-values sorted, p_(1) <= ... <= p_(m): q_(i) = min_{j >= i} min(1, m p_(j) / j) (step-up,
-    so the adjusted values keep the p-values' order). Rejecting q <= alpha controls the false discovery
-    rate at alpha for independent (or positively dependent) tests.
-    """
-    p = np.asarray(pvalues, dtype=float)
-    if p.ndim != 1:
-        raise ValueError(f"pvalues must be one-dimensional, got shape {p.shape}")
-    if np.isnan(p).any() or (p < 0).any() or (p > 1).any():
-        raise ValueError("pvalues must lie in [0, 1]")
-    m = len(p)
-    order = np.argsort(p, kind="stable")
-    scaled = p[order] * m / np.arange(1, m + 1)
-    adjusted = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
-    result = np.empty(m)
-    result[order] = adjusted
-    return result
-
-
 def _first_seed(masks: Mapping[SubnetworkId, object], languages: Sequence[str]) -> dict[str, object]:
     """{language: the value of its smallest seed}, languages in `languages` order, others after."""
     return {lang: next(iter(by_seed.values())) for lang, by_seed in group_by_language(masks, languages).items()}
@@ -557,6 +537,16 @@ def split_half_reliability(importance_a: torch.Tensor, importance_b: torch.Tenso
     return math.nan if denominator == 0 else float((ra * rb).sum() / denominator)
 
 
+def spearman_brown(r: float) -> float:
+    """The reliability of the whole from the correlation r of its two halves (Spearman 1910, Brown 1910):
+    2r / (1 + r). A split-half correlation understates the reliability of the estimate made from all the
+    data, which is twice the size of each half; NaN stays NaN, and r <= -1 gives NaN."""
+    return 2 * r / (1 + r) if math.isfinite(r) and r > -1 else math.nan
+
+
+RELIABLE = 0.7  # below this Spearman-Brown reliability, a ranking of heads by importance is called unreliable
+
+
 def seed_stability_test(masks: Mapping[SubnetworkId, torch.Tensor], n_draws: int = 1000, seed: int = 0,
                         level: float = 0.95, replicates: int = 2000) -> dict[str, float]:
     """Are a language's masks from different pruning seeds more alike than chance?
@@ -600,24 +590,47 @@ def seed_stability_test(masks: Mapping[SubnetworkId, torch.Tensor], n_draws: int
             "hi": float(np.quantile(boot, 1 - alpha)), "p": (1 + exceed) / (1 + n_draws)}
 
 
-def across_language_interval(masks: Mapping[SubnetworkId, torch.Tensor], replicates: int = 2000, seed: int = 0,
-                             level: float = 0.95) -> tuple[float, float, float]:
-    """Mean Jaccard between different languages' first-seed masks, with a percentile interval from a
-    bootstrap over languages: resample the languages with replacement and average the pairs of distinct
-    languages drawn (the unit of replication is the language, not the pair)."""
-    first = _first_seed(masks, [])
-    langs = list(first)
-    if len(langs) < 2:
-        return math.nan, math.nan, math.nan
-    matrix = np.array([[jaccard(first[a], first[b]) for b in langs] for a in langs])
-    off = ~np.eye(len(langs), dtype=bool)
-    point = float(matrix[off].mean())
+def head_agreement_by_language(masks: Mapping[SubnetworkId, torch.Tensor], n_perm: int, seed: int,
+                               languages: Sequence[str] = ()) -> tuple[pd.DataFrame, float]:
+    """Do the languages need different heads? From every seed's masks, adjusted for mask size.
+
+    For each pair of masks, the excess overlap J - E[J] (`expected_random_jaccard`: random masks with the
+    same heads per layer), so that a small subnetwork is not called different for being small. Per
+    language: `within` = mean excess over its own seed pairs, `across` = mean excess over the pairs of one
+    of its masks and one of another language's (every seed combination), `difference` = within - across.
+    Rows: languages (in `languages` order, others after); `within` is NaN for a language with one seed.
+
+    p: the languages as the unit, by permuting the language labels of the masks (each language keeps its
+    number of masks; `numpy.random.default_rng(seed)`), statistic = mean within - mean across over all
+    pairs; p = (1 + #{T_perm >= T}) / (1 + n_perm). NaN without a language with two or more seeds.
+    """
+    ids = [SubnetworkId(lang, s) for lang, by_seed in group_by_language(masks, languages).items() for s in by_seed]
+    kept = [_kept(masks[sid], str(sid)) for sid in ids]
+    n = len(ids)
+    first, second = np.triu_indices(n, 1)
+    excess = np.array([jaccard(kept[i], kept[j]) - expected_random_jaccard(kept[i], kept[j]) for i, j in zip(first, second)])
+    labels = np.array([sid.language for sid in ids])
+    rows = {}
+    for lang in dict.fromkeys(labels):
+        own = (labels[first] == lang) & (labels[second] == lang)
+        mixed = (labels[first] == lang) ^ (labels[second] == lang)
+        within = float(excess[own].mean()) if own.any() else math.nan
+        across = float(excess[mixed].mean()) if mixed.any() else math.nan
+        rows[lang] = {"within": within, "across": across, "difference": within - across, "seeds": int((labels == lang).sum())}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "language"
+
+    def statistic(codes: np.ndarray) -> float:
+        same = codes[first] == codes[second]
+        if not same.any() or same.all():
+            return math.nan
+        return float(excess[same].mean() - excess[~same].mean())
+
+    codes = np.unique(labels, return_inverse=True)[1]
+    observed = statistic(codes)
+    if math.isnan(observed):
+        return table, math.nan
+    tolerance = 1e-12 * max(1.0, abs(observed))
     rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(replicates):
-        pick = rng.choice(len(langs), size=len(langs), replace=True)
-        sub = matrix[np.ix_(pick, pick)][pick[:, None] != pick[None, :]]
-        if sub.size:
-            values.append(sub.mean())
-    alpha = (1 - level) / 2
-    return point, float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+    exceed = sum(statistic(rng.permutation(codes)) >= observed - tolerance for _ in range(n_perm))
+    return table, (1 + exceed) / (1 + n_perm)

@@ -1,0 +1,196 @@
+"""Language-level inference against independent computations: sign flips enumerated by hand, Hartigan's
+subset means, scipy's t and BH, and simulations of coverage and calibration."""
+
+from __future__ import annotations
+
+import math
+from itertools import combinations, product
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from xlsub.stats.inference import (
+    benjamini_hochberg,
+    leave_one_out,
+    monte_carlo_p,
+    sign_flip_interval,
+    sign_flip_test,
+    t_interval,
+    unit_level,
+)
+
+
+def hand_p(values, alternative):
+    """Share of all sign vectors whose mean is at least as extreme as the observed one (identity included)."""
+    observed = np.mean(values)
+    count = total = 0
+    for signs in product((1, -1), repeat=len(values)):
+        mean = sum(s * v for s, v in zip(signs, values)) / len(values)
+        total += 1
+        if alternative == "greater":
+            count += mean >= observed - 1e-12
+        elif alternative == "less":
+            count += mean <= observed + 1e-12
+        else:
+            count += abs(mean) >= abs(observed) - 1e-12
+    return count / total
+
+
+@pytest.mark.parametrize("alternative", ["greater", "less", "two-sided"])
+@pytest.mark.parametrize("n", [1, 3, 6])
+def test_exact_p_is_the_share_of_hand_enumerated_sign_flips(n, alternative):
+    values = np.random.default_rng(n).normal(0.3, 1.0, n)
+    result = sign_flip_test(values, alternative)
+    assert result.test == "sign_flip_exact" and result.n_units == n
+    assert result.p == pytest.approx(hand_p(values, alternative), abs=1e-15)
+    assert result.p >= result.p_floor and result.statistic == pytest.approx(values.mean())
+
+
+def test_ties_count_as_extreme_and_the_floor_is_reached():
+    # all values positive: only the identity reaches the observed mean, p = 1/2^n = the floor
+    result = sign_flip_test([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    assert result.p == result.p_floor == 1 / 256
+    # a zero value: flipping it ties with the identity, so two of the 2^n count
+    assert sign_flip_test([0.0, 1, 2, 3]).p == 2 / 16
+    assert sign_flip_test([0.0, 0.0, 0.0]).p == 1.0  # every flip ties
+    assert sign_flip_test([1.0, 2, 3], "two-sided").p_floor == 2 / 8
+
+
+def test_the_issue_numbers_one_excess_per_language():
+    """8 languages, all but one with a positive excess: exact p = #{subsets whose flip keeps the sum >=} / 256."""
+    d = np.array([0.52, 0.41, 0.33, 0.47, 0.29, 0.38, -0.05, 0.19])
+    expected = sum(1 for signs in product((1, -1), repeat=8) if np.dot(signs, d) >= d.sum() - 1e-12) / 256
+    assert sign_flip_test(d).p == pytest.approx(expected)
+    assert expected == 2 / 256  # only the identity and flipping -0.05
+
+
+def test_monte_carlo_path_agrees_with_the_exact_one():
+    d = np.random.default_rng(5).normal(0.4, 1.0, 8)
+    exact = sign_flip_test(d)
+    mc = sign_flip_test(d, n_perm=20_000, seed=1, max_exact=100)
+    assert mc.test == "sign_flip_mc" and mc.p_floor == 1 / 20_001 and mc.p >= mc.p_floor
+    assert abs(mc.p - exact.p) < 4 * math.sqrt(exact.p * (1 - exact.p) / 20_000) + 1 / 20_001
+    # (k + 1) / (N + 1): all-positive values reach only the identity, which a random draw rarely is
+    floor = sign_flip_test(np.arange(1.0, 21.0), n_perm=999, seed=0)
+    assert floor.test == "sign_flip_mc" and floor.p == pytest.approx(1 / 1000) and floor.p == floor.p_floor
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_p_never_below_its_floor(seed):
+    rng = np.random.default_rng(seed)
+    for n in (2, 5, 8, 17):
+        for alternative in ("greater", "less", "two-sided"):
+            result = sign_flip_test(rng.normal(rng.normal(), 1, n), alternative, n_perm=200, seed=seed)
+            assert result.p_floor <= result.p <= 1
+
+
+def hartigan_interval(values, level):
+    """Ends from the sorted means of the 2^n - 1 non-empty subsets: the lower end is the k-th smallest with
+    k the fewest subsets below it that lift the one-sided p above (1 - level) / 2 (Hartigan 1969)."""
+    n = len(values)
+    means = sorted(np.mean(c) for r in range(1, n + 1) for c in combinations(values, r))
+    alpha = (1 - level) / 2
+    k = next(k for k in range(len(means) + 1) if (1 + k) / 2**n > alpha)
+    return (means[k - 1], means[len(means) - k]) if k else (-math.inf, math.inf)
+
+
+@pytest.mark.parametrize("level", [0.95, 0.9, 0.8])
+@pytest.mark.parametrize("seed", range(3))
+def test_the_inverted_interval_ends_at_subset_means(seed, level):
+    values = np.random.default_rng(seed).gamma(2.0, 1.0, 8)
+    lo, hi = sign_flip_interval(values, level)
+    expected = hartigan_interval(values, level)
+    assert lo == pytest.approx(expected[0], rel=1e-9) and hi == pytest.approx(expected[1], rel=1e-9)
+    # just inside each end neither one-sided test rejects; just outside one does
+    alpha = (1 - level) / 2
+    assert sign_flip_test(values - lo * (1 + 1e-6)).p > alpha >= sign_flip_test(values - (lo - 1e-6)).p
+    assert sign_flip_test(values - hi * (1 - 1e-6), "less").p > alpha >= sign_flip_test(values - (hi + 1e-6), "less").p
+
+
+def test_too_few_units_give_an_unbounded_interval():
+    assert sign_flip_interval([0.3, 0.5, 0.4]) == (-math.inf, math.inf)  # 1/8 > 0.025
+    assert all(math.isfinite(x) for x in sign_flip_interval([0.3, 0.5, 0.4, 0.1, 0.2, 0.6]))  # 1/64 <= 0.025
+    assert sign_flip_interval([2.0] * 8) == pytest.approx((2.0, 2.0))
+
+
+def test_t_interval_is_scipys():
+    values = np.array([0.3, 0.1, 0.7, 0.4, 0.2])
+    expected = scipy.stats.t.interval(0.95, 4, loc=values.mean(), scale=scipy.stats.sem(values))
+    assert t_interval(values) == pytest.approx(expected, rel=1e-12)
+    assert all(math.isnan(x) for x in t_interval([1.0]))
+
+
+def coverage(draw, mean, interval, sets=400):
+    return np.mean([lo <= mean <= hi for lo, hi in (interval(draw()) for _ in range(sets))])
+
+
+@pytest.mark.parametrize("name", ["normal", "gamma"])
+def test_coverage_of_the_95_percent_intervals_with_8_languages(name):
+    """400 data sets of 8 values with a known mean: the share of intervals holding it is 0.95 up to
+    simulation error (2.5 SE = 0.027) and the test's discreteness (exact sign-flip level 1 - 12/256)."""
+    rng = np.random.default_rng(0 if name == "normal" else 1)
+    draw, mean = ((lambda: rng.normal(1.0, 2.0, 8)), 1.0) if name == "normal" else ((lambda: rng.gamma(4.0, 1.0, 8)), 4.0)
+    flips = coverage(draw, mean, sign_flip_interval)
+    t = coverage(draw, mean, t_interval)
+    assert 0.92 <= flips <= 0.985, flips
+    assert 0.92 <= t <= 0.985, t
+
+
+def test_calibration_and_power_of_the_sign_flip_test():
+    """No true effect (values symmetric about 0, normal and heavy-tailed): rejection at alpha = 0.05 no more
+    than alpha + 3 SE over 300 sets of 8; a shift of 1.5 SD is found in most sets."""
+    rng = np.random.default_rng(2)
+    sets, alpha = 300, 0.05
+    bound = alpha + 3 * math.sqrt(alpha * (1 - alpha) / sets)
+    normal = np.mean([sign_flip_test(rng.normal(0, 1, 8)).p < alpha for _ in range(sets)])
+    heavy = np.mean([sign_flip_test(rng.standard_t(2, 8)).p < alpha for _ in range(sets)])
+    shifted = np.mean([sign_flip_test(rng.normal(1.5, 1, 8)).p < alpha for _ in range(sets)])
+    assert normal <= bound and heavy <= bound, (normal, heavy)
+    assert shifted >= 0.8, shifted
+
+
+def test_leave_one_out():
+    def decide(v):
+        return sign_flip_test(v).p < 0.05
+
+    assert leave_one_out(np.arange(1.0, 9.0), decide)  # 1/128 after dropping any one
+    assert not leave_one_out([1.0, 2, 3, 4, 5], decide)  # 1/32 -> 1/16 without one of them
+    assert leave_one_out([1.0, -1, 1, -1], decide)  # no evidence with or without any one
+    assert not leave_one_out([1.0], decide)
+
+
+def test_unit_level_gathers_test_interval_and_robustness():
+    d = np.random.default_rng(3).normal(0.5, 0.3, 8)
+    result = unit_level(d)
+    assert (result.value, result.p, result.p_floor, result.test, result.n_units) == (
+        pytest.approx(d.mean()), sign_flip_test(d).p, 1 / 256, "sign_flip_exact", 8)
+    assert (result.lo, result.hi) == sign_flip_interval(d)
+    expected = all((sign_flip_test(np.delete(d, i)).p < 0.05 and sign_flip_interval(np.delete(d, i))[0] > 0)
+                   == (result.p < 0.05 and result.lo > 0) for i in range(8))
+    assert result.robust_to_leave_one_out == expected
+
+
+def test_monte_carlo_p_counts_ties():
+    assert monte_carlo_p([0.1, 0.5, 0.5, 0.9], 0.5) == 4 / 5
+    assert monte_carlo_p([0.1, 0.2], 0.5) == 1 / 3
+    assert monte_carlo_p([0.1, 0.2], 0.15, "less") == 2 / 3
+
+
+# -- Benjamini-Hochberg ------------------------------------------------------------------------------
+
+
+def test_benjamini_hochberg_hand_made():
+    # sorted 0.01, 0.03, 0.04, 0.2 -> 4 p / rank = 0.04, 0.06, 0.0533, 0.2 -> step-up minimum from the top
+    np.testing.assert_allclose(benjamini_hochberg([0.01, 0.04, 0.03, 0.2]), [0.04, 0.16 / 3, 0.16 / 3, 0.2])
+    assert benjamini_hochberg([]).shape == (0,)
+    with pytest.raises(ValueError):
+        benjamini_hochberg([0.5, 1.2])
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 50])
+def test_benjamini_hochberg_matches_scipy(m):
+    rng = np.random.default_rng(m)
+    p = np.concatenate([rng.uniform(size=m) ** 3, [0.5, 0.5, 1.0]])  # with ties and a 1
+    rng.shuffle(p)
+    np.testing.assert_allclose(benjamini_hochberg(p), scipy.stats.false_discovery_control(p), rtol=1e-14)
