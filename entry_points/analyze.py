@@ -50,10 +50,10 @@ class AnalyzeArgs(StageArgs):
                                                    "range": REPLICATES})
     permutations: int = field(default=1000, metadata={"help": "label permutations and random-mask draws of the overlap tests", "range": COUNT})
     resample_seed: int = field(default=0, metadata={"help": "seed of the bootstrap, permutations and random draws", "range": SEED})
-    cka_permutations: int = field(default=1000, metadata={"help": "permutations of the CKA null: full model at every layer, base and random controls at the last",
+    cka_permutations: int = field(default=1000, metadata={"help": "permutations of the CKA and retrieval nulls: full model at every layer (CKA), base, random and length-only controls at the last",
                                                           "range": COUNT})
-    subnetwork_permutations: int = field(default=200, metadata={"help": "permutations of the CKA null for each subnetwork (last layer)", "range": COUNT})
-    length_permutations: int = field(default=500, metadata={"help": "length-matched permutations and RSA's Mantel test (full model and controls, last layer)",
+    subnetwork_permutations: int = field(default=200, metadata={"help": "permutations of the CKA and retrieval nulls, and at most as many of the Mantel test, for each subnetwork (last layer)", "range": COUNT})
+    length_permutations: int = field(default=500, metadata={"help": "length-matched permutations of the full model's CKA and RSA's Mantel test (full model and controls, last layer)",
                                                             "range": COUNT})
 
     @property

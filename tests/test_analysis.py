@@ -531,7 +531,8 @@ def test_every_table_id_and_metric_name_is_in_the_contract(complete):
     from xlsub.artifacts import METRIC, TABLE
 
     assert set(complete.tables) <= set(astuple(TABLE))
-    assert {"cka_length", "cka_pvalue", "power", "specificity_gap", "cross_ppl_random_relative_hi"} <= set(complete.tables)
+    assert {"cka_length", "cka_pvalue", "retrieval_pvalue", "power", "specificity_gap", "cross_ppl_random_relative_hi"} <= set(complete.tables)
+    assert (complete.tables["retrieval_pvalue"]["null"] == "length_restricted").all()  # the tokens align with the sentences
     named = set(astuple(METRIC))
     for name in complete.metrics:
         stem = name.split(".")[0]

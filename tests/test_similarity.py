@@ -375,8 +375,8 @@ def test_mantel_test_equals_a_brute_force_loop():
     assert float(result.p_value) == (1 + int((null >= observed - 1e-12).sum())) / 81
 
 
-def test_mantel_null_in_float32_products_stays_within_1e_7_of_float64():
-    """At n=300 the centred ranks' products exceed float32's exact integers: the float32 path rounds them."""
+def test_mantel_null_at_n_300_equals_correlations_of_permuted_ranks():
+    """At n=300 the centred ranks' products exceed float32's exact integers; the null stays within 1e-7 of numpy's."""
     x, y = related(n=300, noise=2.5)
     result = mantel_test(x, y, n_perm=20, seed=3)
     a, b = (torch.from_numpy(np.asarray(stats.rankdata(upper(rdm(v))), dtype=np.float64)) for v in (x, y))
@@ -388,6 +388,18 @@ def test_mantel_null_in_float32_products_stays_within_1e_7_of_float64():
         b_perm = b[[flat[(int(u), int(v))] for u, v in zip(pi, pj)]]
         expected = float(np.corrcoef(a.numpy(), b_perm.numpy())[0, 1])
         assert float(result.null[k]) == pytest.approx(expected, rel=1e-7, abs=1e-9)
+
+
+def test_mantel_one_reference_against_several_languages_equals_one_test_each():
+    x, y = related(n=30, noise=2.0)
+    others = torch.stack([y, gaussian(30, 6, seed=9), y + gaussian(30, 6, seed=10)])
+    groups = np.arange(30) % 4
+    shared = mantel_test(x, others, n_perm=25, seed=5, groups=groups)
+    assert shared.null.shape == (3, 25)
+    for k in range(3):
+        alone = mantel_test(x, others[k], n_perm=25, seed=5, groups=groups)
+        np.testing.assert_allclose(shared.null[k].numpy(), alone.null.numpy(), rtol=0, atol=1e-12)
+        assert float(shared.p_value[k]) == float(alone.p_value)
 
 
 def test_mantel_p_value_against_all_120_permutations():

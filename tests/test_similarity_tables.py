@@ -22,7 +22,7 @@ from xlsub.report.similarity_tables import (
 from xlsub.similarity.cka import cka
 from xlsub.similarity.permutation import cka_null_mean, cka_permutation_test, residualize
 from xlsub.similarity.retrieval import retrieval_top1
-from xlsub.similarity.rsa import rsa
+from xlsub.similarity.rsa import mantel_test, rsa
 
 LANGS = ["en", "de", "zh"]
 N, D, LAYERS = 60, 8, 3
@@ -52,6 +52,18 @@ def test_cka_pvalue_rows_are_the_permutation_tests_of_each_cell():
     assert (row["cka"], row["null_mean"], row["p_value"], row["n_perm"]) == pytest.approx(
         (float(direct.observed[1]), float(direct.null_mean[1]), float(direct.p_value[1]), 50))
     assert table.loc[("de-s0", "de", LAYERS - 1), "n_perm"] == 30
+    assert (table["null"] == "unrestricted").all() and (table["p_value"] == table["p_unrestricted"]).all()  # no token counts
+    # with token counts: permutations within groups of the reference sentence's token count, the unrestricted p beside it
+    lengths = sentence_lengths(tokens())
+    restricted = cka_pvalue_table(enc, LANGS, "en", "debiased", Counts(full=50, controls=40, subnetworks=30, length=500), 2, lengths)
+    grouped = cka_permutation_test(enc["full"]["en"], enc["full"]["zh"], 50, 2, "debiased", groups=lengths["en"].long())
+    row = restricted.loc[("full", "zh", 1)]
+    assert (row["null_mean"], row["p_value"], row["null"]) == (
+        pytest.approx(float(grouped.null_mean[1])), pytest.approx(float(grouped.p_value[1])), "length_restricted")
+    last = cka_permutation_test(enc["full"]["en"][-1:], enc["full"]["zh"][-1:], 50, 2, "debiased")
+    assert restricted.loc[("full", "zh", LAYERS - 1), "p_unrestricted"] == pytest.approx(float(last.p_value[0]))
+    assert restricted.loc["full"]["p_unrestricted"].isna().sum() == 2 * (LAYERS - 1)  # beside the last layer only
+    assert set(restricted.index.get_level_values("model")) == {"full", "de-s0", "random", LENGTH_ONLY}
 
 
 def test_length_controls_residuals_and_the_content_free_encoder():
@@ -80,9 +92,12 @@ def test_retrieval_rsa_and_jackknife_tables_hold_the_direct_numbers():
     enc = encodings()
     retrieval = retrieval_table(enc, LANGS, "en")
     assert retrieval.loc[("full", "zh"), LAYERS - 1] == pytest.approx(retrieval_top1(enc["full"]["zh"][-1], enc["full"]["en"][-1]))
-    table = rsa_table(enc, LANGS, "en", n_perm=30, seed=0)
+    table = rsa_table(enc, LANGS, "en", Counts(full=50, controls=40, subnetworks=20, length=30), seed=0)
     assert table.loc[("random", "de"), "rsa"] == pytest.approx(float(rsa(enc["random"]["en"][-1], enc["random"]["de"][-1])))
-    assert table.loc[("full", "de"), "p_value"] < 0.1 and pd.isna(table.loc[("random", "de"), "p_value"])
+    assert table.loc[("full", "de"), "p_value"] < 0.1
+    alone = mantel_test(enc["random"]["en"][-1], enc["random"]["de"][-1], 30, 0)  # every model is tested now
+    assert table.loc[("random", "de"), "p_value"] == pytest.approx(float(alone.p_value))
+    assert table.loc[("de-s0", "zh"), "n_perm"] == 20 and table.loc[("random", "zh"), "n_perm"] == 30
     bounds = cka_interval_tables(enc, LANGS, "en", "debiased", blocks=10)
     point = torch.stack([cka(enc["full"]["en"], enc["full"][l], "debiased") for l in ("de", "zh")])
     assert (torch.tensor(bounds["cka_vs_reference_lo"].to_numpy()) <= point).all()

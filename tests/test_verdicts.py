@@ -34,6 +34,9 @@ def test_different_heads_and_stability_need_several_seeds():
     assert yes.answer.startswith("yes") and "positive in 7 of 8 languages" in yes.answer and "0 of 28 first-seed language pairs" in yes.answer
     assert different_heads(0.3, -0.05, 0.75, 0.001, 5, 8, 0.01, -0.02, 0.04, 0, 28, SEEDS).answer.startswith("no evidence")
     assert different_heads(0.3, 0.25, 0.35, 0.2, 5, 8, 0.01, -0.02, 0.04, 0, 28, SEEDS).answer.startswith("no evidence")
+    fragile = different_heads(0.3, 0.25, 0.35, 0.001, 7, 8, 0.01, -0.02, 0.04, 0, 28, Inference("languages", 8, "relabel_mc", 0.001, False))
+    assert fragile.answer.endswith("the answer changes when one language is left out")
+    assert "left out" not in yes.answer
     assert stability(0.6, 0.5, 0.7, 0.25, 0.001, SEEDS).answer.startswith("yes")
     assert stability(0.3, 0.2, 0.4, 0.25, 0.3, SEEDS).answer.startswith("no evidence")
 

@@ -584,6 +584,7 @@ class TableIds:
     cka_full_vs_subnetwork: str = "cka_full_vs_subnetwork"
     cka_full_vs_subnetwork_last_layer: str = "cka_full_vs_subnetwork_last_layer"
     retrieval_top1: str = "retrieval_top1"
+    retrieval_pvalue: str = "retrieval_pvalue"  # last layer, per model and language: top-1 against its length-restricted null
     knn_isomorphism: str = "knn_isomorphism"
     rsa: str = "rsa"
     power: str = "power"

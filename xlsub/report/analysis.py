@@ -306,18 +306,24 @@ def _similarity(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str]
                 counts: Counts, seed: int, colours) -> None:
     """Representation similarity against its nulls and length controls, retrieval and RSA; the fourth verdict."""
     full = inputs.encodings[FULL_MODEL]
-    result.tables[TABLE.cka_pvalue] = similarity_tables.cka_pvalue_table(inputs.encodings, langs, reference, kind, counts, seed)
-    result.tables.update(similarity_tables.cka_interval_tables(inputs.encodings, langs, reference, kind))
     n = full[reference].shape[1]
+    # token counts aligned with the encoded sentences give the length-restricted null of every test below
+    aligned = reference in inputs.tokens and all(len(inputs.tokens[l]) == n for l in full if l in inputs.tokens)
+    lengths = similarity_tables.sentence_lengths(inputs.tokens) if aligned else None
+    if lengths is None:
+        result.notes.append("representation tests (cka_pvalue, rsa, retrieval_pvalue, power): unrestricted null and no length-only "
+                            "control (no token counts aligned with the encoded sentences), so a content-free length-only encoder "
+                            "could pass them")
+    result.tables[TABLE.cka_pvalue] = similarity_tables.cka_pvalue_table(inputs.encodings, langs, reference, kind, counts, seed, lengths)
+    result.tables.update(similarity_tables.cka_interval_tables(inputs.encodings, langs, reference, kind))
     retrieval = similarity_tables.retrieval_table(inputs.encodings, langs, reference)
     result.add({TABLE.retrieval_top1: retrieval}, figures.retrieval_figure(retrieval, reference, colours, n))
     result.metrics |= {language_metric(METRIC.retrieval_top1, lang): float(v) for (model, lang), v in retrieval.iloc[:, -1].items() if model == FULL_MODEL}
+    result.tables[TABLE.retrieval_pvalue] = similarity_tables.retrieval_pvalue_table(inputs.encodings, langs, reference, counts, seed, lengths)
     result.tables[TABLE.knn_isomorphism] = similarity_tables.isomorphism_table(inputs.encodings, langs, reference)
-    rsa = similarity_tables.rsa_table(inputs.encodings, langs, reference, counts.length, seed)
+    rsa = similarity_tables.rsa_table(inputs.encodings, langs, reference, counts, seed, lengths)
     result.add({TABLE.rsa: rsa}, figures.rsa_figure(rsa, reference))
     result.metrics[METRIC.mean_rsa_last_layer] = _nanmean(rsa.loc[FULL_MODEL, "rsa"]) if FULL_MODEL in rsa.index.get_level_values(0) else math.nan
-    aligned = reference in inputs.tokens and all(len(inputs.tokens[l]) == n for l in full if l in inputs.tokens)
-    lengths = similarity_tables.sentence_lengths(inputs.tokens) if aligned else None
     power, limits = similarity_tables.power_table(full[reference][-1], lengths, reference, kind, counts.subnetworks, seed)
     result.add({TABLE.power: power}, figures.power_figure(power, limits))
     result.metrics |= {language_metric(METRIC.detection_limit, measure): limit for measure, limit in limits.items()}

@@ -3,11 +3,14 @@
 module lays the numbers out by table id).
 
 Sentence length confounds pooled representations: a content-free encoder that sees only lengths gives
-parallel pairs a high CKA. So every similarity here comes with a permutation null (any pairing is as
-good), a length-matched null (pairings that keep the source sentence's token count), the CKA of
-residuals after regressing out token count, a content-free length-only encoder as a negative control,
-translation retrieval and RSA. Intervals use the delete-a-block jackknife, never resampling with
-replacement (duplicated rows inflate CKA).
+parallel pairs a high CKA, and passes a null that permutes all pairings. So every representation test
+here (CKA, RSA's Mantel test, retrieval) uses the length-restricted null by default: pairings permuted
+only within groups of sentences whose reference (source) sentence has the same token count
+(`length_groups`; the `null` column says which null a row used). The content-free length-only encoder
+(`LENGTH_ONLY`) and the randomly initialised model are tested beside the full model and the subnetworks,
+as negative controls that must not pass. The CKA of residuals after regressing out token count is
+descriptive, not a control (the length-only encoder keeps more of it than the trained model). Intervals
+use the delete-a-block jackknife, never resampling with replacement (duplicated rows inflate CKA).
 """
 
 from __future__ import annotations
@@ -26,15 +29,18 @@ from xlsub.similarity.isomorphism import knn_eigen_similarity
 from xlsub.similarity.jackknife import cka_jackknife_interval
 from xlsub.similarity.permutation import cka_null_mean, cka_permutation_test, residualize
 from xlsub.similarity.retrieval import retrieval_permutation_test, retrieval_top1_per_layer
-from xlsub.similarity.rsa import mantel_test, rsa
+from xlsub.similarity.rsa import mantel_test
 
 LENGTH_ONLY = "length-only"  # the content-free control encoder's key in the tables
+# The `null` column: pairings permuted within groups of equal source length, or all pairings (no token counts).
+LENGTH_RESTRICTED, UNRESTRICTED = "length_restricted", "unrestricted"
 
 
 @dataclass(frozen=True)
 class Counts:
-    """Permutation counts: the full model at every layer, the base/random controls and each subnetwork at
-    the last layer, and the length-matched and Mantel tests (full model and controls, last layer)."""
+    """Permutation counts of the CKA and retrieval tests: the full model (CKA at every layer), the base,
+    random and length-only controls and each subnetwork at the last layer; and `length`: the full model's
+    length-matched CKA test and RSA's Mantel tests (last layer; a subnetwork's at most `subnetworks`)."""
 
     full: int
     controls: int
@@ -47,12 +53,52 @@ def sentence_lengths(tokens: Mapping[str, Sequence[Sequence[int]]]) -> dict[str,
     return {lang: torch.tensor([len(ids) + 2 for ids in sentences], dtype=torch.float64) for lang, sentences in tokens.items()}
 
 
+def length_groups(lengths: Mapping[str, torch.Tensor] | None, reference: str) -> torch.Tensor | None:
+    """The groups of the length-restricted null: each sentence's label is its reference (source) sentence's
+    token count, so a permutation re-pairs only sentences of equal source length. Exact counts, not
+    `xlsub.similarity.permutation.length_bins`: within coarse bins length still varies, and the length-only
+    encoder passed (p = 0.005 with 10 and 20 bins on the demo). None without token counts: the unrestricted null."""
+    if lengths is None or reference not in lengths:
+        return None
+    return lengths[reference].long()
+
+
+def null_name(groups) -> str:
+    """The `null` column of a test permuted within `groups` (None: all pairings)."""
+    return UNRESTRICTED if groups is None else LENGTH_RESTRICTED
+
+
+def length_only_encodings(lengths: Mapping[str, torch.Tensor], d: int, seed: int, layers: int = 1) -> dict[str, torch.Tensor]:
+    """The content-free length-only encoder (`length_only_representations`, seeded) on these token counts:
+    {lang: [layers, n, d]}, the same vectors at every index (it has no layers; `layers` lines it up with
+    a model's last layer)."""
+    content_free = length_only_representations({l: lengths[l].long().tolist() for l in lengths}, d, seed)
+    return {lang: reps.expand(layers, *reps.shape) for lang, reps in content_free.items()}
+
+
+def with_length_only(encodings, lengths: Mapping[str, torch.Tensor] | None, reference: str, seed: int):
+    """`encodings` plus the length-only encoder under `LENGTH_ONLY`, at the reference's hidden size and the
+    full model's number of hidden states (so its last layer is the full model's); unchanged without
+    token counts for the reference."""
+    full = encodings.get(FULL_MODEL, {})
+    if length_groups(lengths, reference) is None or reference not in full:
+        return encodings
+    layers, _, d = full[reference].shape
+    return {**encodings, LENGTH_ONLY: length_only_encodings(lengths, d, seed, layers)}
+
+
 def _models(encodings: Mapping[str, Mapping[str, torch.Tensor]], languages: Sequence[str]) -> list[str]:
-    """Model keys in report order: full, the subnetworks (language order, seeds ascending), base, random."""
+    """Model keys in report order: full, the subnetworks (language order, seeds ascending), base, random,
+    length-only."""
     position = {lang: i for i, lang in enumerate(languages)}
     subs = sorted((sid for sid in map(SubnetworkId.parse_or_none, encodings) if sid is not None),
                   key=lambda sid: (position.get(sid.language, len(position)), sid.seed))
-    return [k for k in (FULL_MODEL, *map(str, subs), BASE_MODEL, RANDOM_MODEL) if k in encodings]
+    return [k for k in (FULL_MODEL, *map(str, subs), BASE_MODEL, RANDOM_MODEL, LENGTH_ONLY) if k in encodings]
+
+
+def _n_perm(model: str, counts: Counts) -> int:
+    """Permutations of a model's CKA and retrieval tests: `counts.full`, `counts.subnetworks` or `counts.controls`."""
+    return counts.full if model == FULL_MODEL else counts.subnetworks if SubnetworkId.parse_or_none(model) else counts.controls
 
 
 def _pairs(encodings, languages: Sequence[str], reference: str, subnetworks: bool = True):
@@ -67,18 +113,49 @@ def _pairs(encodings, languages: Sequence[str], reference: str, subnetworks: boo
             yield model, lang, reps[reference], reps[lang]
 
 
-def cka_pvalue_table(encodings, languages: Sequence[str], reference: str, kind: str, counts: Counts, seed: int) -> pd.DataFrame:
-    """One row per tested cell: model, language, layer, cka, null_mean, p_value, n_perm. The reference
-    language against every other language; the full model at every layer, other models at the last."""
+def cka_pvalue_table(encodings, languages: Sequence[str], reference: str, kind: str, counts: Counts, seed: int,
+                     lengths: Mapping[str, torch.Tensor] | None = None) -> pd.DataFrame:
+    """One row per tested cell: model, language, layer, cka, null_mean, p_value, p_unrestricted, n_perm, null.
+    The reference language against every other language; the full model at every layer, the subnetworks,
+    the base and random controls and the length-only encoder (from `lengths`) at the last. p_value and
+    null_mean: the length-restricted null (`length_groups`; `null` says `unrestricted` where `lengths` is
+    None); p_unrestricted: the same number of permutations of all pairings, beside it for comparison at the
+    last layer (NaN at the others)."""
+    groups = length_groups(lengths, reference)
     rows = []
-    for model, lang, x, y in _pairs(encodings, languages, reference):
-        n_perm = counts.full if model == FULL_MODEL else counts.subnetworks if SubnetworkId.parse_or_none(model) else counts.controls
+    for model, lang, x, y in _pairs(with_length_only(encodings, lengths, reference, seed), languages, reference):
+        n_perm = _n_perm(model, counts)
         layers = list(range(x.shape[0])) if model == FULL_MODEL else [x.shape[0] - 1]
-        result = cka_permutation_test(x[layers], y[layers], n_perm, seed, kind)
+        result = cka_permutation_test(x[layers], y[layers], n_perm, seed, kind, groups=groups)
+        # the unrestricted null beside it at the last layer only: what a length confound looks like, at half the cost
+        plain = result if groups is None else cka_permutation_test(x[-1:], y[-1:], n_perm, seed, kind)
         for i, layer in enumerate(layers):
+            unrestricted = float(plain.p_value[-1]) if layer == x.shape[0] - 1 else math.nan
             rows.append({"model": model, "language": lang, "layer": layer, "cka": float(result.observed[i]),
-                         "null_mean": float(result.null_mean[i]), "p_value": float(result.p_value[i]), "n_perm": n_perm})
-    columns = ["model", "language", "layer", "cka", "null_mean", "p_value", "n_perm"]
+                         "null_mean": float(result.null_mean[i]), "p_value": float(result.p_value[i]),
+                         "p_unrestricted": float(plain.p_value[i]) if groups is None else unrestricted, "n_perm": n_perm,
+                         "null": null_name(groups)})
+    columns = ["model", "language", "layer", "cka", "null_mean", "p_value", "p_unrestricted", "n_perm", "null"]
+    return pd.DataFrame(rows, columns=columns).set_index(columns[:3])
+
+
+def retrieval_pvalue_table(encodings, languages: Sequence[str], reference: str, counts: Counts, seed: int,
+                           lengths: Mapping[str, torch.Tensor] | None = None) -> pd.DataFrame:
+    """Top-1 retrieval of each language's sentences among the reference's (as `retrieval_table`) at the last
+    layer against its length-restricted null: the accuracy with pairings permuted within groups of equal
+    source length (`length_groups`; all pairings, `null` = unrestricted, where `lengths` is None),
+    p = (1 + #{null >= observed}) / (1 + n_perm). The full model, the subnetworks, the base and random
+    controls and the length-only encoder; `n_perm` as for CKA. Columns model, language, layer, top1,
+    null_mean, p_value, n_perm, null."""
+    groups = length_groups(lengths, reference)
+    rows = []
+    for model, lang, x, y in _pairs(with_length_only(encodings, lengths, reference, seed), languages, reference):
+        n_perm = _n_perm(model, counts)
+        result = retrieval_permutation_test(y[-1], x[-1], n_perm, seed, groups)
+        rows.append({"model": model, "language": lang, "layer": x.shape[0] - 1, "top1": float(result.observed),
+                     "null_mean": float(result.null_mean), "p_value": float(result.p_value), "n_perm": n_perm,
+                     "null": null_name(groups)})
+    columns = ["model", "language", "layer", "top1", "null_mean", "p_value", "n_perm", "null"]
     return pd.DataFrame(rows, columns=columns).set_index(columns[:3])
 
 
@@ -88,16 +165,16 @@ def length_control_table(encodings, lengths: Mapping[str, torch.Tensor], languag
     content-free length-only encoder: the parallel CKA with the reference; the mean of a null that
     re-pairs only sentences whose source has the same token count (length-matched; sampled permutations
     and a p-value for the full model, the exact mean for the others); the CKA above that chance; and the
-    CKA of residuals after regressing each representation on its token count."""
-    models = _models(encodings, languages)
+    CKA of residuals after regressing each representation on its token count (`residual_cka`: descriptive,
+    not a control: the length-only encoder keeps more of it than the trained model, so it does not remove
+    length)."""
     d = next(iter(encodings[FULL_MODEL].values())).shape[-1]
-    length_only = {lang: reps[None] for lang, reps in
-                   length_only_representations({l: lengths[l].long().tolist() for l in lengths}, d, seed).items()}
+    everything = {**encodings, LENGTH_ONLY: length_only_encodings(lengths, d, seed)}
+    groups = length_groups(lengths, reference)
     rows = []
-    for model, reps in [(m, encodings[m]) for m in models] + [(LENGTH_ONLY, length_only)]:
+    for model, reps in [(m, everything[m]) for m in _models(everything, languages)]:
         if reference not in reps:
             continue
-        groups = lengths[reference].long()
         for lang in ordered([l for l in reps if l != reference and l in lengths], languages):
             x, y = reps[reference][-1].double(), reps[lang][-1].double()
             residual = float(cka(residualize(x, lengths[reference]), residualize(y, lengths[lang]), kind))
@@ -137,19 +214,29 @@ def retrieval_table(encodings, languages: Sequence[str], reference: str) -> pd.D
     return table
 
 
-def rsa_table(encodings, languages: Sequence[str], reference: str, n_perm: int, seed: int) -> pd.DataFrame:
+def rsa_table(encodings, languages: Sequence[str], reference: str, counts: Counts, seed: int,
+              lengths: Mapping[str, torch.Tensor] | None = None) -> pd.DataFrame:
     """RSA at the last layer (Spearman correlation of 1 - cosine dissimilarity matrices of the parallel
-    sentences) between the reference and every language, for the full model (with a Mantel permutation
-    p-value: O(n^2) a permutation, the costliest test) and the base and random controls."""
+    sentences) between the reference and every language, for the full model, the subnetworks, the base and
+    random controls and the length-only encoder (from `lengths`), each with a Mantel p-value at the
+    length-restricted null (`length_groups`; unrestricted, as the `null` column says, where `lengths` is
+    None). O(n^2) a permutation, the costliest test: `counts.length` permutations for the full model and
+    the controls, `min(counts.length, counts.subnetworks)` for each subnetwork; each model's reference
+    matrix is permuted once for all its languages (`mantel_test` with stacked languages)."""
+    groups = length_groups(lengths, reference)
     rows = []
-    for model, lang, x, y in _pairs(encodings, languages, reference, subnetworks=False):
-        if model == FULL_MODEL:
-            result = mantel_test(x[-1], y[-1], n_perm, seed)
-            row = {"rsa": float(result.observed), "null_mean": float(result.null_mean), "p_value": float(result.p_value), "n_perm": n_perm}
-        else:
-            row = {"rsa": float(rsa(x[-1], y[-1])), "null_mean": math.nan, "p_value": math.nan, "n_perm": 0}
-        rows.append({"model": model, "language": lang, **row})
-    return pd.DataFrame(rows).set_index(["model", "language"])
+    everything = with_length_only(encodings, lengths, reference, seed)
+    for model in _models(everything, languages):
+        reps = everything[model]
+        langs = ordered([l for l in reps if l != reference], languages)
+        if reference not in reps or not langs:
+            continue
+        n_perm = min(counts.length, counts.subnetworks) if SubnetworkId.parse_or_none(model) else counts.length
+        result = mantel_test(reps[reference][-1], torch.stack([reps[l][-1] for l in langs]), n_perm, seed, groups)
+        rows += [{"model": model, "language": lang, "rsa": float(result.observed[i]), "null_mean": float(result.null_mean[i]),
+                  "p_value": float(result.p_value[i]), "n_perm": n_perm, "null": null_name(groups)} for i, lang in enumerate(langs)]
+    columns = ["model", "language", "rsa", "null_mean", "p_value", "n_perm", "null"]
+    return pd.DataFrame(rows, columns=columns).set_index(columns[:2])
 
 
 def subnetwork_specificity(last: pd.DataFrame, permutations: int, seed: int) -> dict[str, float]:
@@ -190,15 +277,17 @@ def power_table(base: torch.Tensor, lengths: Mapping[str, torch.Tensor] | None, 
     Two "languages" share the per-sentence signal `base` (the full model's reference-language vectors,
     last layer) under independent noise at each signal-to-noise ratio (`planted_representations`); CKA
     (permutation test), RSA (Mantel test) and retrieval (permutation test, one shared space) are tested
-    at every SNR. A content-free length-only encoder is the negative control (`snr` = NaN rows), whose
-    CKA and RSA track sentence length. Returns the long table (measure, snr, statistic, p_value) and each
+    at every SNR, at the length-restricted null the tables use (`length_groups` of `lengths`; all
+    pairings without them). A content-free length-only encoder is the negative control (`snr` = NaN
+    rows), whose CKA and RSA track sentence length. Returns the long table (measure, snr, statistic, p_value) and each
     measure's detection limit: the weakest SNR from which on every stronger one has p < 0.05
     (`detection_limit`; NaN if none).
     """
+    groups = length_groups(lengths, reference)
     measures = {
-        "cka": lambda x, y: cka_permutation_test(x, y, n_perm, seed, kind),
-        "rsa": lambda x, y: mantel_test(x, y, max(1, n_perm // 5), seed),
-        "retrieval": lambda x, y: retrieval_permutation_test(x, y, n_perm, seed),
+        "cka": lambda x, y: cka_permutation_test(x, y, n_perm, seed, kind, groups=groups),
+        "rsa": lambda x, y: mantel_test(x, y, max(1, n_perm // 5), seed, groups),
+        "retrieval": lambda x, y: retrieval_permutation_test(x, y, n_perm, seed, groups),
     }
     rows, limits = [], {}
     for name, test in measures.items():

@@ -125,6 +125,8 @@ def different_heads(difference: float, lo: float, hi: float, p: float, positive:
         answer = (f"no evidence: within-language agreement across seeds exceeds agreement with other languages by "
                   f"{_fmt(difference)} chance-adjusted Jaccard ({_interval(lo, hi)}; positive in {positive} of {languages} languages), "
                   f"{format_p(p, inference.p_floor)}; {where}")
+    if inference.robust_to_leave_one_out is False:
+        answer += "; the answer changes when one language is left out"
     return Verdict(question, answer, difference, lo, hi, "no difference (language labels of the masks permuted)", 0.0, p, inference)
 
 

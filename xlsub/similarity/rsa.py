@@ -9,8 +9,11 @@ from __future__ import annotations
 import torch
 
 from xlsub.similarity.cka import frob
-from xlsub.similarity.permutation import PermutationResult, permutation_result, permutations, permuted_gram_cross
+from xlsub.similarity.permutation import PermutationResult, permutation_result, permutations
 from xlsub.similarity.retrieval import unit_rows
+
+# Bytes of permuted reference matrices (float64 n x n) per block of permutations in the Mantel test.
+_BLOCK_BYTES = 2**26
 
 
 def rdm(x: torch.Tensor, centre: bool = False) -> torch.Tensor:
@@ -63,15 +66,42 @@ def mantel_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 500, seed: int =
 
     The upper triangle of a jointly permuted RDM holds the same values, so its ranks are the permuted
     ranks and their mean and norm do not change: each permutation is tr(A P B P') / (||A|| ||B||) on the
-    centred rank matrices (zero diagonal), O(n^2). Permutations: `permutations(n, n_perm, seed, groups)`.
+    centred rank matrices (zero diagonal), O(n^2). Permutations: `permutations(n, n_perm, seed, groups)`
+    (`groups`: e.g. the source sentences' token counts, for the length-restricted null). The leading
+    dimensions broadcast: one x [n, d] against several y [m, n, d] (one language against the others)
+    permutes x's matrix once per permutation for all m (`_permuted_cross`).
     """
     perms = permutations(x.shape[-2], n_perm, seed, groups)
     a, b = _centred_rank_matrix(x, centre), _centred_rank_matrix(y, centre)
     n = a.shape[-1]
-    flat_a, flat_b = a.reshape(-1, n, n), b.reshape(-1, n, n)
-    if n * (n - 1) // 2 < 2**24:  # centred ranks: multiples of 1/2 below 2^23, exact in float32
-        flat_a, flat_b = flat_a.float(), flat_b.float()
-    null = torch.stack([permuted_gram_cross(ranks_x, ranks_y, perms) for ranks_x, ranks_y in zip(flat_a, flat_b)])
+    lead = (a[..., 0, 0] + b[..., 0, 0]).shape  # the broadcast leading shape
+    flat_b = b.expand(*lead, n, n).reshape(-1, n, n)
+    if a.shape[:-2].numel() == 1:  # one reference for every y: shared
+        null = _permuted_cross(a.reshape(n, n), flat_b, perms)
+    else:
+        flat_a = a.expand(*lead, n, n).reshape(-1, n, n)
+        null = torch.cat([_permuted_cross(ranks_x, ranks_y[None], perms) for ranks_x, ranks_y in zip(flat_a, flat_b)])
     norms = (frob(a) * frob(b)).reshape(-1, 1)
     observed = (a * b).sum((-2, -1)) / frob(a) / frob(b)
-    return permutation_result(observed, (null / norms).reshape(*a.shape[:-2], n_perm))
+    return permutation_result(observed, (null / norms).reshape(*lead, n_perm))
+
+
+def _permuted_cross(a: torch.Tensor, bs: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    """sum_ij A_ij B_p(i)p(j) for every B in bs [m, n, n] and every permutation p, [m, P] float64.
+
+    The same sum is sum_ij A_q(i)q(j) B_ij with q = p^-1, so A is gathered once per permutation and a
+    block of gathered copies meets all m matrices in one float64 product: one n^2 gather per permutation
+    however many languages share the reference (`permuted_gram_cross` gathers once per pair).
+    """
+    n = a.shape[-1]
+    inverse = torch.argsort(perms, dim=1)
+    a, flat_b = a.double(), bs.reshape(len(bs), n * n).double()
+    block = max(1, min(len(perms), _BLOCK_BYTES // (8 * n * n)))
+    rows, gathered = torch.empty(n, n, dtype=torch.float64), torch.empty(block, n, n, dtype=torch.float64)
+    out = torch.empty(len(bs), len(perms), dtype=torch.float64)
+    for start in range(0, len(perms), block):
+        chunk = inverse[start:start + block]
+        for k, q in enumerate(chunk):
+            torch.index_select(torch.index_select(a, 0, q, out=rows), 1, q, out=gathered[k])
+        out[:, start:start + len(chunk)] = flat_b @ gathered[:len(chunk)].reshape(len(chunk), n * n).mT
+    return out

@@ -15,6 +15,7 @@ from matplotlib.lines import Line2D
 
 from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, TABLE, SubnetworkId
 from xlsub.report.figures import CKA_CMAP, JACCARD_CMAP, MAX_ANNOTATED_COLUMNS, PPL_CMAP, RATIO_CMAP, SPREAD_CMAP, CaptionedFigure
+from xlsub.report.similarity_tables import LENGTH_ONLY, LENGTH_RESTRICTED
 from xlsub.report.tables import language_name, several_seeds
 from xlsub.stats.language_distance import paired_matrices
 
@@ -514,14 +515,20 @@ def retrieval_figure(table: pd.DataFrame, reference: str, colours: Mapping[str, 
 
 
 def rsa_figure(table: pd.DataFrame, reference: str) -> dict[str, CaptionedFigure]:
-    """`rsa`: RSA with the reference language at the last layer per model and language, p from Mantel."""
-    wide = table["rsa"].unstack("model")
+    """`rsa`: RSA with the reference language at the last layer per model and language (the subnetworks
+    pooled into their mean), p from Mantel at the null the table's `null` column names."""
+    models = table.index.get_level_values("model")
+    pooled = models.map(lambda m: "subnetworks (mean)" if SubnetworkId.parse_or_none(m) is not None else m)
+    wide = table["rsa"].groupby([pooled, table.index.get_level_values("language")], sort=False).mean().unstack(0)
+    wide = wide.reindex(list(dict.fromkeys(table.index.get_level_values("language"))))
+    restricted = "null" in table and (table["null"] == LENGTH_RESTRICTED).all()
     fig = Figure(figsize=(1.8 + 0.9 * len(wide), 4.0), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(wide))
     width = 0.8 / max(1, wide.shape[1])
     for i, model in enumerate(wide.columns):
-        ax.bar(x + i * width - 0.4 + width / 2, wide[model].to_numpy(dtype=float), width, label=_CONTROLS.get(model, (model,))[0])
+        label = "full model" if model == FULL_MODEL else _CONTROLS.get(model, (f"{model} encoder" if model == LENGTH_ONLY else model,))[0]
+        ax.bar(x + i * width - 0.4 + width / 2, wide[model].to_numpy(dtype=float), width, label=label)
     ax.set_xticks(x, [language_name(l) for l in wide.index], rotation=45)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_ylabel(f"RSA with {language_name(reference)} (Spearman)")
@@ -529,12 +536,16 @@ def rsa_figure(table: pd.DataFrame, reference: str) -> dict[str, CaptionedFigure
     ax.set_title("Representational similarity (last layer)")
     return {TABLE.rsa: CaptionedFigure(
         fig, f"Spearman correlation between the dissimilarity matrices (1 - cosine) of parallel sentences in each language "
-             f"and in {language_name(reference)} at the last layer; Mantel permutation p-values in the table.", (TABLE.rsa,))}
+             f"and in {language_name(reference)} at the last layer, for the full model, the subnetworks (mean), the controls "
+             "and a content-free length-only encoder; Mantel permutation p-values in the table"
+             + (", pairings permuted only among sentences whose source has the same token count." if restricted
+                else ", pairings permuted freely (no token counts: not length-controlled)."), (TABLE.rsa,))}
 
 
 def length_control_figure(table: pd.DataFrame, reference: str, kind: str) -> dict[str, CaptionedFigure]:
     """`cka_length`: per model (full, the subnetworks pooled, base, random, the length-only encoder), mean
-    over languages of the parallel CKA, the length-matched null mean and the CKA of length residuals."""
+    over languages of the parallel CKA, the length-matched null mean and the CKA of length residuals
+    (descriptive only: not a length control)."""
     def group(model: str) -> str:
         if model == FULL_MODEL:
             return "full model"
@@ -550,7 +561,7 @@ def length_control_figure(table: pd.DataFrame, reference: str, kind: str) -> dic
     ax = fig.subplots()
     x = np.arange(len(means))
     for i, (column, label) in enumerate((("cka", "parallel"), ("length_null_mean", "length-matched pairings (null mean)"),
-                                         ("residual_cka", "after regressing out token count"))):
+                                         ("residual_cka", "after regressing out token count (descriptive, not a control)"))):
         ax.bar(x + (i - 1) * 0.27, means[column].to_numpy(dtype=float), 0.27, label=label)
     ax.set_xticks(x, list(means.index), rotation=20, fontsize=8)
     ax.set_ylabel(f"{kind} CKA with {language_name(reference)}, mean over languages")
@@ -560,9 +571,11 @@ def length_control_figure(table: pd.DataFrame, reference: str, kind: str) -> dic
     pooled = f" The subnetworks' bars pool {k} subnetwork{'s' if k > 1 else ''}." if k else ""
     return {TABLE.cka_length: CaptionedFigure(
         fig, f"{kind.capitalize()} CKA with {language_name(reference)} at the last layer (mean over languages): parallel "
-             "pairs, the mean of pairings that keep the source sentence's token count, and the CKA of residuals after "
-             "regressing each representation on its token count; a content-free length-only encoder is the negative "
-             f"control.{pooled}", (TABLE.cka_length,))}
+             "pairs, the mean of pairings that keep the source sentence's token count (the length-restricted null every "
+             "representation test uses), and the CKA of residuals after regressing each representation on its token count; "
+             "a content-free length-only encoder is the negative control. The residual CKA is descriptive, not a length "
+             "control: regressing out token count leaves the length-only encoder more of it than the trained model, so "
+             f"length still drives it.{pooled}", (TABLE.cka_length,))}
 
 
 def power_figure(table: pd.DataFrame, limits: Mapping[str, float]) -> dict[str, CaptionedFigure]:
