@@ -25,6 +25,9 @@ def test_specificity_says_no_evidence_when_random_masks_explain_the_gap():
     no = specificity(0.30, 0.02, 0.60, 0.05, 0.2, LANGUAGES)
     assert yes.answer.startswith("yes") and no.answer.startswith("no evidence")
     assert (yes.value, yes.lo, yes.hi, yes.control_value, yes.p) == (0.30, 0.20, 0.40, 0.05, 0.001)
+    # significant one-sided but an interval that reaches 0: no evidence, and the answer says why
+    edge = specificity(0.318, -0.00715, 0.699, 0.274, 0.0273, LANGUAGES)
+    assert edge.answer.startswith("no evidence") and "[-0.00715, 0.699], which includes 0; one-sided p = 0.0273" in edge.answer
 
 
 def test_different_heads_and_stability_need_several_seeds():

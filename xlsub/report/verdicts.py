@@ -153,13 +153,15 @@ def specificity(excess: float, lo: float, hi: float, random_gap: float, p: float
         scope = "" if not per_language else f" for all {n} languages" if not without else f" for {len(holds)} of {n} languages"
         answer = (f"yes{scope}: a subnetwork's relative perplexity on the other languages exceeds that on its own by "
                   f"{_fmt(excess)} more than for random masks with the same heads per layer (mean over {n} languages, "
-                  f"{_interval(lo, hi)} from sign flips over languages; random masks' own gap {_fmt(random_gap)}), {p_text}")
+                  f"{_interval(lo, hi)} from sign flips over languages; random masks' own gap {_fmt(random_gap)}), one-sided {p_text}")
         if without:
             answer += (f"; {_listed(without)} {'shows' if len(without) == 1 else 'show'} no excess over random masks "
                        f"(BH-adjusted p >= {ALPHA:g})")
     else:
+        includes = ", which includes 0" if math.isfinite(lo) and lo <= 0 else ""
         answer = (f"no evidence at the level of languages: the specificity gap exceeds that of random masks with the same "
-                  f"heads per layer by {_fmt(excess)} on average over {n} languages ({_interval(lo, hi)}), {p_text}")
+                  f"heads per layer by {_fmt(excess)} on average over {n} languages ({_interval(lo, hi)}{includes}; one-sided "
+                  f"{p_text})")
         if math.isfinite(inference.p_floor) and inference.p_floor >= ALPHA:
             answer += f"; {n} languages cannot give p below {inference.p_floor:.3g}"
         elif not math.isfinite(lo):
