@@ -85,8 +85,11 @@ def demo_page(experiment: str, commit: str, times: dict, reused: list[str], answ
              "computed: [methods.md](methods.md).", "", "## Stage times", "", "| stage | minutes | |", "|---|---|---|"]
     for stage, seconds in times.items():
         lines.append(f"| {stage} | {'running' if seconds is None else f'{seconds / 60:.1f}'} | {'reused' if stage in reused else ''} |")
-    total = sum(t for s, t in times.items() if t is not None and s not in reused)
-    lines += ["", f"{total / 60:.1f} minutes for the stages this pipeline computed.", "", "## Answers", ""]
+    total = sum(t for t in times.values() if t is not None)
+    again = [stage for stage in times if stage in reused]
+    lines += ["", f"{total / 60:.1f} minutes for the {len(times)} stages"
+              + (f" ({', '.join(again)} computed by an earlier pipeline with the same parameters and code, and reused)" if again else "")
+              + ".", "", "## Answers", ""]
     for v in answers:
         robust = {True: "yes", False: "no", None: "not computed"}[v.get("robust_to_leave_one_out")]
         lines += [f"### {v['question']}", "", v["answer"] + ".", "",

@@ -32,5 +32,5 @@ def test_the_demo_page_is_made_of_the_verdicts_and_stamped_with_the_commit():
     page = demo_page("xlsub-demo", "0123456789abcdef", {"finetune": 216.0, "prune": 60.0}, ["prune"], answers, {"bootstrap": "1000", "lr": "1"})
     assert "commit `0123456789ab`" in page and "### Q?" in page and "yes for 6 of 8 languages." in page
     assert "| 0.318 | [0.075, 0.643] | random masks: 0.274 | 0.00391 | 0.00391 | sign_flip_exact | languages > seeds > chunks | 8 | no |" in page
-    assert "| finetune | 3.6 |  |" in page and "| prune | 1.0 | reused |" in page and "3.6 minutes for the stages this pipeline computed" in page
+    assert "| finetune | 3.6 |  |" in page and "| prune | 1.0 | reused |" in page and "4.6 minutes for the 2 stages (prune computed by an earlier pipeline" in page
     assert "`bootstrap=1000`" in page and "lr" not in page.split("settings")[-1]
