@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import math
 from dataclasses import replace
 from itertools import combinations, product
@@ -516,8 +517,12 @@ def test_verdict_values_against_their_tables(complete):
     assert (by_key["specificity"].lo, by_key["specificity"].hi) == (-math.inf, math.inf)  # 3 languages: 2^-3 > 0.025
     assert by_key["specificity"].p == complete.metrics["specificity_excess_p"] >= by_key["specificity"].p_floor == 1 / 8
     length = complete.tables["cka_length"]
-    assert by_key["beyond_length"].value == pytest.approx(length.loc["full", "above_length_chance"].mean())
+    difference = length.loc["full", "above_length_chance"] - length.loc["random", "above_length_chance"]
+    assert by_key["beyond_length"].value == pytest.approx(difference.mean())  # the paired difference, per language
     assert by_key["beyond_length"].control_value == pytest.approx(length.loc["random", "above_length_chance"].mean())
+    signs = np.array(list(itertools.product((1, -1), repeat=len(difference))))
+    exact = float(np.mean(signs @ difference.to_numpy() / len(difference) >= difference.mean() - 1e-12))
+    assert by_key["beyond_length"].p == pytest.approx(exact) and by_key["beyond_length"].inference.test == "sign_flip_exact"
     change = 1 - complete.tables["cka_full_vs_subnetwork_last_layer"].loc[LANGS, LANGS].to_numpy()
     off = ~np.eye(len(LANGS), dtype=bool)
     assert by_key["pruning_specific"].value == pytest.approx(change[off].mean() - np.diag(change).mean())

@@ -4,7 +4,7 @@ verdict says how it was tested (unit, test, p floor) and writes a p at its floor
 import json
 import math
 
-from xlsub.report.verdicts import Inference, different_heads, evidence, format_p, specificity, stability
+from xlsub.report.verdicts import Inference, beyond_length, different_heads, evidence, format_p, specificity, stability
 
 LANGUAGES = Inference("languages > seeds > chunks", 8, "sign_flip_exact", 1 / 256, True)
 SEEDS = Inference("languages > seed pairs", 8, "random_masks_mc", 1 / 1001)
@@ -67,3 +67,14 @@ def test_verdicts_are_json_with_the_schema_and_nan_as_null():
 def test_an_infinite_interval_end_is_null_in_json():
     row = stability(0.6, -math.inf, math.inf, 0.25, 0.01, SEEDS).as_dict()
     assert json.loads(json.dumps(row, allow_nan=False))["lo"] is None
+
+
+def test_beyond_length_is_judged_on_the_paired_difference():
+    inference = Inference("languages > sentences", 7, "sign_flip_exact", 1 / 128, True)
+    yes = beyond_length(0.046, 0.009, 0.083, 0.106, 0.0605, 1 / 128, "randomly initialised model", 0.03, inference)
+    assert yes.answer.startswith("yes: parallel sentences' CKA above length-matched pairings exceeds that of the randomly "
+                                 "initialised model by 0.046 (95% interval [0.009, 0.083] from sign flips over 7 languages")
+    assert "trained 0.106, randomly initialised model 0.0605" in yes.answer and "one-sided p <= 0.00781" in yes.answer
+    assert (yes.value, yes.control_value) == (0.046, 0.0605)
+    no = beyond_length(0.046, -0.01, 0.1, 0.106, 0.0605, 0.03, "randomly initialised model", math.nan, inference)
+    assert no.answer.startswith("no evidence") and "which includes 0" in no.answer

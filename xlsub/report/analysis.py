@@ -45,7 +45,7 @@ from xlsub.report.figures import analysis as figures
 from xlsub.report.similarity_tables import Counts
 from xlsub.report.verdicts import Inference, Verdict
 from xlsub.similarity.cka import check_options, cka_matrix
-from xlsub.stats.inference import sign_flip_interval
+from xlsub.stats.inference import sign_flip_interval, unit_level
 from xlsub.stats.language_distance import MIN_LANGUAGES, distance_correlations, uriel_distances
 from xlsub.stats.overlap import (
     RELIABLE,
@@ -334,17 +334,19 @@ def _similarity(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str]
     result.add({TABLE.cka_length: length}, figures.length_control_figure(length, reference, kind))
     ours = length.loc[FULL_MODEL]
     control = RANDOM_MODEL if RANDOM_MODEL in length.index.get_level_values(0) else similarity_tables.LENGTH_ONLY
-    lo = result.tables[TABLE.cka_vs_reference_lo].iloc[:, -1].reindex(ours.index) - ours["length_null_mean"]
-    hi = result.tables[TABLE.cka_vs_reference_hi].iloc[:, -1].reindex(ours.index) - ours["length_null_mean"]
-    p = min(1.0, len(ours) * float(ours["p_value"].min()))
+    theirs = length.loc[control]
+    p = min(1.0, len(ours) * float(ours["p_value"].min()))  # the full model against its own length null: descriptive
     result.metrics |= {METRIC.mean_cka_above_length_chance: float(ours["above_length_chance"].mean()),
                        METRIC.mean_residual_cka_last_layer: float(ours["residual_cka"].mean()), METRIC.cka_beyond_length_p: p}
+    # the claim is against the control: per language, the trained model's CKA above length chance minus the control's
+    common = [lang for lang in ours.index if lang in theirs.index]
+    judged = unit_level((ours.loc[common, "above_length_chance"] - theirs.loc[common, "above_length_chance"]).to_numpy(dtype=float))
     control_name = "randomly initialised model" if control == RANDOM_MODEL else "length-only encoder"
-    result.verdicts.append(verdicts.beyond_length(float(ours["above_length_chance"].mean()), float(lo.mean()), float(hi.mean()),
-                                                  float(length.loc[control]["above_length_chance"].mean()), p, control_name,
-                                                  limits.get("cka", math.nan), Inference(
-                                                      "languages (Bonferroni) > sentences (length-restricted permutations)", len(ours),
-                                                      "restricted_perm_mc", min(1.0, len(ours) / (counts.length + 1)))))
+    result.verdicts.append(verdicts.beyond_length(
+        judged.value, judged.lo, judged.hi, float(ours.loc[common, "above_length_chance"].mean()),
+        float(theirs.loc[common, "above_length_chance"].mean()), judged.p, control_name, limits.get("cka", math.nan),
+        Inference("languages > sentences (length-restricted null mean)", judged.n_units, judged.test, judged.p_floor,
+                  judged.robust_to_leave_one_out)))
 
 
 def _tokens(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], reference: str, kind: str,

@@ -188,20 +188,29 @@ def stability(within: float, lo: float, hi: float, chance: float, p: float, infe
     return Verdict(question, answer, within, lo, hi, "random masks with the same heads per layer", chance, p, inference)
 
 
-def beyond_length(above: float, lo: float, hi: float, control_above: float, p: float, control: str,
+def beyond_length(difference: float, lo: float, hi: float, above: float, control_above: float, p: float, control: str,
                   detection_limit: float, inference: Inference) -> Verdict:
-    """Parallel sentences' CKA above a length-matched null (pairings that keep the source's token count),
-    mean over languages at the last layer, against the same for a control encoder (the random-init model,
-    or the length-only encoder); p: Bonferroni over languages of the length-matched permutation tests."""
-    if evidence(above, lo, hi, control_above, p):
-        answer = (f"yes: CKA is {_fmt(above)} above length-matched pairings ({_interval(lo, hi)}), against "
-                  f"{_fmt(control_above)} for the {control}, {format_p(p, inference.p_floor)}")
+    """Do parallel sentences share representation beyond what length explains, more than a control encoder
+    does? Per language, the parallel CKA above its length-matched null (pairings that keep the source's
+    token count) at the last layer, the trained model's minus the control's (the random-init model, or the
+    length-only encoder): the paired difference, its sign-flip interval and one-sided p over languages.
+    `above`, `control_above`: the two means, for reading."""
+    p_text = format_p(p, inference.p_floor)
+    both = f"trained {_fmt(above)}, {control} {_fmt(control_above)}"
+    if evidence(difference, lo, hi, 0.0, p):
+        answer = (f"yes: parallel sentences' CKA above length-matched pairings exceeds that of the {control} by "
+                  f"{_fmt(difference)} ({_interval(lo, hi)} from sign flips over {inference.n_units} languages; {both}), "
+                  f"one-sided {p_text}")
     else:
-        answer = (f"no evidence: CKA above length-matched pairings is {_fmt(above)} ({_interval(lo, hi)}), not above "
-                  f"the {control} ({_fmt(control_above)}), {format_p(p, inference.p_floor)}")
+        includes = ", which includes 0" if math.isfinite(lo) and lo <= 0 else ""
+        answer = (f"no evidence: parallel sentences' CKA above length-matched pairings exceeds that of the {control} by "
+                  f"{_fmt(difference)} ({_interval(lo, hi)}{includes}; {both}), one-sided {p_text}")
+    if inference.robust_to_leave_one_out is False:
+        answer += "; the answer changes when one language is left out"
     if math.isfinite(detection_limit):
-        answer += f"; at this n and d, CKA detects a planted shared signal down to a signal-to-noise ratio of {_fmt(detection_limit)}"
-    return Verdict(BEYOND_LENGTH, answer, above, lo, hi, f"the same for the {control}", control_above, p, inference)
+        answer += (f"; at this n and d, the length-restricted CKA test detects a planted shared signal down to a "
+                   f"signal-to-noise ratio of {_fmt(detection_limit)}")
+    return Verdict(BEYOND_LENGTH, answer, difference, lo, hi, f"the same for the {control}", control_above, p, inference)
 
 
 def pruning_specific(gap: float, lo: float, hi: float, p: float, inference: Inference) -> Verdict:
