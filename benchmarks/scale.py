@@ -148,7 +148,7 @@ def child_analyze(n: int, subnetworks: int, eager: bool, languages: int = 4, lay
         tokens = {lang: [list(range(int(k))) for k in torch.randint(6, 40, (n,), generator=g)] for lang in langs}
         start = time.perf_counter()
         analyze(AnalysisInputs(languages=langs, encodings=encodings, tokens=tokens), cka_kind="debiased", layers=None,
-                cka_precision="float64", reference="en", counts=Counts(full=100, controls=100, subnetworks=20, length=50),
+                cka_precision="float64", reference="en", counts=Counts(full=100, controls=100, subnetworks=20, length=50, power_draws=50),
                 bootstrap=100, permutations=100, resample_seed=0)
         return time.perf_counter() - start
 

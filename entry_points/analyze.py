@@ -55,6 +55,8 @@ class AnalyzeArgs(StageArgs):
     subnetwork_permutations: int = field(default=200, metadata={"help": "permutations of the CKA and retrieval nulls, and at most as many of the Mantel test, for each subnetwork (last layer)", "range": COUNT})
     length_permutations: int = field(default=500, metadata={"help": "length-matched permutations of the full model's CKA and RSA's Mantel test (full model and controls, last layer)",
                                                             "range": COUNT})
+    power_draws: int = field(default=50, metadata={"help": "planted draws per signal-to-noise level of the power analysis (CKA, RSA and retrieval; 99 permutations a draw, stopped early)",
+                                                   "range": COUNT})
 
     @property
     def layer_list(self) -> list[int] | None:
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
             result = analyze(inputs, cka_kind=args.cka, layers=args.layer_list,
                              cka_precision=args.cka_precision, reference=args.reference, bootstrap=args.bootstrap,
                              permutations=args.permutations, resample_seed=args.resample_seed,
-                             counts=Counts(args.cka_permutations, args.cka_permutations, args.subnetwork_permutations, args.length_permutations))
+                             counts=Counts(args.cka_permutations, args.cka_permutations, args.subnetwork_permutations, args.length_permutations,
+                                           args.power_draws))
             title = f"xlsub analysis ({args.cka} CKA{', float32 products' if args.cka_precision == 'float32' else ''})"
             written = write_report(result, Path(tmp) / "out", {stage: r.info.run_id for stage, r in (runs | {"analyze": run}).items()},
                                    lineage.run_links(runs | {"analyze": run}), title=title)

@@ -52,7 +52,7 @@ TOKENS = {"en": [[1, 2, 3], [4, 5]], "de": [[1, 2, 9], [4, 4]], "zh": [[7, 8], [
 # `analyze` has no defaults of its own (the analyze stage's dataclass declares them); these tests were
 # written for linear CKA with these counts, and the other analysis tests share them
 OPTIONS = dict(cka_kind="linear", layers=None, cka_precision="float64", reference="en", bootstrap=1000, permutations=1000,
-               resample_seed=0, counts=Counts(full=1000, controls=1000, subnetworks=200, length=500))
+               resample_seed=0, counts=Counts(full=1000, controls=1000, subnetworks=200, length=500, power_draws=10))
 
 
 def analyzed(given: AnalysisInputs, **options) -> AnalysisResult:
@@ -484,7 +484,7 @@ def complete():
     given.tokens = {l: [torch.randint(3, 50, (int(k),), generator=g).tolist() for k in torch.randint(2, 6, (N,), generator=g)]
                     for l in LANGS}
     given.chunk_losses = chunk_losses(True, seeds=(0, 1))
-    return analyzed(given, bootstrap=50, permutations=50, counts=Counts(20, 20, 20, 20))
+    return analyzed(given, bootstrap=50, permutations=50, counts=Counts(20, 20, 20, 20, 10))
 
 
 @pytest.mark.parametrize("key", list(VERDICT_KEYS))
@@ -543,6 +543,22 @@ def test_every_table_id_and_metric_name_is_in_the_contract(complete):
         stem = name.split(".")[0]
         assert name in named or stem in named or stem == "verdict", name
     assert complete.metrics["retrieval_top1.de"] == complete.tables["retrieval_top1"].loc[("full", "de")].iloc[-1]
+
+
+def test_power_table_limits_and_the_verdicts_power_sentence(complete):
+    """power.csv: one row per measure and tested level (Counts.power_draws = 10 draws each here), the detection limit
+    metric the smallest tested SNR with power >= 0.8, and the beyond-length verdict names the draws and permutations."""
+    power = complete.tables["power"].reset_index()
+    assert list(power.columns) == ["measure", "snr", "n_draws", "power", "power_lo", "power_hi"]
+    assert (power["n_draws"] == 10).all()
+    for measure in ("cka", "rsa", "retrieval"):
+        rows = power[power["measure"] == measure]
+        reached = rows.loc[rows["power"] >= 0.8, "snr"]
+        limit = complete.metrics[f"detection_limit.{measure}"]
+        assert (limit == reached.min()) if len(reached) else math.isnan(limit)
+    verdict = next(v for v in complete.verdicts if v.question == VERDICT_KEYS["beyond_length"])
+    if math.isfinite(complete.metrics["detection_limit.cka"]):
+        assert "has power >= 0.8 (from 10 planted draws per level, 99 permutations each) from a signal-to-noise ratio of" in verdict.answer
 
 
 def test_spearman_brown_and_the_reliability_caveat():

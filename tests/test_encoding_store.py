@@ -10,7 +10,7 @@ from xlsub import artifacts
 from xlsub.report.analysis import AnalysisInputs
 from xlsub.report.similarity_tables import Counts
 
-COUNTS = Counts(full=20, controls=20, subnetworks=10, length=10)
+COUNTS = Counts(full=20, controls=20, subnetworks=10, length=10, power_draws=10)
 
 
 def stored(tmp_path, enc):

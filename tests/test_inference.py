@@ -4,15 +4,21 @@ subset means, scipy's t and BH, and simulations of coverage and calibration."""
 from __future__ import annotations
 
 import math
-from itertools import combinations, product
+from itertools import combinations, permutations, product
 
 import numpy as np
 import pytest
 import scipy.stats
+import torch
 
+from xlsub.similarity.permutation import permutations as similarity_permutations
 from xlsub.stats.inference import (
+    average_ranks,
     benjamini_hochberg,
+    jackknife_interval,
     leave_one_out,
+    mantel_test,
+    matrix_correlation,
     monte_carlo_p,
     sign_flip_interval,
     sign_flip_test,
@@ -194,3 +200,122 @@ def test_benjamini_hochberg_matches_scipy(m):
     p = np.concatenate([rng.uniform(size=m) ** 3, [0.5, 0.5, 1.0]])  # with ties and a 1
     rng.shuffle(p)
     np.testing.assert_allclose(benjamini_hochberg(p), scipy.stats.false_discovery_control(p), rtol=1e-14)
+
+
+# -- ranks and the Mantel test -----------------------------------------------------------------------------
+
+
+def test_average_ranks_equal_scipys_with_ties_along_the_last_axis():
+    x = np.array([3.0, 1.0, 2.0, 1.0, 3.0, 3.0, 0.5])
+    np.testing.assert_array_equal(average_ranks(x).numpy(), scipy.stats.rankdata(x))
+    rows = np.round(np.random.default_rng(0).random((4, 30)) * 5)  # few distinct values: long tie runs
+    np.testing.assert_array_equal(average_ranks(torch.from_numpy(rows)).numpy(), scipy.stats.rankdata(rows, axis=-1))
+
+
+def dissimilarities(k: int, seed: int, ties: bool = False) -> np.ndarray:
+    values = np.random.default_rng(seed).random((k, k))
+    if ties:
+        values = np.round(values * 3) / 3
+    values = (values + values.T) / 2
+    np.fill_diagonal(values, 0.0)
+    return values
+
+
+def upper_triangle(m: np.ndarray) -> np.ndarray:
+    return m[np.triu_indices(len(m), 1)]
+
+
+def hand_mantel_p(x, y, alternative, method="spearman"):
+    """Share of all k! relabellings of y whose correlation with x is at least as extreme (identity included)."""
+    correlate = scipy.stats.spearmanr if method == "spearman" else scipy.stats.pearsonr
+    observed = correlate(upper_triangle(x), upper_triangle(y)).statistic
+    null = np.array([correlate(upper_triangle(x), upper_triangle(y[np.ix_(p, p)])).statistic
+                     for p in (list(q) for q in permutations(range(len(x))))])
+    if alternative == "greater":
+        return observed, np.mean(null >= observed - 1e-12)
+    if alternative == "less":
+        return observed, np.mean(null <= observed + 1e-12)
+    return observed, np.mean(np.abs(null) >= abs(observed) - 1e-12)
+
+
+@pytest.mark.parametrize("alternative", ["greater", "less", "two-sided"])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("method", ["spearman", "pearson"])
+def test_exact_mantel_p_is_the_share_of_hand_enumerated_relabellings(alternative, ties, method):
+    x, y = dissimilarities(5, 1, ties), dissimilarities(5, 2, ties) + 0.4 * dissimilarities(5, 1, ties)
+    observed, p = hand_mantel_p(x, y, alternative, method)
+    result = mantel_test(x, y, alternative=alternative, method=method)
+    assert (result.test, result.n_perm, result.p_floor) == ("relabel_exact", 120, 1 / 120)
+    assert float(result.observed) == pytest.approx(observed, abs=1e-12)
+    assert float(result.p_value) == pytest.approx(p, abs=1e-12)
+    assert float(matrix_correlation(x, y, method)) == pytest.approx(observed, abs=1e-12)
+
+
+def test_exact_mantel_reaches_its_floor_only_with_the_identity():
+    x = dissimilarities(6, 3)
+    result = mantel_test(x, x ** 2)  # a monotone transform: r = 1, and only relabellings fixing every pair reach it
+    assert float(result.observed) == pytest.approx(1.0)
+    assert float(result.p_value) == pytest.approx(result.p_floor) == pytest.approx(1 / math.factorial(6))
+
+
+def test_monte_carlo_mantel_agrees_with_the_exact_p_within_its_error():
+    x, y = dissimilarities(7, 4), dissimilarities(7, 5)
+    y = y + 0.15 * x  # a p away from 0 and 1
+    exact = mantel_test(x, y, alternative="two-sided")
+    sampled = mantel_test(x, y, similarity_permutations(7, 4000, 1), alternative="two-sided", max_exact=0)
+    assert exact.test == "relabel_exact" and exact.n_perm == 5040
+    assert sampled.test == "relabel_mc" and sampled.n_perm == 4000 and sampled.p_floor == 1 / 4001
+    p = float(exact.p_value)
+    assert 0.05 < p < 0.95
+    assert abs(float(sampled.p_value) - p) < 4 * math.sqrt(p * (1 - p) / 4000) + 1 / 4001
+    assert float(sampled.null_mean) == pytest.approx(float(exact.null_mean), abs=0.02)
+
+
+def test_restricted_mantel_relabels_only_within_groups():
+    k, groups = 12, np.repeat([0, 1, 2], 4)
+    x = dissimilarities(k, 6)
+    # y depends only on the pair's groups: a relabelling within groups leaves it unchanged, any other does not
+    y = np.abs(groups[:, None] - groups[None, :]) + 0.1 * (groups[:, None] + groups[None, :]) + 0.0
+    np.fill_diagonal(y, 0.0)
+    restricted = mantel_test(x, y, similarity_permutations(k, 200, 2, groups), groups)
+    assert restricted.test == "restricted_perm_mc" and restricted.p_floor == 1 / 201
+    np.testing.assert_allclose(restricted.null.numpy(), float(restricted.observed), rtol=0, atol=1e-12)
+    assert float(restricted.p_value) == 1.0
+    assert float(mantel_test(x, y, similarity_permutations(k, 200, 2)).null.std()) > 0.05  # unrestricted relabellings do move it
+    # and its null is the correlation under the same within-group permutations, one at a time
+    y = dissimilarities(k, 7)
+    perms = similarity_permutations(k, 50, 3, groups).numpy()
+    result = mantel_test(x, y, perms, groups)
+    assert all((groups[p] == groups).all() for p in perms)
+    expected = [scipy.stats.spearmanr(upper_triangle(x), upper_triangle(y[np.ix_(p, p)])).statistic for p in perms]
+    np.testing.assert_allclose(result.null.numpy(), expected, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="out of its group"):
+        mantel_test(x, y, similarity_permutations(k, 50, 3), groups)
+    with pytest.raises(ValueError, match="too many to enumerate"):
+        mantel_test(x, y)
+
+
+def test_mantel_of_one_reference_against_stacked_matrices_equals_one_test_each():
+    x = dissimilarities(20, 8)
+    ys = np.stack([dissimilarities(20, s) + 0.2 * x for s in (9, 10, 11)])
+    sample = similarity_permutations(20, 30, 4)
+    shared = mantel_test(x, ys, sample)
+    assert shared.null.shape == (3, 30) and shared.p_value.shape == (3,)
+    for n, y in enumerate(ys):
+        alone = mantel_test(x, y, sample)
+        np.testing.assert_allclose(shared.null[n].numpy(), alone.null.numpy(), rtol=0, atol=1e-12)
+        assert float(shared.p_value[n]) == float(alone.p_value)
+
+
+def test_mantel_of_a_constant_matrix_is_nan():
+    x = dissimilarities(6, 12)
+    result = mantel_test(x, 1.0 - np.eye(6), alternative="two-sided")
+    assert math.isnan(float(result.observed)) and math.isnan(float(result.p_value))
+
+
+def test_jackknife_interval_is_the_grouped_jackknife_with_a_t_quantile():
+    theta = np.array([0.31, 0.29, 0.35, 0.30, 0.27, 0.33])
+    se = math.sqrt(5 / 6 * ((theta - theta.mean()) ** 2).sum())
+    lo, hi = jackknife_interval(0.3, theta, level=0.9)
+    half = scipy.stats.t.ppf(0.95, 5) * se
+    assert (float(lo), float(hi)) == pytest.approx((0.3 - half, 0.3 + half), abs=1e-14)

@@ -28,11 +28,11 @@ from xlsub.errors import XlsubError
 from xlsub.report.analysis import AnalysisInputs
 from xlsub.report.similarity_tables import Counts
 from xlsub.similarity.permutation import permutations
+from xlsub.stats.inference import mantel_test
 from xlsub.stats.language_distance import (
     DISTANCE_KINDS,
     URIEL_CODES,
     distance_correlations,
-    mantel_spearman,
     uriel_code,
     uriel_distances,
     uriel_locations,
@@ -53,6 +53,12 @@ def symmetric(k: int, seed: int, ties: bool = False) -> np.ndarray:
 def upper(m: np.ndarray) -> np.ndarray:
     i, j = np.triu_indices(len(m), 1)
     return m[i, j]
+
+
+def mantel_spearman(x, y, n_perm: int = 1000, seed: int = 0, **options) -> tuple[float, float, int, bool]:
+    """The language-distance call of the Mantel test (two-sided Spearman): r, p, permutations used, exact."""
+    result = mantel_test(x, y, permutations(len(x), n_perm, seed), alternative="two-sided", **options)
+    return float(result.observed), float(result.p_value), result.n_perm, result.test == "relabel_exact"
 
 
 def brute_force_r(x: np.ndarray, y: np.ndarray, perm) -> float:
@@ -80,7 +86,7 @@ def test_sampled_mantel_equals_spearman_over_the_same_permutations():
     observed = spearmanr(upper(x), upper(y)).statistic
     drawn = permutations(6, 200, seed=7).numpy()
     null = np.array([brute_force_r(x, y, p) for p in drawn])
-    r, p, used, exact = mantel_spearman(x, y, n_perm=200, seed=7, exact_limit=0)
+    r, p, used, exact = mantel_spearman(x, y, n_perm=200, seed=7, max_exact=0)
     assert not exact and used == 200
     assert r == pytest.approx(observed, abs=1e-12)
     assert p == pytest.approx((1 + np.sum(np.abs(null) >= abs(observed) - 1e-12)) / 201, abs=1e-12)
@@ -243,7 +249,7 @@ def analysis_inputs() -> AnalysisInputs:
     return AnalysisInputs(languages=LANGS, masks=masks, cross_ppl=cross, ppl_full=PPL_FULL, encodings={"full": full})
 
 
-SMALL = dict(bootstrap=20, permutations=30, counts=Counts(full=20, controls=20, subnetworks=10, length=20))
+SMALL = dict(bootstrap=20, permutations=30, counts=Counts(full=20, controls=20, subnetworks=10, length=20, power_draws=10))
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,7 @@ def tokens():
 
 def test_tables_hold_the_controls_at_the_length_restricted_null():
     enc, lengths = encodings(), sentence_lengths(tokens())
-    counts = Counts(full=20, controls=15, subnetworks=10, length=12)
+    counts = Counts(full=20, controls=15, subnetworks=10, length=12, power_draws=10)
     cka_table = cka_pvalue_table(enc, LANGS, "en", "debiased", counts, seed=0, lengths=lengths)
     rsa = rsa_table(enc, LANGS, "en", counts, seed=0, lengths=lengths)
     retrieval = retrieval_pvalue_table(enc, LANGS, "en", counts, seed=0, lengths=lengths)
@@ -104,7 +104,7 @@ def test_tables_hold_the_controls_at_the_length_restricted_null():
     assert len(cka_table.loc[LENGTH_ONLY]) == 2 and len(cka_table.loc["full"]) == 2 * LAYERS  # controls: the last layer only
     assert retrieval.loc[(LENGTH_ONLY, "zh", LAYERS - 1), "n_perm"] == 15
     assert rsa.loc[("full", "de"), "n_perm"] == 12 == rsa.loc[(LENGTH_ONLY, "de"), "n_perm"] and rsa.loc[("de-s0", "de"), "n_perm"] == 10
-    assert list(retrieval.reset_index().columns) == ["model", "language", "layer", "top1", "null_mean", "p_value", "n_perm", "null"]
+    assert list(retrieval.reset_index().columns) == ["model", "language", "layer", "top1", "null_mean", "p_value", "n_perm", "null", "lo", "hi"]
     # without token counts: the unrestricted null, said so, and no length-only rows
     plain = cka_pvalue_table(enc, LANGS, "en", "debiased", counts, seed=0)
     assert (plain["null"] == UNRESTRICTED).all() and LENGTH_ONLY not in plain.index.get_level_values("model")
@@ -128,7 +128,7 @@ def test_length_only_p_values_against_a_plain_loop_over_the_same_draws():
     """The tables' length-only rows: the encoder rebuilt from the token counts (seeded), the permutations
     redrawn one at a time within groups of the reference's token count, each statistic recomputed."""
     enc, lengths = encodings(), sentence_lengths(tokens())
-    counts, seed = Counts(full=20, controls=30, subnetworks=10, length=25), 3
+    counts, seed = Counts(full=20, controls=30, subnetworks=10, length=25, power_draws=10), 3
     cka_table = cka_pvalue_table(enc, LANGS, "en", "debiased", counts, seed, lengths)
     rsa = rsa_table(enc, LANGS, "en", counts, seed, lengths)
     retrieval = retrieval_pvalue_table(enc, LANGS, "en", counts, seed, lengths)
@@ -194,7 +194,7 @@ def test_without_lengths_the_analysis_notes_the_unrestricted_null():
 
     result = analyze(AnalysisInputs(languages=LANGS, encodings=encodings()), cka_kind="debiased", layers=None,
                      cka_precision="float64", reference="en", bootstrap=10, permutations=10, resample_seed=0,
-                     counts=Counts(10, 10, 10, 10))
+                     counts=Counts(10, 10, 10, 10, 10))
     assert any("unrestricted null" in note for note in result.notes)
     assert (result.tables["retrieval_pvalue"]["null"] == UNRESTRICTED).all()
     assert isinstance(result.tables["rsa"], pd.DataFrame) and (result.tables["rsa"]["null"] == UNRESTRICTED).all()

@@ -17,7 +17,6 @@ import torch
 from xlsub.artifacts import SubnetworkId as S
 from xlsub.errors import XlsubError
 from xlsub.stats.overlap import (
-    _average_ranks,
     equal_size_jaccard,
     expected_random_jaccard,
     jaccard,
@@ -312,11 +311,6 @@ def test_within_vs_across_degenerate():
 # -- split-half reliability --------------------------------------------------------------------------
 
 
-def test_average_ranks_match_scipy():
-    x = np.array([3.0, 1.0, 2.0, 1.0, 3.0, 3.0, 0.5])
-    np.testing.assert_array_equal(_average_ranks(x), scipy.stats.rankdata(x))
-
-
 @pytest.mark.parametrize("decimals", [None, 1], ids=["no-ties", "ties"])
 def test_split_half_reliability_matches_spearmanr(decimals):
     generator = torch.Generator().manual_seed(7)
@@ -338,28 +332,31 @@ def test_split_half_reliability_hand_made():
 
 
 def test_seed_stability_test_against_a_loop_of_random_masks():
-    """The Monte Carlo p-value and the language bootstrap, redone by hand with the same generator."""
+    """Per language and over languages, the Monte Carlo p-values redone by hand with the same generator."""
     from itertools import combinations
 
     import numpy as np
 
     from xlsub.artifacts import SubnetworkId
+    from xlsub.stats.inference import benjamini_hochberg
     from xlsub.stats.overlap import expected_random_jaccard, jaccard, seed_stability_test
 
     g = torch.Generator().manual_seed(5)
     masks = {SubnetworkId(l, s): (torch.rand(2, 5, generator=g) < 0.5).float() for l in ("de", "en") for s in (0, 1, 2)}
-    got = seed_stability_test(masks, n_draws=60, seed=7, replicates=50)
+    table, p = seed_stability_test(masks, 60, 7, ["en", "de"])
+    assert list(table.index) == ["en", "de"]
     within = {l: np.mean([jaccard(masks[SubnetworkId(l, a)], masks[SubnetworkId(l, b)]) for a, b in combinations(range(3), 2)])
-              for l in ("de", "en")}
-    assert got["within"] == pytest.approx(np.mean(list(within.values())))
-    expected = np.mean([np.mean([expected_random_jaccard(masks[SubnetworkId(l, a)], masks[SubnetworkId(l, b)])
-                                 for a, b in combinations(range(3), 2)]) for l in ("de", "en")])
-    assert got["expected"] == pytest.approx(expected)
+              for l in ("en", "de")}
+    expected = {l: np.mean([expected_random_jaccard(masks[SubnetworkId(l, a)], masks[SubnetworkId(l, b)])
+                            for a, b in combinations(range(3), 2)]) for l in ("en", "de")}
+    for l in ("en", "de"):
+        assert table.loc[l, "within"] == pytest.approx(within[l])
+        assert table.loc[l, "excess"] == pytest.approx(within[l] - expected[l])
     rng = np.random.default_rng(7)
-    exceed = 0
+    null = []
     for _ in range(60):
         means = []
-        for l in ("de", "en"):
+        for l in ("en", "de"):
             drawn = []
             for s in range(3):
                 m = np.zeros((2, 5), dtype=bool)
@@ -367,10 +364,15 @@ def test_seed_stability_test_against_a_loop_of_random_masks():
                     m[layer, rng.choice(5, size=int(masks[SubnetworkId(l, s)][layer].sum()), replace=False)] = True
                 drawn.append(m)
             means.append(np.mean([(a & b).sum() / (a | b).sum() if (a | b).sum() else 1.0 for a, b in combinations(drawn, 2)]))
-        exceed += np.mean(means) >= got["within"] - 1e-12
-    assert got["p"] == pytest.approx((1 + exceed) / 61)
-    boot = rng.choice(np.array([within["de"], within["en"]]), size=(50, 2), replace=True).mean(1)
-    assert (got["lo"], got["hi"]) == pytest.approx(tuple(np.quantile(boot, [0.025, 0.975])))
+        null.append(means)
+    null = np.array(null)
+    per_language = [(1 + (null[:, i] >= within[l] - 1e-12).sum()) / 61 for i, l in enumerate(("en", "de"))]
+    assert table["p_value"].tolist() == pytest.approx(per_language)
+    assert table["p_bh"].tolist() == pytest.approx(list(benjamini_hochberg(per_language)))
+    assert p == pytest.approx((1 + (null.mean(1) >= np.mean(list(within.values())) - 1e-12).sum()) / 61)
+    one_seed = {SubnetworkId("de", 0): masks[SubnetworkId("de", 0)]}
+    empty, nothing = seed_stability_test(one_seed, 10, 0)
+    assert empty.empty and math.isnan(nothing)
 
 
 def test_head_agreement_by_language_is_chance_adjusted_and_permutes_languages():

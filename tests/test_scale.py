@@ -59,7 +59,7 @@ def test_analyze_core_runs_streamed_and_eager_on_tiny_sizes(tmp_path):
     assert all(tuple(store[key][lang].shape) == (2, 12, 8) for key in store for lang in langs)
     eager = {key: {lang: store[key][lang].clone() for lang in store[key]} for key in store}
     tokens = {lang: [list(range(k)) for k in range(6, 18)] for lang in langs}
-    counts = Counts(full=20, controls=20, subnetworks=10, length=10)
+    counts = Counts(full=20, controls=20, subnetworks=10, length=10, power_draws=10)
     options = dict(cka_kind="debiased", layers=None, cka_precision="float64", reference="en", counts=counts,
                    bootstrap=20, permutations=20, resample_seed=0)
     metrics = [analyze(AnalysisInputs(languages=langs, encodings=e, tokens=tokens), **options).metrics for e in (store, eager)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -22,7 +23,7 @@ from xlsub.report.similarity_tables import (
 from xlsub.similarity.cka import cka
 from xlsub.similarity.permutation import cka_null_mean, cka_permutation_test, residualize
 from xlsub.similarity.retrieval import retrieval_top1
-from xlsub.similarity.rsa import mantel_test, rsa
+from xlsub.similarity.rsa import mantel_test, rsa, rsa_jackknife_interval
 
 LANGS = ["en", "de", "zh"]
 N, D, LAYERS = 60, 8, 3
@@ -44,7 +45,7 @@ def tokens():
 
 def test_cka_pvalue_rows_are_the_permutation_tests_of_each_cell():
     enc = encodings()
-    table = cka_pvalue_table(enc, LANGS, "en", "debiased", Counts(full=50, controls=40, subnetworks=30, length=500), seed=2)
+    table = cka_pvalue_table(enc, LANGS, "en", "debiased", Counts(full=50, controls=40, subnetworks=30, length=500, power_draws=10), seed=2)
     assert set(table.index.get_level_values("model")) == {"full", "de-s0", "random"}
     assert len(table.loc["full"]) == 2 * LAYERS and len(table.loc["de-s0"]) == 2  # every layer / the last
     direct = cka_permutation_test(enc["full"]["en"], enc["full"]["zh"], 50, 2, "debiased")
@@ -55,7 +56,7 @@ def test_cka_pvalue_rows_are_the_permutation_tests_of_each_cell():
     assert (table["null"] == "unrestricted").all() and (table["p_value"] == table["p_unrestricted"]).all()  # no token counts
     # with token counts: permutations within groups of the reference sentence's token count, the unrestricted p beside it
     lengths = sentence_lengths(tokens())
-    restricted = cka_pvalue_table(enc, LANGS, "en", "debiased", Counts(full=50, controls=40, subnetworks=30, length=500), 2, lengths)
+    restricted = cka_pvalue_table(enc, LANGS, "en", "debiased", Counts(full=50, controls=40, subnetworks=30, length=500, power_draws=10), 2, lengths)
     grouped = cka_permutation_test(enc["full"]["en"], enc["full"]["zh"], 50, 2, "debiased", groups=lengths["en"].long())
     row = restricted.loc[("full", "zh", 1)]
     assert (row["null_mean"], row["p_value"], row["null"]) == (
@@ -70,21 +71,25 @@ def test_length_controls_residuals_and_the_content_free_encoder():
     enc, toks = encodings(), tokens()
     lengths = sentence_lengths(toks)
     assert lengths["en"][0] == len(toks["en"][0]) + 2
-    table = length_control_table(enc, lengths, LANGS, "en", "debiased", n_perm=40, seed=0)
+    table = length_control_table(enc, lengths, LANGS, "en", "debiased", Counts(full=50, controls=30, subnetworks=20, length=40, power_draws=10), seed=0)
     x, y = enc["full"]["en"][-1], enc["full"]["de"][-1]
     row = table.loc[("full", "de")]
     assert row["residual_cka"] == pytest.approx(float(cka(residualize(x, lengths["en"]), residualize(y, lengths["de"]), "debiased")))
-    assert row["length_null_mean"] == pytest.approx(float(cka_permutation_test(x, y, 40, 0, "debiased", groups=lengths["en"].long()).null_mean))
+    matched = cka_permutation_test(x, y, 40, 0, "debiased", groups=lengths["en"].long())  # the full model: counts.length
+    assert (row["length_null_mean"], row["p_value"], row["n_perm"]) == pytest.approx(
+        (float(cka_null_mean(x, y, "debiased", lengths["en"].long())), float(matched.p_value), 40))  # the exact null mean
     control = table.loc[("random", "de")]
     xr, yr = enc["random"]["en"][-1], enc["random"]["de"][-1]
     assert control["length_null_mean"] == pytest.approx(float(cka_null_mean(xr, yr, "debiased", lengths["en"].long())))
     assert LENGTH_ONLY in table.index.get_level_values("model")
-    sub = table.loc[("de-s0", "zh")]  # a subnetwork: the closed-form null mean, its own residual CKA, no test
+    sub = table.loc[("de-s0", "zh")]  # a subnetwork: the closed-form null mean, its own residual CKA, its own test
     xs, ys = enc["de-s0"]["en"][-1], enc["de-s0"]["zh"][-1]
     assert (sub["cka"], sub["length_null_mean"], sub["residual_cka"]) == pytest.approx(
         (float(cka(xs, ys, "debiased")), float(cka_null_mean(xs, ys, "debiased", lengths["en"].long())),
          float(cka(residualize(xs, lengths["en"]), residualize(ys, lengths["zh"]), "debiased"))))
-    assert pd.isna(sub["p_value"]) and sub["n_perm"] == 0
+    tested = cka_permutation_test(xs, ys, 20, 0, "debiased", groups=lengths["en"].long())  # counts.subnetworks
+    assert (sub["p_value"], sub["n_perm"]) == (pytest.approx(float(tested.p_value)), 20)
+    assert table.loc[(LENGTH_ONLY, "de"), "n_perm"] == 30 == table.loc[("random", "zh"), "n_perm"]
     assert list(dict.fromkeys(table.index.get_level_values("model"))) == ["full", "de-s0", "random", LENGTH_ONLY]
 
 
@@ -92,7 +97,7 @@ def test_retrieval_rsa_and_jackknife_tables_hold_the_direct_numbers():
     enc = encodings()
     retrieval = retrieval_table(enc, LANGS, "en")
     assert retrieval.loc[("full", "zh"), LAYERS - 1] == pytest.approx(retrieval_top1(enc["full"]["zh"][-1], enc["full"]["en"][-1]))
-    table = rsa_table(enc, LANGS, "en", Counts(full=50, controls=40, subnetworks=20, length=30), seed=0)
+    table = rsa_table(enc, LANGS, "en", Counts(full=50, controls=40, subnetworks=20, length=30, power_draws=10), seed=0)
     assert table.loc[("random", "de"), "rsa"] == pytest.approx(float(rsa(enc["random"]["en"][-1], enc["random"]["de"][-1])))
     assert table.loc[("full", "de"), "p_value"] < 0.1
     alone = mantel_test(enc["random"]["en"][-1], enc["random"]["de"][-1], 30, 0)  # every model is tested now
@@ -104,17 +109,22 @@ def test_retrieval_rsa_and_jackknife_tables_hold_the_direct_numbers():
     assert (point <= torch.tensor(bounds["cka_vs_reference_hi"].to_numpy())).all()
 
 
-def test_subnetwork_specificity_gap_and_its_permutation_p():
+def test_subnetwork_specificity_per_language_and_its_exact_relabelling_p():
     last = pd.DataFrame([[0.9, 0.5, 0.6], [0.4, 0.8, 0.5], [0.6, 0.5, 0.95]], index=LANGS, columns=LANGS)
     change = 1 - last.to_numpy()
-    gap = change[~torch.eye(3, dtype=torch.bool).numpy()].mean() - change.diagonal().mean()
-    result = subnetwork_specificity(last, permutations=3000, seed=0)
-    assert result["value"] == pytest.approx(gap)
+    off = ~torch.eye(3, dtype=torch.bool).numpy()
+    gap = change[off].mean() - change.diagonal().mean()
+    table, level, p = subnetwork_specificity(last, permutations=3000, seed=0)
+    assert level.value == pytest.approx(gap)  # the mean of the per-language differences is the old gap
+    for i, lang in enumerate(LANGS):
+        assert table.loc[lang, "d"] == pytest.approx(np.delete(change[i], i).mean() - change[i, i])
     # exact: the share of the 6 row orders whose gap reaches the observed one
-    exact = sum(1 - last.to_numpy()[list(p)][~torch.eye(3, dtype=torch.bool).numpy()].mean()
-                - (1 - last.to_numpy()[list(p)]).diagonal().mean() >= gap - 1e-12 for p in itertools.permutations(range(3))) / 6
-    assert result["p"] == pytest.approx(exact, abs=0.03)
-    assert result["lo"] < result["value"] < result["hi"]
+    exact = sum((1 - last.to_numpy()[list(o)])[off].mean() - (1 - last.to_numpy()[list(o)]).diagonal().mean() >= gap - 1e-12
+                for o in itertools.permutations(range(3))) / 6
+    assert p == pytest.approx(exact)
+    assert level.test == "sign_flip_exact" and level.n_units == 3 and level.p_floor == 1 / 8
+    assert level.p == pytest.approx(sum(np.mean(s * table["d"].to_numpy()) >= level.value - 1e-12
+                                        for s in itertools.product([-1, 1], repeat=3)) / 8)
 
 
 def test_power_finds_a_strong_planted_signal_and_not_a_vanishing_one():
@@ -122,10 +132,15 @@ def test_power_finds_a_strong_planted_signal_and_not_a_vanishing_one():
 
     base = torch.randn(80, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     lengths = {l: v.repeat(2)[:80] for l, v in sentence_lengths(tokens()).items() if l in ("en", "de")}
-    table, limits = power_table(base, lengths, "en", "debiased", n_perm=100, seed=0, snrs=(1e-4, 10.0))
-    assert table.loc[("cka", 10.0), "p_value"] < 0.05 and table.loc[("cka", 1e-4), "p_value"] > 0.05
-    assert limits["cka"] == 10.0 and limits["retrieval"] == 10.0
-    assert "cka (length-only)" in table.index.get_level_values("measure")
+    table, limits = power_table(base, lengths, "en", "debiased", draws=20, seed=0, bracket=(1e-4, 10.0), bisections=0)
+    for measure in ("cka", "rsa", "retrieval"):  # the bracket's top, then its bottom: no midpoints
+        assert table.loc[(measure, 10.0), "power"] == 1.0 and table.loc[(measure, 10.0), "n_draws"] == 20
+        assert table.loc[(measure, 1e-4), "power"] <= 0.2  # about alpha: 4 / 100 of draws at 99 permutations
+        assert limits[measure] == 10.0
+    # Wilson 95% at 20 of 20 detected: [1 - (1.96^2 / (20 + 1.96^2)), 1]
+    assert table.loc[("cka", 10.0), "power_lo"] == pytest.approx(20 / (20 + 1.959964**2), abs=1e-6)
+    control = table.xs("cka (length-only)", level="measure")  # the content-free encoder at the length-restricted null
+    assert len(control) == 1 and control.index.isna().all() and control["power"].iloc[0] <= 0.2
 
 
 def test_isomorphism_table_holds_the_knn_spectrum_distance():
@@ -138,3 +153,16 @@ def test_isomorphism_table_holds_the_knn_spectrum_distance():
         knn_eigen_similarity(enc["full"]["en"][-1], enc["full"]["zh"][-1], k=5))
     same = isomorphism_table({"full": {"en": enc["full"]["en"], "de": 3 * enc["full"]["en"]}}, ["en", "de"], "en", k=5)
     assert same.loc[("full", "de"), "eigen_similarity"] == pytest.approx(0.0, abs=1e-9)  # a rescaled copy: same graph
+
+
+def test_rsa_table_gives_every_model_a_jackknife_interval_and_the_p_floor():
+    enc = encodings()
+    table = rsa_table(enc, LANGS, "en", Counts(full=50, controls=40, subnetworks=20, length=30, power_draws=10), seed=0)
+    assert list(table.reset_index().columns) == ["model", "language", "rsa", "lo", "hi", "null_mean", "p_value", "p_floor",
+                                                 "n_perm", "null"]
+    assert (table["lo"] <= table["rsa"]).all() and (table["rsa"] <= table["hi"]).all()
+    for model in ("full", "de-s0", "random"):
+        x, y = enc[model]["en"][-1], enc[model]["zh"][-1]
+        estimate, lo, hi = rsa_jackknife_interval(x, y, blocks=20)  # 20 contiguous blocks of 3 sentences
+        assert (table.loc[(model, "zh"), "lo"], table.loc[(model, "zh"), "hi"]) == pytest.approx((float(lo), float(hi)), abs=1e-12)
+    assert table.loc[("full", "de"), "p_floor"] == 1 / 31 and table.loc[("de-s0", "de"), "p_floor"] == 1 / 21

@@ -247,7 +247,10 @@ def test_analyze_opens_with_three_verdicts_and_writes_them(tmp_path):
     assert different.value == pytest.approx(result.tables["head_agreement"]["difference"].mean()) and different.value > 0
     assert (different.lo, different.hi) == (-math.inf, math.inf)  # 3 languages: no 95% sign-flip interval
     assert different.answer.startswith("no evidence") and json.loads(json.dumps(different.as_dict()))["lo"] is None
-    assert stable.value == pytest.approx(within) and stable.answer.startswith("yes")
+    # stable in each language, yet 3 languages cannot carry the claim about languages either
+    assert stable.value == pytest.approx(within) and stable.answer.startswith("no evidence at the level of languages")
+    assert "above chance for 3 of 3" in stable.answer and stable.inference.test == "sign_flip_exact"
+    assert stable.value == pytest.approx(result.tables["seed_stability"]["within"].mean())
     assert {"mask_jaccard_pvalue", "specificity_gap", "cross_ppl_relative_lo", "cross_ppl_relative_hi"} <= set(result.tables)
     assert result.metrics["verdict.specificity.value"] == pytest.approx(specific.value)
     write_report(result, tmp_path, {"analyze": "x"}, dpi=30)

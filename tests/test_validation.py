@@ -98,6 +98,7 @@ BAD: dict[str, dict[str, list[str]]] = {
         "cka_permutations": ["0"],
         "subnetwork_permutations": ["0"],
         "length_permutations": ["0"],
+        "power_draws": ["0"],
     },
     "compare": {
         "analyze_run_ids": ["", "a", "a,,b", ",a,b", "a,b,a", "a,latest", "a, LATEST"],

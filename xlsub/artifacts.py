@@ -560,6 +560,7 @@ class TableIds:
     mask_jaccard_pvalue: str = "mask_jaccard_pvalue"
     importance_reliability: str = "importance_reliability"  # per language: Spearman-Brown split-half reliability of importance
     head_agreement: str = "head_agreement"  # per language: chance-adjusted Jaccard within (across seeds), across languages, difference
+    seed_stability: str = "seed_stability"  # per language: Jaccard across seeds, random masks' expectation, excess, p, p_bh
     heads_kept_per_layer: str = "heads_kept_per_layer"
     params_kept_per_layer: str = "params_kept_per_layer"
     equal_size_jaccard: str = "equal_size_jaccard"
@@ -579,10 +580,13 @@ class TableIds:
     cka_vs_reference_hi: str = "cka_vs_reference_hi"
     cka_controls: str = "cka_controls"
     cka_pairs: str = "cka_pairs"
+    cka_pairs_lo: str = "cka_pairs_lo"  # its 95% delete-a-block jackknife interval, laid out as cka_pairs
+    cka_pairs_hi: str = "cka_pairs_hi"
     cka_pvalue: str = "cka_pvalue"
     cka_length: str = "cka_length"
     cka_full_vs_subnetwork: str = "cka_full_vs_subnetwork"
     cka_full_vs_subnetwork_last_layer: str = "cka_full_vs_subnetwork_last_layer"
+    pruning_specificity: str = "pruning_specificity"  # per subnetwork language: 1 - CKA(full, subnetwork) on the others minus on its own
     retrieval_top1: str = "retrieval_top1"
     retrieval_pvalue: str = "retrieval_pvalue"  # last layer, per model and language: top-1 against its length-restricted null
     knn_isomorphism: str = "knn_isomorphism"
@@ -633,7 +637,7 @@ class MetricNames:
     mean_cka_random_last_layer: str = "mean_cka_random_last_layer"
     mean_cka_full_vs_subnetwork_last_layer: str = "mean_cka_full_vs_subnetwork_last_layer"
     subnetwork_cka_gap: str = "subnetwork_cka_gap"
-    subnetwork_cka_gap_p: str = "subnetwork_cka_gap_p"
+    subnetwork_cka_gap_p: str = "subnetwork_cka_gap_p"  # from relabelling the subnetworks (exact up to 8 languages)
     retrieval_top1: str = "retrieval_top1"  # per language: language_metric(retrieval_top1, lang)
     mean_rsa_last_layer: str = "mean_rsa_last_layer"
     detection_limit: str = "detection_limit"  # per measure: language_metric(detection_limit, "cka")

@@ -55,6 +55,7 @@ from xlsub.stats.overlap import (
     params_kept_frac,
     seed_stability_test,
     token_overlap,
+    token_overlap_intervals,
     within_vs_across_jaccard,
 )
 
@@ -171,15 +172,13 @@ def _masks(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], col
         result.notes.append("params kept per layer: skipped (hidden_size and head_dim not given)")
 
 
-def _noise_ceiling(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], permutations: int, replicates: int,
-                   seed: int) -> None:
+def _noise_ceiling(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], permutations: int, seed: int) -> None:
     """Same-language agreement of masks across seeds against cross-language agreement, chance-adjusted, at
     the language level; the masks' stability against random masks; the first and third verdicts."""
     within, across_all, p_raw = within_vs_across_jaccard(inputs.masks, permutations, seed)
-    stability = seed_stability_test(inputs.masks, permutations, seed, replicates=replicates)
     metrics = result.metrics
     metrics |= {METRIC.within_vs_across_jaccard_p: p_raw, METRIC.mean_within_language_jaccard: within,
-                METRIC.mean_across_language_jaccard: across_all, METRIC.seed_stability_p: stability["p"]}
+                METRIC.mean_across_language_jaccard: across_all}
     agreement, p = head_agreement_by_language(inputs.masks, permutations, seed, langs)
     result.tables[TABLE.head_agreement] = agreement
     floor = 1 / (permutations + 1)
@@ -205,9 +204,25 @@ def _noise_ceiling(result: AnalysisResult, inputs: AnalysisInputs, langs: list[s
         difference, lo, hi, p, int((differences > 0).sum()), len(differences), float(across.mean()) if len(across) else math.nan,
         across_lo, across_hi, above, len(pairs) if pairs is not None else 0,
         Inference("languages (labels permuted) > seeds", len(agreement), "relabel_mc", floor, robust)))
-    several = int((agreement["seeds"] > 1).sum())
-    result.verdicts.append(verdicts.stability(stability["within"], stability["lo"], stability["hi"], stability["expected"], stability["p"],
-                                              Inference("languages > seed pairs (random masks drawn alike)", several, "random_masks_mc", floor)))
+    _stability(result, inputs, langs, permutations, seed)
+
+
+def _stability(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], permutations: int, seed: int) -> None:
+    """The third verdict: per language, its masks' Jaccard across seeds minus that of random masks with the
+    same heads per layer (`seed_stability_test`); the mean over languages with its sign-flip interval and p."""
+    table, p_draws = seed_stability_test(inputs.masks, permutations, seed, langs)
+    result.metrics[METRIC.seed_stability_p] = p_draws
+    if table.empty:
+        result.verdicts.append(verdicts.stability(math.nan, math.nan, math.nan, math.nan, math.nan, Inference(
+            "languages > seed pairs", 0, "sign_flip_exact", math.nan), {}))
+        return
+    result.tables[TABLE.seed_stability] = table
+    level = unit_level(table["excess"].to_numpy(dtype=float), n_perm=permutations, seed=seed)
+    expected = float(table["expected"].mean())  # exact, given the masks' sizes: the interval of the excess, shifted
+    result.verdicts.append(verdicts.stability(
+        float(table["within"].mean()), expected + level.lo, expected + level.hi, expected, level.p,
+        Inference("languages > seed pairs", level.n_units, level.test, level.p_floor, level.robust_to_leave_one_out),
+        {lang: (row["excess"], row["p_bh"]) for lang, row in table.iterrows()}))
 
 
 def _importance_reliability(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str]) -> None:
@@ -275,7 +290,10 @@ def _cka(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], refer
     """The CKA sections with the reference language; returns its last-layer CKA per language."""
     matrix, cka_langs, cka = tables.cka_reference_tables(inputs.encodings, langs, reference, kind, inputs.shuffle_seed,
                                                          precision)
-    cka[TABLE.cka_pairs] = tables.cka_pairs_table(matrix, cka_langs, tables.resolve_layers(layers, matrix.shape[0]))
+    chosen = tables.resolve_layers(layers, matrix.shape[0])
+    cka[TABLE.cka_pairs] = tables.cka_pairs_table(matrix, cka_langs, chosen)
+    if kind != "rbf":  # rbf's jackknife recomputes the n x n kernels for every block of every pair: left out
+        cka.update(tables.cka_pairs_interval_tables(inputs.encodings, cka_langs, chosen, kind))
     result.add(cka, figures.cka_figures(cka, reference, kind, colours))
     last = cka[TABLE.cka_vs_reference].iloc[:, -1]
     result.metrics[METRIC.mean_cka_last_layer] = _nanmean(last)
@@ -295,11 +313,16 @@ def _subnetwork_cka(result: AnalysisResult, inputs: AnalysisInputs, langs: list[
     if TABLE.cka_full_vs_subnetwork in sub:
         result.metrics[METRIC.mean_cka_full_vs_subnetwork_last_layer] = _nanmean(sub[TABLE.cka_full_vs_subnetwork].iloc[:, -1])
     if TABLE.cka_full_vs_subnetwork_last_layer in sub:
-        gap = similarity_tables.subnetwork_specificity(sub[TABLE.cka_full_vs_subnetwork_last_layer], permutations, seed)
-        result.metrics[METRIC.subnetwork_cka_gap], result.metrics[METRIC.subnetwork_cka_gap_p] = gap["value"], gap["p"]
-        rows = sum(r in sub[TABLE.cka_full_vs_subnetwork_last_layer].columns for r in sub[TABLE.cka_full_vs_subnetwork_last_layer].index)
-        result.verdicts.append(verdicts.pruning_specific(gap["value"], gap["lo"], gap["hi"], gap["p"], Inference(
-            "languages (subnetwork labels permuted; interval: delete-one-language jackknife)", rows, "relabel_mc", 1 / (permutations + 1))))
+        table, level, p_relabel = similarity_tables.subnetwork_specificity(sub[TABLE.cka_full_vs_subnetwork_last_layer], permutations, seed)
+        if level is None:
+            result.notes.append("pruning-specific verdict: skipped (needs subnetworks of two or more languages)")
+            return
+        result.tables[TABLE.pruning_specificity] = table
+        result.metrics[METRIC.subnetwork_cka_gap], result.metrics[METRIC.subnetwork_cka_gap_p] = level.value, p_relabel
+        result.verdicts.append(verdicts.pruning_specific(
+            level.value, level.lo, level.hi, level.p, int((table["d"] > 0).sum()),
+            Inference("languages (subnetwork language's mean over its seeds)", level.n_units, level.test, level.p_floor,
+                      level.robust_to_leave_one_out)))
 
 
 def _similarity(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], reference: str, kind: str,
@@ -320,17 +343,18 @@ def _similarity(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str]
     result.add({TABLE.retrieval_top1: retrieval}, figures.retrieval_figure(retrieval, reference, colours, n))
     result.metrics |= {language_metric(METRIC.retrieval_top1, lang): float(v) for (model, lang), v in retrieval.iloc[:, -1].items() if model == FULL_MODEL}
     result.tables[TABLE.retrieval_pvalue] = similarity_tables.retrieval_pvalue_table(inputs.encodings, langs, reference, counts, seed, lengths)
-    result.tables[TABLE.knn_isomorphism] = similarity_tables.isomorphism_table(inputs.encodings, langs, reference)
+    result.tables[TABLE.knn_isomorphism] = similarity_tables.isomorphism_table(inputs.encodings, langs, reference, seed=seed, lengths=lengths)
     rsa = similarity_tables.rsa_table(inputs.encodings, langs, reference, counts, seed, lengths)
     result.add({TABLE.rsa: rsa}, figures.rsa_figure(rsa, reference))
     result.metrics[METRIC.mean_rsa_last_layer] = _nanmean(rsa.loc[FULL_MODEL, "rsa"]) if FULL_MODEL in rsa.index.get_level_values(0) else math.nan
-    power, limits = similarity_tables.power_table(full[reference][-1], lengths, reference, kind, counts.subnetworks, seed)
+    power, limits = similarity_tables.power_table(full[reference][-1], lengths, reference, kind, counts.power_draws, seed)
     result.add({TABLE.power: power}, figures.power_figure(power, limits))
     result.metrics |= {language_metric(METRIC.detection_limit, measure): limit for measure, limit in limits.items()}
     if lengths is None:
         result.notes.append("length controls: skipped (no token counts aligned with the encoded sentences)")
         return
-    length = similarity_tables.length_control_table(inputs.encodings, lengths, langs, reference, kind, counts.length, seed)
+    length = similarity_tables.length_control_table(inputs.encodings, lengths, langs, reference, kind, counts, seed,
+                                                    tested=result.tables[TABLE.cka_pvalue])
     result.add({TABLE.cka_length: length}, figures.length_control_figure(length, reference, kind))
     ours = length.loc[FULL_MODEL]
     control = RANDOM_MODEL if RANDOM_MODEL in length.index.get_level_values(0) else similarity_tables.LENGTH_ONLY
@@ -346,14 +370,18 @@ def _similarity(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str]
         judged.value, judged.lo, judged.hi, float(ours.loc[common, "above_length_chance"].mean()),
         float(theirs.loc[common, "above_length_chance"].mean()), judged.p, control_name, limits.get("cka", math.nan),
         Inference("languages > sentences (length-restricted null mean)", judged.n_units, judged.test, judged.p_floor,
-                  judged.robust_to_leave_one_out)))
+                  judged.robust_to_leave_one_out), counts.power_draws, similarity_tables.power.N_PERM))
 
 
 def _tokens(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], reference: str, kind: str,
-            cka_last: pd.Series | None, colours) -> None:
-    overlap = token_overlap({l: inputs.tokens[l] for l in tables.ordered(inputs.tokens, langs)}, reference=reference)
+            cka_last: pd.Series | None, colours, bootstrap: int, seed: int) -> None:
+    """Token overlap with the reference, with its bootstrap interval over sentences (`lo`, `hi`)."""
+    tokens = {l: inputs.tokens[l] for l in tables.ordered(inputs.tokens, langs)}
+    overlap = token_overlap(tokens, reference=reference)
     table = pd.DataFrame({"token_overlap": {l: v for l, v in overlap.items() if l != reference}})
     table.index.name = "language"
+    bounds = token_overlap_intervals(tokens, reference, bootstrap, seed)
+    table["lo"], table["hi"] = [bounds[l][0] for l in table.index], [bounds[l][1] for l in table.index]
     jaccard = result.tables.get(TABLE.mask_jaccard)
     if jaccard is not None and reference in jaccard.index:
         table["jaccard_with_reference"] = [jaccard.loc[reference].get(l, math.nan) for l in table.index]
@@ -423,7 +451,7 @@ def analyze(inputs: AnalysisInputs, *, cka_kind: str, layers: Sequence[int] | No
 
     if inputs.masks:
         _masks(result, inputs, langs, colours)
-        _noise_ceiling(result, inputs, langs, permutations, bootstrap, resample_seed)
+        _noise_ceiling(result, inputs, langs, permutations, resample_seed)
     else:
         result.notes.append("mask overlap and heads kept: skipped (no head masks)")
     if inputs.trajectories:
@@ -452,7 +480,7 @@ def analyze(inputs: AnalysisInputs, *, cka_kind: str, layers: Sequence[int] | No
         result.notes.append("CKA full model vs subnetworks: skipped (no full-model or subnetwork encodings)")
 
     if reference in inputs.tokens:
-        _tokens(result, inputs, langs, reference, cka_kind, cka_last, colours)
+        _tokens(result, inputs, langs, reference, cka_kind, cka_last, colours, bootstrap, resample_seed)
     else:
         result.notes.append(f"token overlap: skipped (no tokens for the reference language {reference})")
 

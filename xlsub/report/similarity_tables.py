@@ -15,25 +15,32 @@ use the delete-a-block jackknife, never resampling with replacement (duplicated 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 
 from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, TABLE, SubnetworkId, ordered
+from xlsub.similarity import power
 from xlsub.similarity.cka import cka
-from xlsub.similarity.controls import detection_limit, length_only_representations, planted_representations
-from xlsub.similarity.isomorphism import knn_eigen_similarity
-from xlsub.similarity.jackknife import cka_jackknife_interval
+from xlsub.similarity.controls import length_only_representations
+from xlsub.similarity.isomorphism import TOP_EIGENVALUES, knn_laplacian_spectrum, spectrum_distance, subsample_spectra, subsamples
+from xlsub.similarity.jackknife import cka_jackknife_interval, jackknife_blocks, leave_block_out_cka
 from xlsub.similarity.permutation import cka_null_mean, cka_permutation_test, residualize
 from xlsub.similarity.retrieval import retrieval_permutation_test, retrieval_top1_per_layer
-from xlsub.similarity.rsa import mantel_test
+from xlsub.similarity.rsa import mantel_test, rsa_jackknife_interval
+from xlsub.stats.inference import EXACT_LIMIT, UnitLevel, jackknife_interval, unit_level, wilson_interval
 
 LENGTH_ONLY = "length-only"  # the content-free control encoder's key in the tables
 # The `null` column: pairings permuted within groups of equal source length, or all pairings (no token counts).
 LENGTH_RESTRICTED, UNRESTRICTED = "length_restricted", "unrestricted"
+# Random halves of the sentences for the isomorphism table's intervals: 50 keep that table near 11 s of one core at
+# the demo's sizes (n = 1,077, d = 128, 8 languages, 3 models: 1,200 kNN graphs of 538 sentences, ~9 ms each).
+ISOMORPHISM_SUBSAMPLES = 50
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class Counts:
     controls: int
     subnetworks: int
     length: int
+    power_draws: int  # planted draws per signal-to-noise level of `power_table`
 
 
 def sentence_lengths(tokens: Mapping[str, Sequence[Sequence[int]]]) -> dict[str, torch.Tensor]:
@@ -146,45 +154,70 @@ def retrieval_pvalue_table(encodings, languages: Sequence[str], reference: str, 
     source length (`length_groups`; all pairings, `null` = unrestricted, where `lengths` is None),
     p = (1 + #{null >= observed}) / (1 + n_perm). The full model, the subnetworks, the base and random
     controls and the length-only encoder; `n_perm` as for CKA. Columns model, language, layer, top1,
-    null_mean, p_value, n_perm, null."""
+    null_mean, p_value, n_perm, null, lo, hi.
+
+    lo, hi: the 95% interval of top-1 over the queries (the language's sentences) with the candidate pool
+    (all reference sentences) held fixed. With the pool fixed, each query's hit or miss is fixed, so
+    resampling the queries is resampling independent 0/1 values and the hit count is binomial: the
+    Wilson score interval (`xlsub.stats.inference.wilson_interval`) is that bootstrap's interval in closed
+    form, and unlike the percentile bootstrap it does not collapse to a point at 0 hits (controls near
+    chance, 1/n). It is conditional on the pool: another set of reference sentences is not resampled."""
     groups = length_groups(lengths, reference)
     rows = []
     for model, lang, x, y in _pairs(with_length_only(encodings, lengths, reference, seed), languages, reference):
         n_perm = _n_perm(model, counts)
         result = retrieval_permutation_test(y[-1], x[-1], n_perm, seed, groups)
+        n = y.shape[-2]
+        lo, hi = wilson_interval(round(float(result.observed) * n), n)
         rows.append({"model": model, "language": lang, "layer": x.shape[0] - 1, "top1": float(result.observed),
                      "null_mean": float(result.null_mean), "p_value": float(result.p_value), "n_perm": n_perm,
-                     "null": null_name(groups)})
-    columns = ["model", "language", "layer", "top1", "null_mean", "p_value", "n_perm", "null"]
+                     "null": null_name(groups), "lo": lo, "hi": hi})
+    columns = ["model", "language", "layer", "top1", "null_mean", "p_value", "n_perm", "null", "lo", "hi"]
     return pd.DataFrame(rows, columns=columns).set_index(columns[:3])
 
 
 def length_control_table(encodings, lengths: Mapping[str, torch.Tensor], languages: Sequence[str], reference: str, kind: str,
-                         n_perm: int, seed: int) -> pd.DataFrame:
+                         counts: Counts, seed: int, blocks: int = 20, tested: pd.DataFrame | None = None) -> pd.DataFrame:
     """At the last layer, for the full model, each subnetwork, the base and random controls and a
-    content-free length-only encoder: the parallel CKA with the reference; the mean of a null that
-    re-pairs only sentences whose source has the same token count (length-matched; sampled permutations
-    and a p-value for the full model, the exact mean for the others); the CKA above that chance; and the
-    CKA of residuals after regressing each representation on its token count (`residual_cka`: descriptive,
-    not a control: the length-only encoder keeps more of it than the trained model, so it does not remove
-    length)."""
-    d = next(iter(encodings[FULL_MODEL].values())).shape[-1]
-    everything = {**encodings, LENGTH_ONLY: length_only_encodings(lengths, d, seed)}
+    content-free length-only encoder: the parallel CKA with the reference; the exact mean of the null that
+    re-pairs only sentences whose source has the same token count (`length_null_mean`, `cka_null_mean`
+    within `length_groups`); the CKA above that chance; its p-value at that length-restricted null
+    (`cka_permutation_test` with the groups; `counts.length` permutations for the full model, as `Counts`
+    says, `_n_perm` for the others); and the CKA of residuals after regressing each representation on its
+    token count (`residual_cka`: descriptive, not a control: the length-only encoder keeps more of it than
+    the trained model, so it does not remove length). `tested`: the `cka_pvalue_table` of the same
+    encodings, seed and lengths, whose last-layer rows are the same tests for every model but the full
+    one (the same permutations): their p is taken from it instead of permuting again.
+
+    `lo`, `hi`: the 95% delete-a-block jackknife interval of `above_length_chance` (`blocks` contiguous
+    blocks of sentences, `jackknife_blocks`; `xlsub.stats.inference.jackknife_interval`): without block b,
+    the CKA minus the exact length-matched null mean, both recomputed on the remaining sentences with the
+    groups restricted to them. Sentences are never duplicated (a bootstrap inflates CKA)."""
+    everything = with_length_only(encodings, lengths, reference, seed)  # the vectors cka_pvalue_table tests
     groups = length_groups(lengths, reference)
     rows = []
     for model, reps in [(m, everything[m]) for m in _models(everything, languages)]:
         if reference not in reps:
             continue
+        n_perm = counts.length if model == FULL_MODEL else _n_perm(model, counts)
         for lang in ordered([l for l in reps if l != reference and l in lengths], languages):
             x, y = reps[reference][-1].double(), reps[lang][-1].double()
             residual = float(cka(residualize(x, lengths[reference]), residualize(y, lengths[lang]), kind))
-            if model == FULL_MODEL:  # the tested model: sampled length-matched permutations
-                matched = cka_permutation_test(x, y, n_perm, seed, kind, groups=groups)
-                observed, null_mean, p, perms = float(matched.observed), float(matched.null_mean), float(matched.p_value), n_perm
-            else:  # subnetworks and controls: the exact mean over length-matched pairings (closed form), no test
-                observed, null_mean, p, perms = float(cka(x, y, kind)), float(cka_null_mean(x, y, kind, groups)), math.nan, 0
+            observed, null_mean = float(cka(x, y, kind)), float(cka_null_mean(x, y, kind, groups))
+            key = (model, lang, reps[reference].shape[0] - 1)
+            if model != FULL_MODEL and tested is not None and key in tested.index and tested.loc[key, "n_perm"] == n_perm \
+                    and tested.loc[key, "null"] == LENGTH_RESTRICTED:
+                p = float(tested.loc[key, "p_value"])
+            else:
+                p = float(cka_permutation_test(x, y, n_perm, seed, kind, groups=groups).p_value)
+            labels = jackknife_blocks(x.shape[0], min(blocks, x.shape[0]))
+            kept_cka = leave_block_out_cka(x, y, labels, kind)
+            above = [float(kept_cka[b]) - float(cka_null_mean(x[labels != b], y[labels != b], kind, groups[labels != b]))
+                     for b in range(int(labels.max()) + 1)]
+            lo, hi = jackknife_interval(observed - null_mean, above)
             rows.append({"model": model, "language": lang, "cka": observed, "length_null_mean": null_mean,
-                         "above_length_chance": observed - null_mean, "p_value": p, "residual_cka": residual, "n_perm": perms})
+                         "above_length_chance": observed - null_mean, "lo": float(lo), "hi": float(hi), "p_value": p,
+                         "residual_cka": residual, "n_perm": n_perm, "blocks": len(above)})
     return pd.DataFrame(rows).set_index(["model", "language"])
 
 
@@ -215,14 +248,21 @@ def retrieval_table(encodings, languages: Sequence[str], reference: str) -> pd.D
 
 
 def rsa_table(encodings, languages: Sequence[str], reference: str, counts: Counts, seed: int,
-              lengths: Mapping[str, torch.Tensor] | None = None) -> pd.DataFrame:
+              lengths: Mapping[str, torch.Tensor] | None = None, blocks: int = 20) -> pd.DataFrame:
     """RSA at the last layer (Spearman correlation of 1 - cosine dissimilarity matrices of the parallel
     sentences) between the reference and every language, for the full model, the subnetworks, the base and
-    random controls and the length-only encoder (from `lengths`), each with a Mantel p-value at the
-    length-restricted null (`length_groups`; unrestricted, as the `null` column says, where `lengths` is
-    None). O(n^2) a permutation, the costliest test: `counts.length` permutations for the full model and
-    the controls, `min(counts.length, counts.subnetworks)` for each subnetwork; each model's reference
-    matrix is permuted once for all its languages (`mantel_test` with stacked languages)."""
+    random controls and the length-only encoder (from `lengths`), each with a 95% interval and a Mantel
+    p-value at the length-restricted null (`length_groups`; unrestricted, as the `null` column says, where
+    `lengths` is None).
+
+    `lo`, `hi`: the delete-a-block jackknife over sentences (`rsa_jackknife_interval`, `blocks` contiguous
+    blocks, t quantile), as for CKA: deleting a block removes its sentences' rows and columns from both
+    RDMs. Not a bootstrap with replacement: a duplicated sentence has dissimilarity 0 to its copy in both
+    RDMs, and these shared zeros inflate the rank correlation. The Mantel test
+    (`xlsub.stats.inference.mantel_test`) is O(n^2) a permutation, the costliest test: `counts.length`
+    permutations for the full model and the controls, `min(counts.length, counts.subnetworks)` for each
+    subnetwork (`n_perm`: the permutations used; `p_floor`: the smallest p they can give); each model's
+    reference matrix is permuted once for all its languages (`mantel_test` with stacked languages)."""
     groups = length_groups(lengths, reference)
     rows = []
     everything = with_length_only(encodings, lengths, reference, seed)
@@ -232,91 +272,136 @@ def rsa_table(encodings, languages: Sequence[str], reference: str, counts: Count
         if reference not in reps or not langs:
             continue
         n_perm = min(counts.length, counts.subnetworks) if SubnetworkId.parse_or_none(model) else counts.length
-        result = mantel_test(reps[reference][-1], torch.stack([reps[l][-1] for l in langs]), n_perm, seed, groups)
-        rows += [{"model": model, "language": lang, "rsa": float(result.observed[i]), "null_mean": float(result.null_mean[i]),
-                  "p_value": float(result.p_value[i]), "n_perm": n_perm, "null": null_name(groups)} for i, lang in enumerate(langs)]
-    columns = ["model", "language", "rsa", "null_mean", "p_value", "n_perm", "null"]
+        x, ys = reps[reference][-1], torch.stack([reps[l][-1] for l in langs])
+        result = mantel_test(x, ys, n_perm, seed, groups)
+        interval = rsa_jackknife_interval(x, ys, min(blocks, x.shape[0]))
+        rows += [{"model": model, "language": lang, "rsa": float(result.observed[i]), "lo": float(interval.lo[i]),
+                  "hi": float(interval.hi[i]), "null_mean": float(result.null_mean[i]), "p_value": float(result.p_value[i]),
+                  "p_floor": result.p_floor, "n_perm": result.n_perm, "null": null_name(groups)} for i, lang in enumerate(langs)]
+    columns = ["model", "language", "rsa", "lo", "hi", "null_mean", "p_value", "p_floor", "n_perm", "null"]
     return pd.DataFrame(rows, columns=columns).set_index(columns[:2])
 
 
-def subnetwork_specificity(last: pd.DataFrame, permutations: int, seed: int) -> dict[str, float]:
+def subnetwork_specificity(last: pd.DataFrame, permutations: int, seed: int) -> tuple[pd.DataFrame, UnitLevel | None, float]:
     """Does pruning to a language's subnetwork change the representations of the other languages more than
     its own? From CKA(full, subnetwork) at the last layer (subnetwork language x evaluated language):
-    change = 1 - CKA; gap = mean change off the diagonal - mean change on it. p: permuting which row is
-    which language (is the diagonal special?), (1 + #{gap_perm >= gap}) / (1 + permutations). Interval:
-    delete-one-language jackknife with a t quantile."""
-    from scipy import stats
+    change = 1 - CKA, and per subnetwork language d = mean change on the other languages - change on its
+    own (the table `pruning_specificity`: `own`, `others`, `d`).
 
+    The claim is about languages: the mean of d over languages with its sign-flip interval, one-sided p and
+    leave-one-language-out robustness (`xlsub.stats.inference.unit_level`). Beside it, descriptive: the
+    relabelling p, which permutes which row is which language (is the diagonal special?), over all k!
+    orders when k! <= `EXACT_LIMIT` (8 languages: 40,320), else `permutations` random orders from `seed`,
+    (1 + #) / (1 + permutations). Returns (table, unit level or None with fewer than two languages, p).
+    """
     rows = [r for r in last.index if r in last.columns]
+    table = pd.DataFrame(columns=["own", "others", "d"], index=pd.Index([], name="subnetwork language"))
     if len(rows) < 2:
-        return {"value": math.nan, "lo": math.nan, "hi": math.nan, "p": math.nan, "control": 0.0}
-    change = 1 - torch.tensor(last.loc[rows, rows].to_numpy(dtype=float))
-
-    def gap(m: torch.Tensor) -> float:
-        eye = torch.eye(len(m), dtype=torch.bool)
-        return float(m[~eye].mean() - m[eye].mean())
-
-    observed = gap(change)
-    generator = torch.Generator().manual_seed(seed)
-    exceed = sum(gap(change[torch.randperm(len(rows), generator=generator)]) >= observed - 1e-12 for _ in range(permutations))
+        return table, None, math.nan
+    change = 1 - last.loc[rows, rows].to_numpy(dtype=float)
     k = len(rows)
-    leave_out = torch.tensor([gap(change[[j for j in range(k) if j != i]][:, [j for j in range(k) if j != i]])
-                              for i in range(k)]) if k > 2 else torch.tensor([observed])
-    se = math.sqrt((k - 1) / k * float(((leave_out - leave_out.mean()) ** 2).sum())) if k > 2 else math.nan
-    half = float(stats.t.ppf(0.975, k - 1)) * se if k > 2 else math.nan
-    return {"value": observed, "lo": observed - half, "hi": observed + half, "p": (1 + exceed) / (1 + permutations), "control": 0.0}
+    own = np.diagonal(change)
+    others = (change.sum(1) - own) / (k - 1)
+    table = pd.DataFrame({"own": own, "others": others, "d": others - own}, index=pd.Index(rows, name="subnetwork language"))
+    # the gap of a relabelling falls as the summed change on its diagonal rises
+    if math.factorial(k) <= EXACT_LIMIT:
+        orders = np.array(list(itertools.permutations(range(k))))
+        diagonal = change[orders, np.arange(k)].sum(1)
+        p = float((diagonal <= own.sum() + 1e-12 * k).mean())
+    else:
+        rng = np.random.default_rng(seed)
+        diagonal = np.array([change[rng.permutation(k), np.arange(k)].sum() for _ in range(permutations)])
+        p = (1 + int((diagonal <= own.sum() + 1e-12 * k).sum())) / (1 + permutations)
+    return table, unit_level(table["d"].to_numpy(), n_perm=permutations, seed=seed), p
 
 
-POWER_SNRS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+def power_table(base: torch.Tensor, lengths: Mapping[str, torch.Tensor] | None, reference: str, kind: str, draws: int,
+                seed: int, *, bracket: tuple[float, float] = power.BRACKET, bisections: int = power.BISECTIONS,
+                n_perm: int = power.N_PERM) -> tuple[pd.DataFrame, dict[str, float]]:
+    """How strong a shared signal each measure detects at this n and d: power against a planted positive control.
 
-
-def power_table(base: torch.Tensor, lengths: Mapping[str, torch.Tensor] | None, reference: str, kind: str, n_perm: int,
-                seed: int, snrs: Sequence[float] = POWER_SNRS) -> tuple[pd.DataFrame, dict[str, float]]:
-    """How weak a shared signal each measure detects at this n and d: a planted positive control.
-
-    Two "languages" share the per-sentence signal `base` (the full model's reference-language vectors,
-    last layer) under independent noise at each signal-to-noise ratio (`planted_representations`); CKA
-    (permutation test), RSA (Mantel test) and retrieval (permutation test, one shared space) are tested
-    at every SNR, at the length-restricted null the tables use (`length_groups` of `lengths`; all
-    pairings without them). A content-free length-only encoder is the negative control (`snr` = NaN
-    rows), whose CKA and RSA track sentence length. Returns the long table (measure, snr, statistic, p_value) and each
-    measure's detection limit: the weakest SNR from which on every stronger one has p < 0.05
-    (`detection_limit`; NaN if none).
+    The reference language's vectors (`base`: the full model's, last layer) against `draws` partners per
+    signal-to-noise level that share them under independent noise (`xlsub.similarity.power.planted_power`);
+    CKA (permutation test), RSA (Mantel test) and retrieval (permutation test, one shared space) each at
+    the length-restricted null the tables use (`length_groups` of `lengths`; all pairings without them), on
+    `n_perm` permutations a draw with Besag & Clifford's early stopping. power = the share of draws with
+    p < 0.05, power_lo/power_hi its Wilson 95% interval; levels by bisection on log SNR in `bracket`
+    (`xlsub.similarity.power.bisect_power`). The content-free length-only encoder, `draws` seeds of it tested
+    by CKA and retrieval (not RSA: too slow), is the negative control (`snr` NaN rows; about 0.05 at the
+    length-restricted null).
+    Returns the table (measure, snr, n_draws, power, power_lo, power_hi) and each measure's detection limit:
+    the smallest tested SNR with power >= 0.8 (NaN if none).
     """
     groups = length_groups(lengths, reference)
-    measures = {
-        "cka": lambda x, y: cka_permutation_test(x, y, n_perm, seed, kind, groups=groups),
-        "rsa": lambda x, y: mantel_test(x, y, max(1, n_perm // 5), seed, groups),
-        "retrieval": lambda x, y: retrieval_permutation_test(x, y, n_perm, seed, groups),
-    }
     rows, limits = [], {}
-    for name, test in measures.items():
-        found = {}
 
-        def p_at(snr: float) -> float:
-            planted = planted_representations(base, [reference, "planted"], snr, seed, rotate=name != "retrieval")
-            result = test(planted[reference], planted["planted"])
-            found[snr] = float(result.observed)
-            return float(result.p_value)
+    def row(name: str, level: power.Power) -> dict:
+        return {"measure": name, "snr": level.snr, "n_draws": level.n_draws, "power": level.power,
+                "power_lo": level.lo, "power_hi": level.hi}
 
-        limit, p_values = detection_limit(p_at, snrs)
-        limits[name] = math.nan if limit is None else limit
-        rows += [{"measure": name, "snr": snr, "statistic": found[snr], "p_value": p} for snr, p in p_values.items()]
-        if lengths is not None and reference in lengths:
-            other = next((l for l in lengths if l != reference), None)
-            if other is not None:
-                content_free = length_only_representations({l: lengths[l].long().sub(2).clamp(min=0).tolist()
-                                                            for l in (reference, other)}, base.shape[-1], seed)
-                result = test(content_free[reference], content_free[other])
-                rows.append({"measure": f"{name} ({LENGTH_ONLY})", "snr": math.nan, "statistic": float(result.observed),
-                             "p_value": float(result.p_value)})
+    other = next((l for l in lengths or {} if l != reference), None)
+    controls = {}
+    if groups is not None and other is not None:
+        counts = {l: lengths[l].long().sub(2).clamp(min=0) for l in (reference, other)}  # the encoder adds <s>, </s>
+        controls = power.length_only_power(counts, base.shape[-1], groups, draws, seed, kind, n_perm=n_perm)
+    for name in power.MEASURES:
+        levels, limits[name] = power.bisect_power(
+            lambda snr, name=name: power.planted_power(name, base, snr, groups, draws, seed, kind, n_perm), bracket, bisections)
+        rows += [row(name, level) for level in levels]
+        if name in controls:
+            rows.append(row(f"{name} ({LENGTH_ONLY})", controls[name]))
     return pd.DataFrame(rows).set_index(["measure", "snr"]), limits
 
 
-def isomorphism_table(encodings, languages: Sequence[str], reference: str, k: int = 10) -> pd.DataFrame:
+def isomorphism_table(encodings, languages: Sequence[str], reference: str, k: int = 10, seed: int = 0,
+                      lengths: Mapping[str, torch.Tensor] | None = None, n_subsamples: int = ISOMORPHISM_SUBSAMPLES,
+                      top: int = TOP_EIGENVALUES) -> pd.DataFrame:
     """Eigenvector similarity of the k-nearest-neighbour graphs of each language's and the reference's
-    sentence vectors at the last layer (Søgaard et al. 2018; lower = more alike in shape), for the full
-    model and the base and random controls: a third view of shared structure beside CKA and RSA."""
-    rows = [{"model": model, "language": lang, "eigen_similarity": float(knn_eigen_similarity(x[-1], y[-1], k=min(k, y.shape[1] - 1)))}
-            for model, lang, x, y in _pairs(encodings, languages, reference, subnetworks=False)]
-    return pd.DataFrame(rows).set_index(["model", "language"])
+    sentence vectors at the last layer (Søgaard et al. 2018; lower = more alike in shape; the `top` largest
+    Laplacian eigenvalues, `xlsub.similarity.isomorphism.TOP_EIGENVALUES`), for the full model and the base,
+    random and length-only (from `lengths`) controls: a third view of shared structure beside CKA and RSA.
+
+    It does not depend on the pairing, so there is no pairing null: its uncertainty is which sentences
+    were sampled. `n_subsamples` random halves of the sentences (m = n // 2, the same half for every
+    language and model; `subsamples` with `seed`), each graph rebuilt on the half. `subsample_lo`,
+    `subsample_hi`: the 2.5% and 97.5% quantiles of the statistic at m, not rescaled to n (Politis & Romano's
+    rescaling needs the statistic's rate, unknown here, and the leading eigenvalues grow with n): the
+    spread from the choice of sentences, of the m-sentence statistic, not a calibrated interval of
+    `eigen_similarity`. On each control's rows, the comparison with the full model: `full_minus_control`
+    at n and the same quantiles of the paired difference at m (same halves for both models); below 0, the
+    trained model's languages are more alike in shape than the control's. Columns model, language,
+    eigen_similarity, subsample_lo, subsample_hi, full_minus_control, full_minus_control_lo,
+    full_minus_control_hi, top, n, m, n_subsamples."""
+    everything = with_length_only(encodings, lengths, reference, seed)
+    models = [m for m in _models(everything, languages) if SubnetworkId.parse_or_none(m) is None and reference in everything[m]]
+    n = everything[models[0]][reference].shape[1] if models else 0
+    subsets = subsamples(n, n_subsamples, seed) if models else torch.empty(0, 0, dtype=torch.long)
+    whole, parts = {}, {}  # {(model, lang): top eigenvalues at n}, {(model, lang): [S, top] at m}
+    for model in models:
+        for lang, reps in everything[model].items():
+            whole[model, lang] = knn_laplacian_spectrum(reps[-1], min(k, n - 1), top=top)
+            parts[model, lang] = subsample_spectra(reps[-1], subsets, min(k, subsets.shape[1] - 1), top) if len(subsets) else None
+
+    def quantiles(values) -> tuple[float, float]:  # the 2.5% and 97.5% quantiles over the subsamples (linear interpolation)
+        if values is None:
+            return math.nan, math.nan
+        lo, hi = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=values.dtype))
+        return float(lo), float(hi)
+
+    rows = []
+    for model, lang, _, _ in _pairs({m: everything[m] for m in models}, languages, reference):
+        value = float(spectrum_distance(whole[model, reference], whole[model, lang], top))
+        sub = None if parts[model, lang] is None else spectrum_distance(parts[model, reference], parts[model, lang], top)
+        lo, hi = quantiles(sub)
+        row = {"model": model, "language": lang, "eigen_similarity": value, "subsample_lo": lo, "subsample_hi": hi,
+               "full_minus_control": math.nan, "full_minus_control_lo": math.nan, "full_minus_control_hi": math.nan,
+               "top": top, "n": n, "m": subsets.shape[1], "n_subsamples": len(subsets)}
+        if model != FULL_MODEL and (FULL_MODEL, lang) in whole:
+            full_value = float(spectrum_distance(whole[FULL_MODEL, reference], whole[FULL_MODEL, lang], top))
+            paired = None if sub is None else spectrum_distance(parts[FULL_MODEL, reference], parts[FULL_MODEL, lang], top) - sub
+            row["full_minus_control"] = full_value - value
+            row["full_minus_control_lo"], row["full_minus_control_hi"] = quantiles(paired)
+        rows.append(row)
+    columns = ["model", "language", "eigen_similarity", "subsample_lo", "subsample_hi", "full_minus_control", "full_minus_control_lo",
+               "full_minus_control_hi", "top", "n", "m", "n_subsamples"]
+    return pd.DataFrame(rows, columns=columns).set_index(columns[:2])

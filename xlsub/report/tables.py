@@ -42,6 +42,7 @@ from xlsub.errors import XlsubError
 from xlsub.models.mlm import ChunkLosses
 from xlsub.models.pruning import relative_perplexity
 from xlsub.similarity.cka import cka_matrix, shuffled_pairs_cka
+from xlsub.similarity.jackknife import cka_jackknife_interval
 from xlsub.stats.inference import (
     UnitLevel,
     benjamini_hochberg,
@@ -405,6 +406,23 @@ def cka_pairs_table(matrix: torch.Tensor, langs: Sequence[str], layers: Sequence
     table = pd.concat(blocks, keys=list(layers), names=["layer", "language"])
     table.columns.name = "language"
     return table
+
+
+def cka_pairs_interval_tables(encodings: Mapping[str, Mapping[str, torch.Tensor]], langs: Sequence[str], layers: Sequence[int],
+                              kind: str, blocks: int = 20) -> dict[str, pd.DataFrame]:
+    """`cka_pairs_lo` / `_hi`: the 95% delete-a-block jackknife interval (`blocks` contiguous blocks of
+    sentences, `xlsub.similarity.jackknife.cka_jackknife_interval`, as `cka_vs_reference_lo`) of every pair's
+    CKA in `cka_pairs` (the full model's encodings), laid out as that table: (layer, language) x language."""
+    full = encodings[FULL_MODEL]
+    layers = list(layers)
+    k = len(langs)
+    lo, hi = torch.full((len(layers), k, k), math.nan, dtype=torch.float64), torch.full((len(layers), k, k), math.nan, dtype=torch.float64)
+    for i, j in ((i, j) for i in range(k) for j in range(i, k)):
+        x, y = full[langs[i]][layers], full[langs[j]][layers]
+        interval = cka_jackknife_interval(x, y, kind, min(blocks, x.shape[-2]))
+        lo[:, i, j] = lo[:, j, i] = interval.lo
+        hi[:, i, j] = hi[:, j, i] = interval.hi
+    return {table_id: cka_pairs_table(dict(zip(layers, bound)), langs, layers) for table_id, bound in ((TABLE.cka_pairs_lo, lo), (TABLE.cka_pairs_hi, hi))}
 
 
 def subnetwork_encodings(encodings: Mapping[str, object], languages: Sequence[str] = ()) -> dict[SubnetworkId, str]:

@@ -173,28 +173,55 @@ def specificity(excess: float, lo: float, hi: float, random_gap: float, p: float
     return Verdict(question, answer, excess, lo, hi, "random masks with the same heads per layer", random_gap, p, inference)
 
 
-def stability(within: float, lo: float, hi: float, chance: float, p: float, inference: Inference) -> Verdict:
-    """Are the masks stable across seeds? Same-language Jaccard across pruning seeds against random masks
-    with the same heads per layer (exact expectation; p from random masks drawn alike)."""
+def _robustness(inference: Inference) -> str:
+    return "; the answer changes when one language is left out" if inference.robust_to_leave_one_out is False else ""
+
+
+def _too_few(inference: Inference, lo: float) -> str:
+    """Why a "no evidence" may come from the number of languages alone."""
+    n = inference.n_units
+    if math.isfinite(inference.p_floor) and inference.p_floor >= ALPHA:
+        return f"; {n} languages cannot give p below {inference.p_floor:.3g}"
+    if not math.isfinite(lo):
+        return f"; {n} languages are too few for a 95% sign-flip interval (it needs 6)"
+    return ""
+
+
+def stability(within: float, lo: float, hi: float, chance: float, p: float, inference: Inference,
+              per_language: Mapping[str, tuple[float, float]]) -> Verdict:
+    """Are the masks stable across seeds? Per language, the Jaccard of its masks across pruning seeds minus
+    the exact expectation for random masks with the same heads per layer; the claim is about languages:
+    the mean over languages (shown as the mean Jaccard, `within`, against the random masks' `chance`) with
+    the sign-flip interval and one-sided p of the excess over languages. `per_language`: {language:
+    (excess, BH-adjusted p of its random-mask test)} counts the languages the claim holds for."""
     question = STABILITY
+    n = inference.n_units
+    holds = [lang for lang, (d, q) in per_language.items() if d > 0 and q < ALPHA]
+    without = [lang for lang in per_language if lang not in holds]
+    count = (f"; within languages, above chance for {len(holds)} of {len(per_language)} (BH-adjusted random-mask p < {ALPHA:g})"
+             + (f"; not {_listed(without)}" if without and len(without) <= 3 else ""))
     if not math.isfinite(within):
         answer = "cannot tell: prune with several seeds (e.g. seeds=0,1,2) to measure it"
     elif evidence(within, lo, hi, chance, p):
-        answer = (f"yes, above chance: a language's masks from different seeds share Jaccard {_fmt(within)} "
-                  f"({_interval(lo, hi)}) of their heads, against {_fmt(chance)} for random masks, {format_p(p, inference.p_floor)}")
+        answer = (f"yes, above chance: a language's masks from different seeds share Jaccard {_fmt(within)} of their heads "
+                  f"({_interval(lo, hi)} from sign flips over {n} languages), against {_fmt(chance)} for random masks with the same "
+                  f"heads per layer, one-sided {format_p(p, inference.p_floor)}{count}")
     else:
-        answer = (f"no evidence: masks from different seeds overlap {_fmt(within)} ({_interval(lo, hi)}), "
-                  f"no more than random masks ({_fmt(chance)}), {format_p(p, inference.p_floor)}")
+        answer = (f"no evidence at the level of languages: masks from different seeds overlap {_fmt(within)} "
+                  f"({_interval(lo, hi)} over {n} languages) against {_fmt(chance)} for random masks, one-sided "
+                  f"{format_p(p, inference.p_floor)}{_too_few(inference, lo)}{count}")
+    answer += _robustness(inference)
     return Verdict(question, answer, within, lo, hi, "random masks with the same heads per layer", chance, p, inference)
 
 
 def beyond_length(difference: float, lo: float, hi: float, above: float, control_above: float, p: float, control: str,
-                  detection_limit: float, inference: Inference) -> Verdict:
+                  detection_limit: float, inference: Inference, power_draws: int = 50, power_permutations: int = 99) -> Verdict:
     """Do parallel sentences share representation beyond what length explains, more than a control encoder
     does? Per language, the parallel CKA above its length-matched null (pairings that keep the source's
     token count) at the last layer, the trained model's minus the control's (the random-init model, or the
     length-only encoder): the paired difference, its sign-flip interval and one-sided p over languages.
-    `above`, `control_above`: the two means, for reading."""
+    `above`, `control_above`: the two means, for reading; `detection_limit`: the planted-signal power analysis's
+    (`xlsub.similarity.power`, `power_draws` draws per level of `power_permutations` permutations)."""
     p_text = format_p(p, inference.p_floor)
     both = f"trained {_fmt(above)}, {control} {_fmt(control_above)}"
     if evidence(difference, lo, hi, 0.0, p):
@@ -208,18 +235,23 @@ def beyond_length(difference: float, lo: float, hi: float, above: float, control
     if inference.robust_to_leave_one_out is False:
         answer += "; the answer changes when one language is left out"
     if math.isfinite(detection_limit):
-        answer += (f"; at this n and d, the length-restricted CKA test detects a planted shared signal down to a "
-                   f"signal-to-noise ratio of {_fmt(detection_limit)}")
+        answer += (f"; at this n and d, the length-restricted CKA test has power >= 0.8 (from {power_draws} planted draws per "
+                   f"level, {power_permutations} permutations each) from a signal-to-noise ratio of {_fmt(detection_limit)} on")
     return Verdict(BEYOND_LENGTH, answer, difference, lo, hi, f"the same for the {control}", control_above, p, inference)
 
 
-def pruning_specific(gap: float, lo: float, hi: float, p: float, inference: Inference) -> Verdict:
-    """Mean (1 - CKA(full, subnetwork)) on other languages minus on the subnetwork's own language, last
-    layer; p from permuting which subnetwork belongs to which language (control: no special diagonal, 0)."""
+def pruning_specific(gap: float, lo: float, hi: float, p: float, positive: int, inference: Inference) -> Verdict:
+    """Does pruning to a language's subnetwork change the representation of the other languages more than
+    its own? Per subnetwork language, mean (1 - CKA(full, subnetwork)) at the last layer on the other
+    languages minus on its own; the mean over languages with its sign-flip interval and one-sided p
+    (control: no special diagonal, 0). `positive`: the languages whose difference is above 0."""
+    n = inference.n_units
+    shown = f"{_fmt(gap)} (1 - CKA; {_interval(lo, hi)} from sign flips over {n} languages; positive in {positive} of {n})"
     if evidence(gap, lo, hi, 0.0, p):
-        answer = (f"yes: a subnetwork changes the other languages' representations more than its own by {_fmt(gap)} "
-                  f"(1 - CKA; {_interval(lo, hi)}), {format_p(p, inference.p_floor)}")
+        answer = (f"yes: a subnetwork changes the other languages' representations more than its own by {shown}, "
+                  f"one-sided {format_p(p, inference.p_floor)}")
     else:
-        answer = (f"no evidence: the difference in 1 - CKA between other languages and its own is {_fmt(gap)} "
-                  f"({_interval(lo, hi)}), {format_p(p, inference.p_floor)}")
-    return Verdict(PRUNING_SPECIFIC, answer, gap, lo, hi, "no difference (subnetwork labels permuted)", 0.0, p, inference)
+        answer = (f"no evidence: the difference in 1 - CKA between the other languages and its own is {shown}, "
+                  f"one-sided {format_p(p, inference.p_floor)}{_too_few(inference, lo)}")
+    answer += _robustness(inference)
+    return Verdict(PRUNING_SPECIFIC, answer, gap, lo, hi, "no difference between its own and the other languages", 0.0, p, inference)

@@ -1,15 +1,15 @@
 """Planted controls for power (issue 12): how strong a shared signal each similarity measure detects.
 
 `planted_representations` (a positive control: a shared signal at a known signal-to-noise ratio),
-`length_only_representations` (a negative control: an encoder that sees only sentence length), and
-`detection_limit` (the weakest planted signal a measure's test detects).
+`length_only_representations` (a negative control: an encoder that sees only sentence length);
+`xlsub.similarity.power` turns them into the power of each measure's test.
 """
 
 from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -97,19 +97,3 @@ def length_only_representations(lengths: Mapping[str, Sequence[int]], d: int, se
         out[lang] = summed / width[:, None]
     return out
 
-
-def detection_limit(p_value_at: Callable[[float], float], snrs: Sequence[float],
-                    alpha: float = 0.05) -> tuple[float | None, dict[float, float]]:
-    """The weakest signal a measure detects: the smallest SNR from which on every stronger SNR has p < alpha.
-
-    `p_value_at(snr)` runs the measure's test on `planted_representations` at that SNR. Requiring every
-    stronger SNR to be detected too keeps one lucky p-value at a weak signal from setting the limit.
-    Returns (limit or None if even the strongest SNR is not detected, {snr: p}).
-    """
-    p_values = {float(snr): float(p_value_at(snr)) for snr in sorted(snrs)}
-    limit = None
-    for snr in sorted(p_values, reverse=True):
-        if not p_values[snr] < alpha:
-            break
-        limit = snr
-    return limit, p_values

@@ -61,10 +61,10 @@ _GRAM_RATIO = 100
 _GRAM_MAX_N = 1536
 # With float32 products for the null, null values within this relative distance of the observed value are
 # recomputed in float64, so that a tie (e.g. a permutation that leaves the pairing unchanged) counts as one.
-_FLOAT32_RECHECK = 1e-5
+FLOAT32_RECHECK = 1e-5
 # A null value counts as >= the observed one within 100 float64 eps of it (scipy.stats.permutation_test's
 # convention): the same number computed by two summation orders must tie.
-_TIE_RTOL = 100 * torch.finfo(torch.float64).eps
+TIE_RTOL = 100 * torch.finfo(torch.float64).eps
 
 
 # -- permutations ------------------------------------------------------------------------------------------
@@ -148,9 +148,9 @@ class PermutationResult:
 
 def permutation_result(observed: torch.Tensor, null: torch.Tensor, exact_null_mean=None) -> PermutationResult:
     """`observed` [...] against its sampled `null` [..., n_perm]: p = (1 + #{null >= observed}) / (1 + n_perm),
-    with a null value within `_TIE_RTOL` of the observed one counted as a tie, and NaN where observed is NaN."""
+    with a null value within `TIE_RTOL` of the observed one counted as a tie, and NaN where observed is NaN."""
     n_perm = null.shape[-1]
-    ties = _TIE_RTOL * observed.abs()
+    ties = TIE_RTOL * observed.abs()
     exceed = (null >= (observed - ties)[..., None]).sum(-1)
     p_value = torch.where(observed.isnan(), math.nan, (1.0 + exceed.double()) / (1.0 + n_perm))
     std = null.std(-1) if n_perm > 1 else torch.full_like(observed, math.nan)
@@ -335,7 +335,7 @@ def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, s
     observed = cka(x, y, kind, sigma_frac=sigma_frac)
     null = permuted_cka(x, y, perms, kind, engine=engine, precision=null_precision, sigma_frac=sigma_frac)
     if null_precision == "float32":
-        near = (null - observed[..., None]).abs() <= _FLOAT32_RECHECK * observed.abs()[..., None]
+        near = (null - observed[..., None]).abs() <= FLOAT32_RECHECK * observed.abs()[..., None]
         for index in near.reshape(-1, n_perm).any(-1).nonzero().reshape(-1).tolist():
             lead = tuple(int(i) for i in np.unravel_index(index, observed.shape)) if observed.ndim else ()
             which = near[lead].nonzero().reshape(-1)

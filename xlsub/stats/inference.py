@@ -16,16 +16,24 @@ random-mask draws, test chunks) already averaged into d_r.
 - `unit_level`: all of the above for one paired difference per unit, as a verdict states it.
 - `monte_carlo_p`: (k + 1) / (N + 1) from a sampled null, ties counted as extreme.
 - `benjamini_hochberg`: adjusted p-values across several tests (pairs, languages).
+- `average_ranks`, `matrix_correlation`, `mantel_test`: ranks with ties averaged, the correlation of two
+  dissimilarity matrices' upper triangles, and its Mantel test (Mantel 1967) by relabelling one matrix:
+  exact over all k! relabellings when affordable (`relabel_exact`), else Monte Carlo (`relabel_mc`, or
+  `restricted_perm_mc` within groups). Language distances and RSA both use it.
+- `jackknife_interval`: the delete-a-block jackknife t interval from leave-one-block-out estimates.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.stats
+import torch
 
 EXACT_LIMIT = 100_000  # enumerate the sign vectors up to this many (n <= 16)
 ALTERNATIVES = ("greater", "less", "two-sided")
@@ -214,3 +222,250 @@ def benjamini_hochberg(pvalues: Sequence[float]) -> np.ndarray:
     result = np.empty(m)
     result[order] = adjusted
     return result
+
+
+# -- ranks, the Mantel test and the block jackknife -------------------------------------------------------
+
+def average_ranks(values) -> torch.Tensor:
+    """Ranks 1..m along the last axis, ties given the mean of the ranks they span (scipy.stats.rankdata
+    'average'), float64. Any leading axes are ranked independently; numpy input is read with torch.as_tensor
+    (call `.numpy()` on the result for numpy code)."""
+    values = torch.as_tensor(values)
+    order = torch.argsort(values, dim=-1, stable=True)
+    ordered = values.gather(-1, order)
+    new = torch.ones_like(ordered, dtype=torch.bool)
+    new[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    run = torch.cumsum(new, dim=-1) - 1  # which tie-run each sorted position belongs to
+    position = torch.arange(1, values.shape[-1] + 1, dtype=torch.float64).expand(ordered.shape)
+    total = torch.zeros(ordered.shape, dtype=torch.float64).scatter_add_(-1, run, position)
+    count = torch.zeros(ordered.shape, dtype=torch.float64).scatter_add_(-1, run, torch.ones_like(position))
+    mean = total.gather(-1, run) / count.gather(-1, run)
+    return torch.empty_like(mean).scatter_(-1, order, mean)
+
+
+MANTEL_METHODS = ("spearman", "pearson")
+# A null statistic within this much (times max(1, |observed|)) of the observed one is a tie: relabellings
+# that map the matrix onto itself give the observed r again, summed in another order.
+MANTEL_TIE = 1e-9
+# Bytes of gathered entries per block of permutations in `permuted_cross`.
+_MANTEL_BLOCK_BYTES = 2**26
+# Up to this many rows, `permuted_cross` gathers the upper-triangle pairs of a block of permutations in one
+# indexing op (a python loop per permutation would dominate: 8! relabellings of 8 languages); above it, two
+# index_selects per permutation and one product per block (RSA over hundreds of sentences).
+_PAIR_GATHER_MAX_K = 64
+
+
+@dataclass(frozen=True)
+class MantelResult:
+    """A Mantel test per leading index: `observed` r and `p_value` [...], the `null` r of every relabelling
+    used [..., n_perm], `n_perm` (k! when exact), `p_floor` (the smallest p the null can give: 1 / k! exact,
+    1 / (n_perm + 1) Monte Carlo) and `test` (`relabel_exact`, `relabel_mc`, `restricted_perm_mc`)."""
+
+    __test__ = False  # not a pytest test class
+
+    observed: torch.Tensor
+    p_value: torch.Tensor
+    null: torch.Tensor
+    n_perm: int
+    p_floor: float
+    test: str
+
+    @property
+    def null_mean(self) -> torch.Tensor:
+        return self.null.mean(-1)
+
+    @property
+    def null_std(self) -> torch.Tensor:
+        return self.null.std(-1) if self.n_perm > 1 else torch.full_like(self.observed, math.nan)
+
+
+def centred_upper(d, method: str) -> torch.Tensor:
+    """The upper triangle (i < j) of dissimilarity matrices d [..., k, k], ranked (`average_ranks`) for
+    Spearman, centred on its mean, written back as a symmetric matrix with zero diagonal, float64."""
+    if method not in MANTEL_METHODS:
+        raise ValueError(f"method must be one of {MANTEL_METHODS}, got {method!r}")
+    d = torch.as_tensor(d).double()
+    k = d.shape[-1]
+    i, j = torch.triu_indices(k, k, offset=1)
+    values = d[..., i, j]
+    values = average_ranks(values) if method == "spearman" else values
+    values = values - values.mean(-1, keepdim=True)
+    out = torch.zeros_like(d)
+    out[..., i, j] = values
+    return out + out.mT
+
+
+def upper_norm(m: torch.Tensor) -> torch.Tensor:
+    """The Frobenius norm of each matrix in m [..., k, k] (of `centred_upper`, the root of its sum of squares)."""
+    return torch.linalg.vector_norm(m, dim=(-2, -1))
+
+
+def matrix_correlation(x, y, method: str = "spearman") -> torch.Tensor:
+    """Spearman (average ranks) or Pearson correlation of the upper triangles (i < j) of dissimilarity
+    matrices x, y [..., k, k] (leading axes broadcast), [...] float64; NaN where a triangle is constant.
+    The Mantel statistic (Mantel 1967); RSA's with 1 - cosine matrices (Kriegeskorte et al. 2008)."""
+    a, b = centred_upper(x, method), centred_upper(y, method)
+    return (a * b).sum((-2, -1)) / (upper_norm(a) * upper_norm(b))
+
+
+def _pair_index(inverse: torch.Tensor, k: int) -> torch.Tensor:
+    """The flat indices q(i) k + q(j) of the upper-triangle pairs i < j for every row q of `inverse`, [P, pairs]."""
+    i, j = torch.triu_indices(k, k, offset=1)
+    return inverse.index_select(1, i) * k + inverse.index_select(1, j)
+
+
+def permuted_cross(a: torch.Tensor, bs: torch.Tensor, perms: torch.Tensor, pairs: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_ij A_ij B_p(i)p(j) for every B in bs [m, k, k] and every permutation p, [m, P] float64 (A, B
+    symmetric with zero diagonal).
+
+    The same sum is sum_ij A_q(i)q(j) B_ij with q = p^-1, so A is gathered once per permutation and a block
+    of gathered copies meets all m matrices in one float64 product: one k^2 gather per permutation however
+    many matrices share the reference (one language against all the others). For small k the upper-triangle
+    pairs of all permutations are gathered at once (`pairs`: their `_pair_index`, when already built).
+    """
+    k = a.shape[-1]
+    out = torch.empty(len(bs), len(perms), dtype=torch.float64)
+    if k <= _PAIR_GATHER_MAX_K:
+        pairs = _pair_index(torch.argsort(perms, dim=1), k) if pairs is None else pairs
+        i, j = torch.triu_indices(k, k, offset=1)
+        flat_a, upper_b = a.reshape(-1), bs[:, i, j]
+        block = max(1, min(len(perms), _MANTEL_BLOCK_BYTES // (16 * max(1, len(i)))))
+        for start in range(0, len(perms), block):
+            chunk = pairs[start:start + block]
+            out[:, start:start + len(chunk)] = 2.0 * (upper_b @ flat_a[chunk].mT)
+        return out
+    inverse = torch.argsort(perms, dim=1)
+    flat_b = bs.reshape(len(bs), k * k)
+    block = max(1, min(len(perms), _MANTEL_BLOCK_BYTES // (8 * k * k)))
+    rows, gathered = torch.empty(k, k, dtype=torch.float64), torch.empty(block, k, k, dtype=torch.float64)
+    for start in range(0, len(perms), block):
+        chunk = inverse[start:start + block]
+        for n, q in enumerate(chunk):
+            torch.index_select(torch.index_select(a, 0, q, out=rows), 1, q, out=gathered[n])
+        out[:, start:start + len(chunk)] = flat_b @ gathered[:len(chunk)].reshape(len(chunk), k * k).mT
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _all_permutations(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every permutation of range(k), [k!, k] int64, the identity first, and their `_pair_index`: built once
+    per k and shared by the tests of one analysis (every distance against every matrix on the same languages)."""
+    perms = torch.tensor(list(itertools.permutations(range(k))), dtype=torch.long).reshape(-1, k)
+    return perms, _pair_index(torch.argsort(perms, dim=1), k)
+
+
+def mantel_test(x, y, sample=None, groups=None, method: str = "spearman", alternative: str = "greater",
+                max_exact: int = EXACT_LIMIT) -> MantelResult:
+    """Mantel (1967) test of `matrix_correlation(x, y, method)` for dissimilarity matrices x, y [..., k, k].
+
+    Null: y's rows and columns relabelled jointly by a permutation (which pairs which is arbitrary under
+    H0). A relabelling only reorders the pairs, so the ranks of the permuted triangle are the permuted ranks
+    and each null r is a dot product of the centred matrices (`permuted_cross`), O(k^2). Every one of the
+    k! relabellings when k! <= max(len(sample), max_exact) and there are no `groups` (`relabel_exact`:
+    p = share at least as extreme, the identity included, p_floor 1 / k!; k <= 8 at `EXACT_LIMIT`); else
+    the rows of `sample`, [N, k] random permutations the caller draws with
+    `xlsub.similarity.permutation.permutations(k, N, seed, groups)` (`relabel_mc`, or `restricted_perm_mc`
+    with `groups`, whose permutations must keep every row within its group, e.g. sentences of equal source
+    length), p = (1 + count) / (1 + N) (Davison & Hinkley 1997, 4.2). The caller draws them because this
+    module stays free of the similarity package: stages that only need sign flips import it.
+    `alternative`: "greater" (r above chance), "less" or "two-sided" (|r|). Ties (within 1e-9) count as
+    extreme; r and p are NaN where a triangle is constant. Leading axes broadcast; one x against several
+    y [m, k, k] gathers x once per permutation for all m, with the same permutations for every index.
+    """
+    if alternative not in ALTERNATIVES:
+        raise ValueError(f"alternative must be one of {ALTERNATIVES}, got {alternative!r}")
+    a, b = centred_upper(x, method), centred_upper(y, method)
+    k = a.shape[-1]
+    sample = None if sample is None else torch.as_tensor(np.asarray(sample), dtype=torch.long)
+    if sample is not None and (sample.ndim != 2 or sample.shape[1] != k):
+        raise ValueError(f"sample must be [N, {k}] permutations, got shape {tuple(sample.shape)}")
+    exact = groups is None and math.factorial(k) <= max(0 if sample is None else len(sample), max_exact)
+    if exact:
+        perms, pairs = _all_permutations(k)
+    elif sample is None:
+        raise ValueError(f"{k}! relabellings are too many to enumerate: pass sample=permutations(k, n_perm, seed, groups)")
+    else:
+        perms, pairs = sample, None
+        if groups is not None:
+            codes = torch.as_tensor(np.asarray(groups)).reshape(-1)
+            if len(codes) != k or not torch.equal(codes[perms], codes.expand_as(perms)):
+                raise ValueError("sample: a permutation moves a row out of its group; draw it with the same groups")
+    lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    flat_b = b.expand(*lead, k, k).reshape(-1, k, k)
+    if a.shape[:-2].numel() == 1:  # one reference for every y: gathered once per permutation
+        cross = permuted_cross(a.reshape(k, k), flat_b, perms, pairs)
+    else:
+        flat_a = a.expand(*lead, k, k).reshape(-1, k, k)
+        cross = torch.cat([permuted_cross(one_a, one_b[None], perms, pairs) for one_a, one_b in zip(flat_a, flat_b)])
+    norms = (upper_norm(a) * upper_norm(b)).expand(lead).reshape(-1, 1)
+    null = (cross / norms).reshape(*lead, len(perms))
+    observed = ((a * b).sum((-2, -1)) / (upper_norm(a) * upper_norm(b))).expand(lead)
+    tie = MANTEL_TIE * observed.abs().clamp_min(1.0)[..., None]
+    if alternative == "greater":
+        extreme = null >= observed[..., None] - tie
+    elif alternative == "less":
+        extreme = null <= observed[..., None] + tie
+    else:
+        extreme = null.abs() >= observed.abs()[..., None] - tie
+    count = extreme.sum(-1).double()
+    used = len(perms)
+    p = count / used if exact else (count + 1) / (used + 1)
+    p = torch.where(observed.isnan(), math.nan, p)
+    test = "relabel_exact" if exact else "relabel_mc" if groups is None else "restricted_perm_mc"
+    return MantelResult(observed, p, null, used, 1.0 / used if exact else 1.0 / (used + 1), test)
+
+
+def jackknife_interval(estimate, leave_out, level: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """The delete-a-block jackknife interval (Efron & Tibshirani 1993, 11.5): estimate +- t_{B-1, (1+level)/2}
+    SE with SE = sqrt((B-1)/B sum_b (theta_b - mean theta)^2), theta_b = `leave_out[..., b]` the estimate
+    without block b, over the last axis of B blocks. Returns (lo, hi), each [...] float64."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be between 0 and 1, got {level}")
+    theta = torch.as_tensor(leave_out, dtype=torch.float64)
+    blocks = theta.shape[-1]
+    se = ((blocks - 1) / blocks * (theta - theta.mean(-1, keepdim=True)).square().sum(-1)).sqrt()
+    half = float(scipy.stats.t.ppf((1 + level) / 2, blocks - 1)) * se
+    estimate = torch.as_tensor(estimate, dtype=torch.float64)
+    return estimate - half, estimate + half
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson's (1927) score interval of a binomial proportion: successes out of n independent 0/1 trials.
+
+    (p + z^2/2n +- z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n), p = successes / n, z the (1+level)/2 normal
+    quantile. Unlike the Wald (and the percentile bootstrap of the mean, which tracks it) it stays inside
+    [0, 1] and keeps its coverage near 0 and 1 (Brown, Cai & DasGupta 2001): at 0 successes it is
+    [0, z^2 / (n + z^2)], not a point. NaN for n = 0.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be between 0 and 1, got {level}")
+    if n <= 0:
+        return math.nan, math.nan
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must lie in 0..n ({n}), got {successes}")
+    z = float(scipy.stats.norm.ppf((1 + level) / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_mean_interval(values: Sequence[float], replicates: int = 2000, seed: int = 0,
+                            level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of independent units (Efron & Tibshirani 1993, 13.3).
+
+    Replicate b is the mean of `values[idx_b]`, idx_b = row b of
+    `numpy.random.default_rng(seed).integers(0, n, (replicates, n))`, the units drawn with replacement;
+    the interval is the (1-level)/2 and (1+level)/2 quantiles of the replicates (numpy's linear
+    interpolation). For a statistic that is a mean over units (sentences), where duplicating a unit
+    only reweights it. NaN for no values.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be between 0 and 1, got {level}")
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size == 0:
+        return math.nan, math.nan
+    index = np.random.default_rng(seed).integers(0, v.size, (replicates, v.size))
+    means = v[index].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)

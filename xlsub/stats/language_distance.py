@@ -22,7 +22,6 @@ URIEL (`URIEL_CODES`). A language URIEL has no vector for gets NaN distances and
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import math
@@ -32,11 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 
 from xlsub.errors import XlsubError
 from xlsub.similarity.permutation import permutations
-from xlsub.stats.inference import benjamini_hochberg
+from xlsub.stats.inference import benjamini_hochberg, mantel_test
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +52,6 @@ DISTANCE_KINDS = ("syntactic", "genetic", "geographic", "phonological", "invento
 DEFAULT_KINDS = ("syntactic", "genetic", "geographic")
 # Fewer languages leave too few pairs: with 3, no two-sided p falls below 1/3.
 MIN_LANGUAGES = 4
-# Enumerate every permutation up to 8 languages (8! = 40320): then p is exact, not sampled.
-EXACT_LIMIT = math.factorial(8)
 
 _TYPOLOGY_PREFIX = {"syntactic": "S_", "phonological": "P_", "inventory": "INV_"}
 _MISSING = -1.0  # URIEL's value for a feature with no data
@@ -172,55 +168,6 @@ def uriel_distances(languages: Sequence[str], kinds: Sequence[str] = DEFAULT_KIN
     return out
 
 
-# -- Mantel test -------------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=2)
-def _permuted_pairs(k: int) -> np.ndarray:
-    """For every permutation p of range(k), the flat indices p(i) k + p(j) of the upper-triangle pairs i < j
-    in a k x k matrix, [k!, k(k-1)/2] int16: built once per k, shared by the tests of one analysis."""
-    every = np.array(list(itertools.permutations(range(k))), dtype=np.int16)
-    i, j = np.triu_indices(k, 1)
-    return every[:, i] * k + every[:, j]
-
-
-def mantel_spearman(x: np.ndarray, y: np.ndarray, n_perm: int = 1000, seed: int = 0,
-                    exact_limit: int = EXACT_LIMIT) -> tuple[float, float, int, bool]:
-    """Spearman correlation of the off-diagonal upper triangles of two symmetric k x k matrices, and its
-    two-sided Mantel p-value (Mantel 1967): y's rows and columns permuted jointly (relabelling languages).
-
-    Every one of the k! permutations when k! <= max(n_perm, exact_limit) (p = share with |r| >= observed,
-    the identity included); else `n_perm` random ones (`xlsub.similarity.permutation.permutations`, p = (1 + count) /
-    (1 + n_perm)). A permutation only reorders the pairs, so the ranks of the permuted triangle are the
-    permuted ranks and r is a dot product of centred ranks. Returns (r, p, permutations used, exact);
-    r and p are NaN where either triangle is constant.
-    """
-    k = len(x)
-    i, j = np.triu_indices(k, 1)
-    a = rankdata(np.asarray(x, dtype=float)[i, j])
-    ranks = np.zeros((k, k))
-    ranks[i, j] = rankdata(np.asarray(y, dtype=float)[i, j])
-    ranks += ranks.T
-    a -= a.mean()
-    mean_b = ranks[i, j].mean()
-    norm = np.linalg.norm(a) * np.linalg.norm(ranks[i, j] - mean_b)
-    exact = math.factorial(k) <= max(n_perm, exact_limit)
-    used = math.factorial(k) if exact else n_perm
-    if norm == 0:
-        return math.nan, math.nan, used, exact
-    observed = float(a @ (ranks[i, j] - mean_b)) / norm
-    tolerance = 1e-9 * max(1.0, abs(observed))
-    if exact:
-        count, pairs, flat = 0, _permuted_pairs(k), ranks.reshape(-1) - mean_b
-        for start in range(0, len(pairs), 50_000):  # bounds the [perms, pairs] gather
-            null = flat[pairs[start:start + 50_000]] @ a / norm
-            count += int((np.abs(null) >= abs(observed) - tolerance).sum())
-        return observed, count / used, used, True
-    perms = permutations(k, n_perm, seed).numpy()
-    null = (ranks[perms[:, i], perms[:, j]] - mean_b) @ a / norm
-    count = int((np.abs(null) >= abs(observed) - tolerance).sum())
-    return observed, (1 + count) / (1 + n_perm), used, False
-
-
 def _symmetric(table: pd.DataFrame, langs: Sequence[str]) -> np.ndarray:
     """The matrix on `langs` (NaN where absent), averaged with its transpose: an asymmetric measure (a
     subnetwork on another language) counts a pair as the mean of its two directions."""
@@ -253,7 +200,9 @@ def paired_matrices(distance: pd.DataFrame, matrix: pd.DataFrame) -> tuple[list[
 
 def distance_correlations(distances: Mapping[str, pd.DataFrame], matrices: Mapping[str, pd.DataFrame],
                           n_perm: int = 1000, seed: int = 0, min_languages: int = MIN_LANGUAGES) -> pd.DataFrame:
-    """Mantel test (`mantel_spearman`) of every distance against every language x language matrix.
+    """Two-sided Spearman Mantel test (`xlsub.stats.inference.mantel_test`) of every distance against every
+    language x language matrix: all k! relabellings of the k languages up to 8 of them
+    (`inference.EXACT_LIMIT`) or `n_perm`, else `n_perm` random ones (`permutations(k, n_perm, seed)`).
 
     Per pair, the languages with all their pairs finite in both (`paired_matrices`); fewer than
     `min_languages` gives NaN. Rows: distance, measure, spearman_r, p_value, p_bh (Benjamini-Hochberg across
@@ -263,7 +212,8 @@ def distance_correlations(distances: Mapping[str, pd.DataFrame], matrices: Mappi
     for (distance, dist), (measure, matrix) in itertools.product(distances.items(), matrices.items()):
         langs, x, y = paired_matrices(dist, matrix)
         if len(langs) >= min_languages:
-            r, p, used, exact = mantel_spearman(x, y, n_perm, seed)
+            result = mantel_test(x, y, permutations(len(x), n_perm, seed), alternative="two-sided")
+            r, p, used, exact = float(result.observed), float(result.p_value), result.n_perm, result.test == "relabel_exact"
         else:
             r, p, used, exact = math.nan, math.nan, 0, False
         rows.append({"distance": distance, "measure": measure, "spearman_r": r, "p_value": p,

@@ -35,7 +35,7 @@ import torch
 
 from xlsub.artifacts import SubnetworkId, group_by_language
 from xlsub.errors import XlsubError
-from xlsub.stats.inference import benjamini_hochberg
+from xlsub.stats.inference import average_ranks, benjamini_hochberg, bootstrap_mean_interval
 
 
 def _kept(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
@@ -173,6 +173,28 @@ def _per_layer_table(rows: Mapping[str, list[float]]) -> pd.DataFrame:
     return table
 
 
+def token_overlap_shares(tokens_by_lang: Mapping[str, Sequence[Sequence[Hashable]]],
+                         reference: str = "en") -> dict[str, np.ndarray]:
+    """Per language, each sentence's share of tokens found in its reference translation (`token_overlap`
+    averages them): [sentences kept] float64, sentences with no tokens left out; the reference's all 1."""
+    if reference not in tokens_by_lang:
+        raise XlsubError(f"token_overlap: reference language '{reference}' is not among {list(tokens_by_lang)}; "
+                         "pass reference= one of them")
+    ref = tokens_by_lang[reference]
+    result = {}
+    for lang, sentences in tokens_by_lang.items():
+        if len(sentences) != len(ref):
+            raise XlsubError(f"token_overlap: {lang} has {len(sentences)} sentences and {reference} {len(ref)}; "
+                             "pass the same parallel sentences for every language")
+        if lang == reference:
+            result[lang] = np.ones(sum(len(t) > 0 for t in ref))
+            continue
+        shares = [sum((Counter(tokens) & Counter(ref_tokens)).values()) / len(tokens)
+                  for tokens, ref_tokens in zip(sentences, ref) if len(tokens) > 0]
+        result[lang] = np.asarray(shares, dtype=np.float64)
+    return result
+
+
 def token_overlap(tokens_by_lang: Mapping[str, Sequence[Sequence[Hashable]]],
                   reference: str = "en") -> dict[str, float]:
     """Per language, the mean over sentences of the share of a sentence's tokens found in its reference translation.
@@ -184,26 +206,18 @@ def token_overlap(tokens_by_lang: Mapping[str, Sequence[Sequence[Hashable]]],
     (NaN if none is left). Pass tokens without special tokens (<s>, </s>), which every sentence shares.
     The reference language scores 1.0.
     """
-    if reference not in tokens_by_lang:
-        raise XlsubError(f"token_overlap: reference language '{reference}' is not among {list(tokens_by_lang)}; "
-                         "pass reference= one of them")
-    ref = tokens_by_lang[reference]
-    result = {}
-    for lang, sentences in tokens_by_lang.items():
-        if len(sentences) != len(ref):
-            raise XlsubError(f"token_overlap: {lang} has {len(sentences)} sentences and {reference} {len(ref)}; "
-                             "pass the same parallel sentences for every language")
-        if lang == reference:
-            result[lang] = 1.0
-            continue
-        shares = []
-        for tokens, ref_tokens in zip(sentences, ref):
-            if len(tokens) == 0:
-                continue
-            common = Counter(tokens) & Counter(ref_tokens)
-            shares.append(sum(common.values()) / len(tokens))
-        result[lang] = float(np.mean(shares)) if shares else math.nan
-    return result
+    shares = token_overlap_shares(tokens_by_lang, reference)
+    return {lang: 1.0 if lang == reference else float(v.mean()) if v.size else math.nan for lang, v in shares.items()}
+
+
+def token_overlap_intervals(tokens_by_lang: Mapping[str, Sequence[Sequence[Hashable]]], reference: str = "en",
+                            replicates: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Per language other than the reference, the percentile bootstrap interval of `token_overlap` over
+    sentences (`xlsub.stats.inference.bootstrap_mean_interval` of `token_overlap_shares`): the overlap is a
+    mean of one share per translation pair, so resampling the pairs (a sentence with its translation) is
+    resampling the shares. NaN where a language has no sentence with tokens."""
+    shares = token_overlap_shares(tokens_by_lang, reference)
+    return {lang: bootstrap_mean_interval(v, replicates, seed, level) for lang, v in shares.items() if lang != reference}
 
 
 # -- several pruning seeds --------------------------------------------------------------------------
@@ -505,18 +519,6 @@ def within_vs_across_jaccard(masks: Mapping[SubnetworkId, torch.Tensor], n_perm:
     return within, across, (1 + exceed) / (1 + n_perm)
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n of a 1-D array, ties given the mean of the ranks they span."""
-    order = np.argsort(x, kind="stable")
-    ordered_values = x[order]
-    new = np.r_[True, ordered_values[1:] != ordered_values[:-1]]
-    starts = np.flatnonzero(new)
-    ends = np.r_[starts[1:], len(x)]
-    ranks = np.empty(len(x))
-    ranks[order] = ((starts + ends + 1) / 2)[np.cumsum(new) - 1]
-    return ranks
-
-
 def split_half_reliability(importance_a: torch.Tensor, importance_b: torch.Tensor) -> float:
     """Spearman rank correlation of two head-importance estimates from disjoint halves of the pruning data.
 
@@ -531,7 +533,7 @@ def split_half_reliability(importance_a: torch.Tensor, importance_b: torch.Tenso
                          "pass importances of the same model")
     if np.isnan(a).any() or np.isnan(b).any():
         raise ValueError("importance holds NaN")
-    ra, rb = _average_ranks(a.ravel()), _average_ranks(b.ravel())
+    ra, rb = (average_ranks(torch.from_numpy(v.ravel())).numpy() for v in (a, b))
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denominator = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
     return math.nan if denominator == 0 else float((ra * rb).sum() / denominator)
@@ -547,25 +549,28 @@ def spearman_brown(r: float) -> float:
 RELIABLE = 0.7  # below this Spearman-Brown reliability, a ranking of heads by importance is called unreliable
 
 
-def seed_stability_test(masks: Mapping[SubnetworkId, torch.Tensor], n_draws: int = 1000, seed: int = 0,
-                        level: float = 0.95, replicates: int = 2000) -> dict[str, float]:
+def seed_stability_test(masks: Mapping[SubnetworkId, torch.Tensor], n_draws: int, seed: int,
+                        languages: Sequence[str] = ()) -> tuple[pd.DataFrame, float]:
     """Are a language's masks from different pruning seeds more alike than chance?
 
-    `within`: mean over languages of the mean Jaccard of their seed pairs. `expected`: the same mean of the
-    exact expectation for random masks with each mask's heads per layer. `p`: the share of `n_draws`
-    Monte Carlo draws of such random masks (every mask redrawn, `numpy.random.default_rng(seed)`) whose
-    within-mean reaches the observed one, (1 + #) / (1 + n_draws). `lo`, `hi`: percentile interval of a
-    bootstrap over languages (each language's mean resampled with replacement, `replicates` times, after
-    the draws, from the same generator). NaN without a language that has two or more seeds.
+    One row per language with two or more seeds (`languages` order, others after): `within`, the mean
+    Jaccard of its seed pairs; `expected`, the same mean of the exact expectation for random masks with
+    each mask's heads per layer (`expected_random_jaccard`); `excess` = within - expected; `p_value`, the
+    share of `n_draws` Monte Carlo draws of such random masks (every mask redrawn,
+    `numpy.random.default_rng(seed)`) whose mean over the language's seed pairs reaches `within`,
+    (1 + #) / (1 + n_draws); `p_bh`, Benjamini-Hochberg across languages; `seeds`.
+
+    Also returns the same draws' p of the mean over languages: descriptive, since its null redraws the
+    masks and holds the languages fixed; the claim about languages is tested on `excess`
+    (`xlsub.stats.inference.unit_level`). An empty table and NaN without a language with two or more seeds.
     """
-    grouped = group_by_language(masks)
+    grouped = group_by_language(masks, languages)
     pairs = {lang: list(combinations(by_seed.values(), 2)) for lang, by_seed in grouped.items() if len(by_seed) > 1}
-    nan = {"within": math.nan, "expected": math.nan, "lo": math.nan, "hi": math.nan, "p": math.nan}
+    columns = ["within", "expected", "excess", "p_value", "p_bh", "seeds"]
     if not pairs:
-        return nan
-    per_language = np.array([np.mean([jaccard(a, b) for a, b in ps]) for ps in pairs.values()])
-    expected = float(np.mean([np.mean([expected_random_jaccard(a, b) for a, b in ps]) for ps in pairs.values()]))
-    within = float(per_language.mean())
+        return pd.DataFrame(columns=columns, index=pd.Index([], name="language")), math.nan
+    within = np.array([np.mean([jaccard(a, b) for a, b in ps]) for ps in pairs.values()])
+    expected = np.array([np.mean([expected_random_jaccard(a, b) for a, b in ps]) for ps in pairs.values()])
     rng = np.random.default_rng(seed)
     counts = {lang: [[int(k) for k in _kept(m).sum(1)] for m in grouped[lang].values()] for lang in pairs}
     heads = next(iter(masks.values())).shape[1]
@@ -580,14 +585,15 @@ def seed_stability_test(masks: Mapping[SubnetworkId, torch.Tensor], n_draws: int
         union = int((a | b).sum())
         return 1.0 if union == 0 else int((a & b).sum()) / union
 
-    exceed = 0
-    for _ in range(n_draws):
-        means = [np.mean([jac(a, b) for a, b in combinations([draw(c) for c in counts[lang]], 2)]) for lang in pairs]
-        exceed += float(np.mean(means)) >= within - 1e-12
-    boot = rng.choice(per_language, size=(replicates, len(per_language)), replace=True).mean(1)
-    alpha = (1 - level) / 2
-    return {"within": within, "expected": expected, "lo": float(np.quantile(boot, alpha)),
-            "hi": float(np.quantile(boot, 1 - alpha)), "p": (1 + exceed) / (1 + n_draws)}
+    null = np.array([[np.mean([jac(a, b) for a, b in combinations([draw(c) for c in counts[lang]], 2)]) for lang in pairs]
+                     for _ in range(n_draws)]).reshape(n_draws, len(pairs))
+    tolerance = 1e-12
+    per_language = [(1 + int((null[:, i] >= within[i] - tolerance).sum())) / (1 + n_draws) for i in range(len(pairs))]
+    overall = (1 + int((null.mean(1) >= within.mean() - tolerance).sum())) / (1 + n_draws)
+    table = pd.DataFrame({"within": within, "expected": expected, "excess": within - expected, "p_value": per_language,
+                          "p_bh": benjamini_hochberg(per_language), "seeds": [len(grouped[lang]) for lang in pairs]},
+                         index=pd.Index(list(pairs), name="language"))
+    return table, overall
 
 
 def head_agreement_by_language(masks: Mapping[SubnetworkId, torch.Tensor], n_perm: int, seed: int,

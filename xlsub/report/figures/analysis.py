@@ -400,7 +400,9 @@ def token_overlap_figure(table: pd.DataFrame, reference: str, kind: str,
     fig = Figure(figsize=(5.5 + 4.8 * bool(others), 4), layout="constrained")
     axes = fig.subplots(1, 1 + bool(others), squeeze=False)[0]
     names = [language_name(l) for l in table.index]
-    axes[0].bar(names, table["token_overlap"], color=[colours.get(l) for l in table.index])
+    # error bars: the bootstrap interval over sentences, where the table has one
+    yerr = [table["token_overlap"] - table["lo"], table["hi"] - table["token_overlap"]] if {"lo", "hi"} <= set(table) else None
+    axes[0].bar(names, table["token_overlap"], yerr=yerr, capsize=3, color=[colours.get(l) for l in table.index])
     axes[0].set_ylim(0, 1.03)
     axes[0].set_ylabel(f"share of tokens also in the {ref_name} sentence")
     axes[0].set_xlabel("language")
@@ -433,7 +435,8 @@ def token_overlap_figure(table: pd.DataFrame, reference: str, kind: str,
         ax.legend(handles=handles, fontsize=8)
         ax.grid(alpha=0.3)
     caption = (f"Mean share of a sentence's tokens that also occur in its {ref_name} translation (clipped counts)"
-               + (f", against each language's similarity to {ref_name}" if others else "") + ".")
+               + (f", against each language's similarity to {ref_name}" if others else "") + "."
+               + (" Error bars: 95% bootstrap interval over sentences." if yerr is not None else ""))
     return {TABLE.token_overlap: CaptionedFigure(fig, caption, (TABLE.token_overlap,))}
 
 
@@ -579,27 +582,38 @@ def length_control_figure(table: pd.DataFrame, reference: str, kind: str) -> dic
 
 
 def power_figure(table: pd.DataFrame, limits: Mapping[str, float]) -> dict[str, CaptionedFigure]:
-    """`power`: each measure's p-value against the signal-to-noise ratio of a planted shared signal."""
+    """`power`: each measure's power (share of planted draws detected at p < 0.05) against the signal-to-noise
+    ratio of the planted shared signal, with its Wilson 95% interval and the 0.8 line; the length-only encoder's
+    rejection rates (`snr` NaN rows) in the legend."""
     fig = Figure(figsize=(7.0, 4.0), layout="constrained")
     ax = fig.subplots()
-    planted = table.reset_index()
-    planted = planted[planted["snr"].notna()]
-    for measure, rows in planted.groupby("measure", sort=False):
+    rows = table.reset_index()
+    planted, control = rows[rows["snr"].notna()], rows[rows["snr"].isna()]
+    for measure, levels in planted.groupby("measure", sort=False):
+        levels = levels.sort_values("snr")
         limit = limits.get(measure, math.nan)
-        label = f"{measure} (detects SNR ≥ {limit:g})" if np.isfinite(limit) else f"{measure} (no detection)"
-        ax.plot(rows["snr"], rows["p_value"], "o-", label=label)
-    ax.axhline(0.05, color="black", linewidth=0.8, linestyle="--", label="p = 0.05")
+        label = f"{measure} (power ≥ 0.8 from SNR {limit:.3g})" if np.isfinite(limit) else f"{measure} (power < 0.8 at every level)"
+        line, = ax.plot(levels["snr"], levels["power"], "o-", label=label)
+        ax.fill_between(levels["snr"], levels["power_lo"], levels["power_hi"], color=line.get_color(), alpha=0.15, linewidth=0)
+    for _, row in control.iterrows():
+        ax.plot([], [], " ", label=f"{row['measure']}: {row['power']:.2f} [{row['power_lo']:.2f}, {row['power_hi']:.2f}]")
+    ax.axhline(0.8, color="black", linewidth=0.8, linestyle="--", label="power 0.8")
+    ax.axhline(0.05, color="grey", linewidth=0.8, linestyle=":", label="alpha 0.05")
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("signal-to-noise ratio of the planted shared signal")
-    ax.set_ylabel("p-value")
+    ax.set_ylabel("power (share of draws with p < 0.05)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Power: the weakest shared signal each measure detects here")
+    ax.legend(fontsize=7)
+    ax.set_title("Power: how strong a shared signal each measure detects here")
+    draws = int(planted["n_draws"].max()) if len(planted) else 0
     return {TABLE.power: CaptionedFigure(
-        fig, "p-values of CKA, RSA and retrieval on two sets of vectors sharing the full model's reference-language "
-             "vectors under independent noise, against the signal-to-noise ratio, at the demo's n and d; a measure's "
-             "detection limit is the weakest ratio from which on it is significant.", (TABLE.power,))}
+        fig, f"Power of CKA, RSA and retrieval at the length-restricted null: the share of {draws} planted draws per level "
+             "detected at p < 0.05 (each permutation test stopped early once p < 0.05 is out of reach), with Wilson 95% "
+             "intervals, against the signal-to-noise ratio at which a partner shares the full model's reference-language "
+             "vectors, at the demo's n and d; levels found by bisection on log SNR. A measure's detection limit is the "
+             "weakest tested ratio with power ≥ 0.8. The length-only encoder's rejection rate (legend) should be near 0.05.",
+        (TABLE.power,))}
 
 
 def language_distance_figure(table: pd.DataFrame, distances: Mapping[str, pd.DataFrame],

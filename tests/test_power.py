@@ -1,0 +1,190 @@
+"""The power analysis (xlsub.similarity.power): Besag & Clifford's sequential test against the full test, the
+Wilson interval, power at the two ends of the signal-to-noise scale, the bisection and the power table."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import scipy.stats
+import torch
+
+from xlsub.similarity.controls import planted_representations
+from xlsub.similarity.permutation import cka_permutation_test, permutations
+from xlsub.similarity.power import (
+    MEASURES,
+    Power,
+    bisect_power,
+    measure_extreme,
+    planted_power,
+    sequential_test,
+    stop_count,
+)
+from xlsub.similarity.retrieval import retrieval_permutation_test
+from xlsub.similarity.rsa import mantel_test
+from xlsub.stats.inference import wilson_interval
+
+N, D = 72, 12
+
+
+def base(seed: int = 0) -> torch.Tensor:
+    """Sentence vectors with a few dominant directions, as a trained encoder's are."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, 3, generator=g, dtype=torch.float64) @ torch.randn(3, D, generator=g, dtype=torch.float64) \
+        + 0.3 * torch.randn(N, D, generator=g, dtype=torch.float64)
+
+
+def groups() -> torch.Tensor:
+    """Source token counts: 9 lengths, 8 sentences each (the length-restricted null permutes within them)."""
+    return torch.arange(N) % 9 + 4
+
+
+def test_stop_count_is_where_p_below_alpha_becomes_impossible():
+    assert stop_count(99, 0.05) == 4  # p = 5 / 100 is not below 0.05; 4 / 100 is
+    assert stop_count(999, 0.05) == 49 and stop_count(199, 0.01) == 1
+    for n_perm, alpha in ((99, 0.05), (999, 0.05), (199, 0.01), (19, 0.05)):
+        h = stop_count(n_perm, alpha)
+        assert (h + 1) / (n_perm + 1) >= alpha > h / (n_perm + 1)
+
+
+@pytest.mark.parametrize("k, n", [(0, 50), (2, 50), (40, 50), (50, 50), (17, 120)])
+def test_wilson_interval_of_a_power_estimate(k, n):
+    ci = scipy.stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
+
+
+def test_spearman_matrix_is_the_mantel_tests_bit_for_bit():
+    from xlsub.similarity.power import spearman_matrix
+    from xlsub.similarity.rsa import rdm
+    from xlsub.stats.inference import centred_upper
+
+    d = rdm(torch.randn(3, 30, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    assert torch.equal(spearman_matrix(d), centred_upper(d, "spearman"))
+    tied = rdm(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]], dtype=torch.float64))  # ties: average ranks
+    assert torch.equal(spearman_matrix(tied), centred_upper(tied, "spearman"))
+
+
+def test_sequential_test_counts_a_stream_by_hand():
+    """Each 'permutation' is its index in a 0/1 stream of exceedances: a draw stops at its 4th one; a draw with
+    at most 3 in 99 is detected, (k + 1) / 100 < 0.05."""
+    g = torch.Generator().manual_seed(1)
+    rates = torch.tensor([0.0, 0.01, 0.02, 0.03, 0.05, 0.2, 0.5, 0.9])
+    stream = torch.rand(len(rates), 99, generator=g) < rates[:, None]
+    stream[1, [3, 90]] = True  # 2 + chance
+    result = sequential_test(lambda draws, block: stream[draws][:, block[:, 0]], len(rates), torch.arange(99)[:, None])
+    totals = stream.sum(1)
+    assert torch.equal(result.detected, (totals + 1) / 100 < 0.05)
+    for j in range(len(rates)):
+        hits = stream[j].nonzero().reshape(-1)
+        if len(hits) >= 4:  # stopped at its 4th exceedance, with the Besag-Clifford p = h / l
+            assert (result.exceed[j], result.used[j]) == (4, hits[3] + 1)
+            assert result.p_value[j] == pytest.approx(4 / float(hits[3] + 1))
+        else:
+            assert (result.exceed[j], result.used[j]) == (len(hits), 99)
+            assert result.p_value[j] == pytest.approx((len(hits) + 1) / 100)
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_sequential_decision_is_the_full_tests_on_the_same_permutations(measure):
+    """Draws around the detection threshold, with the same 99 permutations the verdicts' tests draw from
+    that seed: the early-stopped decision equals p < 0.05 of cka_permutation_test, mantel_test and
+    retrieval_permutation_test, and a draw that ran to the end has the full test's count."""
+    x = planted_representations(base(), ["reference"], math.inf, 0, rotate=False)["reference"]
+    snrs = [0.0, 0.02, 0.05, 0.1, 0.2, 0.4, 1.0, 3.0] if measure != "retrieval" else [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0]
+    ys = torch.stack([planted_representations(base(), ["planted"], snr, j, rotate=measure != "retrieval")["planted"]
+                      for j, snr in enumerate(snrs)])
+    seed, g = 7, groups()
+    result = sequential_test(measure_extreme(measure, x, ys), len(ys), permutations(N, 99, seed, g))
+    for j, y in enumerate(ys):
+        if measure == "cka":
+            full = cka_permutation_test(x, y, 99, seed, "debiased", groups=g)
+        elif measure == "rsa":
+            full = mantel_test(x, y, 99, seed, g)
+        else:
+            full = retrieval_permutation_test(x, y, 99, seed, g)
+        assert bool(result.detected[j]) == bool(full.p_value < 0.05), (j, float(full.p_value))
+        if result.used[j] == 99:
+            assert float(result.p_value[j]) == pytest.approx(float(full.p_value))
+        else:
+            assert float(full.p_value) >= 0.05
+    assert result.detected.any() and not result.detected.all()
+    assert int(result.used.sum()) < 99 * len(ys)  # the undetectable draws stopped early
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_power_is_one_without_noise_and_alpha_without_signal(measure):
+    """snr = inf: every draw detected. snr = 0: the partner is independent noise, so at the length-restricted
+    null a draw is detected with probability 4 / 100 (k <= 3 of 99 exchangeable null values; retrieval's
+    ties make it at most that), within Monte Carlo error."""
+    strong = planted_power(measure, base(), math.inf, groups(), draws=20, seed=0)
+    assert (strong.power, strong.detected, strong.n_draws) == (1.0, 20, 20)
+    assert strong.permutations == 20 * 99  # a detected draw sees every permutation
+    null = planted_power(measure, base(), 0.0, groups(), draws=300, seed=1)
+    sd = math.sqrt(0.04 * 0.96 / 300)
+    assert null.power <= 0.04 + 3 * sd
+    if measure != "retrieval":
+        assert null.power >= 0.04 - 3 * sd
+    assert null.lo <= null.power + 1e-12 and null.power <= null.hi + 1e-12 and (null.lo, null.hi) == pytest.approx(wilson_interval(null.detected, 300))
+    assert null.permutations < 300 * 50  # most null draws stop within the first batch or two
+
+
+def fake_power(crossing: float, tested: list):
+    """A monotone power curve in log SNR crossing 0.8 at `crossing`; records the levels asked for."""
+    def power_at(snr: float) -> Power:
+        tested.append(snr)
+        p = 1 / (1 + math.exp(-(math.log(snr / crossing) + math.log(4))))  # 0.8 at the crossing
+        return Power(snr, 50, round(50 * p), p, max(0.0, p - 0.1), min(1.0, p + 0.1), 0)
+    return power_at
+
+
+def test_bisection_on_log_snr_finds_the_crossing():
+    tested: list = []
+    levels, limit = bisect_power(fake_power(0.02, tested), (1e-4, 1.0), bisections=4)
+    # by hand, on the grid 10^(-4 + k/4): 1e-2 (0.67, below), 1e-1 (above), 10^-1.5 (0.86, above), 10^-1.75 (0.78, below)
+    assert tested == pytest.approx([1e-2, 1e-1, 10 ** -1.5, 10 ** -1.75]) and len(tested) <= 4 + 1
+    assert [level.snr for level in levels] == sorted(tested)
+    assert limit == pytest.approx(10 ** -1.5) and limit == min(level.snr for level in levels if level.power >= 0.8)
+    # the resolution of 4 bisections of the bracket: the crossing lies within a factor 1e4^(1/16) below the limit
+    assert 0.02 <= limit < 0.02 * 1e4 ** (1 / 16)
+
+
+@pytest.mark.parametrize("crossing", [3e-4, 7e-3, 0.2, 0.9])
+def test_bisection_brackets_any_crossing_to_one_step(crossing):
+    tested: list = []
+    _, limit = bisect_power(fake_power(crossing, tested), (1e-4, 1.0), bisections=4)
+    assert crossing <= limit < crossing * 1e4 ** (1 / 16) and len(tested) <= 5
+    step_below = limit / 1e4 ** (1 / 16)
+    assert any(snr == pytest.approx(step_below) for snr in tested)  # the level one step below was tested: below 0.8
+
+
+def test_bisection_when_the_bracket_holds_no_crossing():
+    tested: list = []
+    levels, limit = bisect_power(fake_power(5.0, tested), (1e-4, 1.0))
+    assert math.isnan(limit) and tested[-1] == 1.0 and len(levels) == 5  # below 0.8 up to the bracket's top
+    tested = []
+    levels, limit = bisect_power(fake_power(1e-6, tested), (1e-4, 1.0))
+    assert limit == 1e-4 and tested[-1] == 1e-4 and len(levels) == 4  # already 0.8 at the bottom
+
+
+def test_power_table_columns_levels_and_the_length_only_control():
+    from xlsub.report.similarity_tables import power_table
+
+    lengths = {"en": groups().double(), "de": (groups() + torch.arange(N) % 2).double()}
+    table, limits = power_table(base(), lengths, "en", "debiased", draws=10, seed=0, bisections=1)
+    flat = table.reset_index()
+    assert list(flat.columns) == ["measure", "snr", "n_draws", "power", "power_lo", "power_hi"]
+    assert set(limits) == set(MEASURES)
+    assert list(dict.fromkeys(flat["measure"])) == ["cka", "cka (length-only)", "rsa", "retrieval", "retrieval (length-only)"]
+    assert (flat["n_draws"] == 10).all()
+    assert (flat["power_lo"] <= flat["power"] + 1e-12).all() and (flat["power"] <= flat["power_hi"] + 1e-12).all()
+    for measure in MEASURES:
+        rows = flat[flat["measure"] == measure]  # one bisection: the levels 1e-4, 1e-2, 1, at most 2 of them tested
+        assert rows["snr"].is_monotonic_increasing and len(rows) == 2
+        assert all(min(abs(math.log10(snr) - e) for e in (-4, -2, 0)) < 1e-12 for snr in rows["snr"])
+        reached = rows.loc[rows["power"] >= 0.8, "snr"]
+        assert limits[measure] == reached.min()
+        assert rows["power"].iloc[0] < 0.8 or rows["snr"].iloc[0] == 1e-4
+    assert flat.loc[flat["measure"].str.contains("length-only"), "snr"].isna().all()
+    # the same draws again: the same table
+    again, _ = power_table(base(), lengths, "en", "debiased", draws=10, seed=0, bisections=1)
+    assert again.equals(table)

@@ -1,0 +1,292 @@
+"""Power of the representation tests against a planted shared signal (issue 12): at this n, d and
+length-restricted null, how strong must a shared signal be for CKA, RSA or retrieval to detect it?
+
+- Planted draws: the reference language's own vectors (`base`, centred and scaled as
+  `planted_representations` scales its signal) against a partner that shares them at a signal-to-noise
+  ratio (`planted_representations` of one "language", seeded per draw; rotated for CKA and RSA, which do
+  not see rotations, in the same space for retrieval, which compares cosines). Draw j has the same noise
+  at every level (common random numbers), so the power curve over levels is smooth.
+- Each draw is tested with the verdicts' own test and null (`cka_permutation_test`, `mantel_test`,
+  `retrieval_permutation_test`, pairings permuted within `groups`) on `N_PERM` = 99 permutations, stopped
+  early by Besag & Clifford's (1991) sequential Monte Carlo test (`sequential_test`): a draw is not
+  detected as soon as h = `stop_count` null values reach its statistic (with 99 permutations and alpha
+  0.05, h = 4: p = (k + 1) / 100 >= 0.05 for every k >= 4). The decision is the full test's on the same
+  permutations, by construction; permutations are evaluated in batches of `BATCH`.
+- Draws come in chunks of `CHUNK` that share one permutation stream (RSA's reference matrix is gathered
+  once per permutation for a whole chunk); chunks use different streams. Sharing a stream correlates the
+  decisions within a chunk a little (under H0 by Var(1 - U_(96:99)) / (0.04 * 0.96), about 0.01: a design
+  effect near 1.1 for 10 draws), so the binomial interval is slightly narrow. The reference is the clean
+  signal, the same in every draw, so its rank matrix is computed once; both languages noisy would double
+  RSA's ranking and forbid sharing the gather. Cost at the demo's n 1077, d 128 with 50 draws: about
+  35-40 s on 2 cores (RSA ~25 s: one 580k-value sort per draw), 60 s on one.
+- RSA's rank matrices (`spearman_matrix`) equal the Mantel test's bit for bit, from one sort when untied.
+- Power at a level: the share of draws detected at alpha, with its Wilson 95% interval
+  (`xlsub.stats.inference.wilson_interval`). Levels: `bisect_power`, bisection on log SNR inside
+  `BRACKET` (a binary search over its 2^`BISECTIONS` steps); the detection limit is the smallest tested
+  level with power >= `TARGET`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from xlsub.similarity.cka import cka
+from xlsub.similarity.controls import length_only_representations, planted_representations
+from xlsub.similarity.permutation import FLOAT32_RECHECK, TIE_RTOL, permutations, permuted_cka
+from xlsub.similarity.retrieval import nearest_translation
+from xlsub.similarity.rsa import rdm
+from xlsub.stats.inference import MANTEL_TIE, centred_upper, permuted_cross, upper_norm, wilson_interval
+
+MEASURES = ("cka", "rsa", "retrieval")
+ALPHA = 0.05
+N_PERM = 99  # with alpha 0.05: p = (k + 1) / 100, detected iff k <= 3 of 99 null values reach the statistic
+BATCH = 20  # permutations per batch of the sequential test
+CHUNK = 10  # draws sharing one permutation stream
+TARGET = 0.8
+BRACKET = (1e-4, 1.0)  # the demo (n 1077, d 128) crosses 0.8 near 2e-3
+BISECTIONS = 4
+
+
+def stop_count(n_perm: int, alpha: float = ALPHA) -> int:
+    """h: the exceedance count from which p = (k + 1) / (n_perm + 1) can no longer fall below alpha, the
+    smallest k with (k + 1) >= alpha (n_perm + 1) (4 for 99 permutations at 0.05)."""
+    return max(0, math.ceil(alpha * (n_perm + 1) - 1e-9) - 1)
+
+
+@dataclass(frozen=True)
+class Sequential:
+    """Besag & Clifford (1991) sequential tests of m draws: `exceed` [m] null values at least as extreme as
+    the statistic among the first `used` [m] permutations (of `n_perm`); `detected` [m]: p < alpha."""
+
+    exceed: torch.Tensor
+    used: torch.Tensor
+    n_perm: int
+    detected: torch.Tensor
+
+    @property
+    def p_value(self) -> torch.Tensor:
+        """(k + 1) / (n_perm + 1) for a draw that used every permutation, h / l for one stopped at the h-th
+        exceedance after l permutations (Besag & Clifford 1991)."""
+        full = (self.exceed + 1.0) / (self.n_perm + 1)
+        return torch.where(self.used == self.n_perm, full, self.exceed / self.used.clamp_min(1))
+
+
+def sequential_test(extreme: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], m: int, perms: torch.Tensor,
+                    alpha: float = ALPHA, batch: int = BATCH) -> Sequential:
+    """m Monte Carlo permutation tests on one permutation stream `perms` [n_perm, n], stopped early.
+
+    `extreme(draws, block)` -> bool [len(draws), len(block)]: which null values of the listed draws, under
+    the permutations of `block`, are at least as extreme as their observed statistic. Permutations are
+    visited in order, `batch` at a time; a draw leaves as soon as its count reaches `stop_count` (it cannot
+    be detected any more), so only draws that may still be detected see all n_perm. A detected draw saw every
+    permutation and has (k + 1) / (n_perm + 1) < alpha: the full test's decision on the same stream.
+    """
+    n_perm, h = len(perms), stop_count(len(perms), alpha)
+    exceed = torch.zeros(m, dtype=torch.long)
+    used = torch.zeros(m, dtype=torch.long)
+    active = torch.arange(m) if h > 0 else torch.arange(0)
+    for start in range(0, n_perm, batch):
+        if not len(active):
+            break
+        block = perms[start:start + batch]
+        running = exceed[active, None] + torch.as_tensor(extreme(active, block)).long().cumsum(-1)
+        reached = running >= h
+        stops = reached.any(-1)
+        used[active] = torch.where(stops, start + 1 + reached.long().argmax(-1), start + len(block))
+        exceed[active] = torch.where(stops, h, running[:, -1])
+        active = active[~stops]
+    detected = (used == n_perm) & ((exceed + 1.0) / (n_perm + 1) < alpha)
+    return Sequential(exceed, used, n_perm, detected)
+
+
+# -- the three measures: observed statistics of m draws and their null, batch by batch -----------------------
+
+def _at_least(null: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """null [m, B] >= observed [m] within `xlsub.similarity.permutation`'s tie tolerance (`permutation_result`)."""
+    return null >= (observed - TIE_RTOL * observed.abs())[:, None]
+
+
+def cka_extreme(xs: torch.Tensor, ys: torch.Tensor, kind: str = "debiased"):
+    """`sequential_test`'s `extreme` for `cka_permutation_test` of xs[j] against ys[j] [m, n, d]: the null in
+    float32 products, values within its recheck distance of the observed CKA recomputed in float64, as there."""
+    observed = torch.stack([cka(x, y, kind) for x, y in zip(xs, ys)])
+    precision = "float64" if kind == "rbf" else "float32"
+
+    def extreme(draws: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        nulls = []
+        for j in draws.tolist():
+            null = permuted_cka(xs[j], ys[j], block, kind, precision=precision)
+            if precision == "float32":
+                near = (null - observed[j]).abs() <= FLOAT32_RECHECK * observed[j].abs()
+                if near.any():
+                    null[near] = permuted_cka(xs[j], ys[j], block[near], kind)
+            nulls.append(null)
+        return _at_least(torch.stack(nulls), observed[draws])
+
+    return extreme
+
+
+def retrieval_extreme(xs: torch.Tensor, ys: torch.Tensor):
+    """`extreme` for `retrieval_permutation_test`: hits #{i : p(i) = nearest(i)} / n of each permutation."""
+    nearest = nearest_translation(xs, ys)  # [m, n]
+    observed = (nearest == torch.arange(nearest.shape[-1])).double().mean(-1)
+
+    def extreme(draws: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        null = (block[None] == nearest[draws, None, :]).double().mean(-1)
+        return _at_least(null, observed[draws])
+
+    return extreme
+
+
+def spearman_matrix(d: torch.Tensor) -> torch.Tensor:
+    """`xlsub.stats.inference.centred_upper(d, "spearman")` (the Mantel test's centred rank matrix of RDMs d
+    [..., n, n]), bit for bit, in about 60% of its time where the upper triangle has no ties (continuous planted
+    vectors): one unstable argsort and the ranks 1..m scattered back, instead of average ranks; with ties, it."""
+    n = d.shape[-1]
+    i, j = torch.triu_indices(n, n, offset=1)
+    values = d[..., i, j]
+    order = torch.argsort(values, dim=-1)
+    ordered = values.gather(-1, order)
+    if (ordered[..., 1:] == ordered[..., :-1]).any():
+        return centred_upper(d, "spearman")
+    ranks = torch.empty_like(values).scatter_(-1, order, torch.arange(1, values.shape[-1] + 1, dtype=values.dtype).expand_as(values))
+    ranks = ranks - ranks.mean(-1, keepdim=True)
+    out = torch.zeros_like(d)
+    out[..., i, j] = ranks
+    return out + out.mT
+
+
+def rsa_extreme(x: torch.Tensor, ys: torch.Tensor, reference: torch.Tensor | None = None):
+    """`extreme` for `mantel_test` (Spearman, "greater") of one reference x [n, d] against ys [m, n, d]: the
+    reference's centred rank matrix (`reference`, if already computed) gathered once per permutation for all
+    draws (`permuted_cross`)."""
+    a = spearman_matrix(rdm(x)) if reference is None else reference
+    b = spearman_matrix(rdm(ys))
+    norms = upper_norm(a) * upper_norm(b)
+    observed = (a * b).sum((-2, -1)) / norms
+
+    def extreme(draws: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        null = permuted_cross(a, b if len(draws) == len(b) else b[draws], block) / norms[draws, None]  # no copy while all run
+        return null >= (observed[draws] - MANTEL_TIE * observed[draws].abs().clamp_min(1.0))[:, None]
+
+    return extreme
+
+
+def measure_extreme(measure: str, x: torch.Tensor, ys: torch.Tensor, kind: str = "debiased", reference=None):
+    """`extreme` of `measure` (cka, rsa, retrieval) for one reference x [n, d] against draws ys [m, n, d]
+    (`reference`: RSA's rank matrix of x, `spearman_matrix(rdm(x))`, to reuse)."""
+    if measure == "cka":
+        return cka_extreme(x.expand_as(ys), ys, kind)
+    if measure == "rsa":
+        return rsa_extreme(x, ys, reference)
+    if measure == "retrieval":
+        return retrieval_extreme(x.expand_as(ys), ys)
+    raise ValueError(f"unknown measure {measure!r}; use one of {MEASURES}")
+
+
+# -- power at a level, and the levels --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Power:
+    """Power at one level: `detected` of `n_draws` draws, `power` = their share, (`lo`, `hi`) its Wilson 95%
+    interval; `permutations`: the permutations the draws' tests evaluated in all (early stopping included)."""
+
+    snr: float
+    n_draws: int
+    detected: int
+    power: float
+    lo: float
+    hi: float
+    permutations: int
+
+
+def draw_seed(seed: int, draw: int) -> int:
+    """Draw j's seed: its noise (the same at every level) and, for a chunk's first draw, the chunk's permutations."""
+    return seed * 100_003 + draw
+
+
+def rate(snr: float, draws: int, detected: int, permutations: int) -> Power:
+    """Power from `detected` of `draws` draws, with its Wilson 95% interval."""
+    lo, hi = wilson_interval(detected, draws)
+    return Power(snr, draws, detected, detected / draws if draws else math.nan, lo, hi, permutations)
+
+
+def detection_rate(test: Callable[[Sequence[int]], Sequential], draws: int, seed: int, snr: float = math.nan,
+                   chunk: int = CHUNK) -> Power:
+    """Power from `draws` tests: `test(seeds)` runs one chunk of draws (seeds `draw_seed(seed, j)`)."""
+    detected, evaluated = 0, 0
+    for start in range(0, draws, chunk):
+        result = test([draw_seed(seed, j) for j in range(start, min(draws, start + chunk))])
+        detected += int(result.detected.sum())
+        evaluated += int(result.used.sum())
+    return rate(snr, draws, detected, evaluated)
+
+
+def planted_power(measure: str, base: torch.Tensor, snr: float, groups=None, draws: int = 50, seed: int = 0,
+                  kind: str = "debiased", n_perm: int = N_PERM, alpha: float = ALPHA, chunk: int = CHUNK) -> Power:
+    """Power of `measure`'s test at `groups`' null (None: all pairings) against a planted shared signal:
+    `base` [n, d] (the reference's vectors; centred and scaled) against `draws` partners sharing it at `snr`
+    (`planted_representations`, rotated except for retrieval), each tested sequentially (`sequential_test`)."""
+    x = planted_representations(base, ["reference"], math.inf, 0, rotate=False)["reference"]
+    reference = spearman_matrix(rdm(x)) if measure == "rsa" else None
+
+    def test(seeds: Sequence[int]) -> Sequential:
+        ys = torch.stack([planted_representations(base, ["planted"], snr, s, rotate=measure != "retrieval")["planted"]
+                          for s in seeds])
+        perms = permutations(x.shape[0], n_perm, seeds[0], groups)
+        return sequential_test(measure_extreme(measure, x, ys, kind, reference), len(seeds), perms, alpha)
+
+    return detection_rate(test, draws, seed, snr, chunk)
+
+
+def bisect_power(power_at: Callable[[float], Power], bracket: tuple[float, float] = BRACKET,
+                 bisections: int = BISECTIONS, target: float = TARGET) -> tuple[list[Power], float]:
+    """The levels of a power curve, by bisection on log SNR: the bracket cut into 2^bisections equal steps of
+    log SNR (levels lo = g_0 < ... < g_K = hi), and a binary search for the first level with power >= `target`,
+    power taken to grow with SNR. Each tested level halves the candidates (the K + 1 levels, or none), so at
+    most bisections + 1 levels are tested and an end of the bracket only when the search reaches it: the
+    answer of the bracket plus `bisections` midpoints, with the same resolution (a factor
+    (hi / lo)^(1 / 2^bisections)), without paying for both ends. Returns (the tested levels by SNR, the
+    detection limit: the smallest tested SNR with power >= target, NaN if none)."""
+    lo, hi = bracket
+    steps = 2 ** bisections
+    grid = [lo * (hi / lo) ** (k / steps) for k in range(steps + 1)]
+    below, above = -1, steps + 1  # power < target at grid[:below + 1], >= target from grid[above] on (steps + 1: none)
+    tested = {}
+    while above - below > 1:
+        k = (below + above) // 2
+        tested[grid[k]] = power_at(grid[k])
+        below, above = (below, k) if tested[grid[k]].power >= target else (k, above)
+    levels = [tested[snr] for snr in sorted(tested)]
+    reached = [level.snr for level in levels if level.power >= target]
+    return levels, min(reached) if reached else math.nan
+
+
+def length_only_power(lengths: dict[str, torch.Tensor], d: int, groups=None, draws: int = 50, seed: int = 0,
+                      kind: str = "debiased", measures: Sequence[str] = ("cka", "retrieval"), n_perm: int = N_PERM,
+                      alpha: float = ALPHA, chunk: int = CHUNK) -> dict[str, Power]:
+    """The negative control's rejection rate: each of `measures`' tests (cka, retrieval) at `groups`' null on
+    the same `draws` draws of the content-free length-only encoder (`length_only_representations`, seeded per
+    draw) for the two languages of `lengths` ({lang: token counts without <s>, </s>}, reference first). At the
+    length-restricted null it should be about alpha. Not RSA: with both languages redrawn, its Mantel null
+    costs an n^2 gather per permutation and draw. Returns {measure: Power} (snr NaN)."""
+    if not set(measures) <= {"cka", "retrieval"}:
+        raise ValueError(f"length_only_power: measures must be cka or retrieval, got {list(measures)}")
+    reference, other = list(lengths)[:2]
+    counts = {lang: lengths[lang].long().tolist() for lang in (reference, other)}
+    detected, evaluated = dict.fromkeys(measures, 0), dict.fromkeys(measures, 0)
+    for start in range(0, draws, chunk):
+        seeds = [draw_seed(seed, j) for j in range(start, min(draws, start + chunk))]
+        encoded = [length_only_representations(counts, d, s) for s in seeds]
+        xs, ys = torch.stack([r[reference] for r in encoded]), torch.stack([r[other] for r in encoded])
+        perms = permutations(xs.shape[1], n_perm, seeds[0], groups)
+        for measure in measures:
+            extreme = cka_extreme(xs, ys, kind) if measure == "cka" else retrieval_extreme(xs, ys)
+            result = sequential_test(extreme, len(seeds), perms, alpha)
+            detected[measure] += int(result.detected.sum())
+            evaluated[measure] += int(result.used.sum())
+    return {measure: rate(math.nan, draws, detected[measure], evaluated[measure]) for measure in measures}
