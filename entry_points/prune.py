@@ -52,7 +52,8 @@ from xlsub.models.pruning import (
 from xlsub.models.training import load_finetuned
 from xlsub.report.figures import save_figure
 from xlsub.report.figures import stages as figures
-from xlsub.stats.intervals import language_indices, percentile_interval, random_control_replicates
+from xlsub.stats.inference import percentile_interval
+from xlsub.stats.intervals import language_indices, random_control_replicates
 from xlsub.stats.overlap import params_kept_frac, spearman_brown
 from xlsub.tracking import lineage
 from xlsub.tracking import runs as tracking

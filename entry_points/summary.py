@@ -99,7 +99,7 @@ def demo_page(experiment: str, commit: str, times: dict, reused: list[str], answ
                   f"| {number(v['p'])} | {number(v.get('p_floor'))} | {v.get('test', '')} | {v.get('unit', '')} | {v.get('n_units', '')} "
                   f"| {robust} |", ""]
     counts = {k: params[k] for k in ("bootstrap", "permutations", "cka_permutations", "subnetwork_permutations", "length_permutations",
-                                     "cka", "reference") if k in params}
+                                     "power_draws", "cka", "reference") if k in params}
     lines += ["## The analyze run's settings", "", ", ".join(f"`{k}={v}`" for k, v in counts.items()), ""]
     return "\n".join(lines)
 

@@ -10,9 +10,8 @@ import torch
 from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
 
 from xlsub.models.mlm import ChunkLosses, chunk_losses, perplexity
+from xlsub.stats.inference import bootstrap_indices, percentile_interval
 from xlsub.stats.intervals import (
-    bootstrap_indices,
-    percentile_interval,
     random_control_replicates,
     relative_perplexity_replicates,
     relative_replicates,

@@ -80,11 +80,9 @@ def test_retrieval_interval_is_the_score_interval_of_the_hits_and_tracks_the_que
 
 def test_bootstrap_mean_interval_against_a_loop_with_the_same_draws():
     values = np.random.default_rng(5).gamma(2.0, size=40)
-    rng = np.random.default_rng(3)
-    means = []
-    for _ in range(500):
-        index = rng.integers(0, 40, 40)
-        means.append(sum(values[i] for i in index) / 40)
+    generator = torch.Generator().manual_seed(3)
+    draws = torch.randint(0, 40, (500, 40), generator=generator).numpy()
+    means = [sum(values[i] for i in index) / 40 for index in draws]
     assert bootstrap_mean_interval(values, 500, seed=3) == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])), rel=1e-12)
 
 
@@ -102,8 +100,8 @@ def test_token_overlap_interval_by_brute_force():
                     common += 1
             shares.append(common / len(s))
     assert token_overlap(toks)["de"] == pytest.approx(np.mean(shares))
-    rng = np.random.default_rng(7)
-    means = [np.mean([shares[i] for i in rng.integers(0, len(shares), len(shares))]) for _ in range(300)]
+    draws = torch.randint(0, len(shares), (300, len(shares)), generator=torch.Generator().manual_seed(7)).numpy()
+    means = [np.mean([shares[i] for i in index]) for index in draws]
     assert token_overlap_intervals(toks, "en", 300, seed=7)["de"] == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])))
 
 

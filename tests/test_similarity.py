@@ -439,6 +439,21 @@ def test_leave_block_out_rsa_and_its_interval_equal_a_brute_force_recompute():
     np.testing.assert_allclose(hi.numpy(), full + half, rtol=0, atol=1e-12)
 
 
+def test_leave_block_out_rsa_with_tied_dissimilarities_equals_reranking_each_subset():
+    """Vectors on a coarse grid give many equal cosines: the ranks read off the full sort must average the
+    ties among the kept entries exactly as ranking the subset afresh does."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randint(0, 3, (30, 2), generator=g).double()
+    y = torch.randint(0, 3, (30, 2), generator=g).double()
+    blocks = jackknife_blocks(30, 5)
+    theta = leave_block_out_rsa(x, y, blocks)
+    for b in range(5):
+        keep = np.flatnonzero(blocks.numpy() != b)
+        a, c = upper(rdm(x)[np.ix_(keep, keep)]), upper(rdm(y)[np.ix_(keep, keep)])
+        assert len(np.unique(a)) < len(a) / 10  # heavily tied
+        assert float(theta[b]) == pytest.approx(stats.spearmanr(a, c).statistic, abs=1e-12)
+
+
 def test_rsa_jackknife_interval_covers_the_population_rsa():
     """Sentences x = z A + noise, y = z B + noise with one fixed A, B: the population RSA is approximated by
     the mean RSA of 3 x 1000 sentences (its own error ~0.01, against intervals ~0.37 wide); 95% intervals from

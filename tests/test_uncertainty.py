@@ -18,8 +18,7 @@ from xlsub.report.analysis import AnalysisInputs
 from xlsub.report.html import write_report
 from xlsub.report.tables import _swap_seed, label_swap_test, perplexity_interval_tables
 from xlsub.report.verdicts import QUESTIONS
-from xlsub.stats.inference import benjamini_hochberg
-from xlsub.stats.intervals import bootstrap_indices
+from xlsub.stats.inference import benjamini_hochberg, bootstrap_indices
 from xlsub.stats.overlap import jaccard
 
 LANGS = ["en", "de", "zh"]

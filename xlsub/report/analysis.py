@@ -370,7 +370,8 @@ def _similarity(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str]
         judged.value, judged.lo, judged.hi, float(ours.loc[common, "above_length_chance"].mean()),
         float(theirs.loc[common, "above_length_chance"].mean()), judged.p, control_name, limits.get("cka", math.nan),
         Inference("languages > sentences (length-restricted null mean)", judged.n_units, judged.test, judged.p_floor,
-                  judged.robust_to_leave_one_out), counts.power_draws, similarity_tables.power.N_PERM))
+                  judged.robust_to_leave_one_out), counts.power_draws, similarity_tables.power.N_PERM,
+        int((ours.loc[common, "above_length_chance"] > theirs.loc[common, "above_length_chance"]).sum())))
 
 
 def _tokens(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], reference: str, kind: str,

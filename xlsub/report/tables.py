@@ -47,9 +47,10 @@ from xlsub.stats.inference import (
     UnitLevel,
     benjamini_hochberg,
     monte_carlo_p,
+    percentile_interval,
     unit_level,
 )
-from xlsub.stats.intervals import percentile_interval, relative_replicates
+from xlsub.stats.intervals import relative_replicates
 from xlsub.stats.overlap import (
     expected_jaccard_over_seeds,
     expected_random_jaccard_matrix,

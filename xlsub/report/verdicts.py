@@ -215,15 +215,19 @@ def stability(within: float, lo: float, hi: float, chance: float, p: float, infe
 
 
 def beyond_length(difference: float, lo: float, hi: float, above: float, control_above: float, p: float, control: str,
-                  detection_limit: float, inference: Inference, power_draws: int = 50, power_permutations: int = 99) -> Verdict:
+                  detection_limit: float, inference: Inference, power_draws: int = 50, power_permutations: int = 99,
+                  positive: int | None = None) -> Verdict:
     """Do parallel sentences share representation beyond what length explains, more than a control encoder
     does? Per language, the parallel CKA above its length-matched null (pairings that keep the source's
     token count) at the last layer, the trained model's minus the control's (the random-init model, or the
     length-only encoder): the paired difference, its sign-flip interval and one-sided p over languages.
     `above`, `control_above`: the two means, for reading; `detection_limit`: the planted-signal power analysis's
-    (`xlsub.similarity.power`, `power_draws` draws per level of `power_permutations` permutations)."""
+    (`xlsub.similarity.power`, `power_draws` draws per level of `power_permutations` permutations);
+    `positive`: the languages whose difference is above 0."""
     p_text = format_p(p, inference.p_floor)
     both = f"trained {_fmt(above)}, {control} {_fmt(control_above)}"
+    if positive is not None:
+        both += f"; positive in {positive} of {inference.n_units} languages"
     if evidence(difference, lo, hi, 0.0, p):
         answer = (f"yes: parallel sentences' CKA above length-matched pairings exceeds that of the {control} by "
                   f"{_fmt(difference)} ({_interval(lo, hi)} from sign flips over {inference.n_units} languages; {both}), "

@@ -450,22 +450,28 @@ def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float,
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def bootstrap_mean_interval(values: Sequence[float], replicates: int = 2000, seed: int = 0,
-                            level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of independent units (Efron & Tibshirani 1993, 13.3).
+def bootstrap_indices(n: int, replicates: int, seed: int) -> torch.Tensor:
+    """[replicates, n] unit indices drawn with replacement, `torch.randint` from a generator seeded with `seed`:
+    the one resampling of every bootstrap in the project (test chunks, sentences)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n, (replicates, n), generator=generator)
 
-    Replicate b is the mean of `values[idx_b]`, idx_b = row b of
-    `numpy.random.default_rng(seed).integers(0, n, (replicates, n))`, the units drawn with replacement;
-    the interval is the (1-level)/2 and (1+level)/2 quantiles of the replicates (numpy's linear
-    interpolation). For a statistic that is a mean over units (sentences), where duplicating a unit
-    only reweights it. NaN for no values.
-    """
+
+def percentile_interval(values: torch.Tensor, level: float = 0.95) -> tuple[float, float]:
+    """The (1 - level)/2 and (1 + level)/2 quantiles of bootstrap replicates (torch's linear interpolation,
+    numpy's default; Efron & Tibshirani 1993, 13.3)."""
     if not 0 < level < 1:
         raise ValueError(f"level must be between 0 and 1, got {level}")
-    v = np.asarray(values, dtype=np.float64).reshape(-1)
-    if v.size == 0:
+    values = torch.as_tensor(values).double()
+    alpha = (1 - level) / 2
+    return float(torch.quantile(values, alpha)), float(torch.quantile(values, 1 - alpha))
+
+
+def bootstrap_mean_interval(values: Sequence[float], replicates: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of independent units (sentences): replicate b is the mean of
+    values[`bootstrap_indices`(n, replicates, seed)[b]]; `percentile_interval` of the replicates. For a
+    statistic that is a mean over units, where duplicating a unit only reweights it. NaN for no values."""
+    v = torch.as_tensor(np.asarray(values, dtype=np.float64).reshape(-1))
+    if v.numel() == 0:
         return math.nan, math.nan
-    index = np.random.default_rng(seed).integers(0, v.size, (replicates, v.size))
-    means = v[index].mean(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
+    return percentile_interval(v[bootstrap_indices(v.numel(), replicates, seed)].mean(1), level)

@@ -17,21 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from xlsub.models.mlm import ChunkLosses
-
-LEVEL = 0.95
-
-
-def bootstrap_indices(n: int, replicates: int, seed: int) -> torch.Tensor:
-    """[replicates, n] chunk indices drawn with replacement from a seeded generator."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, n, (replicates, n), generator=generator)
-
-
-def percentile_interval(values: torch.Tensor, level: float = LEVEL) -> tuple[float, float]:
-    """The (1 - level)/2 and (1 + level)/2 quantiles of the bootstrap replicates (NaN-free)."""
-    values = values.double()
-    alpha = (1 - level) / 2
-    return float(torch.quantile(values, alpha)), float(torch.quantile(values, 1 - alpha))
+from xlsub.stats.inference import bootstrap_indices, percentile_interval
 
 
 def relative_perplexity_replicates(model: ChunkLosses, full: ChunkLosses, indices: torch.Tensor) -> torch.Tensor:
