@@ -1,8 +1,11 @@
-"""Sentence representations: masked mean pooling of every hidden layer of an encoder.
+"""Sentence representations: masked mean pooling of every hidden layer of an encoder or decoder.
 
 A sentence's representation at layer l is the mean of the layer-l hidden
-states over its real tokens (attention mask 1, special tokens included, padding
-excluded), for l = 0 (embeddings) .. L. ``encode`` returns them all as one
+states over its real tokens (attention mask 1, padding excluded; an encoder's
+special tokens included, as in the study; a decoder's BOS/EOS left out, the
+family adapter's `pool_excluded`), for l = 0 (embeddings) .. L. A decoder's
+last token, which has attended to the whole sentence, is the other option
+(`pooling="last"`). ``encode`` returns them all as one
 float32 tensor ``[layers+1, n, d]``, the layout of the encode stage's
 ``encodings/<model_key>/<lang>.safetensors`` and of CKA's inputs.
 
@@ -26,6 +29,7 @@ from tqdm.auto import tqdm
 
 from xlsub.artifacts import BASE_MODEL, FULL_MODEL, KEPT_HEADS_CONFIG_KEY, RANDOM_MODEL, SubnetworkId
 from xlsub.errors import XlsubError
+from xlsub.models.families import adapter_for
 from xlsub.models.loading import max_text_len
 
 log = logging.getLogger(__name__)
@@ -85,12 +89,22 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id
 
 
-POOLINGS = ("mean", "mean_no_special")
+POOLINGS = ("mean", "mean_no_special", "last")
+
+
+def last_token(hidden_states: Sequence[torch.Tensor] | torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Each sentence's state at its last real token, ``h_{l, b, lengths_b - 1}``, for every hidden state:
+    ``[layers+1, B, d]`` in float32. Sentences are right-padded, so the last real token is at length - 1."""
+    rows = torch.arange(len(lengths), device=hidden_states[0].device)
+    last = (lengths.to(hidden_states[0].device) - 1).clamp(min=0)
+    return torch.stack([h[rows, last].float() for h in hidden_states])
 
 
 def _forward_pooled(base: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    pool_mask: torch.Tensor | None = None) -> torch.Tensor:
+                    pool_mask: torch.Tensor | None = None, last: bool = False) -> torch.Tensor:
     out = base(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, return_dict=True)
+    if last:
+        return last_token(out.hidden_states, attention_mask.sum(1))
     return mean_pool(out.hidden_states, attention_mask if pool_mask is None else pool_mask)
 
 
@@ -127,10 +141,13 @@ def encode(
 ) -> torch.Tensor:
     """Mean-pooled hidden states of every layer for each sentence: float32 ``[layers+1, n, d]``.
 
-    ``pooling="mean"`` averages every real token, ``<s>`` and ``</s>`` included (the study's
-    pooling); ``"mean_no_special"`` leaves the tokenizer's special tokens out of the mean (they
-    still take part in attention). Their share of a sentence's tokens shrinks as it grows, so
-    they carry sentence length into the pooled vector.
+    ``pooling="mean"`` averages every real token: an encoder's ``<s>`` and ``</s>`` included (the
+    study's pooling), a decoder's BOS and EOS left out (the family adapter's ``pool_excluded``: a
+    causal LM's first token attends only to itself, the same state in every sentence);
+    ``"mean_no_special"`` leaves all the tokenizer's special tokens out of the mean (they still
+    take part in attention). Their share of a sentence's tokens shrinks as it grows, so they carry
+    sentence length into the pooled vector. ``"last"`` takes the last real token's state (for a
+    decoder, the one position that has attended to the whole sentence).
 
     All sentences are tokenised in one batch call (truncated to ``max_length``, by default what
     the position embeddings allow), sorted longest first, cut into batches padded to their own
@@ -141,7 +158,10 @@ def encode(
     max_length = _check_args(model, tokenizer, batch_size, max_length)
     if pooling not in POOLINGS:
         raise XlsubError(f"pooling: '{pooling}' is not one of {', '.join(POOLINGS)}")
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    if pooling == "mean_no_special":
+        special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    else:
+        special = torch.tensor(adapter_for(model).pool_excluded(tokenizer), dtype=torch.long)
     pad_id = _pad_id(tokenizer)
     base = _base_model(model)
     sentences = list(sentences)
@@ -168,9 +188,10 @@ def encode(
                 gather = (offsets[index][:, None] + steps[None, :]).clamp_(max=flat.numel() - 1)
                 input_ids = torch.where(attention_mask, flat[gather], pad_id)
                 pool_mask = None
-                if pooling == "mean_no_special":
+                if pooling != "last" and len(special):
                     pool_mask = (attention_mask & ~torch.isin(input_ids, special)).long().to(device)
-                out[:, index] = _forward_pooled(base, input_ids.to(device), attention_mask.long().to(device), pool_mask).cpu()
+                out[:, index] = _forward_pooled(base, input_ids.to(device), attention_mask.long().to(device), pool_mask,
+                                                last=pooling == "last").cpu()
                 bar.update(len(index))
     seconds = time.perf_counter() - start_time
     log.info("encoded %d sentences in %.2f s (%.0f sentences/s)", n, seconds, n / seconds if seconds else 0.0)
@@ -181,10 +202,11 @@ def random_like(model: nn.Module, seed: int) -> nn.Module:
     """A model of the same class and config with fresh random weights (the random-encoder control).
 
     Initialised under ``torch.manual_seed(seed)`` inside a forked RNG, so the same seed gives the
-    same weights and the caller's random state is left alone. A physically pruned model
-    (kept heads in its config) gets the same heads pruned. Same dtype and device, in eval mode.
+    same weights and the caller's random state is left alone. A pruned model (kept heads in its
+    config) gets the same heads pruned, physically or in stock form as its family saves them
+    (`subnetwork_model`). Same dtype and device, in eval mode.
     """
-    from xlsub.models.pruning import kept_heads_mask, prune_heads  # pruning imports the MLM machinery
+    from xlsub.models.pruning import kept_heads_mask, subnetwork_model  # pruning imports the MLM machinery
 
     config = copy.deepcopy(model.config)
     mask = kept_heads_mask(config)
@@ -198,7 +220,7 @@ def random_like(model: nn.Module, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         fresh = type(model)._from_config(config, **kwargs)
     if mask is not None:
-        prune_heads(fresh, mask)
+        fresh = subnetwork_model(fresh, mask)
     return fresh.to(device=parameter.device, dtype=parameter.dtype).eval()
 
 
@@ -208,10 +230,10 @@ def models_to_encode(model_folder: str | Path, subnetworks: Mapping[SubnetworkId
     (the finetuned model in `model_folder`), each subnetwork under its id (`de-s0`), then the controls:
     `base` (the model before finetuning: `base` is the finetune run's `model` parameter, None to skip)
     and `random` (same configuration, random weights seeded with the finetune seed)."""
-    from transformers import AutoModelForMaskedLM
+    from xlsub.models.loading import load_lm
 
     def full():
-        return AutoModelForMaskedLM.from_pretrained(model_folder)
+        return load_lm(model_folder)
 
     yield FULL_MODEL, full
     for sid, load in sorted(subnetworks.items()):

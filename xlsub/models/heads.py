@@ -22,34 +22,30 @@ import torch
 from torch import nn
 
 from xlsub.errors import XlsubError
-from xlsub.models.mlm import masked_lm_loss
+from xlsub.models.families import adapter_for
+from xlsub.models.mlm import lm_loss
 
 LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], tuple[torch.Tensor, int]]
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Each layer's attention block of a BERT-family encoder (BERT, mBERT, RoBERTa, XLM-R).
+    """Each layer's attention block, as the model's family adapter (`xlsub.models.families`) finds it:
+    BERT/RoBERTa/XLM-R `layer.attention` (with `.self` and `.output.dense`), DistilBERT `attention`,
+    ModernBERT `attn`, Llama-style `self_attn`, GPT-2 `attn`, BLOOM `self_attention`."""
+    family = adapter_for(model)
+    return [family.attention(layer) for layer in family.layers(model)]
 
-    A block has `.self` (query/key/value, `num_attention_heads`,
-    `attention_head_size`, `all_head_size`) and `.output.dense`, the output
-    projection.
-    """
-    encoder = getattr(getattr(model, "base_model", None), "encoder", None)
-    layers = getattr(encoder, "layer", None)
-    if layers is None or not all(
-        hasattr(layer, "attention") and hasattr(layer.attention, "self") and hasattr(layer.attention, "output")
-        for layer in layers
-    ):
-        raise XlsubError(
-            f"model {type(model).__name__} is not a BERT-family encoder (base_model.encoder.layer[i].attention); "
-            "use an XLM-R, RoBERTa or BERT checkpoint"
-        )
-    return [layer.attention for layer in layers]
+
+def output_projections(model: nn.Module) -> list[nn.Module]:
+    """Each layer's attention output projection, whose input is the concatenated per-head context."""
+    family = adapter_for(model)
+    return [family.output_projection(family.attention(layer)) for layer in family.layers(model)]
 
 
 def num_heads(model: nn.Module) -> list[int]:
-    """Attention heads in each layer (layers differ once heads are physically pruned)."""
-    return [attention.self.num_attention_heads for attention in attention_modules(model)]
+    """Query heads in each layer (layers differ once heads are physically pruned)."""
+    family = adapter_for(model)
+    return [family.heads_in(attention, model.config) for attention in attention_modules(model)]
 
 
 def mask_shape(model: nn.Module) -> tuple[int, int]:
@@ -66,14 +62,17 @@ def mask_shape(model: nn.Module) -> tuple[int, int]:
 class HeadGates:
     """Scale the output of head h in layer l by `gates[l, h]` while active.
 
-    A forward pre-hook on `attention.output.dense` views its input as
-    [batch, tokens, heads, head_dim] and multiplies each head's slice by its
-    gate, before the output projection mixes the heads. A gate of 0 removes the
+    A forward pre-hook on each layer's attention output projection (the
+    family adapter's: `attention.output.dense`, `o_proj`, GPT-2's `c_proj`,
+    BLOOM's `dense`, ...) views its input as [batch, tokens, heads, head_dim]
+    and multiplies each head's slice by its gate, before the output projection
+    mixes the heads. Under grouped-query attention the gates are per query
+    head; the key/value heads they share are left alone. A gate of 0 removes the
     head, 1 leaves it as is; when `gates` requires grad, d loss / d gates is
     the head-importance signal of Michel et al. 2019.
 
         with HeadGates(model, mask):
-            loss, n = masked_lm_loss(model, batch)
+            loss, n = lm_loss(model, batch)
     """
 
     def __init__(self, model: nn.Module, gates: torch.Tensor):
@@ -84,8 +83,8 @@ class HeadGates:
             )
         self.gates = gates
         self._handles = [
-            attention.output.dense.register_forward_pre_hook(self._hook(layer))
-            for layer, attention in enumerate(attention_modules(model))
+            projection.register_forward_pre_hook(self._hook(layer))
+            for layer, projection in enumerate(output_projections(model))
         ]
 
     def _hook(self, layer: int):
@@ -123,7 +122,8 @@ class AttentionEntropy:
             )
         self._per_layer: list[torch.Tensor | None] = []
         self._handles = [
-            attention.self.register_forward_hook(self._record) for attention in attention_modules(model)
+            (attention.self if hasattr(attention, "self") else attention).register_forward_hook(self._record)
+            for attention in attention_modules(model)
         ]
         self.total: torch.Tensor | None = None  # [layers, heads], summed over tokens
         self.tokens = 0
@@ -182,13 +182,14 @@ def head_importance(
     normalize_layers: bool = True,
     normalize_global: bool = True,
     entropy: bool = False,
-    loss_fn: LossFn = masked_lm_loss,
+    loss_fn: LossFn | None = None,
     freeze_weights: bool = True,
 ) -> ImportanceResult:
     """Head importance I_h = E_x |d L(x) / d xi_h| (Michel et al. 2019, eq. 5), as bertology computes it.
 
     The gates xi start at `mask` (all ones if None). For every batch: forward
-    with the gates, summed masked-LM loss, the gradient with respect to the
+    with the gates, summed LM loss (`loss_fn`, by default `lm_loss`: the
+    masked-LM loss, or the next-token loss of a causal LM), the gradient with respect to the
     gates, its absolute value added up; the sum is divided by the number of
     masked (scored) tokens (bertology divides by all tokens: a constant factor
     the normalisation removes). Then, each switchable, per-layer L2
@@ -210,6 +211,7 @@ def head_importance(
     deterministic for given batches.
     """
     layers, heads = mask_shape(model)
+    loss_fn = loss_fn or lm_loss
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     gates = torch.ones(layers, heads) if mask is None else mask.detach().clone()

@@ -14,11 +14,9 @@ import copy
 import json
 import logging
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import MethodType
 
 import pandas as pd
 import torch
@@ -29,6 +27,7 @@ from tqdm.auto import tqdm
 
 from xlsub import artifacts
 from xlsub.errors import Range, XlsubError
+from xlsub.models.families import adapter_for
 from xlsub.models.heads import HeadGates, attention_modules, head_importance, mask_shape
 from xlsub.models.mlm import chunk_losses, perplexity
 
@@ -304,49 +303,23 @@ def random_mask_like(mask: torch.Tensor, seed: int) -> torch.Tensor:
 
 # -- physical pruning ---------------------------------------------------------------------------
 
-def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
-    """A new Linear holding only the output rows (dim 0) or input columns (dim 1) in `index`."""
-    weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device))
-    bias = linear.bias
-    if bias is not None:
-        bias = bias.detach().index_select(0, index.to(bias.device)) if dim == 0 else bias.detach().clone()
-    out_features, in_features = weight.shape
-    # Built on the meta device: its random init is overwritten anyway (and warns at width 0).
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
-        new = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
-    new.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
-    if bias is not None:
-        new.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
-    return new
-
-
-def _no_heads_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-    """Self-attention with every head pruned: a zero-width context, so that the output projection
-    (now with zero input columns) returns exactly its bias, followed by the residual and LayerNorm."""
-    context = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
-    weights = None
-    if self.config._attn_implementation == "eager":  # eager returns probabilities: keep one entry per layer
-        batch, tokens = hidden_states.shape[:2]
-        weights = hidden_states.new_zeros(batch, 0, tokens, tokens)
-    return context, weights
-
-
 def prune_heads(model: nn.Module, mask: torch.Tensor) -> nn.Module:
     """Remove the heads `mask` switches off, in place, and record the kept heads in the config.
 
-    Per layer, keeps the query/key/value output rows and the output
-    projection's input columns of the kept heads, and sets the attention
-    module's `num_attention_heads` and `all_head_size` (v5 reshapes with
-    `view(*shape, -1, head_size)`, so the head count follows). A layer with no
-    head left gets a forward returning a zero-width context. The kept head
-    indices go to `config.xlsub_kept_heads` (a list per layer, saved with
-    `save_pretrained`), which `load_pruned` reads back. The result computes
-    what the gated model computes with `HeadGates(model, mask)`.
+    Per layer, the family adapter (`xlsub.models.families`) keeps the query/key/value rows and the
+    output projection's input slices of the kept heads and sets the layer's head count (v5 reshapes
+    with `view(*shape, -1, head_size)`, so the head count follows). A layer with no head left gets a
+    forward returning the output projection of a zero-width context (its bias). The kept head indices
+    go to `config.xlsub_kept_heads` (a list per layer, saved with `save_pretrained`), which
+    `load_pruned` reads back. The result computes what the gated model computes with
+    `HeadGates(model, mask)`. Only families whose layers may hold their own head count (the encoders
+    and GPT-2) can be pruned physically; the others refuse (use `zero_pruned_heads`).
     """
+    family = adapter_for(model)
     attentions = attention_modules(model)
-    full = model.config.num_attention_heads
-    if any(a.self.num_attention_heads != full for a in attentions):
+    layout = family.head_layout(model.config)
+    full = layout.heads
+    if any(family.heads_in(a, model.config) != full for a in attentions):
         raise XlsubError("this model already has heads pruned; prune the full model with the combined mask")
     if tuple(mask.shape) != (len(attentions), full):
         raise XlsubError(
@@ -354,19 +327,14 @@ def prune_heads(model: nn.Module, mask: torch.Tensor) -> nn.Module:
         )
 
     kept_heads = artifacts.kept_heads(mask)  # what head_mask.json holds too: one object, two files
+    if any(len(kept) != full for kept in kept_heads) and not family.physical_pruning:
+        raise XlsubError(
+            f"model: {model.config.model_type} layers share one head count in their config, so heads cannot be "
+            "removed physically; save the stock form (zero_pruned_heads) instead"
+        )
     for attention, kept in zip(attentions, kept_heads):
-        if len(kept) == full:
-            continue
-        self_attention = attention.self
-        size = self_attention.attention_head_size
-        index = torch.tensor([h * size + i for h in kept for i in range(size)], dtype=torch.long)
-        for name in ("query", "key", "value"):
-            setattr(self_attention, name, _slice_linear(getattr(self_attention, name), index, dim=0))
-        attention.output.dense = _slice_linear(attention.output.dense, index, dim=1)
-        self_attention.num_attention_heads = len(kept)
-        self_attention.all_head_size = len(kept) * size
-        if not kept:
-            self_attention.forward = MethodType(_no_heads_forward, self_attention)
+        if len(kept) != full:
+            family.prune_attention(attention, kept, layout)
     setattr(model.config, artifacts.KEPT_HEADS_CONFIG_KEY, kept_heads)
     return model
 
@@ -374,11 +342,14 @@ def prune_heads(model: nn.Module, mask: torch.Tensor) -> nn.Module:
 def zero_pruned_heads(model: nn.Module, mask: torch.Tensor) -> nn.Module:
     """A copy of the full `model` that computes what `HeadGates(model, mask)` computes, in stock form.
 
-    Each switched-off head's input columns of the output projection (`attention.output.dense`, the
-    head's `head_dim` slice) are set to 0. A gate of 0 zeroes that slice of the projection's input, so
-    both give `W_o[:, kept] @ context[kept] + b`: the bias stays (the gated and the physically pruned
-    models add it too, also in a layer with no head left). The architecture and config are untouched,
-    so `AutoModelForMaskedLM.from_pretrained` loads it without xlsub; it is as large as the full model.
+    Each switched-off head's slice of the output projection's weight (the `head_dim` inputs that
+    read the head: columns of a Linear, rows of GPT-2's Conv1D; the family adapter knows which) is
+    set to 0. A gate of 0 zeroes that slice of the projection's input, so both give
+    `W_o[:, kept] @ context[kept] + b`: the bias stays (the gated and the physically pruned models
+    add it too, also in a layer with no head left). Under grouped-query attention only query heads
+    are zeroed; the key/value heads stay. The architecture and config are untouched, so
+    `AutoModelForMaskedLM`/`AutoModelForCausalLM.from_pretrained` loads it without xlsub; it is as
+    large as the full model.
     """
     mask = artifacts.check_mask(mask)
     shape = mask_shape(model)
@@ -387,11 +358,22 @@ def zero_pruned_heads(model: nn.Module, mask: torch.Tensor) -> nn.Module:
     if getattr(model.config, artifacts.KEPT_HEADS_CONFIG_KEY, None) is not None:
         raise XlsubError("this model already has heads pruned; zero the heads of the full model")
     stock = copy.deepcopy(model)
-    with torch.no_grad():
-        for attention, gates in zip(attention_modules(stock), mask):
-            weight = attention.output.dense.weight  # [hidden, heads * head_dim]
-            columns = weight.view(weight.shape[0], len(gates), -1)
-            columns[:, (gates == 0).to(weight.device), :] = 0
+    family = adapter_for(stock)
+    head_dim = family.head_layout(stock.config).head_dim
+    for attention, gates in zip(attention_modules(stock), mask):
+        family.zero_heads(attention, gates == 0, head_dim)
+    return stock
+
+
+def subnetwork_model(model: nn.Module, mask: torch.Tensor) -> nn.Module:
+    """The form a subnetwork is saved in, as a new model (`model` is left alone): physically pruned
+    (`prune_heads`) where the family allows per-layer head counts (the encoders, GPT-2), else the stock
+    form (`zero_pruned_heads`) with the kept heads recorded in its config all the same. Both compute
+    what `HeadGates(model, mask)` computes; `load_pruned` rebuilds either."""
+    if adapter_for(model).physical_pruning:
+        return prune_heads(copy.deepcopy(model), mask)
+    stock = zero_pruned_heads(model, mask)
+    setattr(stock.config, artifacts.KEPT_HEADS_CONFIG_KEY, artifacts.kept_heads(mask))
     return stock
 
 
@@ -400,7 +382,7 @@ def kept_heads_mask(config) -> torch.Tensor | None:
     kept_heads = getattr(config, artifacts.KEPT_HEADS_CONFIG_KEY, None)
     if kept_heads is None:
         return None
-    return artifacts.mask_from_kept_heads(kept_heads, config.num_attention_heads)
+    return artifacts.mask_from_kept_heads(kept_heads, adapter_for(config).head_layout(config).heads)
 
 
 def save_pruned(model: nn.Module, folder: str | Path) -> None:
@@ -423,19 +405,22 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def load_pruned(folder: str | Path, *, attn_implementation: str | None = None) -> nn.Module:
     """Rebuild a model saved by `save_pruned`: the architecture from config.json, the heads in
-    `config.xlsub_kept_heads` pruned, then the safetensors weights loaded strictly (only weights
-    tied to a loaded one, such as the LM decoder, may be absent from the file). In eval mode."""
+    `config.xlsub_kept_heads` pruned (where the family prunes physically; a stock-form subnetwork of
+    another family has its heads' weights zeroed in the file, `subnetwork_model`), then the
+    safetensors weights loaded strictly (only weights tied to a loaded one, such as the LM decoder,
+    may be absent from the file). In eval mode."""
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise XlsubError(f"{folder} has no config.json: pass a folder written by save_pruned")
     config = transformers.AutoConfig.from_pretrained(folder)
-    architecture = (getattr(config, "architectures", None) or ["AutoModelForMaskedLM"])[0]
-    model_class = getattr(transformers, architecture, transformers.AutoModelForMaskedLM)
+    auto_class = getattr(transformers, adapter_for(config).auto_class)
+    architecture = (getattr(config, "architectures", None) or [auto_class.__name__])[0]
+    model_class = getattr(transformers, architecture, auto_class)
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-    model = model_class.from_config(config, **kwargs) if model_class is transformers.AutoModelForMaskedLM \
+    model = model_class.from_config(config, **kwargs) if model_class is auto_class \
         else model_class._from_config(config, **kwargs)
     mask = kept_heads_mask(config)
-    if mask is not None:
+    if mask is not None and adapter_for(config).physical_pruning:
         prune_heads(model, mask)
 
     weights = _read_weights(folder)

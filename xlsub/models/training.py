@@ -54,6 +54,28 @@ class _BatchSeededCollator:
         return self.collator(examples)
 
 
+class CausalCollator:
+    """Pads a batch of chunks and labels every real token (labels = input_ids, IGNORE_INDEX where the
+    attention mask is 0): the next-token objective. Unlike the stock collator with `mlm=False`, which
+    drops every token equal to the pad id from the loss, padding is taken from the attention mask, so
+    a tokenizer whose pad token is its EOS (many hub decoders) still learns to end a text."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+
+    def __call__(self, examples):
+        from xlsub.models.mlm import causal_batch
+
+        return causal_batch([e["input_ids"] for e in examples], self.tokenizer)
+
+
+def lm_collator(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int):
+    """The training collator of the model's objective: seeded dynamic masking, or `CausalCollator`."""
+    from xlsub.models.mlm import is_causal
+
+    return CausalCollator(tokenizer) if is_causal(model) else _BatchSeededCollator(tokenizer, seed)
+
+
 def train_masked_lm(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -63,7 +85,8 @@ def train_masked_lm(
     callbacks: list[TrainerCallback] = (),
     resume_from_checkpoint: str | None = None,
 ) -> dict[str, float]:
-    """Train `model` in place on `train` (column `input_ids`) with dynamic 15% masking; returns Trainer metrics.
+    """Train `model` in place on `train` (column `input_ids`) with dynamic 15% masking, or a causal LM on
+    every next token (`lm_collator`); returns Trainer metrics.
 
     Under `torchrun` the Trainer runs DDP (gloo on CPU, NCCL on GPU). A
     checkpoint every `settings.save_steps` steps (only the newest is kept) lies
@@ -104,7 +127,7 @@ def train_masked_lm(
         model=model,
         args=args,
         train_dataset=train.select_columns(["input_ids"]),
-        data_collator=_BatchSeededCollator(tokenizer, settings.seed),
+        data_collator=lm_collator(model, tokenizer, settings.seed),
         callbacks=list(callbacks),
     )
     trainer.model_accepts_loss_kwargs = False  # the masked-only loss is already a mean over scored tokens
@@ -133,12 +156,13 @@ def load_finetuned(folder: str | Path, lm_data: Mapping, languages: list[str], d
     The data are chunked exactly as the finetune run chunked them (same corpus, languages, seed and
     sizes), so test perplexities are comparable with its `ppl_after.<lang>`.
     """
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from xlsub.data.corpus import load_corpus
     from xlsub.data.lm import build_lm_data
+    from xlsub.models.loading import load_lm
 
-    model = AutoModelForMaskedLM.from_pretrained(folder).to(device).eval()
+    model = load_lm(folder).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     corpus = load_corpus(lm_data["corpus"], languages, seed=lm_data["seed"])
     lm = build_lm_data(corpus.texts, languages, tokenizer, lm_data["max_seq_len"], lm_data["examples_per_lang"],
