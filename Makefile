@@ -12,7 +12,7 @@ export MLFLOW_HTTP_REQUEST_TIMEOUT ?= 10
 # `mlflow run --env-manager local` runs the `python` on PATH: make it the venv's
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup browser postgres corpus demo demo-doc test bench ui mlproject clean
+.PHONY: setup browser postgres corpus demo demo-doc test bench ui mlproject gc clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,10 @@ mlproject: setup
 
 ui: setup
 	mlflow ui --host 127.0.0.1 --backend-store-uri $(MLFLOW_TRACKING_URI)  # loopback only: the UI has no login
+
+# dead RUNNING runs marked FAILED, local checkpoints of finished runs deleted (docs/deployment.md); GC_ARGS=--dry-run only prints
+gc: setup
+	$(PY) -m xlsub.tracking.gc $(GC_ARGS)
 
 clean:
 	rm -rf outputs mlruns mlartifacts .pytest_cache

@@ -26,10 +26,11 @@ from xlsub.models import loading as models
 from xlsub.models.mlm import perplexity
 from xlsub.models.training import TrainSettings, lm_data_settings, train_masked_lm
 from xlsub.report.figures import stages as figures
+from xlsub.tracking import gc as cleanup
 from xlsub.tracking import runs as tracking
 
 log = logging.getLogger("xlsub.finetune")
-CHECKPOINTS = Path("outputs/checkpoints")  # <run id>/checkpoint-<step>/, where a later run with resume=auto finds them
+CHECKPOINTS = artifacts.LOCAL_CHECKPOINTS  # <run id>/checkpoint-<step>/, where a later run with resume=auto finds them
 
 
 @dataclass
@@ -53,11 +54,12 @@ class FinetuneArgs(StageArgs):
                                                    "keywords": ("auto", "never")})
     save_steps: int = field(default=250, metadata={"help": "save a checkpoint every this many steps (about a minute of the CPU demo)", "range": COUNT})
     checkpoint_artifacts: bool = field(default=False, metadata={"help": "also log each checkpoint as run artifacts, so that a run on another machine can resume it"})
+    keep_checkpoints: bool = field(default=False, metadata={"help": "keep the local checkpoints (outputs/checkpoints/<run id>/) after the run finishes; by default they are deleted then"})
     device: str = device_field()
     log_every: int = field(default=10, metadata={"help": "log the training loss every this many steps", "range": COUNT})
 
     # how often the loss is logged and checkpoints saved, where training continues from: not what is trained
-    NOT_FOR_REUSE = ("log_every", "save_steps", "resume", "checkpoint_artifacts")
+    NOT_FOR_REUSE = ("log_every", "save_steps", "resume", "checkpoint_artifacts", "keep_checkpoints")
 
     def check_stage(self) -> None:
         if self.fp16 and self.bf16:
@@ -81,14 +83,15 @@ def resume_point(args: FinetuneArgs, run, out: Path) -> str | None:
         return None
     dead, checkpoint = found
     tracking.supersede(dead, run.info.run_id)
-    log.info("resuming dead run %s (%s) from %s", dead.info.run_id, dead.info.status, checkpoint)
+    why = dead.info.status if dead.info.status != "RUNNING" else f"RUNNING, but {tracking.dead_because(dead) or 'dead'}"
+    log.info("resuming dead run %s (%s) from %s", dead.info.run_id, why, checkpoint)
     return str(checkpoint)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(FinetuneArgs, argv)
     rank_zero = is_rank_zero()
-    with tracking.stage_run("finetune", args, log_to_mlflow=rank_zero, system_metrics=True) as run, tracking.heartbeat(run):
+    with tracking.stage_run("finetune", args, log_to_mlflow=rank_zero, system_metrics=True) as run:
         device = models.resolve_device(args.device)
         transformers.set_seed(args.seed)
         corpus = corpora.load_corpus(args.corpus, parse_languages(args.languages), seed=args.seed)
@@ -148,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
             artifacts.write_manifest(Path(tmp), "finetune", languages=langs, model=args.model, lm_data=lm_data)
             mlflow.log_artifacts(tmp)
         mlflow.log_figure(figures.perplexity_bars(table.reset_index()), artifacts.PERPLEXITY_FIGURE)
+        if not args.keep_checkpoints and not args.eval_only:  # the model is logged: they only served a resume
+            if freed := cleanup.remove_local_checkpoints(CHECKPOINTS / run.info.run_id):
+                log.info("deleted the local checkpoints (%s); keep_checkpoints=true keeps them", cleanup.size_text(freed))
 
 
 if __name__ == "__main__":

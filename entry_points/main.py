@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from entry_points._common import StageArgs, parse_args, parse_languages, stage_args_class
 from xlsub import artifacts, stages
 from xlsub.errors import XlsubError
-from xlsub.tracking import interrupts
+from xlsub.tracking import interrupts, lineage, twins
 from xlsub.tracking import runs as tracking
 
 log = logging.getLogger("xlsub.main")
@@ -101,6 +101,8 @@ def run_stage(stage: str, args: StageArgs, force: bool, reused: list[str]) -> st
     """Reuse a finished run of `stage` with these parameters and this code, or run the entry point as a child run."""
     experiment_id = mlflow.active_run().info.experiment_id
     found = None if force else tracking.find_reusable(experiment_id, stage, args.reuse_params())
+    if found is None and not force:  # a twin computing it now (another pipeline): wait for it rather than compute it twice
+        found = twins.wait_for_twin(experiment_id, stage, args.reuse_params(), mlflow.active_run().info.run_id)
     if found is not None:
         log.info("%s: reusing finished run %s", stage, found.info.run_id)
         reused.append(stage)
@@ -139,7 +141,20 @@ def main(argv: list[str] | None = None) -> None:
                 tracking.register_subnetworks(ids[stage])
         mlflow.set_tags({artifacts.input_tag(stage): run_id for stage, run_id in ids.items()})
         mlflow.set_tag(artifacts.REUSED_TAG, ",".join(reused) or "none")
+        show_pipeline(ids, reused)
         log.info("stage runs: %s; reused: %s", ids, reused or "none")
+
+
+def show_pipeline(ids: dict[str, str], reused: list[str]) -> None:
+    """What the main run's page shows even when every stage was reused (a reused run is no child of this
+    one): a description (the run note) linking each stage run by ID, and the analyze run's verdict metrics."""
+    client = MlflowClient()
+    runs = {stage: client.get_run(run_id) for stage, run_id in ids.items()}
+    lines = ["The pipeline's stage runs (reused: computed by an earlier main run with the same parameters and code):", ""]
+    lines += [f"- {stage}: [{run.info.run_id}]({lineage.run_link(run)}){' (reused)' if stage in reused else ''}" for stage, run in runs.items()]
+    mlflow.set_tag(artifacts.NOTE_TAG, "\n".join(lines))
+    if "analyze" in runs:
+        mlflow.log_metrics({k: v for k, v in runs["analyze"].data.metrics.items() if k.startswith(artifacts.VERDICT_METRIC_PREFIX)})
 
 
 if __name__ == "__main__":

@@ -117,7 +117,9 @@ def prune_language(model, tokenizer, sid: SubnetworkId, args: PruneArgs, train_c
     result = iterative_pruning(model, batches, threshold=args.threshold, amount=args.amount, target_sparsity=args.sparsity,
                                continue_to=args.continue_to, progress_desc=f"prune {sid}")
     for step in result.steps:
-        mlflow.log_metrics({"ppl": step.ppl, "frac_pruned": step.frac_pruned}, step=step.step)
+        mlflow.log_metrics({artifacts.PATH_PPL: step.ppl, artifacts.PATH_FRAC_PRUNED: step.frac_pruned}, step=step.step)
+    chosen = result.steps[result.kept]  # the subnetwork, under the names a user reads first
+    mlflow.log_metrics({artifacts.SUBNETWORK_PPL: chosen.ppl, artifacts.SUBNETWORK_FRAC_PRUNED: chosen.frac_pruned})
     mask = result.mask
     evaluation = evaluate_subnetwork(model, mask, sid, test_batches, args.random_draws)
     indices = language_indices(full, args.bootstrap, seed=sid.seed)
@@ -141,23 +143,28 @@ def prune_language(model, tokenizer, sid: SubnetworkId, args: PruneArgs, train_c
     mlflow.log_figure(figures.head_mask_heatmap(mask, result.importance, f"{sid} subnetwork"), artifacts.HEAD_MASK_FIGURE)
     tracking.log_table(artifacts.steps_table(result.steps, result.kept), artifacts.STEPS)
     if args.log_stock_models:
-        log_stock_model(model, tokenizer, mask, sid, result.kept)
+        log_stock_model(model, tokenizer, mask, sid, result.kept, args)
     return evaluation
 
 
-def log_stock_model(model, tokenizer, mask, sid: SubnetworkId, kept: int) -> None:
+def log_stock_model(model, tokenizer, mask, sid: SubnetworkId, kept: int, args: PruneArgs) -> None:
     """The subnetwork in stock form (the full architecture, the pruned heads' output-projection columns
     zeroed) as the active child run's MLflow model `subnetwork-<id>`, with the child's metrics and tags:
-    it loads without xlsub. Logged at the chosen pruning step, so that its `ppl` and `frac_pruned` are the
-    subnetwork's, not the unpruned model's."""
+    it loads without xlsub. Tagged with its prune run, main run (if any), threshold and target_sparsity, so
+    that models of different prune runs can be told apart, and `xlsub.run_status` (the prune run's status,
+    set when it ends). Logged at the chosen pruning step: the path's metrics linked to it are the subnetwork's."""
     child = mlflow.get_run(mlflow.active_run().info.run_id)
     finetune_id = child.data.tags[artifacts.input_tag("finetune")]
     source = tracking.logged_model_id(finetune_id, artifacts.FINETUNED_MODEL)
     tags = {artifacts.LANGUAGE_TAG: sid.language, artifacts.SEED_TAG: str(sid.seed), artifacts.SUBNETWORK_TAG: str(sid),
-            artifacts.MASK_DIGEST_TAG: artifacts.mask_digest(mask), artifacts.input_tag("finetune"): finetune_id}
+            artifacts.MASK_DIGEST_TAG: artifacts.mask_digest(mask), artifacts.input_tag("finetune"): finetune_id,
+            artifacts.input_tag("prune"): child.data.tags[artifacts.PARENT_TAG],
+            artifacts.REGISTERED_THRESHOLD_TAG: str(args.threshold), artifacts.REGISTERED_TARGET_SPARSITY_TAG: args.target_sparsity}
     if source is not None:
         tags[artifacts.SOURCE_MODEL_TAG] = source
-    per_step = ("ppl", "frac_pruned")
+    if main_id := tracking.main_run_id(child):
+        tags[artifacts.input_tag("main")] = main_id
+    per_step = (artifacts.PATH_PPL, artifacts.PATH_FRAC_PRUNED)
     tracking.log_masked_lm(zero_pruned_heads(model, mask), tokenizer, sid.model_name, tags=tags, step=kept,
                            link=[k for k in child.data.metrics if k not in per_step] if kept else ())
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
             page = demo_page(experiment.name, commit, times, reused, answers, client.get_run(analyze_id).data.params)
             Path(args.markdown).write_text(page, encoding="utf-8")
             print(f"\nwrote {args.markdown}")
-    for line in next_steps(uri, experiment.experiment_id, run.data.tags):
+    for line in next_steps(uri, experiment.experiment_id, run.data.tags, experiment.name):
         print(line)
 
 
@@ -110,20 +111,22 @@ def stage_line(stage: str, run_id: str, seconds: float | None, reused: bool) -> 
     return f"  {stage:9s} {run_id}  {took}{' (reused: computed by an earlier pipeline)' if reused else ''}"
 
 
-def next_steps(uri: str, experiment_id: str, tags: dict) -> list[str]:
+def next_steps(uri: str, experiment_id: str, tags: dict, experiment: str) -> list[str]:
     """The commands after `make demo`: activate the venv (`mlflow run` runs the `python` on PATH), open the
     UI on the runs table (an experiment's root page opens MLflow's GenAI overview, empty here), rerun a
-    stage on the demo's runs."""
+    stage on the demo's runs into the experiment the link shows (without `--experiment-name` they would go
+    to `Default`, and `latest` would search there)."""
     server = uri if uri.startswith("http") else "http://127.0.0.1:5000"
     lines = ["", "Next (from this folder):", "  source .venv/bin/activate   # `mlflow run` runs the python on PATH"]
     if not uri.startswith("http"):
         lines.append(f"  mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
     lines.append(f"  open {server.rstrip('/')}/#/experiments/{experiment_id}/runs   # the training-runs table")
     finetune, encode = tags.get(input_tag("finetune")), tags.get(input_tag("encode"))
+    into = f"--env-manager local --experiment-name {shlex.quote(experiment)}"
     if finetune:
-        lines.append(f"  mlflow run . -e prune --env-manager local -P finetune_run_id={finetune} -P languages=en,de")
+        lines.append(f"  mlflow run . -e prune {into} -P finetune_run_id={finetune} -P languages=en,de")
     if encode:
-        lines.append(f"  mlflow run . -e analyze --env-manager local -P encode_run_id={encode} -P cka=linear")
+        lines.append(f"  mlflow run . -e analyze {into} -P encode_run_id={encode} -P cka=linear")
     return lines
 
 

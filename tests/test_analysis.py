@@ -461,6 +461,24 @@ def test_stage_figures_show_their_numbers():
     assert list(cross_perplexity_figures(CROSS, relative)) == ["cross_ppl", "cross_ppl_relative"]
 
 
+def test_one_extreme_cell_does_not_flatten_the_relative_perplexity_heatmap():
+    """Issue 24, case 6: the demo's cross_ppl_relative.png had one 20.8 cell and every other between 1.0 and
+    ~1.6 one colour. With the log scale capped at the values' 10-90% range (symmetric about 1), 1.0 and 1.6
+    are far apart in colour; the caption says the scale is logarithmic and capped, the numbers stay exact."""
+    from matplotlib.colors import LogNorm
+
+    values = np.full((4, 4), 1.3)
+    values[np.diag_indices(4)] = 1.0
+    values[0, 1], values[2, 3] = 1.6, 20.8
+    table = pd.DataFrame(values, index=[f"{l}-s0" for l in "abcd"], columns=list("abcd"))
+    ax = cross_perplexity_figures(100 * table, table)["cross_ppl_relative"].axes[0]
+    norm = ax.collections[0].norm
+    assert isinstance(norm, LogNorm) and math.isclose(norm.vmin * norm.vmax, 1.0)  # ratio 1 in the middle
+    assert norm(1.6) - norm(1.0) >= 0.45  # a linear scale up to 20.8 puts them 0.6 / 19.8 = 0.03 apart
+    assert norm(20.8) > 1  # past the cap: the top colour, said in the caption
+    assert "log scale, capped to" in ax.get_title() and "20.80" in [t.get_text() for t in ax.texts]
+
+
 # -- verdicts as metrics ------------------------------------------------------------------------------------
 
 # written out here, not taken from xlsub.report.verdicts: the metric key of each question

@@ -157,7 +157,7 @@ def test_stage_arguments_rebuild_from_logged_params():
 
 def test_reuse_leaves_out_only_what_cannot_change_a_result():
     args = finetune.FinetuneArgs()
-    assert set(args.params()) - set(args.reuse_params()) == {"log_every", "save_steps", "resume", "checkpoint_artifacts"}
+    assert set(args.params()) - set(args.reuse_params()) == {"log_every", "save_steps", "resume", "checkpoint_artifacts", "keep_checkpoints"}
     assert set(prune.PruneArgs().params()) - set(prune.PruneArgs().reuse_params()) == {"register"}  # main registers a reused run's models
     for cls in (encode.EncodeArgs, analyze.AnalyzeArgs):
         assert cls().reuse_params() == cls().params()

@@ -8,13 +8,14 @@ import hashlib
 import math
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import children_of, subprocess_env
+from tests.conftest import ROOT, children_of, subprocess_env
 from tests.test_heads import HEADS, HIDDEN, LAYERS, logits, tiny_batches, tiny_model
 from xlsub import artifacts
 from xlsub.models.heads import HeadGates, attention_modules
@@ -97,9 +98,16 @@ def test_every_subnetwork_and_the_finetuned_model_are_logged_models(store, finet
             assert metrics[f"ppl.{lang}"] == child.data.metrics[f"ppl.{lang}"]
             assert metrics[f"ppl_random.{lang}"] == child.data.metrics[f"ppl_random.{lang}"]
         assert metrics["heads_kept_frac"] == child.data.metrics["heads_kept_frac"]
-        # the per-step curve's values at the chosen step, not the unpruned model's at step 0
-        assert math.isclose(metrics["frac_pruned"], 1 - child.data.metrics["heads_kept_frac"])
-        assert metrics["ppl"] == child.data.metrics["ppl_prune_data"]
+        # issue 24, case 2: the run's `ppl` and `frac_pruned` are the subnetwork's, equal to its model's, not the
+        # end of the pruning path (`path.*`, which goes on past the chosen step)
+        m = child.data.metrics
+        assert math.isclose(metrics["frac_pruned"], 1 - m["heads_kept_frac"]) and metrics["frac_pruned"] == m["frac_pruned"]
+        assert metrics["ppl"] == m["ppl_prune_data"] == m["ppl"]
+        path = sorted(client.get_metric_history(child.info.run_id, "path.frac_pruned"), key=lambda p: p.step)
+        assert path[-1].value >= m["frac_pruned"] and [p.value for p in path if p.step == m["steps"]] == [m["frac_pruned"]]
+        assert len(client.get_metric_history(child.info.run_id, "ppl")) == 1
+        assert tags["xlsub.prune_run_id"] == prune_run.info.run_id and tags["xlsub.run_status"] == "FINISHED"
+        assert "xlsub.main_run_id" not in tags and tags["threshold"] == "1.1" and tags["target_sparsity"] == "none"
         steps = client.get_metric_history(child.info.run_id, "heads_kept_frac")
         assert len(steps) == 1  # linking the metrics to the model logged nothing twice on the run
 
@@ -162,3 +170,76 @@ def test_stock_subnetwork_loads_without_xlsub_and_equals_the_gated_model(store, 
     proc = subprocess.run([sys.executable, "-I", "-c", NO_XLSUB, folder, str(tmp_path / "expected.pt")], env=env, cwd=elsewhere,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+# -- issue 24: subnetworks of different prune runs told apart; models of runs that did not finish left out ------
+# The filter docs/stages.md's recipe loads a subnetwork with: its name, its prune run's settings, FINISHED only.
+RECIPE_FILTER = "name = 'subnetwork-de-s0' AND tags.threshold = '1.1' AND tags.`xlsub.run_status` = 'FINISHED'"
+
+
+@dataclass
+class _NoArgs:
+    def validate(self):
+        pass
+
+
+def test_subnetwork_models_carry_their_prune_run_and_its_final_status(tmp_path, monkeypatch, caplog):
+    """Issue 24, cases 3, 5 and 6: each subnetwork model names its prune run, main run, threshold and
+    target_sparsity; `xlsub.run_status` is RUNNING while the prune run runs, then its final status (FINISHED
+    through stage_run, KILLED through mark_killed, FAILED through mark_failed), so the recipe finds only the
+    finished one. The model has an input example and a `top_k` parameter; the offline hub warnings are gone."""
+    import logging
+    import time
+
+    from entry_points import prune
+    from tests.conftest import sqlite_store
+    from xlsub.models.loading import tiny_model as scratch_model
+    from xlsub.models.loading import train_tokenizer
+    from xlsub.tracking import runs as tracking
+
+    tokenizer = train_tokenizer(["hello world this is a test", "hallo welt das ist ein test", "bonjour le monde"] * 20, vocab_size=60)
+    model = scratch_model(tokenizer, 32)
+    mask = torch.ones(model.config.num_hidden_layers, model.config.num_attention_heads)
+    mask[0, :3] = 0
+    caplog.set_level(logging.WARNING, logger="mlflow.transformers")
+    with sqlite_store(tmp_path) as client:
+        finetune = client.create_run("0", tags={artifacts.STAGE_TAG: "finetune"}).info.run_id
+        main = client.create_run("0", tags={artifacts.STAGE_TAG: "main"}).info.run_id
+        sid = artifacts.SubnetworkId("de", 0)
+
+        def subnetwork(prune_run_id):
+            tags = {artifacts.STAGE_TAG: "prune", artifacts.CHILD_TAG: "true", artifacts.input_tag("finetune"): finetune}
+            with tracking.child_run(prune_run_id, "0", sid.run_name, tags):
+                prune.log_stock_model(model, tokenizer, mask, sid, 0, prune.PruneArgs())
+            (made,) = mlflow.search_logged_models(experiment_ids=["0"], filter_string=f"tags.`xlsub.prune_run_id` = '{prune_run_id}'",
+                                                  output_format="list")
+            return made
+
+        # a prune run under main that ends well, as `mlflow run` hands its run to the stage (MLFLOW_RUN_ID)
+        finished = client.create_run("0", tags={artifacts.PARENT_TAG: main}).info.run_id
+        monkeypatch.setenv("MLFLOW_RUN_ID", finished)
+        with tracking.stage_run("prune", _NoArgs()):
+            made = subnetwork(finished)
+            assert made.tags[artifacts.RUN_STATUS_TAG] == "RUNNING"
+        monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)  # child_run took it
+        made = mlflow.get_logged_model(made.model_id)
+        assert {k: made.tags.get(k) for k in ("xlsub.prune_run_id", "xlsub.main_run_id", "threshold", "target_sparsity", "xlsub.run_status")} == {
+            "xlsub.prune_run_id": finished, "xlsub.main_run_id": main, "threshold": "1.1", "target_sparsity": "none", "xlsub.run_status": "FINISHED"}
+        # a prune run killed by a signal, and one a dead rank left to be marked FAILED (no main run)
+        killed, failed = (client.create_run("0", tags={artifacts.STAGE_TAG: "prune"}).info for _ in range(2))
+        killed_model, failed_model = subnetwork(killed.run_id), subnetwork(failed.run_id)
+        assert "xlsub.main_run_id" not in killed_model.tags
+        tracking.mark_killed(killed, None, time.time())
+        tracking.mark_failed(failed.run_id, "0", children=True)
+        assert mlflow.get_logged_model(killed_model.model_id).tags[artifacts.RUN_STATUS_TAG] == "KILLED"
+        assert mlflow.get_logged_model(failed_model.model_id).tags[artifacts.RUN_STATUS_TAG] == "FAILED"
+        found = mlflow.search_logged_models(experiment_ids=["0"], filter_string=RECIPE_FILTER, output_format="list")
+        assert [m.model_id for m in found] == [made.model_id]
+        # served: an input example, and top_k as a parameter (mlflow serving drops params the signature lacks)
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{made.model_id}")
+        assert [p.name for p in pyfunc.metadata.signature.params] == ["top_k"]
+        assert tokenizer.mask_token in str(pyfunc.metadata.load_input_example(mlflow.artifacts.download_artifacts(f"models:/{made.model_id}")))
+        assert len(pyfunc.predict(["Hello <mask>."], params={"top_k": 3})) == 1
+    hub = [r.getMessage() for r in caplog.records if r.getMessage().startswith(tracking.OFFLINE_HUB_WARNINGS)]
+    assert not hub
+    assert "tags.`xlsub.run_status` = 'FINISHED'" in (ROOT / "docs" / "stages.md").read_text()

@@ -30,11 +30,17 @@ def test_main_runs_the_four_stages_as_child_runs(tracking_server, pipeline):
     assert prune.data.params["finetune_run_id"] == stage_ids(first)["finetune"]
 
 
-def test_identical_rerun_reuses_every_stage(pipeline):
+def test_identical_rerun_reuses_every_stage(tracking_server, pipeline):
     first, second = pipeline["first"], pipeline["second"]
     assert stage_ids(second) == stage_ids(first)
     assert second.data.tags["xlsub.reused"] == "finetune,prune,encode,analyze"
     assert second.data.tags["xlsub.reused.prune"] == stage_ids(first)["prune"]
+    # issue 24, case 4: computed or reused, the main run links its stage runs and carries the verdicts
+    analyze = MlflowClient(tracking_server).get_run(stage_ids(first)["analyze"]).data.metrics
+    verdicts = {k: v for k, v in analyze.items() if k.startswith("verdict.")}
+    for run in (first, second):
+        assert verdicts and {k: run.data.metrics[k] for k in verdicts} == verdicts
+        assert all(f"[{run_id}](http" in run.data.tags["mlflow.note.content"] for run_id in stage_ids(run).values())
 
 
 def test_changed_prune_parameter_recomputes_downstream_only(pipeline):

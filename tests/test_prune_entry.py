@@ -39,7 +39,7 @@ def test_prune_parent_and_one_child_per_language(store, finetune_run, prune_run)
         assert math.isclose(m["heads_kept_frac"], m["heads_kept"] / total)
         assert 0 < m["params_kept_frac"] <= 1
         # the per-step curve: fraction pruned grows by max(1, int(32 * 0.1)) = 3 heads a step
-        fracs = [p.value for p in sorted(client.get_metric_history(child.info.run_id, "frac_pruned"), key=lambda p: p.step)]
+        fracs = [p.value for p in sorted(client.get_metric_history(child.info.run_id, "path.frac_pruned"), key=lambda p: p.step)]
         assert fracs[0] == 0 and all(math.isclose(b - a, 3 / 32) or b == 1.0 for a, b in zip(fracs, fracs[1:]))
         # stop rule: the kept mask is within the threshold on the pruning data
         assert m["ppl_prune_data"] <= 1.1 * m["ppl_prune_data_unpruned"] + 1e-9

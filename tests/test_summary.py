@@ -7,7 +7,7 @@ from xlsub.artifacts import input_tag
 
 def test_next_steps_activate_the_venv_open_the_runs_table_and_rerun_a_stage_locally():
     tags = {input_tag("finetune"): "f1", input_tag("encode"): "e1"}
-    lines = next_steps("sqlite:////tmp/mlflow.db", "7", tags)
+    lines = next_steps("sqlite:////tmp/mlflow.db", "7", tags, "xlsub-demo")
     text = "\n".join(lines)
     assert "source .venv/bin/activate" in text
     assert "mlflow ui --backend-store-uri sqlite:////tmp/mlflow.db --host 127.0.0.1" in text
@@ -15,7 +15,10 @@ def test_next_steps_activate_the_venv_open_the_runs_table_and_rerun_a_stage_loca
     prune = next(l for l in lines if "-e prune" in l)
     assert "--env-manager local" in prune and "finetune_run_id=f1" in prune
     assert any("-e analyze" in l and "encode_run_id=e1" in l for l in lines)
-    server = "\n".join(next_steps("http://tracking.example:5000/", "3", {}))
+    # issue 24, case 1: every command runs into the experiment the link shows, not `Default`
+    assert all("--experiment-name xlsub-demo" in l for l in lines if "mlflow run ." in l)
+    assert "--experiment-name 'my study'" in "\n".join(next_steps("http://tracking.example:5000/", "3", {input_tag("encode"): "e"}, "my study"))
+    server = "\n".join(next_steps("http://tracking.example:5000/", "3", {}, "my study"))
     assert "mlflow ui" not in server and "http://tracking.example:5000/#/experiments/3/runs" in server
 
 

@@ -57,3 +57,68 @@ def test_resolve_run_refuses_wrong_stage_unfinished_child_and_missing(client):
             tracking.resolve_run("finetune_run_id", value, "finetune")
     with pytest.raises(XlsubError, match="^encode_run_id: no FINISHED encode run"):
         tracking.resolve_run("encode_run_id", "latest", "encode")
+
+
+def test_resolve_run_refuses_a_deleted_run_and_names_the_experiment_latest_searched(client):
+    """Issue 24, cases 1, 6 and 8: a deleted run is refused by ID in one line; `latest` names the experiment
+    it searched and how to pick another; the wrong-stage line reads `an encode run`; quotes are stripped."""
+    finetune = make_run(client, "finetune", {})
+    encode = make_run(client, "encode", {})
+    assert tracking.resolve_run("finetune_run_id", f"' {finetune} '", "finetune").info.run_id == finetune  # as `mlflow run` logs it
+    client.delete_run(finetune)
+    with pytest.raises(XlsubError, match=f"^finetune_run_id: run {finetune} is deleted; restore it .*or pass another finetune run ID or 'latest'$"):
+        tracking.resolve_run("finetune_run_id", finetune, "finetune")
+    with pytest.raises(XlsubError, match="^finetune_run_id: no FINISHED finetune run in experiment 'Default' \\(ID 0\\); .*--experiment-name"):
+        tracking.resolve_run("finetune_run_id", "latest", "finetune")  # the deleted run is skipped
+    with pytest.raises(XlsubError, match=f"^prune_run_id: run {encode} is an encode run, not a prune run; pass a prune run ID$"):
+        tracking.resolve_run("prune_run_id", encode, "prune")
+    with pytest.raises(XlsubError, match=f"^encode_run_id: run {finetune} is deleted"):
+        tracking.resolve_run("encode_run_id", finetune, "encode")  # deleted comes before the wrong stage
+
+
+def test_a_main_run_that_reuses_every_stage_shows_its_pipeline(client):
+    """Issue 24, case 4: a main run whose every stage is reused still links the four stage runs by ID in its
+    description (the run note) and carries the analyze run's verdict metrics (and no other of its metrics)."""
+    from dataclasses import replace
+
+    from entry_points import main as pipeline
+
+    args = pipeline.MainArgs()
+    ids = {}
+    for stage in pipeline.STAGE_ARGS:
+        inputs = {name: ids[source] for name, source in pipeline.INPUTS.get(stage, {}).items()}
+        ids[stage] = make_run(client, stage, replace(args.stage_args(stage), **inputs).reuse_params())
+    client.log_metric(ids["analyze"], "verdict.specificity.value", 0.25)
+    client.log_metric(ids["analyze"], "verdict.specificity.p", 1 / 256)
+    client.log_metric(ids["analyze"], "mean_jaccard", 0.5)
+    pipeline.main([])
+    (run,) = client.search_runs(["0"], f"tags.`{tracking.STAGE_TAG}` = 'main'")
+    assert run.info.status == "FINISHED" and run.data.tags["xlsub.reused"] == "finetune,prune,encode,analyze"
+    note = run.data.tags["mlflow.note.content"]
+    for stage, run_id in ids.items():
+        assert f"- {stage}: [{run_id}](#/experiments/0/runs/{run_id}) (reused)" in note
+    assert run.data.metrics == {"verdict.specificity.value": 0.25, "verdict.specificity.p": 1 / 256}
+
+
+def test_a_run_id_mlflow_run_logged_with_quotes_is_read_without_them(client, monkeypatch, caplog):
+    """Issue 24, case 6: `mlflow run -P finetune_run_id=" <id> "` logs `' <id> '` before xlsub runs (MLflow's
+    params cannot change). xlsub says which value it reads, logs no second copy, and resolves the run."""
+    import logging
+    from dataclasses import dataclass
+
+    finetune = make_run(client, "finetune", {})
+
+    @dataclass
+    class Args:
+        finetune_run_id: str = finetune  # as StageArgs normalises ` <id> `
+
+        def validate(self):
+            pass
+
+    run = client.create_run("0").info.run_id
+    client.log_param(run, "finetune_run_id", f"' {finetune} '")  # what `mlflow run` logs for " <id> "
+    monkeypatch.setenv("MLFLOW_RUN_ID", run)
+    with caplog.at_level(logging.WARNING, logger=tracking.__name__), tracking.stage_run("prune", Args()):
+        assert tracking.resolve_run("finetune_run_id", client.get_run(run).data.params["finetune_run_id"], "finetune").info.run_id == finetune
+    assert f"prune: `mlflow run` stored finetune_run_id as typed; xlsub reads it as '{finetune}'" in caplog.text
+    assert client.get_run(run).info.status == "FINISHED"

@@ -52,6 +52,7 @@ BAD: dict[str, dict[str, list[str]]] = {
         "resume": ["no/such/checkpoint-1", "", "sometimes"],
         "save_steps": ["0", "-1"],
         "checkpoint_artifacts": ["maybe"],
+        "keep_checkpoints": ["sometimes"],
         "device": ["gpu", "cuda:x", "cpu,cuda", ""],
         "log_every": ["0"],
     },

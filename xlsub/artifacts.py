@@ -43,8 +43,19 @@ PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag on nested runs
 GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own tag: the commit `mlflow run` ran
 RESUMED_FROM_TAG = "xlsub.resumed_from"  # on finetune runs: the dead run whose checkpoint this run resumed from
 SUPERSEDED_BY_TAG = "xlsub.superseded_by"  # on that dead run: the run that resumed from it
-HEARTBEAT_TAG = "xlsub.heartbeat"  # on finetune runs: unix time of the last sign of life, renewed about every 30 s
+HEARTBEAT_TAG = "xlsub.heartbeat"  # on every stage's run: unix time of the last sign of life, renewed about every 30 s
+HEARTBEAT_HOST_TAG = "xlsub.heartbeat.host"  # beside it: the host the run's process runs on,
+HEARTBEAT_BOOT_TAG = "xlsub.heartbeat.boot"  # that host's boot id (/proc/sys/kernel/random/boot_id),
+HEARTBEAT_PID_TAG = "xlsub.heartbeat.pid"  # and the process's PID: on the same host and boot, a PID gone is a dead run
+CLAIM_TAG = "xlsub.claim"  # on main runs: `<stage>:<digest of parameters and code>` of the stage it is about to run
+CLAIM_TIME_TAG = "xlsub.claim_time"  # beside it: unix time of the claim; the earlier claim (then the smaller run ID) computes
+GC_TAG = "xlsub.gc"  # on runs `python -m xlsub.tracking.gc` marked FAILED: why
 CHECKPOINT_TAG = "xlsub.checkpoint"  # on finetune runs with checkpoint_artifacts: the newest checkpoint logged in full
+# on logged models: the status of the run that made them (for a subnetwork, its prune run's): RUNNING while it
+# runs, then FINISHED, FAILED or KILLED; a model whose run died without ending keeps RUNNING
+RUN_STATUS_TAG = "xlsub.run_status"
+NOTE_TAG = "mlflow.note.content"  # MLflow's own tag: the run's description (markdown), shown on its page
+VERDICT_METRIC_PREFIX = "verdict."  # analyze runs, copied onto main runs: verdict.<key>.value, .lo, .hi, .p, ...
 
 
 def input_tag(stage: str) -> str:
@@ -61,6 +72,7 @@ def reused_stage_tag(stage: str) -> str:
 MODEL_DIR = "model"  # finetune: save_pretrained folder, tokenizer included
 FINETUNED_MODEL = "finetuned"  # finetune: the MLflow (transformers flavor) logged model's name
 CHECKPOINTS_DIR = "checkpoints"  # finetune with checkpoint_artifacts: checkpoints/checkpoint-<step>/, the Trainer's folders
+LOCAL_CHECKPOINTS = Path("outputs/checkpoints")  # finetune, on the machine it trains on: <run id>/checkpoint-<step>/ (not an artifact)
 PERPLEXITY_TABLE = "perplexity"  # finetune: perplexity.csv, one row per lang: ppl_unigram, ppl_before, ppl_after
 PERPLEXITY_FIGURE = "perplexity.png"
 HEAD_MASK = "head_mask.json"  # prune child: [layers][heads] of 0/1
@@ -71,6 +83,12 @@ RANDOM_MASKS = "random_masks.json"  # prune child: the random-mask control draws
 CHUNK_LOSSES = "chunk_losses"  # prune parent: chunk_losses.csv, per test chunk NLL and tokens of every model
 VERDICTS = "verdicts.json"  # analyze: the answers, one object per question
 IMPORTANCE_RELIABILITY = "importance_reliability"  # prune child metric: Spearman-Brown split-half reliability of importance
+# prune child metrics: the chosen subnetwork's perplexity on the pruning data and fraction of heads off (those of
+# its logged model), and the same along the pruning path, per step (`steps.json` holds the path too)
+SUBNETWORK_PPL = "ppl"
+SUBNETWORK_FRAC_PRUNED = "frac_pruned"
+PATH_PPL = f"path.{SUBNETWORK_PPL}"
+PATH_FRAC_PRUNED = f"path.{SUBNETWORK_FRAC_PRUNED}"
 MANIFEST = "manifest.json"  # every pipeline stage: what it made, read by the stages after it (`write_manifest`)
 SUBNETWORK_DIR = "subnetwork"  # prune child: the physically pruned model, tokenizer included
 PPL_FULL = "ppl_full.json"  # prune parent: {"full": {lang: ppl}}
@@ -88,7 +106,8 @@ MODEL_TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json
 MODEL_FILES = ("config.json", "model.safetensors")  # what a saved model needs (save_pretrained writes one weights file up to 50 GB)
 KEPT_HEADS_CONFIG_KEY = "xlsub_kept_heads"  # in a pruned model's config.json: kept head indices per layer
 
-# on registered model versions (`xlsub.tracking.runs.register_subnetworks`), besides SEED_TAG, SUBNETWORK_TAG, MASK_DIGEST_TAG
+# on registered model versions (`xlsub.tracking.runs.register_subnetworks`), besides SEED_TAG, SUBNETWORK_TAG, MASK_DIGEST_TAG;
+# threshold and target_sparsity also on subnetwork logged models, with input_tag("prune"), input_tag("main") and RUN_STATUS_TAG
 REGISTERED_THRESHOLD_TAG = "threshold"  # the prune run's threshold parameter
 REGISTERED_TARGET_SPARSITY_TAG = "target_sparsity"  # the prune run's target_sparsity parameter
 REGISTERED_SOURCE_RUN_TAG = "source_run_id"  # the prune child run that logged the model

@@ -95,6 +95,13 @@ def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
     return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+def run_link(run: Run) -> str:
+    """The run's page for a link in the UI: its address where the server has an http(s) one, else the
+    UI's own path to it (`#/experiments/<id>/runs/<id>`), which works in any `mlflow ui` on the store."""
+    info = run.info
+    return run_url(mlflow.get_tracking_uri(), info.experiment_id, info.run_id) or f"#/experiments/{info.experiment_id}/runs/{info.run_id}"
+
+
 def run_links(runs: Mapping[str, Run]) -> dict[str, str] | None:
     """{key: the run's page} for runs by any key (stage, run ID), or None without an http(s) server."""
     uri = mlflow.get_tracking_uri()

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Run
+from mlflow.entities import Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from transformers import TrainerCallback
@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 from xlsub import artifacts
 from xlsub.artifacts import CHILD_TAG, CODE_TAG, ERROR_TAG, PARENT_TAG, STAGE_TAG, SubnetworkId
 from xlsub.errors import XlsubError
-from xlsub.tracking import interrupts, server
+from xlsub.tracking import checkpoints, interrupts, liveness, server
 from xlsub.tracking.code_version import code_version
 
 log = logging.getLogger(__name__)
@@ -105,11 +105,15 @@ def stage_run(stage: str, args, *, log_to_mlflow: bool = True, system_metrics: b
         mlflow.set_tags({STAGE_TAG: stage, CODE_TAG: code_version(stage)})
     status = "FAILED"
     try:
-        with interrupts.stopping(current_run=lambda: (run := mlflow.active_run()) and run.info.run_id):
+        with interrupts.stopping(current_run=lambda: (run := mlflow.active_run()) and run.info.run_id), heartbeat(active):
             if log_to_mlflow:
                 # `mlflow run` has already logged the -P values as typed; add what it did not
                 logged = active.data.params if active.data else {}
-                mlflow.log_params({k: v for k, v in asdict(args).items() if k not in logged})
+                values = asdict(args)
+                mlflow.log_params({k: v for k, v in values.items() if k not in logged})
+                for k in logged.keys() & values.keys():  # MLflow params cannot change: say which value counts
+                    if isinstance(values[k], str) and logged[k] != values[k] and unquote(logged[k]) == values[k]:
+                        log.warning("%s: `mlflow run` stored %s as typed; xlsub reads it as %r", stage, k, values[k])
             args.validate()
             yield active
         status = "FINISHED"
@@ -117,6 +121,7 @@ def stage_run(stage: str, args, *, log_to_mlflow: bool = True, system_metrics: b
         if log_to_mlflow:
             mlflow.set_tag(ERROR_TAG, str(err))
             mlflow.end_run(status)
+            mark_models(active.info.run_id, status, active.info.experiment_id)
         fail(stage, err)
         sys.exit(2)
     except (KeyboardInterrupt, interrupts.Stopped) as stop:
@@ -133,29 +138,57 @@ def stage_run(stage: str, args, *, log_to_mlflow: bool = True, system_metrics: b
     finally:
         if log_to_mlflow and mlflow.active_run() is not None:
             mlflow.end_run(status)
+            if status != "KILLED":  # mark_killed tags those
+                mark_models(active.info.run_id, status, active.info.experiment_id)
+
+
+def mark_models(run_id: str, status: str, experiment_id: str | None = None) -> None:
+    """Tag the logged models of run `run_id` with its final status (`xlsub.run_status`): those it logged itself
+    and, for a prune run, its subnetworks' (logged by its child runs, tagged `xlsub.prune_run_id`). A search
+    that filters on the tag leaves out the models of runs that failed, were killed or still run."""
+    experiment_id = experiment_id or MlflowClient().get_run(run_id).info.experiment_id
+    for made_by in (f"source_run_id = '{run_id}'", f"tags.`{artifacts.input_tag('prune')}` = '{run_id}'"):
+        try:
+            models = mlflow.search_logged_models(experiment_ids=[experiment_id], filter_string=made_by, output_format="list")
+            for model in models:
+                MlflowClient().set_logged_model_tags(model.model_id, {artifacts.RUN_STATUS_TAG: status})
+        except MlflowException as err:  # the run's own status is set; a model's tag must not hide why it ended
+            log.warning("logged models of run %s not tagged %s: %s", run_id, status, err)
+
+
+def main_run_id(run: Run) -> str | None:
+    """The main run that `run` (a stage run, or a prune child run) was made under, or None."""
+    client = MlflowClient()
+    while run is not None:
+        if run.data.tags.get(STAGE_TAG) == "main":
+            return run.info.run_id
+        parent = run.data.tags.get(PARENT_TAG)
+        run = client.get_run(parent) if parent else None
+    return None
 
 
 def unquote(value: object) -> str:
     """A parameter value as `mlflow run` logged it, without its shell quoting (`''` is an empty value)."""
     text = str(value).strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        text = " ".join(shlex.split(text))
+        text = " ".join(shlex.split(text)).strip()  # every parameter loses surrounding spaces (`StageArgs`)
     return text
+
+
+def param_value(v: object) -> bool | float | str:
+    """A parameter's value as parameters compare: a bool, a number, else the unquoted text."""
+    text = unquote(v)
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def same_value(a: object, b: object) -> bool:
     """Parameters compare by value: `1` equals `1.0`, `true` equals `True`, text compares as text."""
-
-    def norm(v: object):
-        text = unquote(v)
-        if text.lower() in ("true", "false"):
-            return text.lower() == "true"
-        try:
-            return float(text)
-        except ValueError:
-            return text
-
-    return norm(a) == norm(b)
+    return param_value(a) == param_value(b)
 
 
 def find_reusable(experiment_id: str, stage: str, params: Mapping[str, object]) -> Run | None:
@@ -183,7 +216,7 @@ def _same_runs(experiment_id: str, stage: str, params: Mapping[str, object], sta
 
 # -- crash resume: a run that died mid-training is continued from its newest checkpoint -----------------------
 # The environment overrides them for tests, which cannot wait two minutes for a killed run to go stale.
-HEARTBEAT_SECONDS = float(os.environ.get("XLSUB_HEARTBEAT_SECONDS", 30))  # how often a training run renews its heartbeat tag
+HEARTBEAT_SECONDS = float(os.environ.get("XLSUB_HEARTBEAT_SECONDS", 30))  # how often a stage's run renews its heartbeat tag
 STALE_SECONDS = float(os.environ.get("XLSUB_STALE_SECONDS", 120))  # a RUNNING run silent longer died without ending it (kill -9)
 
 
@@ -195,17 +228,44 @@ def last_heartbeat(run: Run) -> float:
         return run.info.start_time / 1000
 
 
+def dead_because(run: Run, now: float | None = None, stale_after: float = STALE_SECONDS) -> str | None:
+    """Why a RUNNING run counts as dead ("no heartbeat for 300 s", "its process 123 on this host is gone"), or
+    None while it looks alive: a heartbeat younger than `stale_after` seconds and, where it ran on this host
+    and boot, its process still there (`liveness`)."""
+    silent = (time.time() if now is None else now) - last_heartbeat(run)
+    if silent > stale_after:
+        return f"no heartbeat for {silent:.0f} s" if artifacts.HEARTBEAT_TAG in run.data.tags else f"no heartbeat since it started {silent:.0f} s ago"
+    return liveness.gone(run.data.tags)
+
+
+def looks_alive(run: Run, now: float | None = None, stale_after: float = STALE_SECONDS) -> str:
+    """The one line about a RUNNING run that looks alive: where it runs, and from when it counts as dead
+    unless it beats again."""
+    last = last_heartbeat(run)
+    now = time.time() if now is None else now
+    until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last + stale_after))
+    return (f"run {run.info.run_id} still looks alive ({liveness.where(run.data.tags)}, last heartbeat {now - last:.0f} s ago); "
+            f"without a new heartbeat it counts as dead from {until}")
+
+
 def find_dead(experiment_id: str, stage: str, params: Mapping[str, object], exclude: Iterable[str] = (),
               now: float | None = None, stale_after: float = STALE_SECONDS) -> list[Run]:
     """Runs of `stage` by this code with these parameter values (as `find_reusable` compares them) that
-    died before finishing, newest first: FAILED or KILLED, or RUNNING with a heartbeat older than
-    `stale_after` seconds. Runs already resumed by another (`xlsub.superseded_by`) and those in `exclude`
-    are left out."""
-    now = time.time() if now is None else now
+    died before finishing, newest first: FAILED or KILLED, or RUNNING and dead (`dead_because`: a heartbeat
+    older than `stale_after` seconds, or a process gone from this host). Runs already resumed by another
+    (`xlsub.superseded_by`) and those in `exclude` are left out."""
     exclude = set(exclude)
     return [run for run in _same_runs(experiment_id, stage, params, ("FAILED", "KILLED", "RUNNING"))
             if run.info.run_id not in exclude and artifacts.SUPERSEDED_BY_TAG not in run.data.tags
-            and (run.info.status != "RUNNING" or now - last_heartbeat(run) > stale_after)]
+            and (run.info.status != "RUNNING" or dead_because(run, now, stale_after))]
+
+
+def find_alive(experiment_id: str, stage: str, params: Mapping[str, object], exclude: Iterable[str] = (),
+               now: float | None = None, stale_after: float = STALE_SECONDS) -> list[Run]:
+    """The RUNNING runs of `stage` by this code with these parameter values that look alive, newest first."""
+    exclude = set(exclude)
+    return [run for run in _same_runs(experiment_id, stage, params, ("RUNNING",))
+            if run.info.run_id not in exclude and not dead_because(run, now, stale_after)]
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
@@ -215,31 +275,69 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def latest_checkpoint(run: Run, local_root: Path, dst: Path) -> Path | None:
-    """The newest complete checkpoint of `run`: in `local_root/<run id>/` where the run trained on this
-    machine, else the one it logged as artifacts (`checkpoint_artifacts`, downloaded into `dst`), else, when
-    it died before its first save, that of the run it had itself resumed from. None if there is none."""
-    seen = set()
+def _candidate_checkpoints(run: Run, local_root: Path, dst: Path) -> Iterator[tuple[Path, str | None]]:
+    """`run`'s checkpoints, newest first, each with a reason not to take it (or None): the complete ones in
+    `local_root/<run id>/`, then the one it logged as artifacts (downloaded into `dst` when reached), then
+    those of the run it had itself resumed from. A run that resumed from a checkpoint and FAILED before its
+    first save marks that checkpoint as the one it failed on: the next run does not take it again."""
+    seen, failed_at = set(), None
     while run is not None and run.info.run_id not in seen:
         seen.add(run.info.run_id)
+        failed_on, why = None, None
+        if failed_at is not None:
+            failed_on, why = f"checkpoint-{failed_at[1]}", f"run {failed_at[0]} resumed from it and FAILED before its first save"
         local = complete_checkpoints(Path(local_root) / run.info.run_id)
-        if local:
-            return local[-1]
-        if logged := run.data.tags.get(artifacts.CHECKPOINT_TAG):
-            return download(run.info.run_id, logged, dst, param="resume")
+        for path in reversed(local):
+            yield path, why if path.name == failed_on else None
+        logged = run.data.tags.get(artifacts.CHECKPOINT_TAG)
+        if logged:  # reached only where no local one loads: a copy of a damaged local one may be whole
+            if reason := why if logged.rpartition("/")[2] == failed_on else None:  # named, not downloaded: it would not be taken
+                yield Path(logged), reason
+            else:
+                try:
+                    yield download(run.info.run_id, logged, dst, param="resume"), None
+                except XlsubError as err:
+                    yield Path(logged), str(err)
         previous = run.data.tags.get(artifacts.RESUMED_FROM_TAG)
+        at = run.data.metrics.get("resumed_at_step")
+        failed_at = (run.info.run_id, int(at)) if run.info.status == "FAILED" and at is not None and not local and not logged else None
         run = MlflowClient().get_run(previous) if previous else None
+
+
+def latest_checkpoint(run: Run, local_root: Path, dst: Path, damaged: list[tuple[Path, str]] | None = None) -> Path | None:
+    """The newest checkpoint of `run` that loads in full (`checkpoints.checkpoint_damage`): in `local_root/<run id>/`
+    where the run trained on this machine, then the one it logged as artifacts (`checkpoint_artifacts`,
+    downloaded into `dst`), then those of the run it had itself resumed from. None if there is none.
+    Checkpoints passed over are appended to `damaged`, with why."""
+    for path, reason in _candidate_checkpoints(run, local_root, dst):
+        reason = reason or checkpoints.checkpoint_damage(path)
+        if reason is None:
+            return path
+        if damaged is not None:
+            damaged.append((path, reason))
     return None
 
 
 def find_resume_point(experiment_id: str, stage: str, params: Mapping[str, object], run_id: str, local_root: Path,
                       dst: Path) -> tuple[Run, Path] | None:
-    """The newest dead run like this one (`find_dead`) that left a checkpoint, and that checkpoint."""
+    """The newest dead run like this one (`find_dead`) that left a checkpoint that loads, and that checkpoint.
+    Damaged checkpoints passed over are named in one line, with what is taken instead (an older checkpoint, or
+    a fresh start); live runs like this one, which are not resumed, in one line each."""
+    damaged: list[tuple[Path, str]] = []
+    found = None
     for dead in find_dead(experiment_id, stage, params, exclude=[run_id]):
-        checkpoint = latest_checkpoint(dead, local_root, dst)
+        checkpoint = latest_checkpoint(dead, local_root, dst, damaged)
         if checkpoint is not None:
-            return dead, checkpoint
-    return None
+            found = dead, checkpoint
+            break
+    if damaged:
+        skipped = "; ".join(f"{path} ({reason})" for path, reason in damaged)
+        instead = f"resuming from the previous complete checkpoint {found[1]}" if found else "no complete checkpoint left: starting fresh"
+        log.warning("skipping damaged checkpoint%s %s; %s", "s" * (len(damaged) > 1), skipped, instead)
+    if found is None:
+        for alive in find_alive(experiment_id, stage, params, exclude=[run_id]):
+            log.warning("not resuming: %s (rerun after that to resume it)", looks_alive(alive))
+    return found
 
 
 def supersede(dead: Run, run_id: str) -> None:
@@ -254,15 +352,17 @@ def supersede(dead: Run, run_id: str) -> None:
 @contextmanager
 def heartbeat(run: Run | None, every: float = HEARTBEAT_SECONDS) -> Iterator[None]:
     """Renew `run`'s heartbeat tag every `every` seconds from a daemon thread while the block runs (at its
-    start too), so that a run that is RUNNING but silent can be told dead. No-op for `run=None`."""
+    start too, with the host, boot id and PID of this process: `liveness`), so that a run that is RUNNING
+    but silent, or whose process is gone from this host, can be told dead. No-op for `run=None`."""
     if run is None:
         yield
         return
     client, stop = MlflowClient(), threading.Event()
 
-    def beat():
+    def beat(where: Mapping[str, str] = {}):  # noqa: B006 - read, never written
         try:
-            client.set_tag(run.info.run_id, artifacts.HEARTBEAT_TAG, f"{time.time():.0f}")
+            tags = {**where, artifacts.HEARTBEAT_TAG: f"{time.time():.0f}"}
+            client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         except Exception as err:  # noqa: BLE001 - a missed beat must not end training
             log.warning("heartbeat of run %s not recorded: %s", run.info.run_id, err)
 
@@ -270,7 +370,7 @@ def heartbeat(run: Run | None, every: float = HEARTBEAT_SECONDS) -> Iterator[Non
         while not stop.wait(every):
             beat()
 
-    beat()
+    beat(liveness.this_process())
     thread = threading.Thread(target=beats, name="xlsub-heartbeat", daemon=True)
     thread.start()
     try:
@@ -283,7 +383,7 @@ def heartbeat(run: Run | None, every: float = HEARTBEAT_SECONDS) -> Iterator[Non
 def resolve_run(param: str, value: str, stage: str) -> Run:
     """The FINISHED run of `stage` that parameter `param` names: a run ID or `latest` in the active experiment."""
     client = MlflowClient()
-    value = str(value).strip()
+    value = unquote(value)  # pasted with spaces, or with the quotes `mlflow run` logs such a value with
     if value == "latest":
         experiment_id = mlflow.active_run().info.experiment_id if mlflow.active_run() else "0"
         runs = client.search_runs(
@@ -294,23 +394,32 @@ def resolve_run(param: str, value: str, stage: str) -> Run:
         )
         runs = [r for r in runs if r.data.tags.get(CHILD_TAG) != "true"]
         if not runs:
+            name = client.get_experiment(experiment_id).name
             raise XlsubError(
-                f"{param}: no FINISHED {stage} run in experiment {experiment_id}; run `mlflow run . -e {stage}` first or pass a run ID"
+                f"{param}: no FINISHED {stage} run in experiment '{name}' (ID {experiment_id}); pass a run ID, or search another "
+                f"experiment with `mlflow run ... --experiment-name <name>` (or MLFLOW_EXPERIMENT_NAME=<name>), or run `mlflow run . -e {stage}` there first"
             )
         return runs[0]
     try:
         run = client.get_run(value)
     except MlflowException:
         raise XlsubError(f"{param}: no run with ID '{value}' on {mlflow.get_tracking_uri()}; pass an existing run ID or 'latest'") from None
+    if run.info.lifecycle_stage == "deleted":  # `latest` never finds these; an ID still does until the store is gc'ed
+        raise XlsubError(f"{param}: run {value} is deleted; restore it (`mlflow runs restore --run-id {value}`) or pass another {stage} run ID or 'latest'")
     found = run.data.tags.get(STAGE_TAG)
     if found != stage:
-        raise XlsubError(f"{param}: run {value} is {'a ' + found if found else 'not an xlsub'} run, not a {stage} run; pass a {stage} run ID")
+        raise XlsubError(f"{param}: run {value} is {_a(found) if found else 'not an xlsub'} run, not {_a(stage)} run; pass {_a(stage)} run ID")
     if run.data.tags.get(CHILD_TAG) == "true":
         parent = run.data.tags.get(PARENT_TAG, "?")
         raise XlsubError(f"{param}: run {value} is one language's child run; pass its parent {stage} run {parent}")
     if run.info.status != "FINISHED":
         raise XlsubError(f"{param}: run {value} is {run.info.status}, not FINISHED; pass a finished {stage} run")
     return run
+
+
+def _a(word: str) -> str:
+    """`word` with its indefinite article: a prune, an encode."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
 
 
 def download(run_id: str, path: str, dst: Path | None = None, param: str = "run") -> Path:
@@ -438,9 +547,11 @@ def mark_failed(run_id: str, experiment_id: str, children: bool = False) -> None
     client = MlflowClient()
     if client.get_run(run_id).info.status == "RUNNING":
         client.set_terminated(run_id, "FAILED")
+        mark_models(run_id, "FAILED", experiment_id)
     if children:
         for child in client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{run_id}' and attributes.status = 'RUNNING'"):
             client.set_terminated(child.info.run_id, "FAILED")
+            mark_models(child.info.run_id, "FAILED", experiment_id)
 
 
 def mark_killed(stage_run, active_run_id: str | None, since: float) -> None:
@@ -465,6 +576,8 @@ def mark_killed(stage_run, active_run_id: str | None, since: float) -> None:
             client.set_terminated(run_id, "KILLED")
         except MlflowException as err:
             log.warning("run %s not marked KILLED: %s", run_id, err)
+            continue
+        mark_models(run_id, "KILLED")
 
 
 def log_table(table, path: str) -> None:
@@ -491,6 +604,35 @@ def model_requirements() -> list[str]:
     return [pinned.get(name) or f"{name}=={metadata.version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
 
 
+# What mlflow.transformers says of every local model (no hub card, no licence file): nothing to act on offline.
+OFFLINE_HUB_WARNINGS = ("The model card could not be retrieved from the hub", "Unable to find license information")
+# What it says when it checks the input example with the signature's default parameters, at every log.
+EXAMPLE_CHECK_WARNING = "params provided to the `predict` method will override"
+
+
+@contextmanager
+def _quiet(logger: logging.Logger, starts: tuple[str, ...]) -> Iterator[None]:
+    """Drop `logger`'s records whose message starts with one of `starts` while the block runs; the rest pass."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(starts)
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def fill_mask_signature(tokenizer):
+    """An input example (one sentence with the mask token) and a signature for a fill-mask model: a string in,
+    the top prediction out, and the pipeline's `top_k` as a parameter (`params: {top_k: 3}` when serving)."""
+    from mlflow.models import infer_signature
+
+    example = f"Paris is the {tokenizer.mask_token} of France."
+    return example, infer_signature(example, ["capital"], params={"top_k": 1})
+
+
 def log_masked_lm(model, tokenizer, name: str, *, tags: Mapping[str, str], params: Mapping[str, object] | None = None,
                   step: int = 0, link: Iterable[str] = ()):
     """Log `model` (a stock masked LM) and `tokenizer` as an MLflow transformers-flavor model of the active
@@ -504,9 +646,12 @@ def log_masked_lm(model, tokenizer, name: str, *, tags: Mapping[str, str], param
     import mlflow.transformers
     from mlflow.entities import Metric
 
-    info = mlflow.transformers.log_model(transformers_model={"model": model, "tokenizer": tokenizer}, task="fill-mask", name=name,
-                                         pip_requirements=model_requirements(), tags=dict(tags), step=step,
-                                         params={k: str(v) for k, v in (params or {}).items()} or None)
+    example, signature = fill_mask_signature(tokenizer)
+    with _quiet(logging.getLogger("mlflow.transformers"), (*OFFLINE_HUB_WARNINGS, EXAMPLE_CHECK_WARNING)):
+        info = mlflow.transformers.log_model(transformers_model={"model": model, "tokenizer": tokenizer}, task="fill-mask", name=name,
+                                             pip_requirements=model_requirements(), tags={artifacts.RUN_STATUS_TAG: "RUNNING", **tags}, step=step,
+                                             params={k: str(v) for k, v in (params or {}).items()} or None,
+                                             signature=signature, input_example=example)
     client, run_id = MlflowClient(), mlflow.active_run().info.run_id
     linked = []
     for key in link:
