@@ -20,7 +20,8 @@ from transformers import AutoConfig, AutoTokenizer
 
 from entry_points._common import COUNT, LANGUAGE, REPLICATES, SEED, StageArgs, parse_args, run_id_field, split_items
 from xlsub import artifacts
-from xlsub.errors import Range, XlsubError
+from xlsub.errors import Range
+from xlsub.models.families import adapter_for
 from xlsub.models.mlm import ChunkLosses
 from xlsub.report.analysis import AnalysisInputs, analyze
 from xlsub.report.html import write_report
@@ -107,8 +108,8 @@ def load_inputs(runs: dict[str, Run], children: dict, work: Path) -> AnalysisInp
     tokens = {lang: tokenizer(texts, add_special_tokens=False)["input_ids"] for lang, texts in sentences["texts"].items()}
     reliability = {sid: child.data.metrics.get(artifacts.IMPORTANCE_RELIABILITY, math.nan) for sid, child in children.items()}
     return AnalysisInputs(languages=sentences["languages"], masks=masks, importance_reliability=reliability, cross_ppl=cross, cross_ppl_random=cross_random, ppl_full=ppl_full,
-                          encodings=encodings, tokens=tokens, hidden_size=config.hidden_size,
-                          head_dim=config.hidden_size // config.num_attention_heads, trajectories=trajectories,
+                          encodings=encodings, tokens=tokens, attention_params=adapter_for(config).attention_params(config),
+                          trajectories=trajectories,
                           chunk_losses={key: ChunkLosses(*value) for key, value in losses.items()})
 
 

@@ -47,7 +47,7 @@ class EncodeArgs(StageArgs):
     dtype: str = field(default="auto", metadata={"help": "stored precision: float32, float16 (half the size), or auto: float16 for models wider than the demo's (hidden > 128), where it changes CKA by < 1e-3", "choices": ("auto", *artifacts.ENCODING_DTYPES)})
     use_base: bool = field(default=False, metadata={"help": "also encode the model before finetuning (model_key 'base')"})
     use_random: bool = field(default=False, metadata={"help": "also encode a randomly initialised model of the same configuration (model_key 'random')"})
-    pooling: str = field(default="mean_no_special", metadata={"help": "mean_no_special (special tokens left out of the mean: less sentence length in the vectors, measured) or mean (every token, <s> and </s> included, as the study pooled)",
+    pooling: str = field(default="mean_no_special", metadata={"help": "mean_no_special (special tokens left out of the mean: less sentence length in the vectors, measured), mean (every token: an encoder's <s> and </s> included, as the study pooled; a decoder's BOS/EOS left out) or last (the last token's state: for a decoder, the one that has read the whole sentence)",
                                                   "choices": POOLINGS})
     subnetwork_seeds: str = field(default="first", metadata={"help": "which pruning seeds' subnetworks to encode: 'first' (each language's smallest seed), 'all', or comma-separated seeds, each once",
                                                              "items": SEED, "keywords": ("first", "all")})

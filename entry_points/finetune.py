@@ -1,4 +1,5 @@
-"""finetune: masked-LM training on several languages, with perplexity per language before and after.
+"""finetune: LM training on several languages (masked or next-token, as the model family trains), with
+perplexity per language before and after.
 
     mlflow run . -e finetune --env-manager local -P languages=en,de
     torchrun --nproc_per_node 2 -m entry_points.finetune --device cpu
@@ -23,7 +24,7 @@ from xlsub.data import corpus as corpora
 from xlsub.data import lm as data
 from xlsub.errors import Range, XlsubError
 from xlsub.models import loading as models
-from xlsub.models.mlm import perplexity
+from xlsub.models.mlm import is_causal, lm_batches, perplexity
 from xlsub.models.training import TrainSettings, lm_data_settings, train_masked_lm
 from xlsub.report.figures import stages as figures
 from xlsub.tracking import gc as cleanup
@@ -35,7 +36,7 @@ CHECKPOINTS = artifacts.LOCAL_CHECKPOINTS  # <run id>/checkpoint-<step>/, where 
 
 @dataclass
 class FinetuneArgs(StageArgs):
-    model: str = field(default="tiny", metadata={"help": f"'tiny' (offline default), 'tiny-base-shape' (XLM-R base's layers, random init), a hub id such as {models.GPU_DEFAULT_MODEL}, or a local folder"})
+    model: str = field(default="tiny", metadata={"help": f"'tiny' (offline default), 'tiny-base-shape' (XLM-R base's layers, random init), a tiny-<family> preset ({', '.join(models.FAMILY_PRESETS)}: random init, to try a family in seconds), a hub id such as {models.GPU_DEFAULT_MODEL} or Qwen/Qwen2.5-0.5B, or a local folder"})
     corpus: str = field(default="embedded", metadata={"help": "'embedded' (Firefox ESR l10n, offline), a hub dataset id or saved dataset, or a folder of <lang>.txt"})
     languages: str = field(default="all", metadata={"help": "comma-separated ISO codes, each once (DE = de), or 'all' languages of the corpus",
                                                    "items": LANGUAGE, "keywords": ("all",)})
@@ -108,13 +109,14 @@ def main(argv: list[str] | None = None) -> None:
             mlflow.log_param("world_size", int(os.environ.get("WORLD_SIZE", "1")))
             mlflow.set_tag(artifacts.LANGUAGES_TAG, ",".join(langs))
             datasets = tracking.log_corpus(corpus, {lang: len(c) for lang, c in lm.train_chunks.items()})
-        test_batches = {lang: data.masked_batches(chunks, tokenizer, args.batch_size) for lang, chunks in lm.test.items()}
+        test_batches = {lang: lm_batches(model, chunks, tokenizer, args.batch_size) for lang, chunks in lm.test.items()}
 
         table = pd.DataFrame(index=pd.Index(langs, name="lang"))
         if rank_zero:
             model.to(device)
             special = set(tokenizer.all_special_ids)
-            table["ppl_unigram"] = [data.unigram_perplexity(lm.train_chunks[l], test_batches[l], len(tokenizer), special) for l in langs]
+            table["ppl_unigram"] = [data.unigram_perplexity(lm.train_chunks[l], test_batches[l], len(tokenizer), special, is_causal(model))
+                                   for l in langs]
             table["ppl_before"] = [perplexity(model, test_batches[l]) for l in langs]
             log.info("before:\n%s", table.to_string())
 
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         log.info("after:\n%s", table.to_string())
         # the model also as an MLflow model, logged first so that its perplexities are attached to it and
         # linked to the test split they were measured on (the run's metrics keep no dataset otherwise)
-        finetuned = tracking.log_masked_lm(model, tokenizer, artifacts.FINETUNED_MODEL, params={"model": args.model, "corpus": args.corpus},
+        finetuned = tracking.log_lm(model, tokenizer, artifacts.FINETUNED_MODEL, params={"model": args.model, "corpus": args.corpus},
                                            tags={artifacts.LANGUAGES_TAG: ",".join(langs), artifacts.SEED_TAG: str(args.seed)})
         for lang, row in table.iterrows():
             mlflow.log_metrics({f"ppl_before.{lang}": row.ppl_before, f"ppl_after.{lang}": row.ppl_after, f"ppl_unigram.{lang}": row.ppl_unigram},

@@ -7,7 +7,8 @@
 
 One parent run; one nested child run per language and seed (`prune/de-s0`, `prune/de-s1`), each with
 its head mask, importance, per-step curve, its row of the cross-language perplexity matrix, a
-random-mask control and the physically pruned subnetwork.
+random-mask control and the subnetwork model (physically pruned where the model family allows,
+else in stock form with the pruned heads' output weights zeroed: `xlsub.models.pruning.subnetwork_model`).
 
 Under torchrun the subnetworks are dealt round-robin to the processes (`xlsub.tracking.fanout`), one device
 each; each logs the child runs it computes, and rank 0 owns the parent: it shares the parent's ID,
@@ -17,7 +18,6 @@ child and the parent FAILED; the others stop at their next subnetwork.
 
 from __future__ import annotations
 
-import copy
 import logging
 import random
 import tempfile
@@ -35,6 +35,8 @@ from xlsub.artifacts import SubnetworkId
 from xlsub.data import lm as data
 from xlsub.errors import Range, XlsubError
 from xlsub.models import loading as models
+from xlsub.models.families import adapter_for
+from xlsub.models.mlm import lm_batches
 from xlsub.models.pruning import (
     AMOUNT,
     CONTINUE_TO,
@@ -44,9 +46,9 @@ from xlsub.models.pruning import (
     evaluate_subnetwork,
     iterative_pruning,
     masked_chunk_losses,
-    prune_heads,
     prune_run_tables,
     split_half_importance,
+    subnetwork_model,
     zero_pruned_heads,
 )
 from xlsub.models.training import load_finetuned
@@ -111,8 +113,8 @@ class PruneArgs(StageArgs):
 def prune_language(model, tokenizer, sid: SubnetworkId, args: PruneArgs, train_chunks, test_batches, full) -> SubnetworkEvaluation:
     """Find, evaluate, log and save one subnetwork in the active (child) run."""
     chunks = random.Random(sid.seed).sample(train_chunks, min(args.eval_examples, len(train_chunks)))
-    batches = data.masked_batches(chunks, tokenizer, args.batch_size, seed=data.EVAL_MASK_SEED + sid.seed)
-    halves = [data.masked_batches(part, tokenizer, args.batch_size, seed=data.EVAL_MASK_SEED + sid.seed)
+    batches = lm_batches(model, chunks, tokenizer, args.batch_size, seed=data.EVAL_MASK_SEED + sid.seed)
+    halves = [lm_batches(model, part, tokenizer, args.batch_size, seed=data.EVAL_MASK_SEED + sid.seed)
               for part in (chunks[: len(chunks) // 2], chunks[len(chunks) // 2 : 2 * (len(chunks) // 2)])]
     result = iterative_pruning(model, batches, threshold=args.threshold, amount=args.amount, target_sparsity=args.sparsity,
                                continue_to=args.continue_to, progress_desc=f"prune {sid}")
@@ -126,11 +128,10 @@ def prune_language(model, tokenizer, sid: SubnetworkId, args: PruneArgs, train_c
     for lang, idx in indices.items():
         lo, hi = percentile_interval(random_control_replicates([d[lang] for d in evaluation.random_losses], idx, sid.seed))
         mlflow.log_metrics({f"ppl_random_lo.{lang}": lo, f"ppl_random_hi.{lang}": hi})
-    config = model.config
     mlflow.log_metrics({f"ppl.{l}": v for l, v in evaluation.perplexity.items()}
                        | {f"ppl_random.{l}": v for l, v in evaluation.random_perplexity.items()})
     mlflow.log_metrics({"heads_kept": int(mask.sum()), "heads_kept_frac": float(mask.mean()),
-                        "params_kept_frac": params_kept_frac(mask, config.hidden_size, config.hidden_size // config.num_attention_heads),
+                        "params_kept_frac": params_kept_frac(mask, adapter_for(model).attention_params(model.config)),
                         "ppl_prune_data": result.ppl, "ppl_prune_data_unpruned": result.base_ppl, "steps": result.kept,
                         "importance_split_half_r": (r := split_half_importance(model, *halves)),
                         artifacts.IMPORTANCE_RELIABILITY: spearman_brown(r)})
@@ -138,7 +139,7 @@ def prune_language(model, tokenizer, sid: SubnetworkId, args: PruneArgs, train_c
         artifacts.write_head_mask(Path(tmp), mask)
         artifacts.write_importance(Path(tmp), result.importance)
         artifacts.write_random_masks(Path(tmp), evaluation.random_masks)
-        artifacts.write_model(Path(tmp), prune_heads(copy.deepcopy(model), mask), tokenizer, artifacts.SUBNETWORK_DIR)
+        artifacts.write_model(Path(tmp), subnetwork_model(model, mask), tokenizer, artifacts.SUBNETWORK_DIR)
         mlflow.log_artifacts(tmp)
     mlflow.log_figure(figures.head_mask_heatmap(mask, result.importance, f"{sid} subnetwork"), artifacts.HEAD_MASK_FIGURE)
     tracking.log_table(artifacts.steps_table(result.steps, result.kept), artifacts.STEPS)
@@ -165,7 +166,7 @@ def log_stock_model(model, tokenizer, mask, sid: SubnetworkId, kept: int, args: 
     if main_id := tracking.main_run_id(child):
         tags[artifacts.input_tag("main")] = main_id
     per_step = (artifacts.PATH_PPL, artifacts.PATH_FRAC_PRUNED)
-    tracking.log_masked_lm(zero_pruned_heads(model, mask), tokenizer, sid.model_name, tags=tags, step=kept,
+    tracking.log_lm(zero_pruned_heads(model, mask), tokenizer, sid.model_name, tags=tags, step=kept,
                            link=[k for k in child.data.metrics if k not in per_step] if kept else ())
 
 
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             trained = finetune_made["languages"]
             folder = tracking.download(finetune.info.run_id, artifacts.MODEL_DIR, param="finetune_run_id")
             model, tokenizer, lm, _ = load_finetuned(folder, finetune_made["lm_data"], trained, device)
-            test_batches = {l: data.masked_batches(lm.test[l], tokenizer, args.batch_size) for l in trained}
+            test_batches = {l: lm_batches(model, lm.test[l], tokenizer, args.batch_size) for l in trained}
             full = masked_chunk_losses(model, None, test_batches)
             if fan.is_zero:
                 mlflow.log_metrics({f"ppl_full.{l}": c.perplexity for l, c in full.items()})

@@ -29,7 +29,7 @@ from xlsub.report.tables import (
     relative_perplexity,
 )
 from xlsub.similarity.cka import shuffled_pairs_cka
-from xlsub.stats.overlap import expected_random_jaccard
+from xlsub.stats.overlap import AttentionParams, expected_random_jaccard
 
 LANGS = ["en", "de", "zh"]
 # 2 layers x 4 heads, two pruning seeds per language, made by hand.
@@ -94,7 +94,8 @@ def inputs(several_seeds=False, languages=LANGS):
     else:
         masks, seeds, cross, cross_random = SEED0, (0,), CROSS, CROSS_RANDOM
     return AnalysisInputs(languages=list(languages), masks=masks, cross_ppl=cross, cross_ppl_random=cross_random,
-                          ppl_full=PPL_FULL, encodings=encodings(seeds), tokens=TOKENS, hidden_size=16, head_dim=4)
+                          ppl_full=PPL_FULL, encodings=encodings(seeds), tokens=TOKENS,
+                          attention_params=AttentionParams.full_mha(hidden_size=16, head_dim=4, heads=4))
 
 
 @pytest.fixture(scope="module")

@@ -413,3 +413,83 @@ def test_saved_subnetwork_and_its_random_control_in_the_familys_form(family, tmp
         assert float(weight.view(weight.shape[0], 4, -1)[:, 0].abs().sum()) > 0
     with pytest.raises(XlsubError, match="keeps other heads"):
         load_subnetwork(tmp_path, torch.ones(2, 4))
+
+
+# -- the share of attention parameters a head mask keeps ----------------------------------------------
+
+# each preset's attention block in layer {l}, by parameter name (read off the modeling files, not the adapter)
+ATTENTION_BLOCK = {
+    "tiny-roberta": "roberta.encoder.layer.{l}.attention.",
+    "tiny-bert": "bert.encoder.layer.{l}.attention.",
+    "tiny-distilbert": "distilbert.transformer.layer.{l}.attention.",
+    "tiny-modernbert": "model.layers.{l}.attn.",
+    "tiny-llama": "model.layers.{l}.self_attn.",
+    "tiny-mistral": "model.layers.{l}.self_attn.",
+    "tiny-qwen2": "model.layers.{l}.self_attn.",
+    "tiny-qwen3": "model.layers.{l}.self_attn.",
+    "tiny-gemma": "model.layers.{l}.self_attn.",
+    "tiny-gpt2": "transformer.h.{l}.attn.",
+    "tiny-bloom": "transformer.h.{l}.self_attention.",
+}
+# By hand from the presets: hidden size D = 32, 4 query heads of size h = 8 (Gemma 3: 16), 2 key/value
+# heads under grouped-query attention. (per_query_head, per_kv_head, shared, heads, kv_heads)
+D, h = 32, 8
+EXPECTED_ATTENTION_PARAMS = {
+    # q, k, v rows with biases and output columns per head; output bias and the attention LayerNorm shared
+    "tiny-roberta": (4 * D * h + 3 * h, 0, 3 * D, 4, 4),
+    "tiny-bert": (4 * D * h + 3 * h, 0, 3 * D, 4, 4),
+    "tiny-distilbert": (4 * D * h + 3 * h, 0, D, 4, 4),  # its LayerNorm sits outside the attention block
+    "tiny-modernbert": (4 * D * h, 0, 0, 4, 4),  # fused Wqkv, no biases
+    "tiny-llama": (2 * D * h, 2 * D * h, 0, 4, 2),  # q rows and o columns; k and v rows; no biases
+    "tiny-mistral": (2 * D * h, 2 * D * h, 0, 4, 2),
+    "tiny-qwen2": (2 * D * h + h, 2 * (D * h + h), 0, 4, 2),  # q, k, v biases, none on o_proj
+    "tiny-qwen3": (2 * D * h, 2 * D * h, 2 * h, 4, 2),  # q_norm and k_norm over one head's h, shared by all
+    "tiny-gemma": (2 * D * 16, 2 * D * 16, 2 * 16, 4, 2),
+    "tiny-gpt2": (4 * D * h + 3 * h, 0, D, 4, 4),  # fused c_attn with biases; c_proj's bias shared
+    "tiny-bloom": (4 * D * h + 3 * h, 0, D, 4, 4),  # fused query_key_value with biases; dense's bias shared
+}
+
+
+def attention_numel(preset: str, model) -> int:
+    """Parameters of every layer's attention block, summed by parameter name."""
+    blocks = tuple(ATTENTION_BLOCK[preset].format(l=l) for l in range(model.config.num_hidden_layers))
+    return sum(p.numel() for name, p in model.named_parameters() if name.startswith(blocks))
+
+
+def test_attention_params_split_the_attention_block_by_head(family):
+    preset, model, _ = family
+    assert set(EXPECTED_ATTENTION_PARAMS) == set(PRESETS)
+    params = adapter_for(model).attention_params(model.config)
+    assert (params.per_query_head, params.per_kv_head, params.shared, params.heads, params.kv_heads) == EXPECTED_ATTENTION_PARAMS[preset]
+    assert params.total * model.config.num_hidden_layers == attention_numel(preset, model)
+
+
+@pytest.mark.parametrize("preset", sorted(PHYSICAL - {"tiny"}))
+def test_params_kept_frac_is_the_share_physical_pruning_leaves(tokenizer, preset):
+    from xlsub.stats.overlap import params_kept_frac
+
+    model = build(preset, tokenizer)
+    params = adapter_for(model).attention_params(model.config)
+    for mask in (MASK, torch.tensor([[0.0, 0, 0, 0], [1, 1, 1, 1]])):
+        pruned = prune_heads(copy.deepcopy(model), mask)
+        assert attention_numel(preset, pruned) < attention_numel(preset, model)
+        assert params_kept_frac(mask, params) == pytest.approx(attention_numel(preset, pruned) / attention_numel(preset, model),
+                                                               rel=1e-12)
+
+
+def test_params_kept_under_grouped_query_attention_keeps_a_group_while_one_head_reads_it(tokenizer):
+    from xlsub.stats.overlap import params_kept_frac, params_kept_per_layer
+
+    model = build("tiny-llama", tokenizer)
+    block = {name: p.numel() for name, p in model.named_parameters() if name.startswith("model.layers.0.self_attn.")}
+    q, k, v, o = (block[f"model.layers.0.self_attn.{x}_proj.weight"] for x in "qkvo")
+    assert len(block) == 4  # no biases, no norms
+    per_query, per_kv = (q + o) // 4, (k + v) // 2  # 4 query heads; 2 key/value heads, each read by 2 of them
+    total = 4 * per_query + 2 * per_kv
+    mask = torch.tensor([[0.0, 0, 1, 0],  # group (0, 1) off, group (2, 3) half off: 1 query head, 1 key/value head
+                         [1, 0, 0, 1]])  # both groups half off: 2 query heads, 2 key/value heads
+    expected = [(per_query + per_kv) / total, (2 * per_query + 2 * per_kv) / total]
+    params = adapter_for(model).attention_params(model.config)
+    assert params_kept_per_layer({"en": mask}, params).loc["en"].tolist() == pytest.approx(expected)
+    assert params_kept_frac(mask, params) == pytest.approx((expected[0] + expected[1]) / 2)
+    assert expected == pytest.approx([1 / 3, 2 / 3])  # against 1/4 and 1/2 of the query heads

@@ -13,7 +13,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import PIPELINE_EXPERIMENT, ROOT, SMALL_PIPELINE, main_run, stage_ids, subprocess_env
+from tests.conftest import PIPELINE_EXPERIMENT, ROOT, SMALL_PIPELINE, main_run, mlflow_run, runs_of, stage_ids, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -96,3 +96,52 @@ def test_an_analyze_only_code_change_recomputes_analyze_alone(tracking_server, p
     before = {s: client.get_run(first[s]).data.tags["xlsub.code_version"] for s in first}
     assert [s for s in versions if versions[s] != before[s]] == ["analyze"]
     assert client.get_experiment_by_name(PIPELINE_EXPERIMENT).experiment_id == run.info.experiment_id
+
+
+def test_main_runs_every_stage_on_a_decoder(tracking_server, tmp_path):
+    """Issue 22: `mlflow run . -P model=tiny-llama` (grouped-query attention, causal LM) through finetune,
+    prune, encode and analyze, with verdicts; its models are logged for text generation, and a subnetwork
+    (stock form: Llama layers share one head count) loads without xlsub and computes what the gated
+    model computes."""
+    import mlflow
+    import torch
+    import transformers
+
+    from xlsub.artifacts import SubnetworkId, read_head_mask
+    from xlsub.models.heads import HeadGates
+    from xlsub.models.mlm import causal_batch, causal_lm_loss
+    from xlsub.tracking import runs as tracking
+
+    experiment = "xlsub-decoder"
+    fast = {"use_random": "false", "bootstrap": "200", "permutations": "99", "cka_permutations": "99", "subnetwork_permutations": "99",
+            "length_permutations": "99", "power_draws": "5", "target_sparsity": "0.5"}
+    mlflow_run(tracking_server, "main", {**SMALL_PIPELINE, **fast, "model": "tiny-llama"}, experiment=experiment)
+    client = MlflowClient(tracking_server)
+    (main,) = runs_of(tracking_server, experiment, "main")
+    assert main.info.status == "FINISHED" and main.data.tags["xlsub.reused"] == "none"
+    ids = stage_ids(main)
+    assert all(client.get_run(run_id).info.status == "FINISHED" for run_id in ids.values())
+    analyze = client.get_run(ids["analyze"]).data.metrics
+    # one pruning seed: every verdict but stability is answered (different heads says "cannot tell" without a value)
+    answered = {key.split(".")[1] for key in analyze if key.startswith("verdict.")}
+    assert {"different_heads", "specificity", "beyond_length", "pruning_specific"} <= answered
+    assert {"verdict.specificity.value", "verdict.pruning_specific.value"} <= set(analyze)
+    assert 0 < analyze["mean_params_kept_frac"] <= 1
+
+    mlflow.set_tracking_uri(tracking_server)
+    child = tracking.prune_children(client.get_run(ids["prune"]))[SubnetworkId("de", 0)]
+    model_id = tracking.logged_model_id(child.info.run_id, "subnetwork-de-s0")
+    flavor = mlflow.models.get_model_info(f"models:/{model_id}").flavors["transformers"]
+    assert flavor["task"] == "text-generation"
+    folder = tracking.download(child.info.run_id, "subnetwork", tmp_path)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()  # no xlsub code
+    assert type(stock).__name__ == "LlamaForCausalLM"
+    full = transformers.AutoModelForCausalLM.from_pretrained(tracking.download(ids["finetune"], "model", tmp_path / "full")).eval()
+    mask = read_head_mask(tracking.download(child.info.run_id, "head_mask.json", tmp_path / "mask"))
+    assert mask.sum() == mask.numel() / 2  # target_sparsity: half the heads of the untrained-looking model off
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    batch = causal_batch([tokenizer("Der Hund schläft.")["input_ids"], tokenizer("Ein Haus")["input_ids"]], tokenizer)
+    with torch.no_grad(), HeadGates(full, mask):
+        gated, n = causal_lm_loss(full, batch)
+    with torch.no_grad():
+        assert stock(**batch).loss.item() == pytest.approx(gated.item() / n, abs=1e-5)

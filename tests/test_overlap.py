@@ -15,6 +15,7 @@ from xlsub.artifacts import SubnetworkId as S
 from xlsub.errors import XlsubError
 from xlsub.models.pruning import prune_heads
 from xlsub.stats.overlap import (
+    AttentionParams,
     expected_jaccard_over_seeds,
     expected_random_jaccard,
     expected_random_jaccard_matrix,
@@ -139,9 +140,39 @@ def test_params_kept_per_layer_hand_computed():
     hidden, head_dim = 8, 2  # 4 heads
     per_head = 4 * hidden * head_dim + 3 * head_dim  # q, k, v rows with biases; output projection columns
     total = 4 * per_head + 3 * hidden  # + output bias + LayerNorm weight and bias
-    table = params_kept_per_layer({"en": torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]])}, hidden, head_dim)
+    table = params_kept_per_layer({"en": torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]])},
+                                  AttentionParams.full_mha(hidden, head_dim, 4))
     np.testing.assert_allclose(table.loc["en"].to_numpy(),
                                [1.0, (per_head + 3 * hidden) / total, 3 * hidden / total])
+
+
+def test_params_kept_keeps_a_key_value_head_while_one_query_head_of_its_group_is_kept():
+    # 6 query heads read 3 key/value heads in groups (0, 1), (2, 3), (4, 5)
+    params = AttentionParams(per_query_head=10, per_kv_head=7, shared=5, heads=6, kv_heads=3)
+    assert params.total == 6 * 10 + 3 * 7 + 5
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1],
+                         [1, 0, 0, 1, 0, 0],   # two query heads, two groups half kept
+                         [1, 1, 0, 0, 0, 0],   # two query heads, one whole group
+                         [0, 0, 0, 0, 0, 0]])
+    table = params_kept_per_layer({"en": mask}, params)
+    expected = [1.0, (2 * 10 + 2 * 7 + 5) / 86, (2 * 10 + 1 * 7 + 5) / 86, 5 / 86]
+    np.testing.assert_allclose(table.loc["en"].to_numpy(), expected)
+    assert params_kept_frac(mask, params) == pytest.approx(np.mean(expected))
+    with pytest.raises(XlsubError, match="6 heads per layer, but the model's attention has 4"):
+        params_kept_frac(mask, AttentionParams(10, 7, 5, heads=4, kv_heads=2))
+    with pytest.raises(ValueError, match="evenly"):
+        AttentionParams(10, 7, 5, heads=6, kv_heads=4)
+
+
+def test_full_mha_gives_the_same_floats_as_the_one_formula_of_before():
+    """XLM-R base's numbers stay bit-identical: (k (4 D h + 3 h) + 3 D) / (H (4 D h + 3 h) + 3 D)."""
+    hidden, head_dim, heads = 768, 64, 12
+    per_head = 4 * hidden * head_dim + 3 * head_dim
+    mask = (torch.rand(12, heads, generator=torch.Generator().manual_seed(0)) < 0.6).int()
+    before = [(int(k) * per_head + 3 * hidden) / (heads * per_head + 3 * hidden) for k in mask.sum(1).tolist()]
+    params = AttentionParams.full_mha(hidden, head_dim, heads)
+    assert params_kept_per_layer({"en": mask}, params).loc["en"].tolist() == before
+    assert params_kept_frac(mask, params) == float(np.mean(before))
 
 
 def attention_params(model) -> list[int]:
@@ -157,10 +188,11 @@ def test_params_kept_counts_a_physically_pruned_model(kind):
     before = attention_params(model)
     after = attention_params(prune_heads(copy.deepcopy(model), mask))
     assert after[0] == before[0] and after[2] < after[1] < before[1]  # the pruning did remove weights
-    table = params_kept_per_layer({"en": mask}, HIDDEN, HIDDEN // HEADS)
+    params = AttentionParams.full_mha(HIDDEN, HIDDEN // HEADS, HEADS)
+    table = params_kept_per_layer({"en": mask}, params)
     np.testing.assert_allclose(table.loc["en"].to_numpy(), np.array(after) / np.array(before))
-    assert params_kept_frac(mask, HIDDEN, HIDDEN // HEADS) == pytest.approx(sum(after) / sum(before))
-    assert params_kept_frac(torch.ones(3, HEADS), HIDDEN, HIDDEN // HEADS) == 1.0
+    assert params_kept_frac(mask, params) == pytest.approx(sum(after) / sum(before))
+    assert params_kept_frac(torch.ones(3, HEADS), params) == 1.0
 
 
 # -- token overlap ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from xlsub.artifacts import SubnetworkId, read_table
 from xlsub.report.analysis import AnalysisInputs, AnalysisResult
 from xlsub.report.figures.stages import head_mask_heatmap, matrix_heatmap, perplexity_bars
 from xlsub.report.html import MAX_INLINE_ROWS, format_number, render_report, table_html, write_report
+from xlsub.stats.overlap import AttentionParams
 
 LINEAGE = {"finetune": "ft0123", "prune": "pr4567", "encode": "en89ab", "analyze": "an_cdef"}
 LINKS = {"prune": "http://127.0.0.1:5000/#/experiments/1/runs/pr4567", "en89ab": "https://mlflow.example/runs/en89ab",
@@ -58,7 +59,8 @@ def small_analysis() -> AnalysisResult:
                             ppl_full={"en": 10.0, "de": 20.0},
                             encodings={"full": {"en": en, "de": en + 0.3 * torch.randn(3, 12, 4, generator=g)},
                                        "en-s0": {"en": en, "de": torch.randn(3, 12, 4, generator=g)}},
-                            tokens={"en": [[1, 2]], "de": [[1, 3]]}, hidden_size=6, head_dim=2)
+                            tokens={"en": [[1, 2]], "de": [[1, 3]]},
+                            attention_params=AttentionParams.full_mha(hidden_size=6, head_dim=2, heads=3))
     return analyzed(inputs)
 
 

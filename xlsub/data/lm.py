@@ -26,10 +26,11 @@ EVAL_MASK_SEED = 1234  # fixed, so every evaluation of a language scores the sam
 MAX_SEQ_LEN = Range(3, meaning="a length with room for <s>, text and </s>")  # tokens per block
 
 
-def chunk_ids(token_lists: Sequence[Sequence[int]], max_seq_len: int, bos: int, eos: int) -> list[list[int]]:
+def chunk_ids(token_lists: Sequence[Sequence[int]], max_seq_len: int, bos: int | None, eos: int) -> list[list[int]]:
     """Concatenate texts (each followed by `eos`) and cut into `<s> block </s>` of at most `max_seq_len`.
 
-    The last, shorter block is kept: a small corpus should still give examples.
+    A tokenizer without a start token (`bos` None: Qwen's, GPT-2's treat EOS as the separator) gives
+    `block </s>`. The last, shorter block is kept: a small corpus should still give examples.
     """
     MAX_SEQ_LEN.check("max_seq_len", max_seq_len)
     stream: list[int] = []
@@ -37,12 +38,24 @@ def chunk_ids(token_lists: Sequence[Sequence[int]], max_seq_len: int, bos: int, 
         if ids:
             stream.extend(ids)
             stream.append(eos)
-    width = max_seq_len - 2
-    return [[bos, *stream[i : i + width], eos] for i in range(0, len(stream), width)]
+    start = [] if bos is None else [bos]
+    width = max_seq_len - 1 - len(start)
+    return [[*start, *stream[i : i + width], eos] for i in range(0, len(stream), width)]
 
 
 def tokenize_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def boundary_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int | None, int]:
+    """The (start, end) token ids of a chunk: `<s>`/`</s>`, BERT's `[CLS]`/`[SEP]`, or for a tokenizer
+    with an end token and no start token (Qwen, GPT-2's when it has no BOS), (None, EOS)."""
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.bos_token_id, tokenizer.eos_token_id
+    if tokenizer.sep_token_id is not None:  # BERT-style tokenizers
+        return tokenizer.cls_token_id, tokenizer.sep_token_id
+    raise XlsubError("model: its tokenizer has neither an end-of-text (EOS) nor a [SEP] token to separate texts; "
+                     "use a tokenizer that defines eos_token")
 
 
 @dataclass
@@ -65,9 +78,7 @@ def build_lm_data(
 ) -> LMData:
     """Chunk each language's train and test texts; cap the counts; shuffle the training blocks."""
     rng = random.Random(seed)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if bos is None:  # BERT-style tokenizers
-        bos, eos = tokenizer.cls_token_id, tokenizer.sep_token_id
+    bos, eos = boundary_ids(tokenizer)
     by_split: dict[str, dict[str, list[str]]] = {}
     for split in ("train", "test"):
         groups: dict[str, list[str]] = {lang: [] for lang in languages}
@@ -108,17 +119,25 @@ def masked_batches(
 
 
 def unigram_perplexity(
-    train_chunks: Sequence[Sequence[int]], batches: Sequence[dict[str, torch.Tensor]], vocab_size: int, special_ids: set[int]
+    train_chunks: Sequence[Sequence[int]], batches: Sequence[dict[str, torch.Tensor]], vocab_size: int, special_ids: set[int],
+    causal: bool = False,
 ) -> float:
-    """Perplexity of an add-one unigram model of the train tokens, on the masked tokens of `batches`.
+    """Perplexity of an add-one unigram model of the train tokens, on the scored tokens of `batches`.
 
-    The floor any masked LM must beat: it knows how frequent each piece is and nothing else.
+    The floor any LM must beat: it knows how frequent each piece is and nothing else. Masked LM: the
+    masked tokens (never special), counted over the non-special train tokens. Causal LM (`causal`):
+    every next token (labels after the first position), the end-of-text token included, counted over
+    every train token a causal LM is scored on (each chunk's tokens after its first).
     """
-    counts = Counter(t for ids in train_chunks for t in ids if t not in special_ids)
+    if causal:
+        counts = Counter(t for ids in train_chunks for t in ids[1:])
+    else:
+        counts = Counter(t for ids in train_chunks for t in ids if t not in special_ids)
     total = sum(counts.values()) + vocab_size
     nll, n = 0.0, 0
     for batch in batches:
-        for label in batch["labels"][batch["labels"] != -100].tolist():
+        labels = batch["labels"][:, 1:] if causal else batch["labels"]
+        for label in labels[labels != -100].tolist():
             nll -= math.log((counts.get(label, 0) + 1) / total)
             n += 1
     return math.exp(nll / n)

@@ -10,6 +10,8 @@ Everything else in xlsub asks the adapter of a model (`adapter_for(model)`) and 
   not hidden / heads). A head's slice of the output projection's input is what head gates
   scale and what the stock form zeroes: columns of an `nn.Linear` weight [out, in], rows of
   GPT-2's `Conv1D` weight [in, out];
+- which of the attention block's projections are laid out per query head and which per key/value
+  head, hence what share of the block's parameters a head mask keeps (`attention_params`);
 - the feed-forward block's intermediate activation module (where neuron statistics are read);
 - the special tokens the default mean pooling leaves out (none for encoders, the study's
   pooling; BOS/EOS for decoders);
@@ -23,14 +25,17 @@ Adding a family = one adapter registered here + a tiny preset in `loading.py` + 
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from types import MethodType
 
 import torch
+import transformers
 from torch import nn
 
 from xlsub.errors import XlsubError
+from xlsub.stats.overlap import AttentionParams
 
 MASKED = "masked"
 CAUSAL = "causal"
@@ -85,8 +90,23 @@ class Family:
     def output_projection(self, attention: nn.Module) -> nn.Module:
         raise NotImplementedError
 
+    def query_modules(self, attention: nn.Module) -> list[nn.Module]:
+        """The projections whose output rows are laid out per query head (the query projection; a fused
+        q/k/v projection, where every head has its own key and value)."""
+        raise NotImplementedError
+
+    def kv_modules(self, attention: nn.Module) -> list[nn.Module]:
+        """The projections whose output rows are laid out per key/value head (key and value projections);
+        none where they are fused into a `query_modules` projection."""
+        return []
+
     def ffn_activation(self, layer: nn.Module) -> nn.Module:
         """The module whose output is the FFN's intermediate activation (gated FFNs: act(gate_proj x))."""
+        raise NotImplementedError
+
+    def ffn_down_projection(self, layer: nn.Module) -> nn.Module:
+        """The FFN's output projection, whose input is the (gated) activation: one input per neuron
+        (columns of an `nn.Linear` weight, rows of GPT-2's `Conv1D` weight); the stock form zeroes them."""
         raise NotImplementedError
 
     def head_layout(self, config) -> HeadLayout:
@@ -98,6 +118,27 @@ class Family:
         projection = self.output_projection(attention)
         width = projection.weight.shape[0] if self.transposed_output else projection.weight.shape[1]
         return width // self.head_layout(config).head_dim
+
+    def attention_params(self, config) -> AttentionParams:
+        """What one layer's attention block (`attention`) of a full model of `config` holds per query head, per
+        key/value head and shared, counted from the block itself, built on the meta device (no memory).
+
+        A query head's share: its rows of `query_modules` (weights and biases) and its slice of the output
+        projection's weight; a key/value head's: its rows of `kv_modules`; shared: the rest of the block
+        (output bias, norms). With as many key/value heads as query heads, the key/value rows are counted
+        per query head. `xlsub.stats.overlap.params_kept_frac` turns a head mask into the share it keeps.
+        """
+        with torch.device("meta"):  # on a copy: from_config sets the attention implementation on its config
+            model = getattr(transformers, self.auto_class).from_config(copy.deepcopy(config))
+        attention = self.attention(self.layers(model)[0])
+        layout = self.head_layout(config)
+        output_weight = self.output_projection(attention).weight
+        per_query = _rows_per_head(self.query_modules(attention), layout.heads) + _split(output_weight.numel(), layout.heads)
+        per_kv = _rows_per_head(self.kv_modules(attention), layout.kv_heads)
+        if layout.kv_heads == layout.heads:
+            per_query, per_kv = per_query + per_kv, 0
+        shared = sum(p.numel() for p in attention.parameters()) - layout.heads * per_query - layout.kv_heads * per_kv
+        return AttentionParams(per_query, per_kv, shared, layout.heads, layout.kv_heads)
 
     # -- LM head ------------------------------------------------------------------------------
     def lm_head(self, model: nn.Module) -> nn.Module:
@@ -128,6 +169,17 @@ class Family:
         """Remove every head not in `kept` from this attention block, in place (only where
         `physical_pruning`)."""
         raise NotImplementedError
+
+
+def _split(count: int, heads: int) -> int:
+    if count % heads:
+        raise ValueError(f"{count} parameters do not split evenly over {heads} heads")
+    return count // heads
+
+
+def _rows_per_head(modules: list[nn.Module], heads: int) -> int:
+    """One head's share of the parameters (weights and biases) of projections laid out per head."""
+    return _split(sum(p.numel() for module in modules for p in module.parameters()), heads)
 
 
 # -- weight slicing for physical pruning --------------------------------------------------------
@@ -212,8 +264,17 @@ class BertLayout(Family):
     def output_projection(self, attention):
         return attention.output.dense
 
+    def query_modules(self, attention):
+        return [attention.self.query]
+
+    def kv_modules(self, attention):
+        return [attention.self.key, attention.self.value]
+
     def ffn_activation(self, layer):
         return layer.intermediate.intermediate_act_fn
+
+    def ffn_down_projection(self, layer):
+        return layer.output.dense
 
     def heads_in(self, attention, config):
         return attention.self.num_attention_heads
@@ -260,8 +321,17 @@ class DistilBertLayout(Family):
     def output_projection(self, attention):
         return attention.out_lin
 
+    def query_modules(self, attention):
+        return [attention.q_lin]
+
+    def kv_modules(self, attention):
+        return [attention.k_lin, attention.v_lin]
+
     def ffn_activation(self, layer):
         return layer.ffn.activation
+
+    def ffn_down_projection(self, layer):
+        return layer.ffn.lin2
 
     def lm_head(self, model):
         return nn.Sequential(model.vocab_transform, model.activation, model.vocab_layer_norm, model.vocab_projector)
@@ -293,8 +363,14 @@ class ModernBertLayout(Family):
     def output_projection(self, attention):
         return attention.Wo
 
+    def query_modules(self, attention):
+        return [attention.Wqkv]
+
     def ffn_activation(self, layer):
         return layer.mlp.act
+
+    def ffn_down_projection(self, layer):
+        return layer.mlp.Wo
 
     def lm_head(self, model):
         return nn.Sequential(model.head, model.decoder)
@@ -334,8 +410,17 @@ class LlamaLayout(Decoder):
     def output_projection(self, attention):
         return attention.o_proj
 
+    def query_modules(self, attention):
+        return [attention.q_proj]
+
+    def kv_modules(self, attention):
+        return [attention.k_proj, attention.v_proj]
+
     def ffn_activation(self, layer):
         return layer.mlp.act_fn
+
+    def ffn_down_projection(self, layer):
+        return layer.mlp.down_proj
 
     def head_layout(self, config):
         heads = config.num_attention_heads
@@ -373,8 +458,14 @@ class GPT2Layout(Decoder):
     def output_projection(self, attention):
         return attention.c_proj
 
+    def query_modules(self, attention):
+        return [attention.c_attn]
+
     def ffn_activation(self, layer):
         return layer.mlp.act
+
+    def ffn_down_projection(self, layer):
+        return layer.mlp.c_proj
 
     def max_positions(self, config):
         return config.n_positions
@@ -411,8 +502,14 @@ class BloomLayout(Decoder):
     def output_projection(self, attention):
         return attention.dense
 
+    def query_modules(self, attention):
+        return [attention.query_key_value]
+
     def ffn_activation(self, layer):
         return layer.mlp.gelu_impl
+
+    def ffn_down_projection(self, layer):
+        return layer.mlp.dense_4h_to_h
 
     def head_layout(self, config):
         return HeadLayout(config.n_head, config.n_head, config.hidden_size // config.n_head)

@@ -169,6 +169,10 @@ def load_pretrained(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise XlsubError(f"model: cannot load '{name}' ({first}); check the id, the network or HF_HUB_OFFLINE") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # many decoders' tokenizers have no padding token: pad with EOS (padding is read from the attention
+        # mask, so a real EOS is still scored) and save it so, for the later stages
+        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 

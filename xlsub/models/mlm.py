@@ -63,7 +63,8 @@ def causal_batch(chunks: Sequence[Sequence[int]], tokenizer) -> dict[str, torch.
     """Token-id chunks padded into one causal-LM batch: `input_ids`, `attention_mask` and `labels`
     (`causal_labels`: every real token; padding from the attention mask, so an EOS that is also the
     pad token stays scored, where a stock `mlm=False` collator would drop it)."""
-    padded = tokenizer.pad([{"input_ids": list(ids)} for ids in chunks], return_tensors="pt")
+    # right padding whatever the tokenizer's default: positions count from each chunk's first token
+    padded = tokenizer.pad([{"input_ids": list(ids)} for ids in chunks], return_tensors="pt", padding_side="right")
     batch = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
     batch["labels"] = causal_labels(batch)
     return batch

@@ -49,6 +49,7 @@ from xlsub.stats.inference import sign_flip_interval, unit_level
 from xlsub.stats.language_distance import MIN_LANGUAGES, distance_correlations, uriel_distances
 from xlsub.stats.overlap import (
     RELIABLE,
+    AttentionParams,
     equal_size_jaccard,
     head_agreement_by_language,
     jaccard_pvalue_table,
@@ -74,7 +75,8 @@ class AnalysisInputs:
     - `encodings`: {model key: {language: [layers+1, n, d]}}, keys `full`, one `de-s0` per subnetwork,
       optionally `base` and `random` (`xlsub.artifacts`); row i is the same sentence in every language.
     - `tokens`: {language: token ids per sentence}, special tokens removed, sentences parallel.
-    - `hidden_size`, `head_dim`: for the share of attention parameters kept.
+    - `attention_params`: one layer's attention parameters per query head, per key/value head and shared
+      (`xlsub.models.families.Family.attention_params`), for the share of attention parameters kept.
     - `shuffle_seed`: the derangement of the non-parallel CKA control.
     - `chunk_losses`: {(model, draw, language): ChunkLosses}, the prune run's per-test-chunk losses of the
       full model (`full`), every subnetwork (draw -1) and its random-mask controls (draw 0, 1, ...).
@@ -91,8 +93,7 @@ class AnalysisInputs:
     ppl_full: dict[str, float] = field(default_factory=dict)
     encodings: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     tokens: dict[str, list[list[int]]] = field(default_factory=dict)
-    hidden_size: int | None = None
-    head_dim: int | None = None
+    attention_params: AttentionParams | None = None
     shuffle_seed: int = 0
     chunk_losses: dict = field(default_factory=dict)
     trajectories: dict[SubnetworkId, list[torch.Tensor]] = field(default_factory=dict)
@@ -162,14 +163,14 @@ def _masks(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], col
                .set_index(["language_a", "language_b"]))
     result.tables[TABLE.mask_jaccard_pvalue] = pvalues
     metrics[METRIC.mask_jaccard_pairs_significant] = float((pvalues["p_bh"] < 0.05).sum()) if len(pvalues) else math.nan
-    kept = tables.heads_kept_tables(inputs.masks, langs, inputs.hidden_size, inputs.head_dim)
+    kept = tables.heads_kept_tables(inputs.masks, langs, inputs.attention_params)
     result.add(kept, figures.heads_kept_figure(kept, colours))
     metrics[METRIC.mean_heads_kept_frac] = _nanmean([float(m.float().mean()) for m in inputs.masks.values()])
     if TABLE.params_kept_per_layer in kept:
-        metrics[METRIC.mean_params_kept_frac] = _nanmean([params_kept_frac(m, inputs.hidden_size, inputs.head_dim)
+        metrics[METRIC.mean_params_kept_frac] = _nanmean([params_kept_frac(m, inputs.attention_params)
                                                      for m in inputs.masks.values()])
     else:
-        result.notes.append("params kept per layer: skipped (hidden_size and head_dim not given)")
+        result.notes.append("params kept per layer: skipped (attention_params not given)")
 
 
 def _noise_ceiling(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], permutations: int, seed: int) -> None:

@@ -52,6 +52,7 @@ from xlsub.stats.inference import (
 )
 from xlsub.stats.intervals import relative_replicates
 from xlsub.stats.overlap import (
+    AttentionParams,
     expected_jaccard_over_seeds,
     expected_random_jaccard_matrix,
     jaccard_matrix,
@@ -106,16 +107,16 @@ def mask_overlap_tables(masks: Mapping[SubnetworkId, torch.Tensor], languages: S
 
 
 def heads_kept_tables(masks: Mapping[SubnetworkId, torch.Tensor], languages: Sequence[str],
-                      hidden_size: int | None = None, head_dim: int | None = None) -> dict[str, pd.DataFrame]:
+                      params: AttentionParams | None = None) -> dict[str, pd.DataFrame]:
     """Share of heads (`heads_kept_per_layer`) and of attention parameters (`params_kept_per_layer`, when
-    `hidden_size` and `head_dim` are given) kept in each layer: the mean over a layer's heads
+    the model's `params` are given) kept in each layer: the mean over a layer's heads
     (`proportion_kept_per_layer`), not the study's sum over layers. Rows are subnetworks (`de-s0`);
     columns are layers 1..L (mask row 0 is transformer layer 1).
     """
     flat = {str(sid): masks[sid] for sid in subnetwork_ids(masks, languages)}
     tables = {TABLE.heads_kept_per_layer: proportion_kept_per_layer(flat)}
-    if hidden_size and head_dim:
-        tables[TABLE.params_kept_per_layer] = params_kept_per_layer(flat, hidden_size, head_dim)
+    if params is not None:
+        tables[TABLE.params_kept_per_layer] = params_kept_per_layer(flat, params)
     for table in tables.values():
         table.index.name = "subnetwork"
         table.columns = pd.RangeIndex(1, table.shape[1] + 1, name="layer")

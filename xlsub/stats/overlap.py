@@ -8,7 +8,8 @@ A head mask is a `[layers, heads]` 0/1 tensor (1 = head kept), one per language.
   from), computed exactly. Masks that keep 90% of the heads overlap by ~0.8 by chance alone, so an
   observed Jaccard means little without it.
 - `proportion_kept_per_layer`, `params_kept_per_layer`, `params_kept_frac`: where the pruning removed
-  heads, and how much of the attention it kept.
+  heads, and how much of the attention it kept, counted with a layer's `AttentionParams` (what serves one
+  query head, one key/value head, all heads; `xlsub.models.families.Family.attention_params` for any family).
 - `token_overlap`: the share of a sentence's tokens that also occur in its reference (English)
   translation: shared subword vocabulary as a rival explanation for shared subnetworks.
 - `mean_std_over_seeds`, `expected_jaccard_over_seeds`, `seed_stability`: the same over several pruning
@@ -26,6 +27,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from itertools import combinations, product
 
@@ -133,38 +135,78 @@ def proportion_kept_per_layer(masks: Mapping[str, torch.Tensor]) -> pd.DataFrame
     return _per_layer_table(rows)
 
 
-def _params_kept_by_layer(mask: torch.Tensor, hidden_size: int, head_dim: int, name: str = "mask") -> list[float]:
+@dataclass(frozen=True)
+class AttentionParams:
+    """The parameters of one layer's attention block, by what they serve.
+
+    - `per_query_head`: one query head's query rows (weights and bias) and its slice of the output
+      projection's weight; where a head has its own key and value (kv_heads == heads, e.g. a fused
+      q/k/v projection) its key and value rows too;
+    - `per_kv_head`: one key/value head's key and value rows (weights and biases) under grouped-query
+      attention, read by heads // kv_heads query heads; 0 where counted in `per_query_head`;
+    - `shared`: the rest, kept whatever heads are pruned: the output projection's bias and the norms
+      inside the block (BERT's attention LayerNorm, Qwen 3's and Gemma 3's q_norm and k_norm).
+    """
+
+    per_query_head: int
+    per_kv_head: int
+    shared: int
+    heads: int
+    kv_heads: int
+
+    def __post_init__(self):
+        if self.kv_heads < 1 or self.heads % self.kv_heads:
+            raise ValueError(f"{self.heads} query heads cannot share {self.kv_heads} key/value heads evenly")
+        if min(self.per_query_head, self.per_kv_head, self.shared) < 0:
+            raise ValueError(f"parameter counts must not be negative: {self}")
+
+    @classmethod
+    def full_mha(cls, hidden_size: int, head_dim: int, heads: int) -> AttentionParams:
+        """BERT's and XLM-R's block (Vaswani et al. 2017 with biases, then the attention LayerNorm), hidden
+        size D, head size h: per head the query, key and value rows, 3 (D h + h), and the output
+        projection's h input columns, D h, so 4 D h + 3 h; shared the output bias and the LayerNorm, 3 D."""
+        return cls(4 * hidden_size * head_dim + 3 * head_dim, 0, 3 * hidden_size, heads, heads)
+
+    @property
+    def total(self) -> int:
+        """The block's parameters with every head kept."""
+        return self.shared + self.heads * self.per_query_head + self.kv_heads * self.per_kv_head
+
+
+def _params_kept_by_layer(mask: torch.Tensor, params: AttentionParams, name: str = "mask") -> list[float]:
     """Share of each layer's attention parameters kept by `mask`, the formula of `params_kept_per_layer`."""
-    per_head = 4 * hidden_size * head_dim + 3 * head_dim
-    shared = 3 * hidden_size
     kept = _kept(mask, name)
-    total = kept.shape[1] * per_head + shared
-    return [(int(k) * per_head + shared) / total for k in kept.sum(1).tolist()]
+    layers, heads = kept.shape
+    if heads != params.heads:
+        raise XlsubError(f"{name}: {heads} heads per layer, but the model's attention has {params.heads}; "
+                         "use masks pruned from this model")
+    kv_kept = kept.view(layers, params.kv_heads, heads // params.kv_heads).any(2).sum(1).tolist()
+    # integer numerators and one division: the full-MHA case gives the same floats as (k per_head + 3 D) / total
+    return [(params.shared + int(q) * params.per_query_head + int(kv) * params.per_kv_head) / params.total
+            for q, kv in zip(kept.sum(1).tolist(), kv_kept)]
 
 
-def params_kept_per_layer(masks: Mapping[str, torch.Tensor], hidden_size: int, head_dim: int) -> pd.DataFrame:
+def params_kept_per_layer(masks: Mapping[str, torch.Tensor], params: AttentionParams) -> pd.DataFrame:
     """Share of each layer's attention parameters kept: rows languages, columns layers.
 
-    A layer's attention block with H heads of size h = head_dim and hidden size D holds
-    - per head: query, key and value rows, 3 (D h + h) weights and biases, and the output projection's
-      h input columns, D h: per_head = 4 D h + 3 h;
-    - shared: the output projection's bias (D) and the attention LayerNorm's weight and bias (2 D),
-      which stay whatever heads are pruned.
-    With k of H heads kept the share is (k per_head + 3 D) / (H per_head + 3 D): the always-kept
-    parameters count as kept, as they do in a model pruned by `xlsub.models.pruning.prune_heads`. A layer with
-    every head pruned keeps 3 D / (H per_head + 3 D), not 0.
+    With k of H query heads kept, and k_kv of the key/value heads (kept while at least one query head of
+    its group is: query head i reads key/value head i // (H / kv_heads)), the share is
+    (shared + k per_query_head + k_kv per_kv_head) / total (`AttentionParams`): the always-kept
+    parameters count as kept, as they do in a model pruned by `xlsub.models.pruning.prune_heads`. A layer
+    with every head pruned keeps shared / total, not 0. For BERT and XLM-R (`AttentionParams.full_mha`,
+    hidden size D, head size h) that is (k (4 D h + 3 h) + 3 D) / (H (4 D h + 3 h) + 3 D).
     """
-    return _per_layer_table({lang: _params_kept_by_layer(mask, hidden_size, head_dim, lang) for lang, mask in masks.items()})
+    return _per_layer_table({lang: _params_kept_by_layer(mask, params, lang) for lang, mask in masks.items()})
 
 
-def params_kept_frac(mask: torch.Tensor, hidden_size: int, head_dim: int) -> float:
-    """Fraction of the attention parameters kept by `mask` over the whole model: query/key/value/output
-    weights and biases and the attention LayerNorm of every layer (`params_kept_per_layer`'s formula).
+def params_kept_frac(mask: torch.Tensor, params: AttentionParams) -> float:
+    """Fraction of the attention parameters kept by `mask` over the whole model: every parameter of every
+    layer's attention block (`params_kept_per_layer`'s formula).
 
     Every layer holds the same number of parameters before pruning, so this is the mean of the per-layer
     shares.
     """
-    return float(np.mean(_params_kept_by_layer(mask, hidden_size, head_dim)))
+    return float(np.mean(_params_kept_by_layer(mask, params)))
 
 
 def _per_layer_table(rows: Mapping[str, list[float]]) -> pd.DataFrame:

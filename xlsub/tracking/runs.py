@@ -633,12 +633,24 @@ def fill_mask_signature(tokenizer):
     return example, infer_signature(example, ["capital"], params={"top_k": 1})
 
 
-def log_masked_lm(model, tokenizer, name: str, *, tags: Mapping[str, str], params: Mapping[str, object] | None = None,
-                  step: int = 0, link: Iterable[str] = ()):
-    """Log `model` (a stock masked LM) and `tokenizer` as an MLflow transformers-flavor model of the active
-    run (its source run), named `name`, with `tags` and `params`. Loadable without xlsub by
-    `mlflow.transformers.load_model("models:/<model_id>")` or, in its `model/` folder,
-    `AutoModelForMaskedLM.from_pretrained`. Returns the ModelInfo (`.model_id`).
+def text_generation_signature():
+    """An input example (the start of a sentence) and a signature for a text-generation model: a string in,
+    the continued text out, and the generation parameters `max_new_tokens` and `do_sample` (greedy by
+    default) as parameters (`params: {max_new_tokens: 5}` when serving)."""
+    from mlflow.models import infer_signature
+
+    example = "Paris is the capital of"
+    return example, infer_signature(example, ["Paris is the capital of France."], params={"max_new_tokens": 20, "do_sample": False})
+
+
+def log_lm(model, tokenizer, name: str, *, tags: Mapping[str, str], params: Mapping[str, object] | None = None,
+           step: int = 0, link: Iterable[str] = ()):
+    """Log `model` (a stock masked or causal LM) and `tokenizer` as an MLflow transformers-flavor model of the
+    active run (its source run), named `name`, with `tags` and `params`: task `fill-mask` for a masked LM,
+    `text-generation` for a causal LM (the family adapter's objective), each with its input example and
+    parameters. Loadable without xlsub by `mlflow.transformers.load_model("models:/<model_id>")` or, in
+    its `model/` folder, `AutoModelForMaskedLM`/`AutoModelForCausalLM.from_pretrained`. Returns the
+    ModelInfo (`.model_id`).
 
     MLflow itself links the run's metrics at `step` to the model (with the dataset each was logged
     with); `link` names step-0 metrics to link besides, as logged (same value, timestamp and dataset,
@@ -646,9 +658,13 @@ def log_masked_lm(model, tokenizer, name: str, *, tags: Mapping[str, str], param
     import mlflow.transformers
     from mlflow.entities import Metric
 
-    example, signature = fill_mask_signature(tokenizer)
+    from xlsub.models.families import CAUSAL, adapter_for
+
+    causal = adapter_for(model).objective == CAUSAL
+    task = "text-generation" if causal else "fill-mask"
+    example, signature = text_generation_signature() if causal else fill_mask_signature(tokenizer)
     with _quiet(logging.getLogger("mlflow.transformers"), (*OFFLINE_HUB_WARNINGS, EXAMPLE_CHECK_WARNING)):
-        info = mlflow.transformers.log_model(transformers_model={"model": model, "tokenizer": tokenizer}, task="fill-mask", name=name,
+        info = mlflow.transformers.log_model(transformers_model={"model": model, "tokenizer": tokenizer}, task=task, name=name,
                                              pip_requirements=model_requirements(), tags={artifacts.RUN_STATUS_TAG: "RUNNING", **tags}, step=step,
                                              params={k: str(v) for k, v in (params or {}).items()} or None,
                                              signature=signature, input_example=example)
