@@ -26,7 +26,7 @@ from xlsub.tracking.runs import same_value
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("finetune", "prune", "encode", "analyze")
-DOCUMENTED = STAGES + ("compare",)
+DOCUMENTED = STAGES + ("compare", "neurons")
 
 
 # -- subnetwork ids ---------------------------------------------------------------------------------------

@@ -14,12 +14,12 @@ from xlsub.errors import XlsubError
 from xlsub.models.heads import HeadGates, attention_modules, head_importance, num_heads
 from xlsub.models.mlm import perplexity
 from xlsub.models.pruning import (
-    _prune_loop,
     iterative_pruning,
     load_pruned,
     mask_least_important,
     masked_perplexities,
     prune_heads,
+    prune_loop,
     random_mask_like,
     save_pruned,
     select_mask,
@@ -66,7 +66,7 @@ def scripted(ppls: list[float], importance: torch.Tensor):
 def test_loop_stops_at_the_first_step_past_the_threshold():
     importance = torch.arange(12.0).view(3, 4)  # head (0, 0) least important, then (0, 1), ...
     evaluate, seen = scripted([10.0, 10.4, 10.9, 11.3, 10.0, 10.0], importance)
-    result = _prune_loop(evaluate, (3, 4), threshold=1.1, amount=0.25, target_sparsity=None, continue_to=0.0,
+    result = prune_loop(evaluate, (3, 4), threshold=1.1, amount=0.25, target_sparsity=None, continue_to=0.0,
                          progress=None, progress_desc="test")
     assert len(seen) == 4  # step 3 exceeds 11.0; steps 4 and 5 are never evaluated
     assert [s.ppl for s in result.steps] == [10.0, 10.4, 10.9, 11.3]
@@ -83,24 +83,24 @@ def test_loop_stops_at_the_first_step_past_the_threshold():
 def test_the_trajectory_goes_on_to_continue_to_and_keeps_the_same_mask():
     importance = torch.arange(12.0).view(3, 4)
     evaluate, seen = scripted([10.0, 10.4, 11.3, 10.0, 10.0, 10.0], importance)
-    result = _prune_loop(evaluate, (3, 4), threshold=1.1, amount=0.25, target_sparsity=None, progress=None,
+    result = prune_loop(evaluate, (3, 4), threshold=1.1, amount=0.25, target_sparsity=None, progress=None,
                          progress_desc="test", continue_to=0.9)
     # past the threshold at step 2, then on in steps of 3 until round(12 * 0.9) = 11 heads are off: 12
     assert [12 - int(s.mask.sum()) for s in result.steps] == [0, 3, 6, 9, 12]
     assert result.kept == 1 and torch.equal(result.mask, result.steps[1].mask)
-    sparse = _prune_loop(scripted([10.0] * 9, importance)[0], (3, 4), threshold=1.1, amount=0.25, target_sparsity=0.6,
+    sparse = prune_loop(scripted([10.0] * 9, importance)[0], (3, 4), threshold=1.1, amount=0.25, target_sparsity=0.6,
                          progress=None, progress_desc="test", continue_to=0.75)
     # 7 heads (the target) exactly, then whole steps to 9
     assert [12 - int(s.mask.sum()) for s in sparse.steps] == [0, 3, 6, 7, 10]
     assert int((sparse.mask == 0).sum()) == 7
     with pytest.raises(XlsubError, match="^continue_to: "):
-        _prune_loop(evaluate, (3, 4), threshold=1.1, amount=0.25, target_sparsity=None, progress=None, progress_desc="t",
+        prune_loop(evaluate, (3, 4), threshold=1.1, amount=0.25, target_sparsity=None, progress=None, progress_desc="t",
                     continue_to=1.5)
 
 
 def test_loop_ends_when_no_head_remains():
     evaluate, seen = scripted([10.0] * 20, torch.rand(3, 4))
-    result = _prune_loop(evaluate, (3, 4), threshold=1.1, amount=0.4, target_sparsity=None, continue_to=0.0,
+    result = prune_loop(evaluate, (3, 4), threshold=1.1, amount=0.4, target_sparsity=None, continue_to=0.0,
                          progress=None, progress_desc="test")
     # int(12 * 0.4) = 4 heads per step: 12 heads off after 3 steps
     assert [int(s.mask.sum()) for s in result.steps] == [12, 8, 4, 0]

@@ -101,6 +101,23 @@ BAD: dict[str, dict[str, list[str]]] = {
         "length_permutations": ["0"],
         "power_draws": ["0"],
     },
+    "neurons": {
+        "finetune_run_id": RUN_ID_BAD,
+        "languages": [*LANGUAGES_BAD, "en"],  # lape (the default) needs two or more
+        "method": ["entropy", "LAPE2", ""],
+        "top_rate": ["0", "1.5", "-0.01"],
+        "filter_rate": ["0", "1.1"],
+        "activation_bar": ["0", "2"],
+        "threshold": ["0.9", "0"],
+        "amount": ["0", "1.5"],
+        "target_sparsity": ["0", "1", "half", ""],
+        "examples": ["0", "-1"],
+        "seeds": SEEDS_BAD,
+        "batch_size": ["0"],
+        "random_draws": ["0"],
+        "log_stock_models": ["maybe"],
+        "device": ["tpu"],
+    },
     "compare": {
         "analyze_run_ids": ["", "a", "a,,b", ",a,b", "a,b,a", "a,latest", "a, LATEST"],
     },

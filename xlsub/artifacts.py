@@ -82,6 +82,16 @@ STEPS = "steps.json"  # prune child: one row per pruning step, with its mask (an
 RANDOM_MASKS = "random_masks.json"  # prune child: the random-mask control draws, a list of [layers][heads] 0/1
 CHUNK_LOSSES = "chunk_losses"  # prune parent: chunk_losses.csv, per test chunk NLL and tokens of every model
 VERDICTS = "verdicts.json"  # analyze: the answers, one object per question
+# the neurons stage (feed-forward neurons as the unit; `entry_points/neurons.py`)
+NEURON_MASK = "neuron_mask.json"  # neurons child: [layers][neurons] of 0/1, 1 = kept, 0 = switched off (the language's neurons)
+NEURON_MASK_HALVES = "neuron_mask_halves.json"  # neurons child: {"a": mask, "b": mask} selected from two disjoint halves of its text
+NEURON_RANDOM_MASKS = "neuron_random_masks.json"  # neurons child: the random-neuron control draws, a list of masks
+ACTIVATION_PROBABILITY = "activation_probability.safetensors"  # neurons child: {"p": [layers, neurons]} share of real tokens with activation > 0
+NEURON_ELIGIBLE = "neuron_eligible.json"  # neurons parent: {seed: [layers][neurons] 0/1}, neurons LAPE could select (p above a language's filter quantile)
+NEURON_PPL = "neuron_ppl"  # neurons parent: language's neurons switched off x evaluation language (.csv, _relative.csv, .png)
+NEURON_PPL_RANDOM = "neuron_ppl_random"  # neurons parent: the random-neuron control of the same (mean over draws)
+NEURON_CHUNK_LOSSES = "neuron_chunk_losses"  # neurons parent: per test chunk NLL and tokens of full, each neuron set (draw -1) and its draws
+NEURONS_OFF = "neurons_off"  # neurons child metric: how many neurons its mask switches off
 IMPORTANCE_RELIABILITY = "importance_reliability"  # prune child metric: Spearman-Brown split-half reliability of importance
 # prune child metrics: the chosen subnetwork's perplexity on the pruning data and fraction of heads off (those of
 # its logged model), and the same along the pruning path, per step (`steps.json` holds the path too)
@@ -149,6 +159,11 @@ class SubnetworkId:
     def model_name(self) -> str:
         """The prune child's MLflow logged model (stock form), e.g. `subnetwork-de-s0`."""
         return f"subnetwork-{self}"
+
+    @property
+    def neurons_model_name(self) -> str:
+        """The neurons child's MLflow logged model (stock form, its neurons switched off), e.g. `neurons-de-s0`."""
+        return f"neurons-{self}"
 
     @classmethod
     def parse(cls, text: str) -> SubnetworkId:
@@ -308,6 +323,7 @@ MANIFEST_KEYS = {
     "prune": ("languages", "subnetworks"),  # subnetworks: SubnetworkIds as text, in run order
     "encode": ("languages", "model_keys"),  # model_keys: `full`, subnetwork ids, `base`, `random`, as encoded
     "analyze": ("languages", "tables"),  # tables: the table ids written under tables/
+    "neurons": ("languages", "subnetworks", "method"),  # subnetworks: language-seed ids in run order; method: lape or importance
 }
 
 

@@ -110,7 +110,7 @@ def check_settings(*, threshold: float, amount: float, target_sparsity: float | 
 Evaluate = Callable[[torch.Tensor], tuple[torch.Tensor, float]]
 
 
-def _prune_loop(
+def prune_loop(
     evaluate: Evaluate,
     shape: tuple[int, int],
     *,
@@ -120,7 +120,10 @@ def _prune_loop(
     continue_to: float,
     progress: Callable[[Step], None] | None,
     progress_desc: str,
+    unit: str = "heads",
 ) -> PruningResult:
+    """The iterative pruning loop over any `shape` of units ([layers, heads], or [layers, neurons]): `evaluate(mask)`
+    gives (importance, perplexity) under a mask; see `iterative_pruning` for the rule. `unit` names them in the log."""
     check_settings(threshold=threshold, amount=amount, target_sparsity=target_sparsity, continue_to=continue_to)
     total = shape[0] * shape[1]
     per_step = max(1, int(total * amount))
@@ -148,8 +151,8 @@ def _prune_loop(
         steps.append(Step(len(steps), ppl, off / total, mask))
         importances.append(importance)
         bar.update()
-        log.info("step %d: %d of %d heads off, ppl %.4g (%.4g x unpruned)",
-                 len(steps) - 1, off, total, ppl, ppl / base_ppl)
+        log.info("step %d: %d of %d %s off, ppl %.4g (%.4g x unpruned)",
+                 len(steps) - 1, off, total, unit, ppl, ppl / base_ppl)
         if progress is not None:
             progress(steps[-1])
     bar.close()
@@ -193,7 +196,7 @@ def iterative_pruning(
         result = head_importance(model, batches, mask)
         return result.importance, result.perplexity
 
-    return _prune_loop(evaluate, mask_shape(model), threshold=threshold, amount=amount,
+    return prune_loop(evaluate, mask_shape(model), threshold=threshold, amount=amount,
                        target_sparsity=target_sparsity, continue_to=continue_to, progress=progress, progress_desc=progress_desc)
 
 

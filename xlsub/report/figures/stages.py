@@ -83,12 +83,15 @@ def robust_log_range(table: pd.DataFrame, center: float | None = None, quantile:
     return lo, hi, bool(values.min() < lo * (1 - 1e-9) or values.max() > hi * (1 + 1e-9))
 
 
-def cross_perplexity_figures(matrix: pd.DataFrame, relative: pd.DataFrame, control: bool = False) -> dict[str, Figure]:
+def cross_perplexity_figures(matrix: pd.DataFrame, relative: pd.DataFrame, control: bool = False, *,
+                             stem: str | None = None, what: str | None = None) -> dict[str, Figure]:
     """The prune stage's heatmaps of the cross-language perplexity matrix and of the same relative to the
     full model (`xlsub.models.pruning.cross_perplexity_matrix`, `relative_perplexity`), by table id: `cross_ppl`
     and `cross_ppl_relative`, or with `control` (the random-mask matrices) `cross_ppl_random` and
-    `cross_ppl_random_relative`."""
-    stem, what = (CROSS_PPL_RANDOM, "random mask of the same size per layer") if control else (CROSS_PPL, "language subnetwork")
+    `cross_ppl_random_relative`. Another stage's matrices (the neurons stage's deactivation matrix) name
+    their own `stem` and say `what` the rows are."""
+    default_stem, default_what = (CROSS_PPL_RANDOM, "random mask of the same size per layer") if control else (CROSS_PPL, "language subnetwork")
+    stem, what = stem or default_stem, what or default_what
     return {stem: matrix_heatmap(matrix, f"Perplexity: {what} (rows) on each language (columns)", "perplexity", robust_log=True),
             f"{stem}_relative": matrix_heatmap(relative, f"Perplexity relative to the full model: {what}", "ppl / full ppl",
                                                fmt=".2f", cmap=RATIO_CMAP, center=1.0, robust_log=True)}
