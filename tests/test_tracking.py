@@ -1,5 +1,7 @@
 """Run resolution and reuse rules, against a throwaway sqlite store."""
 
+import dataclasses
+
 import pytest
 
 from tests.conftest import sqlite_store
@@ -77,7 +79,7 @@ def test_resolve_run_refuses_a_deleted_run_and_names_the_experiment_latest_searc
 
 
 def test_a_main_run_that_reuses_every_stage_shows_its_pipeline(client):
-    """Issue 24, case 4: a main run whose every stage is reused still links the four stage runs by ID in its
+    """Issue 24, case 4: a main run whose every stage is reused still links the stage runs by ID in its
     description (the run note) and carries the analyze run's verdict metrics (and no other of its metrics)."""
     from dataclasses import replace
 
@@ -93,7 +95,7 @@ def test_a_main_run_that_reuses_every_stage_shows_its_pipeline(client):
     client.log_metric(ids["analyze"], "mean_jaccard", 0.5)
     pipeline.main([])
     (run,) = client.search_runs(["0"], f"tags.`{tracking.STAGE_TAG}` = 'main'")
-    assert run.info.status == "FINISHED" and run.data.tags["xlsub.reused"] == "finetune,prune,encode,analyze"
+    assert run.info.status == "FINISHED" and run.data.tags["xlsub.reused"] == "finetune,prune,neurons,encode,analyze"
     note = run.data.tags["mlflow.note.content"]
     for stage, run_id in ids.items():
         assert f"- {stage}: [{run_id}](#/experiments/0/runs/{run_id}) (reused)" in note
@@ -122,3 +124,27 @@ def test_a_run_id_mlflow_run_logged_with_quotes_is_read_without_them(client, mon
         assert tracking.resolve_run("finetune_run_id", client.get_run(run).data.params["finetune_run_id"], "finetune").info.run_id == finetune
     assert f"prune: `mlflow run` stored finetune_run_id as typed; xlsub reads it as '{finetune}'" in caplog.text
     assert client.get_run(run).info.status == "FINISHED"
+
+
+def test_a_stage_that_crashes_fails_its_run_with_one_error_line(client):
+    """Issue 24, case 7: an unexpected exception (a bug, not bad input) fails the run with the `xlsub.error` tag
+    that bad input gets: one line with the exception's type, its message (lines joined) and the frame that
+    raised it. The exception still propagates with its traceback."""
+    from xlsub import artifacts
+
+    @dataclasses.dataclass
+    class Args:
+        def validate(self):
+            pass
+
+    def load_checkpoint():
+        raise RuntimeError("PytorchStreamReader failed reading zip archive:\n  failed finding central directory")
+
+    with pytest.raises(RuntimeError, match="^PytorchStreamReader"), tracking.stage_run("finetune", Args()) as run:
+        load_checkpoint()
+    ended = client.get_run(run.info.run_id)
+    assert ended.info.status == "FAILED"
+    line = load_checkpoint.__code__.co_firstlineno + 1  # the raise
+    assert ended.data.tags[artifacts.ERROR_TAG] == ("RuntimeError: PytorchStreamReader failed reading zip archive: failed finding central "
+                                                    f"directory (at tests/test_tracking.py:{line} in load_checkpoint)")
+    assert "\n" not in ended.data.tags[artifacts.ERROR_TAG]

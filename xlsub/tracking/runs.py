@@ -13,6 +13,7 @@ import shlex
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -25,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from transformers import TrainerCallback
 
 from xlsub import artifacts
-from xlsub.artifacts import CHILD_TAG, CODE_TAG, ERROR_TAG, PARENT_TAG, STAGE_TAG, SubnetworkId
+from xlsub.artifacts import CHILD_TAG, CLAIM_TAG, CLAIM_TIME_TAG, CODE_TAG, ERROR_TAG, PARENT_TAG, STAGE_TAG, SubnetworkId
 from xlsub.errors import XlsubError
 from xlsub.tracking import checkpoints, interrupts, liveness, server
 from xlsub.tracking.code_version import code_version
@@ -81,8 +82,10 @@ def stage_run(stage: str, args, *, log_to_mlflow: bool = True, system_metrics: b
     parameter dataclass) logged as parameters and validated inside the run.
 
     Bad input (XlsubError, from `args.validate()` or later) prints one line, marks the run FAILED and
-    exits with status 2; any other exception marks it FAILED and propagates. Ranks other than 0 of a
-    distributed job pass `log_to_mlflow=False` and get the same error handling with no run.
+    exits with status 2; any other exception (a bug) marks it FAILED with the same tag, `xlsub.error`, holding
+    `crash_line` (its type, message and where it was raised), and propagates with its traceback. Ranks other
+    than 0 of a distributed job pass `log_to_mlflow=False` and get the same error handling with no run.
+    A twin claim (`xlsub.tracking.twins`) on the run ends with it: the run's page shows none once it ended.
 
     SIGTERM, SIGHUP and SIGINT (`xlsub.tracking.interrupts`) mark the run, the run the process was logging to and
     the run's children KILLED, and exit with status 128 + the signal's number. An http(s) tracking server
@@ -135,11 +138,53 @@ def stage_run(stage: str, args, *, log_to_mlflow: bool = True, system_metrics: b
         log.warning("%s: %s; runs marked KILLED", stage, stop)
         gc.freeze()  # the collection at exit walks torch's and transformers' objects for seconds: leave them be
         sys.exit(stopped.exit_code)
+    except Exception as err:  # a bug: the run says what crashed in one line, the traceback goes to stderr as it is
+        if active is not None:
+            _set_tag(active.info.run_id, ERROR_TAG, crash_line(err))
+        raise
     finally:
+        if active is not None:
+            drop_tags(active.info.run_id, (CLAIM_TAG, CLAIM_TIME_TAG))
         if log_to_mlflow and mlflow.active_run() is not None:
             mlflow.end_run(status)
             if status != "KILLED":  # mark_killed tags those
                 mark_models(active.info.run_id, status, active.info.experiment_id)
+
+
+def crash_line(err: BaseException, limit: int = 500) -> str:
+    """One line for an unexpected exception: `<type>: <message> (at <file>:<line> in <function>)`, the frame
+    that raised it, the message's lines joined and cut at `limit` characters."""
+    message = " ".join(str(err).split())
+    if len(message) > limit:
+        message = message[: limit - 3] + "..."
+    frames = traceback.extract_tb(err.__traceback__)
+    where = ""
+    if frames:
+        last = frames[-1]
+        path = Path(last.filename)
+        try:
+            path = path.resolve().relative_to(Path.cwd())
+        except ValueError:
+            pass
+        where = f" (at {path}:{last.lineno} in {last.name})"
+    return f"{type(err).__name__}: {message}{where}" if message else f"{type(err).__name__}{where}"
+
+
+def _set_tag(run_id: str, key: str, value: str) -> None:
+    try:
+        MlflowClient().set_tag(run_id, key, value)
+    except MlflowException as err:  # the run's status still says it failed; the tag must not hide why
+        log.warning("run %s not tagged %s: %s", run_id, key, err)
+
+
+def drop_tags(run_id: str, keys: Iterable[str]) -> None:
+    """Delete the tags `keys` of run `run_id` that it has (MLflow refuses to delete a tag a run lacks)."""
+    client = MlflowClient()
+    try:
+        for key in keys & client.get_run(run_id).data.tags.keys():
+            client.delete_tag(run_id, key)
+    except MlflowException as err:
+        log.warning("run %s: tags %s not removed: %s", run_id, ", ".join(keys), err)
 
 
 def mark_models(run_id: str, status: str, experiment_id: str | None = None) -> None:

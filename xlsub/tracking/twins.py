@@ -8,6 +8,10 @@ ahead of it: a stage run already running, or a claim made earlier (same time: th
 that of two pipelines started together exactly one computes and the other, which sees the first's claim,
 waits; neither waits for the other. The waiting one reuses the twin's run once it FINISHES, and computes the
 stage itself when the twin dies or after `TWIN_WAIT_SECONDS`.
+
+A claim lasts while it means something: a main that reuses the stage drops it at once (`release`), one that
+computes it keeps it until it claims its next stage or its run ends (`runs.stage_run` drops it then), so a
+main run's page never shows a stale claim.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import os
 import time
 from collections.abc import Mapping
 
-from mlflow.entities import Run
+from mlflow.entities import Run, RunTag
 from mlflow.tracking import MlflowClient
 
 from xlsub.artifacts import CLAIM_TAG, CLAIM_TIME_TAG
@@ -31,6 +35,9 @@ log = logging.getLogger(__name__)
 # a finetune of XLM-R base takes hours; past this a waiting pipeline computes the stage itself
 TWIN_WAIT_SECONDS = float(os.environ.get("XLSUB_TWIN_WAIT_SECONDS", "21600"))
 TWIN_POLL_SECONDS = float(os.environ.get("XLSUB_TWIN_POLL_SECONDS", "5"))
+# A claim is stamped before it reaches the server: after claiming, wait this long (far longer than a tag
+# takes to arrive) before looking for earlier claims, so that one stamped earlier is seen, not missed
+CLAIM_SETTLE_SECONDS = 1.0
 
 
 def claim_key(stage: str, params: Mapping[str, object]) -> str:
@@ -42,9 +49,14 @@ def claim_key(stage: str, params: Mapping[str, object]) -> str:
 
 def claim(run_id: str, stage: str, params: Mapping[str, object], at: float | None = None) -> None:
     """Record on run `run_id` (a main run) that it is about to compute `stage` with `params`, at time `at`."""
-    client = MlflowClient()
-    client.set_tag(run_id, CLAIM_TAG, claim_key(stage, params))
-    client.set_tag(run_id, CLAIM_TIME_TAG, f"{time.time() if at is None else at:.6f}")
+    at = time.time() if at is None else at
+    # one request: a claim seen without its time would be ordered by its run's start instead
+    MlflowClient().log_batch(run_id, tags=[RunTag(CLAIM_TAG, claim_key(stage, params)), RunTag(CLAIM_TIME_TAG, f"{at:.6f}")])
+
+
+def release(run_id: str) -> None:
+    """Drop the claim of run `run_id`: it reuses the stage, or has ended."""
+    tracking.drop_tags(run_id, (CLAIM_TAG, CLAIM_TIME_TAG))
 
 
 def _order(run: Run) -> tuple[float, str]:
@@ -69,18 +81,23 @@ def ahead(experiment_id: str, stage: str, params: Mapping[str, object], run_id: 
 def wait_for_twin(experiment_id: str, stage: str, params: Mapping[str, object], run_id: str, timeout: float = TWIN_WAIT_SECONDS,
                   poll: float = TWIN_POLL_SECONDS) -> Run | None:
     """Claim `stage` for run `run_id`, then wait while a twin ahead of it (`ahead`) computes it. Returns the
-    FINISHED run to reuse (`runs.find_reusable`), or None when this run computes the stage itself: no twin
-    ahead, the twin died without finishing, or `timeout` seconds passed. Each outcome is one log line."""
+    FINISHED run to reuse (`runs.find_reusable`; the claim dropped), or None when this run computes the stage
+    itself (the claim kept): no twin ahead, the twin died without finishing, or `timeout` seconds passed.
+    Each outcome is one log line."""
     claim(run_id, stage, params)
+    time.sleep(min(CLAIM_SETTLE_SECONDS, timeout))
     deadline = time.monotonic() + timeout
     waiting_for = None
     while True:
+        # twins first, then finished runs: a twin that finishes between the two looks is found finished, not
+        # taken for one that ended without finishing (which would compute the stage a second time)
+        twins = ahead(experiment_id, stage, params, run_id)
         done = tracking.find_reusable(experiment_id, stage, params)
         if done is not None:
             if waiting_for is not None:
                 log.info("%s: twin run %s finished it; reusing run %s", stage, waiting_for.info.run_id, done.info.run_id)
+            release(run_id)
             return done
-        twins = ahead(experiment_id, stage, params, run_id)
         if not twins:
             if waiting_for is not None:
                 log.warning("%s: twin run %s ended without finishing it; computing it here", stage, waiting_for.info.run_id)
