@@ -30,7 +30,8 @@ DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
 #   "keywords": whole values accepted as they are, case-insensitive (`all`, `latest`, `none`);
 #   "choices": the only values accepted; "pattern": a regular expression the value matches in full;
 #   "number": a Range for a number written as text (`target_sparsity`);
-#   "items": a comma-separated list, no empty or repeated item, each a LANGUAGE, a RUN_ID or an
+#   "items": a comma-separated list, no empty or repeated item, each a LANGUAGE, a RUN_ID, one of a tuple of
+#            choices (lower-cased), or an
 #            integer in a Range;
 #   "kind": LANGUAGE or RUN_ID for a single value.
 # Languages are lower-cased: `DE` is `de`.
@@ -126,6 +127,8 @@ def _normal(value: str, meta: Mapping) -> str:
         parts = [part.strip() for part in value.split(",")]
         if meta["items"] == LANGUAGE or meta["items"] == RUN_ID:  # a run ID list spells 'latest' as a keyword does
             parts = [part.lower() if meta["items"] == LANGUAGE or part.lower() == "latest" else part for part in parts]
+        elif isinstance(meta["items"], tuple):
+            parts = [part.lower() for part in parts]
         return ",".join(parts)
     return value.lower() if meta.get("kind") == LANGUAGE else value
 
@@ -160,8 +163,9 @@ def _check_field(name: str, kind: type, value, meta: Mapping) -> None:
         raise XlsubError(f"{name}: '{value}' is not a language code; give an ISO code such as en")
 
 
-def split_items(name: str, value: str, item: str | Range) -> list:
-    """`a,b,c` -> [a, b, c], each a LANGUAGE (lower-cased), a RUN_ID, or an integer in the Range `item`;
+def split_items(name: str, value: str, item: str | Range | tuple[str, ...]) -> list:
+    """`a,b,c` -> [a, b, c], each a LANGUAGE (lower-cased), a RUN_ID, one of the choices in the tuple `item`
+    (lower-cased), or an integer in the Range `item`;
     refuses an empty item (`en,,de`) and a repeated one."""
     parts = [part.strip() for part in value.split(",")]
     if "" in parts:
@@ -178,7 +182,11 @@ ITEM_NAMES = {LANGUAGE: "language codes", RUN_ID: "run IDs"}
 KIND_NAMES = {LANGUAGE: "a language code", RUN_ID: "a run ID"}
 
 
-def _item(name: str, text: str, item: str | Range):
+def _item(name: str, text: str, item: str | Range | tuple[str, ...]):
+    if isinstance(item, tuple):
+        if text.lower() not in item:
+            raise XlsubError(f"{name}: '{text}' is not one of {', '.join(item)}; give a comma-separated list of them")
+        return text.lower()
     if isinstance(item, Range):
         try:
             number = int(text)
@@ -206,7 +214,8 @@ def accepts(meta: Mapping, quote=str) -> str:
         parts.append("one of " + ", ".join(quote(c) for c in meta["choices"]))
     if "items" in meta:
         item = meta["items"]
-        what = ITEM_NAMES.get(item) if isinstance(item, str) else f"integers in {quote(item)}"
+        what = ITEM_NAMES.get(item) if isinstance(item, str) else \
+            f"items of {', '.join(quote(c) for c in item)}" if isinstance(item, tuple) else f"integers in {quote(item)}"
         parts.append(f"comma-separated {what}, each once")
     if "kind" in meta:
         parts.append(KIND_NAMES[meta["kind"]])

@@ -7,6 +7,7 @@ token overlap, as figures, tables and one report.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
@@ -14,16 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+import torch
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from transformers import AutoConfig, AutoTokenizer
 
-from entry_points._common import COUNT, LANGUAGE, REPLICATES, SEED, StageArgs, parse_args, run_id_field, split_items
+from entry_points._common import COUNT, LANGUAGE, REPLICATES, RUN_ID, SEED, StageArgs, parse_args, run_id_field, split_items
 from xlsub import artifacts
-from xlsub.errors import Range
+from xlsub.artifacts import SubnetworkId
+from xlsub.errors import Range, XlsubError
 from xlsub.models.families import adapter_for
 from xlsub.models.mlm import ChunkLosses
-from xlsub.report.analysis import AnalysisInputs, analyze
+from xlsub.report.analysis import AnalysisInputs, NeuronInputs, analyze
 from xlsub.report.html import write_report
 from xlsub.report.similarity_tables import Counts
 from xlsub.report.tables import long_table
@@ -40,6 +43,8 @@ LAYER = Range(0, meaning="a layer number (0 = embeddings)")
 class AnalyzeArgs(StageArgs):
     encode_run_id: str = run_id_field("encode run ID or 'latest'")
     prune_run_id: str = run_id_field("prune run ID or 'latest'; with an explicit encode_run_id, 'latest' means that encode run's prune run")
+    neurons_run_id: str = field(default="none", metadata={"help": "neurons run ID, 'latest' (the newest made from the same finetune run), or 'none' to analyse heads only",
+                                                          "kind": RUN_ID, "keywords": ("latest", "none")})
     cka: str = field(default="debiased", metadata={"help": "CKA kind: debiased (unbiased HSIC, the default: biased CKA is inflated when n is not far above d), linear or rbf",
                                                   "choices": KINDS})
     cka_precision: str = field(default="float64", metadata={"help": "CKA products: float64, or float32 accumulated in float64 (linear and debiased; about 1.5x faster on CPUs)",
@@ -110,7 +115,31 @@ def load_inputs(runs: dict[str, Run], children: dict, work: Path) -> AnalysisInp
     return AnalysisInputs(languages=sentences["languages"], masks=masks, importance_reliability=reliability, cross_ppl=cross, cross_ppl_random=cross_random, ppl_full=ppl_full,
                           encodings=encodings, tokens=tokens, attention_params=adapter_for(config).attention_params(config),
                           trajectories=trajectories,
-                          chunk_losses={key: ChunkLosses(*value) for key, value in losses.items()})
+                          chunk_losses={key: ChunkLosses(*value) for key, value in losses.items()},
+                          neurons=neuron_inputs(runs["neurons"], work / "neurons") if "neurons" in runs else None)
+
+
+def neuron_inputs(neurons: Run, work: Path) -> NeuronInputs:
+    """The neurons run's masks, split halves, eligible neurons and per-chunk losses, downloaded by run ID; refused
+    at once where an artifact is missing."""
+    children = tracking.prune_children(neurons, "neurons_run_id")
+    made = [SubnetworkId.parse(text) for text in lineage.manifest(neurons, "neurons_run_id", work)["subnetworks"]]
+    missing = [str(sid) for sid in made if sid not in children]
+    if missing:
+        raise XlsubError(f"neurons_run_id: neurons run {neurons.info.run_id} has no child run for {', '.join(missing)}; rerun neurons")
+    tracking.require_artifacts("neurons_run_id", neurons, [artifacts.table_path(artifacts.NEURON_CHUNK_LOSSES, folder=None), artifacts.NEURON_ELIGIBLE])
+    for sid in made:
+        tracking.require_artifacts("neurons_run_id", children[sid], [artifacts.NEURON_MASK, artifacts.NEURON_MASK_HALVES])
+
+    def read(run: Run, path: str):
+        return tracking.download(run.info.run_id, path, work / run.info.run_id, "neurons_run_id")
+
+    masks = {sid: artifacts.read_head_mask(read(children[sid], artifacts.NEURON_MASK)) for sid in made}
+    halves = {sid: {k: torch.tensor(v, dtype=torch.float32) for k, v in json.loads(read(children[sid], artifacts.NEURON_MASK_HALVES).read_text()).items()}
+              for sid in made}
+    eligible = {seed: torch.tensor(m) for seed, m in json.loads(read(neurons, artifacts.NEURON_ELIGIBLE).read_text()).items()}
+    losses = artifacts.read_chunk_losses(read(neurons, artifacts.table_path(artifacts.NEURON_CHUNK_LOSSES, folder=None)))
+    return NeuronInputs(masks, halves, eligible, {key: ChunkLosses(*value) for key, value in losses.items()})
 
 
 def main(argv: list[str] | None = None) -> None:

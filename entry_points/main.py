@@ -23,7 +23,7 @@ import mlflow
 from mlflow.exceptions import ExecutionException
 from mlflow.tracking import MlflowClient
 
-from entry_points._common import StageArgs, parse_args, parse_languages, stage_args_class
+from entry_points._common import StageArgs, parse_args, parse_languages, split_items, stage_args_class
 from xlsub import artifacts, stages
 from xlsub.errors import XlsubError
 from xlsub.tracking import interrupts, lineage, twins
@@ -37,11 +37,17 @@ STAGE_ARGS: dict[str, type[StageArgs]] = {stage.name: stage_args_class(stage.nam
 # Input runs (the registry's): set by main from the runs of earlier stages, never parameters of main.
 INPUTS = {stage.name: dict(stage.inputs) for stage in stages.pipeline()}
 # Fixed: later stages cover every language the finetune run trained.
-FIXED = {("prune", "languages"): "all", ("encode", "languages"): "all"}
+FIXED = {("prune", "languages"): "all", ("neurons", "languages"): "all", ("encode", "languages"): "all"}
 # Renamed: a name two stages use with different meanings. finetune's `corpus` is the MLM corpus, encode's
 # the parallel corpus; finetune and prune share `batch_size` (training and importance batches), encode's
 # is a forward-pass size with its own default.
-RENAMED = {("encode", "corpus"): "parallel_corpus", ("encode", "batch_size"): "encode_batch_size"}
+# The neurons stage's pruning-loop settings and text seeds are its own (prune's heads have theirs).
+RENAMED = {("encode", "corpus"): "parallel_corpus", ("encode", "batch_size"): "encode_batch_size",
+           ("neurons", "threshold"): "neuron_threshold", ("neurons", "amount"): "neuron_amount",
+           ("neurons", "target_sparsity"): "neuron_target_sparsity", ("neurons", "seeds"): "neuron_seeds",
+           ("neurons", "examples"): "neuron_examples", ("neurons", "method"): "neuron_method"}
+# Units of subnetwork main finds: attention heads (prune, always) and feed-forward neurons (the neurons stage).
+UNITS = ("heads", "neurons")
 # Defaults that differ from the stage's: the whole study encodes the random-init control.
 MAIN_DEFAULTS = {"use_random": True}
 
@@ -71,6 +77,9 @@ def _main_fields() -> list[tuple]:
     for name, (name, type_, metadata, default) in found.items():
         metadata["help"] = f"{', '.join(stages_of[name])}: {metadata.get('help', '')}"
         result.append((name, type_, field(default=default, metadata=metadata)))
+    result.append(("units", str, field(default="heads,neurons", metadata={
+        "help": "units of subnetwork: heads (attention heads: prune, encode, analyze) and neurons (feed-forward neurons: the neurons stage, "
+                "analysed beside the heads); comma-separated, heads always included", "items": UNITS})))
     result.append(("force", bool, field(default=False, metadata={"help": "recompute every stage even where a finished run could be reused"})))
     return result
 
@@ -80,7 +89,11 @@ def _check_stage(self) -> None:
     the same metadata checks under their main names), and the reference."""
     for stage in STAGE_ARGS:
         self.stage_args(stage).validate()
+    if "heads" not in split_items("units", self.units, UNITS):
+        raise XlsubError(f"units: '{self.units}' leaves out heads, which encode and analyze compare every unit with; pass heads or heads,neurons")
     languages = parse_languages(self.languages)
+    if "neurons" in split_items("units", self.units, UNITS) and self.neuron_method == "lape" and languages is not None and len(languages) < 2:
+        raise XlsubError("languages: lape neurons compare languages; give two or more, or pass units=heads (or neuron_method=importance)")
     if languages is not None and self.reference not in languages:
         raise XlsubError(f"reference: '{self.reference}' is not among languages {','.join(languages)}; add it or pass -P reference=<one of them>")
 
@@ -134,8 +147,12 @@ def main(argv: list[str] | None = None) -> None:
     with tracking.stage_run("main", args):
         reused: list[str] = []
         ids: dict[str, str] = {}
+        units = split_items("units", args.units, UNITS)
         for stage in STAGE_ARGS:
-            inputs = {name: ids[source] for name, source in INPUTS.get(stage, {}).items()}
+            if stage == "neurons" and "neurons" not in units:
+                continue
+            # an optional input (analyze's neurons run) main did not run is `none`
+            inputs = {name: ids.get(source, "none") for name, source in INPUTS.get(stage, {}).items()}
             ids[stage] = run_stage(stage, replace(args.stage_args(stage), **inputs), args.force, reused)
             if stage == "prune" and stage in reused and args.register:  # register is not compared for reuse
                 tracking.register_subnetworks(ids[stage])

@@ -33,7 +33,7 @@ def test_main_runs_the_four_stages_as_child_runs(tracking_server, pipeline):
 def test_identical_rerun_reuses_every_stage(tracking_server, pipeline):
     first, second = pipeline["first"], pipeline["second"]
     assert stage_ids(second) == stage_ids(first)
-    assert second.data.tags["xlsub.reused"] == "finetune,prune,encode,analyze"
+    assert second.data.tags["xlsub.reused"] == "finetune,prune,neurons,encode,analyze"
     assert second.data.tags["xlsub.reused.prune"] == stage_ids(first)["prune"]
     # issue 24, case 4: computed or reused, the main run links its stage runs and carries the verdicts
     analyze = MlflowClient(tracking_server).get_run(stage_ids(first)["analyze"]).data.metrics
@@ -89,7 +89,7 @@ def test_an_analyze_only_code_change_recomputes_analyze_alone(tracking_server, p
         f.write("\n# the report's wording changed\n")
     run, _ = main_run(tracking_server, SMALL_PIPELINE, root=copy)
     first, edited = stage_ids(pipeline["first"]), stage_ids(run)
-    assert run.data.tags["xlsub.reused"] == "finetune,prune,encode"
+    assert run.data.tags["xlsub.reused"] == "finetune,prune,neurons,encode"
     assert all(edited[s] == first[s] for s in ("finetune", "prune", "encode")) and edited["analyze"] != first["analyze"]
     client = MlflowClient(tracking_server)
     versions = {s: client.get_run(edited[s]).data.tags["xlsub.code_version"] for s in edited}

@@ -70,7 +70,7 @@ def test_main_registers_a_reused_prune_runs_models(server_uri, pipeline):
     client = MlflowClient(server_uri)
     first_prune = stage_ids(pipeline["first"])["prune"]
     assert all(not versions for _, _, versions in versions_of(client, first_prune).values())
-    run, _ = main_run(server_uri, {**SMALL_PIPELINE, "register": "true"})
+    run, _ = main_run(server_uri, {**SMALL_PIPELINE, "register": "true", "units": "heads"})
     assert run.data.tags["xlsub.reused.prune"] == first_prune
     for sid, (_, _, versions) in versions_of(client, first_prune).items():
         (version,) = versions

@@ -28,7 +28,7 @@ ENTRY_POINTS = sorted((ROOT / "entry_points").glob("*.py"))
 def test_the_registry_lists_every_entry_point_module_once():
     modules = {p.stem for p in ENTRY_POINTS if not p.stem.startswith("_")} - {"mlproject", "summary", "docs", "__init__"}
     assert set(stages.names()) == modules
-    assert stages.lineage_order() == ("finetune", "prune", "encode", "analyze")
+    assert stages.lineage_order() == ("finetune", "prune", "neurons", "encode", "analyze")
     assert [s.name for s in stages.pipeline()] == list(stages.lineage_order())
 
 
@@ -44,7 +44,8 @@ def test_each_stage_has_its_dataclass_and_its_inputs_are_run_id_parameters():
 def test_lineage_follows_inputs_of_inputs():
     assert stages.lineage("finetune") == ()
     assert stages.lineage("encode") == ("finetune", "prune")
-    assert stages.lineage("analyze") == ("finetune", "prune", "encode")  # finetune only through encode's tags
+    assert stages.lineage("analyze") == ("finetune", "prune", "encode")  # finetune only through encode's tags; neurons is optional
+    assert stages.lineage("neurons") == ("finetune",) and stages.required_inputs("analyze") == {"encode_run_id": "encode", "prune_run_id": "prune"}
     assert stages.lineage("compare") == ("finetune", "prune", "encode", "analyze")
     with pytest.raises(XlsubError, match="^stage: 'train' is not a stage"):
         stages.get("train")

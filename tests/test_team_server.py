@@ -47,7 +47,7 @@ def team_server(tmp_path_factory):
 # server, not the statistics
 TEAM_PIPELINE = {**SMALL_PIPELINE, "languages": "en,de", "random_draws": "1", "bootstrap": "20", "continue_to": "0",
                  "log_stock_models": "false", "permutations": "20", "cka_permutations": "20", "subnetwork_permutations": "10",
-                 "length_permutations": "10"}
+                 "length_permutations": "10", "units": "heads"}
 
 
 @pytest.fixture(scope="module")

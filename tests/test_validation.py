@@ -89,6 +89,7 @@ BAD: dict[str, dict[str, list[str]]] = {
     "analyze": {
         "encode_run_id": RUN_ID_BAD,
         "prune_run_id": RUN_ID_BAD,
+        "neurons_run_id": RUN_ID_BAD,
         "cka": ["cosine", ""],
         "cka_precision": ["float16", ""],
         "layers": ["0,,2", "1,1", "-1", "last", "1.5", ""],
@@ -122,7 +123,7 @@ BAD: dict[str, dict[str, list[str]]] = {
         "analyze_run_ids": ["", "a", "a,,b", ",a,b", "a,b,a", "a,latest", "a, LATEST"],
     },
 }
-MAIN_ONLY = {"force": ["maybe"]}
+MAIN_ONLY = {"force": ["maybe"], "units": ["neurons", "heads,heads", "heads,axons", ""]}
 PARSE_BAD = {float: ["nan", "inf", "-inf", "ten"], int: ["nan", "inf", "ten"], bool: ["nope"], str: []}
 
 

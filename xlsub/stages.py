@@ -19,7 +19,8 @@ from xlsub.errors import XlsubError
 class Stage:
     """One entry point of the MLflow Project.
 
-    `inputs` maps each run-ID parameter to the stage whose run it names; `lineage` is every upstream
+    `inputs` maps each run-ID parameter to the stage whose run it names (those in `optional` may be `none`:
+    the stage then reads no run of that stage); `lineage` is every upstream
     stage whose run the stage's runs are tagged with (`xlsub.<stage>_run_id`), its inputs and theirs.
     `outputs` are the artifact paths (inside the run) a later stage or a user reads; `manifest` is
     among them for the stages that record what they made. `pipeline` stages are main's children.
@@ -31,6 +32,7 @@ class Stage:
     inputs: Mapping[str, str] = field(default_factory=dict)
     outputs: tuple[str, ...] = ()
     pipeline: bool = True
+    optional: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "inputs", MappingProxyType(dict(self.inputs)))
@@ -56,12 +58,12 @@ REGISTRY: tuple[Stage, ...] = (
           inputs={"finetune_run_id": "finetune"},
           outputs=(artifacts.MANIFEST, artifacts.table_path(artifacts.NEURON_PPL, folder=None),
                    artifacts.table_path(artifacts.NEURON_CHUNK_LOSSES, folder=None), artifacts.NEURON_ELIGIBLE, artifacts.PPL_FULL),
-          pipeline=False),
+          ),
     Stage("encode", "EncodeArgs", "per-layer sentence representations of a parallel corpus for the full model, each subnetwork and the controls",
           inputs={"finetune_run_id": "finetune", "prune_run_id": "prune"},
           outputs=(artifacts.MANIFEST, f"{artifacts.ENCODINGS_DIR}/", artifacts.SENTENCES)),
-    Stage("analyze", "AnalyzeArgs", "overlap, cross-language perplexity, CKA, retrieval and RSA with controls, intervals and tests",
-          inputs={"encode_run_id": "encode", "prune_run_id": "prune"},
+    Stage("analyze", "AnalyzeArgs", "overlap, cross-language perplexity, CKA, retrieval and RSA with controls, intervals and tests; neurons beside heads",
+          inputs={"encode_run_id": "encode", "prune_run_id": "prune", "neurons_run_id": "neurons"}, optional=("neurons_run_id",),
           outputs=(artifacts.MANIFEST, artifacts.REPORT, artifacts.VERDICTS, f"{artifacts.TABLES_DIR}/", f"{artifacts.FIGURES_DIR}/")),
     Stage("compare", "CompareArgs", "several analyze runs as mean, spread and each run's value",
           inputs={"analyze_run_ids": "analyze"}, outputs=(artifacts.REPORT, artifacts.table_path(artifacts.COMPARE_METRICS, folder=None)),
@@ -88,14 +90,22 @@ def pipeline() -> tuple[Stage, ...]:
     return tuple(stage for stage in REGISTRY if stage.pipeline)
 
 
+def required_inputs(name: str) -> dict[str, str]:
+    """The stage's inputs it cannot go without: {run-ID parameter: stage}, the optional ones left out."""
+    stage = get(name)
+    return {param: upstream for param, upstream in stage.inputs.items() if param not in stage.optional}
+
+
 def lineage(name: str) -> tuple[str, ...]:
-    """Every stage upstream of `name` (its inputs, theirs, ...), in registry order."""
-    found, todo = set(), list(get(name).inputs.values())
+    """Every stage upstream of `name` through its required inputs (theirs, ...), in registry order: the
+    runs every run of `name` is tagged with. An optional input (analyze's neurons run) is tagged only
+    where it was used."""
+    found, todo = set(), list(required_inputs(name).values())
     while todo:
         upstream = todo.pop()
         if upstream not in found:
             found.add(upstream)
-            todo.extend(get(upstream).inputs.values())
+            todo.extend(required_inputs(upstream).values())
     return tuple(stage for stage in _BY_NAME if stage in found)
 
 

@@ -42,6 +42,8 @@ from xlsub.errors import XlsubError
 from xlsub.report import similarity_tables, tables, verdicts
 from xlsub.report.figures import CaptionedFigure, palette
 from xlsub.report.figures import analysis as figures
+from xlsub.report.figures.neurons import neuron_figures
+from xlsub.report.neuron_tables import neuron_analysis
 from xlsub.report.similarity_tables import Counts
 from xlsub.report.verdicts import Inference, Verdict
 from xlsub.similarity.cka import check_options, cka_matrix
@@ -61,6 +63,19 @@ from xlsub.stats.overlap import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class NeuronInputs:
+    """What the neurons stage made, for `xlsub.report.neuron_tables.neuron_analysis`: each language's neuron
+    mask (1 = kept), the split halves' masks, LAPE's eligible neurons per seed (empty for the importance
+    method) and the per-test-chunk losses of the full model, each language's neurons off and their random
+    controls ({(model, draw, language): ChunkLosses})."""
+
+    masks: dict[SubnetworkId, torch.Tensor]
+    halves: dict[SubnetworkId, dict[str, torch.Tensor]] = field(default_factory=dict)
+    eligible: dict[str, torch.Tensor] = field(default_factory=dict)
+    chunk_losses: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -97,6 +112,7 @@ class AnalysisInputs:
     shuffle_seed: int = 0
     chunk_losses: dict = field(default_factory=dict)
     trajectories: dict[SubnetworkId, list[torch.Tensor]] = field(default_factory=dict)
+    neurons: NeuronInputs | None = None
 
 
 @dataclass
@@ -426,6 +442,19 @@ def _language_distance(result: AnalysisResult, inputs: AnalysisInputs, langs: li
 
 # -- the analysis ------------------------------------------------------------------------------------------
 
+def _neurons(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], colours, permutations: int, bootstrap: int,
+             seed: int) -> None:
+    """The neurons stage's tables, figures and verdicts (`xlsub.report.neuron_tables`), beside the heads'."""
+    neurons = inputs.neurons
+    section, found, metrics, notes = neuron_analysis(neurons.masks, neurons.halves, neurons.eligible, neurons.chunk_losses, langs,
+                                                     head_masks=inputs.masks or None, head_relative=result.tables.get(TABLE.cross_ppl_relative),
+                                                     permutations=permutations, bootstrap=bootstrap, seed=seed)
+    result.add(section, neuron_figures(section, colours))
+    result.verdicts.extend(found)
+    result.metrics |= {k: v for k, v in metrics.items() if not k.startswith("verdict.")}  # the verdicts' come with the others'
+    result.notes.extend(notes)
+
+
 def analyze(inputs: AnalysisInputs, *, cka_kind: str, layers: Sequence[int] | None, cka_precision: str, reference: str,
             bootstrap: int, permutations: int, resample_seed: int, counts: Counts) -> AnalysisResult:
     """Every analysis whose inputs are present: tables, figures, captions and metrics (see the module docstring).
@@ -489,6 +518,8 @@ def analyze(inputs: AnalysisInputs, *, cka_kind: str, layers: Sequence[int] | No
     _language_distance(result, inputs, langs, cka_kind, cka_precision, permutations, resample_seed)
 
     _importance_reliability(result, inputs, langs)
+    if inputs.neurons is not None:
+        _neurons(result, inputs, langs, colours, permutations, bootstrap, resample_seed)
     # after every section: the representation sections add the last two verdicts
     result.verdicts.sort(key=lambda v: verdicts.QUESTIONS.index(v.question))
     result.metrics |= verdicts.as_metrics(result.verdicts)

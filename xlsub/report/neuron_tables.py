@@ -46,7 +46,18 @@ import torch
 from xlsub.artifacts import FULL_MODEL, SubnetworkId, group_by_language, language_metric, ordered, subnetwork_ids
 from xlsub.errors import XlsubError
 from xlsub.models.mlm import ChunkLosses
-from xlsub.report.verdicts import ALPHA, Inference, Verdict, as_metrics, evidence, format_p
+from xlsub.report.verdicts import (
+    ALPHA,
+    KEYS,
+    NEURON_LAYERS,
+    NEURON_SPECIFICITY,
+    NEURONS_VS_HEADS,
+    Inference,
+    Verdict,
+    as_metrics,
+    evidence,
+    format_p,
+)
 from xlsub.similarity.permutation import permutations as random_permutations
 from xlsub.stats.inference import (
     EXACT_LIMIT,
@@ -113,12 +124,9 @@ class NeuronMetricNames:
 NEURON_TABLE = NeuronTableIds()
 NEURON_METRIC = NeuronMetricNames()
 
-# The questions, in the report's order; they belong in `xlsub.report.verdicts.QUESTIONS` and `KEYS`.
-NEURON_SPECIFICITY = "Does switching off a language's neurons hurt that language most?"
-NEURON_LAYERS = "Do language neurons concentrate in the bottom and top layers?"
-NEURONS_VS_HEADS = "Do languages that share heads share neurons?"
+# The questions, in the report's order (declared with the others in `xlsub.report.verdicts`)
 NEURON_QUESTIONS = (NEURON_SPECIFICITY, NEURON_LAYERS, NEURONS_VS_HEADS)
-NEURON_KEYS = {NEURON_SPECIFICITY: "neuron_specificity", NEURON_LAYERS: "neuron_layers", NEURONS_VS_HEADS: "neurons_vs_heads"}
+NEURON_KEYS = {question: KEYS[question] for question in NEURON_QUESTIONS}
 MIN_MANTEL_LANGUAGES = 4  # with 3 languages, 3 pairs: no relabelling p below 1/6
 
 

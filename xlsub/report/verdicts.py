@@ -17,9 +17,15 @@ SPECIFICITY = "Does a language's subnetwork serve the other languages worse than
 STABILITY = "Are the masks stable across seeds?"
 BEYOND_LENGTH = "Do parallel sentences share representation beyond what length explains?"
 PRUNING_SPECIFIC = "Does pruning to a language's subnetwork change the representation of other languages more than its own?"
-QUESTIONS = (DIFFERENT_HEADS, SPECIFICITY, STABILITY, BEYOND_LENGTH, PRUNING_SPECIFIC)  # the report's order
+# feed-forward neurons (the neurons stage; judged in `xlsub.report.neuron_tables`)
+NEURON_SPECIFICITY = "Does switching off a language's neurons hurt that language most?"
+NEURON_LAYERS = "Do language neurons concentrate in the bottom and top layers?"
+NEURONS_VS_HEADS = "Do languages that share heads share neurons?"
+QUESTIONS = (DIFFERENT_HEADS, SPECIFICITY, STABILITY, BEYOND_LENGTH, PRUNING_SPECIFIC,
+             NEURON_SPECIFICITY, NEURON_LAYERS, NEURONS_VS_HEADS)  # the report's order
 KEYS = {DIFFERENT_HEADS: "different_heads", SPECIFICITY: "specificity", STABILITY: "stability",
-        BEYOND_LENGTH: "beyond_length", PRUNING_SPECIFIC: "pruning_specific"}  # metric names
+        BEYOND_LENGTH: "beyond_length", PRUNING_SPECIFIC: "pruning_specific", NEURON_SPECIFICITY: "neuron_specificity",
+        NEURON_LAYERS: "neuron_layers", NEURONS_VS_HEADS: "neurons_vs_heads"}  # metric names
 
 
 def as_metrics(verdicts) -> dict[str, float]:

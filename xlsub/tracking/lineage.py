@@ -25,8 +25,10 @@ from xlsub.tracking import runs as tracking
 
 def resolve_inputs(stage: str, values: Mapping[str, str]) -> dict[str, Run]:
     """{upstream stage: its FINISHED run} for every stage in `stage`'s lineage, in registry order.
-    `values` holds the stage's run-ID parameters as given (a run ID or `latest`)."""
-    inputs = stages.get(stage).inputs
+    `values` holds the stage's run-ID parameters as given (a run ID or `latest`; `none` for an optional
+    input the stage goes without)."""
+    declared = stages.get(stage)
+    inputs = {p: s for p, s in declared.inputs.items() if not (p in declared.optional and values.get(p, "none") == "none")}
     runs: dict[str, Run] = {}
     params: dict[str, str] = {}  # upstream stage -> the parameter that named its run, for messages
     explicit = [p for p in inputs if values[p] != "latest"]
