@@ -11,6 +11,13 @@ does not depend on the weights or the text.
   only) over 8 x 512-token chunks, the unit an iterative pruning step costs;
 - encode: `encode` (every layer, mean-pooled) of sentences of 10 to 60 tokens.
 
+A decoder row does the same at Qwen2.5-0.5B's shape (24 layers, 14 query and 2 key/value heads, hidden
+896, its 151,936-entry tied vocabulary; random init, bf16 training, 512 tokens): the causal-LM path of
+every stage. Finetune rows also give the model FLOPs utilisation: 6 FLOPs per parameter and token for
+the layers, plus the LM head's 6 x hidden x vocabulary at the positions it scores (the masked 15% of an
+MLM's, every position of a causal LM's), plus attention's 12 x layers x tokens x hidden, over the measured
+matrix-product rate of the run's precision.
+
 Prints steps/s, chunks/s, sentences/s and peak GPU memory per stage; without
 CUDA it says so and exits 0. `--smoke` runs the same code with the tiny shape
 and a few steps (on CPU too), so the script is tested where there is no GPU.
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -49,6 +57,41 @@ def build_model(shape: str, tokenizer, max_seq_len: int, vocab_size: int, seed: 
     return models.scratch_model(shape, tokenizer, max_seq_len, vocab_size=vocab_size)
 
 
+# Qwen/Qwen2.5-0.5B's configuration (its config.json), random init
+QWEN25_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
+                  vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1000000.0)
+
+
+def decoder_model(cfg, tokenizer):
+    """The decoder row's model: Qwen2.5-0.5B's shape, or with `--smoke` the tiny-qwen2 preset."""
+    import transformers
+
+    torch.manual_seed(0)
+    if cfg.smoke:
+        return models.scratch_model("tiny-qwen2", tokenizer, cfg.seq)
+    config = transformers.Qwen2Config(**QWEN25_05B, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                      eos_token_id=tokenizer.eos_token_id)
+    return transformers.Qwen2ForCausalLM(config)
+
+
+def model_for(cfg, tokenizer, decoder: bool):
+    return decoder_model(cfg, tokenizer) if decoder else build_model(cfg.shape, tokenizer, cfg.seq, cfg.vocab)
+
+
+def train_flops_per_token(model, seq: int, scored_share: float) -> float:
+    """Training FLOPs per token: 6 x the layers' parameters (embeddings and LM head left out), the LM head's
+    6 x hidden x vocabulary at the share of positions it scores, attention's 12 x layers x seq x hidden."""
+    from xlsub.models.mlm import lm_head_of
+
+    config = model.config
+    embedding = model.get_input_embeddings().weight
+    head = lm_head_of(model)
+    head_params = {id(p) for p in head.parameters()}
+    layers = sum(p.numel() for p in model.parameters() if p is not embedding and id(p) not in head_params)
+    hidden, vocab = config.hidden_size, embedding.shape[0]
+    return 6 * layers + 6 * hidden * vocab * scored_share + 12 * config.num_hidden_layers * seq * hidden
+
+
 def random_chunks(n: int, length: int, low: int, high: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [[0, *torch.randint(low, high, (length - 2,), generator=g).tolist(), 2] for _ in range(n)]
@@ -69,8 +112,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def finetune(cfg, device: torch.device, precision: str) -> dict:
-    """Steps/s of the Trainer loop after `cfg.warmup` steps, and peak memory."""
+def finetune(cfg, device: torch.device, precision: str, rates: dict, decoder: bool = False) -> dict:
+    """Steps/s of the Trainer loop after `cfg.warmup` steps, peak memory and model FLOPs utilisation."""
     import datasets
     from transformers import TrainerCallback
 
@@ -85,7 +128,8 @@ def finetune(cfg, device: torch.device, precision: str) -> dict:
             self.times.append(time.perf_counter())
 
     tokenizer = synthetic_tokenizer(cfg.tokens)
-    model = build_model(cfg.shape, tokenizer, cfg.seq, cfg.vocab)
+    model = model_for(cfg, tokenizer, decoder)
+    flops = train_flops_per_token(model, cfg.seq, 1.0 if decoder else 0.15)
     steps = cfg.warmup + cfg.steps
     chunks = random_chunks(steps * cfg.batch, cfg.seq, len(SPECIALS), cfg.tokens, seed=1)
     train = datasets.Dataset.from_dict({"input_ids": chunks})
@@ -98,18 +142,21 @@ def finetune(cfg, device: torch.device, precision: str) -> dict:
     timed = clock.times[cfg.warmup - 1:]
     seconds = timed[-1] - timed[0]
     n = len(timed) - 1
-    return {"stage": f"finetune {precision}", "unit": "steps/s", "rate": n / seconds,
-            "tokens_per_s": n * cfg.batch * cfg.seq / seconds, "peak_gib": peak_gib(device),
+    tokens_per_s = n * cfg.batch * cfg.seq / seconds
+    peak_rate = rates.get({"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision], float("nan"))
+    return {"stage": f"finetune {precision}{' (decoder)' if decoder else ''}", "unit": "steps/s", "rate": n / seconds,
+            "tokens_per_s": tokens_per_s, "peak_gib": peak_gib(device), "mfu": tokens_per_s * flops / (peak_rate * 1e12),
             "setting": f"{cfg.batch} x {cfg.seq} tokens a step, {n} steps timed"}
 
 
-def prune(cfg, device: torch.device) -> dict:
-    """Chunks/s of the importance pass that each pruning step runs (gradients to the gates only)."""
+def prune(cfg, device: torch.device, decoder: bool = False) -> dict:
+    """Chunks/s of the importance pass that each pruning step runs (gradients to the gates only); a causal
+    LM scores every next token (no masking)."""
     from xlsub.models.heads import head_importance, mask_shape
     from xlsub.models.mlm import masked_forward
 
     tokenizer = synthetic_tokenizer(cfg.tokens)
-    model = build_model(cfg.shape, tokenizer, cfg.seq, cfg.vocab).to(device).eval()
+    model = model_for(cfg, tokenizer, decoder).to(device).eval()
     g = torch.Generator().manual_seed(2)
     ids = torch.tensor(random_chunks(cfg.chunks, cfg.seq, len(SPECIALS), cfg.tokens, seed=2))
     scored = torch.rand(ids.shape, generator=g) < 0.15
@@ -117,6 +164,9 @@ def prune(cfg, device: torch.device) -> dict:
                 "attention_mask": torch.ones_like(ids[i:i + cfg.batch]).to(device),
                 "labels": torch.where(scored, ids, -100)[i:i + cfg.batch].to(device)}
                for i in range(0, cfg.chunks, cfg.batch)]
+    if decoder:  # every next token, no masking
+        batches = [{"input_ids": ids[i:i + cfg.batch].to(device), "attention_mask": torch.ones_like(ids[i:i + cfg.batch]).to(device)}
+                   for i in range(0, cfg.chunks, cfg.batch)]
     mask = torch.ones(mask_shape(model))
     with masked_forward(model):
         head_importance(model, batches[:1], mask)  # warm-up: kernels, allocator
@@ -126,17 +176,17 @@ def prune(cfg, device: torch.device) -> dict:
         head_importance(model, batches, mask)
         sync(device)
     seconds = time.perf_counter() - start
-    return {"stage": "prune (importance pass, fp32)", "unit": "chunks/s", "rate": cfg.chunks / seconds,
+    return {"stage": f"prune (importance pass, fp32){' (decoder)' if decoder else ''}", "unit": "chunks/s", "rate": cfg.chunks / seconds,
             "tokens_per_s": cfg.chunks * cfg.seq / seconds, "peak_gib": peak_gib(device),
             "setting": f"{cfg.chunks} chunks of {cfg.seq} tokens, batch {cfg.batch}"}
 
 
-def encode_stage(cfg, device: torch.device) -> dict:
+def encode_stage(cfg, device: torch.device, decoder: bool = False) -> dict:
     """Sentences/s of `encode` (all layers, mean-pooled, fp32) over sentences of 10 to 60 tokens."""
     from xlsub.models.encoding import encode
 
     tokenizer = synthetic_tokenizer(cfg.tokens)
-    model = build_model(cfg.shape, tokenizer, cfg.seq, cfg.vocab).to(device)
+    model = model_for(cfg, tokenizer, decoder).to(device)
     g = torch.Generator().manual_seed(3)
     lengths = torch.randint(8, 59, (cfg.sentences,), generator=g)
     words = torch.randint(0, cfg.tokens - len(SPECIALS), (int(lengths.sum()),), generator=g).tolist()
@@ -151,7 +201,7 @@ def encode_stage(cfg, device: torch.device) -> dict:
     encode(model, tokenizer, sentences, batch_size=cfg.encode_batch, device=device, pooling="mean")
     sync(device)
     seconds = time.perf_counter() - start
-    return {"stage": "encode (fp32)", "unit": "sentences/s", "rate": cfg.sentences / seconds,
+    return {"stage": f"encode (fp32){' (decoder)' if decoder else ''}", "unit": "sentences/s", "rate": cfg.sentences / seconds,
             "tokens_per_s": float("nan"), "peak_gib": peak_gib(device),
             "setting": f"{cfg.sentences} sentences, batch {cfg.encode_batch}"}
 
@@ -181,10 +231,10 @@ def main(argv: list[str] | None = None) -> None:
         print("no CUDA device here: benchmarks/gpu.sh measures nothing on this machine")
         return
     cfg = argparse.Namespace(shape=models.BASE_SHAPE, vocab=models.XLMR_VOCAB_SIZE, tokens=8000, seq=512, batch=8,
-                             warmup=5, steps=40, chunks=64, sentences=2000, encode_batch=64)
+                             warmup=5, steps=40, chunks=64, sentences=2000, encode_batch=64, smoke=False)
     if args.smoke:
         cfg = argparse.Namespace(shape=models.TINY, vocab=None, tokens=500, seq=32, batch=4,
-                                 warmup=2, steps=3, chunks=8, sentences=40, encode_batch=16)
+                                 warmup=2, steps=3, chunks=8, sentences=40, encode_batch=16, smoke=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}; model: {cfg.shape}, vocabulary {cfg.vocab or cfg.tokens}")
     precisions = ["fp32", "fp16", "bf16"] if device.type == "cuda" else ["fp32"]
@@ -192,10 +242,14 @@ def main(argv: list[str] | None = None) -> None:
     rates = {str(dtype).removeprefix("torch."): matmul_tflops(device, dtype, n)
              for dtype in ([torch.float32, torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32])}
     print("matrix product TFLOP/s at n=%d: %s" % (n, ", ".join(f"{k} {v:.3g}" for k, v in rates.items())))
-    rows = [finetune(cfg, device, p) for p in precisions] + [prune(cfg, device), encode_stage(cfg, device)]
-    print(f"{'stage':32} {'rate':>10} {'unit':12} {'tokens/s':>10} {'peak GiB':>9}  setting")
+    rows = [finetune(cfg, device, p, rates) for p in precisions] + [prune(cfg, device), encode_stage(cfg, device)]
+    # the decoder row: bf16 training where the device has it, the importance pass and encode
+    rows += [finetune(cfg, device, "bf16" if device.type == "cuda" else "fp32", rates, decoder=True), prune(cfg, device, decoder=True),
+             encode_stage(cfg, device, decoder=True)]
+    print(f"{'stage':42} {'rate':>10} {'unit':12} {'tokens/s':>10} {'peak GiB':>9} {'MFU':>6}  setting")
     for r in rows:
-        print(f"{r['stage']:32} {r['rate']:10.2f} {r['unit']:12} {r['tokens_per_s']:10.0f} {r['peak_gib']:9.2f}  {r['setting']}")
+        mfu = f"{r['mfu']:6.1%}" if math.isfinite(r.get("mfu", math.nan)) else " " * 6
+        print(f"{r['stage']:42} {r['rate']:10.2f} {r['unit']:12} {r['tokens_per_s']:10.0f} {r['peak_gib']:9.2f} {mfu}  {r['setting']}")
     if args.json:
         args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "matmul_tflops": rates, "rows": rows}, indent=1))
 

@@ -1,3 +1,4 @@
+import argparse
 import time
 
 import pytest
@@ -89,8 +90,29 @@ def test_gpu_benchmark_runs_its_stages_on_cpu_in_smoke_mode(tmp_path):
     subprocess.run([sys.executable, str(root / "benchmarks/gpu.py"), "--device", "cpu", "--smoke", "--json", str(out)],
                    check=True, capture_output=True, cwd=tmp_path)
     rows = json.loads(out.read_text())["rows"]
-    assert [r["stage"].split()[0] for r in rows] == ["finetune", "prune", "encode"]
-    assert all(r["rate"] > 0 for r in rows)
+    assert [r["stage"].split()[0] for r in rows] == ["finetune", "prune", "encode"] * 2
+    assert all(r["rate"] > 0 for r in rows) and all(r["stage"].endswith("(decoder)") for r in rows[3:])
+    assert all(0 < r["mfu"] < 1 for r in (rows[0], rows[3]))
     no_cuda = subprocess.run(["bash", str(root / "benchmarks/gpu.sh")], capture_output=True, text=True,
                              env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""})
     assert no_cuda.returncode == 0 and "no CUDA device" in no_cuda.stdout
+
+
+def test_gpu_benchmark_counts_a_decoders_training_flops_from_its_shape():
+    """benchmarks/gpu.py's FLOPs per token for tiny-qwen2, against the count from the Qwen2 layer shapes:
+    q/k/v with biases, o, the gated MLP's three matrices, two norms a layer and the final norm; the tied LM
+    head at every position; attention's 12 x layers x seq x hidden."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu
+
+    tokenizer = gpu.synthetic_tokenizer(500)
+    model = gpu.decoder_model(argparse.Namespace(smoke=True, seq=32), tokenizer)
+    c = model.config
+    h, i, layers, vocab = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+    kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    per_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h
+    expected = 6 * (layers * per_layer + h) + 6 * h * vocab * 1.0 + 12 * layers * 32 * h
+    assert gpu.train_flops_per_token(model, 32, 1.0) == expected
