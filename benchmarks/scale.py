@@ -17,18 +17,34 @@ on that GPU; both labelled so.
 
     python benchmarks/scale.py --quick     # within 5 minutes on 2 cores
     python benchmarks/scale.py             # three sizes per stage
+    python benchmarks/scale.py --analyze-study [--fraction 0.2] [--profile out.prof]
+
+`--analyze-study` is a measurement, not a projection: `analysis.analyze` at the study's size (8 languages,
+5,000 sentences, 13 hidden states of width 768 stored in float16, full model, 8 head subnetworks, base and
+random models; masks, trajectories, per-chunk losses and perplexity matrices of the study's shape) with the
+analyze stage's default parameters (`entry_points.analyze.AnalyzeArgs`), on seeded synthetic encodings
+generated when analyze asks for them (`SyntheticEncodings`). It prints the wall time, the peak resident
+memory and each section's seconds, and writes them to `benchmarks/results/analyze-study-cpu.json`
+(`--fraction` < 1: the same at fraction x 5,000 sentences, written to `analyze-study-cpu-n<n>.json`).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import dataclasses
+import functools
 import json
 import math
+import os
+import pstats
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -202,11 +218,278 @@ def gpu_stage_hours(stage: str, result: dict) -> float:
     return math.nan
 
 
+# -- analyze at the study's size, measured ------------------------------------------------------------------
+STUDY_LANGUAGES = ["en", "de", "zh", "ru", "es", "ar", "hi", "ur"]
+STUDY_HEADS = (12, 12)  # XLM-R base: layers x heads
+STUDY_EVAL_CHUNKS = 3_000  # test chunks per language of the prune run's per-chunk losses
+STUDY_RANDOM_DRAWS = 2  # random-mask controls per subnetwork
+
+
+def sentence_tokens(n: int, languages: list[str], seed: int = 4) -> dict[str, list[list[int]]]:
+    """Token ids of n parallel sentences per language: the reference (first) language 6 to 40 tokens, the
+    others about as long (x 0.8 to 1.3, +-3), so length confounds the representations as in real text."""
+    g = torch.Generator().manual_seed(seed)
+    first = torch.randint(6, 41, (n,), generator=g)
+    out = {}
+    for i, lang in enumerate(languages):
+        factor = 1.0 if i == 0 else 0.8 + 0.5 * float(torch.rand(1, generator=g))
+        counts = first if i == 0 else (first * factor + torch.randint(-3, 4, (n,), generator=g)).round().clamp(min=3).long()
+        out[lang] = [list(range(5, 5 + int(k))) for k in counts]
+    return out
+
+
+class SyntheticEncodings(Mapping):
+    """{model key: {language: float32 [layers, n, d]}} generated when asked for, as `artifacts.EncodingStore`
+    reads them (the `resident` most recently used cached): a shared sentence signal (kept in float16), a
+    sentence-length direction and independent noise, mixed per model (full, subnetworks `de-s0`, base,
+    random) and layer, columns scaled by a decaying spectrum (real encodings are anisotropic), rounded
+    through float16 (the stored form). Deterministic: (model, language) seeds its noise."""
+
+    def __init__(self, keys: list[str], languages: list[str], n: int, layers: int, d: int, tokens, resident: int = 3):
+        self.model_keys, self.languages, self.shape, self.resident = keys, languages, (layers, n, d), resident
+        g = torch.Generator().manual_seed(0)
+        self.shared = torch.randn(layers, n, d, generator=g).half()
+        self.direction = torch.randn(d, generator=g)
+        self.spectrum = (torch.arange(d) + 1.0) ** -0.35
+        self.lengths = {lang: torch.tensor([len(t) for t in tokens[lang]], dtype=torch.float32) for lang in languages}
+        self._cache: OrderedDict = OrderedDict()
+        self.loads, self.seconds = 0, 0.0
+
+    def _weights(self, key: str) -> tuple[float, float, float]:
+        """(signal, length, noise) weights of a model at the last layer."""
+        if key == "random":
+            return 0.0, 1.0, 1.0
+        if key == "base":
+            return 0.5, 0.6, 1.0
+        return (1.0, 0.4, 1.0) if key == "full" else (0.9, 0.4, 1.1)  # a subnetwork: the full model, noisier
+
+    def tensor(self, key: str, lang: str) -> torch.Tensor:
+        if (key, lang) in self._cache:
+            self._cache.move_to_end((key, lang))
+            return self._cache[key, lang]
+        while len(self._cache) >= self.resident:
+            self._cache.popitem(last=False)
+        start = time.perf_counter()
+        layers, n, d = self.shape
+        seed = 1 + self.model_keys.index(key) * len(self.languages) + self.languages.index(lang)
+        x = torch.randn(layers, n, d, generator=torch.Generator().manual_seed(seed))
+        signal, length, noise = self._weights(key)
+        depth = torch.linspace(0.4, 1.0, layers)[:, None, None]  # the shared signal grows with depth
+        z = (self.lengths[lang] - self.lengths[lang].mean()) / self.lengths[lang].std()
+        x.mul_(noise).add_(self.shared.float().mul_(signal * depth)).add_(length * z[None, :, None] * self.direction)
+        x = x.mul_(self.spectrum).half().float()
+        self.loads += 1
+        self.seconds += time.perf_counter() - start
+        self._cache[key, lang] = x
+        return x
+
+    def __getitem__(self, key: str) -> Mapping[str, torch.Tensor]:
+        if key not in self.model_keys:
+            raise KeyError(key)
+        return _SyntheticLanguages(self, key)
+
+    def __iter__(self):
+        return iter(self.model_keys)
+
+    def __len__(self) -> int:
+        return len(self.model_keys)
+
+
+class _SyntheticLanguages(Mapping):
+    def __init__(self, store: SyntheticEncodings, key: str):
+        self._store, self._key = store, key
+
+    def __getitem__(self, lang: str) -> torch.Tensor:
+        if lang not in self._store.languages:
+            raise KeyError(lang)
+        return self._store.tensor(self._key, lang)
+
+    def __iter__(self):
+        return iter(self._store.languages)
+
+    def __len__(self) -> int:
+        return len(self._store.languages)
+
+
+def study_inputs(n: int, languages: list[str] | None = None, seeds: int = 1, layers: int = 13, d: int = 768,
+                 chunks: int = STUDY_EVAL_CHUNKS, heads: tuple[int, int] = STUDY_HEADS, seed: int = 0):
+    """`AnalysisInputs` of the study's shape: per language and pruning seed a head mask keeping 80.6% of heads
+    (three steps of 10% on its trajectory, the last one past the stop), reliability 0.9, the cross-language
+    perplexity matrices of the subnetworks and their random masks, per-chunk losses of the full model, every
+    subnetwork and `STUDY_RANDOM_DRAWS` random masks on `chunks` test chunks per language, token ids of n
+    parallel sentences and `SyntheticEncodings` of full, every subnetwork, base and random."""
+    import pandas as pd
+
+    from xlsub.artifacts import SubnetworkId
+    from xlsub.models.mlm import ChunkLosses
+    from xlsub.report.analysis import AnalysisInputs
+
+    langs = list(languages or STUDY_LANGUAGES)
+    g = torch.Generator().manual_seed(seed)
+    sids = [SubnetworkId(lang, s) for lang in langs for s in range(seeds)]
+    total = heads[0] * heads[1]
+    step = max(1, int(total * 0.1))
+    masks, trajectories = {}, {}
+    for sid in sids:
+        order = torch.randperm(total, generator=g)
+        trajectory = []
+        for k in range(4):
+            mask = torch.ones(total)
+            mask[order[:k * step]] = 0
+            trajectory.append(mask.reshape(heads))
+        trajectories[sid], masks[sid] = trajectory, trajectory[2]
+    ppl_full = {lang: float(20 + 10 * i) for i, lang in enumerate(langs)}
+    rows = [str(sid) for sid in sids]
+    cross = pd.DataFrame([[ppl_full[l] * (1.05 if l == sid.language else 1.2) for l in langs] for sid in sids], index=rows, columns=langs)
+    losses = {}
+    for i, lang in enumerate(langs):
+        tokens = torch.randint(400, 513, (chunks,), generator=g)
+        nll = tokens.double() * (math.log(ppl_full[lang]) + 0.2 * torch.randn(chunks, generator=g, dtype=torch.float64))
+        losses["full", -1, lang] = ChunkLosses(nll, tokens)
+        for sid in sids:
+            extra = (0.05 if lang == sid.language else 0.2) + 0.05 * torch.randn(chunks, generator=g, dtype=torch.float64)
+            losses[str(sid), -1, lang] = ChunkLosses(nll + extra * tokens.double(), tokens)
+            for draw in range(STUDY_RANDOM_DRAWS):
+                noise = 0.05 * torch.randn(chunks, generator=g, dtype=torch.float64)
+                losses[str(sid), draw, lang] = ChunkLosses(nll + (0.25 + noise) * tokens.double(), tokens)
+    tokens = sentence_tokens(n, langs)
+    keys = ["full", *rows, "base", "random"]
+    encodings = SyntheticEncodings(keys, langs, n, layers, d, tokens)
+    names = {f.name for f in dataclasses.fields(AnalysisInputs)}
+    if "attention_params" in names:  # one layer's attention parameters, XLM-R base's layout
+        from xlsub.stats.overlap import AttentionParams
+        shape = {"attention_params": AttentionParams.full_mha(d, d // heads[1], heads[1])}
+    else:
+        shape = {"hidden_size": d, "head_dim": d // heads[1]}
+    return AnalysisInputs(languages=langs, masks=masks, importance_reliability={sid: 0.9 for sid in sids}, cross_ppl=cross,
+                          cross_ppl_random=cross * 1.1, ppl_full=ppl_full, encodings=encodings, tokens=tokens,
+                          chunk_losses=losses, trajectories=trajectories, **shape)
+
+
+def analyze_defaults() -> dict:
+    """analyze's options at the analyze stage's defaults (`AnalyzeArgs`, their one declaration)."""
+    from entry_points.analyze import AnalyzeArgs
+    from xlsub.report.similarity_tables import Counts
+
+    a = {f.name: f.default for f in dataclasses.fields(AnalyzeArgs)}
+    return {"cka_kind": a["cka"], "layers": None if a["layers"] == "auto" else [int(v) for v in a["layers"].split(",")],
+            "cka_precision": a["cka_precision"], "reference": a["reference"], "bootstrap": a["bootstrap"],
+            "permutations": a["permutations"], "resample_seed": a["resample_seed"],
+            "counts": Counts(a["cka_permutations"], a["cka_permutations"], a["subnetwork_permutations"], a["length_permutations"],
+                             a["power_draws"])}
+
+
+# analyze's sections and the representation tables inside them, timed by wrapping the module attributes it calls
+TIMED = {"xlsub.report.analysis": ["_masks", "_noise_ceiling", "_equal_size", "_intervals", "_perplexity", "_cka", "_similarity",
+                                   "_subnetwork_cka", "_tokens", "_language_distance"],
+         "xlsub.report.similarity_tables": ["cka_pvalue_table", "cka_interval_tables", "retrieval_table", "retrieval_pvalue_table",
+                                            "isomorphism_table", "rsa_table", "power_table", "length_control_table"],
+         "xlsub.report.tables": ["cka_reference_tables", "cka_pairs_interval_tables", "cka_subnetwork_tables"]}
+
+
+def timed_sections() -> tuple[dict[str, float], dict[str, float]]:
+    """Wrap `TIMED`'s functions so each call adds its seconds to the first returned dict (nested ones count in
+    both) and records in the second the process's peak resident memory (GiB) when it first reached its
+    maximum in that function: where the peak happens."""
+    import importlib
+
+    seconds: dict[str, float] = {}
+    peaks: dict[str, float] = {}
+    for module_name, names in TIMED.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            original = getattr(module, name, None)
+            if original is None or hasattr(original, "__wrapped__"):
+                continue
+
+            def wrapper(*args, _original=original, _name=name, **kwargs):
+                start, before = time.perf_counter(), peak_rss_gib()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    seconds[_name] = seconds.get(_name, 0.0) + time.perf_counter() - start
+                    if peak_rss_gib() > before:
+                        peaks[_name] = round(peak_rss_gib(), 2)
+            setattr(module, name, functools.wraps(original)(wrapper))
+    return seconds, peaks
+
+
+def load_average() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def analyze_study(fraction: float = 1.0, seeds: int = 1, profile: str | None = None, out: Path | None = None,
+                  device: str | None = None) -> dict:
+    """Run `analysis.analyze` at the study's size (x `fraction` sentences); returns and writes its measurement."""
+    from xlsub.report.analysis import analyze
+
+    n = max(40, round(STUDY["sentences"] * fraction))
+    inputs = study_inputs(n, seeds=seeds, layers=STUDY["layers"], d=STUDY["hidden"])
+    options = analyze_defaults()
+    if device is not None:
+        options["device"] = device
+    sections, peaks = timed_sections()
+    load_before = load_average()
+    profiler = cProfile.Profile() if profile else None
+    start = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    result = analyze(inputs, **options)
+    if profiler:
+        profiler.disable()
+        profiler.dump_stats(profile)
+    seconds = time.perf_counter() - start
+    measured = {
+        "n": n, "fraction": fraction, "languages": len(inputs.languages), "layers": STUDY["layers"], "hidden": STUDY["hidden"],
+        "models": len(inputs.encodings), "seeds": seeds, "stored": "float16", "counts": dataclasses.asdict(options["counts"]),
+        "bootstrap": options["bootstrap"], "permutations": options["permutations"], "cka_kind": options["cka_kind"],
+        "device": device or "cpu", "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "minutes": seconds / 60, "peak_gib": peak_rss_gib(), "synthetic_generation_seconds": store_seconds(inputs.encodings),
+        "encoding_loads": inputs.encodings.loads, "load_average_before": load_before, "load_average_after": load_average(),
+        "sections_seconds": {k: round(v, 2) for k, v in sorted(sections.items(), key=lambda kv: -kv[1])},
+        "peak_gib_raised_in": peaks,
+        "verdicts": len(result.verdicts), "tables": len(result.tables), "commit": git_commit(),
+    }
+    print(f"measured analyze time at study scale: {measured['minutes']:.2f} min"
+          + ("" if fraction == 1 else f" (n = {n}, fraction {fraction})"))
+    print(f"peak memory: {measured['peak_gib']:.2f} GiB")
+    print(f"{measured['threads']} threads; load average before {load_before}, after {measured['load_average_after']}; "
+          f"synthetic encodings generated {measured['encoding_loads']} times in {measured['synthetic_generation_seconds']:.1f} s")
+    for name, value in measured["sections_seconds"].items():
+        print(f"  {name:28} {value:8.1f} s" + (f"   peak raised to {peaks[name]:.2f} GiB" if name in peaks else ""))
+    if out is None:
+        suffix = "" if fraction == 1 else f"-n{n}"
+        out = ROOT / "benchmarks/results" / f"analyze-study-{measured['device']}{suffix}.json"
+    out.write_text(json.dumps(measured, indent=2) + "\n")
+    if profile:
+        pstats.Stats(profile).sort_stats("cumulative").print_stats(40)
+    return measured
+
+
+def store_seconds(encodings) -> float:
+    return round(getattr(encodings, "seconds", 0.0), 2)
+
+
+def git_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=ROOT, check=False)
+    return out.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two sizes per stage (within 5 minutes on 2 cores)")
+    parser.add_argument("--analyze-study", action="store_true", help="run analyze at the study's size on synthetic encodings (a measurement)")
+    parser.add_argument("--fraction", type=float, default=1.0, help="with --analyze-study: this fraction of the study's 5,000 sentences")
+    parser.add_argument("--seeds", type=int, default=1, help="with --analyze-study: pruning seeds per language (the study: 1)")
+    parser.add_argument("--profile", help="with --analyze-study: write cProfile statistics here and print the top functions")
+    parser.add_argument("--device", help="with --analyze-study: analyze's device (its default if not given)")
+    parser.add_argument("--out", type=Path, help="with --analyze-study: write the measurement here instead of benchmarks/results/")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.analyze_study:
+        analyze_study(args.fraction, args.seeds, args.profile, args.out, args.device)
+        return
     if args.child:
         spec = json.loads(args.child)
         seconds = CHILDREN[spec.pop("stage")](**spec)

@@ -66,3 +66,41 @@ def test_analyze_core_runs_streamed_and_eager_on_tiny_sizes(tmp_path):
     assert metrics[0].keys() == metrics[1].keys() and "mean_cka_last_layer" in metrics[0]
     for name, value in metrics[0].items():
         assert value == pytest.approx(metrics[1][name], nan_ok=True), name
+
+
+def test_study_inputs_have_the_studys_shape_on_tiny_sizes():
+    """`--analyze-study`'s inputs: masks keeping 80.6% of heads on 3-step trajectories, per-chunk losses of every
+    model and random draw, parallel token counts, and encodings generated deterministically in float16."""
+    import torch
+
+    from xlsub.artifacts import SubnetworkId
+
+    langs = ["en", "de", "zh"]
+    inputs = scale.study_inputs(30, languages=langs, layers=2, d=16, chunks=12, heads=(12, 12))
+    assert sorted(inputs.masks) == sorted(SubnetworkId(l, 0) for l in langs)
+    for sid, mask in inputs.masks.items():
+        assert int(mask.sum()) == 144 - 2 * 14 and len(inputs.trajectories[sid]) == 4  # 116 of 144, as the study's 80.6%
+        assert torch.equal(inputs.trajectories[sid][2], mask)
+        assert all(bool((later <= earlier).all()) for earlier, later in zip(inputs.trajectories[sid], inputs.trajectories[sid][1:]))
+    keys = {("full", -1, l) for l in langs} | {(f"{l}-s0", draw, e) for l in langs for e in langs for draw in (-1, 0, 1)}
+    assert set(inputs.chunk_losses) == keys and all(len(c.nll) == 12 for c in inputs.chunk_losses.values())
+    assert list(inputs.cross_ppl.index) == [f"{l}-s0" for l in langs] and list(inputs.cross_ppl.columns) == langs
+    assert all(len(inputs.tokens[l]) == 30 for l in langs)
+    store = inputs.encodings
+    assert list(store) == ["full", "en-s0", "de-s0", "zh-s0", "base", "random"]
+    first = store["de-s0"]["zh"].clone()
+    assert first.shape == (2, 30, 16) and first.dtype == torch.float32
+    assert torch.equal(first, first.half().float())  # stored in float16
+    for key in store:  # past the cache: generated again, the same numbers
+        store[key]["en"]
+    assert torch.equal(store["de-s0"]["zh"], first) and store.loads > len(store)
+    assert not torch.equal(store["full"]["de"], store["full"]["zh"])
+
+
+def test_analyze_defaults_are_the_stages():
+    from entry_points.analyze import AnalyzeArgs
+
+    options, args = scale.analyze_defaults(), AnalyzeArgs()
+    assert options["counts"].full == args.cka_permutations and options["counts"].subnetworks == args.subnetwork_permutations
+    assert options["counts"].length == args.length_permutations and options["counts"].power_draws == args.power_draws
+    assert (options["bootstrap"], options["permutations"], options["cka_kind"]) == (args.bootstrap, args.permutations, args.cka)

@@ -38,6 +38,11 @@ from xlsub.stats.inference import EXACT_LIMIT, UnitLevel, jackknife_interval, un
 LENGTH_ONLY = "length-only"  # the content-free control encoder's key in the tables
 # The `null` column: pairings permuted within groups of equal source length, or all pairings (no token counts).
 LENGTH_RESTRICTED, UNRESTRICTED = "length_restricted", "unrestricted"
+# The permutation tests' tail bound (`xlsub.similarity.permutation.tail_bound_decided`): a cell whose observed
+# value its null mean and a pilot of 50 permutations put about 19 pilot sds or more above chance (a one-term
+# chi-square tail: the rest could reach it with probability <= 0.005) gets the floor p without the other
+# permutations. At the study's 5,000 sentences it skips most of the full model's and subnetworks' permutations.
+TAIL_RISK = 0.005
 # Random halves of the sentences for the isomorphism table's intervals: 50 keep that table near 11 s of one core at
 # the demo's sizes (n = 1,077, d = 128, 8 languages, 3 models: 1,200 kNN graphs of 538 sentences, ~9 ms each).
 ISOMORPHISM_SUBSAMPLES = 50
@@ -128,15 +133,16 @@ def cka_pvalue_table(encodings, languages: Sequence[str], reference: str, kind: 
     the base and random controls and the length-only encoder (from `lengths`) at the last. p_value and
     null_mean: the length-restricted null (`length_groups`; `null` says `unrestricted` where `lengths` is
     None); p_unrestricted: the same number of permutations of all pairings, beside it for comparison at the
-    last layer (NaN at the others)."""
+    last layer (NaN at the others). Both with the tail bound (`TAIL_RISK`): where it decides, p is the floor
+    1 / (1 + n_perm) and null_mean the exact permutation mean (`cka_null_mean`), not the permutations' mean."""
     groups = length_groups(lengths, reference)
     rows = []
     for model, lang, x, y in _pairs(with_length_only(encodings, lengths, reference, seed), languages, reference):
         n_perm = _n_perm(model, counts)
         layers = list(range(x.shape[0])) if model == FULL_MODEL else [x.shape[0] - 1]
-        result = cka_permutation_test(x[layers], y[layers], n_perm, seed, kind, groups=groups)
+        result = cka_permutation_test(x[layers], y[layers], n_perm, seed, kind, groups=groups, tail_risk=TAIL_RISK)
         # the unrestricted null beside it at the last layer only: what a length confound looks like, at half the cost
-        plain = result if groups is None else cka_permutation_test(x[-1:], y[-1:], n_perm, seed, kind)
+        plain = result if groups is None else cka_permutation_test(x[-1:], y[-1:], n_perm, seed, kind, tail_risk=TAIL_RISK)
         for i, layer in enumerate(layers):
             unrestricted = float(plain.p_value[-1]) if layer == x.shape[0] - 1 else math.nan
             rows.append({"model": model, "language": lang, "layer": layer, "cka": float(result.observed[i]),
@@ -209,7 +215,7 @@ def length_control_table(encodings, lengths: Mapping[str, torch.Tensor], languag
                     and tested.loc[key, "null"] == LENGTH_RESTRICTED:
                 p = float(tested.loc[key, "p_value"])
             else:
-                p = float(cka_permutation_test(x, y, n_perm, seed, kind, groups=groups).p_value)
+                p = float(cka_permutation_test(x, y, n_perm, seed, kind, groups=groups, tail_risk=TAIL_RISK).p_value)
             labels = jackknife_blocks(x.shape[0], min(blocks, x.shape[0]))
             kept_cka = leave_block_out_cka(x, y, labels, kind)
             above = [float(kept_cka[b]) - float(cka_null_mean(x[labels != b], y[labels != b], kind, groups[labels != b]))
@@ -262,7 +268,9 @@ def rsa_table(encodings, languages: Sequence[str], reference: str, counts: Count
     (`xlsub.stats.inference.mantel_test`) is O(n^2) a permutation, the costliest test: `counts.length`
     permutations for the full model and the controls, `min(counts.length, counts.subnetworks)` for each
     subnetwork (`n_perm`: the permutations used; `p_floor`: the smallest p they can give); each model's
-    reference matrix is permuted once for all its languages (`mantel_test` with stacked languages)."""
+    reference matrix is permuted once for all its languages (`mantel_test` with stacked languages), with the
+    tail bound (`TAIL_RISK`): where a pilot of 50 permutations puts the observed RSA far enough in the tail, p is
+    the floor and null_mean the pilot's mean, without the other permutations."""
     groups = length_groups(lengths, reference)
     rows = []
     everything = with_length_only(encodings, lengths, reference, seed)
@@ -273,7 +281,7 @@ def rsa_table(encodings, languages: Sequence[str], reference: str, counts: Count
             continue
         n_perm = min(counts.length, counts.subnetworks) if SubnetworkId.parse_or_none(model) else counts.length
         x, ys = reps[reference][-1], torch.stack([reps[l][-1] for l in langs])
-        result = mantel_test(x, ys, n_perm, seed, groups)
+        result = mantel_test(x, ys, n_perm, seed, groups, tail_risk=TAIL_RISK)
         interval = rsa_jackknife_interval(x, ys, min(blocks, x.shape[0]))
         rows += [{"model": model, "language": lang, "rsa": float(result.observed[i]), "lo": float(interval.lo[i]),
                   "hi": float(interval.hi[i]), "null_mean": float(result.null_mean[i]), "p_value": float(result.p_value[i]),

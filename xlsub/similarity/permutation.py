@@ -10,6 +10,12 @@ float64; none touches files or MLflow.
   `permutations` and `PermutationResult` serve the other permutation tests too (`xlsub.similarity.retrieval`,
   `xlsub.similarity.rsa`).
 - Length control: `residualize` regresses each feature on covariates (token count) before CKA.
+- The tail bound (`tail_bound_decided`, `cka_permutation_test(tail_risk=...)`): at the study's n a parallel
+  CKA lies hundreds of null standard deviations above its permutation mean, and all 1,000 permutations only
+  confirm p at its floor. From the exact mean (`cka_null_mean`) and a pilot of `TAIL_PILOT` permutations,
+  a one-term chi-square tail (the heaviest a quadratic-form null has for its variance) says when the rest
+  cannot reach the observed value except with a stated small probability; those cells get the floor without
+  them, and every other cell runs the full test.
 
 The permutation engine. Re-pairing keeps each representation's own statistics and changes only the
 cross term of HSIC: for linear kernels of centred X, Y and y permuted by p, ||Y_p'X||_F^2, and for the
@@ -65,6 +71,10 @@ FLOAT32_RECHECK = 1e-5
 # A null value counts as >= the observed one within 100 float64 eps of it (scipy.stats.permutation_test's
 # convention): the same number computed by two summation orders must tie.
 TIE_RTOL = 100 * torch.finfo(torch.float64).eps
+# The tail bound (`cka_permutation_test(tail_risk=...)`): permutations of the pilot that estimates the null's
+# standard deviation, and the confidence of that estimate's upper bound (chi-square, one-sided).
+TAIL_PILOT = 50
+TAIL_SD_RISK = 0.005
 
 
 # -- permutations ------------------------------------------------------------------------------------------
@@ -129,7 +139,9 @@ class PermutationResult:
     `observed`, `null_mean`, `null_std`, `p_value`: [...] float64 (0-dim for [n, d] inputs); `null`: the
     sampled null values [..., n_perm]. p = (1 + #{null >= observed}) / (1 + n_perm), one-sided (more
     similar than chance), never 0 (Phipson & Smyth 2010). `exact_null_mean`: the permutation mean in closed
-    form where one is implemented (CKA: `cka_null_mean`), else None.
+    form where one is implemented (CKA: `cka_null_mean`), else None. `tail_bound` [...] (bool, or None where
+    the test had no tail bound): where True, only the pilot's permutations were computed (`null` is NaN after
+    them), p is its floor 1 / (1 + n_perm) by `tail_bound_decided`, and `null_mean` is the exact mean.
     """
 
     observed: torch.Tensor
@@ -139,6 +151,7 @@ class PermutationResult:
     n_perm: int
     null: torch.Tensor
     exact_null_mean: torch.Tensor | None = None
+    tail_bound: torch.Tensor | None = None
 
     @property
     def above_chance(self) -> torch.Tensor:
@@ -308,9 +321,44 @@ def cka_null_mean(x: torch.Tensor, y: torch.Tensor, kind: str = "debiased", grou
     return ratio(expected, a["self"], b["self"])
 
 
+def tail_bound_decided(observed: torch.Tensor, exact_mean: torch.Tensor | None, pilot: torch.Tensor, n_perm: int,
+                       risk: float, sd_risk: float = TAIL_SD_RISK) -> torch.Tensor:
+    """Where `n_perm` permutations would give no null value reaching `observed`, except with probability about
+    `risk` or less: bool [...], from the exact permutation mean and a pilot [..., m] of the same null.
+
+    A CKA (or Mantel) null is a quadratic form in the permutation, sum_ab w_ab (u_a' P v_b)^2 with u_a' P v_b
+    near normal; for a given variance its upper tail is heaviest when one term dominates (one direction, e.g.
+    sentence length, carries most of both kernels): a chi-square with one degree of freedom, skewness 2.8. So
+    the standardised null (T - mean) / sd is taken to have at most the upper tail of (chi2_1 - 1) / sqrt(2),
+    and the chance that any of n_perm permutations reaches z = (observed - mean) / sd is bounded by
+    n_perm P(chi2_1 > 1 + sqrt(2) z) (a union bound); decided where that is <= risk (z >= 14 for 1,000
+    permutations at 0.005) and no pilot value reaches the observed one. There the full test's count is 0, so
+    its p is the floor 1 / (1 + n_perm). The mean is exact (`cka_null_mean`); the sd is the pilot's raised to
+    its one-sided (1 - sd_risk) chi-square upper confidence bound, sqrt((m - 1) / chi2_{sd_risk, m-1}) s
+    (x1.34 for m = 50 at 0.005). Not distribution-free (Cantelli's bound would need z >= 447, which real,
+    length-dominated encodings never reach): `tests/test_tail_bound.py` checks the decision against the full
+    null on length-dominated and isotropic cases.
+    `exact_mean` None (no closed form, e.g. the Mantel test): the pilot's mean raised to its one-sided
+    (1 - sd_risk) t upper confidence bound, at another sd_risk."""
+    from scipy import stats
+
+    m = pilot.shape[-1]
+    if m < 3:
+        return torch.zeros(observed.shape, dtype=torch.bool)
+    s = pilot.std(-1)
+    sd = s * math.sqrt((m - 1) / float(stats.chi2.ppf(sd_risk, m - 1)))
+    if exact_mean is None:
+        exact_mean = pilot.mean(-1) + float(stats.t.ppf(1 - sd_risk, m - 1)) * s / math.sqrt(m)
+    z = (observed - exact_mean) / sd
+    reached = (pilot >= (observed - TIE_RTOL * observed.abs())[..., None]).any(-1)
+    tail = torch.as_tensor(stats.chi2.sf((1 + math.sqrt(2) * z.clamp_min(0)).numpy(), 1), dtype=torch.float64).reshape(z.shape)
+    return (z > 0) & (n_perm * tail <= risk) & ~reached & sd.isfinite() & observed.isfinite()
+
+
 def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, seed: int = 0,
                          kind: str = "debiased", groups=None, *, engine: str = "auto",
-                         null_precision: str = "float32", sigma_frac: float = 1.0) -> PermutationResult:
+                         null_precision: str = "float32", sigma_frac: float = 1.0,
+                         tail_risk: float | None = None, pilot: int = TAIL_PILOT) -> PermutationResult:
     """CKA of parallel x, y [..., n, d] against the CKA of `n_perm` random re-pairings of y's rows.
 
     The null hypothesis is that the pairing carries no information (any pairing is as good); with
@@ -324,6 +372,12 @@ def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, s
     by ~1e-9 (`benchmarks/permutation.py`), a millionth of the null's own sampling error, and null values
     within 1e-5 (relative) of the observed CKA are recomputed in float64, so the p-value counts exactly
     the ties float64 would. `null_precision="float64"` computes everything in float64.
+
+    `tail_risk` (None: off): the first `pilot` permutations are computed first, and a leading index whose
+    observed CKA they and the exact null mean put so far in the tail that the n_perm permutations reach it
+    with probability at most `tail_risk` + `TAIL_SD_RISK` (`tail_bound_decided`) gets p = 1 / (1 + n_perm),
+    null_mean = the exact mean, null_std = the pilot's, without the other permutations (`tail_bound` says
+    where). Every other index runs all n_perm permutations from the start: its numbers are the full test's.
     """
     check_options(kind)
     if null_precision not in ("float64", "float32"):
@@ -333,6 +387,38 @@ def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, s
     n = x.shape[-2]
     perms = permutations(n, n_perm, seed, groups)
     observed = cka(x, y, kind, sigma_frac=sigma_frac)
+    if tail_risk is not None and pilot < n_perm:
+        return _tail_bounded_test(x, y, perms, observed, kind, groups, engine, null_precision, sigma_frac, tail_risk, pilot)
+    null = _checked_null(x, y, perms, observed, kind, engine, null_precision, sigma_frac)
+    return permutation_result(observed, null, cka_null_mean(x, y, kind, groups))
+
+
+def _tail_bounded_test(x, y, perms, observed, kind, groups, engine, null_precision, sigma_frac, tail_risk, pilot) -> PermutationResult:
+    """`cka_permutation_test` with its tail bound: the pilot for every leading index, all permutations for the
+    undecided ones."""
+    n_perm = len(perms)
+    exact = cka_null_mean(x, y, kind, groups)
+    first = _checked_null(x, y, perms[:pilot], observed, kind, engine, null_precision, sigma_frac)
+    decided = tail_bound_decided(observed, exact, first, n_perm, tail_risk)
+    null = torch.full((*observed.shape, n_perm), math.nan, dtype=torch.float64)
+    null[..., :pilot] = first
+    rest = (~decided).reshape(-1).nonzero().reshape(-1).tolist()
+    lead = observed.shape
+    xs, ys = x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:])
+    flat_null, flat_observed = null.reshape(-1, n_perm), observed.reshape(-1)
+    if rest:  # from the first permutation, so that these numbers are exactly the full test's
+        index = torch.tensor(rest)
+        flat_null[index] = _checked_null(xs[index], ys[index], perms, flat_observed[index], kind, engine, null_precision, sigma_frac)
+    full = permutation_result(observed, flat_null.reshape(*lead, n_perm), exact)
+    p = torch.where(decided, 1.0 / (1 + n_perm), full.p_value)
+    mean = torch.where(decided, exact, full.null_mean)
+    std = torch.where(decided, first.std(-1), full.null_std)
+    return PermutationResult(observed, mean, std, p, n_perm, full.null, exact, decided)
+
+
+def _checked_null(x, y, perms, observed, kind, engine, null_precision, sigma_frac) -> torch.Tensor:
+    """`permuted_cka` in `null_precision`, values within `FLOAT32_RECHECK` of `observed` recomputed in float64."""
+    n_perm = len(perms)
     null = permuted_cka(x, y, perms, kind, engine=engine, precision=null_precision, sigma_frac=sigma_frac)
     if null_precision == "float32":
         near = (null - observed[..., None]).abs() <= FLOAT32_RECHECK * observed.abs()[..., None]
@@ -340,7 +426,7 @@ def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, s
             lead = tuple(int(i) for i in np.unravel_index(index, observed.shape)) if observed.ndim else ()
             which = near[lead].nonzero().reshape(-1)
             null[lead][which] = permuted_cka(x[lead], y[lead], perms[which], kind, engine=engine)
-    return permutation_result(observed, null, cka_null_mean(x, y, kind, groups))
+    return null
 
 
 # -- length control ----------------------------------------------------------------------------------------

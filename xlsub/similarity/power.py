@@ -165,7 +165,9 @@ def rsa_extreme(x: torch.Tensor, ys: torch.Tensor, reference: torch.Tensor | Non
     reference's centred rank matrix (`reference`, if already computed) gathered once per permutation for all
     draws (`permuted_cross`)."""
     a = spearman_matrix(rdm(x)) if reference is None else reference
-    b = spearman_matrix(rdm(ys))
+    b = torch.empty(len(ys), x.shape[-2], x.shape[-2], dtype=torch.float64)
+    for j, y in enumerate(ys):  # one draw at a time: ranking ten 5,000-sentence RDMs at once held ~8 GB of sort buffers
+        b[j] = spearman_matrix(rdm(y))
     norms = upper_norm(a) * upper_norm(b)
     observed = (a * b).sum((-2, -1)) / norms
 

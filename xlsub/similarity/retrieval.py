@@ -35,11 +35,25 @@ def nearest_translation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"retrieval: x {tuple(x.shape)} and y {tuple(y.shape)} must have the same shape "
                          "(one space, so cosines compare) and at least 2 examples")
     xn, yn = unit_rows(x, True), unit_rows(y, True)
+    # float32 similarities (twice the float64 rate), then float64 for the rows whose two best are closer than
+    # twice float32's worst-case error on a cosine of unit vectors, (d + 2) eps32 (inputs rounded once, a
+    # d-term sum): elsewhere the float64 best is the same row and unique, so the answer is float64's
+    margin = 4 * (x.shape[-1] + 2) * torch.finfo(torch.float32).eps
+    x32, y32 = xn.float(), yn.float()
     out = []
     for start in range(0, x.shape[-2], _ROW_BLOCK):
-        top = (xn[..., start:start + _ROW_BLOCK, :] @ yn.mT).topk(2, dim=-1)
-        unique = top.values[..., 0] > top.values[..., 1]
-        out.append(torch.where(unique, top.indices[..., 0], -1))
+        rows = slice(start, start + _ROW_BLOCK)
+        top = (x32[..., rows, :] @ y32.mT).topk(2, dim=-1)
+        best = top.indices[..., 0]
+        close = (top.values[..., 0] - top.values[..., 1]) <= margin
+        flat_best, flat_close = best.reshape(-1, best.shape[-1]), close.reshape(-1, close.shape[-1])
+        flat_x, flat_y = xn[..., rows, :].reshape(-1, *best.shape[-1:], x.shape[-1]), yn.reshape(-1, *y.shape[-2:])
+        for lead in flat_close.any(-1).nonzero().reshape(-1).tolist():  # one leading index (layer) at a time
+            which = flat_close[lead].nonzero().reshape(-1)
+            exact = (flat_x[lead, which] @ flat_y[lead].mT).topk(2, dim=-1)
+            unique = exact.values[:, 0] > exact.values[:, 1]
+            flat_best[lead, which] = torch.where(unique, exact.indices[:, 0], -1)
+        out.append(flat_best.reshape(best.shape))
     return torch.cat(out, dim=-1)
 
 

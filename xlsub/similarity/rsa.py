@@ -7,10 +7,12 @@ joint re-pairings of one RDM's rows and columns (`xlsub.stats.inference.mantel_t
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from xlsub.similarity.jackknife import Interval, jackknife_blocks
-from xlsub.similarity.permutation import permutations
+from xlsub.similarity.permutation import TAIL_PILOT, permutations, tail_bound_decided
 from xlsub.similarity.retrieval import unit_rows
 from xlsub.stats import inference
 
@@ -27,13 +29,19 @@ def rdm(x: torch.Tensor, centre: bool = False) -> torch.Tensor:
 def rsa(x: torch.Tensor, y: torch.Tensor, centre: bool = False) -> torch.Tensor:
     """Spearman correlation of the upper triangles (i < j) of rdm(x) and rdm(y), [...] float64.
 
-    Representational similarity analysis (Kriegeskorte et al. 2008); ties get average ranks.
+    Representational similarity analysis (Kriegeskorte et al. 2008); ties get average ranks. One x against
+    several y [m, n, d]: the ranks of x once, each y's one at a time (`centred_ranks`).
     """
+    if x.dim() == 2 and y.dim() > 2:
+        a = centred_ranks(x, centre)
+        flat = y.reshape(-1, *y.shape[-2:])
+        values = [(a * (b := centred_ranks(one, centre))).sum() / (inference.upper_norm(a) * inference.upper_norm(b)) for one in flat]
+        return torch.stack(values).reshape(y.shape[:-2])
     return inference.matrix_correlation(rdm(x, centre), rdm(y, centre))
 
 
 def mantel_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 500, seed: int = 0, groups=None,
-                centre: bool = False) -> inference.MantelResult:
+                centre: bool = False, tail_risk: float | None = None, pilot: int = TAIL_PILOT) -> inference.MantelResult:
     """RSA of x, y [..., n, d] against re-pairings of y: y's RDM rows and columns permuted jointly (Mantel 1967).
 
     `xlsub.stats.inference.mantel_test` (one-sided, "greater") on rdm(x), rdm(y): `n_perm` permutations
@@ -41,9 +49,41 @@ def mantel_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 500, seed: int =
     sentences' token counts, for the length-restricted null), or all n! where that is affordable. The leading dimensions broadcast: one x
     [n, d] against several y [m, n, d] (one language against the others) permutes x's matrix once per
     permutation for all m.
+
+    `tail_risk` (None: off; one x against y [m, n, d] only): the first `pilot` permutations first, and a
+    language whose observed RSA they put so far above the null that the n_perm permutations reach it with
+    probability at most `tail_risk` (+ 0.01 for the pilot's mean and sd; `tail_bound_decided`) gets p =
+    1 / (1 + n_perm) without the others (`tail_bound` says where; null_mean and null_std are the pilot's). The
+    other languages run all n_perm permutations: their numbers are the full test's.
     """
-    sample = permutations(x.shape[-2], n_perm, seed, groups)
-    return inference.mantel_test(rdm(x, centre), rdm(y, centre), sample, groups)
+    n = x.shape[-2]
+    sample = permutations(n, n_perm, seed, groups)
+    a, b = centred_ranks(x, centre), centred_ranks(y, centre)
+    if tail_risk is None or pilot >= n_perm or x.dim() != 2 or y.dim() != 3 or math.factorial(min(n, 20)) <= inference.EXACT_LIMIT:
+        return inference.mantel_test(a, b, sample, groups, centred=True)
+    first = inference.mantel_test(a, b, sample[:pilot], groups, centred=True)
+    decided = tail_bound_decided(first.observed, None, first.null, n_perm, tail_risk)
+    null = torch.full((len(b), n_perm), math.nan, dtype=torch.float64)
+    null[:, :pilot] = first.null
+    p = torch.full((len(b),), 1.0 / (1 + n_perm), dtype=torch.float64)
+    rest = (~decided).nonzero().reshape(-1)
+    test = first.test
+    if len(rest):
+        full = inference.mantel_test(a, b[rest], sample, groups, centred=True)
+        null[rest], p[rest], test = full.null, full.p_value, full.test
+    return inference.MantelResult(first.observed, p, null, n_perm, 1.0 / (n_perm + 1), test, decided, pilot)
+
+
+def centred_ranks(x: torch.Tensor, centre: bool = False) -> torch.Tensor:
+    """`xlsub.stats.inference.centred_upper(rdm(x), "spearman")` [..., n, n], one leading index at a time:
+    at n = 5,000 an RDM is 200 MB, and ranking seven at once held several GB of sort buffers."""
+    if x.dim() == 2:
+        return inference.centred_upper(rdm(x, centre), "spearman")
+    flat = x.reshape(-1, *x.shape[-2:])
+    out = torch.empty(len(flat), x.shape[-2], x.shape[-2], dtype=torch.float64)
+    for index, one in enumerate(flat):
+        out[index] = inference.centred_upper(rdm(one, centre), "spearman")
+    return out.reshape(*x.shape[:-2], x.shape[-2], x.shape[-2])
 
 
 def _upper(d: torch.Tensor) -> torch.Tensor:
@@ -85,10 +125,24 @@ def leave_block_out_rsa(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor, 
     the subset from scratch (ties included)."""
     blocks = torch.as_tensor(blocks, dtype=torch.long)
     i, j = torch.triu_indices(len(blocks), len(blocks), offset=1)
+    count = int(blocks.max()) + 1
+    if x.dim() == 2 and y.dim() > 2:
+        # one reference against several languages: the reference sorted once, each language's sort kept in int32
+        # and its ranks taken one language at a time (at n = 5,000 the batched buffers took several GB)
+        sorted_x = _tie_runs(_upper(rdm(x, centre)))
+        flat = y.reshape(-1, *y.shape[-2:])
+        sorted_ys = [tuple(t.int() for t in _tie_runs(_upper(rdm(one, centre)))) for one in flat]
+        out = torch.empty(len(flat), count, dtype=torch.float64)
+        for b in range(count):
+            keep = (blocks[i] != b) & (blocks[j] != b)
+            ranks_x = _subset_ranks(*sorted_x, keep)
+            for index, (order, runs) in enumerate(sorted_ys):
+                out[index, b] = _pearson(ranks_x, _subset_ranks(order.long(), runs.long(), keep))
+        return out.reshape(*y.shape[:-2], count)
     ux, uy = _upper(rdm(x, centre)), _upper(rdm(y, centre))
     sorted_x, sorted_y = _tie_runs(ux), _tie_runs(uy)
     out = []
-    for b in range(int(blocks.max()) + 1):
+    for b in range(count):
         keep = (blocks[i] != b) & (blocks[j] != b)
         out.append(_pearson(_subset_ranks(*sorted_x, keep), _subset_ranks(*sorted_y, keep)))
     return torch.stack(out, -1)

@@ -269,14 +269,24 @@ class MantelResult:
     n_perm: int
     p_floor: float
     test: str
+    # where True, only the first `pilot` permutations were computed (`null` NaN after them) and p is its floor by
+    # a tail bound (`xlsub.similarity.rsa.mantel_test`); null_mean and null_std are then the pilot's
+    tail_bound: torch.Tensor | None = None
+    pilot: int = 0
 
     @property
     def null_mean(self) -> torch.Tensor:
-        return self.null.mean(-1)
+        if self.tail_bound is None:
+            return self.null.mean(-1)
+        return torch.where(self.tail_bound, self.null[..., :self.pilot].mean(-1), self.null.mean(-1))
 
     @property
     def null_std(self) -> torch.Tensor:
-        return self.null.std(-1) if self.n_perm > 1 else torch.full_like(self.observed, math.nan)
+        if self.n_perm <= 1:
+            return torch.full_like(self.observed, math.nan)
+        if self.tail_bound is None:
+            return self.null.std(-1)
+        return torch.where(self.tail_bound, self.null[..., :self.pilot].std(-1), self.null.std(-1))
 
 
 def centred_upper(d, method: str) -> torch.Tensor:
@@ -355,7 +365,7 @@ def _all_permutations(k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def mantel_test(x, y, sample=None, groups=None, method: str = "spearman", alternative: str = "greater",
-                max_exact: int = EXACT_LIMIT) -> MantelResult:
+                max_exact: int = EXACT_LIMIT, *, centred: bool = False) -> MantelResult:
     """Mantel (1967) test of `matrix_correlation(x, y, method)` for dissimilarity matrices x, y [..., k, k].
 
     Null: y's rows and columns relabelled jointly by a permutation (which pairs which is arbitrary under
@@ -371,10 +381,12 @@ def mantel_test(x, y, sample=None, groups=None, method: str = "spearman", altern
     `alternative`: "greater" (r above chance), "less" or "two-sided" (|r|). Ties (within 1e-9) count as
     extreme; r and p are NaN where a triangle is constant. Leading axes broadcast; one x against several
     y [m, k, k] gathers x once per permutation for all m, with the same permutations for every index.
+    `centred`: x and y are already `centred_upper(., method)` of the dissimilarity matrices (a caller that
+    builds them one at a time, as RSA does for 5,000 sentences, holds one copy instead of two).
     """
     if alternative not in ALTERNATIVES:
         raise ValueError(f"alternative must be one of {ALTERNATIVES}, got {alternative!r}")
-    a, b = centred_upper(x, method), centred_upper(y, method)
+    a, b = (torch.as_tensor(x).double(), torch.as_tensor(y).double()) if centred else (centred_upper(x, method), centred_upper(y, method))
     k = a.shape[-1]
     sample = None if sample is None else torch.as_tensor(np.asarray(sample), dtype=torch.long)
     if sample is not None and (sample.ndim != 2 or sample.shape[1] != k):

@@ -1,0 +1,131 @@
+"""The CKA permutation test's tail bound (`xlsub.similarity.permutation.tail_bound_decided`): where it skips
+permutations, the full permutation null gives the same p (its floor) and so the same decision at 0.05; where
+it does not, every number is the full test's."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from xlsub.similarity.permutation import TAIL_SD_RISK, cka_null_mean, cka_permutation_test, tail_bound_decided
+
+
+def pair(n: int, d: int, strength: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and y = strength * x rotated + noise + a shared length effect, [n, d] float64."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    length = torch.randint(0, 30, (n,), generator=g).double()
+    y = strength * x @ q + torch.randn(n, d, generator=g, dtype=torch.float64)
+    x, y = x + 0.05 * length[:, None], y + 0.05 * length[:, None]
+    return x, y, length.long()
+
+
+def test_the_bound_by_hand():
+    """n_perm x the upper tail of (chi2_1 - 1) / sqrt(2) at z, with the pilot's sd raised to its chi-square upper
+    bound, at most risk; and no pilot value at the observed."""
+    pilot = torch.tensor([[0.0, 1.0, -1.0, 2.0, -2.0] * 10])  # sd s, m = 50
+    m, s = 50, float(pilot.std())
+    sd = s * math.sqrt((m - 1) / stats.chi2.ppf(TAIL_SD_RISK, m - 1))
+    n_perm, risk = 1000, 0.005
+    z_needed = (stats.chi2.isf(risk / n_perm, 1) - 1) / math.sqrt(2)
+    assert 13.5 < z_needed < 14.5
+    at = torch.tensor([z_needed * sd * 1.0001, z_needed * sd * 0.9999])
+    decided = tail_bound_decided(at, torch.zeros(2), pilot.expand(2, -1), n_perm, risk)
+    assert decided.tolist() == [True, False]
+    # a pilot value at the observed one: never decided, however far the bound says it is
+    reached = pilot.clone()
+    reached[0, 3] = float(at[0])
+    assert not bool(tail_bound_decided(at[:1], torch.zeros(1), reached, n_perm, risk))
+
+
+def test_decided_cells_have_the_full_nulls_p_and_the_rest_are_the_full_test():
+    n, d, n_perm, risk = 1200, 32, 100, 0.005
+    decided = agree = 0
+    cases = 0
+    for seed, strength in enumerate([0.0, 1.0, 2.0, 3.0, 4.0, 6.0] * 6):
+        x, y, groups = pair(n, d, strength, seed)
+        bounded = cka_permutation_test(x, y, n_perm, seed, "debiased", groups, tail_risk=risk)
+        full = cka_permutation_test(x, y, n_perm, seed, "debiased", groups)
+        cases += 1
+        if bool(bounded.tail_bound):
+            decided += 1
+            agree += (float(full.p_value) < 0.05) == (float(bounded.p_value) < 0.05)
+            assert float(bounded.p_value) == 1 / (n_perm + 1)
+            assert float(bounded.null_mean) == pytest.approx(float(cka_null_mean(x, y, "debiased", groups)), rel=1e-12)
+            assert float(full.p_value) == 1 / (n_perm + 1)  # the count of the full null is 0 as well
+        else:
+            for name in ("observed", "null_mean", "null_std", "p_value", "null"):
+                torch.testing.assert_close(getattr(bounded, name), getattr(full, name), rtol=0, atol=0)
+    assert decided >= 10 and decided < cases  # both branches are exercised
+    assert agree / decided >= 0.99
+
+
+def test_layers_decided_and_not_in_one_call():
+    """Leading indices are decided one by one; the undecided ones see all permutations, as alone."""
+    n, d, n_perm = 1200, 32, 100
+    layers = [pair(n, d, s, 7) for s in (6.0, 0.0, 1.0)]
+    x, y = torch.stack([l[0] for l in layers]), torch.stack([l[1] for l in layers])
+    groups = layers[0][2]
+    result = cka_permutation_test(x, y, n_perm, 3, "debiased", groups, tail_risk=0.005)
+    assert result.tail_bound.tolist()[1] is False and result.tail_bound.any()
+    for layer in range(3):
+        alone = cka_permutation_test(x[layer], y[layer], n_perm, 3, "debiased", groups)
+        if bool(result.tail_bound[layer]):
+            assert float(result.p_value[layer]) == float(alone.p_value) == 1 / (n_perm + 1)
+        else:
+            torch.testing.assert_close(result.null[layer], alone.null, rtol=0, atol=1e-12)
+            assert float(result.p_value[layer]) == float(alone.p_value)
+
+
+# -- translation retrieval: float32 similarities with float64 where the best two are close ------------------
+
+def float64_nearest(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The nearest row of y for each row of x by float64 cosine after centring, -1 on a tie: the definition."""
+    xc, yc = x.double() - x.double().mean(-2, keepdim=True), y.double() - y.double().mean(-2, keepdim=True)
+    xn = xc / xc.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    yn = yc / yc.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    top = (xn @ yn.mT).topk(2, dim=-1)
+    return torch.where(top.values[..., 0] > top.values[..., 1], top.indices[..., 0], -1)
+
+
+def test_retrieval_equals_float64_with_near_ties_and_ties():
+    from xlsub.similarity.retrieval import nearest_translation
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 300, 64, generator=g, dtype=torch.float64)
+    y = x + 0.8 * torch.randn(3, 300, 64, generator=g, dtype=torch.float64)
+    y[:, 1::3] = y[:, 0::3][:, :100] + 1e-9 * torch.randn(3, 100, 64, generator=g, dtype=torch.float64)  # near ties
+    y[1, 7] = y[1, 6]  # an exact tie for the nearest of x[1, 6]
+    x[1, 6] = 3 * y[1, 6]
+    found = nearest_translation(x, y)
+    torch.testing.assert_close(found, float64_nearest(x, y), rtol=0, atol=0)
+    assert (found == -1).any() and (found >= 0).any()
+
+
+# -- RSA's Mantel test: the pilot's mean and sd bounded, no closed form ----------------------------------------
+
+def test_mantel_tail_bound_against_the_full_test():
+    from xlsub.similarity.rsa import mantel_test
+
+    g = torch.Generator().manual_seed(5)
+    n, d, n_perm = 400, 16, 100
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    ys = torch.stack([x + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64),  # shares x: decided
+                      torch.randn(n, d, generator=g, dtype=torch.float64),  # independent: all permutations
+                      x + 0.4 * torch.randn(n, d, generator=g, dtype=torch.float64)])
+    groups = torch.randint(0, 20, (n,), generator=g)
+    bounded = mantel_test(x, ys, n_perm, 1, groups, tail_risk=0.005, pilot=30)
+    full = mantel_test(x, ys, n_perm, 1, groups)
+    assert bounded.tail_bound.tolist() == [True, False, True]
+    torch.testing.assert_close(bounded.observed, full.observed, rtol=0, atol=0)
+    # decided: the full test's count is 0 too, so the same p, the floor
+    assert bounded.p_value[[0, 2]].tolist() == full.p_value[[0, 2]].tolist() == [1 / (n_perm + 1)] * 2
+    torch.testing.assert_close(bounded.null_mean[[0, 2]], full.null[[0, 2], :30].mean(-1), rtol=0, atol=1e-15)
+    # undecided: every number is the full test's
+    assert float(bounded.p_value[1]) == float(full.p_value[1])
+    torch.testing.assert_close(bounded.null[1], full.null[1], rtol=0, atol=1e-12)
+    assert float(bounded.null_mean[1]) == pytest.approx(float(full.null_mean[1]), abs=1e-15)
