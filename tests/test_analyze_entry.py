@@ -43,7 +43,7 @@ def test_analyze_logs_every_figure_table_and_a_report_that_shows_them(store, fin
             "equal_size_jaccard.csv"} <= tables
     # the verdicts open the report and are an artifact of their own
     verdicts = json.load(open(client.download_artifacts(run.info.run_id, "verdicts.json")))
-    assert [v["question"] for v in verdicts] == list(QUESTIONS)
+    assert [v["question"] for v in verdicts] == list(QUESTIONS[:5])  # the heads' questions: no neurons run given
     report = open(client.download_artifacts(run.info.run_id, "report.html"), encoding="utf-8").read()
     assert report.index(escape(QUESTIONS[0])) < report.index("Lineage")
     lo = pd.read_csv(client.download_artifacts(run.info.run_id, "tables/cross_ppl_relative_lo.csv"), index_col=0)
