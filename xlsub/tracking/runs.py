@@ -558,7 +558,8 @@ def log_parallel(corpus) -> None:
 
 
 def prune_children(prune: Run, param: str = "prune_run_id") -> dict[SubnetworkId, Run]:
-    """The subnetwork runs nested in a prune run, by SubnetworkId, in id order."""
+    """The subnetwork runs nested in a prune run (or a neurons run's per-language runs), by SubnetworkId, in id order."""
+    stage = prune.data.tags.get(STAGE_TAG, "prune")
     children = MlflowClient().search_runs(
         [prune.info.experiment_id], f"tags.`{PARENT_TAG}` = '{prune.info.run_id}' and tags.`{CHILD_TAG}` = 'true'", max_results=5000)
     found = {}
@@ -566,10 +567,10 @@ def prune_children(prune: Run, param: str = "prune_run_id") -> dict[SubnetworkId
         tags = child.data.tags
         sid = SubnetworkId(tags[artifacts.LANGUAGE_TAG], int(tags[artifacts.SEED_TAG]))
         if sid in found:
-            raise XlsubError(f"{param}: prune run {prune.info.run_id} has two runs for subnetwork {sid}; rerun prune")
+            raise XlsubError(f"{param}: {stage} run {prune.info.run_id} has two runs for {sid}; rerun {stage}")
         found[sid] = child
     if not found:
-        raise XlsubError(f"{param}: prune run {prune.info.run_id} has no subnetwork runs; rerun prune")
+        raise XlsubError(f"{param}: {stage} run {prune.info.run_id} has no child runs; rerun {stage}")
     return dict(sorted(found.items()))
 
 
