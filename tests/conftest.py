@@ -164,7 +164,7 @@ def encode_run(store, prune_run):
 # The whole pipeline against a real tracking server (tests/test_main.py, tests/test_ui.py)
 PIPELINE_EXPERIMENT = "xlsub-pipeline"
 SMALL_PIPELINE = {"languages": "en,de,zh", "epochs": "1", "examples_per_lang": "64", "test_examples_per_lang": "8", "batch_size": "16",
-         "eval_examples": "16", "max_sentences": "30", "device": "cpu"}
+         "eval_examples": "16", "max_sentences": "30", "device": "cpu", "neuron_examples": "16"}
 
 
 def free_port() -> int:

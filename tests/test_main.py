@@ -47,7 +47,7 @@ def test_changed_prune_parameter_recomputes_downstream_only(pipeline):
     first, third = stage_ids(pipeline["first"]), stage_ids(pipeline["third"])
     assert third["finetune"] == first["finetune"]
     assert all(third[s] != first[s] for s in ("prune", "encode", "analyze"))
-    assert pipeline["third"].data.tags["xlsub.reused"] == "finetune"
+    assert pipeline["third"].data.tags["xlsub.reused"] == "finetune,neurons"  # the neurons stage reads only the finetune run
 
 
 def test_a_fresh_process_resolves_inputs_and_downloads_artifacts_from_the_server(tracking_server, pipeline):
@@ -114,7 +114,7 @@ def test_main_runs_every_stage_on_a_decoder(tracking_server, tmp_path):
 
     experiment = "xlsub-decoder"
     fast = {"use_random": "false", "bootstrap": "200", "permutations": "99", "cka_permutations": "99", "subnetwork_permutations": "99",
-            "length_permutations": "99", "power_draws": "5", "target_sparsity": "0.5"}
+            "length_permutations": "99", "power_draws": "5", "target_sparsity": "0.5", "neuron_examples": "16"}
     mlflow_run(tracking_server, "main", {**SMALL_PIPELINE, **fast, "model": "tiny-llama"}, experiment=experiment)
     client = MlflowClient(tracking_server)
     (main,) = runs_of(tracking_server, experiment, "main")

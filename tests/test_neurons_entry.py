@@ -41,7 +41,7 @@ def stock_model(child, name, tmp_path, auto):
 
 
 def test_lape_neurons_and_their_deactivation_matrix(store, finetune_run, tmp_path):
-    mlflow_run(store, "neurons", {"examples": "32", "top_rate": "0.02"})
+    mlflow_run(store, "neurons", {"finetune_run_id": finetune_run.info.run_id, "examples": "32", "top_rate": "0.02"})
     parent = parent_of(store, "neurons")
     assert parent.info.status == "FINISHED" and parent.data.tags["xlsub.finetune_run_id"] == finetune_run.info.run_id
     children = {c.data.tags["xlsub.language"]: c for c in children_of(store, parent)}
@@ -85,6 +85,16 @@ def test_importance_neurons_on_a_decoder_in_process(store, tmp_path, monkeypatch
     client = MlflowClient(store)
     experiment = client.create_experiment("xlsub-decoder-neurons")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    previous = mlflow.get_tracking_uri()  # other tests may have pointed the process elsewhere
+    mlflow.set_tracking_uri(store)
+    try:
+        decoder_neurons(client, experiment, store, tmp_path)
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def decoder_neurons(client, experiment, store, tmp_path):
     finetune_entry.main(["--model", "tiny-llama", "--languages", "en,de", "--eval_only", "true", "--examples_per_lang", "32",
                          "--test_examples_per_lang", "8"])
     (decoder,) = client.search_runs([experiment], "tags.`xlsub.stage` = 'finetune'")
