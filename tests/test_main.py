@@ -104,13 +104,6 @@ def test_main_runs_every_stage_on_a_decoder(tracking_server, tmp_path):
     (stock form: Llama layers share one head count) loads without xlsub and computes what the gated
     model computes."""
     import mlflow
-    import torch
-    import transformers
-
-    from xlsub.artifacts import SubnetworkId, read_head_mask
-    from xlsub.models.heads import HeadGates
-    from xlsub.models.mlm import causal_batch, causal_lm_loss
-    from xlsub.tracking import runs as tracking
 
     experiment = "xlsub-decoder"
     fast = {"use_random": "false", "bootstrap": "200", "permutations": "99", "cka_permutations": "99", "subnetwork_permutations": "99",
@@ -128,7 +121,24 @@ def test_main_runs_every_stage_on_a_decoder(tracking_server, tmp_path):
     assert {"verdict.specificity.value", "verdict.pruning_specific.value"} <= set(analyze)
     assert 0 < analyze["mean_params_kept_frac"] <= 1
 
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_server)
+    try:
+        decoder_models(client, ids, tmp_path)
+    finally:
+        mlflow.set_tracking_uri(previous)  # the later tests' in-process runs read it
+
+
+def decoder_models(client, ids, tmp_path):
+    import mlflow
+    import torch
+    import transformers
+
+    from xlsub.artifacts import SubnetworkId, read_head_mask
+    from xlsub.models.heads import HeadGates
+    from xlsub.models.mlm import causal_batch, causal_lm_loss
+    from xlsub.tracking import runs as tracking
+
     child = tracking.prune_children(client.get_run(ids["prune"]))[SubnetworkId("de", 0)]
     model_id = tracking.logged_model_id(child.info.run_id, "subnetwork-de-s0")
     flavor = mlflow.models.get_model_info(f"models:/{model_id}").flavors["transformers"]

@@ -30,6 +30,16 @@ pytestmark = pytest.mark.slow
 LANGS = ["en", "de", "zh"]
 
 
+@pytest.fixture(autouse=True)
+def pinned_store(store):
+    """The session store as this process's tracking URI while each test runs (`tracking.download` reads it;
+    an earlier test may have pointed the process at its own server)."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(store)
+    yield
+    mlflow.set_tracking_uri(previous)
+
+
 def parent_of(store, stage):
     return next(r for r in runs_of(store, "xlsub-tests", stage) if r.data.tags.get("xlsub.child") != "true")
 
@@ -86,15 +96,6 @@ def test_importance_neurons_on_a_decoder_in_process(store, tmp_path, monkeypatch
     experiment = client.create_experiment("xlsub-decoder-neurons")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    previous = mlflow.get_tracking_uri()  # other tests may have pointed the process elsewhere
-    mlflow.set_tracking_uri(store)
-    try:
-        decoder_neurons(client, experiment, store, tmp_path)
-    finally:
-        mlflow.set_tracking_uri(previous)
-
-
-def decoder_neurons(client, experiment, store, tmp_path):
     finetune_entry.main(["--model", "tiny-llama", "--languages", "en,de", "--eval_only", "true", "--examples_per_lang", "32",
                          "--test_examples_per_lang", "8"])
     (decoder,) = client.search_runs([experiment], "tags.`xlsub.stage` = 'finetune'")
