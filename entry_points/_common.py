@@ -50,6 +50,11 @@ def run_id_field(help: str):
     return field(default="latest", metadata={"help": help, "kind": RUN_ID, "keywords": ("latest",)})
 
 
+def optional_run_id_field(help: str):
+    """A registry input the stage can go without (`Stage.optional`): a run ID, `latest` or `none` (the default)."""
+    return field(default="none", metadata={"help": help, "kind": RUN_ID, "keywords": ("latest", "none")})
+
+
 @dataclass
 class StageArgs:
     """Base of the stage parameter dataclasses: the one place a stage's parameters, defaults, help and

@@ -20,10 +20,9 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from transformers import AutoConfig, AutoTokenizer
 
-from entry_points._common import COUNT, LANGUAGE, REPLICATES, RUN_ID, SEED, StageArgs, parse_args, run_id_field, split_items
+from entry_points._common import COUNT, LANGUAGE, REPLICATES, SEED, StageArgs, optional_run_id_field, parse_args, run_id_field, split_items
 from xlsub import artifacts
-from xlsub.artifacts import SubnetworkId
-from xlsub.errors import Range, XlsubError
+from xlsub.errors import Range
 from xlsub.models.families import adapter_for
 from xlsub.models.mlm import ChunkLosses
 from xlsub.report.analysis import AnalysisInputs, NeuronInputs, analyze
@@ -43,8 +42,7 @@ LAYER = Range(0, meaning="a layer number (0 = embeddings)")
 class AnalyzeArgs(StageArgs):
     encode_run_id: str = run_id_field("encode run ID or 'latest'")
     prune_run_id: str = run_id_field("prune run ID or 'latest'; with an explicit encode_run_id, 'latest' means that encode run's prune run")
-    neurons_run_id: str = field(default="none", metadata={"help": "neurons run ID, 'latest' (the newest made from the same finetune run), or 'none' to analyse heads only",
-                                                          "kind": RUN_ID, "keywords": ("latest", "none")})
+    neurons_run_id: str = optional_run_id_field("neurons run ID, 'latest' (with an explicit encode_run_id that encoded neurons: its neurons run), or 'none' to analyse heads only")
     cka: str = field(default="debiased", metadata={"help": "CKA kind: debiased (unbiased HSIC, the default: biased CKA is inflated when n is not far above d), linear or rbf",
                                                   "choices": KINDS})
     cka_precision: str = field(default="float64", metadata={"help": "CKA products: float64, or float32 accumulated in float64 (linear and debiased; about 1.5x faster on CPUs)",
@@ -122,11 +120,8 @@ def load_inputs(runs: dict[str, Run], children: dict, work: Path) -> AnalysisInp
 def neuron_inputs(neurons: Run, work: Path) -> NeuronInputs:
     """The neurons run's masks, split halves, eligible neurons and per-chunk losses, downloaded by run ID; refused
     at once where an artifact is missing."""
-    children = tracking.prune_children(neurons, "neurons_run_id")
-    made = [SubnetworkId.parse(text) for text in lineage.manifest(neurons, "neurons_run_id", work)["subnetworks"]]
-    missing = [str(sid) for sid in made if sid not in children]
-    if missing:
-        raise XlsubError(f"neurons_run_id: neurons run {neurons.info.run_id} has no child run for {', '.join(missing)}; rerun neurons")
+    children = lineage.subnetworks(neurons, "neurons_run_id", work)
+    made = list(children)
     tracking.require_artifacts("neurons_run_id", neurons, [artifacts.table_path(artifacts.NEURON_CHUNK_LOSSES, folder=None), artifacts.NEURON_ELIGIBLE])
     for sid in made:
         tracking.require_artifacts("neurons_run_id", children[sid], [artifacts.NEURON_MASK, artifacts.NEURON_MASK_HALVES])

@@ -80,6 +80,8 @@ def _main_fields() -> list[tuple]:
     result.append(("units", str, field(default="heads,neurons", metadata={
         "help": "units of subnetwork: heads (attention heads: prune, encode, analyze) and neurons (feed-forward neurons: the neurons stage, "
                 "analysed beside the heads); comma-separated, heads always included", "items": UNITS})))
+    result.append(("encode_neurons", bool, field(default=False, metadata={
+        "help": "also encode each language's neuron subnetwork (needs neurons in units), so analyze compares its representations too"})))
     result.append(("force", bool, field(default=False, metadata={"help": "recompute every stage even where a finished run could be reused"})))
     return result
 
@@ -91,6 +93,8 @@ def _check_stage(self) -> None:
         self.stage_args(stage).validate()
     if "heads" not in split_items("units", self.units, UNITS):
         raise XlsubError(f"units: '{self.units}' leaves out heads, which encode and analyze compare every unit with; pass heads or heads,neurons")
+    if self.encode_neurons and "neurons" not in split_items("units", self.units, UNITS):
+        raise XlsubError("encode_neurons: there are no neuron subnetworks to encode without the neurons unit; pass units=heads,neurons or encode_neurons=false")
     languages = parse_languages(self.languages)
     if "neurons" in split_items("units", self.units, UNITS) and self.neuron_method == "lape" and languages is not None and len(languages) < 2:
         raise XlsubError("languages: lape neurons compare languages; give two or more, or pass units=heads (or neuron_method=importance)")
@@ -106,8 +110,19 @@ def _stage_args(self, stage: str) -> StageArgs:
     return cls(**values)
 
 
+def _stage_inputs(self, stage: str, ids: dict[str, str]) -> dict[str, str]:
+    """The stage's run-ID parameters from the runs of earlier stages (`ids`: stage -> run ID). An optional input
+    main did not run (the neurons run without `units=...,neurons`) is `none`, and so is encode's neurons run
+    unless `encode_neurons`."""
+    inputs = {name: ids.get(source, "none") for name, source in INPUTS.get(stage, {}).items()}
+    if stage == "encode" and not self.encode_neurons:
+        inputs["neurons_run_id"] = "none"
+    return inputs
+
+
 MainArgs = make_dataclass("MainArgs", _main_fields(), bases=(StageArgs,),
-                          namespace={"check_stage": _check_stage, "stage_args": _stage_args, "__module__": __name__})
+                          namespace={"check_stage": _check_stage, "stage_args": _stage_args, "stage_inputs": _stage_inputs,
+                                     "__module__": __name__})
 
 
 def run_stage(stage: str, args: StageArgs, force: bool, reused: list[str]) -> str:
@@ -151,9 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         for stage in STAGE_ARGS:
             if stage == "neurons" and "neurons" not in units:
                 continue
-            # an optional input (analyze's neurons run) main did not run is `none`
-            inputs = {name: ids.get(source, "none") for name, source in INPUTS.get(stage, {}).items()}
-            ids[stage] = run_stage(stage, replace(args.stage_args(stage), **inputs), args.force, reused)
+            ids[stage] = run_stage(stage, replace(args.stage_args(stage), **args.stage_inputs(stage, ids)), args.force, reused)
             if stage == "prune" and stage in reused and args.register:  # register is not compared for reuse
                 tracking.register_subnetworks(ids[stage])
         mlflow.set_tags({artifacts.input_tag(stage): run_id for stage, run_id in ids.items()})

@@ -150,6 +150,13 @@ def prune_run(store, finetune_run):
     return parents[0]
 
 
+@pytest.fixture(scope="session")
+def neurons_run(store, finetune_run):
+    """One LAPE neurons run on the session's finetuned model (2% of the neurons), its parent run."""
+    mlflow_run(store, "neurons", {"finetune_run_id": finetune_run.info.run_id, "examples": "32", "top_rate": "0.02"})
+    return next(r for r in runs_of(store, "xlsub-tests", "neurons") if r.data.tags.get("xlsub.child") != "true")
+
+
 def children_of(store, run):
     client = MlflowClient(store)
     return client.search_runs([run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")

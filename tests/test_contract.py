@@ -45,6 +45,16 @@ def test_subnetwork_id_refuses_other_spellings(text):
     assert SubnetworkId.parse_or_none(text) is None
 
 
+@pytest.mark.parametrize("key, expected", [("de-s0", ("heads", "de-s0")), ("neurons.zh-cn-s3", ("neurons", "zh-cn-s3")), ("full", None),
+                                           ("random", None), ("neurons.full", None), ("neurons-de-s0", ("heads", "neurons-de-s0"))])
+def test_encoding_keys_name_the_unit_and_the_subnetwork(key, expected):
+    found = artifacts.subnetwork_key(key)
+    assert (found if found is None else (found[0], str(found[1]))) == expected
+    if expected is not None and expected[0] == "neurons":
+        assert SubnetworkId.parse(expected[1]).neurons_key == key
+    assert SubnetworkId.parse_or_none(f"{artifacts.NEURONS_KEY_PREFIX}de-s0") is None  # a neuron key is never taken for a head subnetwork
+
+
 def test_subnetwork_ids_sort_by_language_then_seed_and_group():
     ids = [SubnetworkId("zh", 0), SubnetworkId("de", 10), SubnetworkId("de", 2)]
     assert [str(s) for s in sorted(ids)] == ["de-s2", "de-s10", "zh-s0"]
@@ -118,6 +128,14 @@ def test_mlproject_agrees_with_the_dataclasses_on_names_defaults_and_types():
             default = f.default if not isinstance(f.default, bool) else str(f.default).lower()
             assert same_value(params[f.name]["default"], default), (stage, f.name)
             assert f"--{f.name} {{{f.name}}}" in declared[stage]["command"]
+
+
+def test_main_passes_each_stage_the_runs_it_reads():
+    ids = {"finetune": "f" * 32, "prune": "p" * 32, "neurons": "n" * 32, "encode": "e" * 32}
+    assert main.MainArgs().stage_inputs("encode", ids) == {"finetune_run_id": "f" * 32, "prune_run_id": "p" * 32, "neurons_run_id": "none"}
+    assert main.MainArgs(encode_neurons=True).stage_inputs("encode", ids)["neurons_run_id"] == "n" * 32
+    assert main.MainArgs().stage_inputs("analyze", ids) == {"encode_run_id": "e" * 32, "prune_run_id": "p" * 32, "neurons_run_id": "n" * 32}
+    assert main.MainArgs().stage_inputs("analyze", {k: v for k, v in ids.items() if k != "neurons"})["neurons_run_id"] == "none"
 
 
 def test_main_composes_the_stage_dataclasses_through_one_mapping():

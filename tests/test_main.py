@@ -63,7 +63,7 @@ prune = tracking.resolve_run("prune_run_id", encode.data.tags["xlsub.prune_run_i
 finetune = tracking.resolve_run("finetune_run_id", prune.data.tags["xlsub.finetune_run_id"], "finetune")
 from xlsub.artifacts import SubnetworkId
 from xlsub.models.pruning import load_subnetwork
-child = tracking.prune_children(prune)[SubnetworkId("de", 0)]
+child = tracking.child_runs(prune)[SubnetworkId("de", 0)]
 model, tok = load_subnetwork(tracking.download(child.info.run_id, "subnetwork"))
 enc = load_encodings(tracking.download(encode.info.run_id, "encodings/full/de.safetensors"))
 html = tracking.download(analyze.info.run_id, "report.html").read_text()
@@ -100,7 +100,7 @@ def test_an_analyze_only_code_change_recomputes_analyze_alone(tracking_server, p
 
 def test_main_runs_every_stage_on_a_decoder(tracking_server, tmp_path):
     """Issue 22: `mlflow run . -P model=tiny-llama` (grouped-query attention, causal LM) through finetune,
-    prune, encode and analyze, with verdicts; its models are logged for text generation, and a subnetwork
+    prune, neurons, encode (the neuron subnetworks too) and analyze, with verdicts; its models are logged for text generation, and a subnetwork
     (stock form: Llama layers share one head count) loads without xlsub and computes what the gated
     model computes."""
     import mlflow
@@ -108,12 +108,17 @@ def test_main_runs_every_stage_on_a_decoder(tracking_server, tmp_path):
     experiment = "xlsub-decoder"
     fast = {"use_random": "false", "bootstrap": "200", "permutations": "99", "cka_permutations": "99", "subnetwork_permutations": "99",
             "length_permutations": "99", "power_draws": "5", "target_sparsity": "0.5", "neuron_examples": "16"}
-    mlflow_run(tracking_server, "main", {**SMALL_PIPELINE, **fast, "model": "tiny-llama"}, experiment=experiment)
+    mlflow_run(tracking_server, "main", {**SMALL_PIPELINE, **fast, "model": "tiny-llama", "encode_neurons": "true"}, experiment=experiment)
     client = MlflowClient(tracking_server)
     (main,) = runs_of(tracking_server, experiment, "main")
     assert main.info.status == "FINISHED" and main.data.tags["xlsub.reused"] == "none"
     ids = stage_ids(main)
     assert all(client.get_run(run_id).info.status == "FINISHED" for run_id in ids.values())
+    # encode_neurons: the encode run encoded the neurons run's neuron subnetworks, and analyze tested them
+    neurons_id = main.data.tags["xlsub.neurons_run_id"]
+    assert client.get_run(ids["encode"]).data.tags["xlsub.neurons_run_id"] == neurons_id == client.get_run(ids["analyze"]).data.tags["xlsub.neurons_run_id"]
+    keys = {a.path.split("/", 1)[1] for a in client.list_artifacts(ids["encode"], "encodings")}
+    assert {"neurons.en-s0", "neurons.de-s0", "neurons.zh-s0"} <= keys
     analyze = client.get_run(ids["analyze"]).data.metrics
     # one pruning seed: every verdict but stability is answered (different heads says "cannot tell" without a value)
     answered = {key.split(".")[1] for key in analyze if key.startswith("verdict.")}
@@ -139,7 +144,7 @@ def decoder_models(client, ids, tmp_path):
     from xlsub.models.mlm import causal_batch, causal_lm_loss
     from xlsub.tracking import runs as tracking
 
-    child = tracking.prune_children(client.get_run(ids["prune"]))[SubnetworkId("de", 0)]
+    child = tracking.child_runs(client.get_run(ids["prune"]))[SubnetworkId("de", 0)]
     model_id = tracking.logged_model_id(child.info.run_id, "subnetwork-de-s0")
     flavor = mlflow.models.get_model_info(f"models:/{model_id}").flavors["transformers"]
     assert flavor["task"] == "text-generation"

@@ -252,6 +252,17 @@ def test_gating_equals_zeroing_the_down_projection_inputs(family, tmp_path):
     torch.testing.assert_close(logits_of(auto.from_pretrained(tmp_path).eval(), batch), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_zeroing_in_place_equals_the_copy_and_changes_the_model_itself(tokenizer):
+    model = build("tiny-roberta", tokenizer)
+    mask = (torch.rand(neuron_mask_shape(model), generator=torch.Generator().manual_seed(3)) > 0.3).float()
+    batch = {"input_ids": torch.tensor([[0, 11, 12, 13, 2]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    copied = logits_of(zero_neurons(model, mask), batch)
+    before = logits_of(model, batch)
+    assert zero_neurons(model, mask, copy=False) is model
+    torch.testing.assert_close(logits_of(model, batch), copied, atol=0, rtol=0)
+    assert float((before - copied).abs().max()) > 1e-4
+
+
 def test_gates_refuse_a_mask_of_the_wrong_shape(tokenizer):
     model = build("tiny-gpt2", tokenizer)
     with pytest.raises(XlsubError, match=r"needs \[layers, neurons\] = \[2, 64\]"):

@@ -11,6 +11,7 @@ import json
 import math
 
 import mlflow
+import pandas as pd
 import pytest
 import torch
 import transformers
@@ -19,10 +20,13 @@ from safetensors.torch import load_file
 
 from entry_points import finetune as finetune_entry
 from entry_points import neurons as neurons_entry
+from entry_points.encode import EncodeArgs
 from tests.conftest import children_of, mlflow_run, refuse_in_process, runs_of
 from tests.test_family_stages import stock_perplexity
+from xlsub.artifacts import load_encodings
+from xlsub.models.encoding import encode as encode_sentences
 from xlsub.models.mlm import lm_batches
-from xlsub.models.neurons import lape_selection
+from xlsub.models.neurons import NeuronGates, lape_selection
 from xlsub.models.training import load_finetuned
 from xlsub.tracking import runs as tracking
 
@@ -40,19 +44,14 @@ def pinned_store(store):
     mlflow.set_tracking_uri(previous)
 
 
-def parent_of(store, stage):
-    return next(r for r in runs_of(store, "xlsub-tests", stage) if r.data.tags.get("xlsub.child") != "true")
-
-
 def stock_model(child, name, tmp_path, auto):
     model_id = tracking.logged_model_id(child.info.run_id, name)
     folder = mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=str(tmp_path / name))
     return auto.from_pretrained(f"{folder}/model").eval()
 
 
-def test_lape_neurons_and_their_deactivation_matrix(store, finetune_run, tmp_path):
-    mlflow_run(store, "neurons", {"finetune_run_id": finetune_run.info.run_id, "examples": "32", "top_rate": "0.02"})
-    parent = parent_of(store, "neurons")
+def test_lape_neurons_and_their_deactivation_matrix(store, finetune_run, neurons_run, tmp_path):
+    parent = neurons_run
     assert parent.info.status == "FINISHED" and parent.data.tags["xlsub.finetune_run_id"] == finetune_run.info.run_id
     children = {c.data.tags["xlsub.language"]: c for c in children_of(store, parent)}
     assert sorted(children) == sorted(LANGS) and all(c.info.run_name == f"neurons/{l}-s0" for l, c in children.items())
@@ -110,6 +109,52 @@ def test_importance_neurons_on_a_decoder_in_process(store, tmp_path, monkeypatch
         assert m["neurons_off"] == 32 and m["neurons_off_frac"] == 0.25  # a quarter of 2 layers x 64 neurons
         stock = stock_model(child, f"neurons-{child.data.tags['xlsub.language']}-s0", tmp_path, transformers.AutoModelForCausalLM)
         assert type(stock).__name__ == "LlamaForCausalLM" and math.isfinite(m["ppl.en"])
+
+
+def test_neuron_subnetworks_are_encoded_and_analysed_beside_the_heads(capsys, store, finetune_run, prune_run, neurons_run, tmp_path):
+    """encode with a neurons run: every language's neuron subnetwork under `neurons.<id>`, equal to the
+    finetuned model encoded under neuron gates (hooks, not the zeroed weights encode uses); analyze then tests
+    them like the head subnetworks, takes the neurons run from the encode run, and refuses another."""
+    client = MlflowClient(store)
+    experiment = "xlsub-neuron-encode"  # its own experiment: other tests read the session's latest encode run
+    mlflow_run(store, "encode", {"finetune_run_id": finetune_run.info.run_id, "prune_run_id": prune_run.info.run_id,
+                                 "neurons_run_id": neurons_run.info.run_id, "max_sentences": "24", "batch_size": "16"}, experiment=experiment)
+    (encode,) = runs_of(store, experiment, "encode")
+    assert encode.data.tags["xlsub.neurons_run_id"] == neurons_run.info.run_id
+    keys = {a.path.split("/", 1)[1] for a in client.list_artifacts(encode.info.run_id, "encodings")}
+    assert keys == {"full", *(f"{l}-s0" for l in LANGS), *(f"neurons.{l}-s0" for l in LANGS)}
+
+    children = {c.data.tags["xlsub.language"]: c for c in children_of(store, neurons_run)}
+    masks = {l: torch.tensor(json.loads(open(client.download_artifacts(c.info.run_id, "neuron_mask.json", str(tmp_path / l))).read())).float()
+             for l, c in children.items()}
+    lang = max(LANGS, key=lambda l: int((masks[l] == 0).sum()))
+    assert int((masks[lang] == 0).sum()) > 0
+    sentences = json.loads(tracking.download(encode.info.run_id, "sentences.json", tmp_path / "enc").read_text())
+    folder = tracking.download(finetune_run.info.run_id, "model", tmp_path / "model")
+    model, tokenizer = transformers.AutoModelForMaskedLM.from_pretrained(folder).eval(), transformers.AutoTokenizer.from_pretrained(folder)
+    with NeuronGates(model, masks[lang]):
+        gated = encode_sentences(model, tokenizer, sentences["texts"][lang], batch_size=5, pooling=EncodeArgs.pooling)
+    # one folder each: a file artifact lands in its folder under its base name, and both are `<lang>.safetensors`
+    stored = load_encodings(tracking.download(encode.info.run_id, f"encodings/neurons.{lang}-s0/{lang}.safetensors", tmp_path / "neurons"))
+    full = load_encodings(tracking.download(encode.info.run_id, f"encodings/full/{lang}.safetensors", tmp_path / "full"))
+    assert float((gated - stored).abs().max()) < 1e-5 and float((full - stored).abs().max()) > 1e-4
+
+    mlflow_run(store, "analyze", {"encode_run_id": encode.info.run_id, "neurons_run_id": "latest", "bootstrap": "20", "permutations": "20",
+                                  "cka_permutations": "20", "subnetwork_permutations": "10", "length_permutations": "10", "power_draws": "4"},
+               experiment=experiment)
+    (analyze,) = runs_of(store, experiment, "analyze")
+    assert analyze.data.tags["xlsub.neurons_run_id"] == neurons_run.info.run_id  # 'latest' is the encode run's neurons run
+    tested = pd.read_csv(client.download_artifacts(analyze.info.run_id, "tables/cka_pvalue.csv", str(tmp_path / "an")))
+    models = list(dict.fromkeys(tested["model"]))
+    assert models[:1 + 2 * len(LANGS)] == ["full", *(f"{l}-s0" for l in LANGS), *(f"neurons.{l}-s0" for l in LANGS)]
+    assert tested.loc[tested["model"] == f"neurons.{lang}-s0", "p_value"].between(0, 1).all()
+
+    other = client.create_run(client.get_experiment_by_name(experiment).experiment_id,
+                              tags={"xlsub.stage": "neurons", "xlsub.finetune_run_id": finetune_run.info.run_id})
+    client.set_terminated(other.info.run_id, "FINISHED")
+    line, _ = refuse_in_process(capsys, store, client.get_experiment_by_name(experiment).experiment_id, "analyze",
+                                ["--encode_run_id", encode.info.run_id, "--neurons_run_id", other.info.run_id])
+    assert line.startswith("xlsub analyze: neurons_run_id: encode run") and f"was made from neurons run {neurons_run.info.run_id}" in line
 
 
 def test_bad_inputs_are_refused(capsys, store, finetune_run):

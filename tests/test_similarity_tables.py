@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from xlsub.report.figures.analysis import display_label
 from xlsub.report.similarity_tables import (
     LENGTH_ONLY,
     Counts,
@@ -65,6 +66,18 @@ def test_cka_pvalue_rows_are_the_permutation_tests_of_each_cell():
     assert restricted.loc[("full", "zh", LAYERS - 1), "p_unrestricted"] == pytest.approx(float(last.p_value[0]))
     assert restricted.loc["full"]["p_unrestricted"].isna().sum() == 2 * (LAYERS - 1)  # beside the last layer only
     assert set(restricted.index.get_level_values("model")) == {"full", "de-s0", "random", LENGTH_ONLY}
+
+
+def test_neuron_subnetworks_are_tested_as_subnetworks_after_the_heads():
+    enc = encodings()
+    enc = {"random": enc["random"], "neurons.de-s0": {l: v + 1 for l, v in enc["de-s0"].items()}, **enc}
+    counts = Counts(full=50, controls=40, subnetworks=30, length=500, power_draws=10)
+    table = cka_pvalue_table(enc, LANGS, "en", "debiased", counts, seed=2)
+    assert list(dict.fromkeys(table.index.get_level_values("model"))) == ["full", "de-s0", "neurons.de-s0", "random"]
+    assert len(table.loc["neurons.de-s0"]) == 2 and (table.loc["neurons.de-s0", "n_perm"] == 30).all()  # the last layer, as a subnetwork
+    direct = cka_permutation_test(enc["neurons.de-s0"]["en"][-1:], enc["neurons.de-s0"]["zh"][-1:], 30, 2, "debiased")
+    assert table.loc[("neurons.de-s0", "zh", LAYERS - 1), "p_value"] == pytest.approx(float(direct.p_value[0]))
+    assert display_label("neurons.de-s1") == "German neurons (seed 1)" and display_label("de-s1") == "German (seed 1)"
 
 
 def test_length_controls_residuals_and_the_content_free_encoder():

@@ -88,8 +88,7 @@ def test_a_main_run_that_reuses_every_stage_shows_its_pipeline(client):
     args = pipeline.MainArgs()
     ids = {}
     for stage in pipeline.STAGE_ARGS:
-        inputs = {name: ids[source] for name, source in pipeline.INPUTS.get(stage, {}).items()}
-        ids[stage] = make_run(client, stage, replace(args.stage_args(stage), **inputs).reuse_params())
+        ids[stage] = make_run(client, stage, replace(args.stage_args(stage), **args.stage_inputs(stage, ids)).reuse_params())
     client.log_metric(ids["analyze"], "verdict.specificity.value", 0.25)
     client.log_metric(ids["analyze"], "verdict.specificity.p", 1 / 256)
     client.log_metric(ids["analyze"], "mean_jaccard", 0.5)

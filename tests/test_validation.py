@@ -75,6 +75,7 @@ BAD: dict[str, dict[str, list[str]]] = {
     "encode": {
         "finetune_run_id": RUN_ID_BAD,
         "prune_run_id": RUN_ID_BAD,
+        "neurons_run_id": RUN_ID_BAD,
         "corpus": [" "],
         "languages": LANGUAGES_BAD,
         "max_sentences": ["0", "-1"],
@@ -123,7 +124,7 @@ BAD: dict[str, dict[str, list[str]]] = {
         "analyze_run_ids": ["", "a", "a,,b", ",a,b", "a,b,a", "a,latest", "a, LATEST"],
     },
 }
-MAIN_ONLY = {"force": ["maybe"], "units": ["neurons", "heads,heads", "heads,axons", ""]}
+MAIN_ONLY = {"force": ["maybe"], "encode_neurons": ["maybe"], "units": ["neurons", "heads,heads", "heads,axons", ""]}
 PARSE_BAD = {float: ["nan", "inf", "-inf", "ten"], int: ["nan", "inf", "ten"], bool: ["nope"], str: []}
 
 
@@ -250,6 +251,7 @@ def test_bad_value_is_one_line_naming_the_parameter_exit_2_and_a_failed_run(stor
     ("main", ["--register", "true", "--log_stock_models", "false"], "register"),
     ("main", ["--languages", "de,zh"], "reference"),  # reference en is not among them
     ("main", ["--languages", "DE,ZH", "--reference", "EN"], "reference"),
+    ("main", ["--units", "heads", "--encode_neurons", "true"], "encode_neurons"),  # no neuron subnetworks to encode
 ])
 def test_other_refusals_take_the_same_path(store, capsys, stage, argv, named):
     line, _ = refuse(store, capsys, stage, argv)

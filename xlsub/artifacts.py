@@ -126,6 +126,7 @@ REGISTERED_SOURCE_RUN_TAG = "source_run_id"  # the prune child run that logged t
 FULL_MODEL = "full"
 BASE_MODEL = "base"
 RANDOM_MODEL = "random"
+NEURONS_KEY_PREFIX = "neurons."  # a neuron subnetwork's encoding key: `neurons.de-s0` (a '.' no language code or subnetwork id has)
 
 
 # -- subnetwork ids ---------------------------------------------------------------------------------------
@@ -165,6 +166,12 @@ class SubnetworkId:
         """The neurons child's MLflow logged model (stock form, its neurons switched off), e.g. `neurons-de-s0`."""
         return f"neurons-{self}"
 
+    @property
+    def neurons_key(self) -> str:
+        """The encoding key (and table row) of the language's neuron subnetwork, e.g. `neurons.de-s0`; the head
+        subnetwork's is its id, `de-s0`."""
+        return f"{NEURONS_KEY_PREFIX}{self}"
+
     @classmethod
     def parse(cls, text: str) -> SubnetworkId:
         """`de-s0` -> SubnetworkId("de", 0); refuses anything else."""
@@ -180,6 +187,17 @@ class SubnetworkId:
             return cls.parse(text)
         except XlsubError:
             return None
+
+
+def subnetwork_key(key: str) -> tuple[str, SubnetworkId] | None:
+    """What an encoding key names: ("heads", id) for a head subnetwork (`de-s0`), ("neurons", id) for a
+    neuron subnetwork (`neurons.de-s0`), None for the full model and the controls."""
+    key = str(key)
+    if key.startswith(NEURONS_KEY_PREFIX):
+        sid = SubnetworkId.parse_or_none(key.removeprefix(NEURONS_KEY_PREFIX))
+        return ("neurons", sid) if sid is not None else None
+    sid = SubnetworkId.parse_or_none(key)
+    return ("heads", sid) if sid is not None else None
 
 
 def is_language_code(text: str) -> bool:
@@ -321,7 +339,7 @@ def write_verdicts(folder: Path, verdicts: Iterable) -> Path:
 MANIFEST_KEYS = {
     "finetune": ("languages", "model", "lm_data"),  # lm_data: corpus, seed, max_seq_len, examples_per_lang, test_examples_per_lang
     "prune": ("languages", "subnetworks"),  # subnetworks: SubnetworkIds as text, in run order
-    "encode": ("languages", "model_keys"),  # model_keys: `full`, subnetwork ids, `base`, `random`, as encoded
+    "encode": ("languages", "model_keys"),  # model_keys: `full`, subnetwork ids, neuron subnetworks (`neurons.de-s0`), `base`, `random`, as encoded
     "analyze": ("languages", "tables"),  # tables: the table ids written under tables/
     "neurons": ("languages", "subnetworks", "method"),  # subnetworks: language-seed ids in run order; method: lape or importance
 }

@@ -60,7 +60,7 @@ REGISTRY: tuple[Stage, ...] = (
                    artifacts.table_path(artifacts.NEURON_CHUNK_LOSSES, folder=None), artifacts.NEURON_ELIGIBLE, artifacts.PPL_FULL),
           ),
     Stage("encode", "EncodeArgs", "per-layer sentence representations of a parallel corpus for the full model, each subnetwork and the controls",
-          inputs={"finetune_run_id": "finetune", "prune_run_id": "prune"},
+          inputs={"finetune_run_id": "finetune", "prune_run_id": "prune", "neurons_run_id": "neurons"}, optional=("neurons_run_id",),
           outputs=(artifacts.MANIFEST, f"{artifacts.ENCODINGS_DIR}/", artifacts.SENTENCES)),
     Stage("analyze", "AnalyzeArgs", "overlap, cross-language perplexity, CKA, retrieval and RSA with controls, intervals and tests; neurons beside heads",
           inputs={"encode_run_id": "encode", "prune_run_id": "prune", "neurons_run_id": "neurons"}, optional=("neurons_run_id",),

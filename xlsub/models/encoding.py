@@ -225,9 +225,11 @@ def random_like(model: nn.Module, seed: int) -> nn.Module:
 
 
 def models_to_encode(model_folder: str | Path, subnetworks: Mapping[SubnetworkId, Callable[[], nn.Module]], *,
-                     base: str | None, use_random: bool, seed: int, max_seq_len: int) -> Iterator[tuple[str, Callable[[], nn.Module]]]:
+                     base: str | None, use_random: bool, seed: int, max_seq_len: int,
+                     neurons: Mapping[SubnetworkId, Callable[[], nn.Module]] | None = None) -> Iterator[tuple[str, Callable[[], nn.Module]]]:
     """(model key, loader) for every model the encode stage encodes, loaded only when called: `full`
-    (the finetuned model in `model_folder`), each subnetwork under its id (`de-s0`), then the controls:
+    (the finetuned model in `model_folder`), each subnetwork under its id (`de-s0`), each neuron subnetwork
+    in `neurons` under `neurons.de-s0`, then the controls:
     `base` (the model before finetuning: `base` is the finetune run's `model` parameter, None to skip)
     and `random` (same configuration, random weights seeded with the finetune seed)."""
     from xlsub.models.loading import load_lm
@@ -238,6 +240,8 @@ def models_to_encode(model_folder: str | Path, subnetworks: Mapping[SubnetworkId
     yield FULL_MODEL, full
     for sid, load in sorted(subnetworks.items()):
         yield str(sid), load
+    for sid, load in sorted((neurons or {}).items()):
+        yield sid.neurons_key, load
     if base is not None:
         yield BASE_MODEL, lambda: base_model(base, model_folder, max_seq_len, seed)
     if use_random:

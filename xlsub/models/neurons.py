@@ -15,9 +15,9 @@ Two conventions, as for heads:
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterable, Mapping
+from copy import deepcopy
 from dataclasses import dataclass
 
 import torch
@@ -319,13 +319,13 @@ def neuron_importance(
     return ImportanceResult(importance=importance.cpu(), loss_sum=loss_sum, token_count=token_count)
 
 
-def zero_neurons(model: nn.Module, mask: torch.Tensor) -> nn.Module:
-    """A copy of `model` computing what `NeuronGates(model, mask)` computes, in stock form: each switched-off
-    neuron's input of the down projection (a column of a Linear weight, a row of GPT-2's Conv1D weight) is
-    set to 0; the bias stays. Architecture and config are untouched, so `AutoModelFor*.from_pretrained`
-    loads it without xlsub."""
+def zero_neurons(model: nn.Module, mask: torch.Tensor, copy: bool = True) -> nn.Module:
+    """A copy of `model` (`model` itself with `copy=False`) computing what `NeuronGates(model, mask)` computes,
+    in stock form: each switched-off neuron's input of the down projection (a column of a Linear weight, a
+    row of GPT-2's Conv1D weight) is set to 0; the bias stays. Architecture and config are untouched, so
+    `AutoModelFor*.from_pretrained` loads it without xlsub."""
     mask = check_neuron_mask(model, mask)
-    stock = copy.deepcopy(model)
+    stock = deepcopy(model) if copy else model
     with torch.no_grad():
         for projection, gates in zip(down_projections(stock), mask):
             off = (gates == 0).to(projection.weight.device)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, TABLE, SubnetworkId, ordered
+from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, TABLE, ordered, subnetwork_key
 from xlsub.similarity import power
 from xlsub.similarity.cka import cka
 from xlsub.similarity.controls import length_only_representations
@@ -101,17 +101,17 @@ def with_length_only(encodings, lengths: Mapping[str, torch.Tensor] | None, refe
 
 
 def _models(encodings: Mapping[str, Mapping[str, torch.Tensor]], languages: Sequence[str]) -> list[str]:
-    """Model keys in report order: full, the subnetworks (language order, seeds ascending), base, random,
-    length-only."""
+    """Model keys in report order: full, the head subnetworks (language order, seeds ascending), the neuron
+    subnetworks (likewise), base, random, length-only."""
     position = {lang: i for i, lang in enumerate(languages)}
-    subs = sorted((sid for sid in map(SubnetworkId.parse_or_none, encodings) if sid is not None),
-                  key=lambda sid: (position.get(sid.language, len(position)), sid.seed))
-    return [k for k in (FULL_MODEL, *map(str, subs), BASE_MODEL, RANDOM_MODEL, LENGTH_ONLY) if k in encodings]
+    named = {key: found for key in encodings if (found := subnetwork_key(key)) is not None}
+    subs = sorted(named, key=lambda key: (named[key][0] != "heads", position.get(named[key][1].language, len(position)), named[key][1].seed))
+    return [k for k in (FULL_MODEL, *subs, BASE_MODEL, RANDOM_MODEL, LENGTH_ONLY) if k in encodings]
 
 
 def _n_perm(model: str, counts: Counts) -> int:
     """Permutations of a model's CKA and retrieval tests: `counts.full`, `counts.subnetworks` or `counts.controls`."""
-    return counts.full if model == FULL_MODEL else counts.subnetworks if SubnetworkId.parse_or_none(model) else counts.controls
+    return counts.full if model == FULL_MODEL else counts.subnetworks if subnetwork_key(model) else counts.controls
 
 
 def _pairs(encodings, languages: Sequence[str], reference: str, subnetworks: bool = True):
@@ -120,7 +120,7 @@ def _pairs(encodings, languages: Sequence[str], reference: str, subnetworks: boo
     full model and the controls."""
     for model in _models(encodings, languages):
         reps = encodings[model]
-        if reference not in reps or (not subnetworks and SubnetworkId.parse_or_none(model) is not None):
+        if reference not in reps or (not subnetworks and subnetwork_key(model) is not None):
             continue
         for lang in ordered([l for l in reps if l != reference], languages):
             yield model, lang, reps[reference], reps[lang]
@@ -279,7 +279,7 @@ def rsa_table(encodings, languages: Sequence[str], reference: str, counts: Count
         langs = ordered([l for l in reps if l != reference], languages)
         if reference not in reps or not langs:
             continue
-        n_perm = min(counts.length, counts.subnetworks) if SubnetworkId.parse_or_none(model) else counts.length
+        n_perm = min(counts.length, counts.subnetworks) if subnetwork_key(model) else counts.length
         x, ys = reps[reference][-1], torch.stack([reps[l][-1] for l in langs])
         result = mantel_test(x, ys, n_perm, seed, groups, tail_risk=TAIL_RISK)
         interval = rsa_jackknife_interval(x, ys, min(blocks, x.shape[0]))
@@ -381,7 +381,7 @@ def isomorphism_table(encodings, languages: Sequence[str], reference: str, k: in
     eigen_similarity, subsample_lo, subsample_hi, full_minus_control, full_minus_control_lo,
     full_minus_control_hi, top, n, m, n_subsamples."""
     everything = with_length_only(encodings, lengths, reference, seed)
-    models = [m for m in _models(everything, languages) if SubnetworkId.parse_or_none(m) is None and reference in everything[m]]
+    models = [m for m in _models(everything, languages) if subnetwork_key(m) is None and reference in everything[m]]
     n = everything[models[0]][reference].shape[1] if models else 0
     subsets = subsamples(n, n_subsamples, seed) if models else torch.empty(0, 0, dtype=torch.long)
     whole, parts = {}, {}  # {(model, lang): top eigenvalues at n}, {(model, lang): [S, top] at m}

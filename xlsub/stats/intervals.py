@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from xlsub.models.mlm import ChunkLosses
-from xlsub.stats.inference import bootstrap_indices, percentile_interval
+from xlsub.stats.inference import bootstrap_indices
 
 
 def relative_perplexity_replicates(model: ChunkLosses, full: ChunkLosses, indices: torch.Tensor) -> torch.Tensor:

@@ -57,9 +57,10 @@ def _named(runs: Mapping[str, Run], params: Mapping[str, str], explicit: list[st
 
 
 def _check_one_lineage(runs: Mapping[str, Run], params: Mapping[str, str], order: list[str]) -> None:
-    """Refuse runs of two lineages, naming the later of the two parameters involved in the stage's order."""
+    """Refuse runs of two lineages, naming the later of the two parameters involved in the stage's order. An
+    optional input counts where a run used one (an encode run that encoded a neurons run's neurons)."""
     for downstream, run in runs.items():
-        for upstream in stages.lineage(downstream):
+        for upstream in (name for name in stages.names() if name != downstream):
             made_from = run.data.tags.get(artifacts.input_tag(upstream))
             if upstream in runs and made_from and made_from != runs[upstream].info.run_id:
                 param = max(params[downstream], params[upstream], key=order.index)
@@ -79,14 +80,15 @@ def manifest(run: Run, param: str, dst: Path | None = None) -> dict:
     return artifacts.read_manifest(tracking.download(run.info.run_id, artifacts.MANIFEST, dst, param), stage, param)
 
 
-def subnetworks(prune: Run, param: str = "prune_run_id", dst: Path | None = None) -> dict[SubnetworkId, Run]:
-    """The prune run's child runs by SubnetworkId; refuses a prune run that lacks one its manifest names (a
-    deleted child run would otherwise drop a language without a word)."""
-    children = tracking.prune_children(prune, param)
-    made = [SubnetworkId.parse(text) for text in manifest(prune, param, dst)["subnetworks"]]
+def subnetworks(parent: Run, param: str = "prune_run_id", dst: Path | None = None) -> dict[SubnetworkId, Run]:
+    """A prune run's (or a neurons run's) child runs by SubnetworkId; refuses a run that lacks one its
+    manifest names (a deleted child run would otherwise drop a language without a word)."""
+    stage = parent.data.tags.get(artifacts.STAGE_TAG, "prune")
+    children = tracking.child_runs(parent, param)
+    made = [SubnetworkId.parse(text) for text in manifest(parent, param, dst)["subnetworks"]]
     missing = [str(sid) for sid in made if sid not in children]
     if missing:
-        raise XlsubError(f"{param}: prune run {prune.info.run_id} has no child run for subnetwork {', '.join(missing)}; rerun prune")
+        raise XlsubError(f"{param}: {stage} run {parent.info.run_id} has no child run for subnetwork {', '.join(missing)}; rerun {stage}")
     return {sid: children[sid] for sid in sorted(made)}
 
 

@@ -557,20 +557,21 @@ def log_parallel(corpus) -> None:
     mlflow.log_input(dataset, context="parallel", tags={k: str(v)[:500] for k, v in corpus.source.items()})
 
 
-def prune_children(prune: Run, param: str = "prune_run_id") -> dict[SubnetworkId, Run]:
-    """The subnetwork runs nested in a prune run (or a neurons run's per-language runs), by SubnetworkId, in id order."""
-    stage = prune.data.tags.get(STAGE_TAG, "prune")
+def child_runs(parent: Run, param: str = "prune_run_id") -> dict[SubnetworkId, Run]:
+    """The per-language runs nested in a prune run (its subnetworks) or a neurons run (its neuron sets), by
+    SubnetworkId, in id order."""
+    stage = parent.data.tags.get(STAGE_TAG, "prune")
     children = MlflowClient().search_runs(
-        [prune.info.experiment_id], f"tags.`{PARENT_TAG}` = '{prune.info.run_id}' and tags.`{CHILD_TAG}` = 'true'", max_results=5000)
+        [parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}' and tags.`{CHILD_TAG}` = 'true'", max_results=5000)
     found = {}
     for child in children:
         tags = child.data.tags
         sid = SubnetworkId(tags[artifacts.LANGUAGE_TAG], int(tags[artifacts.SEED_TAG]))
         if sid in found:
-            raise XlsubError(f"{param}: {stage} run {prune.info.run_id} has two runs for {sid}; rerun {stage}")
+            raise XlsubError(f"{param}: {stage} run {parent.info.run_id} has two runs for {sid}; rerun {stage}")
         found[sid] = child
     if not found:
-        raise XlsubError(f"{param}: {stage} run {prune.info.run_id} has no child runs; rerun {stage}")
+        raise XlsubError(f"{param}: {stage} run {parent.info.run_id} has no child runs; rerun {stage}")
     return dict(sorted(found.items()))
 
 
@@ -746,7 +747,7 @@ def register_subnetworks(prune_run_id: str) -> list:
     prune = client.get_run(prune_run_id)
     experiment = client.get_experiment(prune.info.experiment_id).name
     versions = []
-    for sid, child in prune_children(prune).items():
+    for sid, child in child_runs(prune).items():
         model_id = logged_model_id(child.info.run_id, sid.model_name)
         if model_id is None:
             raise XlsubError(f"register: prune run {prune_run_id} logged no stock model {sid.model_name}; rerun prune with log_stock_models=true")

@@ -13,7 +13,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, TABLE, SubnetworkId
+from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, TABLE, SubnetworkId, subnetwork_key
 from xlsub.report.figures import CKA_CMAP, JACCARD_CMAP, MAX_ANNOTATED_COLUMNS, PPL_CMAP, RATIO_CMAP, SPREAD_CMAP, CaptionedFigure
 from xlsub.report.similarity_tables import LENGTH_ONLY, LENGTH_RESTRICTED
 from xlsub.report.tables import language_name, several_seeds
@@ -27,13 +27,19 @@ _CONTROLS = {  # CKA condition (a pairing or a model key) -> legend label, line 
 }
 
 
+_POOLED = {"heads": "subnetworks", "neurons": "neuron subnetworks"}  # how a unit's subnetworks are pooled in a bar
+
+
 def display_label(label) -> str:
     """How a row or column is shown: `German` for `de`, `German (seed 1)` for `de-s1`, `full model` for `full`."""
     label = str(label)
     if label == FULL_MODEL:
         return "full model"
-    sid = SubnetworkId.parse_or_none(label)
-    return f"{language_name(sid.language)} (seed {sid.seed})" if sid else language_name(label)
+    found = subnetwork_key(label)
+    if found is None:
+        return language_name(label)
+    unit, sid = found
+    return f"{language_name(sid.language)}{' neurons' if unit == 'neurons' else ''} (seed {sid.seed})"
 
 
 def _display(table: pd.DataFrame) -> pd.DataFrame:
@@ -521,7 +527,7 @@ def rsa_figure(table: pd.DataFrame, reference: str) -> dict[str, CaptionedFigure
     """`rsa`: RSA with the reference language at the last layer per model and language (the subnetworks
     pooled into their mean), p from Mantel at the null the table's `null` column names."""
     models = table.index.get_level_values("model")
-    pooled = models.map(lambda m: "subnetworks (mean)" if SubnetworkId.parse_or_none(m) is not None else m)
+    pooled = models.map(lambda m: _POOLED[found[0]] + " (mean)" if (found := subnetwork_key(m)) is not None else m)
     wide = table["rsa"].groupby([pooled, table.index.get_level_values("language")], sort=False).mean().unstack(0)
     wide = wide.reindex(list(dict.fromkeys(table.index.get_level_values("language"))))
     restricted = "null" in table and (table["null"] == LENGTH_RESTRICTED).all()
@@ -552,14 +558,14 @@ def length_control_figure(table: pd.DataFrame, reference: str, kind: str) -> dic
     def group(model: str) -> str:
         if model == FULL_MODEL:
             return "full model"
-        if SubnetworkId.parse_or_none(model) is not None:
-            return "subnetworks"
+        if (found := subnetwork_key(model)) is not None:
+            return _POOLED[found[0]]
         return _CONTROLS[model][0].removeprefix("parallel, ") if model in _CONTROLS else f"{model} encoder"
 
     columns = ["cka", "length_null_mean", "residual_cka"]
     labels = table.index.get_level_values("model").map(group)
     means = table[columns].groupby(labels, sort=False).mean()
-    is_subnetwork = table.index.get_level_values("model").map(lambda m: SubnetworkId.parse_or_none(m) is not None).to_numpy()
+    is_subnetwork = table.index.get_level_values("model").map(lambda m: subnetwork_key(m) is not None).to_numpy()
     fig = Figure(figsize=(2.2 + 1.4 * len(means), 4.0), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(means))
