@@ -352,6 +352,23 @@ def test_neuron_analysis_gives_every_table_verdict_and_metric():
     assert all(math.isfinite(x) for x in metrics.values()) and notes == []
 
 
+def test_empty_neuron_sets_are_left_out_of_specificity_and_all_empty_cannot_tell():
+    """A language whose set is empty had nothing switched off: its d would be 0 by construction, so the test
+    leaves it out (and with every set empty says it cannot tell, instead of "no evidence")."""
+    langs = LANGS[:6]
+    losses = neuron_losses(dict.fromkeys(langs, 0.3), seed=2)
+    masks = {S(lang, 0): mask_with_set(2, 8, [(0, i)]) for i, lang in enumerate(langs)}
+    masks[S(langs[0], 0)] = torch.ones(2, 8)
+    _, verdicts, _, notes = nt.neuron_analysis(masks, {}, {}, losses, langs, permutations=49, bootstrap=0, seed=0)
+    expected = nt.specificity({k: v for k, v in losses.items() if k[0] != f"{langs[0]}-s0"}, langs, 49, 0)
+    assert verdicts[0].value == expected[1].value and verdicts[0].inference.n_units == 5
+    assert any(f"left out {langs[0]}-s0" in note for note in notes)
+    everything = nt.specificity(losses, langs, 49, 0)[1]
+    assert everything.inference.n_units == 6 and everything.value != verdicts[0].value
+    _, verdicts, _, _ = nt.neuron_analysis({sid: torch.ones(2, 8) for sid in masks}, {}, {}, losses, langs, permutations=49, bootstrap=0, seed=0)
+    assert verdicts[0].answer.startswith("cannot tell: every language's neuron set is empty") and math.isnan(verdicts[0].value)
+
+
 def test_neuron_analysis_without_inputs_says_what_it_skipped():
     tables, verdicts, _, notes = nt.neuron_analysis({}, {}, {}, {}, ["en", "de"], permutations=9, bootstrap=0, seed=0)
     assert tables == {} and len(notes) == 4

@@ -782,7 +782,14 @@ def neuron_analysis(masks: Mapping[SubnetworkId, torch.Tensor], halves: Mapping[
         if NEURON_TABLE.neuron_deactivation_random in tables:
             (metrics[NEURON_METRIC.mean_neuron_relative_ppl_random_diag],
              metrics[NEURON_METRIC.mean_neuron_relative_ppl_random_offdiag]) = _diag_offdiag(tables[NEURON_TABLE.neuron_deactivation_random])
-        table, verdict = specificity(chunk_losses, languages, permutations, seed)
+        # a language without a neuron selected has nothing switched off: its d is 0 by construction, not a measurement
+        empty = sorted(str(sid) for sid, m in masks.items() if not bool((torch.as_tensor(m) == 0).any()))
+        if empty:
+            notes.append(f"neuron specificity: left out {_listed(empty)}, whose neuron set is empty (nothing switched off)")
+        table, verdict = specificity({k: v for k, v in chunk_losses.items() if k[0] not in empty}, languages, permutations, seed)
+        if table.empty and empty and len(empty) == len(masks):
+            verdict = _cannot_tell(NEURON_SPECIFICITY, "every language's neuron set is empty, so nothing was switched off; raise "
+                                   "top_rate or lower activation_bar (lape), or use method=importance", verdict.control, "languages")
         tables[NEURON_TABLE.neuron_specificity] = table
         if math.isfinite(verdict.value):
             metrics |= {NEURON_METRIC.neuron_specificity_excess: verdict.value, NEURON_METRIC.neuron_specificity_excess_p: verdict.p}
