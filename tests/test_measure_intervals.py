@@ -4,7 +4,6 @@ length chance) against independent computations: loops, numpy and scipy."""
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 import numpy as np
 import pytest

@@ -12,7 +12,7 @@ import mlflow
 import pytest
 import yaml
 
-from entry_points import _common, main, mlproject, summary
+from entry_points import _common, main, summary
 from tests.conftest import sqlite_store
 from xlsub import artifacts, stages
 from xlsub.errors import XlsubError

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from entry_points import analyze, compare, encode, finetune, main, mlproject, prune
+from entry_points import analyze, compare, encode, finetune, main, prune
 from entry_points._common import StageArgs, stage_classes
 from tests.conftest import refuse_in_process, sqlite_store
 from xlsub import artifacts

@@ -59,7 +59,29 @@ def mask_shape(model: nn.Module) -> tuple[int, int]:
     return len(heads), heads[0]
 
 
-class HeadGates:
+class Gates:
+    """Hooks that scale a model's units (heads, neurons) by `gates` [layers, units] while active: `remove()`
+    takes them off, as does leaving a `with` block. Subclasses register `_handles`."""
+
+    def __init__(self, gates: torch.Tensor, shape: tuple[int, int], unit: str):
+        if tuple(gates.shape) != shape:
+            raise XlsubError(f"{unit} mask has shape {tuple(gates.shape)}, the model needs [layers, {unit}s] = {list(shape)}")
+        self.gates = gates
+        self._handles: list = []
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class HeadGates(Gates):
     """Scale the output of head h in layer l by `gates[l, h]` while active.
 
     A forward pre-hook on each layer's attention output projection (the
@@ -76,12 +98,7 @@ class HeadGates:
     """
 
     def __init__(self, model: nn.Module, gates: torch.Tensor):
-        shape = mask_shape(model)
-        if tuple(gates.shape) != shape:
-            raise XlsubError(
-                f"head mask has shape {tuple(gates.shape)}, the model needs [layers, heads] = {list(shape)}"
-            )
-        self.gates = gates
+        super().__init__(gates, mask_shape(model), "head")
         self._handles = [
             projection.register_forward_pre_hook(self._hook(layer))
             for layer, projection in enumerate(output_projections(model))
@@ -95,17 +112,6 @@ class HeadGates:
             return ((heads * gate[:, None]).flatten(-2), *args[1:])
 
         return scale_heads
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def __enter__(self) -> HeadGates:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
 
 class AttentionEntropy:

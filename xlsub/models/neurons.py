@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from xlsub.errors import Range, XlsubError
 from xlsub.models.families import adapter_for
-from xlsub.models.heads import ImportanceResult, LossFn, normalize_importance
+from xlsub.models.heads import Gates, ImportanceResult, LossFn, normalize_importance
 from xlsub.models.mlm import chunk_losses, encoder_of, lm_loss
 from xlsub.models.pruning import random_mask_like
 
@@ -232,7 +232,7 @@ def lape_selection(probabilities: torch.Tensor, top_rate: float = 0.01, filter_r
 
 # -- gates, importance, stock form ------------------------------------------------------------------
 
-class NeuronGates:
+class NeuronGates(Gates):
     """Scale neuron i of layer l by `gates[l, i]` while active.
 
     A forward hook on each layer's FFN activation module multiplies its output [..., neurons] by the layer's
@@ -245,10 +245,7 @@ class NeuronGates:
     """
 
     def __init__(self, model: nn.Module, gates: torch.Tensor):
-        shape = neuron_mask_shape(model)
-        if tuple(gates.shape) != shape:
-            raise XlsubError(f"neuron mask has shape {tuple(gates.shape)}, the model needs [layers, neurons] = {list(shape)}")
-        self.gates = gates
+        super().__init__(gates, neuron_mask_shape(model), "neuron")
         self._handles = [module.register_forward_hook(self._hook(layer)) for layer, module in enumerate(ffn_activations(model))]
 
     def _hook(self, layer: int):
@@ -256,17 +253,6 @@ class NeuronGates:
             return output * self.gates[layer].to(device=output.device, dtype=output.dtype)
 
         return scale_neurons
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def __enter__(self) -> NeuronGates:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
 
 def neuron_importance(

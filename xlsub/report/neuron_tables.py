@@ -57,6 +57,9 @@ from xlsub.report.verdicts import (
     as_metrics,
     evidence,
     format_p,
+    listed,
+    robustness_clause,
+    too_few_clause,
 )
 from xlsub.similarity.permutation import permutations as random_permutations
 from xlsub.stats.inference import (
@@ -145,23 +148,6 @@ def _fmt(x: float) -> str:
 
 def _interval(lo: float, hi: float) -> str:
     return f"95% interval [{_fmt(lo)}, {_fmt(hi)}]" if math.isfinite(lo) and math.isfinite(hi) else "no interval"
-
-
-def _listed(names: Sequence[str]) -> str:
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
-
-
-def _robustness(inference: Inference) -> str:
-    return "; the answer changes when one language is left out" if inference.robust_to_leave_one_out is False else ""
-
-
-def _too_few(inference: Inference, lo: float) -> str:
-    n = inference.n_units
-    if math.isfinite(inference.p_floor) and inference.p_floor >= ALPHA:
-        return f"; {n} languages cannot give p below {inference.p_floor:.3g}"
-    if not math.isfinite(lo):
-        return f"; {n} languages are too few for a 95% sign-flip interval (it needs 6)"
-    return ""
 
 
 def _cannot_tell(question: str, why: str, control: str, unit: str) -> NeuronVerdict:
@@ -432,14 +418,14 @@ def specificity_verdict(table: pd.DataFrame, permutations: int, seed: int) -> Ne
         answer = (f"yes {scope}: switching off a language's neurons raises its own perplexity more, against the other "
                   f"languages', than switching off as many random neurons per layer, by {shown}, one-sided {p_text}")
         if without:
-            answer += (f"; {_listed(without)} {'shows' if len(without) == 1 else 'show'} no excess over random neurons "
+            answer += (f"; {listed(without)} {'shows' if len(without) == 1 else 'show'} no excess over random neurons "
                        f"(BH-adjusted p >= {ALPHA:g})")
     else:
         answer = (f"no evidence at the level of languages: with a language's neurons off, its own perplexity rises, against "
                   f"the other languages', more than with random neurons by {shown}, "
-                  f"one-sided {p_text}{_too_few(inference, level.lo)}; within languages the excess is significant for "
+                  f"one-sided {p_text}{too_few_clause(inference, level.lo)}; within languages the excess is significant for "
                   f"{len(holds)} of {len(tested)} (BH-adjusted p < {ALPHA:g})")
-    answer += _robustness(inference)
+    answer += robustness_clause(inference)
     return NeuronVerdict(NEURON_SPECIFICITY, answer, level.value, level.lo, level.hi, control, random_gap, level.p, inference)
 
 
@@ -627,8 +613,8 @@ def layers_verdict(outer: pd.DataFrame, layers: int, permutations: int, seed: in
     if evidence(share, lo, hi, eligible, level.p):
         answer = f"yes: {shown}, one-sided {format_p(level.p, level.p_floor)}{count}"
     else:
-        answer = f"no evidence at the level of languages: {shown}, one-sided {format_p(level.p, level.p_floor)}{_too_few(inference, lo)}{count}"
-    answer += _robustness(inference)
+        answer = f"no evidence at the level of languages: {shown}, one-sided {format_p(level.p, level.p_floor)}{too_few_clause(inference, lo)}{count}"
+    answer += robustness_clause(inference)
     return NeuronVerdict(NEURON_LAYERS, answer, share, lo, hi, control, eligible, level.p, inference)
 
 
@@ -730,7 +716,7 @@ def neurons_vs_heads(masks: Mapping[SubnetworkId, torch.Tensor], head_masks: Map
     else:
         too_few = f"; {len(common)} languages cannot give p below {floor:.3g}" if floor >= ALPHA else ""
         answer = f"no evidence: {shown}{too_few}{ppl_text}"
-    answer += _robustness(inference)
+    answer += robustness_clause(inference)
     return pd.DataFrame(rows).set_index("comparison"), NeuronVerdict(NEURONS_VS_HEADS, answer, r, lo, hi, control, 0.0, p, inference)
 
 
@@ -785,7 +771,7 @@ def neuron_analysis(masks: Mapping[SubnetworkId, torch.Tensor], halves: Mapping[
         # a language without a neuron selected has nothing switched off: its d is 0 by construction, not a measurement
         empty = sorted(str(sid) for sid, m in masks.items() if not bool((torch.as_tensor(m) == 0).any()))
         if empty:
-            notes.append(f"neuron specificity: left out {_listed(empty)}, whose neuron set is empty (nothing switched off)")
+            notes.append(f"neuron specificity: left out {listed(empty)}, whose neuron set is empty (nothing switched off)")
         table, verdict = specificity({k: v for k, v in chunk_losses.items() if k[0] not in empty}, languages, permutations, seed)
         if table.empty and empty and len(empty) == len(masks):
             verdict = _cannot_tell(NEURON_SPECIFICITY, "every language's neuron set is empty, so nothing was switched off; raise "

@@ -8,7 +8,7 @@ order; `report.html` opens with the same lines.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 ALPHA = 0.05
@@ -136,7 +136,8 @@ def different_heads(difference: float, lo: float, hi: float, p: float, positive:
     return Verdict(question, answer, difference, lo, hi, "no difference (language labels of the masks permuted)", 0.0, p, inference)
 
 
-def _listed(names: list[str]) -> str:
+def listed(names: Sequence[str]) -> str:
+    """`a`, `a and b`, `a, b and c`."""
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
@@ -161,29 +162,26 @@ def specificity(excess: float, lo: float, hi: float, random_gap: float, p: float
                   f"{_fmt(excess)} more than for random masks with the same heads per layer (mean over {n} languages, "
                   f"{_interval(lo, hi)} from sign flips over languages; random masks' own gap {_fmt(random_gap)}), one-sided {p_text}")
         if without:
-            answer += (f"; {_listed(without)} {'shows' if len(without) == 1 else 'show'} no excess over random masks "
+            answer += (f"; {listed(without)} {'shows' if len(without) == 1 else 'show'} no excess over random masks "
                        f"(BH-adjusted p >= {ALPHA:g})")
     else:
         includes = ", which includes 0" if math.isfinite(lo) and lo <= 0 else ""
         answer = (f"no evidence at the level of languages: the specificity gap exceeds that of random masks with the same "
                   f"heads per layer by {_fmt(excess)} on average over {n} languages ({_interval(lo, hi)}{includes}; one-sided "
                   f"{p_text})")
-        if math.isfinite(inference.p_floor) and inference.p_floor >= ALPHA:
-            answer += f"; {n} languages cannot give p below {inference.p_floor:.3g}"
-        elif not math.isfinite(lo):
-            answer += f"; {n} languages are too few for a 95% sign-flip interval (it needs 6)"
+        answer += too_few_clause(inference, lo)
         if per_language:
             answer += f"; within languages the excess is significant for {len(holds)} of {len(per_language)} (BH-adjusted p < {ALPHA:g})"
-    if inference.robust_to_leave_one_out is False:
-        answer += "; the answer changes when one language is left out"
+    answer += robustness_clause(inference)
     return Verdict(question, answer, excess, lo, hi, "random masks with the same heads per layer", random_gap, p, inference)
 
 
-def _robustness(inference: Inference) -> str:
+def robustness_clause(inference: Inference) -> str:
+    """What a verdict adds when leaving one language out changes its answer."""
     return "; the answer changes when one language is left out" if inference.robust_to_leave_one_out is False else ""
 
 
-def _too_few(inference: Inference, lo: float) -> str:
+def too_few_clause(inference: Inference, lo: float) -> str:
     """Why a "no evidence" may come from the number of languages alone."""
     n = inference.n_units
     if math.isfinite(inference.p_floor) and inference.p_floor >= ALPHA:
@@ -205,7 +203,7 @@ def stability(within: float, lo: float, hi: float, chance: float, p: float, infe
     holds = [lang for lang, (d, q) in per_language.items() if d > 0 and q < ALPHA]
     without = [lang for lang in per_language if lang not in holds]
     count = (f"; within languages, above chance for {len(holds)} of {len(per_language)} (BH-adjusted random-mask p < {ALPHA:g})"
-             + (f"; not {_listed(without)}" if without and len(without) <= 3 else ""))
+             + (f"; not {listed(without)}" if without and len(without) <= 3 else ""))
     if not math.isfinite(within):
         answer = "cannot tell: prune with several seeds (e.g. seeds=0,1,2) to measure it"
     elif evidence(within, lo, hi, chance, p):
@@ -215,8 +213,8 @@ def stability(within: float, lo: float, hi: float, chance: float, p: float, infe
     else:
         answer = (f"no evidence at the level of languages: masks from different seeds overlap {_fmt(within)} "
                   f"({_interval(lo, hi)} over {n} languages) against {_fmt(chance)} for random masks, one-sided "
-                  f"{format_p(p, inference.p_floor)}{_too_few(inference, lo)}{count}")
-    answer += _robustness(inference)
+                  f"{format_p(p, inference.p_floor)}{too_few_clause(inference, lo)}{count}")
+    answer += robustness_clause(inference)
     return Verdict(question, answer, within, lo, hi, "random masks with the same heads per layer", chance, p, inference)
 
 
@@ -262,6 +260,6 @@ def pruning_specific(gap: float, lo: float, hi: float, p: float, positive: int, 
                   f"one-sided {format_p(p, inference.p_floor)}")
     else:
         answer = (f"no evidence: the difference in 1 - CKA between the other languages and its own is {shown}, "
-                  f"one-sided {format_p(p, inference.p_floor)}{_too_few(inference, lo)}")
-    answer += _robustness(inference)
+                  f"one-sided {format_p(p, inference.p_floor)}{too_few_clause(inference, lo)}")
+    answer += robustness_clause(inference)
     return Verdict(PRUNING_SPECIFIC, answer, gap, lo, hi, "no difference between its own and the other languages", 0.0, p, inference)
