@@ -223,6 +223,8 @@ STUDY_LANGUAGES = ["en", "de", "zh", "ru", "es", "ar", "hi", "ur"]
 STUDY_HEADS = (12, 12)  # XLM-R base: layers x heads
 STUDY_EVAL_CHUNKS = 3_000  # test chunks per language of the prune run's per-chunk losses
 STUDY_RANDOM_DRAWS = 2  # random-mask controls per subnetwork
+STUDY_NEURONS = (12, 3_072)  # XLM-R base: layers x FFN neurons
+STUDY_TOP_RATE = 0.01  # LAPE's default share of all neurons selected
 
 
 def sentence_tokens(n: int, languages: list[str], seed: int = 4) -> dict[str, list[list[int]]]:
@@ -352,6 +354,7 @@ def study_inputs(n: int, languages: list[str] | None = None, seeds: int = 1, lay
             for draw in range(STUDY_RANDOM_DRAWS):
                 noise = 0.05 * torch.randn(chunks, generator=g, dtype=torch.float64)
                 losses[str(sid), draw, lang] = ChunkLosses(nll + (0.25 + noise) * tokens.double(), tokens)
+    neurons = study_neurons(langs, sids, losses, chunks, g) if "neurons" in {f.name for f in dataclasses.fields(AnalysisInputs)} else {}
     tokens = sentence_tokens(n, langs)
     keys = ["full", *rows, "base", "random"]
     encodings = SyntheticEncodings(keys, langs, n, layers, d, tokens)
@@ -363,7 +366,40 @@ def study_inputs(n: int, languages: list[str] | None = None, seeds: int = 1, lay
         shape = {"hidden_size": d, "head_dim": d // heads[1]}
     return AnalysisInputs(languages=langs, masks=masks, importance_reliability={sid: 0.9 for sid in sids}, cross_ppl=cross,
                           cross_ppl_random=cross * 1.1, ppl_full=ppl_full, encodings=encodings, tokens=tokens,
-                          chunk_losses=losses, trajectories=trajectories, **shape)
+                          chunk_losses=losses, trajectories=trajectories, **shape, **neurons)
+
+
+def study_neurons(langs, sids, losses, chunks: int, g: torch.Generator) -> dict:
+    """The neurons run of the study's shape, as `{"neurons": NeuronInputs}`: LAPE's 1% of 12 x 3,072 neurons spread
+    over the languages (each neuron to one or two of them, more in the bottom and top layers), the split halves'
+    masks (each half keeps 70% of the whole's set), eligible neurons (5% per layer plus the selected ones) and
+    per-chunk losses of every language's neurons off and its `STUDY_RANDOM_DRAWS` random controls."""
+    from xlsub.models.mlm import ChunkLosses
+    from xlsub.report.analysis import NeuronInputs
+
+    layers, width = STUDY_NEURONS
+    weights = torch.tensor([3.0 if layer in (0, 1, layers - 2, layers - 1) else 1.0 for layer in range(layers)])
+    selected = round(STUDY_TOP_RATE * layers * width)
+    layer_of = torch.multinomial(weights, selected, replacement=True, generator=g)
+    neuron_of = torch.randint(0, width, (selected,), generator=g)
+    masks, halves = {}, {}
+    for sid in sids:
+        mask = torch.ones(layers, width)
+        owned = torch.rand(selected, generator=g) < 2 / len(langs)
+        mask[layer_of[owned], neuron_of[owned]] = 0
+        masks[sid] = mask
+        halves[sid] = {half: torch.where((mask == 0) & (torch.rand(layers, width, generator=g) < 0.7), 0.0, 1.0) for half in ("a", "b")}
+    eligible = {"0": ((torch.rand(layers, width, generator=g) < 0.05) | (torch.stack(list(masks.values())) == 0).any(0)).int()}
+    neuron_losses = {("full", -1, lang): losses["full", -1, lang] for lang in langs}
+    for sid in sids:
+        for lang in langs:
+            full = losses["full", -1, lang]
+            extra = (0.08 if lang == sid.language else 0.02) + 0.05 * torch.randn(chunks, generator=g, dtype=torch.float64)
+            neuron_losses[str(sid), -1, lang] = ChunkLosses(full.nll + extra * full.tokens.double(), full.tokens)
+            for draw in range(STUDY_RANDOM_DRAWS):
+                noise = 0.01 * torch.randn(chunks, generator=g, dtype=torch.float64)
+                neuron_losses[str(sid), draw, lang] = ChunkLosses(full.nll + noise * full.tokens.double(), full.tokens)
+    return {"neurons": NeuronInputs(masks, halves, eligible, neuron_losses)}
 
 
 def analyze_defaults() -> dict:
@@ -381,7 +417,7 @@ def analyze_defaults() -> dict:
 
 # analyze's sections and the representation tables inside them, timed by wrapping the module attributes it calls
 TIMED = {"xlsub.report.analysis": ["_masks", "_noise_ceiling", "_equal_size", "_intervals", "_perplexity", "_cka", "_similarity",
-                                   "_subnetwork_cka", "_tokens", "_language_distance"],
+                                   "_subnetwork_cka", "_tokens", "_language_distance", "_neurons"],
          "xlsub.report.similarity_tables": ["cka_pvalue_table", "cka_interval_tables", "retrieval_table", "retrieval_pvalue_table",
                                             "isomorphism_table", "rsa_table", "power_table", "length_control_table"],
          "xlsub.report.tables": ["cka_reference_tables", "cka_pairs_interval_tables", "cka_subnetwork_tables"]}

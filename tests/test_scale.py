@@ -95,6 +95,14 @@ def test_study_inputs_have_the_studys_shape_on_tiny_sizes():
         store[key]["en"]
     assert torch.equal(store["de-s0"]["zh"], first) and store.loads > len(store)
     assert not torch.equal(store["full"]["de"], store["full"]["zh"])
+    # the neurons run: LAPE's 1% of 12 x 3,072 neurons over the languages, halves inside the whole, losses of every set
+    neurons = inputs.neurons
+    assert sorted(neurons.masks) == sorted(inputs.masks) and all(m.shape == (12, 3072) for m in neurons.masks.values())
+    off = torch.stack([m == 0 for m in neurons.masks.values()])
+    assert 0 < int(off.any(0).sum()) <= round(0.01 * 12 * 3072) and bool(neurons.eligible["0"].bool()[off.any(0)].all())
+    for sid, halves in neurons.halves.items():
+        assert all(bool(((halves[h] == 0) <= (neurons.masks[sid] == 0)).all()) for h in ("a", "b"))
+    assert set(neurons.chunk_losses) == keys
 
 
 def test_analyze_defaults_are_the_stages():

@@ -30,7 +30,7 @@ from xlsub.similarity.cka import cka
 from xlsub.similarity.controls import length_only_representations
 from xlsub.similarity.isomorphism import TOP_EIGENVALUES, knn_laplacian_spectrum, spectrum_distance, subsample_spectra, subsamples
 from xlsub.similarity.jackknife import cka_jackknife_interval, jackknife_blocks, leave_block_out_cka
-from xlsub.similarity.permutation import cka_null_mean, cka_permutation_test, residualize
+from xlsub.similarity.permutation import STOP_EXCEEDANCES, cka_null_mean, cka_permutation_test, residualize
 from xlsub.similarity.retrieval import retrieval_permutation_test, retrieval_top1_per_layer
 from xlsub.similarity.rsa import mantel_test, rsa_jackknife_interval
 from xlsub.stats.inference import EXACT_LIMIT, UnitLevel, jackknife_interval, unit_level, wilson_interval
@@ -43,6 +43,11 @@ LENGTH_RESTRICTED, UNRESTRICTED = "length_restricted", "unrestricted"
 # chi-square tail: the rest could reach it with probability <= 0.005) gets the floor p without the other
 # permutations. At the study's 5,000 sentences it skips most of the full model's and subnetworks' permutations.
 TAIL_RISK = 0.005
+# Early stopping of clearly null cells (`xlsub.similarity.permutation.sequential_null`, Besag & Clifford 1991): a
+# cell whose 10th null value at or above the observed one comes within the first 100 permutations stops there
+# with p = 10 / L (>= 0.1). The controls' and length-only encoder's cells, null by design, then cost ~20
+# permutations instead of all; no decision below 0.1 changes (tests/test_early_stop.py).
+STOP_AFTER = STOP_EXCEEDANCES
 # Random halves of the sentences for the isomorphism table's intervals: 50 keep that table near 11 s of one core at
 # the demo's sizes (n = 1,077, d = 128, 8 languages, 3 models: 1,200 kNN graphs of 538 sentences, ~9 ms each).
 ISOMORPHISM_SUBSAMPLES = 50
@@ -134,15 +139,18 @@ def cka_pvalue_table(encodings, languages: Sequence[str], reference: str, kind: 
     null_mean: the length-restricted null (`length_groups`; `null` says `unrestricted` where `lengths` is
     None); p_unrestricted: the same number of permutations of all pairings, beside it for comparison at the
     last layer (NaN at the others). Both with the tail bound (`TAIL_RISK`): where it decides, p is the floor
-    1 / (1 + n_perm) and null_mean the exact permutation mean (`cka_null_mean`), not the permutations' mean."""
+    1 / (1 + n_perm) and null_mean the exact permutation mean (`cka_null_mean`), not the permutations' mean;
+    and with early stopping (`STOP_AFTER`): a clearly null cell has p = 10 / L >= 0.1 from its first L
+    permutations and the exact null mean. `n_perm` is the most permutations a cell may use."""
     groups = length_groups(lengths, reference)
     rows = []
     for model, lang, x, y in _pairs(with_length_only(encodings, lengths, reference, seed), languages, reference):
         n_perm = _n_perm(model, counts)
         layers = list(range(x.shape[0])) if model == FULL_MODEL else [x.shape[0] - 1]
-        result = cka_permutation_test(x[layers], y[layers], n_perm, seed, kind, groups=groups, tail_risk=TAIL_RISK)
+        result = cka_permutation_test(x[layers], y[layers], n_perm, seed, kind, groups=groups, tail_risk=TAIL_RISK, stop_after=STOP_AFTER)
         # the unrestricted null beside it at the last layer only: what a length confound looks like, at half the cost
-        plain = result if groups is None else cka_permutation_test(x[-1:], y[-1:], n_perm, seed, kind, tail_risk=TAIL_RISK)
+        plain = result if groups is None else cka_permutation_test(x[-1:], y[-1:], n_perm, seed, kind, tail_risk=TAIL_RISK,
+                                                                   stop_after=STOP_AFTER)
         for i, layer in enumerate(layers):
             unrestricted = float(plain.p_value[-1]) if layer == x.shape[0] - 1 else math.nan
             rows.append({"model": model, "language": lang, "layer": layer, "cka": float(result.observed[i]),
@@ -215,7 +223,7 @@ def length_control_table(encodings, lengths: Mapping[str, torch.Tensor], languag
                     and tested.loc[key, "null"] == LENGTH_RESTRICTED:
                 p = float(tested.loc[key, "p_value"])
             else:
-                p = float(cka_permutation_test(x, y, n_perm, seed, kind, groups=groups, tail_risk=TAIL_RISK).p_value)
+                p = float(cka_permutation_test(x, y, n_perm, seed, kind, groups=groups, tail_risk=TAIL_RISK, stop_after=STOP_AFTER).p_value)
             labels = jackknife_blocks(x.shape[0], min(blocks, x.shape[0]))
             kept_cka = leave_block_out_cka(x, y, labels, kind)
             above = [float(kept_cka[b]) - float(cka_null_mean(x[labels != b], y[labels != b], kind, groups[labels != b]))
@@ -270,7 +278,8 @@ def rsa_table(encodings, languages: Sequence[str], reference: str, counts: Count
     subnetwork (`n_perm`: the permutations used; `p_floor`: the smallest p they can give); each model's
     reference matrix is permuted once for all its languages (`mantel_test` with stacked languages), with the
     tail bound (`TAIL_RISK`): where a pilot of 50 permutations puts the observed RSA far enough in the tail, p is
-    the floor and null_mean the pilot's mean, without the other permutations."""
+    the floor and null_mean the pilot's mean, without the other permutations; and with early stopping
+    (`STOP_AFTER`): a clearly null language has p = 10 / L >= 0.1 and the mean of its first L permutations."""
     groups = length_groups(lengths, reference)
     rows = []
     everything = with_length_only(encodings, lengths, reference, seed)
@@ -281,7 +290,7 @@ def rsa_table(encodings, languages: Sequence[str], reference: str, counts: Count
             continue
         n_perm = min(counts.length, counts.subnetworks) if subnetwork_key(model) else counts.length
         x, ys = reps[reference][-1], torch.stack([reps[l][-1] for l in langs])
-        result = mantel_test(x, ys, n_perm, seed, groups, tail_risk=TAIL_RISK)
+        result = mantel_test(x, ys, n_perm, seed, groups, tail_risk=TAIL_RISK, stop_after=STOP_AFTER)
         interval = rsa_jackknife_interval(x, ys, min(blocks, x.shape[0]))
         rows += [{"model": model, "language": lang, "rsa": float(result.observed[i]), "lo": float(interval.lo[i]),
                   "hi": float(interval.hi[i]), "null_mean": float(result.null_mean[i]), "p_value": float(result.p_value[i]),

@@ -75,6 +75,12 @@ TIE_RTOL = 100 * torch.finfo(torch.float64).eps
 # standard deviation, and the confidence of that estimate's upper bound (chi-square, one-sided).
 TAIL_PILOT = 50
 TAIL_SD_RISK = 0.005
+# Early stopping of clearly null cells (Besag & Clifford 1991, `sequential_null`): a cell stops at its
+# STOP_EXCEEDANCES-th null value at or above the observed one when that comes within the first
+# STOP_EXCEEDANCES / STOP_P permutations (100), with p = STOP_EXCEEDANCES / L >= STOP_P; every other cell
+# runs all permutations.
+STOP_EXCEEDANCES = 10
+STOP_P = 0.1
 
 
 # -- permutations ------------------------------------------------------------------------------------------
@@ -142,6 +148,8 @@ class PermutationResult:
     form where one is implemented (CKA: `cka_null_mean`), else None. `tail_bound` [...] (bool, or None where
     the test had no tail bound): where True, only the pilot's permutations were computed (`null` is NaN after
     them), p is its floor 1 / (1 + n_perm) by `tail_bound_decided`, and `null_mean` is the exact mean.
+    `stopped` [...] (bool, or None without early stopping): where True the cell stopped early as clearly null
+    (`sequential_null`), p = h / L, `null` NaN after L, `null_mean` the exact mean.
     """
 
     observed: torch.Tensor
@@ -152,6 +160,7 @@ class PermutationResult:
     null: torch.Tensor
     exact_null_mean: torch.Tensor | None = None
     tail_bound: torch.Tensor | None = None
+    stopped: torch.Tensor | None = None
 
     @property
     def above_chance(self) -> torch.Tensor:
@@ -355,10 +364,82 @@ def tail_bound_decided(observed: torch.Tensor, exact_mean: torch.Tensor | None, 
     return (z > 0) & (n_perm * tail <= risk) & ~reached & sd.isfinite() & observed.isfinite()
 
 
+@dataclass
+class SequentialNull:
+    """What `sequential_null` computed, per cell (flattened leading index): `null` [m, n_perm] (NaN after the
+    permutations a cell used), `p_value` [m], `used` [m] (permutations computed), `tail_bound` [m] (decided
+    by the tail bound after the pilot) and `stopped` [m] (stopped early as clearly null)."""
+
+    null: torch.Tensor
+    p_value: torch.Tensor
+    used: torch.Tensor
+    tail_bound: torch.Tensor
+    stopped: torch.Tensor
+
+
+def sequential_null(compute, observed: torch.Tensor, n_perm: int, exceeds, *, pilot: int = TAIL_PILOT,
+                    tail_risk: float | None = None, exact_mean: torch.Tensor | None = None,
+                    stop_after: int | None = None, stop_p: float = STOP_P) -> SequentialNull:
+    """A permutation null computed in stages, sparing the cells whose answer is settled early.
+
+    `compute(cells, start, stop)`: the null values [len(cells), stop - start] of permutations start..stop-1
+    (the same permutations for every cell) for the cells (indices into the flat `observed` [m]);
+    `exceeds(null, observed)`: bool, where a null value counts as at least as extreme (ties included).
+    Stages: the first `pilot` permutations for every cell, then up to `stop_after` / `stop_p`, then the rest.
+    - After the pilot, with `tail_risk`, cells the tail bound decides (`tail_bound_decided`) get p = 1 / (1 +
+      n_perm) and no more permutations.
+    - With `stop_after` = h (Besag & Clifford 1991), a cell whose h-th exceedance comes at permutation L <= h
+      / stop_p stops there with p = h / L (>= stop_p). That p is valid (P(p <= u) <= u), and below stop_p
+      every decision is the full test's or more conservative: a stopped cell is never significant at a level
+      under stop_p. Clearly null cells (p around 0.5) stop after about 2h permutations instead of n_perm.
+    Every other cell runs all n_perm permutations: p = (1 + #exceeding) / (1 + n_perm), the full test's."""
+    m = observed.numel()
+    null = torch.full((m, n_perm), math.nan, dtype=torch.float64)
+    p = torch.full((m,), math.nan, dtype=torch.float64)
+    used = torch.full((m,), n_perm, dtype=torch.long)
+    tail = torch.zeros(m, dtype=torch.bool)
+    stopped = torch.zeros(m, dtype=torch.bool)
+    active = torch.ones(m, dtype=torch.bool)
+    horizon = min(n_perm, math.floor(stop_after / stop_p)) if stop_after else 0
+    bounds = sorted({b for b in (min(pilot, n_perm), horizon, n_perm) if 0 < b <= n_perm})
+    start = 0
+    for stop in bounds:
+        cells = active.nonzero().reshape(-1)
+        if not len(cells):
+            break
+        null[cells, start:stop] = compute(cells, start, stop)
+        if start == 0 and tail_risk is not None and stop < n_perm:
+            decided = tail_bound_decided(observed[cells], None if exact_mean is None else exact_mean[cells], null[cells, :stop], n_perm, tail_risk)
+            tail[cells[decided]] = True
+            used[cells[decided]] = stop
+            p[cells[decided]] = 1.0 / (1 + n_perm)
+            active[cells[decided]] = False
+        if stop_after and stop <= horizon and stop < n_perm:
+            undecided = active.nonzero().reshape(-1)
+            counts = exceeds(null[undecided, :stop], observed[undecided][:, None]).cumsum(-1)
+            reached = counts[:, -1] >= stop_after
+            at = (counts >= stop_after).int().argmax(-1) + 1  # L: the permutation of the h-th exceedance
+            early = undecided[reached]
+            stopped[early] = True
+            used[early] = at[reached]
+            p[early] = stop_after / at[reached].double()
+            for cell, length in zip(early.tolist(), at[reached].tolist()):
+                null[cell, length:] = math.nan
+            active[early] = False
+        start = stop
+    rest = active.nonzero().reshape(-1)
+    if len(rest):
+        count = exceeds(null[rest], observed[rest][:, None]).sum(-1).double()
+        p[rest] = (1 + count) / (1 + n_perm)
+    p = torch.where(observed.isnan(), math.nan, p)
+    return SequentialNull(null, p, used, tail, stopped)
+
+
 def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, seed: int = 0,
                          kind: str = "debiased", groups=None, *, engine: str = "auto",
                          null_precision: str = "float32", sigma_frac: float = 1.0,
-                         tail_risk: float | None = None, pilot: int = TAIL_PILOT) -> PermutationResult:
+                         tail_risk: float | None = None, pilot: int = TAIL_PILOT,
+                         stop_after: int | None = None) -> PermutationResult:
     """CKA of parallel x, y [..., n, d] against the CKA of `n_perm` random re-pairings of y's rows.
 
     The null hypothesis is that the pairing carries no information (any pairing is as good); with
@@ -378,6 +459,10 @@ def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, s
     with probability at most `tail_risk` + `TAIL_SD_RISK` (`tail_bound_decided`) gets p = 1 / (1 + n_perm),
     null_mean = the exact mean, null_std = the pilot's, without the other permutations (`tail_bound` says
     where). Every other index runs all n_perm permutations from the start: its numbers are the full test's.
+
+    `stop_after` (None: off): early stopping of clearly null indices (`sequential_null`: at the
+    `stop_after`-th null value reaching the observed CKA within the first `stop_after` / `STOP_P`
+    permutations, p = `stop_after` / L, null_mean the exact mean; `stopped` says where).
     """
     check_options(kind)
     if null_precision not in ("float64", "float32"):
@@ -387,33 +472,46 @@ def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, s
     n = x.shape[-2]
     perms = permutations(n, n_perm, seed, groups)
     observed = cka(x, y, kind, sigma_frac=sigma_frac)
-    if tail_risk is not None and pilot < n_perm:
-        return _tail_bounded_test(x, y, perms, observed, kind, groups, engine, null_precision, sigma_frac, tail_risk, pilot)
+    if (tail_risk is not None and pilot < n_perm) or stop_after:
+        return _sequential_test(x, y, perms, observed, kind, groups, engine, null_precision, sigma_frac, tail_risk, pilot, stop_after)
     null = _checked_null(x, y, perms, observed, kind, engine, null_precision, sigma_frac)
     return permutation_result(observed, null, cka_null_mean(x, y, kind, groups))
 
 
-def _tail_bounded_test(x, y, perms, observed, kind, groups, engine, null_precision, sigma_frac, tail_risk, pilot) -> PermutationResult:
-    """`cka_permutation_test` with its tail bound: the pilot for every leading index, all permutations for the
-    undecided ones."""
+def cka_exceeds(null: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """Where a CKA null value counts as reaching the observed one (within `TIE_RTOL`, a tie counts)."""
+    return null >= observed - TIE_RTOL * observed.abs()
+
+
+def _sequential_test(x, y, perms, observed, kind, groups, engine, null_precision, sigma_frac, tail_risk, pilot, stop_after) -> PermutationResult:
+    """`cka_permutation_test` through `sequential_null`: the tail bound after the pilot and early stopping of
+    clearly null indices; null_mean is the exact mean where a cell did not run all permutations."""
     n_perm = len(perms)
     exact = cka_null_mean(x, y, kind, groups)
-    first = _checked_null(x, y, perms[:pilot], observed, kind, engine, null_precision, sigma_frac)
-    decided = tail_bound_decided(observed, exact, first, n_perm, tail_risk)
-    null = torch.full((*observed.shape, n_perm), math.nan, dtype=torch.float64)
-    null[..., :pilot] = first
-    rest = (~decided).reshape(-1).nonzero().reshape(-1).tolist()
     lead = observed.shape
     xs, ys = x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:])
-    flat_null, flat_observed = null.reshape(-1, n_perm), observed.reshape(-1)
-    if rest:  # from the first permutation, so that these numbers are exactly the full test's
-        index = torch.tensor(rest)
-        flat_null[index] = _checked_null(xs[index], ys[index], perms, flat_observed[index], kind, engine, null_precision, sigma_frac)
-    full = permutation_result(observed, flat_null.reshape(*lead, n_perm), exact)
-    p = torch.where(decided, 1.0 / (1 + n_perm), full.p_value)
-    mean = torch.where(decided, exact, full.null_mean)
-    std = torch.where(decided, first.std(-1), full.null_std)
-    return PermutationResult(observed, mean, std, p, n_perm, full.null, exact, decided)
+    flat_observed = observed.reshape(-1)
+
+    def compute(cells, start, stop):
+        return _checked_null(xs[cells], ys[cells], perms[start:stop], flat_observed[cells], kind, engine, null_precision, sigma_frac)
+
+    done = sequential_null(compute, flat_observed, n_perm, cka_exceeds, pilot=pilot, tail_risk=tail_risk,
+                           exact_mean=exact.reshape(-1), stop_after=stop_after)
+    partial = (done.used < n_perm).reshape(lead)
+    null = done.null.reshape(*lead, n_perm)
+    mean = torch.where(partial, exact, null.mean(-1))
+    std = torch.where(partial, _nanstd(null), null.std(-1) if n_perm > 1 else math.nan)  # a full row: the full test's own numbers
+    return PermutationResult(observed, mean, std, done.p_value.reshape(lead), n_perm, null, exact, done.tail_bound.reshape(lead),
+                             done.stopped.reshape(lead))
+
+
+def _nanstd(values: torch.Tensor) -> torch.Tensor:
+    """The sample standard deviation (ddof=1) over the last axis, NaN entries left out."""
+    finite = values.isfinite()
+    k = finite.sum(-1)
+    mean = values.nanmean(-1, keepdim=True)
+    squares = torch.where(finite, (values - mean).square(), 0.0).sum(-1)
+    return torch.where(k > 1, (squares / (k - 1).clamp_min(1)).sqrt(), math.nan)
 
 
 def _checked_null(x, y, perms, observed, kind, engine, null_precision, sigma_frac) -> torch.Tensor:

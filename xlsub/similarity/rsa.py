@@ -12,7 +12,7 @@ import math
 import torch
 
 from xlsub.similarity.jackknife import Interval, jackknife_blocks
-from xlsub.similarity.permutation import TAIL_PILOT, permutations, tail_bound_decided
+from xlsub.similarity.permutation import TAIL_PILOT, permutations, sequential_null
 from xlsub.similarity.retrieval import unit_rows
 from xlsub.stats import inference
 
@@ -41,7 +41,8 @@ def rsa(x: torch.Tensor, y: torch.Tensor, centre: bool = False) -> torch.Tensor:
 
 
 def mantel_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 500, seed: int = 0, groups=None,
-                centre: bool = False, tail_risk: float | None = None, pilot: int = TAIL_PILOT) -> inference.MantelResult:
+                centre: bool = False, tail_risk: float | None = None, pilot: int = TAIL_PILOT,
+                stop_after: int | None = None) -> inference.MantelResult:
     """RSA of x, y [..., n, d] against re-pairings of y: y's RDM rows and columns permuted jointly (Mantel 1967).
 
     `xlsub.stats.inference.mantel_test` (one-sided, "greater") on rdm(x), rdm(y): `n_perm` permutations
@@ -55,23 +56,30 @@ def mantel_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 500, seed: int =
     probability at most `tail_risk` (+ 0.01 for the pilot's mean and sd; `tail_bound_decided`) gets p =
     1 / (1 + n_perm) without the others (`tail_bound` says where; null_mean and null_std are the pilot's). The
     other languages run all n_perm permutations: their numbers are the full test's.
+
+    `stop_after` (None: off; the same shapes): languages clearly at the null stop early (`sequential_null`:
+    at the `stop_after`-th null r reaching the observed one within the first `stop_after` / `STOP_P`
+    permutations, p = `stop_after` / L; `stopped` says where).
     """
     n = x.shape[-2]
     sample = permutations(n, n_perm, seed, groups)
     a, b = centred_ranks(x, centre), centred_ranks(y, centre)
-    if tail_risk is None or pilot >= n_perm or x.dim() != 2 or y.dim() != 3 or math.factorial(min(n, 20)) <= inference.EXACT_LIMIT:
+    staged = (tail_risk is not None and pilot < n_perm) or stop_after
+    if not staged or x.dim() != 2 or y.dim() != 3 or math.factorial(min(n, 20)) <= inference.EXACT_LIMIT:
         return inference.mantel_test(a, b, sample, groups, centred=True)
-    first = inference.mantel_test(a, b, sample[:pilot], groups, centred=True)
-    decided = tail_bound_decided(first.observed, None, first.null, n_perm, tail_risk)
-    null = torch.full((len(b), n_perm), math.nan, dtype=torch.float64)
-    null[:, :pilot] = first.null
-    p = torch.full((len(b),), 1.0 / (1 + n_perm), dtype=torch.float64)
-    rest = (~decided).nonzero().reshape(-1)
-    test = first.test
-    if len(rest):
-        full = inference.mantel_test(a, b[rest], sample, groups, centred=True)
-        null[rest], p[rest], test = full.null, full.p_value, full.test
-    return inference.MantelResult(first.observed, p, null, n_perm, 1.0 / (n_perm + 1), test, decided, pilot)
+    first = inference.mantel_test(a, b, sample[:min(pilot, n_perm)], groups, centred=True)
+
+    def compute(cells, start, stop):
+        if start == 0 and stop == len(first.null[0]) and len(cells) == len(b):
+            return first.null
+        return inference.mantel_test(a, b[cells], sample[start:stop], groups, centred=True).null
+
+    def exceeds(null, observed):
+        return null >= observed - inference.MANTEL_TIE * observed.abs().clamp_min(1.0)
+
+    done = sequential_null(compute, first.observed, n_perm, exceeds, pilot=pilot, tail_risk=tail_risk, stop_after=stop_after)
+    return inference.MantelResult(first.observed, done.p_value, done.null, n_perm, 1.0 / (n_perm + 1), first.test, done.tail_bound,
+                                  pilot, done.stopped)
 
 
 def centred_ranks(x: torch.Tensor, centre: bool = False) -> torch.Tensor:

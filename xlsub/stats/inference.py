@@ -273,20 +273,23 @@ class MantelResult:
     # a tail bound (`xlsub.similarity.rsa.mantel_test`); null_mean and null_std are then the pilot's
     tail_bound: torch.Tensor | None = None
     pilot: int = 0
+    # where True, the cell stopped early as clearly null (`xlsub.similarity.permutation.sequential_null`): `null`
+    # NaN after the permutations it used, p = h / L; null_mean and null_std are those permutations'
+    stopped: torch.Tensor | None = None
 
     @property
     def null_mean(self) -> torch.Tensor:
-        if self.tail_bound is None:
-            return self.null.mean(-1)
-        return torch.where(self.tail_bound, self.null[..., :self.pilot].mean(-1), self.null.mean(-1))
+        """The mean of the null values computed (all of them, or a cell's first ones where it stopped early)."""
+        return self.null.nanmean(-1)
 
     @property
     def null_std(self) -> torch.Tensor:
         if self.n_perm <= 1:
             return torch.full_like(self.observed, math.nan)
-        if self.tail_bound is None:
-            return self.null.std(-1)
-        return torch.where(self.tail_bound, self.null[..., :self.pilot].std(-1), self.null.std(-1))
+        finite = self.null.isfinite()
+        k = finite.sum(-1)
+        squares = torch.where(finite, (self.null - self.null.nanmean(-1, keepdim=True)).square(), 0.0).sum(-1)
+        return torch.where(k > 1, (squares / (k - 1).clamp_min(1)).sqrt(), math.nan)
 
 
 def centred_upper(d, method: str) -> torch.Tensor:
