@@ -54,6 +54,7 @@ from xlsub.similarity.cka import (
     prepare,
     ratio,
 )
+from xlsub.stats.inference import nanstd
 
 ENGINES = ("auto", "feature", "gram")
 # Bytes of gathered rows (and d1 x d2 products) per block of permutations in the feature engine.
@@ -500,18 +501,9 @@ def _sequential_test(x, y, perms, observed, kind, groups, engine, null_precision
     partial = (done.used < n_perm).reshape(lead)
     null = done.null.reshape(*lead, n_perm)
     mean = torch.where(partial, exact, null.mean(-1))
-    std = torch.where(partial, _nanstd(null), null.std(-1) if n_perm > 1 else math.nan)  # a full row: the full test's own numbers
+    std = torch.where(partial, nanstd(null), null.std(-1) if n_perm > 1 else math.nan)  # a full row: the full test's own numbers
     return PermutationResult(observed, mean, std, done.p_value.reshape(lead), n_perm, null, exact, done.tail_bound.reshape(lead),
                              done.stopped.reshape(lead))
-
-
-def _nanstd(values: torch.Tensor) -> torch.Tensor:
-    """The sample standard deviation (ddof=1) over the last axis, NaN entries left out."""
-    finite = values.isfinite()
-    k = finite.sum(-1)
-    mean = values.nanmean(-1, keepdim=True)
-    squares = torch.where(finite, (values - mean).square(), 0.0).sum(-1)
-    return torch.where(k > 1, (squares / (k - 1).clamp_min(1)).sqrt(), math.nan)
 
 
 def _checked_null(x, y, perms, observed, kind, engine, null_precision, sigma_frac) -> torch.Tensor:

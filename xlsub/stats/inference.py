@@ -286,10 +286,15 @@ class MantelResult:
     def null_std(self) -> torch.Tensor:
         if self.n_perm <= 1:
             return torch.full_like(self.observed, math.nan)
-        finite = self.null.isfinite()
-        k = finite.sum(-1)
-        squares = torch.where(finite, (self.null - self.null.nanmean(-1, keepdim=True)).square(), 0.0).sum(-1)
-        return torch.where(k > 1, (squares / (k - 1).clamp_min(1)).sqrt(), math.nan)
+        return nanstd(self.null)
+
+
+def nanstd(values: torch.Tensor) -> torch.Tensor:
+    """The sample standard deviation (ddof=1) over the last axis with NaN entries left out; NaN below 2 values."""
+    finite = values.isfinite()
+    k = finite.sum(-1)
+    squares = torch.where(finite, (values - values.nanmean(-1, keepdim=True)).square(), 0.0).sum(-1)
+    return torch.where(k > 1, (squares / (k - 1).clamp_min(1)).sqrt(), math.nan)
 
 
 def centred_upper(d, method: str) -> torch.Tensor:
