@@ -13,6 +13,7 @@ from xlsub.similarity.controls import planted_representations
 from xlsub.similarity.permutation import cka_permutation_test, permutations
 from xlsub.similarity.power import (
     MEASURES,
+    TAIL_RISK,
     Power,
     bisect_power,
     measure_extreme,
@@ -109,6 +110,13 @@ def test_sequential_decision_is_the_full_tests_on_the_same_permutations(measure)
             assert float(full.p_value) >= 0.05
     assert result.detected.any() and not result.detected.all()
     assert int(result.used.sum()) < 99 * len(ys)  # the undetectable draws stopped early
+    # with the tail bound (CKA, RSA), the draws it decides are detected by the full test too, and the rest unchanged
+    extreme = measure_extreme(measure, x, ys, tail=(g, 99, TAIL_RISK))
+    bounded = sequential_test(extreme, len(ys), permutations(N, 99, seed, g), decided=extreme.decided)
+    assert torch.equal(bounded.detected, result.detected)
+    if measure != "retrieval":
+        assert extreme.decided.any() and (bounded.used[extreme.decided] == 0).all()
+        assert torch.equal(bounded.used[~extreme.decided], result.used[~extreme.decided])
 
 
 @pytest.mark.parametrize("measure", MEASURES)
@@ -118,7 +126,8 @@ def test_power_is_one_without_noise_and_alpha_without_signal(measure):
     ties make it at most that), within Monte Carlo error."""
     strong = planted_power(measure, base(), math.inf, groups(), draws=20, seed=0)
     assert (strong.power, strong.detected, strong.n_draws) == (1.0, 20, 20)
-    assert strong.permutations == 20 * 99  # a detected draw sees every permutation
+    # a detected draw sees every permutation, but where the exact null moments decide it (CKA, RSA): none
+    assert strong.permutations == (0 if measure in ("cka", "rsa") else 20 * 99)
     null = planted_power(measure, base(), 0.0, groups(), draws=300, seed=1)
     sd = math.sqrt(0.04 * 0.96 / 300)
     assert null.power <= 0.04 + 3 * sd

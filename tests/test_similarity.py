@@ -18,10 +18,10 @@ from xlsub.similarity import permutation
 from xlsub.similarity.cka import cka, shuffled_pairs_cka
 from xlsub.similarity.controls import length_only_representations, planted_representations, random_rotation
 from xlsub.similarity.isomorphism import knn_eigen_similarity, knn_laplacian_spectrum
-from xlsub.similarity.jackknife import cka_jackknife_interval, jackknife_blocks, leave_block_out_cka
+from xlsub.similarity.jackknife import cka_jackknife_interval, jackknife_blocks, leave_block_out_above_chance, leave_block_out_cka
 from xlsub.similarity.permutation import cka_null_mean, cka_permutation_test, length_bins, permutations, permuted_cka, residualize
 from xlsub.similarity.retrieval import nearest_translation, retrieval_permutation_test, retrieval_top1, retrieval_top1_per_layer
-from xlsub.similarity.rsa import leave_block_out_rsa, mantel_test, rdm, rsa, rsa_jackknife_interval
+from xlsub.similarity.rsa import centred_ranks, leave_block_out_rsa, mantel_test, rdm, rsa, rsa_jackknife_interval
 from xlsub.stats.inference import average_ranks
 
 KINDS = ["linear", "debiased", "rbf"]
@@ -290,6 +290,24 @@ def test_leave_block_out_cka_equals_recomputation(kind):
     torch.testing.assert_close(fast, brute, rtol=0, atol=1e-11)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("grouped", [False, True])
+def test_leave_block_out_above_chance_equals_recomputation(kind, grouped):
+    """CKA minus the exact null mean on the kept rows, the groups restricted to them; one group lies wholly in a
+    block (absent from its subset), one is a singleton."""
+    x, y = related(n=60, d1=6, d2=4, layers=1)
+    x, y = x[0] + 50.0, y[0]
+    blocks = jackknife_blocks(60, 6, seed=2)
+    groups = torch.randint(0, 7, (60,), generator=torch.Generator().manual_seed(1))
+    groups[blocks == 3] = 9
+    groups[int((blocks == 4).nonzero()[0])] = 11
+    fast = leave_block_out_above_chance(x, y, blocks, kind, groups if grouped else None)
+    codes = groups if grouped else torch.zeros(60, dtype=torch.long)
+    brute = torch.stack([cka(x[blocks != b], y[blocks != b], kind) - cka_null_mean(x[blocks != b], y[blocks != b], kind, codes[blocks != b])
+                         for b in range(6)])
+    torch.testing.assert_close(fast, brute, rtol=0, atol=1e-11)
+
+
 def test_jackknife_interval_formula():
     x, y = related(n=60, noise=1.5)
     estimate, lo, hi = cka_jackknife_interval(x, y, "debiased", blocks=12, level=0.9)
@@ -452,6 +470,31 @@ def test_leave_block_out_rsa_with_tied_dissimilarities_equals_reranking_each_sub
         a, c = upper(rdm(x)[np.ix_(keep, keep)]), upper(rdm(y)[np.ix_(keep, keep)])
         assert len(np.unique(a)) < len(a) / 10  # heavily tied
         assert float(theta[b]) == pytest.approx(stats.spearmanr(a, c).statistic, abs=1e-12)
+
+
+def test_leave_block_out_rsa_from_the_callers_ranks_equals_sorting_afresh():
+    """The untied path (ranks read off one sort, or off the Mantel test's rank matrices without sorting) against
+    scipy on every subset; tied vectors fall back to averaging the tie runs, with or without the ranks."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    ys = x + torch.randn(3, 40, 5, generator=g, dtype=torch.float64)
+    blocks = jackknife_blocks(40, 6)
+    ranks = centred_ranks(x), centred_ranks(ys)
+    from_ranks, fresh = leave_block_out_rsa(x, ys, blocks, ranks=ranks), leave_block_out_rsa(x, ys, blocks)
+    for b in range(6):
+        keep = np.flatnonzero(blocks.numpy() != b)
+        for k in range(3):
+            a, c = upper(rdm(x)[np.ix_(keep, keep)]), upper(rdm(ys[k])[np.ix_(keep, keep)])
+            assert float(from_ranks[k, b]) == pytest.approx(stats.spearmanr(a, c).statistic, abs=1e-13)
+    torch.testing.assert_close(from_ranks, fresh, rtol=0, atol=1e-14)
+    with_ranks = rsa_jackknife_interval(x, ys, 6, ranks=ranks)
+    for name in ("estimate", "lo", "hi"):
+        torch.testing.assert_close(getattr(with_ranks, name), getattr(rsa_jackknife_interval(x, ys, 6), name), rtol=0, atol=1e-14)
+    tied = torch.randint(0, 3, (30, 2), generator=g).double()
+    tied_ys = torch.randint(0, 3, (2, 30, 2), generator=g).double()
+    labels = jackknife_blocks(30, 5)
+    torch.testing.assert_close(leave_block_out_rsa(tied, tied_ys, labels, ranks=(centred_ranks(tied), centred_ranks(tied_ys))),
+                               leave_block_out_rsa(tied, tied_ys, labels), rtol=0, atol=0)
 
 
 def test_rsa_jackknife_interval_covers_the_population_rsa():

@@ -12,6 +12,8 @@ import torch
 from xlsub.report.figures.analysis import display_label
 from xlsub.report.similarity_tables import (
     LENGTH_ONLY,
+    STOP_AFTER,
+    TAIL_RISK,
     Counts,
     cka_interval_tables,
     cka_pvalue_table,
@@ -49,20 +51,23 @@ def test_cka_pvalue_rows_are_the_permutation_tests_of_each_cell():
     table = cka_pvalue_table(enc, LANGS, "en", "debiased", Counts(full=50, controls=40, subnetworks=30, length=500, power_draws=10), seed=2)
     assert set(table.index.get_level_values("model")) == {"full", "de-s0", "random"}
     assert len(table.loc["full"]) == 2 * LAYERS and len(table.loc["de-s0"]) == 2  # every layer / the last
-    direct = cka_permutation_test(enc["full"]["en"], enc["full"]["zh"], 50, 2, "debiased")
+    staged = {"tail_risk": TAIL_RISK, "stop_after": STOP_AFTER}  # as the table tests every cell
+    direct = cka_permutation_test(enc["full"]["en"], enc["full"]["zh"], 50, 2, "debiased", **staged)
     row = table.loc[("full", "zh", 1)]
     assert (row["cka"], row["null_mean"], row["p_value"], row["n_perm"]) == pytest.approx(
         (float(direct.observed[1]), float(direct.null_mean[1]), float(direct.p_value[1]), 50))
+    plain = cka_permutation_test(enc["full"]["en"], enc["full"]["zh"], 50, 2, "debiased")  # every permutation: the same p
+    assert table.loc["full"].xs("zh")["p_value"].tolist() == pytest.approx(plain.p_value.tolist())
     assert table.loc[("de-s0", "de", LAYERS - 1), "n_perm"] == 30
     assert (table["null"] == "unrestricted").all() and (table["p_value"] == table["p_unrestricted"]).all()  # no token counts
     # with token counts: permutations within groups of the reference sentence's token count, the unrestricted p beside it
     lengths = sentence_lengths(tokens())
     restricted = cka_pvalue_table(enc, LANGS, "en", "debiased", Counts(full=50, controls=40, subnetworks=30, length=500, power_draws=10), 2, lengths)
-    grouped = cka_permutation_test(enc["full"]["en"], enc["full"]["zh"], 50, 2, "debiased", groups=lengths["en"].long())
+    grouped = cka_permutation_test(enc["full"]["en"], enc["full"]["zh"], 50, 2, "debiased", groups=lengths["en"].long(), **staged)
     row = restricted.loc[("full", "zh", 1)]
     assert (row["null_mean"], row["p_value"], row["null"]) == (
         pytest.approx(float(grouped.null_mean[1])), pytest.approx(float(grouped.p_value[1])), "length_restricted")
-    last = cka_permutation_test(enc["full"]["en"][-1:], enc["full"]["zh"][-1:], 50, 2, "debiased")
+    last = cka_permutation_test(enc["full"]["en"][-1:], enc["full"]["zh"][-1:], 50, 2, "debiased", **staged)
     assert restricted.loc[("full", "zh", LAYERS - 1), "p_unrestricted"] == pytest.approx(float(last.p_value[0]))
     assert restricted.loc["full"]["p_unrestricted"].isna().sum() == 2 * (LAYERS - 1)  # beside the last layer only
     assert set(restricted.index.get_level_values("model")) == {"full", "de-s0", "random", LENGTH_ONLY}

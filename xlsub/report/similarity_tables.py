@@ -29,10 +29,10 @@ from xlsub.similarity import power
 from xlsub.similarity.cka import cka
 from xlsub.similarity.controls import length_only_representations
 from xlsub.similarity.isomorphism import TOP_EIGENVALUES, knn_laplacian_spectrum, spectrum_distance, subsample_spectra, subsamples
-from xlsub.similarity.jackknife import cka_jackknife_interval, jackknife_blocks, leave_block_out_cka
+from xlsub.similarity.jackknife import cka_jackknife_interval, jackknife_blocks, leave_block_out_above_chance
 from xlsub.similarity.permutation import STOP_EXCEEDANCES, cka_null_mean, cka_permutation_test, residualize
 from xlsub.similarity.retrieval import retrieval_permutation_test, retrieval_top1_per_layer
-from xlsub.similarity.rsa import mantel_test, rsa_jackknife_interval
+from xlsub.similarity.rsa import centred_ranks, mantel_test, rsa_jackknife_interval
 from xlsub.stats.inference import EXACT_LIMIT, UnitLevel, jackknife_interval, unit_level, wilson_interval
 
 LENGTH_ONLY = "length-only"  # the content-free control encoder's key in the tables
@@ -225,9 +225,7 @@ def length_control_table(encodings, lengths: Mapping[str, torch.Tensor], languag
             else:
                 p = float(cka_permutation_test(x, y, n_perm, seed, kind, groups=groups, tail_risk=TAIL_RISK, stop_after=STOP_AFTER).p_value)
             labels = jackknife_blocks(x.shape[0], min(blocks, x.shape[0]))
-            kept_cka = leave_block_out_cka(x, y, labels, kind)
-            above = [float(kept_cka[b]) - float(cka_null_mean(x[labels != b], y[labels != b], kind, groups[labels != b]))
-                     for b in range(int(labels.max()) + 1)]
+            above = leave_block_out_above_chance(x, y, labels, kind, groups).tolist()
             lo, hi = jackknife_interval(observed - null_mean, above)
             rows.append({"model": model, "language": lang, "cka": observed, "length_null_mean": null_mean,
                          "above_length_chance": observed - null_mean, "lo": float(lo), "hi": float(hi), "p_value": p,
@@ -290,8 +288,10 @@ def rsa_table(encodings, languages: Sequence[str], reference: str, counts: Count
             continue
         n_perm = min(counts.length, counts.subnetworks) if subnetwork_key(model) else counts.length
         x, ys = reps[reference][-1], torch.stack([reps[l][-1] for l in langs])
-        result = mantel_test(x, ys, n_perm, seed, groups, tail_risk=TAIL_RISK, stop_after=STOP_AFTER)
-        interval = rsa_jackknife_interval(x, ys, min(blocks, x.shape[0]))
+        ranks = centred_ranks(x), centred_ranks(ys)  # each dissimilarity matrix ranked once, for the test and the interval
+        result = mantel_test(x, ys, n_perm, seed, groups, tail_risk=TAIL_RISK, stop_after=STOP_AFTER, ranks=ranks)
+        interval = rsa_jackknife_interval(x, ys, min(blocks, x.shape[0]), ranks=ranks)
+        del ranks
         rows += [{"model": model, "language": lang, "rsa": float(result.observed[i]), "lo": float(interval.lo[i]),
                   "hi": float(interval.hi[i]), "null_mean": float(result.null_mean[i]), "p_value": float(result.p_value[i]),
                   "p_floor": result.p_floor, "n_perm": result.n_perm, "null": null_name(groups)} for i, lang in enumerate(langs)]

@@ -54,7 +54,10 @@ def planted_representations(base: torch.Tensor, languages: Sequence[str], snr: f
     out = {}
     for lang in languages:
         generator = _language_generator(seed, lang)
-        rotation = random_rotation(base.shape[1], generator)
+        if rotate:
+            rotation = random_rotation(base.shape[1], generator)
+        else:  # the rotation's draws are skipped in the stream (no QR), so the noise is the same either way
+            torch.randn(base.shape[1], base.shape[1], generator=generator, dtype=torch.float64)
         noise = torch.randn(base.shape, generator=generator, dtype=torch.float64)
         out[lang] = signal_w * (base @ rotation if rotate else base) + noise_w * noise
     return out

@@ -103,6 +103,14 @@ def leave_block_out_cka(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor,
         return torch.stack([leave_block_out_cka(a, b, blocks, kind) for a, b in pairs]).reshape(*lead, count)
     if kind == "rbf":
         return torch.stack([cka(x[..., blocks != b, :], y[..., blocks != b, :], kind) for b in range(count)], -1)
+    hsic = _leave_block_out_hsic(x, y, blocks, kind)
+    return ratio(hsic["xy"], hsic["xx"], hsic["yy"])
+
+
+def _leave_block_out_hsic(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
+    """HSIC(K, L), HSIC(K, K), HSIC(L, L) (`xy`, `xx`, `yy`, each [B]) on all examples but block b, for x [n, d1],
+    y [n, d2] and linear or debiased kernels, on `xlsub.similarity.cka.prepare`'s scale."""
+    count = int(blocks.max()) + 1
     members = [(blocks == b).nonzero().reshape(-1) for b in range(count)]
     if kind == "debiased" and len(blocks) - max(len(m) for m in members) < 4:
         raise ValueError("debiased CKA needs at least 4 examples left out of every block")
@@ -119,7 +127,60 @@ def leave_block_out_cka(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor,
             floor = HSIC_RTOL * scale.square() if kind == "debiased" else 0.0
             value = torch.where(value <= floor, 0.0, value)
         hsic[name] = value
-    return ratio(hsic["xy"], hsic["xx"], hsic["yy"])
+    return hsic
+
+
+def leave_block_out_above_chance(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor, kind: str = "debiased",
+                                 groups=None) -> torch.Tensor:
+    """CKA minus its exact permutation null mean, both on all examples but block b, for every block b, [B]
+    (x [n, d1], y [n, d2]): the jackknife values of `xlsub.similarity.permutation.cka_null_mean`'s "CKA above
+    chance" with the re-pairings within `groups` restricted to the kept examples.
+
+    Linear and debiased: the null mean's terms (`cka_null_mean`: per group its size, the sum of |x_i|^2 and the
+    sum of x_i, re-centred on the kept examples' mean) from per-(block, group) sums, total minus the block:
+    one pass over the data and O(G^2 d) per block, instead of recomputing both representations' statistics
+    for each of the B subsets. rbf (its bandwidth depends on the rows kept): recomputed per block."""
+    from xlsub.similarity.permutation import cka_null_mean  # permutation builds on this module's neighbours
+
+    check_options(kind)
+    blocks = torch.as_tensor(blocks, dtype=torch.long)
+    count = int(blocks.max()) + 1
+    n = x.shape[-2]
+    codes = torch.zeros(n, dtype=torch.long) if groups is None else torch.unique(torch.as_tensor(groups).reshape(-1), return_inverse=True)[1]
+    if kind == "rbf":
+        return torch.stack([cka(x[blocks != b], y[blocks != b], kind) - cka_null_mean(x[blocks != b], y[blocks != b], kind, codes[blocks != b])
+                            for b in range(count)])
+    hsic = _leave_block_out_hsic(x, y, blocks, kind)
+    cell = blocks * (int(codes.max()) + 1) + codes  # (block, group)
+    cells = count * (int(codes.max()) + 1)
+
+    def kept_sums(v: torch.Tensor):
+        """Per block b, per group: the count, sum |v_i - mu_b|^2 and sum (v_i - mu_b) over the kept rows, mu_b their mean."""
+        vc = centre(v)[0]
+        size = torch.zeros(cells, dtype=torch.float64).index_add_(0, cell, torch.ones(n, dtype=torch.float64)).reshape(count, -1)
+        sq = torch.zeros(cells, dtype=torch.float64).index_add_(0, cell, vc.square().sum(-1)).reshape(count, -1)
+        sums = torch.zeros(cells, vc.shape[-1], dtype=torch.float64).index_add_(0, cell, vc).reshape(count, -1, vc.shape[-1])
+        size, sq, sums = size.sum(0) - size, sq.sum(0) - sq, sums.sum(0) - sums  # [B, G], [B, G], [B, G, d]
+        kept = size.sum(-1)  # [B]
+        mu = sums.sum(1) / kept[:, None]  # [B, d]
+        trace = sq - 2 * (sums * mu[:, None, :]).sum(-1) + size * mu.square().sum(-1)[:, None]  # sum over the group of |v - mu|^2
+        return size, trace, sums - size[..., None] * mu[:, None, :], kept
+
+    size, tr_k, s_x, kept = kept_sums(x)
+    _, tr_l, s_y, _ = kept_sums(y)
+    present = size > 0
+    safe = size.clamp_min(1)
+    diagonal = torch.where(present, tr_k * tr_l / safe, 0.0).sum(-1)
+    block_k, block_l = s_x @ s_x.mT, s_y @ s_y.mT  # [B, G, G]
+    same_k, same_l = block_k.diagonal(dim1=-2, dim2=-1), block_l.diagonal(dim1=-2, dim2=-1)
+    pairs = size * (size - 1)
+    within = torch.where(pairs > 0, (same_k - tr_k) * (same_l - tr_l) / pairs.clamp_min(1), 0.0).sum(-1)
+    between = ((block_k * block_l / (safe[..., :, None] * safe[..., None, :])).sum((-2, -1))
+               - torch.where(present, same_k * same_l / safe.square(), 0.0).sum(-1))
+    expected = diagonal + within + between
+    if kind == "debiased":
+        expected = expected - kept / (kept - 2) * diagonal + tr_k.sum(-1) * tr_l.sum(-1) / ((kept - 1) * (kept - 2))
+    return ratio(hsic["xy"], hsic["xx"], hsic["yy"]) - ratio(expected, hsic["xx"], hsic["yy"])
 
 
 def cka_jackknife_interval(x: torch.Tensor, y: torch.Tensor, kind: str = "debiased", blocks: int = 20,

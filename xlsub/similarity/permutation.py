@@ -12,10 +12,12 @@ float64; none touches files or MLflow.
 - Length control: `residualize` regresses each feature on covariates (token count) before CKA.
 - The tail bound (`tail_bound_decided`, `cka_permutation_test(tail_risk=...)`): at the study's n a parallel
   CKA lies hundreds of null standard deviations above its permutation mean, and all 1,000 permutations only
-  confirm p at its floor. From the exact mean (`cka_null_mean`) and a pilot of `TAIL_PILOT` permutations,
-  a one-term chi-square tail (the heaviest a quadratic-form null has for its variance) says when the rest
-  cannot reach the observed value except with a stated small probability; those cells get the floor without
-  them, and every other cell runs the full test.
+  confirm p at its floor. From the exact mean and standard deviation (`cka_null_mean`, `cka_null_sd`:
+  closed forms, `xlsub.similarity.moments`), a one-term chi-square tail (the heaviest a quadratic-form null
+  has for its variance) says when the permutations cannot reach the observed value except with a stated
+  small probability; those cells get the floor without computing any, and every other cell runs the full
+  test. (Without the exact sd, e.g. `sequential_null` for another statistic, a pilot of `TAIL_PILOT`
+  permutations estimates it.)
 
 The permutation engine. Re-pairing keeps each representation's own statistics and changes only the
 cross term of HSIC: for linear kernels of centred X, Y and y permuted by p, ||Y_p'X||_F^2, and for the
@@ -44,6 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from xlsub.errors import XlsubError
+from xlsub.similarity import moments
 from xlsub.similarity.cka import (
     FLOAT32_BLOCK,
     check_options,
@@ -147,8 +150,8 @@ class PermutationResult:
     sampled null values [..., n_perm]. p = (1 + #{null >= observed}) / (1 + n_perm), one-sided (more
     similar than chance), never 0 (Phipson & Smyth 2010). `exact_null_mean`: the permutation mean in closed
     form where one is implemented (CKA: `cka_null_mean`), else None. `tail_bound` [...] (bool, or None where
-    the test had no tail bound): where True, only the pilot's permutations were computed (`null` is NaN after
-    them), p is its floor 1 / (1 + n_perm) by `tail_bound_decided`, and `null_mean` is the exact mean.
+    the test had no tail bound): where True, no permutation (or only a pilot's) was computed (`null` is NaN),
+    p is its floor 1 / (1 + n_perm) by `tail_bound_decided`, and `null_mean` is the exact mean.
     `stopped` [...] (bool, or None without early stopping): where True the cell stopped early as clearly null
     (`sequential_null`), p = h / L, `null` NaN after L, `null_mean` the exact mean.
     """
@@ -268,20 +271,32 @@ def permuted_cka(x: torch.Tensor, y: torch.Tensor, perms: torch.Tensor, kind: st
     for index in tqdm(range(xs.shape[0]), desc="permutations", leave=False, disable=None):
         a = prepare(xs[index], kind, sigma_frac, precision)
         b = prepare(ys[index], kind, sigma_frac, precision)
-        if kind == "rbf":
-            cross = permuted_gram_cross(a["kc"], b["kc"], perms)
-        else:
-            if engine == "gram":
-                xc, yc = a["xc"].double(), b["xc"].double()
-                xty_sq = permuted_gram_cross(xc @ xc.mT, yc @ yc.mT, perms)
-            else:
-                xty_sq = _feature_cross(a["xc"], b["xc"], perms)
-            if kind == "linear":
-                cross = xty_sq
-            else:  # the unbiased HSIC's other pairing-dependent term: r_x . r_(y,p)
-                cross = debiased_hsic(xty_sq, a["rows"], b["rows"][perms], a["total"], b["total"], n)
-        out[index] = ratio(cross, a["self"], b["self"])
+        out[index] = prepared_null(a, b, perms, kind, engine)
     return out.reshape(*lead, len(perms))
+
+
+def null_engine(kind: str, n: int, d1: int, d2: int, engine: str = "auto", precision: str = "float64") -> tuple[str, str]:
+    """The engine `permuted_cka` uses for these sizes and the precision it prepares the representations in."""
+    engine = _pick_engine(engine, kind, n, d1, d2)
+    return engine, "float64" if engine == "gram" else precision
+
+
+def prepared_null(a: dict, b: dict, perms: torch.Tensor, kind: str, engine: str) -> torch.Tensor:
+    """`permuted_cka` of two representations already `prepare`d (in the precision `null_engine` gives), [P]: a
+    caller testing one pair on several blocks of permutations prepares it once."""
+    if kind == "rbf":
+        cross = permuted_gram_cross(a["kc"], b["kc"], perms)
+    else:
+        if engine == "gram":
+            xc, yc = a["xc"].double(), b["xc"].double()
+            xty_sq = permuted_gram_cross(xc @ xc.mT, yc @ yc.mT, perms)
+        else:
+            xty_sq = _feature_cross(a["xc"], b["xc"], perms)
+        if kind == "linear":
+            cross = xty_sq
+        else:  # the unbiased HSIC's other pairing-dependent term: r_x . r_(y,p)
+            cross = debiased_hsic(xty_sq, a["rows"], b["rows"][perms], a["total"], b["total"], perms.shape[-1])
+    return ratio(cross, a["self"], b["self"])
 
 
 def cka_null_mean(x: torch.Tensor, y: torch.Tensor, kind: str = "debiased", groups=None) -> torch.Tensor:
@@ -331,8 +346,63 @@ def cka_null_mean(x: torch.Tensor, y: torch.Tensor, kind: str = "debiased", grou
     return ratio(expected, a["self"], b["self"])
 
 
+def cka_null_sd(x: torch.Tensor, y: torch.Tensor, kind: str = "debiased", groups=None) -> torch.Tensor:
+    """The exact standard deviation of CKA over all re-pairings of y (within `groups` when given), [...].
+
+    CKA = cross / sqrt(self_x self_y), and the cross term's pairing-dependent part is
+    sum_ij K_ij L_p(i)p(j) + lam sum_i K_ii L_p(i)p(i) (lam = -n / (n - 2) for the unbiased HSIC, whose r_x . r_(y,p)
+    term is that multiple of the diagonal one; 0 for linear and rbf), whose variance
+    `xlsub.similarity.moments.variance` gives in closed form: from features for linear kernels (O(n d^2 + G^2 d^2),
+    no n x n matrix), from the centred kernel for rbf. NaN where the CKA is."""
+    return cka_null_spread(x, y, kind, groups)[0]
+
+
+def cka_null_spread(x: torch.Tensor, y: torch.Tensor, kind: str = "debiased", groups=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`cka_null_sd` and, on the same CKA scale, an upper bound on the largest weight of the null's quadratic
+    part (`xlsub.similarity.moments.largest_weight`), each [...]: what `tail_bound_decided` needs."""
+    check_options(kind)
+    n = x.shape[-2]
+    lam = -n / (n - 2) if kind == "debiased" else 0.0
+    xs, ys = x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:])
+    sd, weight = torch.empty(len(xs), dtype=torch.float64), torch.empty(len(xs), dtype=torch.float64)
+    for index in range(len(xs)):
+        a, b = prepare(xs[index], kind), prepare(ys[index], kind)
+        if kind == "rbf":
+            sa, sb = moments.gram_summary(a["kc"], groups), moments.gram_summary(b["kc"], groups)
+        else:
+            sa, sb = moments.feature_summary(a["xc"], groups), moments.feature_summary(b["xc"], groups)
+        sd[index] = ratio(moments.variance(sa, sb, lam).sqrt(), a["self"], b["self"])
+        weight[index] = ratio(moments.largest_weight(sa, sb), a["self"], b["self"])
+    return sd.reshape(x.shape[:-2]), weight.reshape(x.shape[:-2])
+
+
+def cka_null_moments_many(x: torch.Tensor, ys: torch.Tensor, kind: str = "debiased", groups=None) -> tuple[torch.Tensor, ...]:
+    """`cka_null_mean`, `cka_null_sd` and `cka_null_spread`'s weight of one x [n, d1] against each of ys [m, n, d2],
+    x's statistics computed once: (mean, sd, weight), each [m]."""
+    check_options(kind)
+    n = x.shape[-2]
+    lam = -n / (n - 2) if kind == "debiased" else 0.0
+
+    def summarise(state):
+        return moments.gram_summary(state["kc"], groups) if kind == "rbf" else moments.feature_summary(state["xc"], groups)
+
+    a = prepare(x, kind)
+    sa = summarise(a)
+    out = []
+    for y in ys:
+        b = prepare(y, kind)
+        sb = summarise(b)
+        cross = moments.mean(sa, sb, lam)
+        if kind == "debiased":  # the constant term of `xlsub.similarity.cka.debiased_hsic`
+            cross = cross + a["total"] * b["total"] / ((n - 1) * (n - 2))
+        out.append(torch.stack([ratio(value, a["self"], b["self"])
+                                for value in (cross, moments.variance(sa, sb, lam).sqrt(), moments.largest_weight(sa, sb))]))
+    return tuple(torch.stack(out).mT) if out else (torch.empty(0, dtype=torch.float64),) * 3
+
+
 def tail_bound_decided(observed: torch.Tensor, exact_mean: torch.Tensor | None, pilot: torch.Tensor, n_perm: int,
-                       risk: float, sd_risk: float = TAIL_SD_RISK) -> torch.Tensor:
+                       risk: float, sd_risk: float = TAIL_SD_RISK, exact_sd: torch.Tensor | None = None,
+                       exact_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Where `n_perm` permutations would give no null value reaching `observed`, except with probability about
     `risk` or less: bool [...], from the exact permutation mean and a pilot [..., m] of the same null.
 
@@ -348,21 +418,37 @@ def tail_bound_decided(observed: torch.Tensor, exact_mean: torch.Tensor | None, 
     (x1.34 for m = 50 at 0.005). Not distribution-free (Cantelli's bound would need z >= 447, which real,
     length-dominated encodings never reach): `tests/test_tail_bound.py` checks the decision against the full
     null on length-dominated and isotropic cases.
-    `exact_mean` None (no closed form, e.g. the Mantel test): the pilot's mean raised to its one-sided
-    (1 - sd_risk) t upper confidence bound, at another sd_risk."""
+    `exact_mean` None (no closed form): the pilot's mean raised to its one-sided (1 - sd_risk) t upper
+    confidence bound, at another sd_risk.
+    `exact_sd` (with `exact_mean`: `cka_null_sd`, `xlsub.similarity.moments.variance`): the null's exact standard
+    deviation, used as it is, so `pilot` may have no permutations at all ([..., 0]).
+    `exact_weight` (with `exact_sd`: `cka_null_spread`): an upper bound w on the largest weight of the null as a
+    quadratic form in a Gaussian vector with the null's exact covariance (`xlsub.similarity.moments.largest_weight`).
+    Such a form minus its mean is sub-gamma with variance sd^2 and scale 2w (Laurent & Massart 2000, lemma 1,
+    with the non-central term, Birge 2001), so one permutation reaches mean + sqrt(2 x) sd + 2 w x with
+    probability at most e^-x: a cell is also decided where observed - mean >= that at x = log(n_perm / risk)
+    (z >= 4.9 + 24.4 w / sd for 1,000 permutations at 0.005). Where many directions share the null's variance
+    (w much below sd) this decides cells the one-term bound leaves to the permutations."""
     from scipy import stats
 
     m = pilot.shape[-1]
-    if m < 3:
+    if exact_sd is not None and exact_mean is not None:
+        sd = exact_sd
+    elif m < 3:
         return torch.zeros(observed.shape, dtype=torch.bool)
-    s = pilot.std(-1)
-    sd = s * math.sqrt((m - 1) / float(stats.chi2.ppf(sd_risk, m - 1)))
-    if exact_mean is None:
-        exact_mean = pilot.mean(-1) + float(stats.t.ppf(1 - sd_risk, m - 1)) * s / math.sqrt(m)
+    else:
+        s = pilot.std(-1)
+        sd = s * math.sqrt((m - 1) / float(stats.chi2.ppf(sd_risk, m - 1)))
+        if exact_mean is None:
+            exact_mean = pilot.mean(-1) + float(stats.t.ppf(1 - sd_risk, m - 1)) * s / math.sqrt(m)
     z = (observed - exact_mean) / sd
     reached = (pilot >= (observed - TIE_RTOL * observed.abs())[..., None]).any(-1)
     tail = torch.as_tensor(stats.chi2.sf((1 + math.sqrt(2) * z.clamp_min(0)).numpy(), 1), dtype=torch.float64).reshape(z.shape)
-    return (z > 0) & (n_perm * tail <= risk) & ~reached & sd.isfinite() & observed.isfinite()
+    far = n_perm * tail <= risk
+    if exact_weight is not None and exact_sd is not None:
+        x = math.log(n_perm / risk)
+        far = far | (observed - exact_mean >= math.sqrt(2 * x) * sd + 2 * exact_weight * x)
+    return (z > 0) & far & ~reached & sd.isfinite() & observed.isfinite()
 
 
 @dataclass
@@ -380,6 +466,7 @@ class SequentialNull:
 
 def sequential_null(compute, observed: torch.Tensor, n_perm: int, exceeds, *, pilot: int = TAIL_PILOT,
                     tail_risk: float | None = None, exact_mean: torch.Tensor | None = None,
+                    exact_sd: torch.Tensor | None = None, exact_weight: torch.Tensor | None = None,
                     stop_after: int | None = None, stop_p: float = STOP_P) -> SequentialNull:
     """A permutation null computed in stages, sparing the cells whose answer is settled early.
 
@@ -393,6 +480,9 @@ def sequential_null(compute, observed: torch.Tensor, n_perm: int, exceeds, *, pi
       / stop_p stops there with p = h / L (>= stop_p). That p is valid (P(p <= u) <= u), and below stop_p
       every decision is the full test's or more conservative: a stopped cell is never significant at a level
       under stop_p. Clearly null cells (p around 0.5) stop after about 2h permutations instead of n_perm.
+    - With `exact_sd` (and `exact_mean`, and `exact_weight` where known), the tail bound needs no pilot: it decides before any permutation
+      (`used` 0), and the stages are 2 `stop_after`, `pilot`, `stop_after` / `stop_p`, n_perm, so that clearly
+      null cells stop after about 2h permutations.
     Every other cell runs all n_perm permutations: p = (1 + #exceeding) / (1 + n_perm), the full test's."""
     m = observed.numel()
     null = torch.full((m, n_perm), math.nan, dtype=torch.float64)
@@ -402,14 +492,19 @@ def sequential_null(compute, observed: torch.Tensor, n_perm: int, exceeds, *, pi
     stopped = torch.zeros(m, dtype=torch.bool)
     active = torch.ones(m, dtype=torch.bool)
     horizon = min(n_perm, math.floor(stop_after / stop_p)) if stop_after else 0
-    bounds = sorted({b for b in (min(pilot, n_perm), horizon, n_perm) if 0 < b <= n_perm})
+    exact = tail_risk is not None and exact_sd is not None and exact_mean is not None
+    first = 2 * stop_after if exact and stop_after else 0
+    bounds = sorted({b for b in (first, min(pilot, n_perm), horizon, n_perm) if 0 < b <= n_perm})
+    if exact:
+        decided = tail_bound_decided(observed, exact_mean, null[:, :0], n_perm, tail_risk, exact_sd=exact_sd, exact_weight=exact_weight)
+        tail[decided], used[decided], p[decided], active[decided] = True, 0, 1.0 / (1 + n_perm), False
     start = 0
     for stop in bounds:
         cells = active.nonzero().reshape(-1)
         if not len(cells):
             break
         null[cells, start:stop] = compute(cells, start, stop)
-        if start == 0 and tail_risk is not None and stop < n_perm:
+        if start == 0 and tail_risk is not None and not exact and stop < n_perm:
             decided = tail_bound_decided(observed[cells], None if exact_mean is None else exact_mean[cells], null[cells, :stop], n_perm, tail_risk)
             tail[cells[decided]] = True
             used[cells[decided]] = stop
@@ -455,11 +550,11 @@ def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, s
     within 1e-5 (relative) of the observed CKA are recomputed in float64, so the p-value counts exactly
     the ties float64 would. `null_precision="float64"` computes everything in float64.
 
-    `tail_risk` (None: off): the first `pilot` permutations are computed first, and a leading index whose
-    observed CKA they and the exact null mean put so far in the tail that the n_perm permutations reach it
-    with probability at most `tail_risk` + `TAIL_SD_RISK` (`tail_bound_decided`) gets p = 1 / (1 + n_perm),
-    null_mean = the exact mean, null_std = the pilot's, without the other permutations (`tail_bound` says
-    where). Every other index runs all n_perm permutations from the start: its numbers are the full test's.
+    `tail_risk` (None: off): a leading index whose observed CKA the exact null mean and standard deviation
+    (`cka_null_mean`, `cka_null_sd`) put so far in the tail that the n_perm permutations reach it with
+    probability at most `tail_risk` (`tail_bound_decided`) gets p = 1 / (1 + n_perm), null_mean = the exact
+    mean, null_std = the exact sd, without computing any permutation (`tail_bound` says where). Every other
+    index runs all n_perm permutations (or stops early, below): its numbers are the full test's.
 
     `stop_after` (None: off): early stopping of clearly null indices (`sequential_null`: at the
     `stop_after`-th null value reaching the observed CKA within the first `stop_after` / `STOP_P`
@@ -473,7 +568,7 @@ def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, s
     n = x.shape[-2]
     perms = permutations(n, n_perm, seed, groups)
     observed = cka(x, y, kind, sigma_frac=sigma_frac)
-    if (tail_risk is not None and pilot < n_perm) or stop_after:
+    if tail_risk is not None or stop_after:
         return _sequential_test(x, y, perms, observed, kind, groups, engine, null_precision, sigma_frac, tail_risk, pilot, stop_after)
     null = _checked_null(x, y, perms, observed, kind, engine, null_precision, sigma_frac)
     return permutation_result(observed, null, cka_null_mean(x, y, kind, groups))
@@ -485,10 +580,12 @@ def cka_exceeds(null: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
 
 
 def _sequential_test(x, y, perms, observed, kind, groups, engine, null_precision, sigma_frac, tail_risk, pilot, stop_after) -> PermutationResult:
-    """`cka_permutation_test` through `sequential_null`: the tail bound after the pilot and early stopping of
-    clearly null indices; null_mean is the exact mean where a cell did not run all permutations."""
+    """`cka_permutation_test` through `sequential_null`: the tail bound from the exact mean and sd (no
+    permutation) and early stopping of clearly null indices; null_mean is the exact mean where a cell did not
+    run all permutations."""
     n_perm = len(perms)
     exact = cka_null_mean(x, y, kind, groups)
+    exact_sd, exact_weight = cka_null_spread(x, y, kind, groups) if tail_risk is not None else (None, None)
     lead = observed.shape
     xs, ys = x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:])
     flat_observed = observed.reshape(-1)
@@ -497,11 +594,13 @@ def _sequential_test(x, y, perms, observed, kind, groups, engine, null_precision
         return _checked_null(xs[cells], ys[cells], perms[start:stop], flat_observed[cells], kind, engine, null_precision, sigma_frac)
 
     done = sequential_null(compute, flat_observed, n_perm, cka_exceeds, pilot=pilot, tail_risk=tail_risk,
-                           exact_mean=exact.reshape(-1), stop_after=stop_after)
+                           exact_mean=exact.reshape(-1), exact_sd=None if exact_sd is None else exact_sd.reshape(-1),
+                           exact_weight=None if exact_weight is None else exact_weight.reshape(-1), stop_after=stop_after)
     partial = (done.used < n_perm).reshape(lead)
     null = done.null.reshape(*lead, n_perm)
     mean = torch.where(partial, exact, null.mean(-1))
-    std = torch.where(partial, nanstd(null), null.std(-1) if n_perm > 1 else math.nan)  # a full row: the full test's own numbers
+    partial_sd = nanstd(null) if exact_sd is None else exact_sd
+    std = torch.where(partial, partial_sd, null.std(-1) if n_perm > 1 else math.nan)  # a full row: the full test's own numbers
     return PermutationResult(observed, mean, std, done.p_value.reshape(lead), n_perm, null, exact, done.tail_bound.reshape(lead),
                              done.stopped.reshape(lead))
 

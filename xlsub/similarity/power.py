@@ -3,9 +3,13 @@ length-restricted null, how strong must a shared signal be for CKA, RSA or retri
 
 - Planted draws: the reference language's own vectors (`base`, centred and scaled as
   `planted_representations` scales its signal) against a partner that shares them at a signal-to-noise
-  ratio (`planted_representations` of one "language", seeded per draw; rotated for CKA and RSA, which do
-  not see rotations, in the same space for retrieval, which compares cosines). Draw j has the same noise
-  at every level (common random numbers), so the power curve over levels is smooth.
+  ratio (`planted_representations` of one "language", seeded per draw, in the reference's space: retrieval
+  compares cosines across the two, and CKA and RSA do not see rotations, so a rotated partner would give
+  draws of the same distribution at the cost of a d x d product). Draw j has the same noise at every level
+  (common random numbers), so the power curve over levels is smooth.
+- CKA and RSA draws so far above their exact null moments (`xlsub.similarity.moments`) that the 99
+  permutations reach them with probability at most `TAIL_RISK` are detected without permutations
+  (`xlsub.similarity.permutation.tail_bound_decided`), as the tables' cells.
 - Each draw is tested with the verdicts' own test and null (`cka_permutation_test`, `mantel_test`,
   `retrieval_permutation_test`, pairings permuted within `groups`) on `N_PERM` = 99 permutations, stopped
   early by Besag & Clifford's (1991) sequential Monte Carlo test (`sequential_test`): a draw is not
@@ -34,9 +38,19 @@ from dataclasses import dataclass
 
 import torch
 
-from xlsub.similarity.cka import cka
+from xlsub.similarity import moments
+from xlsub.similarity.cka import cka, prepare
 from xlsub.similarity.controls import length_only_representations, planted_representations
-from xlsub.similarity.permutation import FLOAT32_RECHECK, TIE_RTOL, permutations, permuted_cka
+from xlsub.similarity.permutation import (
+    FLOAT32_RECHECK,
+    TIE_RTOL,
+    cka_null_moments_many,
+    null_engine,
+    permutations,
+    permuted_cka,
+    prepared_null,
+    tail_bound_decided,
+)
 from xlsub.similarity.retrieval import nearest_translation
 from xlsub.similarity.rsa import rdm
 from xlsub.stats.inference import MANTEL_TIE, centred_upper, permuted_cross, upper_norm, wilson_interval
@@ -49,6 +63,9 @@ CHUNK = 10  # draws sharing one permutation stream
 TARGET = 0.8
 BRACKET = (1e-4, 1.0)  # the demo (n 1077, d 128) crosses 0.8 near 2e-3
 BISECTIONS = 4
+# The tail bound's risk (`xlsub.similarity.permutation.tail_bound_decided`), as the tables': a CKA or RSA draw so far
+# above its exact null mean that its 99 permutations reach it with probability at most this is detected without them.
+TAIL_RISK = 0.005
 
 
 def stop_count(n_perm: int, alpha: float = ALPHA) -> int:
@@ -70,13 +87,14 @@ class Sequential:
     @property
     def p_value(self) -> torch.Tensor:
         """(k + 1) / (n_perm + 1) for a draw that used every permutation, h / l for one stopped at the h-th
-        exceedance after l permutations (Besag & Clifford 1991)."""
+        exceedance after l permutations (Besag & Clifford 1991), the floor 1 / (n_perm + 1) for one decided by
+        the tail bound without permutations (`used` 0)."""
         full = (self.exceed + 1.0) / (self.n_perm + 1)
-        return torch.where(self.used == self.n_perm, full, self.exceed / self.used.clamp_min(1))
+        return torch.where(self.used == self.n_perm, full, torch.where(self.used == 0, 1.0 / (self.n_perm + 1), self.exceed / self.used.clamp_min(1)))
 
 
 def sequential_test(extreme: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], m: int, perms: torch.Tensor,
-                    alpha: float = ALPHA, batch: int = BATCH) -> Sequential:
+                    alpha: float = ALPHA, batch: int = BATCH, decided: torch.Tensor | None = None) -> Sequential:
     """m Monte Carlo permutation tests on one permutation stream `perms` [n_perm, n], stopped early.
 
     `extreme(draws, block)` -> bool [len(draws), len(block)]: which null values of the listed draws, under
@@ -84,11 +102,15 @@ def sequential_test(extreme: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     visited in order, `batch` at a time; a draw leaves as soon as its count reaches `stop_count` (it cannot
     be detected any more), so only draws that may still be detected see all n_perm. A detected draw saw every
     permutation and has (k + 1) / (n_perm + 1) < alpha: the full test's decision on the same stream.
+    `decided` (bool [m], e.g. `extreme.decided` of `cka_extreme` and `rsa_extreme` with a tail risk): draws the
+    exact null moments put so far above the null that no permutation is computed for them (`used` 0): detected,
+    with the count 0 the full test gives them but with probability at most the risk.
     """
     n_perm, h = len(perms), stop_count(len(perms), alpha)
     exceed = torch.zeros(m, dtype=torch.long)
     used = torch.zeros(m, dtype=torch.long)
-    active = torch.arange(m) if h > 0 else torch.arange(0)
+    skip = torch.zeros(m, dtype=torch.bool) if decided is None or 1.0 / (n_perm + 1) >= alpha else decided
+    active = torch.arange(m)[~skip] if h > 0 else torch.arange(0)
     for start in range(0, n_perm, batch):
         if not len(active):
             break
@@ -99,7 +121,7 @@ def sequential_test(extreme: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         used[active] = torch.where(stops, start + 1 + reached.long().argmax(-1), start + len(block))
         exceed[active] = torch.where(stops, h, running[:, -1])
         active = active[~stops]
-    detected = (used == n_perm) & ((exceed + 1.0) / (n_perm + 1) < alpha)
+    detected = skip | ((used == n_perm) & ((exceed + 1.0) / (n_perm + 1) < alpha))
     return Sequential(exceed, used, n_perm, detected)
 
 
@@ -110,16 +132,26 @@ def _at_least(null: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
     return null >= (observed - TIE_RTOL * observed.abs())[:, None]
 
 
-def cka_extreme(xs: torch.Tensor, ys: torch.Tensor, kind: str = "debiased"):
+def cka_extreme(xs: torch.Tensor, ys: torch.Tensor, kind: str = "debiased", tail: tuple | None = None):
     """`sequential_test`'s `extreme` for `cka_permutation_test` of xs[j] against ys[j] [m, n, d]: the null in
-    float32 products, values within its recheck distance of the observed CKA recomputed in float64, as there."""
+    float32 products, values within its recheck distance of the observed CKA recomputed in float64, as there.
+    `tail` = (groups, n_perm, risk): `extreme.decided` [m] says which draws the exact null moments
+    (`cka_null_mean`, `cka_null_spread`) decide without permutations (`tail_bound_decided`); else None."""
     observed = torch.stack([cka(x, y, kind) for x, y in zip(xs, ys)])
-    precision = "float64" if kind == "rbf" else "float32"
+    engine, precision = null_engine(kind, *xs.shape[-2:], ys.shape[-1], precision="float64" if kind == "rbf" else "float32")
+    same = bool((xs == xs[:1]).all())  # one reference for every draw (`measure_extreme`): prepared once
+    states = {}  # each pair prepared once for all its blocks of permutations
+
+    def prepared(j: int) -> tuple[dict, dict]:
+        if j not in states:
+            reference = states[0][0] if same and 0 in states else prepare(xs[j], kind, precision=precision)
+            states[j] = (reference, prepare(ys[j], kind, precision=precision))
+        return states[j]
 
     def extreme(draws: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
         nulls = []
         for j in draws.tolist():
-            null = permuted_cka(xs[j], ys[j], block, kind, precision=precision)
+            null = prepared_null(*prepared(j), block, kind, engine)
             if precision == "float32":
                 near = (null - observed[j]).abs() <= FLOAT32_RECHECK * observed[j].abs()
                 if near.any():
@@ -127,6 +159,15 @@ def cka_extreme(xs: torch.Tensor, ys: torch.Tensor, kind: str = "debiased"):
             nulls.append(null)
         return _at_least(torch.stack(nulls), observed[draws])
 
+    extreme.decided = None
+    if tail is not None:
+        groups, n_perm, risk = tail
+        if bool((xs == xs[:1]).all()):  # one reference for every draw: its statistics once
+            mean, sd, weight = cka_null_moments_many(xs[0], ys, kind, groups)
+        else:
+            mean, sd, weight = (torch.cat(values) for values in zip(*(cka_null_moments_many(x, y[None], kind, groups) for x, y in zip(xs, ys))))
+        extreme.decided = tail_bound_decided(observed, mean, observed.new_empty(len(observed), 0), n_perm, risk,
+                                             exact_sd=sd, exact_weight=weight)
     return extreme
 
 
@@ -144,49 +185,53 @@ def retrieval_extreme(xs: torch.Tensor, ys: torch.Tensor):
 
 def spearman_matrix(d: torch.Tensor) -> torch.Tensor:
     """`xlsub.stats.inference.centred_upper(d, "spearman")` (the Mantel test's centred rank matrix of RDMs d
-    [..., n, n]), bit for bit, in about 60% of its time where the upper triangle has no ties (continuous planted
-    vectors): one unstable argsort and the ranks 1..m scattered back, instead of average ranks; with ties, it."""
-    n = d.shape[-1]
-    i, j = torch.triu_indices(n, n, offset=1)
-    values = d[..., i, j]
-    order = torch.argsort(values, dim=-1)
-    ordered = values.gather(-1, order)
-    if (ordered[..., 1:] == ordered[..., :-1]).any():
+    [..., n, n]), bit for bit: one matrix at a time, each by its fast path where untied (continuous planted vectors)."""
+    if d.dim() == 2:
         return centred_upper(d, "spearman")
-    ranks = torch.empty_like(values).scatter_(-1, order, torch.arange(1, values.shape[-1] + 1, dtype=values.dtype).expand_as(values))
-    ranks = ranks - ranks.mean(-1, keepdim=True)
-    out = torch.zeros_like(d)
-    out[..., i, j] = ranks
-    return out + out.mT
+    return torch.stack([spearman_matrix(one) for one in d])
 
 
-def rsa_extreme(x: torch.Tensor, ys: torch.Tensor, reference: torch.Tensor | None = None):
+def rsa_extreme(x: torch.Tensor, ys: torch.Tensor, reference: torch.Tensor | None = None, tail: tuple | None = None):
     """`extreme` for `mantel_test` (Spearman, "greater") of one reference x [n, d] against ys [m, n, d]: the
     reference's centred rank matrix (`reference`, if already computed) gathered once per permutation for all
-    draws (`permuted_cross`)."""
+    draws (`permuted_cross`). `tail` = (groups, n_perm, risk): `extreme.decided` as for `cka_extreme`, from the
+    exact moments of r (`xlsub.similarity.moments` on the rank matrices)."""
     a = spearman_matrix(rdm(x)) if reference is None else reference
     b = torch.empty(len(ys), x.shape[-2], x.shape[-2], dtype=torch.float64)
     for j, y in enumerate(ys):  # one draw at a time: ranking ten 5,000-sentence RDMs at once held ~8 GB of sort buffers
         b[j] = spearman_matrix(rdm(y))
     norms = upper_norm(a) * upper_norm(b)
     observed = (a * b).sum((-2, -1)) / norms
+    decided = None
+    if tail is not None:
+        groups, n_perm, risk = tail
+        summary = moments.gram_summary(a, groups)
+        others = [moments.gram_summary(one, groups) for one in b]
+        mean = torch.stack([moments.mean(summary, one) for one in others]) / norms
+        sd = torch.stack([moments.variance(summary, one).sqrt() for one in others]) / norms
+        weight = torch.stack([moments.largest_weight(summary, one) for one in others]) / norms
+        decided = tail_bound_decided(observed, mean, observed.new_empty(len(observed), 0), n_perm, risk, exact_sd=sd, exact_weight=weight)
 
     def extreme(draws: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
         null = permuted_cross(a, b if len(draws) == len(b) else b[draws], block) / norms[draws, None]  # no copy while all run
         return null >= (observed[draws] - MANTEL_TIE * observed[draws].abs().clamp_min(1.0))[:, None]
 
+    extreme.decided = decided
     return extreme
 
 
-def measure_extreme(measure: str, x: torch.Tensor, ys: torch.Tensor, kind: str = "debiased", reference=None):
+def measure_extreme(measure: str, x: torch.Tensor, ys: torch.Tensor, kind: str = "debiased", reference=None, tail: tuple | None = None):
     """`extreme` of `measure` (cka, rsa, retrieval) for one reference x [n, d] against draws ys [m, n, d]
-    (`reference`: RSA's rank matrix of x, `spearman_matrix(rdm(x))`, to reuse)."""
+    (`reference`: RSA's rank matrix of x, `spearman_matrix(rdm(x))`, to reuse; `tail`: (groups, n_perm, risk)
+    for the tail bound's `extreme.decided`, CKA and RSA; retrieval's is None)."""
     if measure == "cka":
-        return cka_extreme(x.expand_as(ys), ys, kind)
+        return cka_extreme(x.expand_as(ys), ys, kind, tail)
     if measure == "rsa":
-        return rsa_extreme(x, ys, reference)
+        return rsa_extreme(x, ys, reference, tail)
     if measure == "retrieval":
-        return retrieval_extreme(x.expand_as(ys), ys)
+        extreme = retrieval_extreme(x.expand_as(ys), ys)
+        extreme.decided = None
+        return extreme
     raise ValueError(f"unknown measure {measure!r}; use one of {MEASURES}")
 
 
@@ -232,15 +277,16 @@ def planted_power(measure: str, base: torch.Tensor, snr: float, groups=None, dra
                   kind: str = "debiased", n_perm: int = N_PERM, alpha: float = ALPHA, chunk: int = CHUNK) -> Power:
     """Power of `measure`'s test at `groups`' null (None: all pairings) against a planted shared signal:
     `base` [n, d] (the reference's vectors; centred and scaled) against `draws` partners sharing it at `snr`
-    (`planted_representations`, rotated except for retrieval), each tested sequentially (`sequential_test`)."""
+    (`planted_representations`, in the reference's space), each tested sequentially (`sequential_test`)."""
     x = planted_representations(base, ["reference"], math.inf, 0, rotate=False)["reference"]
     reference = spearman_matrix(rdm(x)) if measure == "rsa" else None
 
     def test(seeds: Sequence[int]) -> Sequential:
-        ys = torch.stack([planted_representations(base, ["planted"], snr, s, rotate=measure != "retrieval")["planted"]
+        ys = torch.stack([planted_representations(base, ["planted"], snr, s, rotate=False)["planted"]
                           for s in seeds])
         perms = permutations(x.shape[0], n_perm, seeds[0], groups)
-        return sequential_test(measure_extreme(measure, x, ys, kind, reference), len(seeds), perms, alpha)
+        extreme = measure_extreme(measure, x, ys, kind, reference, (groups, n_perm, TAIL_RISK))
+        return sequential_test(extreme, len(seeds), perms, alpha, decided=extreme.decided)
 
     return detection_rate(test, draws, seed, snr, chunk)
 

@@ -7,10 +7,12 @@ joint re-pairings of one RDM's rows and columns (`xlsub.stats.inference.mantel_t
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 
+from xlsub.similarity import moments
 from xlsub.similarity.jackknife import Interval, jackknife_blocks
 from xlsub.similarity.permutation import TAIL_PILOT, permutations, sequential_null
 from xlsub.similarity.retrieval import unit_rows
@@ -42,7 +44,7 @@ def rsa(x: torch.Tensor, y: torch.Tensor, centre: bool = False) -> torch.Tensor:
 
 def mantel_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 500, seed: int = 0, groups=None,
                 centre: bool = False, tail_risk: float | None = None, pilot: int = TAIL_PILOT,
-                stop_after: int | None = None) -> inference.MantelResult:
+                stop_after: int | None = None, ranks: tuple[torch.Tensor, torch.Tensor] | None = None) -> inference.MantelResult:
     """RSA of x, y [..., n, d] against re-pairings of y: y's RDM rows and columns permuted jointly (Mantel 1967).
 
     `xlsub.stats.inference.mantel_test` (one-sided, "greater") on rdm(x), rdm(y): `n_perm` permutations
@@ -51,35 +53,45 @@ def mantel_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 500, seed: int =
     [n, d] against several y [m, n, d] (one language against the others) permutes x's matrix once per
     permutation for all m.
 
-    `tail_risk` (None: off; one x against y [m, n, d] only): the first `pilot` permutations first, and a
-    language whose observed RSA they put so far above the null that the n_perm permutations reach it with
-    probability at most `tail_risk` (+ 0.01 for the pilot's mean and sd; `tail_bound_decided`) gets p =
-    1 / (1 + n_perm) without the others (`tail_bound` says where; null_mean and null_std are the pilot's). The
-    other languages run all n_perm permutations: their numbers are the full test's.
+    `tail_risk` (None: off; one x against y [m, n, d] only): a language whose observed RSA the exact
+    permutation mean and sd of r (`xlsub.similarity.moments` on the centred rank matrices, within `groups`) put
+    so far above the null that the n_perm permutations reach it with probability at most `tail_risk`
+    (`tail_bound_decided`) gets p = 1 / (1 + n_perm) without computing any (`tail_bound` says where;
+    null_mean and null_std are the exact ones). The other languages run all n_perm permutations: their
+    numbers are the full test's.
 
     `stop_after` (None: off; the same shapes): languages clearly at the null stop early (`sequential_null`:
     at the `stop_after`-th null r reaching the observed one within the first `stop_after` / `STOP_P`
     permutations, p = `stop_after` / L; `stopped` says where).
+    `ranks`: (`centred_ranks(x, centre)`, `centred_ranks(y, centre)`) where the caller already has them.
     """
     n = x.shape[-2]
     sample = permutations(n, n_perm, seed, groups)
-    a, b = centred_ranks(x, centre), centred_ranks(y, centre)
+    a, b = (centred_ranks(x, centre), centred_ranks(y, centre)) if ranks is None else ranks
     staged = (tail_risk is not None and pilot < n_perm) or stop_after
     if not staged or x.dim() != 2 or y.dim() != 3 or math.factorial(min(n, 20)) <= inference.EXACT_LIMIT:
         return inference.mantel_test(a, b, sample, groups, centred=True)
-    first = inference.mantel_test(a, b, sample[:min(pilot, n_perm)], groups, centred=True)
+    norms = inference.upper_norm(a) * inference.upper_norm(b)
+    observed = (a * b).sum((-2, -1)) / norms
+    exact_mean = exact_sd = exact_weight = None
+    if tail_risk is not None:  # r's exact permutation mean and sd: the tail bound without a pilot
+        reference = moments.gram_summary(a, groups)
+        summaries = [moments.gram_summary(one, groups) for one in b]
+        exact_mean = torch.stack([moments.mean(reference, one) for one in summaries]) / norms
+        exact_sd = torch.stack([moments.variance(reference, one).sqrt() for one in summaries]) / norms
+        exact_weight = torch.stack([moments.largest_weight(reference, one) for one in summaries]) / norms
 
     def compute(cells, start, stop):
-        if start == 0 and stop == len(first.null[0]) and len(cells) == len(b):
-            return first.null
-        return inference.mantel_test(a, b[cells], sample[start:stop], groups, centred=True).null
+        return inference.mantel_test(a, b if len(cells) == len(b) else b[cells], sample[start:stop], groups, centred=True).null
 
     def exceeds(null, observed):
         return null >= observed - inference.MANTEL_TIE * observed.abs().clamp_min(1.0)
 
-    done = sequential_null(compute, first.observed, n_perm, exceeds, pilot=pilot, tail_risk=tail_risk, stop_after=stop_after)
-    return inference.MantelResult(first.observed, done.p_value, done.null, n_perm, 1.0 / (n_perm + 1), first.test, done.tail_bound,
-                                  pilot, done.stopped)
+    done = sequential_null(compute, observed, n_perm, exceeds, pilot=pilot, tail_risk=tail_risk, exact_mean=exact_mean,
+                           exact_sd=exact_sd, exact_weight=exact_weight, stop_after=stop_after)
+    test = "relabel_mc" if groups is None else "restricted_perm_mc"
+    return inference.MantelResult(observed, done.p_value, done.null, n_perm, 1.0 / (n_perm + 1), test, done.tail_bound,
+                                  0 if exact_mean is not None else pilot, done.stopped, exact_mean, exact_sd)
 
 
 def centred_ranks(x: torch.Tensor, centre: bool = False) -> torch.Tensor:
@@ -126,14 +138,88 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1) / (torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1))
 
 
-def leave_block_out_rsa(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor, centre: bool = False) -> torch.Tensor:
+class _Sorted:
+    """One RDM's upper triangle sorted once for the leave-block-out RSA without ties (`_untied_rsa`): each entry's
+    position in the sort (`position`, int32) and the blocks of the two sentences of each sorted entry (`first`,
+    `second`, int16), so a block's kept entries in sorted order come from two comparisons, not a gather."""
+
+    def __init__(self, order: torch.Tensor, block_i: torch.Tensor, block_j: torch.Tensor):
+        self.position = torch.empty(len(order), dtype=torch.int32).index_copy_(0, order, torch.arange(len(order), dtype=torch.int32))
+        self.first, self.second = block_i.index_select(0, order), block_j.index_select(0, order)
+
+    def kept_ranks(self, block: int) -> torch.Tensor:
+        """Each entry's rank among the entries kept without `block` (1..K, float64), in the triangle's order
+        (removed entries hold the rank of the kept entry below them; the caller masks them)."""
+        kept = (self.first != block) & (self.second != block)
+        return torch.cumsum(kept, 0, dtype=torch.float64).index_select(0, self.position)
+
+
+def _untied_order(ranks: torch.Tensor) -> torch.Tensor | None:
+    """The sort order of an upper triangle from its `centred_ranks` matrix (ranks 1..m minus their mean, no
+    sort), or None where the ranks are not a permutation of 1..m (ties were averaged)."""
+    upper = _upper(ranks)
+    position = upper + (len(upper) + 1) / 2 - 1
+    rounded = position.round()
+    if not torch.equal(position, rounded):
+        return None
+    order = torch.full((len(upper),), -1, dtype=torch.long).index_copy_(0, rounded.long(), torch.arange(len(upper)))
+    return order if bool((order >= 0).all()) else None
+
+
+def _untied_rsa(ux: torch.Tensor, uys, blocks: torch.Tensor) -> torch.Tensor | None:
+    """`leave_block_out_rsa` of one upper triangle ux against each of uys (an iterable, each triangle built when
+    reached and dropped once sorted: seven 5,000-sentence triangles are 700 MB; or `centred_ranks` matrices, whose
+    ranks give the sort without sorting), [len(uys), B], where no triangle has
+    tied values (continuous dissimilarities), else None. Ranks 1..K of the kept entries have a known mean and
+    variance, so Spearman's rho is (sum_kept r_x r_y - K ((K + 1) / 2)^2) / (K (K^2 - 1) / 12): per block one
+    cumulative count and one gather per triangle, where `_subset_ranks` averages tie runs."""
+    k = len(blocks)
+    i, j = torch.triu_indices(k, k, offset=1)
+    block_i, block_j = blocks.to(torch.int16)[i], blocks.to(torch.int16)[j]
+    sorted_ = []
+    for values in itertools.chain([ux], uys):
+        if values is None:
+            return None
+        if values.dim() == 2:  # a centred rank matrix: its ranks are the sort
+            order = _untied_order(values)
+            if order is None:
+                return None
+        else:
+            order = torch.argsort(values)
+            if (values.index_select(0, order).diff() == 0).any():
+                return None
+        sorted_.append(_Sorted(order, block_i, block_j))
+        del order, values
+    count = int(blocks.max()) + 1
+    out = torch.empty(len(sorted_) - 1, count, dtype=torch.float64)
+    for b in range(count):
+        kept = (block_i != b) & (block_j != b)
+        size = float(kept.sum())
+        ranks_x = sorted_[0].kept_ranks(b).mul_(kept)
+        centre, spread = size * ((size + 1) / 2) ** 2, size * (size * size - 1) / 12
+        for index, one in enumerate(sorted_[1:]):
+            out[index, b] = (torch.dot(ranks_x, one.kept_ranks(b)) - centre) / spread
+    return out
+
+
+def leave_block_out_rsa(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor, centre: bool = False,
+                        ranks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """RSA without the sentences of block b, for every block b of `blocks` (labels 0..B-1 per sentence),
     [..., B]: the block's rows and columns deleted from both RDMs and the rest re-ranked. Each RDM is
     sorted once; the ranks of a subset are read off that sort (`_subset_ranks`), which equals re-ranking
-    the subset from scratch (ties included)."""
+    the subset from scratch (ties included). Without ties, `_untied_rsa`; `ranks`: (`centred_ranks(x, centre)`,
+    `centred_ranks(y, centre)`) where the caller has them, which give the sorts."""
     blocks = torch.as_tensor(blocks, dtype=torch.long)
     i, j = torch.triu_indices(len(blocks), len(blocks), offset=1)
     count = int(blocks.max()) + 1
+    if x.dim() == 2 and x.shape[-2] > 3:
+        flat = y.reshape(-1, *y.shape[-2:])
+        if ranks is not None:  # `centred_ranks` of x and y, already computed: no sort at all
+            fast = _untied_rsa(ranks[0], iter(ranks[1].reshape(-1, *ranks[1].shape[-2:])), blocks)
+        else:
+            fast = _untied_rsa(_upper(rdm(x, centre)), (_upper(rdm(one, centre)) for one in flat), blocks)
+        if fast is not None:
+            return fast.reshape(*y.shape[:-2], count)
     if x.dim() == 2 and y.dim() > 2:
         # one reference against several languages: the reference sorted once, each language's sort kept in int32
         # and its ranks taken one language at a time (at n = 5,000 the batched buffers took several GB)
@@ -157,16 +243,20 @@ def leave_block_out_rsa(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor, 
 
 
 def rsa_jackknife_interval(x: torch.Tensor, y: torch.Tensor, blocks: int = 20, level: float = 0.95,
-                           centre: bool = False) -> Interval:
+                           centre: bool = False, ranks: tuple[torch.Tensor, torch.Tensor] | None = None) -> Interval:
     """Delete-a-block jackknife interval for RSA: (estimate, lo, hi), each [...] (leading axes broadcast).
 
     The n sentences in `blocks` contiguous blocks (`jackknife_blocks`); theta_b is the RSA without block b
     (`leave_block_out_rsa`), and the interval `xlsub.stats.inference.jackknife_interval` (t quantile,
     grouped jackknife SE) around the RSA on all n. Not a bootstrap with replacement: a sentence drawn twice
     has dissimilarity 0 to its copy in both RDMs, and these shared zeros, ranked lowest in both, inflate the
-    rank correlation.
+    rank correlation. `ranks`: (`centred_ranks(x, centre)`, `centred_ranks(y, centre)`) where the caller has them.
     """
     labels = jackknife_blocks(x.shape[-2], blocks)
-    estimate = rsa(x, y, centre)
-    lo, hi = inference.jackknife_interval(estimate, leave_block_out_rsa(x, y, labels, centre), level)
+    if ranks is None:
+        estimate = rsa(x, y, centre)
+    else:  # `centred_ranks` of x and y (the caller's): RSA is their correlation
+        a, b = ranks
+        estimate = (a * b).sum((-2, -1)) / (inference.upper_norm(a) * inference.upper_norm(b))
+    lo, hi = inference.jackknife_interval(estimate, leave_block_out_rsa(x, y, labels, centre, ranks), level)
     return Interval(estimate, lo, hi)

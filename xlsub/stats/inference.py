@@ -269,24 +269,42 @@ class MantelResult:
     n_perm: int
     p_floor: float
     test: str
-    # where True, only the first `pilot` permutations were computed (`null` NaN after them) and p is its floor by
-    # a tail bound (`xlsub.similarity.rsa.mantel_test`); null_mean and null_std are then the pilot's
+    # where True, p is the floor by a tail bound (`xlsub.similarity.rsa.mantel_test`) and `null` is NaN after the
+    # first `pilot` permutations (none with the exact moments)
     tail_bound: torch.Tensor | None = None
     pilot: int = 0
     # where True, the cell stopped early as clearly null (`xlsub.similarity.permutation.sequential_null`): `null`
-    # NaN after the permutations it used, p = h / L; null_mean and null_std are those permutations'
+    # NaN after the permutations it used, p = h / L
     stopped: torch.Tensor | None = None
+    # the exact permutation mean and sd of r (`xlsub.similarity.moments`), where computed: null_mean and null_std
+    # of the cells that did not run every permutation (tail bound, stopped early)
+    exact_null_mean: torch.Tensor | None = None
+    exact_null_sd: torch.Tensor | None = None
+
+    def _partial(self) -> torch.Tensor | None:
+        if self.exact_null_mean is None:
+            return None
+        partial = torch.zeros(self.observed.shape, dtype=torch.bool)
+        for mask in (self.tail_bound, self.stopped):
+            if mask is not None:
+                partial = partial | mask
+        return partial
 
     @property
     def null_mean(self) -> torch.Tensor:
-        """The mean of the null values computed (all of them, or a cell's first ones where it stopped early)."""
-        return self.null.nanmean(-1)
+        """The mean of the null values computed (all of them, or a cell's first ones where it stopped early), or
+        the exact mean where a cell did not run every permutation and it is known."""
+        sampled = self.null.nanmean(-1)
+        partial = self._partial()
+        return sampled if partial is None else torch.where(partial, self.exact_null_mean, sampled)
 
     @property
     def null_std(self) -> torch.Tensor:
         if self.n_perm <= 1:
             return torch.full_like(self.observed, math.nan)
-        return nanstd(self.null)
+        partial = self._partial()
+        sampled = nanstd(self.null)
+        return sampled if partial is None or self.exact_null_sd is None else torch.where(partial, self.exact_null_sd, sampled)
 
 
 def nanstd(values: torch.Tensor) -> torch.Tensor:
@@ -304,6 +322,8 @@ def centred_upper(d, method: str) -> torch.Tensor:
         raise ValueError(f"method must be one of {MANTEL_METHODS}, got {method!r}")
     d = torch.as_tensor(d).double()
     k = d.shape[-1]
+    if method == "spearman" and d.dim() == 2 and (fast := _untied_centred_ranks(d)) is not None:
+        return fast
     i, j = torch.triu_indices(k, k, offset=1)
     values = d[..., i, j]
     values = average_ranks(values) if method == "spearman" else values
@@ -311,6 +331,23 @@ def centred_upper(d, method: str) -> torch.Tensor:
     out = torch.zeros_like(d)
     out[..., i, j] = values
     return out + out.mT
+
+
+def _untied_centred_ranks(d: torch.Tensor) -> torch.Tensor | None:
+    """`centred_upper(d, "spearman")` of one k x k matrix whose upper triangle has no ties (continuous
+    dissimilarities), bit for bit, in about half its time at k = 5,000: one unstable sort, the ranks 1..m written
+    once, and the triangle moved by a mask instead of index pairs. None where there are ties."""
+    upper = torch.ones(d.shape, dtype=torch.bool).triu_(1)
+    values = d[upper]
+    order = torch.argsort(values)
+    ordered = values.index_select(0, order)
+    if (ordered[1:] == ordered[:-1]).any():
+        return None
+    del ordered
+    ranks = torch.empty_like(values).index_copy_(0, order, torch.arange(1, len(values) + 1, dtype=values.dtype))
+    ranks -= ranks.mean()
+    out = torch.zeros_like(d).masked_scatter_(upper, ranks)
+    return out.add_(out.mT.contiguous())
 
 
 def upper_norm(m: torch.Tensor) -> torch.Tensor:

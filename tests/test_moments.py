@@ -1,0 +1,115 @@
+"""The exact permutation mean and variance of CKA's and the Mantel test's cross term (`xlsub.similarity.moments`):
+against every permutation of small cases (all pairings, and within groups of every size from 1 up), and CKA's
+null sd (`cka_null_sd`) against the spread of many sampled permutations."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from xlsub.similarity import moments
+from xlsub.similarity.cka import cka
+from xlsub.similarity.permutation import cka_null_mean, cka_null_sd, permutations, permuted_cka
+
+GROUPINGS = [None, [0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1, 1], [0, 1, 1, 2, 2, 2, 2], [0, 0, 1, 1, 2, 2, 2],
+             [3, 1, 3, 1, 3, 1, 2], [5, 5, 5, 5, 9, 9, 9, 9]]
+
+
+def within_group_permutations(codes: list[int]):
+    """Every permutation of range(n) that keeps each index within its group."""
+    members = [[i for i, c in enumerate(codes) if c == g] for g in sorted(set(codes))]
+    for images in itertools.product(*(itertools.permutations(m) for m in members)):
+        p = list(range(len(codes)))
+        for group, image in zip(members, images):
+            for i, j in zip(group, image):
+                p[i] = j
+        yield torch.tensor(p)
+
+
+def enumerated(k: torch.Tensor, l: torch.Tensor, lam: float, codes: list[int]) -> tuple[float, float]:
+    """The mean and variance of sum_ij K_ij L_p(i)p(j) + lam sum_i K_ii L_p(i)p(i) over every allowed p."""
+    values = []
+    for p in within_group_permutations(codes):
+        lp = l[p][:, p]
+        values.append(float((k * lp).sum() + lam * (k.diagonal() * lp.diagonal()).sum()))
+    values = torch.tensor(values, dtype=torch.float64)
+    return float(values.mean()), float(values.var(unbiased=False))
+
+
+def symmetric(n: int, g: torch.Generator) -> torch.Tensor:
+    a = torch.randn(n, n, generator=g, dtype=torch.float64)
+    return a + a.mT
+
+
+@pytest.mark.parametrize("groups", GROUPINGS)
+def test_mean_and_variance_equal_every_permutations(groups):
+    g = torch.Generator().manual_seed(len(groups or []) + 3)
+    n = len(groups) if groups else 7
+    codes = groups or [0] * n
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(n, 4, generator=g, dtype=torch.float64) + x[:, :1]
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    k, l = xc @ xc.mT, yc @ yc.mT
+    labels = None if groups is None else torch.tensor(groups)
+    for lam in (0.0, -n / (n - 2)):  # linear; the unbiased HSIC's diagonal term
+        mean, var = enumerated(k, l, lam, codes)
+        for a, b in ((moments.feature_summary(xc, labels), moments.feature_summary(yc, labels)),
+                     (moments.gram_summary(k, labels), moments.gram_summary(l, labels))):
+            assert float(moments.mean(a, b, lam)) == pytest.approx(mean, rel=1e-12, abs=1e-12)
+            assert float(moments.variance(a, b, lam)) == pytest.approx(var, rel=1e-10)
+    # any symmetric matrices, diagonal and row sums not zero (a Mantel test's rank matrices have a zero diagonal)
+    a, b = symmetric(n, g), symmetric(n, g)
+    for lam in (0.0, 0.7):
+        mean, var = enumerated(a, b, lam, codes)
+        sa, sb = moments.gram_summary(a, labels), moments.gram_summary(b, labels)
+        assert float(moments.mean(sa, sb, lam)) == pytest.approx(mean, rel=1e-12, abs=1e-12)
+        assert float(moments.variance(sa, sb, lam)) == pytest.approx(var, rel=1e-10)
+    a.fill_diagonal_(0)
+    b.fill_diagonal_(0)
+    mean, var = enumerated(a, b, 0.0, codes)
+    assert float(moments.variance(moments.gram_summary(a, labels), moments.gram_summary(b, labels))) == pytest.approx(var, rel=1e-10)
+
+
+def test_feature_and_gram_summaries_agree_at_a_larger_size():
+    g = torch.Generator().manual_seed(1)
+    n, d = 90, 6
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    xc = x - x.mean(0)
+    groups = torch.randint(0, 12, (n,), generator=g)
+    groups[:3] = 40  # a group of three, and below a singleton
+    groups[3] = 41
+    features, gram = moments.feature_summary(xc, groups), moments.gram_summary(xc @ xc.mT, groups)
+    for name in ("sizes", "gram", "sums", "rows", "total", "standard", "rest", "between"):
+        torch.testing.assert_close(getattr(features, name), getattr(gram, name), rtol=1e-9, atol=1e-9 * float(xc.square().sum()) ** 2)
+
+
+@pytest.mark.parametrize("kind", ["linear", "debiased", "rbf"])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_cka_null_sd_is_the_spread_of_sampled_permutations(kind, grouped):
+    """4,000 sampled permutations estimate the sd within about 2.2% (1 / sqrt(2 x 4000) for a near-normal
+    null, x2 for the margin); the mean agrees with `cka_null_mean` within 4 standard errors."""
+    g = torch.Generator().manual_seed(2)
+    n, d = 240, 12
+    length = torch.randint(0, 8, (n,), generator=g)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) + 0.3 * length[:, None]
+    y = 0.5 * x @ torch.randn(d, d, generator=g, dtype=torch.float64) + torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = y + 0.3 * length[:, None]
+    groups = length if grouped else None
+    null = permuted_cka(x, y, permutations(n, 4000, 5, groups), kind)
+    sd = float(cka_null_sd(x, y, kind, groups))
+    assert sd == pytest.approx(float(null.std()), rel=0.045)
+    assert abs(float(null.mean()) - float(cka_null_mean(x, y, kind, groups))) < 4 * sd / 4000 ** 0.5
+    assert float(cka(x, y, kind)) > float(cka_null_mean(x, y, kind, groups)) + 5 * sd  # the observed pairing: far above
+
+
+def test_cka_null_sd_over_layers_and_degenerate_inputs():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 50, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(3, 50, 5, generator=g, dtype=torch.float64)
+    sd = cka_null_sd(x, y, "debiased")
+    assert sd.shape == (3,)
+    torch.testing.assert_close(sd[1], cka_null_sd(x[1], y[1], "debiased"), rtol=0, atol=0)
+    y[2] = 1.0  # constant over the examples: no CKA, no null
+    assert cka_null_sd(x, y, "linear")[2].isnan() and cka_null_sd(x, y, "linear")[:2].isfinite().all()
