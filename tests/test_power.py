@@ -111,7 +111,7 @@ def test_sequential_decision_is_the_full_tests_on_the_same_permutations(measure)
     assert result.detected.any() and not result.detected.all()
     assert int(result.used.sum()) < 99 * len(ys)  # the undetectable draws stopped early
     # with the tail bound (CKA, RSA), the draws it decides are detected by the full test too, and the rest unchanged
-    extreme = measure_extreme(measure, x, ys, tail=(g, 99, TAIL_RISK))
+    extreme = measure_extreme(measure, x, ys, tail=(g, 99, TAIL_RISK, 0.05))
     bounded = sequential_test(extreme, len(ys), permutations(N, 99, seed, g), decided=extreme.decided)
     assert torch.equal(bounded.detected, result.detected)
     if measure != "retrieval":

@@ -133,3 +133,47 @@ def test_mantel_tail_bound_against_the_full_test():
     assert float(bounded.p_value[1]) == float(full.p_value[1])
     torch.testing.assert_close(bounded.null[1], full.null[1], rtol=0, atol=1e-12)
     assert float(bounded.null_mean[1]) == pytest.approx(float(full.null_mean[1]), abs=1e-15)
+
+
+def test_a_reference_computed_once_gives_the_same_test():
+    """`null_sides` of x passed as `reference` (the tables test one reference against every language): the same
+    p, null mean and decisions as computing x's side inside; a reference of the wrong length is refused."""
+    from xlsub.similarity.permutation import null_sides
+
+    layers = [pair(600, 16, s, 11) for s in (3.0, 0.0)]
+    x, y = torch.stack([l[0] for l in layers]), torch.stack([l[1] for l in layers])
+    groups = layers[0][2]
+    inside = cka_permutation_test(x, y, 100, 2, "debiased", groups, tail_risk=0.005, stop_after=10)
+    given = cka_permutation_test(x, y, 100, 2, "debiased", groups, tail_risk=0.005, stop_after=10, reference=null_sides(x, "debiased", groups))
+    for name in ("p_value", "null_mean", "null_std", "tail_bound", "stopped"):
+        torch.testing.assert_close(getattr(given, name), getattr(inside, name), rtol=0, atol=0)
+    assert bool(inside.tail_bound[0]) and not bool(inside.tail_bound[1])
+    partial = inside.tail_bound | inside.stopped  # their null mean is the exact one, here from the summaries
+    assert partial.all()
+    torch.testing.assert_close(inside.null_mean[partial], cka_null_mean(x, y, "debiased", groups)[partial], rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="reference"):
+        cka_permutation_test(x, y, 100, 2, "debiased", groups, tail_risk=0.005, reference=null_sides(x[:1], "debiased", groups))
+
+
+def test_the_exact_moments_bounds_by_hand():
+    """With the exact sd: the one-term chi-square tail at the per-permutation level risk / n_perm (any exceedance)
+    or the binomial level for 4 of 99 (a power analysis's detection); the sub-gamma tail with weight w decides
+    from sqrt(2 x) sd + 2 w x, x = log(1 / level)."""
+    from scipy import optimize
+
+    n_perm, risk = 99, 0.005
+    level = optimize.brentq(lambda q: stats.binom.sf(3, n_perm, q) - risk, 0.0, 1.0)
+    assert stats.binom.sf(3, n_perm, level) == pytest.approx(risk)
+    for exceedances, per_perm in ((1, risk / n_perm), (4, level)):
+        z_chi2 = (stats.chi2.isf(per_perm, 1) - 1) / math.sqrt(2)
+        at = torch.tensor([z_chi2 * 1.0001, z_chi2 * 0.9999])
+        sd, none = torch.ones(2), torch.empty(2, 0)
+        decided = tail_bound_decided(at, torch.zeros(2), none, n_perm, risk, exact_sd=sd, exceedances=exceedances)
+        assert decided.tolist() == [True, False]
+        x, w = math.log(1 / per_perm), 0.05
+        z_gamma = math.sqrt(2 * x) + 2 * w * x
+        assert z_gamma < z_chi2 * 0.9999  # a small largest weight: the sub-gamma tail decides earlier
+        at = torch.tensor([z_gamma * 1.0001, z_gamma * 0.9999])
+        decided = tail_bound_decided(at, torch.zeros(2), none, n_perm, risk, exact_sd=sd, exact_weight=torch.full((2,), w),
+                                     exceedances=exceedances)
+        assert decided.tolist() == [True, False]

@@ -30,7 +30,7 @@ from xlsub.similarity.cka import cka
 from xlsub.similarity.controls import length_only_representations
 from xlsub.similarity.isomorphism import TOP_EIGENVALUES, knn_laplacian_spectrum, spectrum_distance, subsample_spectra, subsamples
 from xlsub.similarity.jackknife import cka_jackknife_interval, jackknife_blocks, leave_block_out_above_chance
-from xlsub.similarity.permutation import STOP_EXCEEDANCES, cka_null_mean, cka_permutation_test, residualize
+from xlsub.similarity.permutation import STOP_EXCEEDANCES, cka_null_mean, cka_permutation_test, null_sides, residualize
 from xlsub.similarity.retrieval import retrieval_permutation_test, retrieval_top1_per_layer
 from xlsub.similarity.rsa import centred_ranks, mantel_test, rsa_jackknife_interval
 from xlsub.stats.inference import EXACT_LIMIT, UnitLevel, jackknife_interval, unit_level, wilson_interval
@@ -144,13 +144,18 @@ def cka_pvalue_table(encodings, languages: Sequence[str], reference: str, kind: 
     permutations and the exact null mean. `n_perm` is the most permutations a cell may use."""
     groups = length_groups(lengths, reference)
     rows = []
+    sides = {}  # per model, the reference's null sides (`null_sides`) for both nulls: computed once for all its languages
     for model, lang, x, y in _pairs(with_length_only(encodings, lengths, reference, seed), languages, reference):
         n_perm = _n_perm(model, counts)
         layers = list(range(x.shape[0])) if model == FULL_MODEL else [x.shape[0] - 1]
-        result = cka_permutation_test(x[layers], y[layers], n_perm, seed, kind, groups=groups, tail_risk=TAIL_RISK, stop_after=STOP_AFTER)
+        if model not in sides:
+            sides = {model: (null_sides(x[layers], kind, groups), None if groups is None else null_sides(x[-1:], kind))}
+        restricted, unrestricted = sides[model]
+        result = cka_permutation_test(x[layers], y[layers], n_perm, seed, kind, groups=groups, tail_risk=TAIL_RISK, stop_after=STOP_AFTER,
+                                      reference=restricted)
         # the unrestricted null beside it at the last layer only: what a length confound looks like, at half the cost
         plain = result if groups is None else cka_permutation_test(x[-1:], y[-1:], n_perm, seed, kind, tail_risk=TAIL_RISK,
-                                                                   stop_after=STOP_AFTER)
+                                                                   stop_after=STOP_AFTER, reference=unrestricted)
         for i, layer in enumerate(layers):
             unrestricted = float(plain.p_value[-1]) if layer == x.shape[0] - 1 else math.nan
             rows.append({"model": model, "language": lang, "layer": layer, "cka": float(result.observed[i]),

@@ -361,48 +361,54 @@ def cka_null_spread(x: torch.Tensor, y: torch.Tensor, kind: str = "debiased", gr
     """`cka_null_sd` and, on the same CKA scale, an upper bound on the largest weight of the null's quadratic
     part (`xlsub.similarity.moments.largest_weight`), each [...]: what `tail_bound_decided` needs."""
     check_options(kind)
-    n = x.shape[-2]
+    values = torch.stack([pair_null_moments(a, b, kind, x.shape[-2]) for a, b in zip(null_sides(x, kind, groups), null_sides(y, kind, groups))])
+    return values[:, 1].reshape(x.shape[:-2]), values[:, 2].reshape(x.shape[:-2])
+
+
+@dataclass(frozen=True)
+class NullSide:
+    """What the exact null moments need of one representation [n, d] at one set of groups: its HSIC(K, K)
+    (`self`), its sum of squared centred norms (`total`, the unbiased HSIC's constant term) and its
+    `xlsub.similarity.moments.Summary`. Small (no n x d copy): a reference tested against every language keeps
+    one per layer (`null_sides`)."""
+
+    self: torch.Tensor
+    total: torch.Tensor | None
+    summary: moments.Summary
+
+
+def null_sides(x: torch.Tensor, kind: str = "debiased", groups=None) -> list[NullSide]:
+    """`NullSide` of each leading index of x [..., n, d], flattened."""
+    check_options(kind)
+    out = []
+    for one in x.reshape(-1, *x.shape[-2:]):
+        state = prepare(one, kind)
+        summary = moments.gram_summary(state["kc"], groups) if kind == "rbf" else moments.feature_summary(state["xc"], groups)
+        out.append(NullSide(state["self"], state.get("total"), summary))
+    return out
+
+
+def pair_null_moments(a: NullSide, b: NullSide, kind: str, n: int) -> torch.Tensor:
+    """CKA's exact null mean, sd and largest-weight bound (`cka_null_mean`, `cka_null_spread`) from two sides, [3]."""
     lam = -n / (n - 2) if kind == "debiased" else 0.0
-    xs, ys = x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:])
-    sd, weight = torch.empty(len(xs), dtype=torch.float64), torch.empty(len(xs), dtype=torch.float64)
-    for index in range(len(xs)):
-        a, b = prepare(xs[index], kind), prepare(ys[index], kind)
-        if kind == "rbf":
-            sa, sb = moments.gram_summary(a["kc"], groups), moments.gram_summary(b["kc"], groups)
-        else:
-            sa, sb = moments.feature_summary(a["xc"], groups), moments.feature_summary(b["xc"], groups)
-        sd[index] = ratio(moments.variance(sa, sb, lam).sqrt(), a["self"], b["self"])
-        weight[index] = ratio(moments.largest_weight(sa, sb), a["self"], b["self"])
-    return sd.reshape(x.shape[:-2]), weight.reshape(x.shape[:-2])
+    cross = moments.mean(a.summary, b.summary, lam)
+    if kind == "debiased":  # the constant term of `xlsub.similarity.cka.debiased_hsic`
+        cross = cross + a.total * b.total / ((n - 1) * (n - 2))
+    spread = moments.variance(a.summary, b.summary, lam).sqrt(), moments.largest_weight(a.summary, b.summary)
+    return torch.stack([ratio(value, a.self, b.self) for value in (cross, *spread)])
 
 
 def cka_null_moments_many(x: torch.Tensor, ys: torch.Tensor, kind: str = "debiased", groups=None) -> tuple[torch.Tensor, ...]:
     """`cka_null_mean`, `cka_null_sd` and `cka_null_spread`'s weight of one x [n, d1] against each of ys [m, n, d2],
     x's statistics computed once: (mean, sd, weight), each [m]."""
-    check_options(kind)
-    n = x.shape[-2]
-    lam = -n / (n - 2) if kind == "debiased" else 0.0
-
-    def summarise(state):
-        return moments.gram_summary(state["kc"], groups) if kind == "rbf" else moments.feature_summary(state["xc"], groups)
-
-    a = prepare(x, kind)
-    sa = summarise(a)
-    out = []
-    for y in ys:
-        b = prepare(y, kind)
-        sb = summarise(b)
-        cross = moments.mean(sa, sb, lam)
-        if kind == "debiased":  # the constant term of `xlsub.similarity.cka.debiased_hsic`
-            cross = cross + a["total"] * b["total"] / ((n - 1) * (n - 2))
-        out.append(torch.stack([ratio(value, a["self"], b["self"])
-                                for value in (cross, moments.variance(sa, sb, lam).sqrt(), moments.largest_weight(sa, sb))]))
+    reference = null_sides(x, kind, groups)[0]
+    out = [pair_null_moments(reference, null_sides(y, kind, groups)[0], kind, x.shape[-2]) for y in ys]
     return tuple(torch.stack(out).mT) if out else (torch.empty(0, dtype=torch.float64),) * 3
 
 
 def tail_bound_decided(observed: torch.Tensor, exact_mean: torch.Tensor | None, pilot: torch.Tensor, n_perm: int,
                        risk: float, sd_risk: float = TAIL_SD_RISK, exact_sd: torch.Tensor | None = None,
-                       exact_weight: torch.Tensor | None = None) -> torch.Tensor:
+                       exact_weight: torch.Tensor | None = None, exceedances: int = 1) -> torch.Tensor:
     """Where `n_perm` permutations would give no null value reaching `observed`, except with probability about
     `risk` or less: bool [...], from the exact permutation mean and a pilot [..., m] of the same null.
 
@@ -428,8 +434,12 @@ def tail_bound_decided(observed: torch.Tensor, exact_mean: torch.Tensor | None, 
     with the non-central term, Birge 2001), so one permutation reaches mean + sqrt(2 x) sd + 2 w x with
     probability at most e^-x: a cell is also decided where observed - mean >= that at x = log(n_perm / risk)
     (z >= 4.9 + 24.4 w / sd for 1,000 permutations at 0.005). Where many directions share the null's variance
-    (w much below sd) this decides cells the one-term bound leaves to the permutations."""
-    from scipy import stats
+    (w much below sd) this decides cells the one-term bound leaves to the permutations.
+    `exceedances` (with the exact moments): where fewer than this many of the n_perm permutations may reach the
+    observed value except with probability `risk`, as a power analysis's detection needs (k <= 3 of 99 at 0.05:
+    `exceedances` 4, each permutation then allowed q = 0.0069 instead of 0.005 / 99). A decided cell's count is
+    below `exceedances`, not necessarily 0."""
+    from scipy import optimize, stats
 
     m = pilot.shape[-1]
     if exact_sd is not None and exact_mean is not None:
@@ -444,9 +454,12 @@ def tail_bound_decided(observed: torch.Tensor, exact_mean: torch.Tensor | None, 
     z = (observed - exact_mean) / sd
     reached = (pilot >= (observed - TIE_RTOL * observed.abs())[..., None]).any(-1)
     tail = torch.as_tensor(stats.chi2.sf((1 + math.sqrt(2) * z.clamp_min(0)).numpy(), 1), dtype=torch.float64).reshape(z.shape)
-    far = n_perm * tail <= risk
+    # the most a permutation may reach the observed value with: risk / n_perm (a union bound) for any of them; for
+    # `exceedances` of them, the q with P(Binomial(n_perm, q) >= exceedances) = risk
+    per_perm = risk / n_perm if exceedances == 1 else optimize.brentq(lambda q: stats.binom.sf(exceedances - 1, n_perm, q) - risk, 0.0, 1.0)
+    far = tail <= per_perm
     if exact_weight is not None and exact_sd is not None:
-        x = math.log(n_perm / risk)
+        x = math.log(1 / per_perm)
         far = far | (observed - exact_mean >= math.sqrt(2 * x) * sd + 2 * exact_weight * x)
     return (z > 0) & far & ~reached & sd.isfinite() & observed.isfinite()
 
@@ -535,7 +548,7 @@ def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, s
                          kind: str = "debiased", groups=None, *, engine: str = "auto",
                          null_precision: str = "float32", sigma_frac: float = 1.0,
                          tail_risk: float | None = None, pilot: int = TAIL_PILOT,
-                         stop_after: int | None = None) -> PermutationResult:
+                         stop_after: int | None = None, reference: list[NullSide] | None = None) -> PermutationResult:
     """CKA of parallel x, y [..., n, d] against the CKA of `n_perm` random re-pairings of y's rows.
 
     The null hypothesis is that the pairing carries no information (any pairing is as good); with
@@ -559,6 +572,9 @@ def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, s
     `stop_after` (None: off): early stopping of clearly null indices (`sequential_null`: at the
     `stop_after`-th null value reaching the observed CKA within the first `stop_after` / `STOP_P`
     permutations, p = `stop_after` / L, null_mean the exact mean; `stopped` says where).
+
+    `reference` (with `tail_risk`): `null_sides(x, kind, groups)`, where the caller tests one x against several
+    y and computes x's side once.
     """
     check_options(kind)
     if null_precision not in ("float64", "float32"):
@@ -569,7 +585,8 @@ def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, s
     perms = permutations(n, n_perm, seed, groups)
     observed = cka(x, y, kind, sigma_frac=sigma_frac)
     if tail_risk is not None or stop_after:
-        return _sequential_test(x, y, perms, observed, kind, groups, engine, null_precision, sigma_frac, tail_risk, pilot, stop_after)
+        return _sequential_test(x, y, perms, observed, kind, groups, engine, null_precision, sigma_frac, tail_risk, pilot, stop_after,
+                                reference)
     null = _checked_null(x, y, perms, observed, kind, engine, null_precision, sigma_frac)
     return permutation_result(observed, null, cka_null_mean(x, y, kind, groups))
 
@@ -579,14 +596,21 @@ def cka_exceeds(null: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
     return null >= observed - TIE_RTOL * observed.abs()
 
 
-def _sequential_test(x, y, perms, observed, kind, groups, engine, null_precision, sigma_frac, tail_risk, pilot, stop_after) -> PermutationResult:
+def _sequential_test(x, y, perms, observed, kind, groups, engine, null_precision, sigma_frac, tail_risk, pilot, stop_after,
+                     reference=None) -> PermutationResult:
     """`cka_permutation_test` through `sequential_null`: the tail bound from the exact mean and sd (no
     permutation) and early stopping of clearly null indices; null_mean is the exact mean where a cell did not
     run all permutations."""
     n_perm = len(perms)
-    exact = cka_null_mean(x, y, kind, groups)
-    exact_sd, exact_weight = cka_null_spread(x, y, kind, groups) if tail_risk is not None else (None, None)
     lead = observed.shape
+    if tail_risk is not None:  # the exact mean, sd and weight bound from each side's summary (x's given or computed once)
+        sides_x = null_sides(x, kind, groups) if reference is None else reference
+        if len(sides_x) != observed.numel():
+            raise ValueError(f"reference: {len(sides_x)} null sides for {observed.numel()} leading indices")
+        exact, exact_sd, exact_weight = (values.reshape(lead) for values in torch.stack(
+            [pair_null_moments(a, b, kind, x.shape[-2]) for a, b in zip(sides_x, null_sides(y, kind, groups))]).mT)
+    else:
+        exact, exact_sd, exact_weight = cka_null_mean(x, y, kind, groups), None, None
     xs, ys = x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:])
     flat_observed = observed.reshape(-1)
 

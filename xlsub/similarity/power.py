@@ -7,9 +7,9 @@ length-restricted null, how strong must a shared signal be for CKA, RSA or retri
   compares cosines across the two, and CKA and RSA do not see rotations, so a rotated partner would give
   draws of the same distribution at the cost of a d x d product). Draw j has the same noise at every level
   (common random numbers), so the power curve over levels is smooth.
-- CKA and RSA draws so far above their exact null moments (`xlsub.similarity.moments`) that the 99
-  permutations reach them with probability at most `TAIL_RISK` are detected without permutations
-  (`xlsub.similarity.permutation.tail_bound_decided`), as the tables' cells.
+- CKA and RSA draws so far above their exact null moments (`xlsub.similarity.moments`) that 4 of the 99
+  permutations (enough to fail detection) reach them with probability at most `TAIL_RISK` are detected without
+  permutations (`xlsub.similarity.permutation.tail_bound_decided` with `exceedances`).
 - Each draw is tested with the verdicts' own test and null (`cka_permutation_test`, `mantel_test`,
   `retrieval_permutation_test`, pairings permuted within `groups`) on `N_PERM` = 99 permutations, stopped
   early by Besag & Clifford's (1991) sequential Monte Carlo test (`sequential_test`): a draw is not
@@ -135,8 +135,10 @@ def _at_least(null: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
 def cka_extreme(xs: torch.Tensor, ys: torch.Tensor, kind: str = "debiased", tail: tuple | None = None):
     """`sequential_test`'s `extreme` for `cka_permutation_test` of xs[j] against ys[j] [m, n, d]: the null in
     float32 products, values within its recheck distance of the observed CKA recomputed in float64, as there.
-    `tail` = (groups, n_perm, risk): `extreme.decided` [m] says which draws the exact null moments
-    (`cka_null_mean`, `cka_null_spread`) decide without permutations (`tail_bound_decided`); else None."""
+    `tail` = (groups, n_perm, risk, alpha): `extreme.decided` [m] says which draws the exact null moments
+    (`cka_null_mean`, `cka_null_spread`) decide without permutations: detected, since fewer than `stop_count`
+    of the n_perm permutations reach them except with probability `risk` (`tail_bound_decided` with
+    `exceedances`); else None."""
     observed = torch.stack([cka(x, y, kind) for x, y in zip(xs, ys)])
     engine, precision = null_engine(kind, *xs.shape[-2:], ys.shape[-1], precision="float64" if kind == "rbf" else "float32")
     same = bool((xs == xs[:1]).all())  # one reference for every draw (`measure_extreme`): prepared once
@@ -161,13 +163,13 @@ def cka_extreme(xs: torch.Tensor, ys: torch.Tensor, kind: str = "debiased", tail
 
     extreme.decided = None
     if tail is not None:
-        groups, n_perm, risk = tail
+        groups, n_perm, risk, alpha = tail
         if bool((xs == xs[:1]).all()):  # one reference for every draw: its statistics once
             mean, sd, weight = cka_null_moments_many(xs[0], ys, kind, groups)
         else:
             mean, sd, weight = (torch.cat(values) for values in zip(*(cka_null_moments_many(x, y[None], kind, groups) for x, y in zip(xs, ys))))
         extreme.decided = tail_bound_decided(observed, mean, observed.new_empty(len(observed), 0), n_perm, risk,
-                                             exact_sd=sd, exact_weight=weight)
+                                             exact_sd=sd, exact_weight=weight, exceedances=stop_count(n_perm, alpha))
     return extreme
 
 
@@ -194,7 +196,7 @@ def spearman_matrix(d: torch.Tensor) -> torch.Tensor:
 def rsa_extreme(x: torch.Tensor, ys: torch.Tensor, reference: torch.Tensor | None = None, tail: tuple | None = None):
     """`extreme` for `mantel_test` (Spearman, "greater") of one reference x [n, d] against ys [m, n, d]: the
     reference's centred rank matrix (`reference`, if already computed) gathered once per permutation for all
-    draws (`permuted_cross`). `tail` = (groups, n_perm, risk): `extreme.decided` as for `cka_extreme`, from the
+    draws (`permuted_cross`). `tail` = (groups, n_perm, risk, alpha): `extreme.decided` as for `cka_extreme`, from the
     exact moments of r (`xlsub.similarity.moments` on the rank matrices)."""
     a = spearman_matrix(rdm(x)) if reference is None else reference
     b = torch.empty(len(ys), x.shape[-2], x.shape[-2], dtype=torch.float64)
@@ -204,13 +206,14 @@ def rsa_extreme(x: torch.Tensor, ys: torch.Tensor, reference: torch.Tensor | Non
     observed = (a * b).sum((-2, -1)) / norms
     decided = None
     if tail is not None:
-        groups, n_perm, risk = tail
+        groups, n_perm, risk, alpha = tail
         summary = moments.gram_summary(a, groups)
         others = [moments.gram_summary(one, groups) for one in b]
         mean = torch.stack([moments.mean(summary, one) for one in others]) / norms
         sd = torch.stack([moments.variance(summary, one).sqrt() for one in others]) / norms
         weight = torch.stack([moments.largest_weight(summary, one) for one in others]) / norms
-        decided = tail_bound_decided(observed, mean, observed.new_empty(len(observed), 0), n_perm, risk, exact_sd=sd, exact_weight=weight)
+        decided = tail_bound_decided(observed, mean, observed.new_empty(len(observed), 0), n_perm, risk, exact_sd=sd, exact_weight=weight,
+                                     exceedances=stop_count(n_perm, alpha))
 
     def extreme(draws: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
         null = permuted_cross(a, b if len(draws) == len(b) else b[draws], block) / norms[draws, None]  # no copy while all run
@@ -222,7 +225,7 @@ def rsa_extreme(x: torch.Tensor, ys: torch.Tensor, reference: torch.Tensor | Non
 
 def measure_extreme(measure: str, x: torch.Tensor, ys: torch.Tensor, kind: str = "debiased", reference=None, tail: tuple | None = None):
     """`extreme` of `measure` (cka, rsa, retrieval) for one reference x [n, d] against draws ys [m, n, d]
-    (`reference`: RSA's rank matrix of x, `spearman_matrix(rdm(x))`, to reuse; `tail`: (groups, n_perm, risk)
+    (`reference`: RSA's rank matrix of x, `spearman_matrix(rdm(x))`, to reuse; `tail`: (groups, n_perm, risk, alpha)
     for the tail bound's `extreme.decided`, CKA and RSA; retrieval's is None)."""
     if measure == "cka":
         return cka_extreme(x.expand_as(ys), ys, kind, tail)
@@ -285,7 +288,7 @@ def planted_power(measure: str, base: torch.Tensor, snr: float, groups=None, dra
         ys = torch.stack([planted_representations(base, ["planted"], snr, s, rotate=False)["planted"]
                           for s in seeds])
         perms = permutations(x.shape[0], n_perm, seeds[0], groups)
-        extreme = measure_extreme(measure, x, ys, kind, reference, (groups, n_perm, TAIL_RISK))
+        extreme = measure_extreme(measure, x, ys, kind, reference, (groups, n_perm, TAIL_RISK, alpha))
         return sequential_test(extreme, len(seeds), perms, alpha, decided=extreme.decided)
 
     return detection_rate(test, draws, seed, snr, chunk)
