@@ -13,6 +13,7 @@ import torch
 from scipy import stats
 
 from xlsub.errors import XlsubError
+from xlsub.similarity import moments
 from xlsub.similarity.cka import HSIC_RTOL, centre, check_options, cka, ratio, sq_frob
 
 
@@ -146,7 +147,7 @@ def leave_block_out_above_chance(x: torch.Tensor, y: torch.Tensor, blocks: torch
     blocks = torch.as_tensor(blocks, dtype=torch.long)
     count = int(blocks.max()) + 1
     n = x.shape[-2]
-    codes = torch.zeros(n, dtype=torch.long) if groups is None else torch.unique(torch.as_tensor(groups).reshape(-1), return_inverse=True)[1]
+    codes = moments.group_codes(groups, n)[0]
     if kind == "rbf":
         return torch.stack([cka(x[blocks != b], y[blocks != b], kind) - cka_null_mean(x[blocks != b], y[blocks != b], kind, codes[blocks != b])
                             for b in range(count)])

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # Above this many rows a block's largest |eigenvalue| is bounded by its Frobenius norm instead of computed.
@@ -71,7 +72,7 @@ def group_codes(groups, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     if groups is None:
         codes = torch.zeros(n, dtype=torch.long)
     else:
-        codes = torch.unique(torch.as_tensor(groups).reshape(-1), return_inverse=True)[1]
+        codes = torch.unique(torch.as_tensor(np.asarray(groups)).reshape(-1), return_inverse=True)[1]
         if codes.numel() != n:
             raise ValueError(f"groups has {codes.numel()} labels for {n} examples")
     return codes, torch.bincount(codes).double()

@@ -314,9 +314,7 @@ def cka_null_mean(x: torch.Tensor, y: torch.Tensor, kind: str = "debiased", grou
     """
     check_options(kind)
     n = x.shape[-2]
-    codes = _as_groups(groups, n)
-    codes = torch.zeros(n, dtype=torch.long) if codes is None else codes
-    sizes = torch.bincount(codes).double()  # [G]
+    codes, sizes = moments.group_codes(groups, n)  # one group without `groups`
 
     def group_sum(values: torch.Tensor, dim: int) -> torch.Tensor:
         shape = list(values.shape)

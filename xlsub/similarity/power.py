@@ -164,7 +164,7 @@ def cka_extreme(xs: torch.Tensor, ys: torch.Tensor, kind: str = "debiased", tail
     extreme.decided = None
     if tail is not None:
         groups, n_perm, risk, alpha = tail
-        if bool((xs == xs[:1]).all()):  # one reference for every draw: its statistics once
+        if same:  # one reference for every draw: its statistics once
             mean, sd, weight = cka_null_moments_many(xs[0], ys, kind, groups)
         else:
             mean, sd, weight = (torch.cat(values) for values in zip(*(cka_null_moments_many(x, y[None], kind, groups) for x, y in zip(xs, ys))))
