@@ -110,7 +110,7 @@ def test_float32_products_agree_with_float64(kind, monkeypatch):
 def test_float32_product_blocks_sum_to_the_whole_product(monkeypatch):
     a, b = gaussian(2, 250, 7, seed=1).float(), gaussian(2, 250, 5, seed=2).float()
     monkeypatch.setattr(cka_module, "FLOAT32_BLOCK", 64)  # 64 + 64 + 64 + 58
-    blocked = cka_module._product(a, b)
+    blocked = cka_module.blocked_product(a, b)
     assert blocked.dtype == torch.float64 and blocked.shape == (2, 5, 7)
     torch.testing.assert_close(blocked, b.double().mT @ a.double(), rtol=0, atol=1e-4)
 

@@ -105,7 +105,7 @@ def test_compare_logs_mean_and_std_of_every_shared_metric_and_cell(store):
 
 
 def test_compare_refuses_bad_input_with_one_line_and_a_failed_run(store, capsys):
-    client, runs = store["client"], store["runs"]
+    runs = store["runs"]
     cases = [
         ([runs[0]], "got 1 run ID"),
         ([runs[0], runs[0]], "given more than once"),

@@ -319,3 +319,43 @@ def test_jackknife_interval_is_the_grouped_jackknife_with_a_t_quantile():
     lo, hi = jackknife_interval(0.3, theta, level=0.9)
     half = scipy.stats.t.ppf(0.95, 5) * se
     assert (float(lo), float(hi)) == pytest.approx((0.3 - half, 0.3 + half), abs=1e-14)
+
+
+def test_untied_order_is_the_argsort_and_finds_ties_even_one_ulp_apart():
+    """untied_order (packed fixed-point keys, one integer sort) equals torch.argsort where no two values are equal,
+    including values one ulp apart that share a fixed-point key, and returns None for any tie; value_order lists
+    the tie runs; the centred rank matrix's fast path built on it equals the general (argsort, tie-averaging)
+    path bit for bit, with and without ties."""
+    from xlsub.stats.inference import centred_upper, untied_order, value_order
+
+    g = torch.Generator().manual_seed(3)
+    for m in (0, 1, 2, 7, 5000):
+        values = torch.randn(m, generator=g, dtype=torch.float64)
+        assert torch.equal(untied_order(values), torch.argsort(values))
+    base = torch.rand(20_000, generator=g, dtype=torch.float64)
+    neighbours = torch.cat([base, torch.nextafter(base, torch.tensor(2.0, dtype=torch.float64))])
+    neighbours = neighbours[torch.randperm(len(neighbours), generator=g)]
+    assert torch.equal(untied_order(neighbours), torch.argsort(neighbours))
+    assert untied_order(torch.tensor([0.5, 0.25, 0.5], dtype=torch.float64)) is None
+    assert untied_order(torch.tensor([0.0, -0.0], dtype=torch.float64)) is None
+    assert untied_order(torch.cat([neighbours, neighbours[:1]])) is None  # one tie among 40,001 values
+    assert untied_order(torch.full((4,), 1.0, dtype=torch.float64)) is None
+    order, runs = value_order(torch.tensor([3.0, 1.0, 2.0, 1.0, 3.0, 3.0, 0.5], dtype=torch.float64))
+    assert order[0] == 6 and set(order[1:3].tolist()) == {1, 3} and order[3] == 2 and set(order[4:].tolist()) == {0, 4, 5}
+    assert runs.tolist() == [[1, 3], [4, 7]]
+    tied_pairs = torch.cat([neighbours, neighbours[:300]])  # 300 ties among near-neighbours sharing their keys
+    order, runs = value_order(tied_pairs)
+    assert torch.equal(tied_pairs[order], torch.sort(tied_pairs).values) and len(runs) == 300 and bool((runs[:, 1] - runs[:, 0] == 2).all())
+    d = torch.rand(60, 60, generator=g, dtype=torch.float64)
+    d = d + d.mT
+    assert torch.equal(centred_upper(d, "spearman"), centred_upper(d[None], "spearman")[0])  # batched: the general path
+    tied = torch.randint(0, 7, (60, 60), generator=g).double()
+    tied = tied + tied.mT
+    assert torch.equal(centred_upper(tied, "spearman"), centred_upper(tied[None], "spearman")[0])
+    x = torch.randn(50, 6, generator=g, dtype=torch.float64)  # the RDM written into a buffer and ranked there: the same bits
+    from xlsub.similarity.retrieval import unit_rows
+    from xlsub.similarity.rsa import rdm
+    from xlsub.stats.inference import centred_ranks_
+    assert torch.equal(rdm(x), 1.0 - unit_rows(x, False) @ unit_rows(x, False).mT)
+    buffer = torch.empty(50, 50, dtype=torch.float64)
+    assert torch.equal(centred_ranks_(rdm(x, out=buffer)), centred_upper(rdm(x)[None], "spearman")[0]) and torch.equal(buffer, centred_upper(rdm(x), "spearman"))

@@ -9,15 +9,19 @@ import pytest
 import scipy.stats
 import torch
 
+from xlsub.similarity.cka import cka, prepare
 from xlsub.similarity.controls import planted_representations
-from xlsub.similarity.permutation import cka_permutation_test, permutations
+from xlsub.similarity.permutation import FLOAT32_RECHECK, cka_permutation_test, permutations, permuted_cka
 from xlsub.similarity.power import (
     MEASURES,
     TAIL_RISK,
     Power,
     bisect_power,
+    draw_seed,
     measure_extreme,
+    planted_cka_terms,
     planted_power,
+    power_curve,
     sequential_test,
     stop_count,
 )
@@ -135,6 +139,37 @@ def test_power_is_one_without_noise_and_alpha_without_signal(measure):
         assert null.power >= 0.04 - 3 * sd
     assert null.lo <= null.power + 1e-12 and null.power <= null.hi + 1e-12 and (null.lo, null.hi) == pytest.approx(wilson_interval(null.detected, 300))
     assert null.permutations < 300 * 50  # most null draws stop within the first batch or two
+
+
+@pytest.mark.parametrize("kind", ["debiased", "linear"])
+def test_planted_cka_terms_give_the_null_of_every_level(kind):
+    """PlantedCkaTerms' null of a draw at any level (from six scalars per draw and permutation, computed once) is
+    permuted_cka in float64 of that level's planted partner under the chunk's permutations, to float32 rounding
+    within the recheck distance (FLOAT32_RECHECK of the observed CKA) and of the feature engine's float32 null's size; the chunk's permutations are its first seed's."""
+    terms = planted_cka_terms(base(), groups(), kind, n_perm=99)
+    x = planted_representations(base(), ["reference"], math.inf, 0, rotate=False)["reference"]
+    seeds = [draw_seed(3, j) for j in range(4)]
+    assert torch.equal(terms.perms(seeds), permutations(N, 99, seeds[0], groups()))
+    block = torch.tensor([0, 5, 17, 98, 40])
+    for snr in (1e-3, 0.1, 3.0):
+        ys = torch.stack([planted_representations(base(), ["planted"], snr, s, rotate=False)["planted"] for s in seeds])
+        got = terms.level(seeds, [prepare(y, kind) for y in ys], snr)(torch.tensor([0, 2, 3]), block)
+        want = torch.stack([permuted_cka(x, ys[j], terms.perms(seeds)[block], kind) for j in (0, 2, 3)])
+        observed = torch.stack([cka(x, ys[j], kind) for j in (0, 2, 3)])
+        engine = torch.stack([permuted_cka(x, ys[j], terms.perms(seeds)[block], kind, precision="float32") for j in (0, 2, 3)])
+        assert (got - want).abs().max() <= FLOAT32_RECHECK * observed.abs().min()
+        assert (got - want).abs().max() <= 10 * (engine - want).abs().max()  # as close as the feature engine's float32 null
+    assert terms.products == 5 * (1 + len(seeds))  # each permutation once, for the reference and every draw
+
+
+def test_power_curve_shares_ckas_terms_across_levels_with_the_same_decisions():
+    """CKA's power curve with terms kept for every level: the same levels, detections and permutation counts as
+    testing each level afresh, and no (draw, permutation) computed twice."""
+    levels, limit = power_curve("cka", base(), groups(), draws=20, seed=2, bracket=(1e-3, 10.0), bisections=3)
+    fresh, fresh_limit = bisect_power(lambda snr: planted_power("cka", base(), snr, groups(), draws=20, seed=2), (1e-3, 10.0), 3)
+    assert levels == fresh and (limit == fresh_limit or math.isnan(limit) and math.isnan(fresh_limit))
+    assert 0 < sum(level.permutations for level in levels)
+    assert any(0 < level.power < 1 for level in levels)  # the bracket crosses the limit: draws run their permutations
 
 
 def fake_power(crossing: float, tested: list):

@@ -112,3 +112,19 @@ def test_analyze_defaults_are_the_stages():
     assert options["counts"].full == args.cka_permutations and options["counts"].subnetworks == args.subnetwork_permutations
     assert options["counts"].length == args.length_permutations and options["counts"].power_draws == args.power_draws
     assert (options["bootstrap"], options["permutations"], options["cka_kind"]) == (args.bootstrap, args.permutations, args.cka)
+
+
+def test_the_study_measurement_reads_its_synthetic_encodings_as_analyze_reads_a_real_run(tmp_path):
+    """analyze_study writes the synthetic encodings as the encode stage does and hands analyze the EncodingStore:
+    every tensor read back equals the generated one (float16 is their stored form, so exactly)."""
+    import torch
+
+    from xlsub import artifacts
+
+    inputs = scale.study_inputs(30, languages=["en", "de"], layers=2, d=16, chunks=4, heads=(2, 4))
+    seconds = scale.write_store(inputs.encodings, tmp_path)
+    store = artifacts.read_encodings(tmp_path / artifacts.ENCODINGS_DIR)
+    assert seconds >= 0 and sorted(store) == sorted(inputs.encodings)
+    for key in inputs.encodings:
+        for lang in ("en", "de"):
+            assert torch.equal(store[key][lang], inputs.encodings[key][lang])

@@ -367,8 +367,7 @@ def power_table(base: torch.Tensor, lengths: Mapping[str, torch.Tensor] | None, 
         counts = {l: lengths[l].long().sub(2).clamp(min=0) for l in (reference, other)}  # the encoder adds <s>, </s>
         controls = power.length_only_power(counts, base.shape[-1], groups, draws, seed, kind, n_perm=n_perm)
     for name in power.MEASURES:
-        levels, limits[name] = power.bisect_power(
-            lambda snr, name=name: power.planted_power(name, base, snr, groups, draws, seed, kind, n_perm), bracket, bisections)
+        levels, limits[name] = power.power_curve(name, base, groups, draws, seed, kind, n_perm, bracket, bisections)
         rows += [row(name, level) for level in levels]
         if name in controls:
             rows.append(row(f"{name} ({LENGTH_ONLY})", controls[name]))

@@ -80,7 +80,7 @@ def centre(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xc, frob(xc) <= _CONSTANT_RTOL * raw
 
 
-def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def blocked_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """b'a in float64 for centred a [..., n, d1], b [..., n, d2] in float64 or float32.
 
     float64 operands: one product. float32 operands: float32 products over blocks of at most
@@ -191,7 +191,7 @@ def _cross(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], kind: str) ->
     """HSIC(K, L) between two prepared representations (up to the factor `self` carries too)."""
     if kind == "rbf":  # <K, L> as a dot product: no n x n temporary
         return (a["kc"].flatten(-2)[..., None, :] @ b["kc"].flatten(-2)[..., :, None])[..., 0, 0]
-    xty_sq = sq_frob(_product(a["xc"], b["xc"]))
+    xty_sq = sq_frob(blocked_product(a["xc"], b["xc"]))
     if kind == "linear":
         return xty_sq
     n = a["xc"].shape[-2]
@@ -235,7 +235,11 @@ def cka(x: torch.Tensor, y: torch.Tensor, kind: str = "linear", *, sigma_frac: f
     `precision`: float64, or float32 products accumulated in float64 (linear, debiased; module docstring).
     """
     check_pair(x, y, kind, precision)
-    a, b = prepare(x, kind, sigma_frac, precision), prepare(y, kind, sigma_frac, precision)
+    return prepared_cka(prepare(x, kind, sigma_frac, precision), prepare(y, kind, sigma_frac, precision), kind)
+
+
+def prepared_cka(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """`cka` of two representations already `prepare`d: a caller comparing one reference with many prepares it once."""
     return ratio(_cross(a, b, kind), a["self"], b["self"])
 
 

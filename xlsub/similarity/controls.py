@@ -26,6 +26,13 @@ def random_rotation(d: int, generator: torch.Generator) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))
 
 
+def planted_weights(snr: float) -> tuple[float, float]:
+    """(signal, noise) weights of `planted_representations` at `snr`: sqrt(snr / (1 + snr)), sqrt(1 / (1 + snr))."""
+    if math.isinf(snr):
+        return 1.0, 0.0
+    return math.sqrt(snr / (1 + snr)), math.sqrt(1 / (1 + snr))
+
+
 def planted_representations(base: torch.Tensor, languages: Sequence[str], snr: float, seed: int = 0, *,
                             rotate: bool = True) -> dict[str, torch.Tensor]:
     """A positive control: {lang: [n, d]} sharing the per-sentence signal `base` at signal-to-noise `snr`.
@@ -49,8 +56,7 @@ def planted_representations(base: torch.Tensor, languages: Sequence[str], snr: f
     if rms == 0:
         raise ValueError("planted_representations: base is constant over the examples")
     base = base / rms
-    signal_w = 1.0 if math.isinf(snr) else math.sqrt(snr / (1 + snr))
-    noise_w = 0.0 if math.isinf(snr) else math.sqrt(1 / (1 + snr))
+    signal_w, noise_w = planted_weights(snr)
     out = {}
     for lang in languages:
         generator = _language_generator(seed, lang)

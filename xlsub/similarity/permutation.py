@@ -49,6 +49,7 @@ from xlsub.errors import XlsubError
 from xlsub.similarity import moments
 from xlsub.similarity.cka import (
     FLOAT32_BLOCK,
+    blocked_product,
     check_options,
     check_pair,
     cka,
@@ -209,7 +210,7 @@ def _feature_cross(xc: torch.Tensor, yc: torch.Tensor, perms: torch.Tensor) -> t
     A block of B permutations is one product [Y_p1 | ... | Y_pB]' X ([B d2, d1]): y's rows gathered into
     an [n, B, d2] array, so the product sees one tall matrix and each permutation's d2 x d1 result is
     contiguous for its norm. float32 operands: float32 products over at most `xlsub.similarity.cka.FLOAT32_BLOCK`
-    examples, summed in float64, as `xlsub.similarity.cka._product`. The gather and product buffers are allocated
+    examples, summed in float64, as `xlsub.similarity.cka.blocked_product`. The gather and product buffers are allocated
     once and reused: a fresh multi-megabyte buffer per block costs more in page faults than the gather.
     """
     n, d1 = xc.shape
@@ -236,6 +237,21 @@ def _feature_cross(xc: torch.Tensor, yc: torch.Tensor, perms: torch.Tensor) -> t
                     product[:b * d2].add_(partial[:b * d2])
         out[start:start + b] = frob(product[:b * d2].view(b, d2, d1)).square()
     return out
+
+
+def permuted_products(xc: torch.Tensor, zc: torch.Tensor, perms: torch.Tensor):
+    """Z_p'X for each permutation p of `perms` [P, n], centred xc [n, d1], zc [n, d2], as `_feature_cross` forms
+    them (float32 operands: float32 products over at most `FLOAT32_BLOCK` examples, summed in float64): yields
+    (start, float64 [b, d2, d1]) for consecutive blocks of b permutations, about `_BLOCK_BYTES` of gathered
+    rows and products each. For a caller that needs the matrices, not only their norms
+    (`xlsub.similarity.power.PlantedCkaTerms`)."""
+    n, d1 = xc.shape
+    d2 = zc.shape[1]
+    block = max(1, min(len(perms), _BLOCK_BYTES // (n * d2 * zc.element_size() + d1 * d2 * (8 + zc.element_size()))))
+    for start in range(0, len(perms), block):
+        chunk = perms[start:start + block]
+        gathered = zc[chunk.T.reshape(-1)].view(n, len(chunk) * d2)
+        yield start, blocked_product(xc, gathered).view(len(chunk), d2, d1)
 
 
 def _pick_engine(engine: str, kind: str, n: int, d1: int, d2: int) -> str:
@@ -378,12 +394,13 @@ class NullSide:
 def null_sides(x: torch.Tensor, kind: str = "debiased", groups=None) -> list[NullSide]:
     """`NullSide` of each leading index of x [..., n, d], flattened."""
     check_options(kind)
-    out = []
-    for one in x.reshape(-1, *x.shape[-2:]):
-        state = prepare(one, kind)
-        summary = moments.gram_summary(state["kc"], groups) if kind == "rbf" else moments.feature_summary(state["xc"], groups)
-        out.append(NullSide(state["self"], state.get("total"), summary))
-    return out
+    return [null_side(prepare(one, kind), kind, groups) for one in x.reshape(-1, *x.shape[-2:])]
+
+
+def null_side(state: dict, kind: str, groups=None) -> NullSide:
+    """`NullSide` of one representation already `prepare`d in float64."""
+    summary = moments.gram_summary(state["kc"], groups) if kind == "rbf" else moments.feature_summary(state["xc"], groups)
+    return NullSide(state["self"], state.get("total"), summary)
 
 
 def pair_null_moments(a: NullSide, b: NullSide, kind: str, n: int) -> torch.Tensor:

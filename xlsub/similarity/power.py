@@ -39,21 +39,25 @@ from dataclasses import dataclass
 import torch
 
 from xlsub.similarity import moments
-from xlsub.similarity.cka import cka, prepare
-from xlsub.similarity.controls import length_only_representations, planted_representations
+from xlsub.similarity.cka import cka, prepare, prepared_cka, ratio
+from xlsub.similarity.controls import length_only_representations, planted_representations, planted_weights
 from xlsub.similarity.permutation import (
     FLOAT32_RECHECK,
     TIE_RTOL,
+    NullSide,
     cka_null_moments_many,
     null_engine,
+    null_side,
+    pair_null_moments,
     permutations,
     permuted_cka,
+    permuted_products,
     prepared_null,
     tail_bound_decided,
 )
 from xlsub.similarity.retrieval import nearest_translation
 from xlsub.similarity.rsa import rdm
-from xlsub.stats.inference import MANTEL_TIE, centred_upper, permuted_cross, upper_norm, wilson_interval
+from xlsub.stats.inference import MANTEL_TIE, centred_ranks_, centred_upper, permuted_cross, upper_norm, wilson_interval
 
 MEASURES = ("cka", "rsa", "retrieval")
 ALPHA = 0.05
@@ -132,14 +136,23 @@ def _at_least(null: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
     return null >= (observed - TIE_RTOL * observed.abs())[:, None]
 
 
-def cka_extreme(xs: torch.Tensor, ys: torch.Tensor, kind: str = "debiased", tail: tuple | None = None):
+def cka_extreme(xs: torch.Tensor, ys: torch.Tensor, kind: str = "debiased", tail: tuple | None = None,
+                terms: PlantedCkaTerms | None = None, chunk: Sequence[int] = (), snr: float = math.nan):
     """`sequential_test`'s `extreme` for `cka_permutation_test` of xs[j] against ys[j] [m, n, d]: the null in
     float32 products, values within its recheck distance of the observed CKA recomputed in float64, as there.
     `tail` = (groups, n_perm, risk, alpha): `extreme.decided` [m] says which draws the exact null moments
     (`cka_null_mean`, `cka_null_spread`) decide without permutations: detected, since fewer than `stop_count`
     of the n_perm permutations reach them except with probability `risk` (`tail_bound_decided` with
-    `exceedances`); else None."""
-    observed = torch.stack([cka(x, y, kind) for x, y in zip(xs, ys)])
+    `exceedances`); else None.
+    `terms` (planted draws of the seeds `chunk` at `snr` against the reference xs[0]): the null from `PlantedCkaTerms`,
+    which keeps each draw's pairing-dependent terms for every level; blocks are then indices into
+    `terms.perms(chunk)` (pass `torch.arange(n_perm)` as `sequential_test`'s perms)."""
+    if terms is not None:  # each draw prepared once for its observed CKA, its null moments and its null
+        prepared_ys = [prepare(y, kind) for y in ys]
+        observed = torch.stack([prepared_cka(terms.reference, one, kind) for one in prepared_ys])
+        level = terms.level(chunk, prepared_ys, snr)
+    else:
+        observed = torch.stack([cka(x, y, kind) for x, y in zip(xs, ys)])
     engine, precision = null_engine(kind, *xs.shape[-2:], ys.shape[-1], precision="float64" if kind == "rbf" else "float32")
     same = bool((xs == xs[:1]).all())  # one reference for every draw (`measure_extreme`): prepared once
     states = {}  # each pair prepared once for all its blocks of permutations
@@ -151,26 +164,139 @@ def cka_extreme(xs: torch.Tensor, ys: torch.Tensor, kind: str = "debiased", tail
         return states[j]
 
     def extreme(draws: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-        nulls = []
-        for j in draws.tolist():
-            null = prepared_null(*prepared(j), block, kind, engine)
-            if precision == "float32":
-                near = (null - observed[j]).abs() <= FLOAT32_RECHECK * observed[j].abs()
+        if terms is not None:
+            nulls, perms = level(draws, block), terms.perms(chunk)[block]
+        else:
+            nulls, perms = torch.stack([prepared_null(*prepared(j), block, kind, engine) for j in draws.tolist()]), block
+        if precision == "float32":
+            for row, j in enumerate(draws.tolist()):
+                near = (nulls[row] - observed[j]).abs() <= FLOAT32_RECHECK * observed[j].abs()
                 if near.any():
-                    null[near] = permuted_cka(xs[j], ys[j], block[near], kind)
-            nulls.append(null)
-        return _at_least(torch.stack(nulls), observed[draws])
+                    nulls[row, near] = permuted_cka(xs[j], ys[j], perms[near], kind)
+        return _at_least(nulls, observed[draws])
 
     extreme.decided = None
     if tail is not None:
         groups, n_perm, risk, alpha = tail
-        if same:  # one reference for every draw: its statistics once
+        if terms is not None:
+            n = xs.shape[-2]
+            mean, sd, weight = torch.stack([pair_null_moments(terms.side(groups), null_side(one, kind, groups), kind, n)
+                                            for one in prepared_ys]).mT
+        elif same:  # one reference for every draw: its statistics once
             mean, sd, weight = cka_null_moments_many(xs[0], ys, kind, groups)
         else:
             mean, sd, weight = (torch.cat(values) for values in zip(*(cka_null_moments_many(x, y[None], kind, groups) for x, y in zip(xs, ys))))
         extreme.decided = tail_bound_decided(observed, mean, observed.new_empty(len(observed), 0), n_perm, risk,
                                              exact_sd=sd, exact_weight=weight, exceedances=stop_count(n_perm, alpha))
     return extreme
+
+
+class PlantedCkaTerms:
+    """CKA's permutation null for the planted draws of every level from terms computed once per draw and
+    permutation, for linear and debiased CKA (issue 25).
+
+    Draw j at a level is y = a x + b e_j (`planted_representations` with rotate=False: x the centred, scaled
+    reference, e_j its noise, the same at every level; a = sqrt(snr / (1 + snr)), b = sqrt(1 / (1 + snr))),
+    and chunk c of draws has the same permutations at every level (seeded by its first draw). With the rows
+    of a centred representation gathered by permutation p, (y_c)_p' x_c = a M_p + b N_jp, M_p = (x_c)_p' x_c
+    (the same for every draw) and N_jp = (e_c)_p' x_c, so
+        ||(y_c)_p' x_c||^2 = a^2 ||M_p||^2 + 2 a b <M_p, N_jp> + b^2 ||N_jp||^2,
+    and the unbiased HSIC's other pairing term r_x . (r_y)_p (r_i = |row i|^2 of the centred representation;
+    r_y = a^2 r_x + 2 a b q + b^2 u, q_i = x_i . e_i, u_i = |e_i|^2) from r_x . (r_x)_p, r_x . q_p, r_x . u_p.
+    These six scalars per (draw, permutation) give its null CKA at any level, with the level's own
+    HSIC(L, L) and sum r_y (`cka.prepare` of that level's y); the products are float32 over blocks summed in
+    float64 (`permuted_products`), as the feature engine's, so `cka_extreme` rechecks values near the
+    observed one in float64 as it does for that engine. A block of permutations is computed for every draw of
+    its chunk the first time any level needs it: the draws near the detection limit need all of them at some
+    level, and each (draw, permutation) is then computed once instead of once per level.
+    """
+
+    def __init__(self, x: torch.Tensor, noise: Callable[[int], torch.Tensor], kind: str, n_perm: int, groups=None):
+        if kind not in ("linear", "debiased"):
+            raise ValueError(f"PlantedCkaTerms: linear or debiased CKA, not {kind!r}")
+        self.kind, self.n_perm, self.groups, self.noise = kind, n_perm, groups, noise
+        self.x = prepare(x, kind, precision="float32")  # xc float32; rows, total, self float64
+        self.reference = prepare(x, kind)  # float64: the observed CKA of every draw (`prepared_cka`)
+        self._side = None
+        self.xc = x.double() - x.double().mean(0)
+        self.rows = self.xc.square().sum(-1)
+        self._chunks: dict[tuple[int, ...], dict] = {}
+        self._resident: tuple[tuple[int, ...], torch.Tensor] | None = None  # the last chunk's centred noise, float32
+        self.products = 0  # permuted d x d products formed (for the benchmark's accounting)
+
+    def perms(self, chunk: Sequence[int]) -> torch.Tensor:
+        return self._chunk(chunk)["perms"]
+
+    def _chunk(self, chunk: Sequence[int]) -> dict:
+        key = tuple(chunk)
+        if key not in self._chunks:
+            n = self.xc.shape[0]
+            noise = torch.stack([self.noise(s) for s in key])
+            ec = noise - noise.mean(-2, keepdim=True)
+            m = len(key)
+            self._chunks[key] = {
+                "perms": permutations(n, self.n_perm, key[0], self.groups),
+                "q": (ec * self.xc).sum(-1), "u": ec.square().sum(-1),
+                "done": torch.zeros(self.n_perm, dtype=torch.bool),
+                "shared": torch.full((2, self.n_perm), math.nan, dtype=torch.float64),  # ||M_p||^2, r_x . (r_x)_p
+                "draw": torch.full((4, m, self.n_perm), math.nan, dtype=torch.float64),  # <M, N>, ||N||^2, r_x . q_p, r_x . u_p
+            }
+            self._resident = (key, ec.float())
+        return self._chunks[key]
+
+    def _noise(self, chunk: tuple[int, ...]) -> torch.Tensor:
+        if self._resident is None or self._resident[0] != chunk:
+            noise = torch.stack([self.noise(s) for s in chunk])
+            self._resident = (chunk, (noise - noise.mean(-2, keepdim=True)).float())
+        return self._resident[1]
+
+    def _fill(self, chunk: tuple[int, ...], block: torch.Tensor) -> None:
+        state = self._chunks[chunk]
+        todo = block[~state["done"][block]]
+        if not len(todo):
+            return
+        perms, ec, xc = state["perms"][todo], self._noise(chunk), self.x["xc"]
+        for start, m_block in permuted_products(xc, xc, perms):
+            at, sub = todo[start:start + len(m_block)], perms[start:start + len(m_block)]
+            state["shared"][0, at] = m_block.square().sum((-2, -1))
+            for j in range(len(chunk)):
+                n_block = torch.cat([product for _, product in permuted_products(xc, ec[j], sub)])
+                state["draw"][0, j, at] = (m_block * n_block).sum((-2, -1))
+                state["draw"][1, j, at] = n_block.square().sum((-2, -1))
+            self.products += len(at) * (1 + len(chunk))
+        state["shared"][1, todo] = self.rows[perms] @ self.rows
+        state["draw"][2][:, todo] = state["q"][:, perms] @ self.rows
+        state["draw"][3][:, todo] = state["u"][:, perms] @ self.rows
+        state["done"][todo] = True
+
+    def side(self, groups) -> NullSide:
+        """The reference's `NullSide` at `groups` (computed once)."""
+        if self._side is None:
+            self._side = null_side(self.reference, self.kind, groups)
+        return self._side
+
+    def level(self, chunk: Sequence[int], ys_prepared: Sequence[dict], snr: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """null(draws, block) -> the null CKA [len(draws), len(block)] of the chunk's draws at level `snr` (each
+        `prepare`d in float64), under the chunk's permutations `block` (indices)."""
+        key = tuple(chunk)
+        self._chunk(key)
+        self_y = torch.stack([p["self"] for p in ys_prepared])
+        total_y = torch.stack([p["total"] for p in ys_prepared]) if self.kind == "debiased" else None
+        a, b = planted_weights(snr)
+        n = self.xc.shape[0]
+
+        def null(draws: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+            self._fill(key, block)
+            state = self._chunks[key]
+            m2, rr = state["shared"][:, block]
+            mn, n2, rq, ru = state["draw"][:, draws][..., block]
+            cross = a * a * m2 + 2 * a * b * mn + b * b * n2
+            if self.kind == "debiased":
+                rxry = a * a * rr + 2 * a * b * rq + b * b * ru
+                cross = cross - n / (n - 2) * rxry + (self.x["total"] * total_y[draws] / ((n - 1) * (n - 2)))[:, None]
+            return ratio(cross, self.x["self"], self_y[draws, None])
+
+        return null
 
 
 def retrieval_extreme(xs: torch.Tensor, ys: torch.Tensor):
@@ -193,15 +319,18 @@ def spearman_matrix(d: torch.Tensor) -> torch.Tensor:
     return torch.stack([spearman_matrix(one) for one in d])
 
 
-def rsa_extreme(x: torch.Tensor, ys: torch.Tensor, reference: torch.Tensor | None = None, tail: tuple | None = None):
+def rsa_extreme(x: torch.Tensor, ys: torch.Tensor, reference: torch.Tensor | None = None, tail: tuple | None = None,
+                out: torch.Tensor | None = None):
     """`extreme` for `mantel_test` (Spearman, "greater") of one reference x [n, d] against ys [m, n, d]: the
     reference's centred rank matrix (`reference`, if already computed) gathered once per permutation for all
     draws (`permuted_cross`). `tail` = (groups, n_perm, risk, alpha): `extreme.decided` as for `cka_extreme`, from the
-    exact moments of r (`xlsub.similarity.moments` on the rank matrices)."""
+    exact moments of r (`xlsub.similarity.moments` on the rank matrices). `out`: a float64 [>= m, n, n] buffer
+    for the draws' rank matrices, reused by the caller across chunks (each fresh 2 GB at n = 5,000 costs seconds
+    of page faults)."""
     a = spearman_matrix(rdm(x)) if reference is None else reference
-    b = torch.empty(len(ys), x.shape[-2], x.shape[-2], dtype=torch.float64)
-    for j, y in enumerate(ys):  # one draw at a time: ranking ten 5,000-sentence RDMs at once held ~8 GB of sort buffers
-        b[j] = spearman_matrix(rdm(y))
+    b = torch.empty(len(ys), x.shape[-2], x.shape[-2], dtype=torch.float64) if out is None else out[:len(ys)]
+    for j, y in enumerate(ys):  # one draw at a time, ranked where its RDM is written (no other n x n buffer)
+        centred_ranks_(rdm(y, out=b[j]))
     norms = upper_norm(a) * upper_norm(b)
     observed = (a * b).sum((-2, -1)) / norms
     decided = None
@@ -223,14 +352,15 @@ def rsa_extreme(x: torch.Tensor, ys: torch.Tensor, reference: torch.Tensor | Non
     return extreme
 
 
-def measure_extreme(measure: str, x: torch.Tensor, ys: torch.Tensor, kind: str = "debiased", reference=None, tail: tuple | None = None):
+def measure_extreme(measure: str, x: torch.Tensor, ys: torch.Tensor, kind: str = "debiased", reference=None, tail: tuple | None = None,
+                    out: torch.Tensor | None = None):
     """`extreme` of `measure` (cka, rsa, retrieval) for one reference x [n, d] against draws ys [m, n, d]
     (`reference`: RSA's rank matrix of x, `spearman_matrix(rdm(x))`, to reuse; `tail`: (groups, n_perm, risk, alpha)
-    for the tail bound's `extreme.decided`, CKA and RSA; retrieval's is None)."""
+    for the tail bound's `extreme.decided`, CKA and RSA; retrieval's is None; `out`: RSA's buffer, `rsa_extreme`)."""
     if measure == "cka":
         return cka_extreme(x.expand_as(ys), ys, kind, tail)
     if measure == "rsa":
-        return rsa_extreme(x, ys, reference, tail)
+        return rsa_extreme(x, ys, reference, tail, out)
     if measure == "retrieval":
         extreme = retrieval_extreme(x.expand_as(ys), ys)
         extreme.decided = None
@@ -277,21 +407,45 @@ def detection_rate(test: Callable[[Sequence[int]], Sequential], draws: int, seed
 
 
 def planted_power(measure: str, base: torch.Tensor, snr: float, groups=None, draws: int = 50, seed: int = 0,
-                  kind: str = "debiased", n_perm: int = N_PERM, alpha: float = ALPHA, chunk: int = CHUNK) -> Power:
+                  kind: str = "debiased", n_perm: int = N_PERM, alpha: float = ALPHA, chunk: int = CHUNK,
+                  terms: PlantedCkaTerms | None = None) -> Power:
     """Power of `measure`'s test at `groups`' null (None: all pairings) against a planted shared signal:
     `base` [n, d] (the reference's vectors; centred and scaled) against `draws` partners sharing it at `snr`
-    (`planted_representations`, in the reference's space), each tested sequentially (`sequential_test`)."""
+    (`planted_representations`, in the reference's space), each tested sequentially (`sequential_test`).
+    `terms` (CKA: `planted_cka_terms` of the same base, groups, seed, kind, n_perm and chunk): the null from
+    terms kept for every level (`PlantedCkaTerms`), the same test up to float32 rounding below its recheck."""
     x = planted_representations(base, ["reference"], math.inf, 0, rotate=False)["reference"]
     reference = spearman_matrix(rdm(x)) if measure == "rsa" else None
+    ranks = torch.empty(min(chunk, draws), *reference.shape, dtype=torch.float64) if measure == "rsa" else None  # one buffer for every chunk
+    tail = (groups, n_perm, TAIL_RISK, alpha)
 
     def test(seeds: Sequence[int]) -> Sequential:
         ys = torch.stack([planted_representations(base, ["planted"], snr, s, rotate=False)["planted"]
                           for s in seeds])
+        if measure == "cka" and terms is not None:
+            extreme = cka_extreme(x.expand_as(ys), ys, kind, tail, terms, seeds, snr)
+            return sequential_test(extreme, len(seeds), torch.arange(n_perm), alpha, decided=extreme.decided)
         perms = permutations(x.shape[0], n_perm, seeds[0], groups)
-        extreme = measure_extreme(measure, x, ys, kind, reference, (groups, n_perm, TAIL_RISK, alpha))
+        extreme = measure_extreme(measure, x, ys, kind, reference, tail, ranks)
         return sequential_test(extreme, len(seeds), perms, alpha, decided=extreme.decided)
 
     return detection_rate(test, draws, seed, snr, chunk)
+
+
+def planted_cka_terms(base: torch.Tensor, groups=None, kind: str = "debiased", n_perm: int = N_PERM) -> PlantedCkaTerms | None:
+    """`PlantedCkaTerms` for `planted_power`'s CKA draws of `base` (None for rbf CKA, which has no feature space)."""
+    if kind not in ("linear", "debiased"):
+        return None
+    x = planted_representations(base, ["reference"], math.inf, 0, rotate=False)["reference"]
+    return PlantedCkaTerms(x, lambda s: planted_representations(base, ["planted"], 0.0, s, rotate=False)["planted"], kind, n_perm, groups)
+
+
+def power_curve(measure: str, base: torch.Tensor, groups=None, draws: int = 50, seed: int = 0, kind: str = "debiased",
+                n_perm: int = N_PERM, bracket: tuple[float, float] = BRACKET, bisections: int = BISECTIONS) -> tuple[list[Power], float]:
+    """`bisect_power` of `planted_power` for one measure: (the tested levels, the detection limit). CKA's levels
+    share one `PlantedCkaTerms`, so each draw's null terms are computed once for all levels."""
+    terms = planted_cka_terms(base, groups, kind, n_perm) if measure == "cka" else None
+    return bisect_power(lambda snr: planted_power(measure, base, snr, groups, draws, seed, kind, n_perm, terms=terms), bracket, bisections)
 
 
 def bisect_power(power_at: Callable[[float], Power], bracket: tuple[float, float] = BRACKET,

@@ -19,13 +19,14 @@ from xlsub.similarity.retrieval import unit_rows
 from xlsub.stats import inference
 
 
-def rdm(x: torch.Tensor, centre: bool = False) -> torch.Tensor:
+def rdm(x: torch.Tensor, centre: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """Representational dissimilarity matrix 1 - cos(x_i, x_j), [..., n, n] float64 (Kriegeskorte et al. 2008).
 
     `centre`: subtract the mean over examples first. A zero row has cosine 0 (dissimilarity 1) to all.
+    `out`: a float64 [..., n, n] buffer to write it into (the same numbers: -c + 1 rounds as 1 - c).
     """
     xn = unit_rows(x, centre)
-    return 1.0 - xn @ xn.mT
+    return torch.matmul(xn, xn.mT, out=out).neg_().add_(1.0)
 
 
 def rsa(x: torch.Tensor, y: torch.Tensor, centre: bool = False) -> torch.Tensor:
@@ -95,14 +96,15 @@ def mantel_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 500, seed: int =
 
 
 def centred_ranks(x: torch.Tensor, centre: bool = False) -> torch.Tensor:
-    """`xlsub.stats.inference.centred_upper(rdm(x), "spearman")` [..., n, n], one leading index at a time:
-    at n = 5,000 an RDM is 200 MB, and ranking seven at once held several GB of sort buffers."""
+    """`xlsub.stats.inference.centred_upper(rdm(x), "spearman")` [..., n, n], one leading index at a time, each
+    ranked where its RDM was written (`centred_ranks_`): at n = 5,000 an RDM is 200 MB, and ranking seven at
+    once held several GB of sort buffers."""
     if x.dim() == 2:
-        return inference.centred_upper(rdm(x, centre), "spearman")
+        return inference.centred_ranks_(rdm(x, centre))
     flat = x.reshape(-1, *x.shape[-2:])
     out = torch.empty(len(flat), x.shape[-2], x.shape[-2], dtype=torch.float64)
     for index, one in enumerate(flat):
-        out[index] = inference.centred_upper(rdm(one, centre), "spearman")
+        inference.centred_ranks_(rdm(one, centre, out=out[index]))
     return out.reshape(*x.shape[:-2], x.shape[-2], x.shape[-2])
 
 
@@ -185,8 +187,8 @@ def _untied_rsa(ux: torch.Tensor, uys, blocks: torch.Tensor) -> torch.Tensor | N
             if order is None:
                 return None
         else:
-            order = torch.argsort(values)
-            if (values.index_select(0, order).diff() == 0).any():
+            order = inference.untied_order(values)
+            if order is None:
                 return None
         sorted_.append(_Sorted(order, block_i, block_j))
         del order, values
