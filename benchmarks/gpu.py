@@ -145,7 +145,8 @@ def finetune(cfg, device: torch.device, precision: str, rates: dict, decoder: bo
     tokens_per_s = n * cfg.batch * cfg.seq / seconds
     peak_rate = rates.get({"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision], float("nan"))
     return {"stage": f"finetune {precision}{' (decoder)' if decoder else ''}", "unit": "steps/s", "rate": n / seconds,
-            "tokens_per_s": tokens_per_s, "peak_gib": peak_gib(device), "mfu": tokens_per_s * flops / (peak_rate * 1e12),
+            "tokens_per_s": tokens_per_s, "peak_gib": peak_gib(device), "flops_per_token": flops, "precision": precision,
+            "mfu": tokens_per_s * flops / (peak_rate * 1e12),
             "setting": f"{cfg.batch} x {cfg.seq} tokens a step, {n} steps timed"}
 
 

@@ -89,10 +89,17 @@ def test_gpu_benchmark_runs_its_stages_on_cpu_in_smoke_mode(tmp_path):
     out = tmp_path / "gpu.json"
     subprocess.run([sys.executable, str(root / "benchmarks/gpu.py"), "--device", "cpu", "--smoke", "--json", str(out)],
                    check=True, capture_output=True, cwd=tmp_path)
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
     assert [r["stage"].split()[0] for r in rows] == ["finetune", "prune", "encode"] * 2
     assert all(r["rate"] > 0 for r in rows) and all(r["stage"].endswith("(decoder)") for r in rows[3:])
-    assert all(0 < r["mfu"] < 1 for r in (rows[0], rows[3]))
+    # MFU: the stage's model FLOPs per second over the matrix-product rate measured in the same process. Other load on
+    # the machine can take the cores from one measurement and not the other, so on a shared CPU the ratio is only
+    # bounded loosely; the accounting itself is checked exactly.
+    peak = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+    for r in (rows[0], rows[3]):
+        assert r["mfu"] == r["tokens_per_s"] * r["flops_per_token"] / (result["matmul_tflops"][peak[r["precision"]]] * 1e12)
+        assert 0 < r["mfu"] < 3
     no_cuda = subprocess.run(["bash", str(root / "benchmarks/gpu.sh")], capture_output=True, text=True,
                              env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""})
     assert no_cuda.returncode == 0 and "no CUDA device" in no_cuda.stdout
