@@ -59,7 +59,7 @@ class AnalyzeArgs(StageArgs):
     subnetwork_permutations: int = field(default=200, metadata={"help": "permutations of the CKA and retrieval nulls, and at most as many of the Mantel test, for each subnetwork (last layer)", "range": COUNT})
     length_permutations: int = field(default=500, metadata={"help": "length-matched permutations of the full model's CKA and RSA's Mantel test (full model and controls, last layer)",
                                                             "range": COUNT})
-    power_draws: int = field(default=50, metadata={"help": "planted draws per signal-to-noise level of the power analysis (CKA, RSA and retrieval; 99 permutations a draw, stopped early)",
+    power_draws: int = field(default=50, metadata={"help": "planted draws per signal-to-noise level of the power analysis (CKA, RSA and retrieval; 99 permutations a draw, stopped early; a level whose side of power 0.8 is settled stops sooner)",
                                                    "range": COUNT})
 
     @property

@@ -577,7 +577,7 @@ def test_power_table_limits_and_the_verdicts_power_sentence(complete):
         assert (limit == reached.min()) if len(reached) else math.isnan(limit)
     verdict = next(v for v in complete.verdicts if v.question == VERDICT_KEYS["beyond_length"])
     if math.isfinite(complete.metrics["detection_limit.cka"]):
-        assert "has power >= 0.8 (from 10 planted draws per level, 99 permutations each) from a signal-to-noise ratio of" in verdict.answer
+        assert "has power >= 0.8 (from up to 10 planted draws per level, 99 permutations each) from a signal-to-noise ratio of" in verdict.answer
 
 
 def test_spearman_brown_and_the_reliability_caveat():

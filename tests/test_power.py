@@ -166,10 +166,30 @@ def test_power_curve_shares_ckas_terms_across_levels_with_the_same_decisions():
     """CKA's power curve with terms kept for every level: the same levels, detections and permutation counts as
     testing each level afresh, and no (draw, permutation) computed twice."""
     levels, limit = power_curve("cka", base(), groups(), draws=20, seed=2, bracket=(1e-3, 10.0), bisections=3)
-    fresh, fresh_limit = bisect_power(lambda snr: planted_power("cka", base(), snr, groups(), draws=20, seed=2), (1e-3, 10.0), 3)
+    fresh, fresh_limit = bisect_power(lambda snr: planted_power("cka", base(), snr, groups(), draws=20, seed=2, target=0.8), (1e-3, 10.0), 3)
     assert levels == fresh and (limit == fresh_limit or math.isnan(limit) and math.isnan(fresh_limit))
     assert 0 < sum(level.permutations for level in levels)
     assert any(0 < level.power < 1 for level in levels)  # the bracket crosses the limit: draws run their permutations
+
+
+@pytest.mark.parametrize("per_chunk, used", [(10, 30), (0, 10), (5, 20), (8, 50)])
+def test_a_level_stops_drawing_once_its_side_of_the_target_is_settled(per_chunk, used):
+    """With the bisection's target, draws stop after a chunk once the Wilson interval at 1 - 0.05 / 5 (five looks
+    at 50 draws in chunks of 10) excludes 0.8: all detected settles above at 30 (30 / (30 + 2.576^2) = 0.819),
+    none below at 10, half below at 20; 8 of 10 never settles. Without a target every draw is used."""
+    from xlsub.similarity.power import Sequential, detection_rate
+
+    def test(seeds):
+        m = len(seeds)
+        detected = torch.arange(m) < per_chunk
+        return Sequential(torch.zeros(m, dtype=torch.long), torch.full((m,), 99), 99, detected)
+
+    stopped = detection_rate(test, 50, 0, 1.0, 10, target=0.8)
+    assert (stopped.n_draws, stopped.detected) == (used, used * per_chunk // 10)
+    assert (stopped.lo, stopped.hi) == pytest.approx(wilson_interval(stopped.detected, used))
+    assert detection_rate(test, 50, 0, 1.0, 10).n_draws == 50
+    z = scipy.stats.norm.ppf(1 - 0.05 / 10)
+    assert 30 / (30 + z * z) > 0.8 > 20 / (20 + z * z)  # the settling point of the all-detected stream, by hand
 
 
 def fake_power(crossing: float, tested: list):

@@ -226,7 +226,7 @@ def beyond_length(difference: float, lo: float, hi: float, above: float, control
     token count) at the last layer, the trained model's minus the control's (the random-init model, or the
     length-only encoder): the paired difference, its sign-flip interval and one-sided p over languages.
     `above`, `control_above`: the two means, for reading; `detection_limit`: the planted-signal power analysis's
-    (`xlsub.similarity.power`, `power_draws` draws per level of `power_permutations` permutations);
+    (`xlsub.similarity.power`, up to `power_draws` draws per level of `power_permutations` permutations);
     `positive`: the languages whose difference is above 0."""
     p_text = format_p(p, inference.p_floor)
     both = f"trained {_fmt(above)}, {control} {_fmt(control_above)}"
@@ -243,7 +243,7 @@ def beyond_length(difference: float, lo: float, hi: float, above: float, control
     if inference.robust_to_leave_one_out is False:
         answer += "; the answer changes when one language is left out"
     if math.isfinite(detection_limit):
-        answer += (f"; at this n and d, the length-restricted CKA test has power >= 0.8 (from {power_draws} planted draws per "
+        answer += (f"; at this n and d, the length-restricted CKA test has power >= 0.8 (from up to {power_draws} planted draws per "
                    f"level, {power_permutations} permutations each) from a signal-to-noise ratio of {_fmt(detection_limit)} on")
     return Verdict(BEYOND_LENGTH, answer, difference, lo, hi, f"the same for the {control}", control_above, p, inference)
 

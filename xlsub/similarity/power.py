@@ -27,7 +27,12 @@ length-restricted null, how strong must a shared signal be for CKA, RSA or retri
 - Power at a level: the share of draws detected at alpha, with its Wilson 95% interval
   (`xlsub.stats.inference.wilson_interval`). Levels: `bisect_power`, bisection on log SNR inside
   `BRACKET` (a binary search over its 2^`BISECTIONS` steps); the detection limit is the smallest tested
-  level with power >= `TARGET`.
+  level with power >= `TARGET`. In the bisection (`power_curve`) a level stops drawing after a chunk once
+  its side of the target is settled: the Wilson interval of its draws so far at 1 - 0.05 / K (Bonferroni over
+  its K looks) excludes `TARGET` (all detected settles above after 30 of 50 draws, none below after 10); the
+  table reports the draws each level used.
+- CKA's levels share their null terms (`PlantedCkaTerms`): a draw is a x + b e_j at every level with the same
+  noise and its chunk's permutations, so each (draw, permutation) is computed once for the whole curve.
 """
 
 from __future__ import annotations
@@ -332,7 +337,7 @@ def rsa_extreme(x: torch.Tensor, ys: torch.Tensor, reference: torch.Tensor | Non
     for j, y in enumerate(ys):  # one draw at a time, ranked where its RDM is written (no other n x n buffer)
         centred_ranks_(rdm(y, out=b[j]))
     norms = upper_norm(a) * upper_norm(b)
-    observed = (a * b).sum((-2, -1)) / norms
+    observed = b.reshape(len(b), -1) @ a.reshape(-1) / norms  # a product, not an [m, n, n] temporary (2 GB at n = 5,000)
     decided = None
     if tail is not None:
         groups, n_perm, risk, alpha = tail
@@ -396,24 +401,36 @@ def rate(snr: float, draws: int, detected: int, permutations: int) -> Power:
 
 
 def detection_rate(test: Callable[[Sequence[int]], Sequential], draws: int, seed: int, snr: float = math.nan,
-                   chunk: int = CHUNK) -> Power:
-    """Power from `draws` tests: `test(seeds)` runs one chunk of draws (seeds `draw_seed(seed, j)`)."""
-    detected, evaluated = 0, 0
+                   chunk: int = CHUNK, target: float | None = None) -> Power:
+    """Power from `draws` tests: `test(seeds)` runs one chunk of draws (seeds `draw_seed(seed, j)`).
+
+    `target` (the bisection's, `power_curve`): stop drawing once the level's side of the target is settled, where
+    after a chunk the Wilson interval of the draws so far at level 1 - 0.05 / K (K = the chunks a level can take:
+    Bonferroni over its looks) lies wholly above or below it. Such a level reports the draws it used (`n_draws`)
+    and their 95% interval; a level near the target, where the detection limit is decided, uses all `draws`."""
+    looks = max(1, math.ceil(draws / chunk))
+    detected, evaluated, used = 0, 0, 0
     for start in range(0, draws, chunk):
         result = test([draw_seed(seed, j) for j in range(start, min(draws, start + chunk))])
         detected += int(result.detected.sum())
         evaluated += int(result.used.sum())
-    return rate(snr, draws, detected, evaluated)
+        used = min(draws, start + chunk)
+        if target is not None and used < draws:
+            lo, hi = wilson_interval(detected, used, 1 - 0.05 / looks)
+            if lo > target or hi < target:
+                break
+    return rate(snr, used, detected, evaluated)
 
 
 def planted_power(measure: str, base: torch.Tensor, snr: float, groups=None, draws: int = 50, seed: int = 0,
                   kind: str = "debiased", n_perm: int = N_PERM, alpha: float = ALPHA, chunk: int = CHUNK,
-                  terms: PlantedCkaTerms | None = None) -> Power:
+                  terms: PlantedCkaTerms | None = None, target: float | None = None) -> Power:
     """Power of `measure`'s test at `groups`' null (None: all pairings) against a planted shared signal:
     `base` [n, d] (the reference's vectors; centred and scaled) against `draws` partners sharing it at `snr`
     (`planted_representations`, in the reference's space), each tested sequentially (`sequential_test`).
     `terms` (CKA: `planted_cka_terms` of the same base, groups, seed, kind, n_perm and chunk): the null from
-    terms kept for every level (`PlantedCkaTerms`), the same test up to float32 rounding below its recheck."""
+    terms kept for every level (`PlantedCkaTerms`), the same test up to float32 rounding below its recheck.
+    `target`: stop drawing once the level's side of it is settled (`detection_rate`)."""
     x = planted_representations(base, ["reference"], math.inf, 0, rotate=False)["reference"]
     reference = spearman_matrix(rdm(x)) if measure == "rsa" else None
     ranks = torch.empty(min(chunk, draws), *reference.shape, dtype=torch.float64) if measure == "rsa" else None  # one buffer for every chunk
@@ -429,7 +446,7 @@ def planted_power(measure: str, base: torch.Tensor, snr: float, groups=None, dra
         extreme = measure_extreme(measure, x, ys, kind, reference, tail, ranks)
         return sequential_test(extreme, len(seeds), perms, alpha, decided=extreme.decided)
 
-    return detection_rate(test, draws, seed, snr, chunk)
+    return detection_rate(test, draws, seed, snr, chunk, target)
 
 
 def planted_cka_terms(base: torch.Tensor, groups=None, kind: str = "debiased", n_perm: int = N_PERM) -> PlantedCkaTerms | None:
@@ -441,11 +458,14 @@ def planted_cka_terms(base: torch.Tensor, groups=None, kind: str = "debiased", n
 
 
 def power_curve(measure: str, base: torch.Tensor, groups=None, draws: int = 50, seed: int = 0, kind: str = "debiased",
-                n_perm: int = N_PERM, bracket: tuple[float, float] = BRACKET, bisections: int = BISECTIONS) -> tuple[list[Power], float]:
+                n_perm: int = N_PERM, bracket: tuple[float, float] = BRACKET, bisections: int = BISECTIONS,
+                target: float = TARGET) -> tuple[list[Power], float]:
     """`bisect_power` of `planted_power` for one measure: (the tested levels, the detection limit). CKA's levels
-    share one `PlantedCkaTerms`, so each draw's null terms are computed once for all levels."""
+    share one `PlantedCkaTerms`, so each draw's null terms are computed once for all levels; a level stops drawing
+    once its side of the target is settled (`detection_rate`)."""
     terms = planted_cka_terms(base, groups, kind, n_perm) if measure == "cka" else None
-    return bisect_power(lambda snr: planted_power(measure, base, snr, groups, draws, seed, kind, n_perm, terms=terms), bracket, bisections)
+    return bisect_power(lambda snr: planted_power(measure, base, snr, groups, draws, seed, kind, n_perm, terms=terms, target=target),
+                        bracket, bisections, target)
 
 
 def bisect_power(power_at: Callable[[float], Power], bracket: tuple[float, float] = BRACKET,
