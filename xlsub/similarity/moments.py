@@ -137,7 +137,7 @@ def gram_summary(k: torch.Tensor, groups=None) -> Summary:
     count = len(sizes)
     sums = k.new_zeros(n, count).index_add_(1, codes, k)  # k_ih
     u = torch.cat([k.diagonal()[:, None], sums], dim=1)
-    squares = k.new_zeros(count, count).index_add_(0, codes, k.square().new_zeros(n, count).index_add_(1, codes, k.square()))
+    squares = k.new_zeros(count, count).index_add_(0, codes, k.new_zeros(n, count).index_add_(1, codes, k.square()))
     blocks = k.new_zeros(count, count).index_add_(0, codes, sums)  # S_gh
     # |K_gh double-centred|^2 = sum K^2 - sum_i k_ih^2 / m_h - sum_j k_jg^2 / m_g + S_gh^2 / (m_g m_h)
     row_sq = k.new_zeros(count, count).index_add_(0, codes, sums.square())  # [g, h] = sum_{i in g} k_ih^2
