@@ -185,7 +185,7 @@ def cka_extreme(xs: torch.Tensor, ys: torch.Tensor, kind: str = "debiased", tail
         groups, n_perm, risk, alpha = tail
         if terms is not None:
             n = xs.shape[-2]
-            mean, sd, weight = torch.stack([pair_null_moments(terms.side(groups), null_side(one, kind, groups), kind, n)
+            mean, sd, weight = torch.stack([pair_null_moments(terms.side(), null_side(one, kind, groups), kind, n)
                                             for one in prepared_ys]).mT
         elif same:  # one reference for every draw: its statistics once
             mean, sd, weight = cka_null_moments_many(xs[0], ys, kind, groups)
@@ -223,7 +223,7 @@ class PlantedCkaTerms:
         self.x = prepare(x, kind, precision="float32")  # xc float32; rows, total, self float64
         self.reference = prepare(x, kind)  # float64: the observed CKA of every draw (`prepared_cka`)
         self._side = None
-        self.xc = x.double() - x.double().mean(0)
+        self.xc = self.reference["xc"]
         self.rows = self.xc.square().sum(-1)
         self._chunks: dict[tuple[int, ...], dict] = {}
         self._resident: tuple[tuple[int, ...], torch.Tensor] | None = None  # the last chunk's centred noise, float32
@@ -236,8 +236,7 @@ class PlantedCkaTerms:
         key = tuple(chunk)
         if key not in self._chunks:
             n = self.xc.shape[0]
-            noise = torch.stack([self.noise(s) for s in key])
-            ec = noise - noise.mean(-2, keepdim=True)
+            ec = self._centred_noise(key)
             m = len(key)
             self._chunks[key] = {
                 "perms": permutations(n, self.n_perm, key[0], self.groups),
@@ -249,10 +248,13 @@ class PlantedCkaTerms:
             self._resident = (key, ec.float())
         return self._chunks[key]
 
+    def _centred_noise(self, chunk: tuple[int, ...]) -> torch.Tensor:
+        noise = torch.stack([self.noise(s) for s in chunk])
+        return noise - noise.mean(-2, keepdim=True)
+
     def _noise(self, chunk: tuple[int, ...]) -> torch.Tensor:
         if self._resident is None or self._resident[0] != chunk:
-            noise = torch.stack([self.noise(s) for s in chunk])
-            self._resident = (chunk, (noise - noise.mean(-2, keepdim=True)).float())
+            self._resident = (chunk, self._centred_noise(chunk).float())
         return self._resident[1]
 
     def _fill(self, chunk: tuple[int, ...], block: torch.Tensor) -> None:
@@ -274,10 +276,10 @@ class PlantedCkaTerms:
         state["draw"][3][:, todo] = state["u"][:, perms] @ self.rows
         state["done"][todo] = True
 
-    def side(self, groups) -> NullSide:
-        """The reference's `NullSide` at `groups` (computed once)."""
+    def side(self) -> NullSide:
+        """The reference's `NullSide` at the terms' groups (computed once)."""
         if self._side is None:
-            self._side = null_side(self.reference, self.kind, groups)
+            self._side = null_side(self.reference, self.kind, self.groups)
         return self._side
 
     def level(self, chunk: Sequence[int], ys_prepared: Sequence[dict], snr: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
