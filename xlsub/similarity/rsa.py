@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -17,6 +18,11 @@ from xlsub.similarity.jackknife import Interval, jackknife_blocks
 from xlsub.similarity.permutation import TAIL_PILOT, permutations, sequential_null
 from xlsub.similarity.retrieval import unit_rows
 from xlsub.stats import inference
+
+# the leave-block-out RSA without ties (`_untied_rsa`): blocks whose x ranks one gather reads together (int32, 16 bytes:
+# one cache line), and the entries of a language's sort handled at a time
+JACKKNIFE_GROUP = 4
+JACKKNIFE_CHUNK = 1 << 16
 
 
 def rdm(x: torch.Tensor, centre: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,8 +115,10 @@ def centred_ranks(x: torch.Tensor, centre: bool = False) -> torch.Tensor:
 
 
 def _upper(d: torch.Tensor) -> torch.Tensor:
-    i, j = torch.triu_indices(d.shape[-1], d.shape[-1], offset=1)
-    return d[..., i, j]
+    """The strict upper triangle of d [..., n, n], row by row (`torch.triu_indices` order), [..., n (n - 1) / 2]:
+    one slice per row, without the two int64 index arrays of advanced indexing (200 MB at n = 5,000)."""
+    n = d.shape[-1]
+    return torch.cat([d[..., i, i + 1:] for i in range(n - 1)], -1) if n > 1 else d.new_empty(*d.shape[:-2], 0)
 
 
 def _tie_runs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,22 +148,6 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1) / (torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1))
 
 
-class _Sorted:
-    """One RDM's upper triangle sorted once for the leave-block-out RSA without ties (`_untied_rsa`): each entry's
-    position in the sort (`position`, int32) and the blocks of the two sentences of each sorted entry (`first`,
-    `second`, int16), so a block's kept entries in sorted order come from two comparisons, not a gather."""
-
-    def __init__(self, order: torch.Tensor, block_i: torch.Tensor, block_j: torch.Tensor):
-        self.position = torch.empty(len(order), dtype=torch.int32).index_copy_(0, order, torch.arange(len(order), dtype=torch.int32))
-        self.first, self.second = block_i.index_select(0, order), block_j.index_select(0, order)
-
-    def kept_ranks(self, block: int) -> torch.Tensor:
-        """Each entry's rank among the entries kept without `block` (1..K, float64), in the triangle's order
-        (removed entries hold the rank of the kept entry below them; the caller masks them)."""
-        kept = (self.first != block) & (self.second != block)
-        return torch.cumsum(kept, 0, dtype=torch.float64).index_select(0, self.position)
-
-
 def _untied_order(ranks: torch.Tensor) -> torch.Tensor | None:
     """The sort order of an upper triangle from its `centred_ranks` matrix (ranks 1..m minus their mean, no
     sort), or None where the ranks are not a permutation of 1..m (ties were averaged)."""
@@ -171,37 +163,72 @@ def _untied_order(ranks: torch.Tensor) -> torch.Tensor | None:
 def _untied_rsa(ux: torch.Tensor, uys, blocks: torch.Tensor) -> torch.Tensor | None:
     """`leave_block_out_rsa` of one upper triangle ux against each of uys (an iterable, each triangle built when
     reached and dropped once sorted: seven 5,000-sentence triangles are 700 MB; or `centred_ranks` matrices, whose
-    ranks give the sort without sorting), [len(uys), B], where no triangle has
-    tied values (continuous dissimilarities), else None. Ranks 1..K of the kept entries have a known mean and
-    variance, so Spearman's rho is (sum_kept r_x r_y - K ((K + 1) / 2)^2) / (K (K^2 - 1) / 12): per block one
-    cumulative count and one gather per triangle, where `_subset_ranks` averages tie runs."""
+    ranks give the sort without sorting), [len(uys), B], where no triangle has tied values (continuous
+    dissimilarities), else None.
+
+    Ranks 1..K of the kept entries have a known mean and variance, so Spearman's rho is (S - K ((K + 1) / 2)^2) /
+    (K (K^2 - 1) / 12) with S = sum_kept r_x r_y. A kept entry's rank among the kept ones is a running count of
+    kept entries in its triangle's sort, so S needs, per block, x's kept ranks read at the x-sorted position of
+    each entry of y's sort: one random gather of the triangle. `JACKKNIFE_GROUP` blocks' x ranks sit side by side
+    (one cache line), so one gather serves them all (`_kept_rank_products`), and the languages share the cores."""
     k = len(blocks)
     i, j = torch.triu_indices(k, k, offset=1)
     block_i, block_j = blocks.to(torch.int16)[i], blocks.to(torch.int16)[j]
-    sorted_ = []
+    del i, j
+    position_x = sides = None
     for values in itertools.chain([ux], uys):
-        if values is None:
+        order = None if values is None else _untied_order(values) if values.dim() == 2 else inference.untied_order(values)
+        if order is None:
             return None
-        if values.dim() == 2:  # a centred rank matrix: its ranks are the sort
-            order = _untied_order(values)
-            if order is None:
-                return None
-        else:
-            order = inference.untied_order(values)
-            if order is None:
-                return None
-        sorted_.append(_Sorted(order, block_i, block_j))
-        del order, values
+        del values
+        if position_x is None:  # the reference: each entry's position in its sort, and its blocks in that order
+            position_x = torch.empty(len(order), dtype=torch.int32).index_copy_(0, order, torch.arange(len(order), dtype=torch.int32))
+            first_x, second_x, sides = block_i.index_select(0, order), block_j.index_select(0, order), []
+        else:  # a language: the reference's position of each entry of its sort, and the entry's blocks
+            sides.append((position_x.index_select(0, order), block_i.index_select(0, order), block_j.index_select(0, order)))
+        del order
+    del position_x, block_i, block_j
     count = int(blocks.max()) + 1
-    out = torch.empty(len(sorted_) - 1, count, dtype=torch.float64)
-    for b in range(count):
-        kept = (block_i != b) & (block_j != b)
-        size = float(kept.sum())
-        ranks_x = sorted_[0].kept_ranks(b).mul_(kept)
-        centre, spread = size * ((size + 1) / 2) ** 2, size * (size * size - 1) / 12
-        for index, one in enumerate(sorted_[1:]):
-            out[index, b] = (torch.dot(ranks_x, one.kept_ranks(b)) - centre) / spread
-    return out
+    sizes = torch.bincount(blocks, minlength=count).double()
+    kept_sizes = (k - sizes) * (k - sizes - 1) / 2  # entries without the block: pairs of the other sentences
+    out = torch.empty(len(sides), count, dtype=torch.float64)
+    workers = max(1, min(torch.get_num_threads(), len(sides)))
+    with ThreadPoolExecutor(workers) as pool:
+        for group in torch.arange(count, dtype=torch.int16).split(JACKKNIFE_GROUP):
+            table = torch.empty(len(first_x), len(group), dtype=torch.int32)
+            for column, b in enumerate(group.tolist()):  # x's kept ranks in x's sort, 0 where the entry is removed
+                kept = (first_x != b) & (second_x != b)
+                table[:, column] = torch.cumsum(kept, 0, dtype=torch.int32).mul_(kept)
+            del kept
+            products = list(pool.map(lambda side: _kept_rank_products(table, *side, group), sides))
+            if products:
+                out[:, group.long()] = torch.stack(products)
+            table = None  # freed before the next group's is built
+    size = kept_sizes[None]
+    return (out - size * ((size + 1) / 2) ** 2) / (size * (size * size - 1) / 12)
+
+
+def _kept_rank_products(table: torch.Tensor, position: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
+                        group: torch.Tensor, chunk: int = JACKKNIFE_CHUNK) -> torch.Tensor:
+    """For each block of `group` [G], S = sum over kept entries of x's kept rank (`table` [N, G], read at each
+    entry's x position `position`, 0 where removed) times y's kept rank (a running count of kept entries along y's
+    sort: `first`, `second` are the blocks of each sorted entry's sentences), [G] float64; `chunk` entries at a
+    time into buffers allocated once, so the temporaries stay in cache."""
+    blocks, width = group[:, None], min(chunk, len(position))
+    kept, other = torch.empty(len(group), width, dtype=torch.bool), torch.empty(len(group), width, dtype=torch.bool)
+    ranks = torch.empty(len(group), width, dtype=torch.float64)
+    gathered, values = torch.empty(width, len(group), dtype=torch.int32), torch.empty(width, len(group), dtype=torch.float64)
+    total = torch.zeros(len(group), dtype=torch.float64)
+    carry = torch.zeros(len(group), 1, dtype=torch.float64)
+    for start in range(0, len(position), width):
+        stop = min(start + width, len(position))
+        k, o, r, g, v = kept[:, :stop - start], other[:, :stop - start], ranks[:, :stop - start], gathered[:stop - start], values[:stop - start]
+        torch.ne(first[None, start:stop], blocks, out=k).logical_and_(torch.ne(second[None, start:stop], blocks, out=o))
+        torch.cumsum(k, 1, dtype=torch.float64, out=r).add_(carry)
+        carry = r[:, -1:].clone()
+        v.copy_(torch.index_select(table, 0, position[start:stop], out=g))
+        total += torch.mm(r, v).diagonal()
+    return total
 
 
 def leave_block_out_rsa(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor, centre: bool = False,
