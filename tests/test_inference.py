@@ -359,3 +359,28 @@ def test_untied_order_is_the_argsort_and_finds_ties_even_one_ulp_apart():
     assert torch.equal(rdm(x), 1.0 - unit_rows(x, False) @ unit_rows(x, False).mT)
     buffer = torch.empty(50, 50, dtype=torch.float64)
     assert torch.equal(centred_ranks_(rdm(x, out=buffer)), centred_upper(rdm(x)[None], "spearman")[0]) and torch.equal(buffer, centred_upper(rdm(x), "spearman"))
+
+
+@pytest.mark.parametrize("k", [9, 150])
+def test_permuted_cross_equals_the_sum_over_permuted_entries(k, monkeypatch):
+    """permuted_cross is sum_ij A_ij B_p(i)p(j) for every matrix and permutation, computed here entry by entry in
+    numpy: all matrices, a selection of them (in the selection's order), row tiles that do not divide k (a tile
+    budget of a few rows), and no permutations."""
+    from xlsub.stats import inference
+
+    monkeypatch.setattr(inference, "_MANTEL_TILE_BYTES", 8 * k * 7 * 4)  # 4 rows per tile for 3 permutations + 4 matrices
+    g = torch.Generator().manual_seed(11)
+
+    def symmetric(m):
+        x = torch.randn(m, k, k, generator=g, dtype=torch.float64)
+        x = x + x.mT
+        return x - torch.diag_embed(torch.diagonal(x, dim1=-2, dim2=-1))
+
+    a, bs = symmetric(1)[0], symmetric(4)
+    perms = torch.stack([torch.randperm(k, generator=g) for _ in range(3)])
+    na, nb = a.numpy(), bs.numpy()
+    expected = np.array([[(na * one[np.ix_(p, p)]).sum() for p in perms.numpy()] for one in nb])
+    np.testing.assert_allclose(inference.permuted_cross(a, bs, perms).numpy(), expected, rtol=1e-12, atol=1e-9)
+    select = torch.tensor([3, 1])
+    np.testing.assert_allclose(inference.permuted_cross(a, bs, perms, select=select).numpy(), expected[[3, 1]], rtol=1e-12, atol=1e-9)
+    assert inference.permuted_cross(a, bs, perms[:0]).shape == (4, 0)

@@ -247,8 +247,10 @@ MANTEL_METHODS = ("spearman", "pearson")
 # A null statistic within this much (times max(1, |observed|)) of the observed one is a tie: relabellings
 # that map the matrix onto itself give the observed r again, summed in another order.
 MANTEL_TIE = 1e-9
-# Bytes of gathered entries per block of permutations in `permuted_cross`.
+# Bytes of gathered entries per block of permutations in `permuted_cross` (small k), and of its row tiles (the
+# gathered rows of every permutation and the same rows of every matrix; 4-128 MB measured alike at k = 5,000)
 _MANTEL_BLOCK_BYTES = 2**26
+_MANTEL_TILE_BYTES = 2**25
 # Up to this many rows, `permuted_cross` gathers the upper-triangle pairs of a block of permutations in one
 # indexing op (a python loop per permutation would dominate: 8! relabellings of 8 languages); above it, two
 # index_selects per permutation and one product per block (RSA over hundreds of sentences).
@@ -458,35 +460,45 @@ def _pair_index(inverse: torch.Tensor, k: int) -> torch.Tensor:
     return inverse.index_select(1, i) * k + inverse.index_select(1, j)
 
 
-def permuted_cross(a: torch.Tensor, bs: torch.Tensor, perms: torch.Tensor, pairs: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_ij A_ij B_p(i)p(j) for every B in bs [m, k, k] and every permutation p, [m, P] float64 (A, B
-    symmetric with zero diagonal).
+def permuted_cross(a: torch.Tensor, bs: torch.Tensor, perms: torch.Tensor, pairs: torch.Tensor | None = None,
+                   select: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_ij A_ij B_p(i)p(j) for every B in bs [m, k, k] (or the matrices `select` of them) and every
+    permutation p, [m, P] float64 (A, B symmetric with zero diagonal).
 
-    The same sum is sum_ij A_q(i)q(j) B_ij with q = p^-1, so A is gathered once per permutation and a block
-    of gathered copies meets all m matrices in one float64 product: one k^2 gather per permutation however
-    many matrices share the reference (one language against all the others). For small k the upper-triangle
-    pairs of all permutations are gathered at once (`pairs`: their `_pair_index`, when already built).
+    The same sum is sum_ij A_q(i)q(j) B_ij with q = p^-1, so A is gathered once per permutation and meets all
+    m matrices: one k^2 gather per permutation however many matrices share the reference (one language against
+    all the others). For small k the upper-triangle pairs of all permutations are gathered at once (`pairs`:
+    their `_pair_index`, when already built). Above that, a tile of rows i at a time: the tile's gathered rows
+    of every permutation [P, rows, k] meet the same rows of every B in one float64 product, so each B is read
+    once for all P permutations (not once per permutation: at k = 5,000 a B is 200 MB) and the buffers stay a
+    few MB whatever k and P.
     """
     k = a.shape[-1]
-    out = torch.empty(len(bs), len(perms), dtype=torch.float64)
+    which = torch.arange(len(bs)) if select is None else torch.as_tensor(select, dtype=torch.long)
+    out = torch.zeros(len(which), len(perms), dtype=torch.float64)
     if k <= _PAIR_GATHER_MAX_K:
         pairs = _pair_index(torch.argsort(perms, dim=1), k) if pairs is None else pairs
         i, j = torch.triu_indices(k, k, offset=1)
-        flat_a, upper_b = a.reshape(-1), bs[:, i, j]
+        flat_a, upper_b = a.reshape(-1), bs[which][:, i, j]
         block = max(1, min(len(perms), _MANTEL_BLOCK_BYTES // (16 * max(1, len(i)))))
         for start in range(0, len(perms), block):
             chunk = pairs[start:start + block]
             out[:, start:start + len(chunk)] = 2.0 * (upper_b @ flat_a[chunk].mT)
         return out
+    if not len(perms) or not len(which):
+        return out
     inverse = torch.argsort(perms, dim=1)
-    flat_b = bs.reshape(len(bs), k * k)
-    block = max(1, min(len(perms), _MANTEL_BLOCK_BYTES // (8 * k * k)))
-    rows, gathered = torch.empty(k, k, dtype=torch.float64), torch.empty(block, k, k, dtype=torch.float64)
-    for start in range(0, len(perms), block):
-        chunk = inverse[start:start + block]
-        for n, q in enumerate(chunk):
-            torch.index_select(torch.index_select(a, 0, q, out=rows), 1, q, out=gathered[n])
-        out[:, start:start + len(chunk)] = flat_b @ gathered[:len(chunk)].reshape(len(chunk), k * k).mT
+    everything = select is None or torch.equal(which, torch.arange(len(bs)))
+    rows = max(1, min(k, _MANTEL_TILE_BYTES // (8 * k * (len(perms) + len(which)))))
+    gathered = torch.empty(len(perms), rows, k, dtype=torch.float64)
+    picked = None if everything else torch.empty(len(which), rows, k, dtype=torch.float64)
+    for start in range(0, k, rows):
+        stop = min(k, start + rows)
+        tile = gathered[:, :stop - start]
+        for n, q in enumerate(inverse):
+            torch.index_select(a.index_select(0, q[start:stop]), 1, q, out=tile[n])
+        b = bs[:, start:stop] if everything else torch.index_select(bs[:, start:stop], 0, which, out=picked[:, :stop - start])
+        out.addmm_(b.reshape(len(which), -1), tile.reshape(len(perms), -1).mT)
     return out
 
 
