@@ -213,3 +213,22 @@ def test_length_table_takes_the_cka_pvalue_tables_identical_tests():
     assert reused["p_value"].to_numpy() == pytest.approx(alone["p_value"].to_numpy())
     assert reused.loc[(LENGTH_ONLY, "zh"), "p_value"] == pytest.approx(tested.loc[(LENGTH_ONLY, "zh", LAYERS - 1), "p_value"])
     assert reused.loc[("full", "de"), "n_perm"] == 20 != tested.loc[("full", "de", LAYERS - 1), "n_perm"]
+
+
+def test_gram_cosines_equal_the_cosines_of_the_centred_vectors_and_leave_the_gram_alone():
+    """A subsample's kNN graph comes from its block of the Gram matrix: centred cosines equal those of the vectors
+    centred on their own mean and scaled (computed here directly), also far from the origin (a shared offset 50 times
+    the spread, as anisotropic encodings have), with a zero vector at similarity 0; uncentred ones are plain cosines."""
+    from xlsub.similarity.isomorphism import gram_cosines
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64) + 50 * torch.randn(6, generator=g, dtype=torch.float64)
+    gram = x @ x.T
+    kept = gram.clone()
+    c = x - x.mean(0)
+    direct = (c @ c.T) / (c.norm(dim=1)[:, None] * c.norm(dim=1)[None, :])
+    np.testing.assert_allclose(gram_cosines(gram).numpy(), direct.numpy(), atol=1e-10)
+    np.testing.assert_allclose(gram_cosines(gram, centre=False).numpy(), (gram / (x.norm(dim=1)[:, None] * x.norm(dim=1)[None, :])).numpy(), atol=1e-12)
+    assert torch.equal(gram, kept)
+    zero = torch.cat([torch.randn(5, 3, generator=g, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64)])
+    assert torch.equal(gram_cosines(zero @ zero.T, centre=False)[-1], torch.zeros(6, dtype=torch.float64))

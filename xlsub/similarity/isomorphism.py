@@ -41,11 +41,28 @@ def knn_laplacian(x: torch.Tensor, k: int = 10, centre: bool = True) -> scipy.sp
     Neighbours by cosine similarity (after centring on the mean, as for retrieval, unless `centre` is
     False); i and j are joined when either is among the other's k nearest (unweighted).
     """
-    n = x.shape[0]
+    xn = unit_rows(x, centre)
+    return _laplacian(xn @ xn.T, k)
+
+
+def gram_cosines(gram: torch.Tensor, centre: bool = True) -> torch.Tensor:
+    """The cosine similarities of vectors given by their Gram matrix [m, m] (float64), each centred on the
+    vectors' mean first if `centre`: the matrix `knn_laplacian` computes from the vectors themselves, from
+    (x - mu)(x - mu)' = G - g 1' - 1 g' + mean(g) with g the row means of G. A subsample's block of the full
+    sample's Gram gives its graph without another n x d product. Zero vectors have similarity 0."""
+    g = gram.to(torch.float64, copy=True)
+    if centre:
+        row = g.mean(1)
+        g.sub_(row[:, None]).sub_(row[None, :]).add_(row.mean())
+    norms = g.diagonal().clamp_min(0).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
+    return g.div_(norms[:, None]).div_(norms[None, :])
+
+
+def _laplacian(sim: torch.Tensor, k: int) -> scipy.sparse.csr_matrix:
+    """`knn_laplacian` from the similarities [n, n] (overwritten: the diagonal is set to -inf)."""
+    n = sim.shape[0]
     if not 1 <= k < n:
         raise XlsubError(f"knn graph: k must be between 1 and the number of sentences - 1 ({n - 1}), got {k}")
-    xn = unit_rows(x, centre)
-    sim = xn @ xn.T
     sim.fill_diagonal_(-math.inf)
     neighbours = sim.topk(k, dim=1).indices.numpy()
     rows = np.repeat(np.arange(n), k)
@@ -60,7 +77,10 @@ def knn_laplacian_spectrum(x: torch.Tensor, k: int = 10, centre: bool = True, to
     All n of them, or with `top` only the `top` largest: dense for n <= 256 (or when `top` is most of
     the spectrum), else by Lanczos (scipy's ARPACK `eigsh`, a fixed start vector, so repeatable).
     """
-    laplacian = knn_laplacian(x, k, centre)
+    return _spectrum(knn_laplacian(x, k, centre), top)
+
+
+def _spectrum(laplacian: scipy.sparse.csr_matrix, top: int | None) -> torch.Tensor:
     n = laplacian.shape[0]
     count = n if top is None else min(top, n)
     if n <= _DENSE_MAX or 2 * count >= n:
@@ -118,5 +138,10 @@ def subsample_spectra(x: torch.Tensor, subsets: torch.Tensor, k: int = 10, top: 
                       centre: bool = True) -> torch.Tensor:
     """The `top` largest Laplacian eigenvalues of the kNN graph of each subset of x's rows (rows of
     `subsets` [S, m]), [S, min(top, m)]: m-out-of-n subsampling (Politis, Romano & Wolf 1999) of the
-    spectrum. The graph is rebuilt on the m sentences (neighbours among them, centred on their mean)."""
-    return torch.stack([knn_laplacian_spectrum(x[index], min(k, len(index) - 1), centre, top) for index in subsets])
+    spectrum. The graph is rebuilt on the m sentences (neighbours among them, centred on their mean), from
+    the subset's block of x's Gram matrix, computed once for all subsets (`gram_cosines`)."""
+    x64 = x.to(torch.float64)
+    x64 = x64 - x64.mean(0) if centre else x64  # centred on the whole sample first: less cancellation in each subset's
+    gram = x64 @ x64.T
+    return torch.stack([_spectrum(_laplacian(gram_cosines(gram[index][:, index], centre), min(k, len(index) - 1)), top)
+                        for index in subsets])

@@ -19,7 +19,7 @@ from xlsub.similarity.permutation import TAIL_PILOT, permutations, sequential_nu
 from xlsub.similarity.retrieval import unit_rows
 from xlsub.stats import inference
 
-# the leave-block-out RSA without ties (`_untied_rsa`): blocks whose x ranks one gather reads together (int32, 16 bytes:
+# the leave-block-out RSA (`_sorted_rsa`): blocks whose x ranks one gather reads together (int32, 16 bytes:
 # one cache line), and the entries of a language's sort handled at a time
 JACKKNIFE_GROUP = 4
 JACKKNIFE_CHUNK = 1 << 16
@@ -160,75 +160,130 @@ def _untied_order(ranks: torch.Tensor) -> torch.Tensor | None:
     return order if bool((order >= 0).all()) else None
 
 
-def _untied_rsa(ux: torch.Tensor, uys, blocks: torch.Tensor) -> torch.Tensor | None:
+def _sort(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(order, tie runs) of an upper triangle [m] or of the triangle of a `centred_ranks` matrix (whose ranks
+    give the order without a sort where untied), as `xlsub.stats.inference.value_order`; None where it has none."""
+    if values.dim() == 2:
+        order = _untied_order(values)
+        if order is not None:
+            return order, torch.empty(0, 2, dtype=torch.long)
+        values = _upper(values)
+    return inference.value_order(values)
+
+
+class _SortedSide:
+    """One triangle's sort for `_sorted_rsa`: the blocks of each sorted entry's two sentences (`first`, `second`,
+    int16) and its tie runs (positions in a run, their lengths, first and last positions)."""
+
+    def __init__(self, order: torch.Tensor, runs: torch.Tensor, block_i: torch.Tensor, block_j: torch.Tensor):
+        self.first, self.second = block_i.index_select(0, order), block_j.index_select(0, order)
+        self.tied = len(runs) > 0
+        if self.tied:
+            self.starts, self.stops = runs[:, 0], runs[:, 1]
+            marks = torch.zeros(len(order) + 1, dtype=torch.int32)
+            marks.index_add_(0, self.starts, torch.ones(len(runs), dtype=torch.int32))
+            marks.index_add_(0, self.stops, torch.full((len(runs),), -1, dtype=torch.int32))
+            self.in_run, self.lengths = marks.cumsum(0, dtype=torch.int32)[:-1] > 0, self.stops - self.starts
+
+    def doubled_ranks(self, block: int) -> torch.Tensor:
+        """Twice each entry's rank among the entries kept without `block` (ties given the mean of their ranks, so
+        twice it is an integer), in sorted order, int32 [m], 0 where the entry is removed. A kept entry's rank is
+        the running count of kept entries; a tie run with `before` kept entries ahead of it and t kept in it has
+        mean rank before + (t + 1) / 2."""
+        kept = (self.first != block) & (self.second != block)
+        count = torch.cumsum(kept, 0, dtype=torch.int32)
+        doubled = count * 2
+        if self.tied:
+            before = torch.where(self.starts > 0, count[(self.starts - 1).clamp_min(0)], 0)
+            doubled[self.in_run] = (before + count[self.stops - 1] + 1).repeat_interleave(self.lengths)
+        return doubled.mul_(kept)
+
+
+def _sorted_rsa(ux: torch.Tensor, uys, blocks: torch.Tensor) -> torch.Tensor | None:
     """`leave_block_out_rsa` of one upper triangle ux against each of uys (an iterable, each triangle built when
     reached and dropped once sorted: seven 5,000-sentence triangles are 700 MB; or `centred_ranks` matrices, whose
-    ranks give the sort without sorting), [len(uys), B], where no triangle has tied values (continuous
-    dissimilarities), else None.
+    ranks give the sort without sorting where untied), [len(uys), B]; None where a triangle cannot be sorted by
+    `value_order` (non-finite values).
 
-    Ranks 1..K of the kept entries have a known mean and variance, so Spearman's rho is (S - K ((K + 1) / 2)^2) /
-    (K (K^2 - 1) / 12) with S = sum_kept r_x r_y. A kept entry's rank among the kept ones is a running count of
-    kept entries in its triangle's sort, so S needs, per block, x's kept ranks read at the x-sorted position of
-    each entry of y's sort: one random gather of the triangle. `JACKKNIFE_GROUP` blocks' x ranks sit side by side
-    (one cache line), so one gather serves them all (`_kept_rank_products`), and the languages share the cores."""
+    Spearman's rho without block b is the correlation of the kept entries' ranks among themselves. A kept entry's
+    rank is a running count of kept entries along its triangle's sort (the mean over its tie run where tied:
+    `_SortedSide.doubled_ranks`); untied ranks 1..K have sum of squares K (K + 1) (2K + 1) / 6, tied ones are
+    summed. The cross term sum_kept r_x r_y needs, per block, x's kept ranks read at the x-sorted position of each
+    entry of y's sort: one random gather of the triangle. `JACKKNIFE_GROUP` blocks' x ranks sit side by side (one
+    cache line), so one gather serves them all (`_kept_rank_products`), and the languages share the cores."""
     k = len(blocks)
     i, j = torch.triu_indices(k, k, offset=1)
     block_i, block_j = blocks.to(torch.int16)[i], blocks.to(torch.int16)[j]
     del i, j
-    position_x = sides = None
+    reference = position_x = None
+    sides = []
     for values in itertools.chain([ux], uys):
-        order = None if values is None else _untied_order(values) if values.dim() == 2 else inference.untied_order(values)
-        if order is None:
+        found = None if values is None else _sort(values)
+        if found is None:
             return None
         del values
-        if position_x is None:  # the reference: each entry's position in its sort, and its blocks in that order
+        order, runs = found
+        if reference is None:  # the reference: each entry's position in its sort
             position_x = torch.empty(len(order), dtype=torch.int32).index_copy_(0, order, torch.arange(len(order), dtype=torch.int32))
-            first_x, second_x, sides = block_i.index_select(0, order), block_j.index_select(0, order), []
-        else:  # a language: the reference's position of each entry of its sort, and the entry's blocks
-            sides.append((position_x.index_select(0, order), block_i.index_select(0, order), block_j.index_select(0, order)))
-        del order
+            reference = _SortedSide(order, runs, block_i, block_j)
+        else:  # a language: the reference's position of each entry of its sort
+            sides.append((position_x.index_select(0, order), _SortedSide(order, runs, block_i, block_j)))
+        del order, runs, found
     del position_x, block_i, block_j
     count = int(blocks.max()) + 1
     sizes = torch.bincount(blocks, minlength=count).double()
-    kept_sizes = (k - sizes) * (k - sizes - 1) / 2  # entries without the block: pairs of the other sentences
-    out = torch.empty(len(sides), count, dtype=torch.float64)
+    kept = (k - sizes) * (k - sizes - 1) / 2  # entries without the block: pairs of the other sentences
+    untied_squares = 4 * kept * (kept + 1) * (2 * kept + 1) / 6  # sum of the doubled ranks' squares without ties
+    cross = torch.empty(len(sides), count, dtype=torch.float64)
+    squares_x, squares_y = untied_squares.clone(), untied_squares.expand(len(sides), count).clone()
     workers = max(1, min(torch.get_num_threads(), len(sides)))
     with ThreadPoolExecutor(workers) as pool:
         for group in torch.arange(count, dtype=torch.int16).split(JACKKNIFE_GROUP):
-            table = torch.empty(len(first_x), len(group), dtype=torch.int32)
-            for column, b in enumerate(group.tolist()):  # x's kept ranks in x's sort, 0 where the entry is removed
-                kept = (first_x != b) & (second_x != b)
-                table[:, column] = torch.cumsum(kept, 0, dtype=torch.int32).mul_(kept)
-            del kept
-            products = list(pool.map(lambda side: _kept_rank_products(table, *side, group), sides))
-            if products:
-                out[:, group.long()] = torch.stack(products)
+            table = torch.empty(len(reference.first), len(group), dtype=torch.int32)
+            for column, b in enumerate(group.tolist()):  # x's doubled kept ranks in x's sort, 0 where removed
+                table[:, column] = reference.doubled_ranks(b)
+                if reference.tied:
+                    squares_x[b] = torch.dot(*(table[:, column].double(),) * 2)
+            done = list(pool.map(lambda side: _kept_rank_products(table, side[0], side[1], group), sides))
+            for index, (products, squares) in enumerate(done):
+                cross[index, group.long()] = products
+                if squares is not None:
+                    squares_y[index, group.long()] = squares
             table = None  # freed before the next group's is built
-    size = kept_sizes[None]
-    return (out - size * ((size + 1) / 2) ** 2) / (size * (size * size - 1) / 12)
+    centre = 4 * kept * ((kept + 1) / 2) ** 2  # K times the mean doubled rank squared
+    return (cross - centre) / ((squares_x - centre) * (squares_y - centre)).sqrt()
 
 
-def _kept_rank_products(table: torch.Tensor, position: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
-                        group: torch.Tensor, chunk: int = JACKKNIFE_CHUNK) -> torch.Tensor:
-    """For each block of `group` [G], S = sum over kept entries of x's kept rank (`table` [N, G], read at each
-    entry's x position `position`, 0 where removed) times y's kept rank (a running count of kept entries along y's
-    sort: `first`, `second` are the blocks of each sorted entry's sentences), [G] float64; `chunk` entries at a
-    time into buffers allocated once, so the temporaries stay in cache."""
+def _kept_rank_products(table: torch.Tensor, position: torch.Tensor, side: _SortedSide, group: torch.Tensor,
+                        chunk: int = JACKKNIFE_CHUNK) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """For each block of `group` [G]: the sum over kept entries of x's doubled kept rank (`table` [N, G], read at
+    each entry's x position `position`, 0 where removed) times y's (`side`'s, in its sorted order), and where y is
+    tied the sum of y's squared doubled ranks (None untied: known). Untied, y's kept rank is a running count along
+    its sort, computed `chunk` entries at a time into buffers allocated once, so the temporaries stay in cache."""
     blocks, width = group[:, None], min(chunk, len(position))
-    kept, other = torch.empty(len(group), width, dtype=torch.bool), torch.empty(len(group), width, dtype=torch.bool)
-    ranks = torch.empty(len(group), width, dtype=torch.float64)
     gathered, values = torch.empty(width, len(group), dtype=torch.int32), torch.empty(width, len(group), dtype=torch.float64)
     total = torch.zeros(len(group), dtype=torch.float64)
+    if side.tied:  # y's doubled ranks per block, whole (runs cross chunks), then the products chunk by chunk
+        ranks_y = torch.stack([side.doubled_ranks(b) for b in group.tolist()])
+        squares = torch.stack([torch.dot(*(one.double(),) * 2) for one in ranks_y])
+        for start in range(0, len(position), width):
+            stop = min(start + width, len(position))
+            g, v = gathered[:stop - start], values[:stop - start]
+            v.copy_(torch.index_select(table, 0, position[start:stop], out=g))
+            total += torch.mm(ranks_y[:, start:stop].double(), v).diagonal()
+        return total, squares
+    kept, other = torch.empty(len(group), width, dtype=torch.bool), torch.empty(len(group), width, dtype=torch.bool)
+    ranks = torch.empty(len(group), width, dtype=torch.float64)
     carry = torch.zeros(len(group), 1, dtype=torch.float64)
     for start in range(0, len(position), width):
         stop = min(start + width, len(position))
         k, o, r, g, v = kept[:, :stop - start], other[:, :stop - start], ranks[:, :stop - start], gathered[:stop - start], values[:stop - start]
-        torch.ne(first[None, start:stop], blocks, out=k).logical_and_(torch.ne(second[None, start:stop], blocks, out=o))
+        torch.ne(side.first[None, start:stop], blocks, out=k).logical_and_(torch.ne(side.second[None, start:stop], blocks, out=o))
         torch.cumsum(k, 1, dtype=torch.float64, out=r).add_(carry)
         carry = r[:, -1:].clone()
         v.copy_(torch.index_select(table, 0, position[start:stop], out=g))
         total += torch.mm(r, v).diagonal()
-    return total
+    return 2 * total, None  # y's ranks doubled
 
 
 def leave_block_out_rsa(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor, centre: bool = False,
@@ -236,7 +291,7 @@ def leave_block_out_rsa(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor, 
     """RSA without the sentences of block b, for every block b of `blocks` (labels 0..B-1 per sentence),
     [..., B]: the block's rows and columns deleted from both RDMs and the rest re-ranked. Each RDM is
     sorted once; the ranks of a subset are read off that sort (`_subset_ranks`), which equals re-ranking
-    the subset from scratch (ties included). Without ties, `_untied_rsa`; `ranks`: (`centred_ranks(x, centre)`,
+    the subset from scratch (ties included). One reference against languages: `_sorted_rsa`; `ranks`: (`centred_ranks(x, centre)`,
     `centred_ranks(y, centre)`) where the caller has them, which give the sorts."""
     blocks = torch.as_tensor(blocks, dtype=torch.long)
     i, j = torch.triu_indices(len(blocks), len(blocks), offset=1)
@@ -244,9 +299,9 @@ def leave_block_out_rsa(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor, 
     if x.dim() == 2 and x.shape[-2] > 3:
         flat = y.reshape(-1, *y.shape[-2:])
         if ranks is not None:  # `centred_ranks` of x and y, already computed: no sort at all
-            fast = _untied_rsa(ranks[0], iter(ranks[1].reshape(-1, *ranks[1].shape[-2:])), blocks)
+            fast = _sorted_rsa(ranks[0], iter(ranks[1].reshape(-1, *ranks[1].shape[-2:])), blocks)
         else:
-            fast = _untied_rsa(_upper(rdm(x, centre)), (_upper(rdm(one, centre)) for one in flat), blocks)
+            fast = _sorted_rsa(_upper(rdm(x, centre)), (_upper(rdm(one, centre)) for one in flat), blocks)
         if fast is not None:
             return fast.reshape(*y.shape[:-2], count)
     if x.dim() == 2 and y.dim() > 2:
