@@ -50,7 +50,11 @@ def gram_cosines(gram: torch.Tensor, centre: bool = True) -> torch.Tensor:
     vectors' mean first if `centre`: the matrix `knn_laplacian` computes from the vectors themselves, from
     (x - mu)(x - mu)' = G - g 1' - 1 g' + mean(g) with g the row means of G. A subsample's block of the full
     sample's Gram gives its graph without another n x d product. Zero vectors have similarity 0."""
-    g = gram.to(torch.float64, copy=True)
+    return _gram_cosines_(gram.to(torch.float64, copy=True), centre)
+
+
+def _gram_cosines_(g: torch.Tensor, centre: bool) -> torch.Tensor:
+    """`gram_cosines` written over g (float64, the caller's own copy)."""
     if centre:
         row = g.mean(1)
         g.sub_(row[:, None]).sub_(row[None, :]).add_(row.mean())
@@ -139,9 +143,10 @@ def subsample_spectra(x: torch.Tensor, subsets: torch.Tensor, k: int = 10, top: 
     """The `top` largest Laplacian eigenvalues of the kNN graph of each subset of x's rows (rows of
     `subsets` [S, m]), [S, min(top, m)]: m-out-of-n subsampling (Politis, Romano & Wolf 1999) of the
     spectrum. The graph is rebuilt on the m sentences (neighbours among them, centred on their mean), from
-    the subset's block of x's Gram matrix, computed once for all subsets (`gram_cosines`)."""
+    the subset's block of x's Gram matrix (one gather, worked on in place), computed once for all subsets
+    (`gram_cosines`)."""
     x64 = x.to(torch.float64)
     x64 = x64 - x64.mean(0) if centre else x64  # centred on the whole sample first: less cancellation in each subset's
     gram = x64 @ x64.T
-    return torch.stack([_spectrum(_laplacian(gram_cosines(gram[index][:, index], centre), min(k, len(index) - 1)), top)
+    return torch.stack([_spectrum(_laplacian(_gram_cosines_(gram[index[:, None], index], centre), min(k, len(index) - 1)), top)
                         for index in subsets])

@@ -243,7 +243,7 @@ def _sorted_rsa(ux: torch.Tensor, uys, blocks: torch.Tensor) -> torch.Tensor | N
             for column, b in enumerate(group.tolist()):  # x's doubled kept ranks in x's sort, 0 where removed
                 table[:, column] = reference.doubled_ranks(b)
                 if reference.tied:
-                    squares_x[b] = torch.dot(*(table[:, column].double(),) * 2)
+                    squares_x[b] = table[:, column].double().square().sum()
             done = list(pool.map(lambda side: _kept_rank_products(table, side[0], side[1], group), sides))
             for index, (products, squares) in enumerate(done):
                 cross[index, group.long()] = products
@@ -265,7 +265,7 @@ def _kept_rank_products(table: torch.Tensor, position: torch.Tensor, side: _Sort
     total = torch.zeros(len(group), dtype=torch.float64)
     if side.tied:  # y's doubled ranks per block, whole (runs cross chunks), then the products chunk by chunk
         ranks_y = torch.stack([side.doubled_ranks(b) for b in group.tolist()])
-        squares = torch.stack([torch.dot(*(one.double(),) * 2) for one in ranks_y])
+        squares = torch.stack([one.double().square().sum() for one in ranks_y])  # a row at a time: 100 MB, not 400
         for start in range(0, len(position), width):
             stop = min(start + width, len(position))
             g, v = gathered[:stop - start], values[:stop - start]
