@@ -106,6 +106,50 @@ def test_retrieval_equals_float64_with_near_ties_and_ties():
     assert (found == -1).any() and (found >= 0).any()
 
 
+@pytest.mark.parametrize("screen", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("few", [2, 3, 8])
+def test_retrieval_screens_at_either_precision_and_rechecks_every_candidate(screen, few, monkeypatch):
+    """Rows with a single screening candidate, a few (rechecked pairwise in float64) and more (whole rows
+    in float32, then float64 where close), against the float64 definition; a prepared reference broadcast
+    over draws."""
+    from xlsub.similarity import retrieval
+
+    monkeypatch.setattr(retrieval, "_FEW", few)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 200, 32, generator=g, dtype=torch.float64)
+    y = x + 0.5 * torch.randn(2, 200, 32, generator=g, dtype=torch.float64)
+    y[:, 100:150] = y[:, 50:100] + 2e-3 * torch.randn(2, 50, 32, generator=g, dtype=torch.float64)  # within the bf16 margin
+    y[:, 150:155] = y[:, 40:41]  # five exact copies: ties, and many candidates for the rows near them
+    y[:, 155:200] = y[:, 60:69].repeat_interleave(5, 1) + 3e-8 * torch.randn(2, 45, 32, generator=g, dtype=torch.float64)  # within float32's margin
+    y[0, 5] = y[0, 4]
+    x[0, 4] = 3 * y[0, 4]  # an exact tie for x[0, 4] after centring moves little
+    side = retrieval.CosineSide(x[0], screen)
+    assert side.screen.dtype == screen
+    found = retrieval.nearest_translation(side, y)  # x[0] broadcast against both layers of y
+    torch.testing.assert_close(found, float64_nearest(x[0].expand_as(y), y), rtol=0, atol=0)
+    torch.testing.assert_close(retrieval.nearest_translation(retrieval.CosineSide(x, screen), y), float64_nearest(x, y), rtol=0, atol=0)
+    assert (found == -1).any()
+
+
+@pytest.mark.parametrize("screen", [torch.bfloat16, torch.float32])
+def test_screen_error_bounds_the_screened_cosines(screen):
+    """|screened - float64| <= screen_error on unit vectors, spread ones and ones concentrated on a few
+    coordinates (where rounding errors do not average out), at the screen's own matrix product."""
+    from xlsub.similarity.retrieval import screen_error, unit_rows
+
+    g = torch.Generator().manual_seed(4)
+    d = 384
+    spread = torch.randn(300, d, generator=g, dtype=torch.float64)
+    peaked = torch.randn(300, d, generator=g, dtype=torch.float64) * torch.rand(d, generator=g, dtype=torch.float64) ** 8
+    worst = 0.0
+    for a in (spread, peaked):
+        u = unit_rows(a, True)
+        screened = (u.to(screen) @ u.to(screen).mT).double()
+        worst = max(worst, float((screened - u @ u.mT).abs().max()))
+    assert 0 < worst <= screen_error(screen, d)
+    assert screen_error(screen, d) < (0.013 if screen == torch.bfloat16 else 1e-4)
+
+
 # -- RSA's Mantel test: the exact mean and sd of r on the centred rank matrices -----------------------------------
 
 def test_mantel_tail_bound_against_the_full_test():

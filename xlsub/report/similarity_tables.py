@@ -31,7 +31,7 @@ from xlsub.similarity.controls import length_only_representations
 from xlsub.similarity.isomorphism import TOP_EIGENVALUES, knn_laplacian_spectrum, spectrum_distance, subsample_spectra, subsamples
 from xlsub.similarity.jackknife import cka_jackknife_interval, jackknife_blocks, leave_block_out_above_chance
 from xlsub.similarity.permutation import STOP_EXCEEDANCES, cka_null_mean, cka_permutation_test, null_sides, residualize
-from xlsub.similarity.retrieval import retrieval_permutation_test, retrieval_top1_per_layer
+from xlsub.similarity.retrieval import CosineSide, retrieval_permutation_test, retrieval_top1_per_layer
 from xlsub.similarity.rsa import centred_ranks, mantel_test, rsa_jackknife_interval
 from xlsub.stats.inference import EXACT_LIMIT, UnitLevel, jackknife_interval, unit_level, wilson_interval
 
@@ -257,7 +257,11 @@ def retrieval_table(encodings, languages: Sequence[str], reference: str) -> pd.D
     """Top-1 accuracy of finding each sentence's translation in the reference language among all n
     reference sentences by cosine, each language centred on its own mean (Libovický et al. 2020):
     (model, language) x layer. Chance is 1/n."""
-    rows = {(model, lang): retrieval_top1_per_layer(y, x).numpy() for model, lang, x, y in _pairs(encodings, languages, reference)}
+    rows, side = {}, None
+    for model, lang, x, y in _pairs(encodings, languages, reference):
+        if side is None or side[0] != model:  # the reference's unit rows, once per model
+            side = model, CosineSide(x)
+        rows[model, lang] = retrieval_top1_per_layer(y, side[1]).numpy()
     table = pd.DataFrame(rows).T
     table.index.names = ["model", "language"]
     table.columns.name = "layer"

@@ -60,7 +60,7 @@ from xlsub.similarity.permutation import (
     prepared_null,
     tail_bound_decided,
 )
-from xlsub.similarity.retrieval import nearest_translation
+from xlsub.similarity.retrieval import CosineSide, nearest_translation
 from xlsub.similarity.rsa import rdm
 from xlsub.stats.inference import MANTEL_TIE, centred_ranks_, centred_upper, permuted_cross, upper_norm, wilson_interval
 
@@ -306,8 +306,9 @@ class PlantedCkaTerms:
         return null
 
 
-def retrieval_extreme(xs: torch.Tensor, ys: torch.Tensor):
-    """`extreme` for `retrieval_permutation_test`: hits #{i : p(i) = nearest(i)} / n of each permutation."""
+def retrieval_extreme(xs, ys: torch.Tensor):
+    """`extreme` for `retrieval_permutation_test`: hits #{i : p(i) = nearest(i)} / n of each permutation
+    (xs [m, n, d], or one reference [n, d] or its `CosineSide` for every draw)."""
     nearest = nearest_translation(xs, ys)  # [m, n]
     observed = (nearest == torch.arange(nearest.shape[-1])).double().mean(-1)
 
@@ -362,14 +363,14 @@ def rsa_extreme(x: torch.Tensor, ys: torch.Tensor, reference: torch.Tensor | Non
 def measure_extreme(measure: str, x: torch.Tensor, ys: torch.Tensor, kind: str = "debiased", reference=None, tail: tuple | None = None,
                     out: torch.Tensor | None = None):
     """`extreme` of `measure` (cka, rsa, retrieval) for one reference x [n, d] against draws ys [m, n, d]
-    (`reference`: RSA's rank matrix of x, `spearman_matrix(rdm(x))`, to reuse; `tail`: (groups, n_perm, risk, alpha)
+    (`reference`: RSA's rank matrix of x, `spearman_matrix(rdm(x))`, or retrieval's `CosineSide(x)`, to reuse; `tail`: (groups, n_perm, risk, alpha)
     for the tail bound's `extreme.decided`, CKA and RSA; retrieval's is None; `out`: RSA's buffer, `rsa_extreme`)."""
     if measure == "cka":
         return cka_extreme(x.expand_as(ys), ys, kind, tail)
     if measure == "rsa":
         return rsa_extreme(x, ys, reference, tail, out)
     if measure == "retrieval":
-        extreme = retrieval_extreme(x.expand_as(ys), ys)
+        extreme = retrieval_extreme(x if reference is None else reference, ys)
         extreme.decided = None
         return extreme
     raise ValueError(f"unknown measure {measure!r}; use one of {MEASURES}")
@@ -434,7 +435,7 @@ def planted_power(measure: str, base: torch.Tensor, snr: float, groups=None, dra
     terms kept for every level (`PlantedCkaTerms`), the same test up to float32 rounding below its recheck.
     `target`: stop drawing once the level's side of it is settled (`detection_rate`)."""
     x = planted_representations(base, ["reference"], math.inf, 0, rotate=False)["reference"]
-    reference = spearman_matrix(rdm(x)) if measure == "rsa" else None
+    reference = spearman_matrix(rdm(x)) if measure == "rsa" else CosineSide(x) if measure == "retrieval" else None
     ranks = torch.empty(min(chunk, draws), *reference.shape, dtype=torch.float64) if measure == "rsa" else None  # one buffer for every chunk
     tail = (groups, n_perm, TAIL_RISK, alpha)
 

@@ -8,12 +8,17 @@ geometry the RSA and kNN-graph measures share with it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from xlsub.similarity.permutation import PermutationResult, permutation_result, permutations
 
-# Rows of x per similarity block in retrieval (a block x n matrix of float64 at a time).
+# Rows of x per similarity block in retrieval (a block x n matrix at a time).
 _ROW_BLOCK = 1024
+# Screening candidates a row may have for a pairwise float64 recheck; a row with more is screened again in
+# float32 (the pairwise gather reads d float64 per candidate: cheaper than a float32 row only for a few).
+_FEW = 8
 
 
 def unit_rows(x: torch.Tensor, centre: bool) -> torch.Tensor:
@@ -24,37 +29,101 @@ def unit_rows(x: torch.Tensor, centre: bool) -> torch.Tensor:
     return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
 
 
-def nearest_translation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _screen_dtype() -> torch.dtype:
+    """bfloat16 where the CPU multiplies it through oneDNN (float32 accumulation: AVX512-BF16 or AMX, about
+    6x float32's rate here), float32 elsewhere: the screen's error bound below assumes float32 accumulation."""
+    try:
+        return torch.bfloat16 if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    except (AttributeError, RuntimeError):
+        return torch.float32
+
+
+def screen_error(dtype: torch.dtype, d: int) -> float:
+    """A bound on |screened cosine - float64 cosine| for unit vectors of length d rounded to `dtype` (unit
+    roundoff u each), multiplied with float32 accumulation (at most 1.1 d eps32 of the sum of |products|)
+    and, for bfloat16, the product rounded back to bfloat16 (u): 2u + u^2 from the inputs (Cauchy-Schwarz
+    over unit vectors), 3u + 5u^2 with the output's rounding."""
+    u = torch.finfo(dtype).eps / 2
+    inputs = 2 * u + u * u
+    output = u * (1 + inputs) if dtype != torch.float32 else 0.0
+    return inputs + output + 1.1 * d * torch.finfo(torch.float32).eps * (1 + u) ** 2
+
+
+class CosineSide:
+    """One side of retrieval: rows centred on their own mean and scaled to unit length (`unit_rows`, float64)
+    and the same rounded to the screening dtype. Prepare a side once to retrieve against it many times
+    (the reference language against every other)."""
+
+    def __init__(self, x: torch.Tensor, dtype: torch.dtype | None = None):
+        self.unit = unit_rows(x, True)
+        self.screen = self.unit.to(dtype or _screen_dtype())
+        self.shape = self.unit.shape
+
+
+def nearest_translation(x, y) -> torch.Tensor:
     """For each row i of x [..., n, d], the row of y [..., n, d] most cosine-similar to it, or -1 on a tie.
 
-    Each language is centred on its own mean first (Libovicky et al. 2020). -1 where the largest
-    similarity is shared by two rows of y (also where a centred row is zero: all its similarities are 0).
-    Computed in blocks of rows of x, so memory is a block x n matrix, not n x n.
+    Each language is centred on its own mean first (Libovicky et al. 2020); x or y may be a `CosineSide`
+    prepared once, and their leading dimensions broadcast. -1 where the largest similarity is shared by two
+    rows of y (also where a centred row is zero: all its similarities are 0). The answer is float64's:
+    similarities are screened at a lower precision in blocks of rows of x (a block x n matrix at a time),
+    every row of y within twice `screen_error` of a row's screened best is a candidate (no other can be the
+    float64 best or tie with it), a row with one candidate is answered, and the candidates of the others
+    are compared in float64.
     """
-    if x.shape != y.shape or x.shape[-2] < 2:
-        raise ValueError(f"retrieval: x {tuple(x.shape)} and y {tuple(y.shape)} must have the same shape "
+    prepared = [side.screen.dtype for side in (x, y) if isinstance(side, CosineSide)]
+    xs, ys = (side if isinstance(side, CosineSide) else CosineSide(side, prepared[0] if prepared else None) for side in (x, y))
+    if xs.screen.dtype != ys.screen.dtype:
+        raise ValueError(f"retrieval: x and y are screened in {xs.screen.dtype} and {ys.screen.dtype}; prepare both alike")
+    if xs.shape[-2:] != ys.shape[-2:] or xs.shape[-2] < 2:
+        raise ValueError(f"retrieval: x {tuple(xs.shape)} and y {tuple(ys.shape)} must have the same shape "
                          "(one space, so cosines compare) and at least 2 examples")
-    xn, yn = unit_rows(x, True), unit_rows(y, True)
-    # float32 similarities (twice the float64 rate), then float64 for the rows whose two best are closer than
-    # twice float32's worst-case error on a cosine of unit vectors, (d + 2) eps32 (inputs rounded once, a
-    # d-term sum): elsewhere the float64 best is the same row and unique, so the answer is float64's
-    margin = 4 * (x.shape[-1] + 2) * torch.finfo(torch.float32).eps
-    x32, y32 = xn.float(), yn.float()
-    out = []
-    for start in range(0, x.shape[-2], _ROW_BLOCK):
-        rows = slice(start, start + _ROW_BLOCK)
-        top = (x32[..., rows, :] @ y32.mT).topk(2, dim=-1)
-        best = top.indices[..., 0]
-        close = (top.values[..., 0] - top.values[..., 1]) <= margin
-        flat_best, flat_close = best.reshape(-1, best.shape[-1]), close.reshape(-1, close.shape[-1])
-        flat_x, flat_y = xn[..., rows, :].reshape(-1, *best.shape[-1:], x.shape[-1]), yn.reshape(-1, *y.shape[-2:])
-        for lead in flat_close.any(-1).nonzero().reshape(-1).tolist():  # one leading index (layer) at a time
-            which = flat_close[lead].nonzero().reshape(-1)
-            exact = (flat_x[lead, which] @ flat_y[lead].mT).topk(2, dim=-1)
-            unique = exact.values[:, 0] > exact.values[:, 1]
-            flat_best[lead, which] = torch.where(unique, exact.indices[:, 0], -1)
-        out.append(flat_best.reshape(best.shape))
-    return torch.cat(out, dim=-1)
+    n, d = xs.shape[-2:]
+    lead = torch.broadcast_shapes(xs.shape[:-2], ys.shape[:-2])
+    flat = [side.expand(*lead, n, d).reshape(-1, n, d) for side in (xs.screen, xs.unit, ys.screen, ys.unit)]
+    margins = 2 * screen_error(xs.screen.dtype, d), 2 * screen_error(torch.float32, d)
+    out = torch.empty(flat[0].shape[0], n, dtype=torch.long)
+    for k, (x_screen, x_unit, y_screen, y_unit) in enumerate(zip(*flat)):
+        y32 = y_unit.float() if xs.screen.dtype != torch.float32 else None  # a float32 screen goes on to float64
+        for start in range(0, n, _ROW_BLOCK):
+            rows = slice(start, start + _ROW_BLOCK)
+            out[k, rows] = _nearest_rows(x_screen[rows] @ y_screen.mT, x_unit[rows], y_unit, y32, margins)
+    return out.reshape(*lead, n)
+
+
+def _unique_best(similarities: torch.Tensor) -> torch.Tensor:
+    """Each row's largest entry's column, -1 where the largest is shared."""
+    two = similarities.topk(2, dim=-1)
+    return torch.where(two.values[:, 0] > two.values[:, 1], two.indices[:, 0], -1)
+
+
+def _nearest_rows(screened: torch.Tensor, x_unit: torch.Tensor, y_unit: torch.Tensor, y32: torch.Tensor | None,
+                  margins: tuple[float, float]) -> torch.Tensor:
+    """float64's nearest row of y (or -1 on a tie) for rows x_unit [r, d], from their screened similarities
+    [r, n] to y_unit [n, d] (within margins[0] / 2 of float64's): one candidate answers a row; a few are
+    compared pairwise in float64; more send the row to float32 (y32, margins[1]; None: a float32 screen),
+    then float64, whole rows."""
+    top = screened.topk(min(_FEW, screened.shape[-1]), dim=-1)
+    values = top.values.float()
+    count = (values >= (values[:, :1] - margins[0])).sum(-1)  # candidates among the first _FEW
+    answer = top.indices[:, 0].clone()
+    few = ((count > 1) & (count < top.indices.shape[-1])).nonzero().reshape(-1)
+    if len(few):
+        width = int(count[few].max())
+        exact = (y_unit[top.indices[few, :width]] @ x_unit[few, :, None]).squeeze(-1)  # [rows, width] float64
+        exact[values[few, :width] < values[few, :1] - margins[0]] = -math.inf
+        best = _unique_best(exact)
+        answer[few] = torch.where(best >= 0, top.indices[few].gather(1, best.clamp_min(0)[:, None]).squeeze(1), -1)
+    many = (count == top.indices.shape[-1]).nonzero().reshape(-1)
+    if len(many) and y32 is None:
+        answer[many] = _unique_best(x_unit[many] @ y_unit.mT)
+    elif len(many):
+        rescreened = (x_unit[many].float() @ y32.mT).topk(2, dim=-1)
+        answer[many] = rescreened.indices[:, 0]
+        close = many[(rescreened.values[:, 0] - rescreened.values[:, 1]) <= margins[1]]
+        if len(close):
+            answer[close] = _unique_best(x_unit[close] @ y_unit.mT)
+    return answer
 
 
 def retrieval_top1_per_layer(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
