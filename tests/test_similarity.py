@@ -591,6 +591,28 @@ def test_length_only_control_looks_parallel_to_cka_but_not_to_retrieval():
     torch.testing.assert_close(3 * special[0] - plain[0], 3 * special[1] - plain[1], rtol=0, atol=1e-12)
 
 
+def test_length_only_representations_against_a_loop_over_tokens():
+    """Each sentence: (<s> + its tokens' embeddings + </s> + positions 0..len+1) / (len + 2), the table, the
+    tokens and the shared embeddings drawn from the documented streams, summed one token at a time."""
+    from xlsub.similarity.controls import _language_generator
+
+    lengths = {"en": [0, 3, 1, 7], "de": [2, 2, 5]}
+    d, vocab, seed = 6, 11, 3
+    reps = length_only_representations(lengths, d, seed, vocab=vocab)
+    shared = torch.Generator().manual_seed(seed)
+    positions = torch.randn(9, d, generator=shared, dtype=torch.float64)
+    bos, eos = torch.randn(2, d, generator=shared, dtype=torch.float64)
+    for lang, counts in lengths.items():
+        g = _language_generator(seed, lang)
+        table = torch.randn(vocab, d, generator=g, dtype=torch.float64)
+        tokens = iter(torch.randint(vocab, (sum(counts),), generator=g).tolist())
+        for i, k in enumerate(counts):
+            total = bos + eos + positions[:k + 2].sum(0)
+            for _ in range(k):
+                total = total + table[next(tokens)]
+            torch.testing.assert_close(reps[lang][i], total / (k + 2), rtol=0, atol=1e-13)
+
+
 # -- kNN-graph eigenvector similarity ----------------------------------------------------------------------
 
 def polygon(m: int, radius: float = 1.0) -> torch.Tensor:
