@@ -424,14 +424,23 @@ TIMED = {"xlsub.report.analysis": ["_masks", "_noise_ceiling", "_equal_size", "_
          "xlsub.report.tables": ["cka_reference_tables", "cka_pairs_interval_tables", "cka_subnetwork_tables"]}
 
 
-def timed_sections() -> tuple[dict[str, float], dict[str, float]]:
+def resident_gib() -> float:
+    """The process's resident memory now (GiB)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / GiB
+
+
+def timed_sections() -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """Wrap `TIMED`'s functions so each call adds its seconds to the first returned dict (nested ones count in
-    both) and records in the second the process's peak resident memory (GiB) when it first reached its
-    maximum in that function: where the peak happens."""
+    both), records in the second the process's peak resident memory (GiB) when it first reached its
+    maximum in that function: where the peak happens, and in the third the most memory resident when it was
+    entered: what the section starts from, held by the sections before it."""
     import importlib
 
     seconds: dict[str, float] = {}
     peaks: dict[str, float] = {}
+    entered: dict[str, float] = {}
     for module_name, names in TIMED.items():
         module = importlib.import_module(module_name)
         for name in names:
@@ -441,6 +450,7 @@ def timed_sections() -> tuple[dict[str, float], dict[str, float]]:
 
             def wrapper(*args, _original=original, _name=name, **kwargs):
                 start, before = time.perf_counter(), peak_rss_gib()
+                entered[_name] = round(max(entered.get(_name, 0.0), resident_gib()), 2)
                 try:
                     return _original(*args, **kwargs)
                 finally:
@@ -448,7 +458,7 @@ def timed_sections() -> tuple[dict[str, float], dict[str, float]]:
                     if peak_rss_gib() > before:
                         peaks[_name] = round(peak_rss_gib(), 2)
             setattr(module, name, functools.wraps(original)(wrapper))
-    return seconds, peaks
+    return seconds, peaks, entered
 
 
 def load_average() -> list[float]:
@@ -469,7 +479,7 @@ def analyze_study(fraction: float = 1.0, seeds: int = 1, profile: str | None = N
     options = analyze_defaults()
     if device is not None:
         options["device"] = device
-    sections, peaks = timed_sections()
+    sections, peaks, entered = timed_sections()
     load_before = load_average()
     profiler = cProfile.Profile() if profile else None
     start = time.perf_counter()
@@ -488,7 +498,7 @@ def analyze_study(fraction: float = 1.0, seeds: int = 1, profile: str | None = N
         "minutes": seconds / 60, "peak_gib": peak_rss_gib(), "encodings": "float16 safetensors read by artifacts.EncodingStore",
         "synthetic_generation_and_write_seconds": written, "encoding_loads": inputs.encodings.loads, "load_average_before": load_before, "load_average_after": load_average(),
         "sections_seconds": {k: round(v, 2) for k, v in sorted(sections.items(), key=lambda kv: -kv[1])},
-        "peak_gib_raised_in": peaks,
+        "peak_gib_raised_in": peaks, "resident_gib_on_entry": entered,
         "verdicts": len(result.verdicts), "tables": len(result.tables), "commit": git_commit(),
     }
     print(f"measured analyze time at study scale: {measured['minutes']:.2f} min"
@@ -497,7 +507,8 @@ def analyze_study(fraction: float = 1.0, seeds: int = 1, profile: str | None = N
     print(f"{measured['threads']} threads; load average before {load_before}, after {measured['load_average_after']}; "
           f"encodings read {measured['encoding_loads']} times (generated and written beforehand in {written:.0f} s, not counted)")
     for name, value in measured["sections_seconds"].items():
-        print(f"  {name:28} {value:8.1f} s" + (f"   peak raised to {peaks[name]:.2f} GiB" if name in peaks else ""))
+        print(f"  {name:28} {value:8.1f} s   entered at {entered.get(name, math.nan):.2f} GiB"
+              + (f", peak raised to {peaks[name]:.2f} GiB" if name in peaks else ""))
     if out is None:
         suffix = "" if fraction == 1 else f"-n{n}"
         out = ROOT / "benchmarks/results" / f"analyze-study-{measured['device']}{suffix}.json"
