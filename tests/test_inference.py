@@ -384,3 +384,13 @@ def test_permuted_cross_equals_the_sum_over_permuted_entries(k, monkeypatch):
     select = torch.tensor([3, 1])
     np.testing.assert_allclose(inference.permuted_cross(a, bs, perms, select=select).numpy(), expected[[3, 1]], rtol=1e-12, atol=1e-9)
     assert inference.permuted_cross(a, bs, perms[:0]).shape == (4, 0)
+    # matrices stored in float32 (exact half-integers, as rank matrices are): the same sums, converted tile by tile
+    halves = (bs * 4).round() / 2
+    single = halves.float()
+    assert torch.equal(single.double(), halves)
+    for chosen in (None, select):
+        torch.testing.assert_close(inference.permuted_cross(a, single, perms, select=chosen),
+                                   inference.permuted_cross(a, halves, perms, select=chosen), rtol=0, atol=0)
+    # the sums of products and norms without a [m, k, k] temporary, float32 operands included
+    torch.testing.assert_close(inference.matrix_dots(a, single), (a * halves).sum((-2, -1)), rtol=1e-13, atol=0)
+    torch.testing.assert_close(inference.upper_norm(single), halves.square().sum((-2, -1)).sqrt(), rtol=1e-14, atol=0)

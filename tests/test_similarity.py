@@ -591,6 +591,33 @@ def test_length_only_control_looks_parallel_to_cka_but_not_to_retrieval():
     torch.testing.assert_close(3 * special[0] - plain[0], 3 * special[1] - plain[1], rtol=0, atol=1e-12)
 
 
+def test_stacked_rank_matrices_are_float32_exactly_where_it_holds_them(monkeypatch):
+    """`centred_ranks` of stacked languages in float32 up to 5,793 sentences equals float64's rank for rank (ties
+    included: half-integers), and stays float64 above; RSA's test and interval from either agree."""
+    from xlsub.similarity import rsa as rsa_module
+
+    assert rsa_module.rank_dtype(5793) == torch.float32 and rsa_module.rank_dtype(5794) == torch.float64
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    ys = torch.randn(3, 40, 6, generator=g, dtype=torch.float64)
+    ys[1, :, 1:] = 0.0  # rows of one value: tied dissimilarities
+    single = centred_ranks(ys)
+    assert single.dtype == torch.float32
+    monkeypatch.setattr(rsa_module, "rank_dtype", lambda n: torch.float64)
+    double = centred_ranks(ys)
+    assert double.dtype == torch.float64 and (2 * double != (2 * double).round()).sum() == 0
+    assert torch.equal(single.double(), double)
+    a = centred_ranks(x)
+    for b in (single, double):
+        test = mantel_test(x, ys, 60, 0, tail_risk=0.005, stop_after=10, ranks=(a, b))
+        interval = rsa_jackknife_interval(x, ys, 5, ranks=(a, b))
+        torch.testing.assert_close(test.observed, rsa(x, ys), rtol=0, atol=1e-14)
+        torch.testing.assert_close(interval.estimate, rsa(x, ys), rtol=0, atol=1e-14)
+        torch.testing.assert_close(interval.lo, rsa_jackknife_interval(x, ys, 5).lo, rtol=0, atol=1e-13)
+    torch.testing.assert_close(mantel_test(x, ys, 60, 0, ranks=(a, single)).p_value, mantel_test(x, ys, 60, 0, ranks=(a, double)).p_value,
+                               rtol=0, atol=0)
+
+
 def test_length_only_representations_against_a_loop_over_tokens():
     """Each sentence: (<s> + its tokens' embeddings + </s> + positions 0..len+1) / (len + 2), the table, the
     tokens and the shared embeddings drawn from the documented streams, summed one token at a time."""

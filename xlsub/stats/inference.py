@@ -442,8 +442,25 @@ def value_order(values: torch.Tensor, scratch: torch.Tensor | None = None) -> tu
 
 
 def upper_norm(m: torch.Tensor) -> torch.Tensor:
-    """The Frobenius norm of each matrix in m [..., k, k] (of `centred_upper`, the root of its sum of squares)."""
-    return torch.linalg.vector_norm(m, dim=(-2, -1))
+    """The Frobenius norm of each matrix in m [..., k, k] (of `centred_upper`, the root of its sum of squares),
+    float64; float32 matrices (exact ranks stored at half the size) summed in float64 a tile of rows at a time."""
+    if m.dtype == torch.float64:
+        return torch.linalg.vector_norm(m, dim=(-2, -1))
+    return matrix_dots(m, m).sqrt()
+
+
+def matrix_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_ij A_ij B_ij of matrices a, b [..., k, k] (leading axes broadcast), float64 [...], accumulated in
+    float64 a tile of rows at a time: no [..., k, k] temporary (one reference against seven 5,000-sentence
+    languages would make a 1.4 GB one), and float32 operands converted tile by tile."""
+    k = a.shape[-1]
+    lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    total = torch.zeros(lead, dtype=torch.float64)
+    rows = max(1, _MANTEL_TILE_BYTES // (8 * k * max(1, lead.numel())))
+    for start in range(0, k, rows):
+        tile = slice(start, start + rows)
+        total += (a[..., tile, :].double() * b[..., tile, :].double()).sum((-2, -1))
+    return total
 
 
 def matrix_correlation(x, y, method: str = "spearman") -> torch.Tensor:
@@ -463,7 +480,7 @@ def _pair_index(inverse: torch.Tensor, k: int) -> torch.Tensor:
 def permuted_cross(a: torch.Tensor, bs: torch.Tensor, perms: torch.Tensor, pairs: torch.Tensor | None = None,
                    select: torch.Tensor | None = None) -> torch.Tensor:
     """sum_ij A_ij B_p(i)p(j) for every B in bs [m, k, k] (or the matrices `select` of them) and every
-    permutation p, [m, P] float64 (A, B symmetric with zero diagonal).
+    permutation p, [m, P] float64 (A, B symmetric with zero diagonal; A float64, bs float64 or float32).
 
     The same sum is sum_ij A_q(i)q(j) B_ij with q = p^-1, so A is gathered once per permutation and meets all
     m matrices: one k^2 gather per permutation however many matrices share the reference (one language against
@@ -479,7 +496,7 @@ def permuted_cross(a: torch.Tensor, bs: torch.Tensor, perms: torch.Tensor, pairs
     if k <= _PAIR_GATHER_MAX_K:
         pairs = _pair_index(torch.argsort(perms, dim=1), k) if pairs is None else pairs
         i, j = torch.triu_indices(k, k, offset=1)
-        flat_a, upper_b = a.reshape(-1), bs[which][:, i, j]
+        flat_a, upper_b = a.reshape(-1), bs[which][:, i, j].double()
         block = max(1, min(len(perms), _MANTEL_BLOCK_BYTES // (16 * max(1, len(i)))))
         for start in range(0, len(perms), block):
             chunk = pairs[start:start + block]
@@ -489,15 +506,19 @@ def permuted_cross(a: torch.Tensor, bs: torch.Tensor, perms: torch.Tensor, pairs
         return out
     inverse = torch.argsort(perms, dim=1)
     everything = select is None or torch.equal(which, torch.arange(len(bs)))
+    in_place = everything and bs.dtype == torch.float64  # else the tile's rows are picked or converted into `picked`
     rows = max(1, min(k, _MANTEL_TILE_BYTES // (8 * k * (len(perms) + len(which)))))
     gathered = torch.empty(len(perms), rows, k, dtype=torch.float64)
-    picked = None if everything else torch.empty(len(which), rows, k, dtype=torch.float64)
+    picked = None if in_place else torch.empty(len(which), rows, k, dtype=torch.float64)
     for start in range(0, k, rows):
         stop = min(k, start + rows)
         tile = gathered[:, :stop - start]
         for n, q in enumerate(inverse):
             torch.index_select(a.index_select(0, q[start:stop]), 1, q, out=tile[n])
-        b = bs[:, start:stop] if everything else torch.index_select(bs[:, start:stop], 0, which, out=picked[:, :stop - start])
+        if in_place:
+            b = bs[:, start:stop]
+        else:
+            b = picked[:, :stop - start].copy_(bs[:, start:stop] if everything else bs[:, start:stop][which])
         out.addmm_(b.reshape(len(which), -1), tile.reshape(len(perms), -1).mT)
     return out
 
