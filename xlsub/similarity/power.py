@@ -61,8 +61,8 @@ from xlsub.similarity.permutation import (
     tail_bound_decided,
 )
 from xlsub.similarity.retrieval import CosineSide, nearest_translation
-from xlsub.similarity.rsa import rdm
-from xlsub.stats.inference import MANTEL_TIE, centred_ranks_, centred_upper, permuted_cross, upper_norm, wilson_interval
+from xlsub.similarity.rsa import centred_ranks, rank_dtype, rdm
+from xlsub.stats.inference import MANTEL_TIE, centred_upper, matrix_dots, permuted_cross, upper_norm, wilson_interval
 
 MEASURES = ("cka", "rsa", "retrieval")
 ALPHA = 0.05
@@ -332,15 +332,13 @@ def rsa_extreme(x: torch.Tensor, ys: torch.Tensor, reference: torch.Tensor | Non
     """`extreme` for `mantel_test` (Spearman, "greater") of one reference x [n, d] against ys [m, n, d]: the
     reference's centred rank matrix (`reference`, if already computed) gathered once per permutation for all
     draws (`permuted_cross`). `tail` = (groups, n_perm, risk, alpha): `extreme.decided` as for `cka_extreme`, from the
-    exact moments of r (`xlsub.similarity.moments` on the rank matrices). `out`: a float64 [>= m, n, n] buffer
-    for the draws' rank matrices, reused by the caller across chunks (each fresh 2 GB at n = 5,000 costs seconds
-    of page faults)."""
+    exact moments of r (`xlsub.similarity.moments` on the rank matrices). `out`: a [>= m, n, n] buffer in
+    `rank_dtype(n)` for the draws' rank matrices, reused by the caller across chunks (each fresh GB at n = 5,000
+    costs seconds of page faults)."""
     a = spearman_matrix(rdm(x)) if reference is None else reference
-    b = torch.empty(len(ys), x.shape[-2], x.shape[-2], dtype=torch.float64) if out is None else out[:len(ys)]
-    for j, y in enumerate(ys):  # one draw at a time, ranked where its RDM is written (no other n x n buffer)
-        centred_ranks_(rdm(y, out=b[j]))
+    b = centred_ranks(ys, out=None if out is None else out[:len(ys)])  # one draw at a time, exact in rank_dtype
     norms = upper_norm(a) * upper_norm(b)
-    observed = b.reshape(len(b), -1) @ a.reshape(-1) / norms  # a product, not an [m, n, n] temporary (2 GB at n = 5,000)
+    observed = matrix_dots(a, b) / norms  # no [m, n, n] temporary (2 GB at n = 5,000)
     decided = None
     if tail is not None:
         groups, n_perm, risk, alpha = tail
@@ -436,7 +434,7 @@ def planted_power(measure: str, base: torch.Tensor, snr: float, groups=None, dra
     `target`: stop drawing once the level's side of it is settled (`detection_rate`)."""
     x = planted_representations(base, ["reference"], math.inf, 0, rotate=False)["reference"]
     reference = spearman_matrix(rdm(x)) if measure == "rsa" else CosineSide(x) if measure == "retrieval" else None
-    ranks = torch.empty(min(chunk, draws), *reference.shape, dtype=torch.float64) if measure == "rsa" else None  # one buffer for every chunk
+    ranks = torch.empty(min(chunk, draws), *reference.shape, dtype=rank_dtype(len(x))) if measure == "rsa" else None  # one buffer for every chunk
     tail = (groups, n_perm, TAIL_RISK, alpha)
 
     def test(seeds: Sequence[int]) -> Sequential:

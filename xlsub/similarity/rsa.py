@@ -108,16 +108,17 @@ def rank_dtype(n: int) -> torch.dtype:
     return torch.float32 if n * (n - 1) // 2 - 1 <= 2**24 else torch.float64
 
 
-def centred_ranks(x: torch.Tensor, centre: bool = False) -> torch.Tensor:
+def centred_ranks(x: torch.Tensor, centre: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """`xlsub.stats.inference.centred_upper(rdm(x), "spearman")` [..., n, n], one leading index at a time, each
     ranked where its RDM was written (`centred_ranks_`): at n = 5,000 an RDM is 200 MB, and ranking seven at
-    once held several GB of sort buffers. One x [n, d]: float64; stacked [..., n, d] (the languages): in
-    `rank_dtype(n)`, the same values (seven languages at n = 5,000 hold 700 MB instead of 1.4 GB)."""
+    once held several GB of sort buffers. One x [n, d]: float64; stacked [..., n, d] (the languages, or planted
+    draws): in `rank_dtype(n)`, the same values (seven languages at n = 5,000 hold 700 MB instead of 1.4 GB),
+    written into `out` [len, n, n] where given (a caller's buffer, reused)."""
     if x.dim() == 2:
         return inference.centred_ranks_(rdm(x, centre))
     flat = x.reshape(-1, *x.shape[-2:])
     n = x.shape[-2]
-    out = torch.empty(len(flat), n, n, dtype=rank_dtype(n))
+    out = torch.empty(len(flat), n, n, dtype=rank_dtype(n)) if out is None else out
     scratch = None if out.dtype == torch.float64 else torch.empty(n, n, dtype=torch.float64)
     for index, one in enumerate(flat):
         ranked = inference.centred_ranks_(rdm(one, centre, out=out[index] if scratch is None else scratch))
