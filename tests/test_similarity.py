@@ -21,7 +21,7 @@ from xlsub.similarity.isomorphism import knn_eigen_similarity, knn_laplacian_spe
 from xlsub.similarity.jackknife import cka_jackknife_interval, jackknife_blocks, leave_block_out_above_chance, leave_block_out_cka
 from xlsub.similarity.permutation import cka_null_mean, cka_permutation_test, length_bins, permutations, permuted_cka, residualize
 from xlsub.similarity.retrieval import nearest_translation, retrieval_permutation_test, retrieval_top1, retrieval_top1_per_layer
-from xlsub.similarity.rsa import centred_ranks, leave_block_out_rsa, mantel_test, rdm, rsa, rsa_jackknife_interval
+from xlsub.similarity.rsa import centred_ranks, centred_ranks_each, leave_block_out_rsa, mantel_test, rdm, rsa, rsa_jackknife_interval
 from xlsub.stats.inference import average_ranks
 
 KINDS = ["linear", "debiased", "rbf"]
@@ -616,6 +616,16 @@ def test_stacked_rank_matrices_are_float32_exactly_where_it_holds_them(monkeypat
         torch.testing.assert_close(interval.lo, rsa_jackknife_interval(x, ys, 5).lo, rtol=0, atol=1e-13)
     torch.testing.assert_close(mantel_test(x, ys, 60, 0, ranks=(a, single)).p_value, mantel_test(x, ys, 60, 0, ranks=(a, double)).p_value,
                                rtol=0, atol=0)
+    # each language's matrix a tensor of its own: the same test, and the interval frees them as it sorts them
+    each = centred_ranks_each(ys)
+    assert len(each) == 3 and all(torch.equal(one.double(), two) for one, two in zip(each, double))
+    for staged in ({}, {"tail_risk": 0.005, "stop_after": 10}):
+        listed, stacked = mantel_test(x, ys, 60, 0, ranks=(a, each), **staged), mantel_test(x, ys, 60, 0, ranks=(a, double), **staged)
+        torch.testing.assert_close(listed.p_value, stacked.p_value, rtol=0, atol=0)
+        torch.testing.assert_close(listed.observed, stacked.observed, rtol=0, atol=1e-15)
+    interval = rsa_jackknife_interval(x, ys, 5, ranks=(a, each))
+    assert each == []
+    torch.testing.assert_close(interval.lo, rsa_jackknife_interval(x, ys, 5).lo, rtol=0, atol=1e-13)
 
 
 def test_length_only_representations_against_a_loop_over_tokens():

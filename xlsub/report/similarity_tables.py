@@ -32,7 +32,7 @@ from xlsub.similarity.isomorphism import TOP_EIGENVALUES, knn_laplacian_spectrum
 from xlsub.similarity.jackknife import cka_jackknife_interval, jackknife_blocks, leave_block_out_above_chance
 from xlsub.similarity.permutation import STOP_EXCEEDANCES, cka_null_mean, cka_permutation_test, null_sides, residualize
 from xlsub.similarity.retrieval import CosineSide, retrieval_permutation_test, retrieval_top1_per_layer
-from xlsub.similarity.rsa import centred_ranks, mantel_test, rsa_jackknife_interval
+from xlsub.similarity.rsa import centred_ranks, centred_ranks_each, mantel_test, rsa_jackknife_interval
 from xlsub.stats.inference import EXACT_LIMIT, UnitLevel, jackknife_interval, unit_level, wilson_interval
 
 LENGTH_ONLY = "length-only"  # the content-free control encoder's key in the tables
@@ -297,7 +297,8 @@ def rsa_table(encodings, languages: Sequence[str], reference: str, counts: Count
             continue
         n_perm = min(counts.length, counts.subnetworks) if subnetwork_key(model) else counts.length
         x, ys = reps[reference][-1], torch.stack([reps[l][-1] for l in langs])
-        ranks = centred_ranks(x), centred_ranks(ys)  # each dissimilarity matrix ranked once, for the test and the interval
+        # each dissimilarity matrix ranked once, for the test and the interval; the interval frees the languages' as it sorts them
+        ranks = centred_ranks(x), centred_ranks_each(ys)
         result = mantel_test(x, ys, n_perm, seed, groups, tail_risk=TAIL_RISK, stop_after=STOP_AFTER, ranks=ranks)
         interval = rsa_jackknife_interval(x, ys, min(blocks, x.shape[0]), ranks=ranks)
         del ranks

@@ -127,6 +127,18 @@ def centred_ranks(x: torch.Tensor, centre: bool = False, out: torch.Tensor | Non
     return out.reshape(*x.shape[:-2], n, n)
 
 
+def centred_ranks_each(ys: torch.Tensor, centre: bool = False) -> list[torch.Tensor]:
+    """`centred_ranks` of each of ys [m, n, d] as a tensor of its own (in `rank_dtype(n)`), so that a caller done
+    with one can free it: `rsa_jackknife_interval` frees each language's matrix once it has its sort."""
+    return [centred_ranks(one[None], centre)[0] for one in ys]
+
+
+def _released(items: list):
+    """Each of `items`, removed from the list as it is handed out (the list is the caller's last reference)."""
+    while items:
+        yield items.pop(0)
+
+
 def _upper(d: torch.Tensor) -> torch.Tensor:
     """The strict upper triangle of d [..., n, n], row by row (`torch.triu_indices` order), [..., n (n - 1) / 2]:
     one slice per row, without the two int64 index arrays of advanced indexing (200 MB at n = 5,000)."""
@@ -166,10 +178,12 @@ def _untied_order(ranks: torch.Tensor) -> torch.Tensor | None:
     sort), or None where the ranks are not a permutation of 1..m (ties were averaged)."""
     position = _upper(ranks)
     m = len(position)
-    position += (m + 1) / 2 - 1  # in place: at n = 5,000 each temporary is 100 MB
+    position += (m + 1) / 2 - 1  # in place (exact in float32 ranks too: integers below 2^24): each temporary is 100 MB
     if not torch.equal(position, torch.round(position)):
         return None
-    order = torch.full((m,), -1, dtype=torch.long).index_copy_(0, position.long(), torch.arange(m))
+    at = position.long()
+    del position
+    order = torch.full((m,), -1, dtype=torch.long).index_copy_(0, at, torch.arange(m))
     return order if bool((order >= 0).all()) else None
 
 
@@ -305,18 +319,19 @@ def leave_block_out_rsa(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor, 
     [..., B]: the block's rows and columns deleted from both RDMs and the rest re-ranked. Each RDM is
     sorted once; the ranks of a subset are read off that sort (`_subset_ranks`), which equals re-ranking
     the subset from scratch (ties included). One reference against languages: `_sorted_rsa`; `ranks`: (`centred_ranks(x, centre)`,
-    `centred_ranks(y, centre)`) where the caller has them, which give the sorts."""
+    `centred_ranks(y, centre)`, or an iterable of y's matrices) where the caller has them, which give the sorts."""
     blocks = torch.as_tensor(blocks, dtype=torch.long)
-    i, j = torch.triu_indices(len(blocks), len(blocks), offset=1)
     count = int(blocks.max()) + 1
     if x.dim() == 2 and x.shape[-2] > 3:
         flat = y.reshape(-1, *y.shape[-2:])
         if ranks is not None:  # `centred_ranks` of x and y, already computed: no sort at all
-            fast = _sorted_rsa(ranks[0], iter(ranks[1].reshape(-1, *ranks[1].shape[-2:])), blocks)
+            languages = ranks[1].reshape(-1, *ranks[1].shape[-2:]) if isinstance(ranks[1], torch.Tensor) else ranks[1]
+            fast = _sorted_rsa(ranks[0], iter(languages), blocks)
         else:
             fast = _sorted_rsa(_upper(rdm(x, centre)), (_upper(rdm(one, centre)) for one in flat), blocks)
         if fast is not None:
             return fast.reshape(*y.shape[:-2], count)
+    i, j = torch.triu_indices(len(blocks), len(blocks), offset=1)  # the re-ranking paths' pairs (200 MB at n = 5,000)
     if x.dim() == 2 and y.dim() > 2:
         # one reference against several languages: the reference sorted once, each language's sort kept in int32
         # and its ranks taken one language at a time (at n = 5,000 the batched buffers took several GB)
@@ -347,7 +362,9 @@ def rsa_jackknife_interval(x: torch.Tensor, y: torch.Tensor, blocks: int = 20, l
     (`leave_block_out_rsa`), and the interval `xlsub.stats.inference.jackknife_interval` (t quantile,
     grouped jackknife SE) around the RSA on all n. Not a bootstrap with replacement: a sentence drawn twice
     has dissimilarity 0 to its copy in both RDMs, and these shared zeros, ranked lowest in both, inflate the
-    rank correlation. `ranks`: (`centred_ranks(x, centre)`, `centred_ranks(y, centre)`) where the caller has them.
+    rank correlation. `ranks`: (`centred_ranks(x, centre)`, `centred_ranks(y, centre)`) where the caller has them;
+    y's as a list (`centred_ranks_each`) is emptied, each matrix freed once the jackknife has its sort (at n =
+    5,000 the sorts of seven languages take 700 MB, which the freed matrices make room for).
     """
     labels = jackknife_blocks(x.shape[-2], blocks)
     if ranks is None:
@@ -355,5 +372,7 @@ def rsa_jackknife_interval(x: torch.Tensor, y: torch.Tensor, blocks: int = 20, l
     else:  # `centred_ranks` of x and y (the caller's): RSA is their correlation
         a, b = ranks
         estimate = inference.matrix_dots(a, b) / (inference.upper_norm(a) * inference.upper_norm(b))
+        if isinstance(b, list):
+            ranks = a, _released(b)
     lo, hi = inference.jackknife_interval(estimate, leave_block_out_rsa(x, y, labels, centre, ranks), level)
     return Interval(estimate, lo, hi)

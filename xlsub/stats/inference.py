@@ -443,7 +443,10 @@ def value_order(values: torch.Tensor, scratch: torch.Tensor | None = None) -> tu
 
 def upper_norm(m: torch.Tensor) -> torch.Tensor:
     """The Frobenius norm of each matrix in m [..., k, k] (of `centred_upper`, the root of its sum of squares),
-    float64; float32 matrices (exact ranks stored at half the size) summed in float64 a tile of rows at a time."""
+    float64; float32 matrices (exact ranks stored at half the size) summed in float64 a tile of rows at a time.
+    A list of [k, k] matrices: [len]."""
+    if not isinstance(m, torch.Tensor):
+        return torch.stack([upper_norm(one) for one in m]) if len(m) else torch.zeros(0, dtype=torch.float64)
     if m.dtype == torch.float64:
         return torch.linalg.vector_norm(m, dim=(-2, -1))
     return matrix_dots(m, m).sqrt()
@@ -452,7 +455,10 @@ def upper_norm(m: torch.Tensor) -> torch.Tensor:
 def matrix_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum_ij A_ij B_ij of matrices a, b [..., k, k] (leading axes broadcast), float64 [...], accumulated in
     float64 a tile of rows at a time: no [..., k, k] temporary (one reference against seven 5,000-sentence
-    languages would make a 1.4 GB one), and float32 operands converted tile by tile."""
+    languages would make a 1.4 GB one), and float32 operands converted tile by tile. b may be a list of [k, k]
+    matrices against one a: [len]."""
+    if not isinstance(b, torch.Tensor):
+        return torch.stack([matrix_dots(a, one) for one in b]) if len(b) else torch.zeros(0, dtype=torch.float64)
     k = a.shape[-1]
     lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     total = torch.zeros(lead, dtype=torch.float64)
@@ -477,10 +483,11 @@ def _pair_index(inverse: torch.Tensor, k: int) -> torch.Tensor:
     return inverse.index_select(1, i) * k + inverse.index_select(1, j)
 
 
-def permuted_cross(a: torch.Tensor, bs: torch.Tensor, perms: torch.Tensor, pairs: torch.Tensor | None = None,
+def permuted_cross(a: torch.Tensor, bs, perms: torch.Tensor, pairs: torch.Tensor | None = None,
                    select: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_ij A_ij B_p(i)p(j) for every B in bs [m, k, k] (or the matrices `select` of them) and every
-    permutation p, [m, P] float64 (A, B symmetric with zero diagonal; A float64, bs float64 or float32).
+    """sum_ij A_ij B_p(i)p(j) for every B in bs [m, k, k] or a list of m [k, k] (or the matrices `select` of
+    them) and every permutation p, [m, P] float64 (A, B symmetric with zero diagonal; A float64, bs float64 or
+    float32).
 
     The same sum is sum_ij A_q(i)q(j) B_ij with q = p^-1, so A is gathered once per permutation and meets all
     m matrices: one k^2 gather per permutation however many matrices share the reference (one language against
@@ -496,7 +503,7 @@ def permuted_cross(a: torch.Tensor, bs: torch.Tensor, perms: torch.Tensor, pairs
     if k <= _PAIR_GATHER_MAX_K:
         pairs = _pair_index(torch.argsort(perms, dim=1), k) if pairs is None else pairs
         i, j = torch.triu_indices(k, k, offset=1)
-        flat_a, upper_b = a.reshape(-1), bs[which][:, i, j].double()
+        flat_a, upper_b = a.reshape(-1), torch.stack([bs[w][i, j].double() for w in which.tolist()])
         block = max(1, min(len(perms), _MANTEL_BLOCK_BYTES // (16 * max(1, len(i)))))
         for start in range(0, len(perms), block):
             chunk = pairs[start:start + block]
@@ -506,7 +513,8 @@ def permuted_cross(a: torch.Tensor, bs: torch.Tensor, perms: torch.Tensor, pairs
         return out
     inverse = torch.argsort(perms, dim=1)
     everything = select is None or torch.equal(which, torch.arange(len(bs)))
-    in_place = everything and bs.dtype == torch.float64  # else the tile's rows are picked or converted into `picked`
+    # else the tile's rows are picked, stacked or converted into `picked`
+    in_place = everything and isinstance(bs, torch.Tensor) and bs.dtype == torch.float64
     rows = max(1, min(k, _MANTEL_TILE_BYTES // (8 * k * (len(perms) + len(which)))))
     gathered = torch.empty(len(perms), rows, k, dtype=torch.float64)
     picked = None if in_place else torch.empty(len(which), rows, k, dtype=torch.float64)
@@ -518,7 +526,9 @@ def permuted_cross(a: torch.Tensor, bs: torch.Tensor, perms: torch.Tensor, pairs
         if in_place:
             b = bs[:, start:stop]
         else:
-            b = picked[:, :stop - start].copy_(bs[:, start:stop] if everything else bs[:, start:stop][which])
+            b = picked[:, :stop - start]
+            for row, w in enumerate(which.tolist()):
+                b[row].copy_(bs[w][start:stop])
         out.addmm_(b.reshape(len(which), -1), tile.reshape(len(perms), -1).mT)
     return out
 
@@ -553,6 +563,8 @@ def mantel_test(x, y, sample=None, groups=None, method: str = "spearman", altern
     """
     if alternative not in ALTERNATIVES:
         raise ValueError(f"alternative must be one of {ALTERNATIVES}, got {alternative!r}")
+    if centred and isinstance(y, list):  # the languages' rank matrices, each its own tensor
+        y = torch.stack(y)
     a, b = (torch.as_tensor(x).double(), torch.as_tensor(y).double()) if centred else (centred_upper(x, method), centred_upper(y, method))
     k = a.shape[-1]
     sample = None if sample is None else torch.as_tensor(np.asarray(sample), dtype=torch.long)
