@@ -27,6 +27,7 @@ masks are labelled the same way, so mask layer 1 is the first transformer layer.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -342,6 +343,16 @@ def _subnetwork_cka(result: AnalysisResult, inputs: AnalysisInputs, langs: list[
                       level.robust_to_leave_one_out)))
 
 
+def _return_freed_memory() -> None:
+    """Hand the free pages of the heap back to the system (glibc's `malloc_trim`; nothing where there is none):
+    the tables before RSA's and the power analysis's leave hundreds of MB of freed temporaries in the heap, which
+    the n x n matrices allocated next (each its own mapping) cannot reuse, so they would sit under their peak."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 def _similarity(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], reference: str, kind: str,
                 counts: Counts, seed: int, colours) -> None:
     """Representation similarity against its nulls and length controls, retrieval and RSA; the fourth verdict."""
@@ -361,9 +372,11 @@ def _similarity(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str]
     result.metrics |= {language_metric(METRIC.retrieval_top1, lang): float(v) for (model, lang), v in retrieval.iloc[:, -1].items() if model == FULL_MODEL}
     result.tables[TABLE.retrieval_pvalue] = similarity_tables.retrieval_pvalue_table(inputs.encodings, langs, reference, counts, seed, lengths)
     result.tables[TABLE.knn_isomorphism] = similarity_tables.isomorphism_table(inputs.encodings, langs, reference, seed=seed, lengths=lengths)
+    _return_freed_memory()
     rsa = similarity_tables.rsa_table(inputs.encodings, langs, reference, counts, seed, lengths)
     result.add({TABLE.rsa: rsa}, figures.rsa_figure(rsa, reference))
     result.metrics[METRIC.mean_rsa_last_layer] = _nanmean(rsa.loc[FULL_MODEL, "rsa"]) if FULL_MODEL in rsa.index.get_level_values(0) else math.nan
+    _return_freed_memory()
     power, limits = similarity_tables.power_table(full[reference][-1], lengths, reference, kind, counts.power_draws, seed)
     result.add({TABLE.power: power}, figures.power_figure(power, limits))
     result.metrics |= {language_metric(METRIC.detection_limit, measure): limit for measure, limit in limits.items()}

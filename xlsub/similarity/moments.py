@@ -44,6 +44,8 @@ _EIGEN_MAX = 2048
 # Columns of the within-group scatter matrices per step when summing their pairwise inner products:
 # G x d x _SCATTER_COLUMNS float64 values at a time (G = 100, d = 768: 39 MB).
 _SCATTER_COLUMNS = 64
+# Bytes of float64 rows `gram_summary` converts at a time.
+_TILE_BYTES = 2**25
 
 
 @dataclass(frozen=True)
@@ -130,22 +132,29 @@ def feature_summary(xc: torch.Tensor, groups=None) -> Summary:
 
 
 def gram_summary(k: torch.Tensor, groups=None) -> Summary:
-    """`Summary` of a symmetric n x n matrix k (a centred RBF kernel, a Mantel test's centred rank matrix)."""
-    k = k.double()
+    """`Summary` of a symmetric n x n matrix k (a centred RBF kernel, a Mantel test's centred rank matrix; float64,
+    or float32 holding exact values), read a tile of rows at a time in float64: no n x n temporary (two of
+    200 MB at n = 5,000 for the squares and a float64 copy)."""
     n = k.shape[-1]
     codes, sizes = group_codes(groups, n)
     count = len(sizes)
-    sums = k.new_zeros(n, count).index_add_(1, codes, k)  # k_ih
-    u = torch.cat([k.diagonal()[:, None], sums], dim=1)
-    squares = k.new_zeros(count, count).index_add_(0, codes, k.new_zeros(n, count).index_add_(1, codes, k.square()))
-    blocks = k.new_zeros(count, count).index_add_(0, codes, sums)  # S_gh
+    sums = torch.zeros(n, count, dtype=torch.float64)  # k_ih
+    row_squares = torch.zeros(n, count, dtype=torch.float64)  # sum_{j in h} k_ij^2
+    rows = max(1, _TILE_BYTES // (8 * n))
+    for start in range(0, n, rows):
+        tile = k[start:start + rows].to(torch.float64, copy=True)  # squared in place below
+        sums[start:start + rows].index_add_(1, codes, tile)
+        row_squares[start:start + rows].index_add_(1, codes, tile.square_())
+    u = torch.cat([k.diagonal().double()[:, None], sums], dim=1)
+    squares = sums.new_zeros(count, count).index_add_(0, codes, row_squares)
+    blocks = sums.new_zeros(count, count).index_add_(0, codes, sums)  # S_gh
     # |K_gh double-centred|^2 = sum K^2 - sum_i k_ih^2 / m_h - sum_j k_jg^2 / m_g + S_gh^2 / (m_g m_h)
-    row_sq = k.new_zeros(count, count).index_add_(0, codes, sums.square())  # [g, h] = sum_{i in g} k_ih^2
+    row_sq = sums.new_zeros(count, count).index_add_(0, codes, sums.square())  # [g, h] = sum_{i in g} k_ih^2
     between = squares - row_sq / sizes[None, :] - row_sq.mT / sizes[:, None] + blocks.square() / (sizes[:, None] * sizes[None, :])
     order = torch.argsort(codes, stable=True)
     top = []
     for index in torch.split(order, sizes.long().tolist()):
-        block = k[index][:, index]
+        block = k[index][:, index].double()
         top.append(_top(block - block.mean(0, keepdim=True) - block.mean(1, keepdim=True) + block.mean()))
     return _summary(u, codes, sizes, squares.diagonal().clone(), between.clamp_min(0), torch.stack(top))
 

@@ -445,6 +445,7 @@ def planted_power(measure: str, base: torch.Tensor, snr: float, groups=None, dra
             return sequential_test(extreme, len(seeds), torch.arange(n_perm), alpha, decided=extreme.decided)
         perms = permutations(x.shape[0], n_perm, seeds[0], groups)
         extreme = measure_extreme(measure, x, ys, kind, reference, tail, ranks)
+        del ys  # what the permutations need is in `extreme` (RSA: the draws' rank matrices, not their 300 MB of vectors)
         return sequential_test(extreme, len(seeds), perms, alpha, decided=extreme.decided)
 
     return detection_rate(test, draws, seed, snr, chunk, target)
