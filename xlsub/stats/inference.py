@@ -518,6 +518,7 @@ def permuted_cross(a: torch.Tensor, bs, perms: torch.Tensor, pairs: torch.Tensor
     rows = max(1, min(k, _MANTEL_TILE_BYTES // (8 * k * (len(perms) + len(which)))))
     gathered = torch.empty(len(perms), rows, k, dtype=torch.float64)
     picked = None if in_place else torch.empty(len(which), rows, k, dtype=torch.float64)
+    chosen = which.tolist()
     for start in range(0, k, rows):
         stop = min(k, start + rows)
         tile = gathered[:, :stop - start]
@@ -527,7 +528,7 @@ def permuted_cross(a: torch.Tensor, bs, perms: torch.Tensor, pairs: torch.Tensor
             b = bs[:, start:stop]
         else:
             b = picked[:, :stop - start]
-            for row, w in enumerate(which.tolist()):
+            for row, w in enumerate(chosen):
                 b[row].copy_(bs[w][start:stop])
         out.addmm_(b.reshape(len(which), -1), tile.reshape(len(perms), -1).mT)
     return out
