@@ -296,3 +296,21 @@ def test_shuffled_pairs_control():
     # No sentence keeps its partner: with 3 points on a line, the identity pairing gives 1 and every other 0.25.
     line = torch.arange(3.0)[:, None]
     assert {round(float(shuffled_pairs_cka(line, line, seed=s)), 12) for s in range(30)} == {0.25}
+
+
+@pytest.mark.parametrize("kind", ["linear", "debiased"])
+def test_self_terms_computed_once_give_the_same_cka(kind, monkeypatch):
+    """self_hsic (a layer at a time here) is prepare's self term; cka_matrix and shuffled_pairs_cka given the self terms
+    equal their own computation (bit for bit, up to rounding once re-paired); a wrong self term given is used (so the shortcut is not ignored)."""
+    x, y = related(layers=3)
+    monkeypatch.setattr(cka_module, "_CHUNK_BYTES", 1)
+    selves = {"x": cka_module.self_hsic(x, kind), "y": cka_module.self_hsic(y, kind)}
+    assert torch.equal(selves["x"], cka_module.prepare(x, kind)["self"])
+    for precision in ("float64", "float32"):
+        assert torch.equal(cka_matrix({"x": x, "y": y}, kind, precision=precision, selves=selves),
+                           cka_matrix({"x": x, "y": y}, kind, precision=precision))
+        # the re-paired y's own self term sums its rows in another order: equal up to rounding
+        torch.testing.assert_close(cka_module.shuffled_pairs_cka(x, y, 3, kind, precision=precision, selves=(selves["x"], selves["y"])),
+                                   cka_module.shuffled_pairs_cka(x, y, 3, kind, precision=precision), rtol=1e-12, atol=0)
+    doubled = cka_matrix({"x": x, "y": y}, kind, selves={"x": 4 * selves["x"], "y": selves["y"]})
+    torch.testing.assert_close(doubled[:, 0, 1], cka_matrix({"x": x, "y": y}, kind)[:, 0, 1] / 2, rtol=1e-12, atol=0)

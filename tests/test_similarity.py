@@ -15,10 +15,16 @@ from scipy.spatial.distance import pdist, squareform
 
 from xlsub.errors import XlsubError
 from xlsub.similarity import permutation
-from xlsub.similarity.cka import cka, shuffled_pairs_cka
+from xlsub.similarity.cka import cka, prepare, shuffled_pairs_cka
 from xlsub.similarity.controls import length_only_representations, planted_representations, random_rotation
 from xlsub.similarity.isomorphism import knn_eigen_similarity, knn_laplacian_spectrum
-from xlsub.similarity.jackknife import cka_jackknife_interval, jackknife_blocks, leave_block_out_above_chance, leave_block_out_cka
+from xlsub.similarity.jackknife import (
+    cka_jackknife_interval,
+    jackknife_blocks,
+    leave_block_out_above_chance,
+    leave_block_out_cka,
+    leave_block_out_self,
+)
 from xlsub.similarity.permutation import cka_null_mean, cka_permutation_test, length_bins, permutations, permuted_cka, residualize
 from xlsub.similarity.retrieval import nearest_translation, retrieval_permutation_test, retrieval_top1, retrieval_top1_per_layer
 from xlsub.similarity.rsa import centred_ranks, centred_ranks_each, leave_block_out_rsa, mantel_test, rdm, rsa, rsa_jackknife_interval
@@ -306,6 +312,29 @@ def test_leave_block_out_above_chance_equals_recomputation(kind, grouped):
     brute = torch.stack([cka(x[blocks != b], y[blocks != b], kind) - cka_null_mean(x[blocks != b], y[blocks != b], kind, codes[blocks != b])
                          for b in range(6)])
     torch.testing.assert_close(fast, brute, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("kind", ["linear", "debiased"])
+def test_leave_block_out_self_terms_by_recomputation(kind):
+    """Each block's left-out self term is prepare's HSIC(K, K) of the kept rows (and on all rows); CKA from shared self
+    terms equals CKA computing its own, layer by layer; self terms of other blocks are refused."""
+    x, y = related(n=45, d1=6, d2=4, layers=2)
+    x = x + 50.0
+    blocks = jackknife_blocks(45, 6, seed=2)
+    selves = leave_block_out_self(x, blocks, kind)
+    assert selves.kept.shape == (2, 6) and selves.whole.shape == (2,)
+    brute = torch.stack([prepare(x[:, blocks != b], kind)["self"] for b in range(6)], -1)
+    torch.testing.assert_close(selves.kept, brute, rtol=1e-11, atol=0)
+    torch.testing.assert_close(selves.whole, prepare(x, kind)["self"], rtol=1e-11, atol=0)
+    shared = leave_block_out_cka(x, y, blocks, kind, selves=(selves, leave_block_out_self(y, blocks, kind)))
+    assert torch.equal(shared, leave_block_out_cka(x, y, blocks, kind))
+    interval = cka_jackknife_interval(x, y, kind, 6, selves=(leave_block_out_self(x, jackknife_blocks(45, 6), kind),
+                                                             leave_block_out_self(y, jackknife_blocks(45, 6), kind)))
+    for got, want in zip(interval, cka_jackknife_interval(x, y, kind, 6)):
+        assert torch.equal(got, want)
+    other = leave_block_out_self(y[0], jackknife_blocks(45, 5), kind)
+    with pytest.raises(ValueError, match="same 6 blocks"):
+        leave_block_out_cka(x[0], y[0], blocks, kind, selves=(other, other))
 
 
 def test_jackknife_interval_formula():

@@ -29,7 +29,7 @@ from xlsub.similarity import power
 from xlsub.similarity.cka import cka
 from xlsub.similarity.controls import length_only_representations
 from xlsub.similarity.isomorphism import TOP_EIGENVALUES, knn_laplacian_spectrum, spectrum_distance, subsample_spectra, subsamples
-from xlsub.similarity.jackknife import cka_jackknife_interval, jackknife_blocks, leave_block_out_above_chance
+from xlsub.similarity.jackknife import cka_jackknife_interval, jackknife_blocks, leave_block_out_above_chance, leave_block_out_self
 from xlsub.similarity.permutation import STOP_EXCEEDANCES, cka_null_mean, cka_permutation_test, null_sides, residualize
 from xlsub.similarity.retrieval import CosineSide, retrieval_permutation_test, retrieval_top1_per_layer
 from xlsub.similarity.rsa import centred_ranks, centred_ranks_each, mantel_test, rsa_jackknife_interval
@@ -244,7 +244,13 @@ def cka_interval_tables(encodings, languages: Sequence[str], reference: str, kin
     full = encodings[FULL_MODEL]
     langs = ordered([l for l in full if l != reference], languages)
     blocks = min(blocks, full[reference].shape[1])  # at most one sentence a block
-    bounds = {lang: cka_jackknife_interval(full[reference], full[lang], kind, blocks) for lang in langs}
+    mine = None  # the reference's leave-one-block-out self terms, once for all languages
+    if kind != "rbf" and langs:
+        labels = jackknife_blocks(full[reference].shape[-2], blocks)
+        mine = leave_block_out_self(full[reference], labels, kind)
+    bounds = {lang: cka_jackknife_interval(full[reference], full[lang], kind, blocks,
+                                           selves=None if mine is None else (mine, leave_block_out_self(full[lang], labels, kind)))
+              for lang in langs}
     out = {}
     for table_id, pick in ((TABLE.cka_vs_reference_lo, lambda i: i.lo), (TABLE.cka_vs_reference_hi, lambda i: i.hi)):
         table = pd.DataFrame({lang: pick(bounds[lang]).numpy() for lang in langs}).T

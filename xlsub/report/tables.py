@@ -41,8 +41,8 @@ from xlsub.artifacts import (
 from xlsub.errors import XlsubError
 from xlsub.models.mlm import ChunkLosses
 from xlsub.models.pruning import relative_perplexity
-from xlsub.similarity.cka import cka_matrix, shuffled_pairs_cka
-from xlsub.similarity.jackknife import cka_jackknife_interval
+from xlsub.similarity.cka import cka_matrix, ratio, self_hsic, shuffled_pairs_cka
+from xlsub.similarity.jackknife import cka_jackknife_interval, jackknife_blocks, jackknife_bounds, leave_block_out_self
 from xlsub.stats.inference import (
     UnitLevel,
     benjamini_hochberg,
@@ -347,9 +347,11 @@ def long_table(table: pd.DataFrame) -> pd.DataFrame:
 
 # -- CKA ------------------------------------------------------------------------------------------------
 
-def pair_cka(x: torch.Tensor, y: torch.Tensor, kind: str = "linear", precision: str = "float64") -> torch.Tensor:
-    """CKA of x and y [layers, n, d] per layer -> [layers] (through `cka_matrix`, which bounds memory)."""
-    return cka_matrix({"x": x, "y": y}, kind, precision=precision)[..., 0, 1]
+def pair_cka(x: torch.Tensor, y: torch.Tensor, kind: str = "linear", precision: str = "float64",
+             selves: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """CKA of x and y [layers, n, d] per layer -> [layers] (through `cka_matrix`, which bounds memory); `selves`:
+    their `self_hsic`, already computed."""
+    return cka_matrix({"x": x, "y": y}, kind, precision=precision, selves=None if selves is None else dict(zip("xy", selves)))[..., 0, 1]
 
 
 def _layer_table(rows: Mapping, index_names: Sequence[str]) -> pd.DataFrame:
@@ -378,7 +380,9 @@ def cka_reference_tables(encodings: Mapping[str, Mapping[str, torch.Tensor]], la
     langs = ordered(full, languages)
     if reference not in full:
         raise XlsubError(f"encodings: the full model has no '{reference}' encodings; encode the reference language")
-    matrix = cka_matrix({lang: full[lang] for lang in langs}, kind, precision=precision)
+    # each representation's self term once (half of a pair's cost), for the matrix and every control pair it is in
+    selves = None if kind == "rbf" else {lang: self_hsic(full[lang], kind) for lang in langs}
+    matrix = cka_matrix({lang: full[lang] for lang in langs}, kind, precision=precision, selves=selves)
     r = langs.index(reference)
     others = [lang for lang in langs if lang != reference]
     parallel = {lang: matrix[:, r, langs.index(lang)] for lang in others}
@@ -386,16 +390,19 @@ def cka_reference_tables(encodings: Mapping[str, Mapping[str, torch.Tensor]], la
     ref_x = full[reference]
     for lang in others:
         # layer by layer: the derangement depends only on the seed and n, so every layer gets the same pairing
+        pair = (lambda l: None) if selves is None else (lambda l: (selves[reference][l], selves[lang][l]))
         controls[("shuffled", lang)] = torch.stack([shuffled_pairs_cka(ref_x[l], full[lang][l], shuffle_seed, kind,
-                                                                       precision=precision)
+                                                                       precision=precision, selves=pair(l))
                                                     for l in range(ref_x.shape[0])])
     for model in (BASE_MODEL, RANDOM_MODEL):
         reps = encodings.get(model, {})
         if reference not in reps:
             continue
+        mine = None if kind == "rbf" else self_hsic(reps[reference], kind)
         for lang in others:
             if lang in reps:
-                controls[(model, lang)] = pair_cka(reps[reference], reps[lang], kind, precision)
+                pair = None if mine is None else (mine, self_hsic(reps[lang], kind))
+                controls[(model, lang)] = pair_cka(reps[reference], reps[lang], kind, precision, pair)
     tables = {TABLE.cka_vs_reference: _layer_table(parallel, ["language"]),
               TABLE.cka_controls: _layer_table(controls, ["condition", "language"])}
     return matrix, langs, tables
@@ -419,9 +426,17 @@ def cka_pairs_interval_tables(encodings: Mapping[str, Mapping[str, torch.Tensor]
     layers = list(layers)
     k = len(langs)
     lo, hi = torch.full((len(layers), k, k), math.nan, dtype=torch.float64), torch.full((len(layers), k, k), math.nan, dtype=torch.float64)
+    n = full[langs[0]].shape[-2] if k else 0
+    blocks = min(blocks, n)
+    labels = jackknife_blocks(n, blocks) if k and kind != "rbf" else None
+    selves = {} if labels is None else {lang: leave_block_out_self(full[lang][layers], labels, kind) for lang in langs}  # once per language
     for i, j in ((i, j) for i in range(k) for j in range(i, k)):
         x, y = full[langs[i]][layers], full[langs[j]][layers]
-        interval = cka_jackknife_interval(x, y, kind, min(blocks, x.shape[-2]))
+        pair = (selves[langs[i]], selves[langs[j]]) if selves else None
+        if i == j and pair:  # a language with itself: its cross term is its self term
+            interval = jackknife_bounds(ratio(pair[0].kept, pair[0].kept, pair[0].kept), ratio(pair[0].whole, pair[0].whole, pair[0].whole))
+        else:
+            interval = cka_jackknife_interval(x, y, kind, blocks, selves=pair)
         lo[:, i, j] = lo[:, j, i] = interval.lo
         hi[:, i, j] = hi[:, j, i] = interval.hi
     return {table_id: cka_pairs_table(dict(zip(layers, bound)), langs, layers) for table_id, bound in ((TABLE.cka_pairs_lo, lo), (TABLE.cka_pairs_hi, hi))}

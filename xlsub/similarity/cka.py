@@ -153,23 +153,26 @@ def _rbf_gram(xc: torch.Tensor, sigma_frac: float) -> tuple[torch.Tensor, torch.
 
 
 def prepare(x: torch.Tensor, kind: str, sigma_frac: float = 1.0,
-             precision: str = "float64") -> dict[str, torch.Tensor]:
+             precision: str = "float64", self_: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The statistics of one representation [..., n, d] that its HSIC terms need; "self" is HSIC(K, K).
 
     The self term is computed in float64 for either `precision`, so that a degenerate representation
     (HSIC(K, K) = 0 up to float64 rounding) is recognised as such; "xc", the centred representation the
     cross terms multiply, is in the dtype of `precision`. Everything else is float64.
+    `self_` (linear, debiased): x's self term, already computed (`self_hsic`, or "self" of an earlier `prepare` of
+    x or of x with its rows permuted): its d x d product, half of a pair's cost, is then skipped.
     """
     xc, constant = centre(x)
     n = x.shape[-2]
     if kind == "linear":
-        self_ = sq_frob(xc.mT @ xc)
+        self_ = sq_frob(xc.mT @ xc) if self_ is None else self_
         state = {"xc": xc}
     elif kind == "debiased":
         rows = torch.linalg.vector_norm(xc, dim=-1).square()
         total = rows.sum(-1)
-        self_ = debiased_hsic(sq_frob(xc.mT @ xc), rows, rows, total, total, n)
-        self_ = torch.where(self_ <= HSIC_RTOL * total.square(), 0.0, self_)
+        if self_ is None:
+            self_ = debiased_hsic(sq_frob(xc.mT @ xc), rows, rows, total, total, n)
+            self_ = torch.where(self_ <= HSIC_RTOL * total.square(), 0.0, self_)
         state = {"xc": xc, "rows": rows, "total": total}
     elif kind == "rbf":
         kc, undefined = _rbf_gram(xc, sigma_frac)
@@ -185,6 +188,14 @@ def prepare(x: torch.Tensor, kind: str, sigma_frac: float = 1.0,
         # centred in float64 first: each value is rounded once, not as a difference of rounded values
         state["xc"] = xc.float()
     return state
+
+
+def self_hsic(x: torch.Tensor, kind: str, sigma_frac: float = 1.0) -> torch.Tensor:
+    """`prepare(x, kind)["self"]`, HSIC(K, K) of x [..., n, d] -> [...], a chunk of leading indices (layers) at a time
+    within `_CHUNK_BYTES` of float64 copies: computed once for every pair a representation is in."""
+    flat = x.reshape(-1, *x.shape[-2:])
+    chunk = max(1, _CHUNK_BYTES // (8 * flat.shape[-2] * (flat.shape[-2] if kind == "rbf" else flat.shape[-1])))
+    return torch.cat([prepare(flat[start:start + chunk], kind, sigma_frac)["self"] for start in range(0, len(flat), chunk)]).reshape(x.shape[:-2])
 
 
 def _cross(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
@@ -279,7 +290,7 @@ def rbf_cka(x: torch.Tensor, y: torch.Tensor, sigma_frac: float = 1.0) -> torch.
 
 
 def cka_matrix(reps: Mapping[str, torch.Tensor], kind: str = "linear", *,
-               sigma_frac: float = 1.0, precision: str = "float64") -> torch.Tensor:
+               sigma_frac: float = 1.0, precision: str = "float64", selves: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
     """CKA between every pair of languages, per layer: {lang: [L, n, d]} -> [L, k, k] (float64).
 
     Rows and columns follow the order of `reps`. Each language is centred and reduced once (for linear:
@@ -287,7 +298,8 @@ def cka_matrix(reps: Mapping[str, torch.Tensor], kind: str = "linear", *,
     over the layers (linear, debiased) or one n x n inner product (rbf). Symmetric; the diagonal is 1
     (NaN for a degenerate representation). Leading indices (layers) are processed in chunks so the
     float64 copies of all languages stay within 256 MiB where one layer allows (at least one layer at
-    a time: k n d float64 values; rbf: k n x n kernels). `precision`: as for `cka`.
+    a time: k n d float64 values; rbf: k n x n kernels). `precision`: as for `cka`. `selves` (linear, debiased):
+    {lang: `self_hsic` of reps[lang]} already computed, used instead of computing them again.
     """
     check_options(kind, precision)
     langs = list(reps)
@@ -305,7 +317,8 @@ def cka_matrix(reps: Mapping[str, torch.Tensor], kind: str = "linear", *,
     out = torch.empty(batch, k, k, dtype=torch.float64)
     for start in range(0, batch, chunk):
         part = slice(start, start + chunk)
-        states = [prepare(flat[lang][part], kind, sigma_frac, precision) for lang in langs]
+        known = {lang: None if selves is None or kind == "rbf" else selves[lang].reshape(-1)[part] for lang in langs}
+        states = [prepare(flat[lang][part], kind, sigma_frac, precision, known[lang]) for lang in langs]
         for i, a in enumerate(states):
             out[part, i, i] = torch.where(a["self"] > 0, 1.0, math.nan)
             for j in range(i + 1, k):
@@ -316,12 +329,14 @@ def cka_matrix(reps: Mapping[str, torch.Tensor], kind: str = "linear", *,
 
 
 def shuffled_pairs_cka(x: torch.Tensor, y: torch.Tensor, seed: int, kind: str = "linear", *,
-                       sigma_frac: float = 1.0, precision: str = "float64") -> torch.Tensor:
+                       sigma_frac: float = 1.0, precision: str = "float64",
+                       selves: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The non-parallel control: CKA of x with y's examples re-paired by a seeded random derangement.
 
     Sentence i of x is compared with sentence pi(i) != i of y, where pi is a uniformly random n-cycle (the
     same for every leading index / layer), so no sentence keeps its translation. What CKA this control
     still shows comes from the marginal structure of the two spaces, not from the sentences being parallel.
+    `selves` (linear, debiased): x's and y's `self_hsic`, unchanged by re-pairing, to skip computing them.
     """
     n = y.shape[-2]
     if n < 2:
@@ -329,4 +344,7 @@ def shuffled_pairs_cka(x: torch.Tensor, y: torch.Tensor, seed: int, kind: str = 
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     partner = torch.empty(n, dtype=torch.long)
     partner[order] = order.roll(-1)  # order[i] -> order[i+1]: one cycle through all n, no fixed point
-    return cka(x, y[..., partner, :], kind, sigma_frac=sigma_frac, precision=precision)
+    if selves is None or kind == "rbf":
+        return cka(x, y[..., partner, :], kind, sigma_frac=sigma_frac, precision=precision)
+    check_pair(x, y, kind, precision)
+    return prepared_cka(prepare(x, kind, precision=precision, self_=selves[0]), prepare(y[..., partner, :], kind, precision=precision, self_=selves[1]), kind)

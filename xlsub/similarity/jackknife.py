@@ -53,18 +53,20 @@ def _moments(u: torch.Tensor, v: torch.Tensor, blocks: list[torch.Tensor]) -> di
     A = sum u_i v_i' [..., B, du, dv], s_u = sum u_i, s_v [..., B, d], q_u = sum |u_i|^2, q_v,
     w_u = sum |v_i|^2 u_i, w_v = sum |u_i|^2 v_i [..., B, d], m = sum |u_i|^2 |v_i|^2, and the count n [B]:
     every term of biased and unbiased HSIC on a subset of rows is a function of these sums, which are
-    additive over blocks.
+    additive over blocks. A's block products are written into one buffer (no stacked copy: 94 MB at d = 768).
     """
+    a = torch.empty(*u.shape[:-2], len(blocks), u.shape[-1], v.shape[-1], dtype=torch.promote_types(u.dtype, v.dtype))
     rows = []
-    for index in blocks:
+    for b, index in enumerate(blocks):
         ub, vb = u[..., index, :], v[..., index, :]
         ru, rv = ub.square().sum(-1), vb.square().sum(-1)
+        torch.matmul(ub.mT, vb, out=a[..., b, :, :])
         rows.append({
-            "A": ub.mT @ vb, "su": ub.sum(-2), "sv": vb.sum(-2), "qu": ru.sum(-1), "qv": rv.sum(-1),
+            "su": ub.sum(-2), "sv": vb.sum(-2), "qu": ru.sum(-1), "qv": rv.sum(-1),
             "wu": (ub * rv[..., None]).sum(-2), "wv": (vb * ru[..., None]).sum(-2), "m": (ru * rv).sum(-1),
             "n": torch.tensor(float(len(index)), dtype=torch.float64),
         })
-    return {key: torch.stack([r[key] for r in rows], dim=_BLOCK_AXIS.get(key, -1)) for key in rows[0]}
+    return {"A": a} | {key: torch.stack([r[key] for r in rows], dim=_BLOCK_AXIS.get(key, -1)) for key in rows[0]}
 
 
 def _hsic_from_moments(t: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
@@ -85,50 +87,100 @@ def _hsic_from_moments(t: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     return tr_kl + ones_k * ones_l / ((n - 1) * (n - 2)) - 2 / (n - 2) * ones_kl
 
 
-def leave_block_out_cka(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor,
-                        kind: str = "debiased") -> torch.Tensor:
+class BlockHsic(NamedTuple):
+    """HSIC of a representation with itself (`leave_block_out_self`), on `xlsub.similarity.cka.prepare`'s scale:
+    `kept` [..., B] on all examples but block b, `whole` [...] on all of them."""
+
+    kept: torch.Tensor
+    whole: torch.Tensor
+
+
+def leave_block_out_self(x: torch.Tensor, blocks: torch.Tensor, kind: str = "debiased") -> BlockHsic:
+    """HSIC(K, K) of x [..., n, d] without each block of `blocks` (labels 0..B-1 per example) and on every
+    example, linear or debiased: the self terms of every leave-one-block-out CKA of x, computed once for all
+    the representations x is compared with (`leave_block_out_cka`'s `selves`). A self term that is zero up to
+    rounding is zero, as in `prepare`."""
+    check_options(kind)
+    if kind == "rbf":
+        raise ValueError("leave_block_out_self: linear or debiased CKA (rbf's bandwidth depends on the rows kept)")
+    blocks = torch.as_tensor(blocks, dtype=torch.long)
+    if x.dim() > 2:
+        parts = [leave_block_out_self(a, blocks, kind) for a in x.reshape(-1, *x.shape[-2:])]
+        return BlockHsic(*(torch.stack(values).reshape(*x.shape[:-2], *values[0].shape) for values in zip(*parts)))
+    xc = centre(x)[0]
+    return _block_hsic(xc, xc, _members(blocks, kind), kind, self_term=True)
+
+
+def _members(blocks: torch.Tensor, kind: str) -> list[torch.Tensor]:
+    members = [(blocks == b).nonzero().reshape(-1) for b in range(int(blocks.max()) + 1)]
+    if kind == "debiased" and len(blocks) - max(len(m) for m in members) < 4:
+        raise ValueError("debiased CKA needs at least 4 examples left out of every block")
+    return members
+
+
+def _block_hsic(u: torch.Tensor, v: torch.Tensor, members: list[torch.Tensor], kind: str, self_term: bool) -> BlockHsic:
+    """HSIC of centred u, v without each block and on all rows, from the per-block sums (`_moments`)."""
+    per_block = _moments(u, v, members)
+    totals = {key: value.sum(_BLOCK_AXIS.get(key, -1), keepdim=True) for key, value in per_block.items()}
+    kept = {key: totals[key] - value for key, value in per_block.items()}  # total minus the block
+    out = []
+    for sums in (kept, totals):
+        value = _hsic_from_moments(sums, kind)
+        if self_term:
+            # as in xlsub.similarity.cka.prepare: a self term that is zero up to rounding is zero (CKA NaN)
+            scale = sums["qu"] - sums["su"].square().sum(-1) / sums["n"]  # sum of re-centred squared norms
+            floor = HSIC_RTOL * scale.square() if kind == "debiased" else 0.0
+            value = torch.where(value <= floor, 0.0, value)
+        out.append(value)
+    return BlockHsic(out[0], out[1][..., 0])
+
+
+def leave_block_out_cka(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor, kind: str = "debiased",
+                        selves: tuple[BlockHsic, BlockHsic] | None = None) -> torch.Tensor:
     """CKA on all examples but block b, for every block b of `blocks` (labels 0..B-1 per example), [..., B].
 
     Linear and debiased: from per-block sums (`_moments`), total minus block, with x and y first centred
     on all examples (CKA is translation invariant; this keeps the raw sums small, so the re-centring on
-    the kept rows does not cancel). One pass over the data, then O(d1 d2) per block. rbf (its bandwidth
-    depends on the rows kept): recomputed per block.
+    the kept rows does not cancel). One pass over the data, then O(d1 d2) per block. `selves`: x's and y's
+    `leave_block_out_self` on the same blocks, computed once for every pair they are in (then only the cross
+    term is computed here). rbf (its bandwidth depends on the rows kept): recomputed per block.
     """
+    return _leave_block_out(x, y, blocks, kind, selves)[0]
+
+
+def _leave_block_out(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor, kind: str,
+                     selves: tuple[BlockHsic, BlockHsic] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(leave-one-block-out CKA [..., B], CKA on all examples [...] from the same sums; None for rbf)."""
     check_options(kind)
     blocks = torch.as_tensor(blocks, dtype=torch.long)
     count = int(blocks.max()) + 1
     if x.dim() > 2:
         # one layer at a time: the per-block d1 x d2 moments of all 13 layers at d=768 would take ~4 GB
         lead = x.shape[:-2]
-        pairs = zip(x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:]))
-        return torch.stack([leave_block_out_cka(a, b, blocks, kind) for a, b in pairs]).reshape(*lead, count)
+        pick = (lambda i: None) if selves is None else (lambda i: tuple(BlockHsic(s.kept.reshape(-1, count)[i], s.whole.reshape(-1)[i]) for s in selves))
+        parts = [_leave_block_out(a, b, blocks, kind, pick(i))
+                 for i, (a, b) in enumerate(zip(x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:])))]
+        whole = None if kind == "rbf" else torch.stack([p[1] for p in parts]).reshape(lead)
+        return torch.stack([p[0] for p in parts]).reshape(*lead, count), whole
     if kind == "rbf":
-        return torch.stack([cka(x[..., blocks != b, :], y[..., blocks != b, :], kind) for b in range(count)], -1)
-    hsic = _leave_block_out_hsic(x, y, blocks, kind)
-    return ratio(hsic["xy"], hsic["xx"], hsic["yy"])
+        return torch.stack([cka(x[..., blocks != b, :], y[..., blocks != b, :], kind) for b in range(count)], -1), None
+    hsic = _leave_block_out_hsic(x, y, blocks, kind, selves)
+    return ratio(hsic["xy"].kept, hsic["xx"].kept, hsic["yy"].kept), ratio(hsic["xy"].whole, hsic["xx"].whole, hsic["yy"].whole)
 
 
-def _leave_block_out_hsic(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
-    """HSIC(K, L), HSIC(K, K), HSIC(L, L) (`xy`, `xx`, `yy`, each [B]) on all examples but block b, for x [n, d1],
-    y [n, d2] and linear or debiased kernels, on `xlsub.similarity.cka.prepare`'s scale."""
-    count = int(blocks.max()) + 1
-    members = [(blocks == b).nonzero().reshape(-1) for b in range(count)]
-    if kind == "debiased" and len(blocks) - max(len(m) for m in members) < 4:
-        raise ValueError("debiased CKA needs at least 4 examples left out of every block")
+def _leave_block_out_hsic(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor, kind: str,
+                          selves: tuple[BlockHsic, BlockHsic] | None = None) -> dict[str, BlockHsic]:
+    """HSIC(K, L), HSIC(K, K), HSIC(L, L) (`xy`, `xx`, `yy`, each a `BlockHsic`: [B] and on all rows) without each
+    block, for x [n, d1], y [n, d2] and linear or debiased kernels, on `xlsub.similarity.cka.prepare`'s scale;
+    `selves`: `xx` and `yy` already computed (`leave_block_out_self`)."""
+    members = _members(blocks, kind)
     xc, yc = centre(x)[0], centre(y)[0]
-    hsic = {}
-    for name, (u, v) in {"xy": (xc, yc), "xx": (xc, xc), "yy": (yc, yc)}.items():
-        per_block = _moments(u, v, members)
-        kept = {key: value.sum(_BLOCK_AXIS.get(key, -1), keepdim=True) - value  # total minus the block
-                for key, value in per_block.items()}
-        value = _hsic_from_moments(kept, kind)
-        if name != "xy":
-            # as in xlsub.similarity.cka.prepare: a self term that is zero up to rounding is zero (CKA NaN)
-            scale = kept["qu"] - kept["su"].square().sum(-1) / kept["n"]  # sum of re-centred squared norms
-            floor = HSIC_RTOL * scale.square() if kind == "debiased" else 0.0
-            value = torch.where(value <= floor, 0.0, value)
-        hsic[name] = value
-    return hsic
+    hsic = {"xy": _block_hsic(xc, yc, members, kind, self_term=False)}
+    if selves is not None:
+        if any(s.kept.shape != (len(members),) for s in selves):
+            raise ValueError(f"leave_block_out_cka: selves must be leave_block_out_self on the same {len(members)} blocks")
+        return hsic | dict(zip(("xx", "yy"), selves))
+    return hsic | {"xx": _block_hsic(xc, xc, members, kind, self_term=True), "yy": _block_hsic(yc, yc, members, kind, self_term=True)}
 
 
 def leave_block_out_above_chance(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor, kind: str = "debiased",
@@ -151,7 +203,7 @@ def leave_block_out_above_chance(x: torch.Tensor, y: torch.Tensor, blocks: torch
     if kind == "rbf":
         return torch.stack([cka(x[blocks != b], y[blocks != b], kind) - cka_null_mean(x[blocks != b], y[blocks != b], kind, codes[blocks != b])
                             for b in range(count)])
-    hsic = _leave_block_out_hsic(x, y, blocks, kind)
+    hsic = {name: value.kept for name, value in _leave_block_out_hsic(x, y, blocks, kind).items()}
     cell = blocks * (int(codes.max()) + 1) + codes  # (block, group)
     cells = count * (int(codes.max()) + 1)
 
@@ -185,20 +237,27 @@ def leave_block_out_above_chance(x: torch.Tensor, y: torch.Tensor, blocks: torch
 
 
 def cka_jackknife_interval(x: torch.Tensor, y: torch.Tensor, kind: str = "debiased", blocks: int = 20,
-                           level: float = 0.95, seed: int | None = None) -> Interval:
+                           level: float = 0.95, seed: int | None = None,
+                           selves: tuple[BlockHsic, BlockHsic] | None = None) -> Interval:
     """Delete-a-block jackknife confidence interval for CKA: (estimate, lo, hi), each [...].
 
     The n examples are split into `blocks` blocks (`jackknife_blocks`: contiguous, or random with a
     `seed`); theta_b is the CKA without block b (`leave_block_out_cka`). SE = sqrt((B-1)/B sum_b (theta_b -
     mean theta)^2) (the grouped jackknife; Efron & Tibshirani 1993, 11.5), and the interval is estimate +-
-    t_{B-1, (1+level)/2} SE, with estimate the CKA on all n examples (not bias-corrected). No example is
-    ever duplicated, unlike a bootstrap, which inflates CKA.
+    t_{B-1, (1+level)/2} SE, with estimate the CKA on all n examples (not bias-corrected; linear and debiased:
+    from the same block sums, rbf: `cka`). No example is ever duplicated, unlike a bootstrap, which inflates CKA.
+    `selves`: x's and y's `leave_block_out_self` on `jackknife_blocks(n, blocks, seed)`, to share between pairs.
     """
     if not 0 < level < 1:
         raise XlsubError(f"jackknife: level must be between 0 and 1 (e.g. 0.95), got {level}")
     labels = jackknife_blocks(x.shape[-2], blocks, seed)
-    theta = leave_block_out_cka(x, y, labels, kind)
+    theta, estimate = _leave_block_out(x, y, labels, kind, selves)
+    return jackknife_bounds(theta, cka(x, y, kind) if estimate is None else estimate, level)
+
+
+def jackknife_bounds(theta: torch.Tensor, estimate: torch.Tensor, level: float = 0.95) -> Interval:
+    """The grouped jackknife's interval (`cka_jackknife_interval`) from the leave-one-block-out values theta [..., B]."""
+    blocks = theta.shape[-1]
     se = ((blocks - 1) / blocks * (theta - theta.mean(-1, keepdim=True)).square().sum(-1)).sqrt()
-    estimate = cka(x, y, kind)
     half = float(stats.t.ppf((1 + level) / 2, blocks - 1)) * se
     return Interval(estimate, estimate - half, estimate + half)
