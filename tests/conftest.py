@@ -20,6 +20,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from xlsub import artifacts
@@ -240,3 +241,12 @@ def pipeline(tracking_server):
 
 def stage_ids(run) -> dict[str, str]:
     return {s: run.data.tags[f"xlsub.{s}_run_id"] for s in ("finetune", "prune", "encode", "analyze")}
+
+
+@pytest.fixture
+def two_threads():
+    """torch on two intra-op threads for the test (what `xlsub.stats.workers.side_by_side` splits work by), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

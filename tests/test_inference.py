@@ -362,10 +362,10 @@ def test_untied_order_is_the_argsort_and_finds_ties_even_one_ulp_apart():
 
 
 @pytest.mark.parametrize("k", [9, 150])
-def test_permuted_cross_equals_the_sum_over_permuted_entries(k, monkeypatch):
+def test_permuted_cross_equals_the_sum_over_permuted_entries(k, monkeypatch, two_threads):
     """permuted_cross is sum_ij A_ij B_p(i)p(j) for every matrix and permutation, computed here entry by entry in
     numpy: all matrices, a selection of them (in the selection's order), row tiles that do not divide k (a tile
-    budget of a few rows), and no permutations."""
+    budget of a few rows), the permutations split between two threads, and no permutations."""
     from xlsub.stats import inference
 
     monkeypatch.setattr(inference, "_MANTEL_TILE_BYTES", 8 * k * 7 * 4)  # 4 rows per tile for 3 permutations + 4 matrices

@@ -620,9 +620,10 @@ def test_length_only_control_looks_parallel_to_cka_but_not_to_retrieval():
     torch.testing.assert_close(3 * special[0] - plain[0], 3 * special[1] - plain[1], rtol=0, atol=1e-12)
 
 
-def test_stacked_rank_matrices_are_float32_exactly_where_it_holds_them(monkeypatch):
+def test_stacked_rank_matrices_are_float32_exactly_where_it_holds_them(monkeypatch, two_threads):
     """`centred_ranks` of stacked languages in float32 up to 5,793 sentences equals float64's rank for rank (ties
-    included: half-integers), and stays float64 above; RSA's test and interval from either agree."""
+    included: half-integers), and stays float64 above; RSA's test and interval from either agree. Stacked and listed
+    matrices are ranked two at a time (two torch threads): each equals its own ranking alone."""
     from xlsub.similarity import rsa as rsa_module
 
     assert rsa_module.rank_dtype(5793) == torch.float32 and rsa_module.rank_dtype(5794) == torch.float64
@@ -636,6 +637,7 @@ def test_stacked_rank_matrices_are_float32_exactly_where_it_holds_them(monkeypat
     double = centred_ranks(ys)
     assert double.dtype == torch.float64 and (2 * double != (2 * double).round()).sum() == 0
     assert torch.equal(single.double(), double)
+    assert all(torch.equal(double[i], centred_ranks(ys[i])) for i in range(3))
     a = centred_ranks(x)
     for b in (single, double):
         test = mantel_test(x, ys, 60, 0, tail_risk=0.005, stop_after=10, ranks=(a, b))

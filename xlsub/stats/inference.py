@@ -35,6 +35,8 @@ import numpy as np
 import scipy.stats
 import torch
 
+from xlsub.stats.workers import side_by_side
+
 EXACT_LIMIT = 100_000  # enumerate the sign vectors up to this many (n <= 16)
 ALTERNATIVES = ("greater", "less", "two-sided")
 
@@ -515,23 +517,31 @@ def permuted_cross(a: torch.Tensor, bs, perms: torch.Tensor, pairs: torch.Tensor
     everything = select is None or torch.equal(which, torch.arange(len(bs)))
     # else the tile's rows are picked, stacked or converted into `picked`
     in_place = everything and isinstance(bs, torch.Tensor) and bs.dtype == torch.float64
-    rows = max(1, min(k, _MANTEL_TILE_BYTES // (8 * k * (len(perms) + len(which)))))
-    gathered = torch.empty(len(perms), rows, k, dtype=torch.float64)
-    picked = None if in_place else torch.empty(len(which), rows, k, dtype=torch.float64)
     chosen = which.tolist()
-    for start in range(0, k, rows):
-        stop = min(k, start + rows)
-        tile = gathered[:, :stop - start]
-        for n, q in enumerate(inverse):
-            torch.index_select(a.index_select(0, q[start:stop]), 1, q, out=tile[n])
-        if in_place:
-            b = bs[:, start:stop]
-        else:
-            b = picked[:, :stop - start]
-            for row, w in enumerate(chosen):
-                b[row].copy_(bs[w][start:stop])
-        out.addmm_(b.reshape(len(which), -1), tile.reshape(len(perms), -1).mT)
-    return out
+
+    def part(qs: torch.Tensor) -> torch.Tensor:  # the sums of the permutations qs (inverses), [len(which), len(qs)]
+        sums = torch.zeros(len(which), len(qs), dtype=torch.float64)
+        rows = max(1, min(k, _MANTEL_TILE_BYTES // (8 * k * (len(qs) + len(which)))))
+        gathered = torch.empty(len(qs), rows, k, dtype=torch.float64)
+        picked = None if in_place else torch.empty(len(which), rows, k, dtype=torch.float64)
+        for start in range(0, k, rows):
+            stop = min(k, start + rows)
+            tile = gathered[:, :stop - start]
+            for n, q in enumerate(qs):
+                torch.index_select(a.index_select(0, q[start:stop]), 1, q, out=tile[n])
+            if in_place:
+                b = bs[:, start:stop]
+            else:
+                b = picked[:, :stop - start]
+                for row, w in enumerate(chosen):
+                    b[row].copy_(bs[w][start:stop])
+            sums.addmm_(b.reshape(len(which), -1), tile.reshape(len(qs), -1).mT)
+        return sums
+
+    # the permutations split between the cores, one torch thread each (`xlsub.stats.workers`: the gathers scale
+    # better so than inside each index_select); a permutation's sum does not depend on the others in its part
+    workers = max(1, min(torch.get_num_threads(), len(perms)))
+    return torch.cat(side_by_side(part, inverse.tensor_split(workers)), 1)
 
 
 @functools.lru_cache(maxsize=2)
