@@ -722,3 +722,18 @@ def test_knn_eigen_similarity_is_zero_for_the_same_shape():
     rotated = 3.0 * x @ random_rotation(8, torch.Generator().manual_seed(0)) + 1.0  # centring undoes the shift
     assert knn_eigen_similarity(x, rotated, k=5) == pytest.approx(0.0, abs=1e-18)
     assert knn_eigen_similarity(x, gaussian(60, 8, seed=9), k=5) > 1.0
+
+
+@pytest.mark.parametrize("kind", ["linear", "debiased"])
+def test_permuted_cka_from_given_self_terms(kind):
+    """The null from self terms already computed equals the null computing its own (a layer-batched product may round
+    differently), and the given ones are used: four times x's self term halves every null value."""
+    x, y = related(n=50, d1=6, d2=5, layers=2)
+    perms = permutations(50, 7, seed=3)
+    selves = prepare(x, kind)["self"], prepare(y, kind)["self"]
+    for precision in ("float64", "float32"):
+        own = permuted_cka(x, y, perms, kind, engine="feature", precision=precision)
+        torch.testing.assert_close(permuted_cka(x, y, perms, kind, engine="feature", precision=precision, selves=selves), own,
+                                   rtol=1e-12, atol=0)
+    torch.testing.assert_close(permuted_cka(x, y, perms, kind, engine="feature", selves=(4 * selves[0], selves[1])),
+                               permuted_cka(x, y, perms, kind, engine="feature") / 2, rtol=1e-12, atol=0)

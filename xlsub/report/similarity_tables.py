@@ -26,7 +26,7 @@ import torch
 
 from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, TABLE, ordered, subnetwork_key
 from xlsub.similarity import power
-from xlsub.similarity.cka import cka
+from xlsub.similarity.cka import cka, prepare, prepared_cka
 from xlsub.similarity.controls import length_only_representations
 from xlsub.similarity.isomorphism import TOP_EIGENVALUES, knn_laplacian_spectrum, spectrum_distance, subsample_spectra, subsamples
 from xlsub.similarity.jackknife import cka_jackknife_interval, jackknife_blocks, leave_block_out_above_chance, leave_block_out_self
@@ -222,7 +222,9 @@ def length_control_table(encodings, lengths: Mapping[str, torch.Tensor], languag
         for lang in ordered([l for l in reps if l != reference and l in lengths], languages):
             x, y = reps[reference][-1].double(), reps[lang][-1].double()
             residual = float(cka(residualize(x, lengths[reference]), residualize(y, lengths[lang]), kind))
-            observed, null_mean = float(cka(x, y, kind)), float(cka_null_mean(x, y, kind, groups))
+            states = prepare(x, kind), prepare(y, kind)  # once for the CKA and its null mean
+            observed, null_mean = float(prepared_cka(*states, kind)), float(cka_null_mean(x, y, kind, groups, states))
+            del states
             key = (model, lang, reps[reference].shape[0] - 1)
             if model != FULL_MODEL and tested is not None and key in tested.index and tested.loc[key, "n_perm"] == n_perm \
                     and tested.loc[key, "null"] == LENGTH_RESTRICTED:

@@ -52,10 +52,10 @@ from xlsub.similarity.cka import (
     blocked_product,
     check_options,
     check_pair,
-    cka,
     debiased_hsic,
     frob,
     prepare,
+    prepared_cka,
     ratio,
 )
 from xlsub.stats.inference import nanstd
@@ -267,7 +267,8 @@ def _pick_engine(engine: str, kind: str, n: int, d1: int, d2: int) -> str:
 
 
 def permuted_cka(x: torch.Tensor, y: torch.Tensor, perms: torch.Tensor, kind: str = "debiased", *,
-                 engine: str = "auto", precision: str = "float64", sigma_frac: float = 1.0) -> torch.Tensor:
+                 engine: str = "auto", precision: str = "float64", sigma_frac: float = 1.0,
+                 selves: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """CKA of x with y re-paired by each permutation: out[..., k] = cka(x, y[..., perms[k], :]), [..., P].
 
     Each representation is centred and reduced once (`xlsub.similarity.cka.prepare`); per permutation only the cross
@@ -275,6 +276,7 @@ def permuted_cka(x: torch.Tensor, y: torch.Tensor, perms: torch.Tensor, kind: st
     (tr(K P L P') on centred n x n Gram matrices); see the module docstring. rbf kernels use the gram
     engine. The same permutations serve every leading index (layer). `precision="float32"`: float32
     products accumulated in float64 (linear and debiased with the feature engine), as in `xlsub.similarity.cka.cka`.
+    `selves` (linear, debiased): x's and y's self terms [...] (`prepare`'s "self"), already computed: not again.
     """
     check_pair(x, y, kind, precision)
     perms = torch.as_tensor(perms, dtype=torch.long).reshape(-1, x.shape[-2])
@@ -284,9 +286,10 @@ def permuted_cka(x: torch.Tensor, y: torch.Tensor, perms: torch.Tensor, kind: st
         precision = "float64"  # the gather, not the arithmetic, is what the gram engine spends its time on
     xs, ys = x.reshape(-1, n, d1), y.reshape(-1, n, d2)
     out = torch.empty(xs.shape[0], len(perms), dtype=torch.float64)
+    known = [None, None] if selves is None or kind == "rbf" else [one.reshape(-1) for one in selves]
     for index in tqdm(range(xs.shape[0]), desc="permutations", leave=False, disable=None):
-        a = prepare(xs[index], kind, sigma_frac, precision)
-        b = prepare(ys[index], kind, sigma_frac, precision)
+        a = prepare(xs[index], kind, sigma_frac, precision, None if known[0] is None else known[0][index])
+        b = prepare(ys[index], kind, sigma_frac, precision, None if known[1] is None else known[1][index])
         out[index] = prepared_null(a, b, perms, kind, engine)
     return out.reshape(*lead, len(perms))
 
@@ -315,7 +318,7 @@ def prepared_null(a: dict, b: dict, perms: torch.Tensor, kind: str, engine: str)
     return ratio(cross, a["self"], b["self"])
 
 
-def cka_null_mean(x: torch.Tensor, y: torch.Tensor, kind: str = "debiased", groups=None) -> torch.Tensor:
+def cka_null_mean(x: torch.Tensor, y: torch.Tensor, kind: str = "debiased", groups=None, states: tuple[dict, dict] | None = None) -> torch.Tensor:
     """The exact mean of CKA over all re-pairings of y (within `groups` when given), in closed form, [...].
 
     The self terms do not depend on the pairing, so E[CKA] = E[cross] / sqrt(self_x self_y). With K, L the
@@ -326,7 +329,7 @@ def cka_null_mean(x: torch.Tensor, y: torch.Tensor, kind: str = "debiased", grou
     S_gh the sum of a block, tr_g the sum of its diagonal. For linear kernels S_gh(K) = s_g . s_h with s_g the
     sum of x over group g, so this is O(n d + G^2 d); rbf sums its n x n kernel by blocks. Without groups
     (one group) it is tr(K) tr(L) / (n - 1) for linear CKA, and exactly 0 for the unbiased HSIC (a
-    U-statistic of products of distinct pairs).
+    U-statistic of products of distinct pairs). `states`: x's and y's `prepare` (float64), already computed.
     """
     check_options(kind)
     n = x.shape[-2]
@@ -337,7 +340,7 @@ def cka_null_mean(x: torch.Tensor, y: torch.Tensor, kind: str = "debiased", grou
         shape[dim] = len(sizes)
         return values.new_zeros(shape).index_add_(dim, codes, values)
 
-    a, b = prepare(x, kind), prepare(y, kind)
+    a, b = states or (prepare(x, kind), prepare(y, kind))
     if kind == "rbf":
         k, l = a["kc"], b["kc"]
         diag_k, diag_l = k.diagonal(dim1=-2, dim2=-1), l.diagonal(dim1=-2, dim2=-1)
@@ -395,6 +398,13 @@ def null_sides(x: torch.Tensor, kind: str = "debiased", groups=None) -> list[Nul
     """`NullSide` of each leading index of x [..., n, d], flattened."""
     check_options(kind)
     return [null_side(prepare(one, kind), kind, groups) for one in x.reshape(-1, *x.shape[-2:])]
+
+
+def _sides(state: dict, kind: str, groups) -> list[NullSide]:
+    """`null_sides` from a `prepare` of every leading index at once (float64)."""
+    lead = state["self"].shape
+    flat = {key: value.reshape(-1, *value.shape[len(lead):]) for key, value in state.items()}
+    return [null_side({key: value[index] for key, value in flat.items()}, kind, groups) for index in range(lead.numel())]
 
 
 def null_side(state: dict, kind: str, groups=None) -> NullSide:
@@ -598,11 +608,17 @@ def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, s
         null_precision = "float64"  # the gram engine: no float32 products to speed up
     n = x.shape[-2]
     perms = permutations(n, n_perm, seed, groups)
-    observed = cka(x, y, kind, sigma_frac=sigma_frac)
+    check_pair(x, y, kind)
+    # each side prepared once (float64, every leading index): the observed CKA, the exact moments' summaries and the
+    # self terms every later preparation of the null reuses (linear, debiased), instead of a d x d product each time
+    states = prepare(x, kind, sigma_frac), prepare(y, kind, sigma_frac)
+    observed = prepared_cka(*states, kind)
+    selves = None if kind == "rbf" else (states[0]["self"], states[1]["self"])
     if tail_risk is not None or stop_after:
         return _sequential_test(x, y, perms, observed, kind, groups, engine, null_precision, sigma_frac, tail_risk, pilot, stop_after,
-                                reference)
-    null = _checked_null(x, y, perms, observed, kind, engine, null_precision, sigma_frac)
+                                reference, states)
+    del states
+    null = _checked_null(x, y, perms, observed, kind, engine, null_precision, sigma_frac, selves)
     return permutation_result(observed, null, cka_null_mean(x, y, kind, groups))
 
 
@@ -612,25 +628,29 @@ def cka_exceeds(null: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
 
 
 def _sequential_test(x, y, perms, observed, kind, groups, engine, null_precision, sigma_frac, tail_risk, pilot, stop_after,
-                     reference=None) -> PermutationResult:
+                     reference=None, states=None) -> PermutationResult:
     """`cka_permutation_test` through `sequential_null`: the tail bound from the exact mean and sd (no
     permutation) and early stopping of clearly null indices; null_mean is the exact mean where a cell did not
-    run all permutations."""
+    run all permutations. `states`: x's and y's `prepare` (float64, every leading index), already computed."""
     n_perm = len(perms)
     lead = observed.shape
+    states = states or (prepare(x, kind, sigma_frac), prepare(y, kind, sigma_frac))
     if tail_risk is not None:  # the exact mean, sd and weight bound from each side's summary (x's given or computed once)
-        sides_x = null_sides(x, kind, groups) if reference is None else reference
+        sides_x = _sides(states[0], kind, groups) if reference is None else reference
         if len(sides_x) != observed.numel():
             raise ValueError(f"reference: {len(sides_x)} null sides for {observed.numel()} leading indices")
         exact, exact_sd, exact_weight = (values.reshape(lead) for values in torch.stack(
-            [pair_null_moments(a, b, kind, x.shape[-2]) for a, b in zip(sides_x, null_sides(y, kind, groups))]).mT)
+            [pair_null_moments(a, b, kind, x.shape[-2]) for a, b in zip(sides_x, _sides(states[1], kind, groups))]).mT)
     else:
         exact, exact_sd, exact_weight = cka_null_mean(x, y, kind, groups), None, None
+    selves = None if kind == "rbf" else tuple(state["self"].reshape(-1) for state in states)
+    del states  # the permutations prepare each cell again in the null's precision, from these self terms
     xs, ys = x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:])
     flat_observed = observed.reshape(-1)
 
     def compute(cells, start, stop):
-        return _checked_null(xs[cells], ys[cells], perms[start:stop], flat_observed[cells], kind, engine, null_precision, sigma_frac)
+        return _checked_null(xs[cells], ys[cells], perms[start:stop], flat_observed[cells], kind, engine, null_precision, sigma_frac,
+                             None if selves is None else (selves[0][cells], selves[1][cells]))
 
     done = sequential_null(compute, flat_observed, n_perm, cka_exceeds, pilot=pilot, tail_risk=tail_risk,
                            exact_mean=exact.reshape(-1), exact_sd=None if exact_sd is None else exact_sd.reshape(-1),
@@ -644,16 +664,18 @@ def _sequential_test(x, y, perms, observed, kind, groups, engine, null_precision
                              done.stopped.reshape(lead))
 
 
-def _checked_null(x, y, perms, observed, kind, engine, null_precision, sigma_frac) -> torch.Tensor:
-    """`permuted_cka` in `null_precision`, values within `FLOAT32_RECHECK` of `observed` recomputed in float64."""
+def _checked_null(x, y, perms, observed, kind, engine, null_precision, sigma_frac, selves=None) -> torch.Tensor:
+    """`permuted_cka` in `null_precision`, values within `FLOAT32_RECHECK` of `observed` recomputed in float64
+    (`selves`: x's and y's self terms, as `permuted_cka` takes them)."""
     n_perm = len(perms)
-    null = permuted_cka(x, y, perms, kind, engine=engine, precision=null_precision, sigma_frac=sigma_frac)
+    null = permuted_cka(x, y, perms, kind, engine=engine, precision=null_precision, sigma_frac=sigma_frac, selves=selves)
     if null_precision == "float32":
         near = (null - observed[..., None]).abs() <= FLOAT32_RECHECK * observed.abs()[..., None]
         for index in near.reshape(-1, n_perm).any(-1).nonzero().reshape(-1).tolist():
             lead = tuple(int(i) for i in np.unravel_index(index, observed.shape)) if observed.ndim else ()
             which = near[lead].nonzero().reshape(-1)
-            null[lead][which] = permuted_cka(x[lead], y[lead], perms[which], kind, engine=engine)
+            null[lead][which] = permuted_cka(x[lead], y[lead], perms[which], kind, engine=engine,
+                                             selves=None if selves is None else (selves[0][lead], selves[1][lead]))
     return null
 
 
