@@ -76,7 +76,11 @@ def test_mean_and_variance_equal_every_permutations(groups):
     assert float(moments.variance(moments.gram_summary(a, labels), moments.gram_summary(b, labels))) == pytest.approx(var, rel=1e-10)
 
 
-def test_feature_and_gram_summaries_agree_at_a_larger_size():
+@pytest.mark.parametrize("columns", [64, 4])
+def test_feature_and_gram_summaries_agree_at_a_larger_size(columns, monkeypatch):
+    """The feature and Gram routes to every summary agree; with 4 scatter columns a step, d = 6 is one full and one
+    partial block, each with its square part and the rows below it (the feature route's symmetric halves)."""
+    monkeypatch.setattr(moments, "_SCATTER_COLUMNS", columns)
     g = torch.Generator().manual_seed(1)
     n, d = 90, 6
     x = torch.randn(n, d, generator=g, dtype=torch.float64)

@@ -133,10 +133,14 @@ def _feature_summary(xc: torch.Tensor, groups) -> Summary:
     between = xc.new_zeros(count, count)
     centred = [p - p.mean(0, keepdim=True) for p in parts]  # rows centred within their group: X~_g
     top = torch.stack([_top(c @ c.mT if len(c) <= d else c.mT @ c) for c in centred])  # the same nonzero eigenvalues
-    if count > 1:
+    if count > 1:  # <S_g, S_h>, S_g = X~_g'X~_g, summed over column blocks J of S: each symmetric S's square block
+        # S[J, J] once and the rows below it, S[J+, J], twice (their mirror above the diagonal): half of S's products
         for start in range(0, d, _SCATTER_COLUMNS):
-            block = torch.stack([(c.mT @ c[:, start:start + _SCATTER_COLUMNS]).reshape(-1) for c in centred])
-            between += block @ block.mT  # <X~_g'X~_g, X~_h'X~_h>, summed over column blocks
+            stop = min(d, start + _SCATTER_COLUMNS)
+            below = [c.mT[start:] @ c[:, start:stop] for c in centred]  # rows start.. of S[:, J]
+            square = torch.stack([b[:stop - start].reshape(-1) for b in below])
+            rest = torch.stack([b[stop - start:].reshape(-1) for b in below])
+            between += square @ square.mT + 2 * (rest @ rest.mT)
     return _summary(u, codes, sizes, within_sq, between, top)
 
 

@@ -611,7 +611,9 @@ def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, s
     check_pair(x, y, kind)
     # each side prepared once (float64, every leading index): the observed CKA, the exact moments' summaries and the
     # self terms every later preparation of the null reuses (linear, debiased), instead of a d x d product each time
-    states = prepare(x, kind, sigma_frac), prepare(y, kind, sigma_frac)
+    known = torch.stack([side.self for side in reference]).reshape(x.shape[:-2]) if reference and kind != "rbf" \
+        and len(reference) == x.shape[:-2].numel() else None  # x's self terms, with its null sides
+    states = prepare(x, kind, sigma_frac, self_=known), prepare(y, kind, sigma_frac)
     observed = prepared_cka(*states, kind)
     selves = None if kind == "rbf" else (states[0]["self"], states[1]["self"])
     if tail_risk is not None or stop_after:
