@@ -17,6 +17,7 @@ from xlsub.similarity.power import (
     TAIL_RISK,
     Power,
     bisect_power,
+    cka_extreme,
     draw_seed,
     measure_extreme,
     planted_cka_terms,
@@ -121,6 +122,15 @@ def test_sequential_decision_is_the_full_tests_on_the_same_permutations(measure)
     if measure != "retrieval":
         assert extreme.decided.any() and (bounded.used[extreme.decided] == 0).all()
         assert torch.equal(bounded.used[~extreme.decided], result.used[~extreme.decided])
+    if measure == "cka":  # a reference of each draw's own (the length-only control's pairs): each pair's full test
+        xs = x + 0.3 * torch.randn(ys.shape, generator=torch.Generator().manual_seed(5), dtype=ys.dtype)
+        own = sequential_test(cka_extreme(xs, ys), len(ys), permutations(N, 99, seed, g))
+        for j in range(len(ys)):
+            full = cka_permutation_test(xs[j], ys[j], 99, seed, "debiased", groups=g)
+            assert bool(own.detected[j]) == bool(full.p_value < 0.05)
+            if own.used[j] == 99:
+                assert float(own.p_value[j]) == pytest.approx(float(full.p_value))
+        assert own.detected.any() and not own.detected.all()
 
 
 @pytest.mark.parametrize("measure", MEASURES)

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from xlsub.similarity import moments
-from xlsub.similarity.cka import cka, prepare, prepared_cka, ratio
+from xlsub.similarity.cka import prepare, prepared_cka, ratio
 from xlsub.similarity.controls import length_only_representations, planted_representations, planted_weights
 from xlsub.similarity.permutation import (
     FLOAT32_RECHECK,
@@ -152,20 +152,29 @@ def cka_extreme(xs: torch.Tensor, ys: torch.Tensor, kind: str = "debiased", tail
     `terms` (planted draws of the seeds `chunk` at `snr` against the reference xs[0]): the null from `PlantedCkaTerms`,
     which keeps each draw's pairing-dependent terms for every level; blocks are then indices into
     `terms.perms(chunk)` (pass `torch.arange(n_perm)` as `sequential_test`'s perms)."""
+    engine, precision = null_engine(kind, *xs.shape[-2:], ys.shape[-1], precision="float64" if kind == "rbf" else "float32")
+    same = bool((xs == xs[:1]).all())  # one reference for every draw (`measure_extreme`): prepared once
+    states = {}  # each pair prepared once for all its blocks of permutations, in the null's precision
     if terms is not None:  # each draw prepared once for its observed CKA, its null moments and its null
         prepared_ys = [prepare(y, kind) for y in ys]
         observed = torch.stack([prepared_cka(terms.reference, one, kind) for one in prepared_ys])
         level = terms.level(chunk, prepared_ys, snr)
-    else:
-        observed = torch.stack([cka(x, y, kind) for x, y in zip(xs, ys)])
-    engine, precision = null_engine(kind, *xs.shape[-2:], ys.shape[-1], precision="float64" if kind == "rbf" else "float32")
-    same = bool((xs == xs[:1]).all())  # one reference for every draw (`measure_extreme`): prepared once
-    states = {}  # each pair prepared once for all its blocks of permutations
+    else:  # each pair prepared once in float64 for its observed CKA; its null's copies take the self terms from it
+        selves, values, first = [], [], None
+        for x, y in zip(xs, ys):
+            a = first if same and first is not None else prepare(x, kind)
+            first = a if same else None
+            b = prepare(y, kind)
+            values.append(prepared_cka(a, b, kind))
+            selves.append((a["self"], b["self"]))
+        del first
+        observed = torch.stack(values) if values else torch.empty(0, dtype=torch.float64)
 
     def prepared(j: int) -> tuple[dict, dict]:
         if j not in states:
-            reference = states[0][0] if same and 0 in states else prepare(xs[j], kind, precision=precision)
-            states[j] = (reference, prepare(ys[j], kind, precision=precision))
+            known = (None, None) if terms is not None or kind == "rbf" else selves[j]
+            reference = states[0][0] if same and 0 in states else prepare(xs[j], kind, precision=precision, self_=known[0])
+            states[j] = (reference, prepare(ys[j], kind, precision=precision, self_=known[1]))
         return states[j]
 
     def extreme(draws: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
