@@ -53,37 +53,45 @@ def _moments(u: torch.Tensor, v: torch.Tensor, blocks: list[torch.Tensor]) -> di
     A = sum u_i v_i' [..., B, du, dv], s_u = sum u_i, s_v [..., B, d], q_u = sum |u_i|^2, q_v,
     w_u = sum |v_i|^2 u_i, w_v = sum |u_i|^2 v_i [..., B, d], m = sum |u_i|^2 |v_i|^2, and the count n [B]:
     every term of biased and unbiased HSIC on a subset of rows is a function of these sums, which are
-    additive over blocks. A's block products are written into one buffer (no stacked copy: 94 MB at d = 768).
+    additive over blocks. A's block products are written into one buffer (no stacked copy: 94 MB at d = 768);
+    the other sums are each one pass over the rows by block label.
     """
-    a = torch.empty(*u.shape[:-2], len(blocks), u.shape[-1], v.shape[-1], dtype=torch.promote_types(u.dtype, v.dtype))
-    rows = []
+    count, n = len(blocks), u.shape[-2]
+    labels = torch.empty(n, dtype=torch.long)
     for b, index in enumerate(blocks):
-        ub, vb = u[..., index, :], v[..., index, :]
-        ru, rv = ub.square().sum(-1), vb.square().sum(-1)
-        torch.matmul(ub.mT, vb, out=a[..., b, :, :])
-        rows.append({
-            "su": ub.sum(-2), "sv": vb.sum(-2), "qu": ru.sum(-1), "qv": rv.sum(-1),
-            "wu": (ub * rv[..., None]).sum(-2), "wv": (vb * ru[..., None]).sum(-2), "m": (ru * rv).sum(-1),
-            "n": torch.tensor(float(len(index)), dtype=torch.float64),
-        })
-    return {"A": a} | {key: torch.stack([r[key] for r in rows], dim=_BLOCK_AXIS.get(key, -1)) for key in rows[0]}
+        labels[index] = b
+    a = torch.empty(*u.shape[:-2], count, u.shape[-1], v.shape[-1], dtype=torch.promote_types(u.dtype, v.dtype))
+    for b, index in enumerate(blocks):
+        torch.matmul(u[..., index, :].mT, v[..., index, :], out=a[..., b, :, :])
+    ru, rv = u.square().sum(-1), v.square().sum(-1)
+
+    def by_block(values: torch.Tensor, dim: int) -> torch.Tensor:
+        shape = list(values.shape)
+        shape[dim] = count
+        return values.new_zeros(shape).index_add_(dim, labels, values)
+
+    return {"A": a, "su": by_block(u, -2), "sv": by_block(v, -2), "qu": by_block(ru, -1), "qv": by_block(rv, -1),
+            "wu": by_block(u * rv[..., None], -2), "wv": by_block(v * ru[..., None], -2), "m": by_block(ru * rv, -1),
+            "n": torch.tensor([float(len(index)) for index in blocks], dtype=torch.float64)}
 
 
 def _hsic_from_moments(t: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
-    """HSIC (up to a factor that cancels in CKA) of the rows the sums `t` cover (Song et al. 2012, eq. 5).
+    """HSIC (up to a factor that cancels in CKA) of the rows the sums `t` cover (Song et al. 2012, eq. 5), with
+    A through ||A||^2 (`A_sq`) and s_u'A s_v (`A_uv`).
 
-    linear: ||A - s_u s_v' / n||_F^2, the cross-covariance of the rows re-centred on their own mean.
+    linear: ||A - s_u s_v' / n||_F^2 = ||A||^2 - 2 s_u'A s_v / n + |s_u|^2 |s_v|^2 / n^2, the cross-covariance of the
+    rows re-centred on their own mean.
     debiased, on the raw kernel (HSIC_1 needs no centring): tr(K~L~) = ||A||^2 - m, 1'K~1 = |s_u|^2 - q_u,
     1'K~L~1 = s_u'A s_v - s_u.w_u - s_v.w_v + m.
     """
     n = t["n"]
+    su_sq, sv_sq = t["su"].square().sum(-1), t["sv"].square().sum(-1)
     if kind == "linear":
-        return sq_frob(t["A"] - t["su"][..., :, None] * t["sv"][..., None, :] / n[..., None, None])
-    tr_kl = sq_frob(t["A"]) - t["m"]
-    ones_k = t["su"].square().sum(-1) - t["qu"]
-    ones_l = t["sv"].square().sum(-1) - t["qv"]
-    ones_kl = (torch.einsum("...i,...ij,...j->...", t["su"], t["A"], t["sv"])
-               - (t["su"] * t["wu"]).sum(-1) - (t["sv"] * t["wv"]).sum(-1) + t["m"])
+        return t["A_sq"] - 2 * t["A_uv"] / n + su_sq * sv_sq / n.square()
+    tr_kl = t["A_sq"] - t["m"]
+    ones_k = su_sq - t["qu"]
+    ones_l = sv_sq - t["qv"]
+    ones_kl = t["A_uv"] - (t["su"] * t["wu"]).sum(-1) - (t["sv"] * t["wv"]).sum(-1) + t["m"]
     return tr_kl + ones_k * ones_l / ((n - 1) * (n - 2)) - 2 / (n - 2) * ones_kl
 
 
@@ -121,8 +129,17 @@ def _members(blocks: torch.Tensor, kind: str) -> list[torch.Tensor]:
 def _block_hsic(u: torch.Tensor, v: torch.Tensor, members: list[torch.Tensor], kind: str, self_term: bool) -> BlockHsic:
     """HSIC of centred u, v without each block and on all rows, from the per-block sums (`_moments`)."""
     per_block = _moments(u, v, members)
+    blocks = per_block.pop("A")  # [..., B, du, dv]
     totals = {key: value.sum(_BLOCK_AXIS.get(key, -1), keepdim=True) for key, value in per_block.items()}
     kept = {key: totals[key] - value for key, value in per_block.items()}  # total minus the block
+    # A's terms without the block, T - A_b, from T = sum_b A_b and each A_b: no [B, du, dv] difference formed
+    whole = blocks.sum(-3)
+    whole_sq = sq_frob(whole)[..., None]
+    kept["A_sq"] = whole_sq - 2 * (blocks.flatten(-2) @ whole.flatten(-2)[..., None])[..., 0] + sq_frob(blocks)
+    kept["A_uv"] = (torch.einsum("...bi,...ij,...bj->...b", kept["su"], whole, kept["sv"])
+                    - (kept["su"][..., None, :] @ blocks @ kept["sv"][..., :, None])[..., 0, 0])
+    totals["A_sq"] = whole_sq
+    totals["A_uv"] = torch.einsum("...bi,...ij,...bj->...b", totals["su"], whole, totals["sv"])
     out = []
     for sums in (kept, totals):
         value = _hsic_from_moments(sums, kind)
