@@ -12,6 +12,7 @@ from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
 from xlsub.models.mlm import ChunkLosses, chunk_losses, perplexity
 from xlsub.stats.inference import bootstrap_indices, percentile_interval
 from xlsub.stats.intervals import (
+    chunk_counts,
     random_control_replicates,
     relative_perplexity_replicates,
     relative_replicates,
@@ -70,6 +71,10 @@ def test_paired_relative_replicates_match_a_loop_over_resamples():
         ppl_sub = math.exp(sum(sub.nll[i] for i in rows) / sum(sub.tokens[i] for i in rows))
         ppl_full = math.exp(sum(full.nll[i] for i in rows) / sum(full.tokens[i] for i in rows))
         assert float(got[b]) == pytest.approx(ppl_sub / ppl_full, rel=1e-12)
+    # the resample as chunk counts (shared by every model on the language): the same replicates
+    counts = chunk_counts(idx, 30)
+    assert counts.sum(1).tolist() == [30.0] * 50 and counts[7, idx[7, 0]] == int((idx[7] == idx[7, 0]).sum())
+    torch.testing.assert_close(relative_perplexity_replicates(sub, full, counts), got, rtol=1e-12, atol=0)
 
 
 def test_random_control_replicates_resample_draws_and_chunks_together():

@@ -161,7 +161,11 @@ class ChunkLosses:
         return masked_perplexity(float(self.nll.sum()), int(self.tokens.sum()))
 
     def resampled_log_ppl(self, indices: torch.Tensor) -> torch.Tensor:
-        """log perplexity under each row of `indices` ([B, n] chunk indices): [B]."""
+        """log perplexity under each row of `indices` ([B, n] chunk indices), or of their counts (float [B, chunks]:
+        how often each chunk was drawn, `xlsub.stats.intervals.chunk_counts`, computed once for every model scored on
+        the same resample; two matrix-vector products, no [B, n] gather per model): [B]."""
+        if indices.is_floating_point():
+            return (indices @ self.nll.double()) / (indices @ self.tokens.double())
         return self.nll.double()[indices].sum(-1) / self.tokens.double()[indices].sum(-1)
 
 
