@@ -39,8 +39,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from xlsub.stats.workers import one_thread
-
 # Above this many rows a block's largest |eigenvalue| is bounded by its Frobenius norm instead of computed.
 _EIGEN_MAX = 2048
 # Columns of the within-group scatter matrices per step when summing their pairwise inner products:
@@ -113,14 +111,7 @@ def _summary(u: torch.Tensor, codes: torch.Tensor, sizes: torch.Tensor, within_s
 
 
 def feature_summary(xc: torch.Tensor, groups=None) -> Summary:
-    """`Summary` of K = XX' for features xc [n, d] centred over the examples, without an n x n matrix; on one
-    torch thread (its per-group products and eigenvalue problems are small: 0.67 s on one thread, 1.0-1.2 s on
-    two at n = 5,000, d = 768 with 35 groups; `xlsub.stats.workers`)."""
-    with one_thread():
-        return _feature_summary(xc, groups)
-
-
-def _feature_summary(xc: torch.Tensor, groups) -> Summary:
+    """`Summary` of K = XX' for features xc [n, d] centred over the examples, without an n x n matrix."""
     xc = xc.double()
     n, d = xc.shape
     codes, sizes = group_codes(groups, n)
@@ -147,13 +138,7 @@ def _feature_summary(xc: torch.Tensor, groups) -> Summary:
 def gram_summary(k: torch.Tensor, groups=None) -> Summary:
     """`Summary` of a symmetric n x n matrix k (a centred RBF kernel, a Mantel test's centred rank matrix; float64,
     or float32 holding exact values), read a tile of rows at a time in float64: no n x n temporary (two of
-    200 MB at n = 5,000 for the squares and a float64 copy). On one torch thread: 0.13 s on one, 0.28 s on two
-    at n = 5,000 with 35 groups (`xlsub.stats.workers`)."""
-    with one_thread():
-        return _gram_summary(k, groups)
-
-
-def _gram_summary(k: torch.Tensor, groups) -> Summary:
+    200 MB at n = 5,000 for the squares and a float64 copy)."""
     n = k.shape[-1]
     codes, sizes = group_codes(groups, n)
     count = len(sizes)

@@ -18,7 +18,6 @@ from xlsub.similarity.jackknife import Interval, jackknife_blocks
 from xlsub.similarity.permutation import TAIL_PILOT, permutations, sequential_null
 from xlsub.similarity.retrieval import unit_rows
 from xlsub.stats import inference
-from xlsub.stats.workers import side_by_side
 
 # the leave-block-out RSA (`_sorted_rsa`): blocks whose x ranks one gather reads together (int32, 16 bytes:
 # one cache line), and the entries of a language's sort handled at a time
@@ -114,32 +113,26 @@ def centred_ranks(x: torch.Tensor, centre: bool = False, out: torch.Tensor | Non
     ranked where its RDM was written (`centred_ranks_`): at n = 5,000 an RDM is 200 MB, and ranking seven at
     once held several GB of sort buffers. One x [n, d]: float64; stacked [..., n, d] (the languages, or planted
     draws): in `rank_dtype(n)`, the same values (seven languages at n = 5,000 hold 700 MB instead of 1.4 GB),
-    written into `out` [len, n, n] where given (a caller's buffer, reused). Stacked matrices are ranked two (the
-    torch threads) at a time, one torch thread each (`xlsub.stats.workers.side_by_side`; numpy's sort is one thread
-    either way), each worker with a float64 scratch matrix of its own."""
+    written into `out` [len, n, n] where given (a caller's buffer, reused). One at a time: two side by side on one
+    torch thread each (`xlsub.stats.workers`) ranked six at n = 5,000 in 6.7-6.8 s instead of 9.9-13.1 s, but their
+    second scratch matrix and sort buffers raised the study's peak by 0.4-0.7 GiB (`benchmarks/README.md`)."""
     if x.dim() == 2:
         return inference.centred_ranks_(rdm(x, centre))
     flat = x.reshape(-1, *x.shape[-2:])
     n = x.shape[-2]
     out = torch.empty(len(flat), n, n, dtype=rank_dtype(n)) if out is None else out
-
-    def rank(indices: range) -> None:
-        scratch = None if out.dtype == torch.float64 else torch.empty(n, n, dtype=torch.float64)
-        for index in indices:
-            ranked = inference.centred_ranks_(rdm(flat[index], centre, out=out[index] if scratch is None else scratch))
-            if scratch is not None:
-                out[index].copy_(ranked)
-
-    workers = max(1, min(torch.get_num_threads(), len(flat)))
-    side_by_side(rank, [range(k, len(flat), workers) for k in range(workers)])
+    scratch = None if out.dtype == torch.float64 else torch.empty(n, n, dtype=torch.float64)
+    for index, one in enumerate(flat):
+        ranked = inference.centred_ranks_(rdm(one, centre, out=out[index] if scratch is None else scratch))
+        if scratch is not None:
+            out[index].copy_(ranked)
     return out.reshape(*x.shape[:-2], n, n)
 
 
 def centred_ranks_each(ys: torch.Tensor, centre: bool = False) -> list[torch.Tensor]:
     """`centred_ranks` of each of ys [m, n, d] as a tensor of its own (in `rank_dtype(n)`), so that a caller done
-    with one can free it: `rsa_jackknife_interval` frees each language's matrix once it has its sort. Two (the torch
-    threads) at a time, as `centred_ranks`."""
-    return side_by_side(lambda one: centred_ranks(one[None], centre)[0], ys)
+    with one can free it: `rsa_jackknife_interval` frees each language's matrix once it has its sort."""
+    return [centred_ranks(one[None], centre)[0] for one in ys]
 
 
 def _released(items: list):

@@ -1,15 +1,16 @@
 """Independent pieces of an analysis side by side on the CPU's cores, each on one torch thread.
 
-On few cores torch's intra-op threads scale poorly, and not at all for many small products. Measured on the
-benchmark machine (2 vCPUs, AMD EPYC; `benchmarks/README.md`): a float64 5,000 x 768 Gram product takes as
-long on two threads as on one, a float32 one 1.25x less; `xlsub.similarity.moments.feature_summary` (a few
-hundred small products and eigenvalue problems) takes 0.67 s on one thread and 1.0-1.2 s on two. Eight such
-products, two at a time on one thread each, take 0.7x the time of eight in a row on two threads.
+Where the work is gathers and other memory-bound steps, torch's intra-op threads gain little inside each
+operation, and independent pieces run side by side, one thread each, use the cores better. Measured on the
+benchmark machine (2 vCPUs), side by side in one run: the Mantel null's permuted sums of 20 permutations
+against six 5,000 x 5,000 rank matrices take 1.4-1.6 s split between two threads instead of 2.6-3.5 s
+(`xlsub.stats.inference.permuted_cross`). Dense products scale with the threads when the machine is quiet
+(a float32 4,096 x 4,096 product: 97 GFLOP/s on one thread, 187 on two) and less under load (69 and 93
+earlier in the same session), so they are left to torch's own threads.
 
 `side_by_side` runs independent calls in threads (torch and numpy release the GIL in their kernels) with torch
-set to one thread while they run; `one_thread` runs a block of small operations on one thread. Callers give
-each call its own inputs and outputs (no shared mutable state) and seeded generators of their own, so the
-results do not depend on the order the threads run in.
+set to one thread while they run; `one_thread` runs a block on one thread. Callers give each call its own
+inputs and outputs (no shared mutable state), so the results do not depend on the order the threads run in.
 """
 
 from __future__ import annotations
