@@ -356,9 +356,38 @@ def test_untied_order_is_the_argsort_and_finds_ties_even_one_ulp_apart():
     from xlsub.similarity.retrieval import unit_rows
     from xlsub.similarity.rsa import rdm
     from xlsub.stats.inference import centred_ranks_
-    assert torch.equal(rdm(x), 1.0 - unit_rows(x, False) @ unit_rows(x, False).mT)
+    assert torch.allclose(rdm(x), 1.0 - unit_rows(x, False) @ unit_rows(x, False).mT, rtol=0, atol=1e-14)
     buffer = torch.empty(50, 50, dtype=torch.float64)
     assert torch.equal(centred_ranks_(rdm(x, out=buffer)), centred_upper(rdm(x)[None], "spearman")[0]) and torch.equal(buffer, centred_upper(rdm(x), "spearman"))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_sorted_keys_split_between_threads_is_one_sort(threads, monkeypatch):
+    """sorted_keys cuts the keys into one range per thread, moves each range into its slice of the spare buffer and
+    sorts the slices side by side: the result is numpy's one sort, for one, two and three threads, with a range
+    that is empty (every key below the first cut but one) and below the size where it splits (sorted in place);
+    value_order on top of it is still torch.argsort of untied values."""
+    from xlsub.stats import inference
+
+    monkeypatch.setattr(inference, "SPLIT_SORT_MIN", 64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rng = np.random.default_rng(threads)
+        for keys in (rng.permutation(10_000) * 7 + 3, np.concatenate([np.arange(500), [10**12]]), rng.permutation(40)):
+            keys = keys.astype(np.int64)
+            spare = np.full(len(keys), -1, dtype=np.int64)
+            expected = np.sort(keys)
+            result = inference.sorted_keys(keys.copy() if len(keys) >= 64 else keys, spare)
+            np.testing.assert_array_equal(result, expected)
+            assert (result is spare) == (threads > 1 and len(keys) >= 64)
+        values = torch.from_numpy(rng.standard_normal(3001))
+        assert torch.equal(inference.untied_order(values), torch.argsort(values))
+        tied = torch.cat([values, values[:5]])
+        order, runs = inference.value_order(tied)
+        assert torch.equal(tied[order], torch.sort(tied).values) and len(runs) == 5
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("k", [9, 150])

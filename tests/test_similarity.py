@@ -401,6 +401,26 @@ def test_rdm_and_rsa_against_scipy():
         assert float(value[layer]) == pytest.approx(expected, abs=1e-12)
 
 
+def test_rdm_from_blocks_is_symmetric_and_matches_the_whole_product(monkeypatch):
+    """rdm multiplies blocks of rows on and above the diagonal only and mirrors them: with blocks of 7 rows (that do
+    not divide n = 30) it is exactly symmetric, within rounding of 1 - cos from one whole product and of scipy,
+    batched as one at a time (within rounding: batched products take other kernels), and upper=True writes the same entries above the diagonal and leaves the rest alone."""
+    from xlsub.similarity import rsa as module
+
+    monkeypatch.setattr(module, "RDM_BLOCK_ROWS", 7)
+    x, _ = related(n=30, d1=5, d2=7, layers=2)
+    d = rdm(x[0])
+    assert torch.equal(d, d.mT)
+    unit = x[0].double() / x[0].double().norm(dim=-1, keepdim=True)
+    np.testing.assert_allclose(d.numpy(), (1.0 - unit @ unit.mT).numpy(), rtol=0, atol=1e-14)
+    np.testing.assert_allclose(d.numpy(), squareform(pdist(x[0].numpy(), "cosine")), atol=1e-12)
+    np.testing.assert_allclose(rdm(x)[1].numpy(), rdm(x[1]).numpy(), rtol=0, atol=1e-14)
+    buffer = torch.full((30, 30), math.nan, dtype=torch.float64)
+    rdm(x[0], out=buffer, upper=True)
+    above = torch.ones(30, 30, dtype=torch.bool).triu_(1)
+    assert torch.equal(buffer[above], d[above]) and bool(buffer[:7, :7].tril(-1).isfinite().all()) and bool(buffer[7:, :7].isnan().all())
+
+
 def test_rsa_with_tied_dissimilarities():
     """Integer vectors repeat: many equal dissimilarities, so average ranks matter."""
     x = torch.tensor(np.random.default_rng(0).integers(0, 2, (20, 3)) + 0.0)
