@@ -407,7 +407,7 @@ def test_rdm_from_blocks_is_symmetric_and_matches_the_whole_product(monkeypatch)
     batched as one at a time (within rounding: batched products take other kernels), and upper=True writes the same entries above the diagonal and leaves the rest alone."""
     from xlsub.similarity import rsa as module
 
-    monkeypatch.setattr(module, "RDM_BLOCK_ROWS", 7)
+    monkeypatch.setattr(module, "GRAM_BLOCK_ROWS", 7)
     x, _ = related(n=30, d1=5, d2=7, layers=2)
     d = rdm(x[0])
     assert torch.equal(d, d.mT)

@@ -18,6 +18,8 @@ import torch
 
 from xlsub.errors import XlsubError
 from xlsub.similarity.retrieval import unit_rows
+from xlsub.similarity.rsa import symmetric_products
+from xlsub.stats.workers import side_by_side
 
 # How many of the largest Laplacian eigenvalues the similarity compares. The paper's rule (the fewest
 # largest eigenvalues holding 90% of the spectrum's sum, `energy_count`) keeps 851-864 of 1,077 on the
@@ -41,8 +43,7 @@ def knn_laplacian(x: torch.Tensor, k: int = 10, centre: bool = True) -> scipy.sp
     Neighbours by cosine similarity (after centring on the mean, as for retrieval, unless `centre` is
     False); i and j are joined when either is among the other's k nearest (unweighted).
     """
-    xn = unit_rows(x, centre)
-    return _laplacian(xn @ xn.T, k)
+    return _laplacian(symmetric_products(unit_rows(x, centre)), k)
 
 
 def gram_cosines(gram: torch.Tensor, centre: bool = True) -> torch.Tensor:
@@ -144,9 +145,13 @@ def subsample_spectra(x: torch.Tensor, subsets: torch.Tensor, k: int = 10, top: 
     `subsets` [S, m]), [S, min(top, m)]: m-out-of-n subsampling (Politis, Romano & Wolf 1999) of the
     spectrum. The graph is rebuilt on the m sentences (neighbours among them, centred on their mean), from
     the subset's block of x's Gram matrix (one gather, worked on in place), computed once for all subsets
-    (`gram_cosines`)."""
+    (`gram_cosines`), the subsets side by side on the cores (`side_by_side`: gathers, top-k and Lanczos are
+    memory-bound or serial)."""
     x64 = x.to(torch.float64)
     x64 = x64 - x64.mean(0) if centre else x64  # centred on the whole sample first: less cancellation in each subset's
-    gram = x64 @ x64.T
-    return torch.stack([_spectrum(_laplacian(_gram_cosines_(gram[index[:, None], index], centre), min(k, len(index) - 1)), top)
-                        for index in subsets])
+    gram = symmetric_products(x64)
+
+    def spectrum(index: torch.Tensor) -> torch.Tensor:
+        return _spectrum(_laplacian(_gram_cosines_(gram[index[:, None], index], centre), min(k, len(index) - 1)), top)
+
+    return torch.stack(side_by_side(spectrum, subsets)) if len(subsets) else torch.empty(0, min(top, subsets.shape[-1]), dtype=torch.float64)
