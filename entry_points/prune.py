@@ -55,7 +55,7 @@ from xlsub.models.training import load_finetuned
 from xlsub.report.figures import save_figure
 from xlsub.report.figures import stages as figures
 from xlsub.stats.inference import percentile_interval
-from xlsub.stats.intervals import language_indices, random_control_replicates
+from xlsub.stats.intervals import language_resamples, random_control_replicates
 from xlsub.stats.overlap import params_kept_frac, spearman_brown
 from xlsub.tracking import lineage
 from xlsub.tracking import runs as tracking
@@ -124,9 +124,8 @@ def prune_language(model, tokenizer, sid: SubnetworkId, args: PruneArgs, train_c
     mlflow.log_metrics({artifacts.SUBNETWORK_PPL: chosen.ppl, artifacts.SUBNETWORK_FRAC_PRUNED: chosen.frac_pruned})
     mask = result.mask
     evaluation = evaluate_subnetwork(model, mask, sid, test_batches, args.random_draws)
-    indices = language_indices(full, args.bootstrap, seed=sid.seed)
-    for lang, idx in indices.items():
-        lo, hi = percentile_interval(random_control_replicates([d[lang] for d in evaluation.random_losses], idx, sid.seed))
+    for lang, counts in language_resamples(full, args.bootstrap, seed=sid.seed).items():
+        lo, hi = percentile_interval(random_control_replicates([d[lang] for d in evaluation.random_losses], counts, sid.seed))
         mlflow.log_metrics({f"ppl_random_lo.{lang}": lo, f"ppl_random_hi.{lang}": hi})
     mlflow.log_metrics({f"ppl.{l}": v for l, v in evaluation.perplexity.items()}
                        | {f"ppl_random.{l}": v for l, v in evaluation.random_perplexity.items()})

@@ -160,13 +160,11 @@ class ChunkLosses:
     def perplexity(self) -> float:
         return masked_perplexity(float(self.nll.sum()), int(self.tokens.sum()))
 
-    def resampled_log_ppl(self, indices: torch.Tensor) -> torch.Tensor:
-        """log perplexity under each row of `indices` ([B, n] chunk indices), or of their counts (float [B, chunks]:
-        how often each chunk was drawn, `xlsub.stats.intervals.chunk_counts`, computed once for every model scored on
-        the same resample; two matrix-vector products, no [B, n] gather per model): [B]."""
-        if indices.is_floating_point():
-            return (indices @ self.nll.double()) / (indices @ self.tokens.double())
-        return self.nll.double()[indices].sum(-1) / self.tokens.double()[indices].sum(-1)
+    def resampled_log_ppl(self, counts: torch.Tensor) -> torch.Tensor:
+        """log perplexity of each bootstrap resample of the chunks, given by how often it drew each chunk (float64
+        [B, chunks], `xlsub.stats.intervals.chunk_counts`: computed once for every model scored on the same resample,
+        then two matrix-vector products per model, no [B, n] gather): [B]."""
+        return (counts @ self.nll.double()) / (counts @ self.tokens.double())
 
 
 def perplexity(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> float:

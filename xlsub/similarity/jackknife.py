@@ -43,8 +43,9 @@ def jackknife_blocks(n: int, blocks: int, seed: int | None = None) -> torch.Tens
     return out
 
 
-# The axis of the block index in each `_moments` sum: before A's two axes and the vectors' one.
-_BLOCK_AXIS = {"A": -3, "su": -2, "sv": -2, "wu": -2, "wv": -2}
+# The axis of the block index in each `_moments` sum other than A (whose blocks `_block_hsic` sums itself): before
+# the vectors' axis, or last for the scalars.
+_BLOCK_AXIS = {"su": -2, "sv": -2, "wu": -2, "wv": -2}
 
 
 def _moments(u: torch.Tensor, v: torch.Tensor, blocks: list[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -394,14 +394,12 @@ class NullSide:
     summary: moments.Summary
 
 
-def null_sides(x: torch.Tensor, kind: str = "debiased", groups=None) -> list[NullSide]:
-    """`NullSide` of each leading index of x [..., n, d], flattened."""
+def null_sides(x: torch.Tensor, kind: str = "debiased", groups=None, state: dict | None = None) -> list[NullSide]:
+    """`NullSide` of each leading index of x [..., n, d], flattened. `state`: `prepare(x, kind)` of every leading
+    index at once (float64), where the caller has it; else each index is prepared here."""
     check_options(kind)
-    return [null_side(prepare(one, kind), kind, groups) for one in x.reshape(-1, *x.shape[-2:])]
-
-
-def _sides(state: dict, kind: str, groups) -> list[NullSide]:
-    """`null_sides` from a `prepare` of every leading index at once (float64)."""
+    if state is None:
+        return [null_side(prepare(one, kind), kind, groups) for one in x.reshape(-1, *x.shape[-2:])]
     lead = state["self"].shape
     flat = {key: value.reshape(-1, *value.shape[len(lead):]) for key, value in state.items()}
     return [null_side({key: value[index] for key, value in flat.items()}, kind, groups) for index in range(lead.numel())]
@@ -638,11 +636,11 @@ def _sequential_test(x, y, perms, observed, kind, groups, engine, null_precision
     lead = observed.shape
     states = states or (prepare(x, kind, sigma_frac), prepare(y, kind, sigma_frac))
     if tail_risk is not None:  # the exact mean, sd and weight bound from each side's summary (x's given or computed once)
-        sides_x = _sides(states[0], kind, groups) if reference is None else reference
+        sides_x = null_sides(x, kind, groups, states[0]) if reference is None else reference
         if len(sides_x) != observed.numel():
             raise ValueError(f"reference: {len(sides_x)} null sides for {observed.numel()} leading indices")
         exact, exact_sd, exact_weight = (values.reshape(lead) for values in torch.stack(
-            [pair_null_moments(a, b, kind, x.shape[-2]) for a, b in zip(sides_x, _sides(states[1], kind, groups))]).mT)
+            [pair_null_moments(a, b, kind, x.shape[-2]) for a, b in zip(sides_x, null_sides(y, kind, groups, states[1]))]).mT)
     else:
         exact, exact_sd, exact_weight = cka_null_mean(x, y, kind, groups), None, None
     selves = None if kind == "rbf" else tuple(state["self"].reshape(-1) for state in states)
