@@ -546,6 +546,28 @@ def test_leave_block_out_rsa_from_the_callers_ranks_equals_sorting_afresh():
                                leave_block_out_rsa(tied, tied_ys, labels), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("n, count", [(40, 19), (130, 130)])
+def test_leave_block_out_rsa_over_several_gathers_and_wide_block_labels_equals_scipy(n, count):
+    """More blocks than one gather reads (`JACKKNIFE_GROUP`: 19 blocks in three groups, the last one short) and more
+    than int8 block labels hold (130 blocks of one sentence: int16 labels): every leave-block-out value is scipy's
+    Spearman of the kept entries, ranked afresh, for two languages."""
+    from xlsub.similarity import rsa as module
+
+    assert count > 2 * module.JACKKNIFE_GROUP
+    g = torch.Generator().manual_seed(count)
+    x = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    ys = x + 2 * torch.randn(2, n, 4, generator=g, dtype=torch.float64)
+    blocks = jackknife_blocks(n, count)
+    theta = leave_block_out_rsa(x, ys, blocks)
+    assert theta.shape == (2, count)
+    dx, dys = rdm(x), [rdm(y) for y in ys]
+    for b in range(count):
+        keep = np.flatnonzero(blocks.numpy() != b)
+        for k in range(2):
+            expected = stats.spearmanr(upper(dx[np.ix_(keep, keep)]), upper(dys[k][np.ix_(keep, keep)])).statistic
+            assert float(theta[k, b]) == pytest.approx(expected, abs=1e-12)
+
+
 @pytest.mark.parametrize("tied", ["reference", "languages", "both"])
 def test_leave_block_out_rsa_with_ties_on_either_side_equals_scipy_on_every_subset(tied):
     """One reference against three languages where the ties are in the reference's dissimilarities, in the

@@ -20,8 +20,8 @@ from xlsub.stats import inference
 from xlsub.stats.workers import side_by_side
 
 # the leave-block-out RSA (`_sorted_rsa`): blocks whose x ranks one gather reads together (int32, 32 bytes: half a
-# cache line; 20 blocks in 3 gathers, 17.4 -> 14.8 s for seven 5,000-sentence languages against 4 blocks a gather),
-# and the entries of a language's sort handled at a time
+# cache line; 20 blocks in 3 gathers: seven 5,000-sentence languages 17.4 -> 14.1 s, with int8 block labels, against
+# 4 blocks a gather), and the entries of a language's sort handled at a time
 JACKKNIFE_GROUP = 8
 JACKKNIFE_CHUNK = 1 << 16
 
@@ -253,8 +253,8 @@ def _sorted_rsa(ux: torch.Tensor, uys, blocks: torch.Tensor) -> torch.Tensor | N
     rank is a running count of kept entries along its triangle's sort (the mean over its tie run where tied:
     `_SortedSide.doubled_ranks`); untied ranks 1..K have sum of squares K (K + 1) (2K + 1) / 6, tied ones are
     summed. The cross term sum_kept r_x r_y needs, per block, x's kept ranks read at the x-sorted position of each
-    entry of y's sort: one random gather of the triangle. `JACKKNIFE_GROUP` blocks' x ranks sit side by side (one
-    cache line), so one gather serves them all (`_kept_rank_products`), and the languages share the cores (`side_by_side`)."""
+    entry of y's sort: one random gather of the triangle. `JACKKNIFE_GROUP` blocks' x ranks sit side by side (half
+    a cache line), so one gather serves them all (`_kept_rank_products`), and the languages share the cores (`side_by_side`)."""
     k = len(blocks)
     labels = blocks.to(torch.int8 if int(blocks.max()) < 128 else torch.int16)  # each entry's blocks: 25 MB, not 50, a triangle
     # each triangle entry's two blocks, by rows of the label matrices (no int64 index arrays: 200 MB at n = 5,000)
