@@ -154,4 +154,4 @@ def subsample_spectra(x: torch.Tensor, subsets: torch.Tensor, k: int = 10, top: 
     def spectrum(index: torch.Tensor) -> torch.Tensor:
         return _spectrum(_laplacian(_gram_cosines_(gram[index[:, None], index], centre), min(k, len(index) - 1)), top)
 
-    return torch.stack(side_by_side(spectrum, subsets)) if len(subsets) else torch.empty(0, min(top, subsets.shape[-1]), dtype=torch.float64)
+    return torch.stack(side_by_side(spectrum, subsets))

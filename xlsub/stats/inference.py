@@ -437,8 +437,8 @@ def value_order(values: torch.Tensor, scratch: torch.Tensor | None = None) -> tu
     than 2^31 values (callers then sort the floats).
 
     One sort of int64 keys (numpy's vectorised sort, several times faster than an argsort of the floats at
-    12.5M values, split between the cores by `sorted_keys`): each value's fixed-point position in [min, max] (k bits, a non-decreasing function of the
-    value) above its index (the low bits), so the sorted keys carry the order. Values sharing a fixed-point key
+    12.5M values, split between the cores by `sorted_keys`): each value's fixed-point position in [min, max]
+    (k bits, a non-decreasing function of the value) above its index (the low bits), so the sorted keys carry the order. Values sharing a fixed-point key
     (a few hundred of 12.5M) are then ordered by value within their run, and only they can be equal.
     `scratch` (float64 [2, m], not `values`' memory): the buffers to work in; the order is then a view of
     scratch[0], valid until the caller writes there."""
