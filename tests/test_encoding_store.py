@@ -89,3 +89,40 @@ def test_float16_storage_changes_cka_by_less_than_1e3_at_base_width():
         change = float((exact - rounded).abs().max())
         print(f"{kind}: largest CKA change from float16 storage {change:.2e}")
         assert 0 < change < 1e-3, kind
+
+
+def test_last_layer_is_read_alone_and_cached_in_its_own_right(tmp_path):
+    enc = encodings()
+    store = stored(tmp_path, enc)
+    whole = enc["full"]["de"].float()
+    last = artifacts.last_layer(store["full"], "de")
+    assert torch.equal(last, whole[-1]) and store.loads == 1
+    assert store.live_bytes == last.numel() * 4  # one layer resident, not the file's layers+1
+    assert torch.equal(artifacts.last_layer(store["full"], "de"), last) and store.loads == 1  # cached
+    assert artifacts.layer_count(store["full"], "zh") == whole.shape[0] and store.loads == 1  # from the header
+    store["base"]["en"]  # the whole tensor cached: its last layer is copied from it, not read again
+    copied = artifacts.last_layer(store["base"], "en")
+    assert torch.equal(copied, enc["base"]["en"].float()[-1]) and store.loads == 2
+    assert copied.untyped_storage().data_ptr() != store["base"]["en"].untyped_storage().data_ptr()
+    plain = {"de": whole}  # tensors in memory: indexed
+    assert artifacts.last_layer(plain, "de") is not None and torch.equal(artifacts.last_layer(plain, "de"), whole[-1])
+    assert artifacts.layer_count(plain, "de") == whole.shape[0]
+    with pytest.raises(KeyError):
+        artifacts.last_layer(store["full"], "fr")
+
+
+def test_load_encodings_reads_one_layer_and_names_a_missing_one(tmp_path):
+    x = torch.randn(4, 6, 3)
+    artifacts.save_encodings(x, tmp_path / "e.safetensors")
+    for layer in (0, 2, -1, -4):
+        assert torch.equal(artifacts.load_encodings(tmp_path / "e.safetensors", layer=layer), x[layer])
+    assert artifacts.encodings_shape(tmp_path / "e.safetensors") == [4, 6, 3]
+    for layer in (4, -5):
+        with pytest.raises(artifacts.XlsubError, match="4 hidden states, no layer"):
+            artifacts.load_encodings(tmp_path / "e.safetensors", layer=layer)
+
+
+def test_membership_reads_nothing(tmp_path):
+    store = stored(tmp_path, encodings())
+    assert "de" in store["full"] and "fr" not in store["full"] and "full" in store
+    assert store.loads == 0

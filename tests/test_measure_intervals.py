@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy import stats
@@ -17,6 +18,7 @@ from xlsub.report.similarity_tables import (
     isomorphism_table,
     length_control_table,
     retrieval_pvalue_table,
+    retrieval_table,
     sentence_lengths,
 )
 from xlsub.report.tables import cka_pairs_interval_tables, cka_pairs_table
@@ -60,6 +62,40 @@ def score_interval_by_roots(hits: int, n: int, level: float = 0.95) -> tuple[flo
     p_hat = hits / n
     roots = np.sort(np.roots([1 + z * z / n, -(2 * p_hat + z * z / n), p_hat * p_hat]).real)
     return float(max(roots[0], 0.0)), float(min(roots[1], 1.0))
+
+
+def test_retrieval_pvalues_reuse_the_retrieval_tables_nearest_sentences(monkeypatch):
+    """`retrieval_table(nearest=...)` collects each pair's last-layer nearest sentences; the p-value table given
+    them computes no similarity for those pairs and gives the same numbers, the length-only pairs included."""
+    from xlsub.report import similarity_tables
+
+    enc, lengths = encodings(), sentence_lengths(tokens())
+    counts = Counts(full=40, controls=30, subnetworks=20, length=20, power_draws=10)
+    nearest = {}
+    top1 = retrieval_table(enc, LANGS, "en", nearest)
+    assert set(nearest) == {(model, lang) for model in enc for lang in ("de", "zh")}
+    for (model, lang), found in nearest.items():  # each sentence's nearest reference sentence by a loop, where untied
+        q, t = enc[model][lang][-1].numpy(), enc[model]["en"][-1].numpy()
+        q, t = q - q.mean(0), t - t.mean(0)
+        cosines = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (t / np.linalg.norm(t, axis=1, keepdims=True)).T
+        assert found.tolist() == cosines.argmax(1).tolist()
+        assert top1.loc[(model, lang), LAYERS - 1] == pytest.approx(float((found == torch.arange(N)).double().mean()))
+    alone = retrieval_pvalue_table(enc, LANGS, "en", counts, 0, lengths)
+    calls = []
+    computed = similarity_tables.retrieval_permutation_test
+
+    def counted(x, y, *args, nearest=None, **kwargs):
+        calls.append(nearest is None)
+        return computed(x, y, *args, nearest=nearest, **kwargs)
+
+    monkeypatch.setattr(similarity_tables, "retrieval_permutation_test", counted)
+    reused = retrieval_pvalue_table(enc, LANGS, "en", counts, 0, lengths, nearest)
+    assert calls.count(False) == len(nearest) and calls.count(True) == 2  # only the length-only encoder's pairs
+    pd.testing.assert_frame_equal(reused, alone)
+    wrong = {key: found.roll(1) for key, found in nearest.items()}  # the given sentences are what is tested
+    assert not retrieval_pvalue_table(enc, LANGS, "en", counts, 0, lengths, wrong)["top1"].equals(alone["top1"])
+    with pytest.raises(ValueError, match="nearest has shape"):
+        computed(enc["full"]["de"][-1], enc["full"]["en"][-1], 10, nearest=nearest["full", "de"][:-1])
 
 
 def test_retrieval_interval_is_the_score_interval_of_the_hits_and_tracks_the_query_bootstrap():

@@ -9,6 +9,7 @@ module is where the names are defined.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from xlsub.errors import XlsubError
 
@@ -384,6 +385,7 @@ def write_model(folder: Path, model, tokenizer, subdir: str = MODEL_DIR) -> Path
 
 # -- encodings --------------------------------------------------------------------------------------------
 ENCODINGS_KEY = "encodings"  # the tensor's name inside each safetensors file
+LAST_LAYER = "last"  # an `EncodingStore` cache key's third part: the last hidden state, read alone
 ENCODING_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -451,13 +453,31 @@ class EncodingStore(Mapping):
         return self._files[model_key][language]
 
     def tensor(self, model_key: str, language: str) -> torch.Tensor:
-        key = (model_key, language)
+        """The whole [layers+1, n, d] tensor of a model and language."""
+        return self._cached((model_key, language), lambda: load_encodings(self._files[model_key][language]))
+
+    def last_layer(self, model_key: str, language: str) -> torch.Tensor:
+        """The last hidden state [n, d] alone: copied from the whole tensor where that is cached (a view would keep
+        the whole alive), else read from the file by itself (at the study's size 15 MB in float32, not 200 MB) and
+        cached in its own right. The tables of the last layer then neither read whole files nor keep them resident
+        (`last_layer`)."""
+        if (model_key, language) in self._cache:
+            return self.tensor(model_key, language)[-1].clone()
+        return self._cached((model_key, language, LAST_LAYER), lambda: load_encodings(self._files[model_key][language], layer=-1))
+
+    def layers(self, model_key: str, language: str) -> int:
+        """The number of hidden states (layers + 1) in a model and language's file, from its header."""
+        if (model_key, language) in self._cache:
+            return self._cache[model_key, language].shape[0]
+        return encodings_shape(self._files[model_key][language])[0]
+
+    def _cached(self, key: tuple, load) -> torch.Tensor:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         while len(self._cache) >= max(self.resident, 1):
             self._cache.popitem(last=False)
-        tensor = load_encodings(self._files[model_key][language])
+        tensor = load()
         self.loads += 1
         size = tensor.numel() * tensor.element_size()
         self.live_bytes += size
@@ -481,11 +501,33 @@ class _StoredLanguages(Mapping):
             raise KeyError(language)
         return self._store.tensor(self._key, language)
 
+    def __contains__(self, language) -> bool:  # from the file names: Mapping's own would read the tensor
+        return language in self._files
+
     def __iter__(self):
         return iter(self._files)
 
     def __len__(self) -> int:
         return len(self._files)
+
+
+def last_layer(reps: Mapping[str, torch.Tensor], language: str) -> torch.Tensor:
+    """The last hidden state [n, d] of `reps[language]` ([layers+1, n, d]), one model's languages: read alone where
+    they come from an `EncodingStore` (`EncodingStore.last_layer`), else indexed."""
+    if isinstance(reps, _StoredLanguages):
+        if language not in reps:
+            raise KeyError(language)
+        return reps._store.last_layer(reps._key, language)
+    return reps[language][-1]
+
+
+def layer_count(reps: Mapping[str, torch.Tensor], language: str) -> int:
+    """The number of hidden states of `reps[language]`, without reading an `EncodingStore`'s tensor."""
+    if isinstance(reps, _StoredLanguages):
+        if language not in reps:
+            raise KeyError(language)
+        return reps._store.layers(reps._key, language)
+    return reps[language].shape[0]
 
 
 def save_encodings(encodings: torch.Tensor, path: str | Path, dtype: str = "float32") -> None:
@@ -504,21 +546,43 @@ def save_encodings(encodings: torch.Tensor, path: str | Path, dtype: str = "floa
     save_file({ENCODINGS_KEY: tensor}, str(path), metadata={"layout": "[layers+1, n, d]", "dtype": dtype})
 
 
-def load_encodings(path: str | Path) -> torch.Tensor:
-    """Read what ``save_encodings`` wrote: a float32 ``[layers+1, n, d]`` tensor."""
+def load_encodings(path: str | Path, layer: int | None = None) -> torch.Tensor:
+    """Read what ``save_encodings`` wrote: a float32 ``[layers+1, n, d]`` tensor, or its hidden state `layer`
+    alone ([n, d]; negative counts from the last), read from the file without the others."""
+    with _encodings_file(path) as (handle, path):
+        if layer is None:
+            return handle.get_tensor(ENCODINGS_KEY).float()
+        stored = handle.get_slice(ENCODINGS_KEY)
+        count = stored.get_shape()[0]
+        if not -count <= layer < count:
+            raise XlsubError(f"encodings: {path} has {count} hidden states, no layer {layer}; give one of 0..{count - 1}")
+        return stored[layer % count:layer % count + 1][0].float()
+
+
+def encodings_shape(path: str | Path) -> list[int]:
+    """The shape [layers+1, n, d] of a file ``save_encodings`` wrote, from its header."""
+    with _encodings_file(path) as (handle, _):
+        return handle.get_slice(ENCODINGS_KEY).get_shape()
+
+
+@contextlib.contextmanager
+def _encodings_file(path: str | Path):
+    """An open safetensors file of encodings and its path; one clear error where it is missing, unreadable or
+    lacks the encodings tensor."""
     path = Path(path)
     if not path.is_file():
         raise XlsubError(f"encodings: {path} does not exist; give a .safetensors file written by save_encodings")
     try:
-        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as handle:
+            names = list(handle.keys())
+            if ENCODINGS_KEY not in names:
+                raise XlsubError(
+                    f"encodings: {path} has no {ENCODINGS_KEY!r} tensor (it has {', '.join(names) or 'none'}); "
+                    "give a file written by save_encodings"
+                )
+            yield handle, path
     except (SafetensorError, OSError) as e:
         raise XlsubError(f"encodings: {path} is not a readable safetensors file ({e}); re-run the encode stage") from e
-    if ENCODINGS_KEY not in tensors:
-        raise XlsubError(
-            f"encodings: {path} has no {ENCODINGS_KEY!r} tensor (it has {', '.join(tensors) or 'none'}); "
-            "give a file written by save_encodings"
-        )
-    return tensors[ENCODINGS_KEY].float()
 
 
 def write_sentences(folder: Path, corpus) -> Path:

@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from xlsub.artifacts import FULL_MODEL, METRIC, RANDOM_MODEL, TABLE, SubnetworkId, group_by_language, language_metric
+from xlsub.artifacts import FULL_MODEL, METRIC, RANDOM_MODEL, TABLE, SubnetworkId, group_by_language, language_metric, last_layer
 from xlsub.errors import XlsubError
 from xlsub.report import similarity_tables, tables, verdicts
 from xlsub.report.figures import CaptionedFigure, palette
@@ -367,17 +367,19 @@ def _similarity(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str]
                             "could pass them")
     result.tables[TABLE.cka_pvalue] = similarity_tables.cka_pvalue_table(inputs.encodings, langs, reference, kind, counts, seed, lengths)
     result.tables.update(similarity_tables.cka_interval_tables(inputs.encodings, langs, reference, kind))
-    retrieval = similarity_tables.retrieval_table(inputs.encodings, langs, reference)
+    nearest = {}  # the last layer's nearest sentences, for the p-values of the same retrievals
+    retrieval = similarity_tables.retrieval_table(inputs.encodings, langs, reference, nearest)
     result.add({TABLE.retrieval_top1: retrieval}, figures.retrieval_figure(retrieval, reference, colours, n))
     result.metrics |= {language_metric(METRIC.retrieval_top1, lang): float(v) for (model, lang), v in retrieval.iloc[:, -1].items() if model == FULL_MODEL}
-    result.tables[TABLE.retrieval_pvalue] = similarity_tables.retrieval_pvalue_table(inputs.encodings, langs, reference, counts, seed, lengths)
+    result.tables[TABLE.retrieval_pvalue] = similarity_tables.retrieval_pvalue_table(inputs.encodings, langs, reference, counts, seed, lengths,
+                                                                                      nearest)
     result.tables[TABLE.knn_isomorphism] = similarity_tables.isomorphism_table(inputs.encodings, langs, reference, seed=seed, lengths=lengths)
     _return_freed_memory()
     rsa = similarity_tables.rsa_table(inputs.encodings, langs, reference, counts, seed, lengths)
     result.add({TABLE.rsa: rsa}, figures.rsa_figure(rsa, reference))
     result.metrics[METRIC.mean_rsa_last_layer] = _nanmean(rsa.loc[FULL_MODEL, "rsa"]) if FULL_MODEL in rsa.index.get_level_values(0) else math.nan
     _return_freed_memory()
-    power, limits = similarity_tables.power_table(full[reference][-1], lengths, reference, kind, counts.power_draws, seed)
+    power, limits = similarity_tables.power_table(last_layer(full, reference), lengths, reference, kind, counts.power_draws, seed)
     result.add({TABLE.power: power}, figures.power_figure(power, limits))
     result.metrics |= {language_metric(METRIC.detection_limit, measure): limit for measure, limit in limits.items()}
     if lengths is None:

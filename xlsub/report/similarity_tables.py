@@ -24,14 +24,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, TABLE, ordered, subnetwork_key
+from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, TABLE, last_layer, layer_count, ordered, subnetwork_key
 from xlsub.similarity import power
 from xlsub.similarity.cka import cka, prepare, prepared_cka
 from xlsub.similarity.controls import length_only_representations
 from xlsub.similarity.isomorphism import TOP_EIGENVALUES, knn_laplacian_spectrum, spectrum_distance, subsample_spectra, subsamples
 from xlsub.similarity.jackknife import cka_jackknife_interval, jackknife_blocks, leave_block_out_above_chance, leave_block_out_self
 from xlsub.similarity.permutation import STOP_EXCEEDANCES, cka_null_mean, cka_permutation_test, null_sides, residualize
-from xlsub.similarity.retrieval import CosineSide, retrieval_permutation_test, retrieval_top1_per_layer
+from xlsub.similarity.retrieval import CosineSide, nearest_translation, retrieval_permutation_test
 from xlsub.similarity.rsa import centred_ranks, centred_ranks_each, mantel_test, rsa_jackknife_interval
 from xlsub.stats.inference import EXACT_LIMIT, UnitLevel, jackknife_interval, unit_level, wilson_interval
 
@@ -119,16 +119,20 @@ def _n_perm(model: str, counts: Counts) -> int:
     return counts.full if model == FULL_MODEL else counts.subnetworks if subnetwork_key(model) else counts.controls
 
 
-def _pairs(encodings, languages: Sequence[str], reference: str, subnetworks: bool = True):
+def _pairs(encodings, languages: Sequence[str], reference: str, subnetworks: bool = True, last: bool = False):
     """(model, language, reference vectors, language vectors) for every model that encoded the reference,
     in `_models` order, every other language in `languages` order; `subnetworks=False` keeps only the
-    full model and the controls."""
+    full model and the controls; `last`: the last hidden states [n, d] alone (`last_layer`: read without
+    the other layers from an `EncodingStore`), not [layers+1, n, d]."""
     for model in _models(encodings, languages):
         reps = encodings[model]
         if reference not in reps or (not subnetworks and subnetwork_key(model) is not None):
             continue
         for lang in ordered([l for l in reps if l != reference], languages):
-            yield model, lang, reps[reference], reps[lang]
+            if last:
+                yield model, lang, last_layer(reps, reference), last_layer(reps, lang)
+            else:
+                yield model, lang, reps[reference], reps[lang]
 
 
 def cka_pvalue_table(encodings, languages: Sequence[str], reference: str, kind: str, counts: Counts, seed: int,
@@ -167,7 +171,8 @@ def cka_pvalue_table(encodings, languages: Sequence[str], reference: str, kind: 
 
 
 def retrieval_pvalue_table(encodings, languages: Sequence[str], reference: str, counts: Counts, seed: int,
-                           lengths: Mapping[str, torch.Tensor] | None = None) -> pd.DataFrame:
+                           lengths: Mapping[str, torch.Tensor] | None = None,
+                           nearest: Mapping[tuple[str, str], torch.Tensor] | None = None) -> pd.DataFrame:
     """Top-1 retrieval of each language's sentences among the reference's (as `retrieval_table`) at the last
     layer against its length-restricted null: the accuracy with pairings permuted within groups of equal
     source length (`length_groups`; all pairings, `null` = unrestricted, where `lengths` is None),
@@ -180,15 +185,21 @@ def retrieval_pvalue_table(encodings, languages: Sequence[str], reference: str, 
     resampling the queries is resampling independent 0/1 values and the hit count is binomial: the
     Wilson score interval (`xlsub.stats.inference.wilson_interval`) is that bootstrap's interval in closed
     form, and unlike the percentile bootstrap it does not collapse to a point at 0 hits (controls near
-    chance, 1/n). It is conditional on the pool: another set of reference sentences is not resampled."""
+    chance, 1/n). It is conditional on the pool: another set of reference sentences is not resampled.
+
+    `nearest`: {(model, language): each sentence's nearest reference sentence at the last layer}, as
+    `retrieval_table(nearest=...)` collects them from the same encodings: where given, the similarities
+    are not computed again."""
     groups = length_groups(lengths, reference)
     rows = []
-    for model, lang, x, y in _pairs(with_length_only(encodings, lengths, reference, seed), languages, reference):
+    everything = with_length_only(encodings, lengths, reference, seed)
+    for model, lang, x, y in _pairs(everything, languages, reference, last=True):
         n_perm = _n_perm(model, counts)
-        result = retrieval_permutation_test(y[-1], x[-1], n_perm, seed, groups)
+        known = None if nearest is None else nearest.get((model, lang))
+        result = retrieval_permutation_test(y, x, n_perm, seed, groups, nearest=known)
         n = y.shape[-2]
         lo, hi = wilson_interval(round(float(result.observed) * n), n)
-        rows.append({"model": model, "language": lang, "layer": x.shape[0] - 1, "top1": float(result.observed),
+        rows.append({"model": model, "language": lang, "layer": layer_count(everything[model], reference) - 1, "top1": float(result.observed),
                      "null_mean": float(result.null_mean), "p_value": float(result.p_value), "n_perm": n_perm,
                      "null": null_name(groups), "lo": lo, "hi": hi})
     columns = ["model", "language", "layer", "top1", "null_mean", "p_value", "n_perm", "null", "lo", "hi"]
@@ -220,12 +231,12 @@ def length_control_table(encodings, lengths: Mapping[str, torch.Tensor], languag
             continue
         n_perm = counts.length if model == FULL_MODEL else _n_perm(model, counts)
         for lang in ordered([l for l in reps if l != reference and l in lengths], languages):
-            x, y = reps[reference][-1].double(), reps[lang][-1].double()
+            x, y = last_layer(reps, reference).double(), last_layer(reps, lang).double()
             residual = float(cka(residualize(x, lengths[reference]), residualize(y, lengths[lang]), kind))
             states = prepare(x, kind), prepare(y, kind)  # once for the CKA and its null mean
             observed, null_mean = float(prepared_cka(*states, kind)), float(cka_null_mean(x, y, kind, groups, states))
             del states
-            key = (model, lang, reps[reference].shape[0] - 1)
+            key = (model, lang, layer_count(reps, reference) - 1)
             if model != FULL_MODEL and tested is not None and key in tested.index and tested.loc[key, "n_perm"] == n_perm \
                     and tested.loc[key, "null"] == LENGTH_RESTRICTED:
                 p = float(tested.loc[key, "p_value"])
@@ -261,15 +272,21 @@ def cka_interval_tables(encodings, languages: Sequence[str], reference: str, kin
     return out
 
 
-def retrieval_table(encodings, languages: Sequence[str], reference: str) -> pd.DataFrame:
+def retrieval_table(encodings, languages: Sequence[str], reference: str,
+                    nearest: dict[tuple[str, str], torch.Tensor] | None = None) -> pd.DataFrame:
     """Top-1 accuracy of finding each sentence's translation in the reference language among all n
     reference sentences by cosine, each language centred on its own mean (Libovický et al. 2020):
-    (model, language) x layer. Chance is 1/n."""
+    (model, language) x layer. Chance is 1/n. `nearest` (a dict, filled): {(model, language): each
+    sentence's nearest reference sentence at the last layer (`nearest_translation`)}, for
+    `retrieval_pvalue_table`'s test of the same encodings."""
     rows, side = {}, None
     for model, lang, x, y in _pairs(encodings, languages, reference):
         if side is None or side[0] != model:  # the reference's unit rows, once per model
             side = model, CosineSide(x)
-        rows[model, lang] = retrieval_top1_per_layer(y, side[1]).numpy()
+        found = nearest_translation(y, side[1])  # [layers, n]
+        rows[model, lang] = (found == torch.arange(found.shape[-1])).double().mean(-1).numpy()
+        if nearest is not None:
+            nearest[model, lang] = found[-1].clone()
     table = pd.DataFrame(rows).T
     table.index.names = ["model", "language"]
     table.columns.name = "layer"
@@ -304,7 +321,7 @@ def rsa_table(encodings, languages: Sequence[str], reference: str, counts: Count
         if reference not in reps or not langs:
             continue
         n_perm = min(counts.length, counts.subnetworks) if subnetwork_key(model) else counts.length
-        x, ys = reps[reference][-1], torch.stack([reps[l][-1] for l in langs])
+        x, ys = last_layer(reps, reference), torch.stack([last_layer(reps, l) for l in langs])
         # each dissimilarity matrix ranked once, for the test and the interval; the interval frees the languages' as it sorts them
         ranks = centred_ranks(x), centred_ranks_each(ys)
         result = mantel_test(x, ys, n_perm, seed, groups, tail_risk=TAIL_RISK, stop_after=STOP_AFTER, ranks=ranks)
@@ -409,13 +426,14 @@ def isomorphism_table(encodings, languages: Sequence[str], reference: str, k: in
     full_minus_control_hi, top, n, m, n_subsamples."""
     everything = with_length_only(encodings, lengths, reference, seed)
     models = [m for m in _models(everything, languages) if subnetwork_key(m) is None and reference in everything[m]]
-    n = everything[models[0]][reference].shape[1] if models else 0
+    n = last_layer(everything[models[0]], reference).shape[0] if models else 0
     subsets = subsamples(n, n_subsamples, seed) if models else torch.empty(0, 0, dtype=torch.long)
     whole, parts = {}, {}  # {(model, lang): top eigenvalues at n}, {(model, lang): [S, top] at m}
     for model in models:
-        for lang, reps in everything[model].items():
-            whole[model, lang] = knn_laplacian_spectrum(reps[-1], min(k, n - 1), top=top)
-            parts[model, lang] = subsample_spectra(reps[-1], subsets, min(k, subsets.shape[1] - 1), top) if len(subsets) else None
+        for lang in everything[model]:
+            last = last_layer(everything[model], lang)
+            whole[model, lang] = knn_laplacian_spectrum(last, min(k, n - 1), top=top)
+            parts[model, lang] = subsample_spectra(last, subsets, min(k, subsets.shape[1] - 1), top) if len(subsets) else None
 
     def quantiles(values) -> tuple[float, float]:  # the 2.5% and 97.5% quantiles over the subsamples (linear interpolation)
         if values is None:

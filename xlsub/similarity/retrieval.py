@@ -146,15 +146,19 @@ def retrieval_top1(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def retrieval_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, seed: int = 0,
-                               groups=None) -> PermutationResult:
+                               groups=None, nearest: torch.Tensor | None = None) -> PermutationResult:
     """Top-1 retrieval of x [..., n, d] against the same for random re-pairings of y (within `groups`).
 
     Re-pairing moves no vector, so each x_i keeps its nearest y, m(i); under permutation p the hit count
     is #{i : p(i) = m(i)}, O(n) per permutation after one similarity pass. The permutations are
-    `permutations(n, n_perm, seed, groups)`, as for CKA.
+    `permutations(n, n_perm, seed, groups)`, as for CKA. `nearest`: `nearest_translation(x, y)` where the
+    caller has it (the similarity pass is then skipped).
     """
     n = x.shape[-2]
-    nearest = nearest_translation(x, y)  # [..., n]
+    if nearest is None:
+        nearest = nearest_translation(x, y)  # [..., n]
+    elif nearest.shape != x.shape[:-1]:
+        raise ValueError(f"retrieval_permutation_test: nearest has shape {tuple(nearest.shape)}, not x's {tuple(x.shape[:-1])}")
     perms = permutations(n, n_perm, seed, groups)
     observed = (nearest == torch.arange(n)).double().mean(-1)
     null = (perms == nearest[..., None, :]).double().mean(-1)  # [..., n_perm]
