@@ -49,7 +49,6 @@ from xlsub.errors import XlsubError
 from xlsub.similarity import moments
 from xlsub.similarity.cka import (
     FLOAT32_BLOCK,
-    blocked_product,
     check_options,
     check_pair,
     debiased_hsic,
@@ -205,26 +204,37 @@ def permuted_gram_cross(k: torch.Tensor, l: torch.Tensor, perms: torch.Tensor) -
 
 
 def _feature_cross(xc: torch.Tensor, yc: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
-    """||Y_p' X||_F^2 for each permutation p, [P], for centred xc [n, d1], yc [n, d2] (float64 or float32).
+    """||Y_p' X||_F^2 for each permutation p, [P], for centred xc [n, d1], yc [n, d2] (float64 or float32), from
+    `permuted_products`."""
+    out = torch.empty(len(perms), dtype=torch.float64)
+    for start, products in permuted_products(xc, yc, perms):
+        out[start:start + len(products)] = frob(products).square()
+    return out
 
-    A block of B permutations is one product [Y_p1 | ... | Y_pB]' X ([B d2, d1]): y's rows gathered into
-    an [n, B, d2] array, so the product sees one tall matrix and each permutation's d2 x d1 result is
-    contiguous for its norm. float32 operands: float32 products over at most `xlsub.similarity.cka.FLOAT32_BLOCK`
-    examples, summed in float64, as `xlsub.similarity.cka.blocked_product`. The gather and product buffers are allocated
-    once and reused: a fresh multi-megabyte buffer per block costs more in page faults than the gather.
+
+def permuted_products(xc: torch.Tensor, zc: torch.Tensor, perms: torch.Tensor):
+    """Z_p'X for each permutation p of `perms` [P, n], centred xc [n, d1], zc [n, d2] (both float64 or both
+    float32): yields (start, float64 [b, d2, d1]) for consecutive blocks of b permutations, about `_BLOCK_BYTES`
+    of gathered rows and products each.
+
+    A block of b permutations is one product [Z_p1 | ... | Z_pb]' X ([b d2, d1]): z's rows gathered into an
+    [n, b, d2] array, so the product sees one tall matrix and each permutation's d2 x d1 result is contiguous.
+    float32 operands: float32 products over at most `xlsub.similarity.cka.FLOAT32_BLOCK` examples, summed in
+    float64, as `xlsub.similarity.cka.blocked_product`. The gather and product buffers are allocated once and
+    reused (a fresh multi-megabyte buffer per block costs more in page faults than the gather), so a block's
+    products hold until the next block is asked for: a caller that keeps them copies them.
     """
     n, d1 = xc.shape
-    d2 = yc.shape[1]
-    per_perm = n * d2 * yc.element_size() + d1 * d2 * (8 + yc.element_size())
+    d2 = zc.shape[1]
+    per_perm = n * d2 * zc.element_size() + d1 * d2 * (8 + zc.element_size())
     block = max(1, min(len(perms), _BLOCK_BYTES // per_perm))
-    gathered = torch.empty(n * block, d2, dtype=yc.dtype)
+    gathered = torch.empty(n * block, d2, dtype=zc.dtype)
     product = torch.empty(block * d2, d1, dtype=torch.float64)
-    partial = None if yc.dtype == torch.float64 else torch.empty(block * d2, d1, dtype=yc.dtype)
-    out = torch.empty(len(perms), dtype=torch.float64)
+    partial = None if zc.dtype == torch.float64 else torch.empty(block * d2, d1, dtype=zc.dtype)
     for start in range(0, len(perms), block):
         chunk = perms[start:start + block]
         b = len(chunk)
-        g = torch.index_select(yc, 0, chunk.T.reshape(-1), out=gathered[:n * b]).view(n, b * d2)
+        g = torch.index_select(zc, 0, chunk.T.reshape(-1), out=gathered[:n * b]).view(n, b * d2)
         if partial is None:
             torch.mm(g.mT, xc, out=product[:b * d2])
         else:
@@ -235,23 +245,7 @@ def _feature_cross(xc: torch.Tensor, yc: torch.Tensor, perms: torch.Tensor) -> t
                     product[:b * d2].copy_(partial[:b * d2])
                 else:
                     product[:b * d2].add_(partial[:b * d2])
-        out[start:start + b] = frob(product[:b * d2].view(b, d2, d1)).square()
-    return out
-
-
-def permuted_products(xc: torch.Tensor, zc: torch.Tensor, perms: torch.Tensor):
-    """Z_p'X for each permutation p of `perms` [P, n], centred xc [n, d1], zc [n, d2], as `_feature_cross` forms
-    them (float32 operands: float32 products over at most `FLOAT32_BLOCK` examples, summed in float64): yields
-    (start, float64 [b, d2, d1]) for consecutive blocks of b permutations, about `_BLOCK_BYTES` of gathered
-    rows and products each. For a caller that needs the matrices, not only their norms
-    (`xlsub.similarity.power.PlantedCkaTerms`)."""
-    n, d1 = xc.shape
-    d2 = zc.shape[1]
-    block = max(1, min(len(perms), _BLOCK_BYTES // (n * d2 * zc.element_size() + d1 * d2 * (8 + zc.element_size()))))
-    for start in range(0, len(perms), block):
-        chunk = perms[start:start + block]
-        gathered = zc[chunk.T.reshape(-1)].view(n, len(chunk) * d2)
-        yield start, blocked_product(xc, gathered).view(len(chunk), d2, d1)
+        yield start, product[:b * d2].view(b, d2, d1)
 
 
 def _pick_engine(engine: str, kind: str, n: int, d1: int, d2: int) -> str:
