@@ -150,6 +150,37 @@ def test_screen_error_bounds_the_screened_cosines(screen):
     assert screen_error(screen, d) < (0.013 if screen == torch.bfloat16 else 1e-4)
 
 
+def test_screen_margins_bound_each_rows_candidates():
+    """Half of a row's `screen_margins` bounds |screened - float64| of every entry within the worst-case margin of
+    the row's screened best, on spread and peaked rows (where rounding errors do not average out) against
+    near copies, exact copies and independent rows, at the bfloat16 screen's own product. Two-sided: the errors
+    reach more than 40% of the bound on peaked copies (a bound inflated 2.5-fold fails), and near chance the
+    margin is well under the worst case's."""
+    from xlsub.similarity.retrieval import CosineSide, screen_error, screen_margins
+
+    g = torch.Generator().manual_seed(6)
+    d = 384
+    spread = torch.randn(300, d, generator=g, dtype=torch.float64)
+    peaked = torch.randn(300, d, generator=g, dtype=torch.float64) * torch.rand(d, generator=g, dtype=torch.float64) ** 8
+    worst = screen_error(torch.bfloat16, d)
+    reached, near_chance = 0.0, 1.0
+    for a in (spread, peaked):
+        for b in (a + 0.01 * torch.randn(300, d, generator=g, dtype=torch.float64), a.clone(), torch.randn(300, d, generator=g, dtype=torch.float64)):
+            x, y = CosineSide(a, torch.bfloat16), CosineSide(b, torch.bfloat16)
+            assert torch.equal(x.rounding, torch.linalg.vector_norm(x.screen.double() - x.unit, dim=-1))
+            screened, exact = (x.screen @ y.screen.mT).double(), x.unit @ y.unit.mT
+            best = screened.amax(-1)
+            margins = screen_margins(best, x.rounding, y.rounding.amax(), torch.bfloat16, d)
+            assert (margins <= 2 * worst).all()
+            candidate = screened >= best[:, None] - 2 * worst
+            share = ((screened - exact).abs() / (margins[:, None] / 2))[candidate]
+            assert (share <= 1).all()
+            reached = max(reached, float(share.max()))
+            near_chance = min(near_chance, float(margins.mean() / (2 * worst)))
+    assert reached > 0.4
+    assert near_chance < 0.45  # independent rows: the measured rounding and a best near chance
+
+
 # -- RSA's Mantel test: the exact mean and sd of r on the centred rank matrices -----------------------------------
 
 def test_mantel_tail_bound_against_the_full_test():

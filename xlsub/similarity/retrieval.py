@@ -9,6 +9,7 @@ geometry the RSA and kNN-graph measures share with it.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 
@@ -49,14 +50,37 @@ def screen_error(dtype: torch.dtype, d: int) -> float:
     return inputs + output + 1.1 * d * torch.finfo(torch.float32).eps * (1 + u) ** 2
 
 
+def screen_margins(best: torch.Tensor, x_rounding: torch.Tensor, y_rounding: torch.Tensor, dtype: torch.dtype, d: int) -> torch.Tensor:
+    """Per row of a screen: how far below the row's screened best a screened similarity may lie and still be, in
+    float64, the best or tied with it (twice a bound on |screened - float64| for the row's candidates), never more
+    than the worst case 2 `screen_error`.
+
+    The inputs' rounding error is measured, not bounded: with x^ = x + dx, y^ = y + dy (unit rows),
+    |x^.y^ - x.y| <= |dx| + |dy| + |dx||dy|, where `x_rounding` [r] = |dx| of each row and `y_rounding` the largest
+    |dy| of the candidates' side (typically half the roundoff u of the worst case, |dx| <= u). The float32
+    accumulation adds at most 1.1 d eps32 (1 + u)^2, as in `screen_error`. A bfloat16 output rounds the sum v
+    by at most u |v|, and a candidate's |v| is at most the row's |screened best| + 3 `screen_error` (within twice
+    the worst-case error below the best, itself within it of float64's) plus the input error: near chance (random
+    rows, cosines about 0.1) this term is a tenth of the worst case's u."""
+    u = torch.finfo(dtype).eps / 2
+    worst = screen_error(dtype, d)
+    inputs = x_rounding + y_rounding + x_rounding * y_rounding + 1.1 * d * torch.finfo(torch.float32).eps * (1 + u) ** 2
+    output = u * (best.double().abs() + 3 * worst) if dtype != torch.float32 else torch.zeros_like(inputs)
+    return torch.clamp_max(2 * (inputs * (1 + u) + output), 2 * worst)
+
+
 class CosineSide:
-    """One side of retrieval: rows centred on their own mean and scaled to unit length (`unit_rows`, float64)
-    and the same rounded to the screening dtype. Prepare a side once to retrieve against it many times
-    (the reference language against every other)."""
+    """One side of retrieval: rows centred on their own mean and scaled to unit length (`unit_rows`, float64),
+    the same rounded to the screening dtype, and each row's rounding error |screen - unit| (`rounding`, float64
+    [..., n], for `screen_margins`). Prepare a side once to retrieve against it many times (the reference language
+    against every other)."""
 
     def __init__(self, x: torch.Tensor, dtype: torch.dtype | None = None):
         self.unit = unit_rows(x, True)
         self.screen = self.unit.to(dtype or _screen_dtype())
+        flat_unit, flat_screen = self.unit.reshape(-1, *self.unit.shape[-2:]), self.screen.reshape(-1, *self.unit.shape[-2:])
+        self.rounding = torch.stack([torch.linalg.vector_norm(s.double().sub_(u), dim=-1)  # a layer at a time: no float64 copy of all
+                                     for s, u in zip(flat_screen, flat_unit)]).reshape(self.unit.shape[:-1])
         self.shape = self.unit.shape
 
 
@@ -67,7 +91,7 @@ def nearest_translation(x, y) -> torch.Tensor:
     prepared once, and their leading dimensions broadcast. -1 where the largest similarity is shared by two
     rows of y (also where a centred row is zero: all its similarities are 0). The answer is float64's:
     similarities are screened at a lower precision in blocks of rows of x (a block x n matrix at a time),
-    every row of y within twice `screen_error` of a row's screened best is a candidate (no other can be the
+    every row of y within the row's `screen_margins` of its screened best is a candidate (no other can be the
     float64 best or tie with it), a row with one candidate is answered, and the candidates of the others
     are compared in float64.
     """
@@ -81,12 +105,14 @@ def nearest_translation(x, y) -> torch.Tensor:
     n, d = xs.shape[-2:]
     lead = torch.broadcast_shapes(xs.shape[:-2], ys.shape[:-2])
     flat = [side.expand(*lead, n, d).reshape(-1, n, d) for side in (xs.screen, xs.unit, ys.screen, ys.unit)]
-    margins = 2 * screen_error(xs.screen.dtype, d), 2 * screen_error(torch.float32, d)
+    x_rounding, y_largest = xs.rounding.expand(*lead, n).reshape(-1, n), ys.rounding.amax(-1).expand(lead).reshape(-1)
+    dtype, second = xs.screen.dtype, 2 * screen_error(torch.float32, d)
     out = torch.empty(flat[0].shape[0], n, dtype=torch.long)
     for k, (x_screen, x_unit, y_screen, y_unit) in enumerate(zip(*flat)):
-        y32 = y_unit.float() if xs.screen.dtype != torch.float32 else None  # a float32 screen goes on to float64
+        y32 = y_unit.float() if dtype != torch.float32 else None  # a float32 screen goes on to float64
         for start in range(0, n, _ROW_BLOCK):
             rows = slice(start, start + _ROW_BLOCK)
+            margins = partial(screen_margins, x_rounding=x_rounding[k, rows], y_rounding=y_largest[k], dtype=dtype, d=d), second
             out[k, rows] = _nearest_rows(x_screen[rows] @ y_screen.mT, x_unit[rows], y_unit, y32, margins)
     return out.reshape(*lead, n)
 
@@ -98,20 +124,21 @@ def _unique_best(similarities: torch.Tensor) -> torch.Tensor:
 
 
 def _nearest_rows(screened: torch.Tensor, x_unit: torch.Tensor, y_unit: torch.Tensor, y32: torch.Tensor | None,
-                  margins: tuple[float, float]) -> torch.Tensor:
+                  margins: tuple) -> torch.Tensor:
     """float64's nearest row of y (or -1 on a tie) for rows x_unit [r, d], from their screened similarities
-    [r, n] to y_unit [n, d] (within margins[0] / 2 of float64's): one candidate answers a row; a few are
-    compared pairwise in float64; more send the row to float32 (y32, margins[1]; None: a float32 screen),
-    then float64, whole rows."""
+    [r, n] to y_unit [n, d]: margins[0](best) gives each row's candidate margin from its screened best
+    (`screen_margins`); one candidate answers a row; a few are compared pairwise in float64; more send the
+    row to float32 (y32, the margin margins[1]; None: a float32 screen), then float64, whole rows."""
     top = screened.topk(min(_FEW, screened.shape[-1]), dim=-1)
-    values = top.values.float()
-    count = (values >= (values[:, :1] - margins[0])).sum(-1)  # candidates among the first _FEW
+    values = top.values.double()
+    floor = values[:, :1] - margins[0](values[:, 0])[:, None]  # the lowest screened value a candidate can have
+    count = (values >= floor).sum(-1)  # candidates among the first _FEW
     answer = top.indices[:, 0].clone()
     few = ((count > 1) & (count < top.indices.shape[-1])).nonzero().reshape(-1)
     if len(few):
         width = int(count[few].max())
         exact = (y_unit[top.indices[few, :width]] @ x_unit[few, :, None]).squeeze(-1)  # [rows, width] float64
-        exact[values[few, :width] < values[few, :1] - margins[0]] = -math.inf
+        exact[values[few, :width] < floor[few]] = -math.inf
         best = _unique_best(exact)
         answer[few] = torch.where(best >= 0, top.indices[few].gather(1, best.clamp_min(0)[:, None]).squeeze(1), -1)
     many = (count == top.indices.shape[-1]).nonzero().reshape(-1)
