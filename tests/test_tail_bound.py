@@ -81,6 +81,28 @@ def test_layers_decided_and_not_in_one_call():
             assert float(result.p_value[layer]) == float(alone.p_value)
 
 
+def test_permutations_are_drawn_only_where_a_cell_needs_them(monkeypatch):
+    """A test whose every cell the tail bound decides draws no permutation; one with an undecided cell draws them
+    once, and its numbers are those of the permutations drawn up front."""
+    from xlsub.similarity import permutation
+    from xlsub.similarity.cka import cka
+
+    n, d, n_perm = 1200, 32, 100
+    layers = [pair(n, d, s, 7) for s in (6.0, 0.0)]
+    groups = layers[0][2]
+    drawn = []
+    real = permutation.permutations
+    monkeypatch.setattr(permutation, "permutations", lambda *args: drawn.append(args) or real(*args))
+    decided = cka_permutation_test(layers[0][0], layers[0][1], n_perm, 3, "debiased", groups, tail_risk=0.005)
+    assert bool(decided.tail_bound) and drawn == []
+    mixed = cka_permutation_test(torch.stack([l[0] for l in layers]), torch.stack([l[1] for l in layers]), n_perm, 3, "debiased", groups,
+                                 tail_risk=0.005)
+    assert mixed.tail_bound.tolist() == [True, False] and len(drawn) == 1
+    perms = real(n, n_perm, 3, groups)
+    expected = torch.stack([cka(layers[1][0], layers[1][1][p], "debiased") for p in perms[:5]])
+    torch.testing.assert_close(mixed.null[1, :5], expected, rtol=1e-6, atol=0)  # the null in float32 products
+
+
 # -- translation retrieval: float32 similarities with float64 where the best two are close ------------------
 
 def float64_nearest(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

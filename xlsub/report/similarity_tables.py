@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,17 +119,17 @@ def _n_perm(model: str, counts: Counts) -> int:
     return counts.full if model == FULL_MODEL else counts.subnetworks if subnetwork_key(model) else counts.controls
 
 
-def _pairs(encodings, languages: Sequence[str], reference: str, subnetworks: bool = True, last: bool = False):
+def _pairs(encodings, languages: Sequence[str], reference: str, subnetworks: bool = True, last: bool | Callable[[str], bool] = False):
     """(model, language, reference vectors, language vectors) for every model that encoded the reference,
     in `_models` order, every other language in `languages` order; `subnetworks=False` keeps only the
-    full model and the controls; `last`: the last hidden states [n, d] alone (`last_layer`: read without
-    the other layers from an `EncodingStore`), not [layers+1, n, d]."""
+    full model and the controls; `last` (or `last(model)`): the last hidden states [n, d] alone
+    (`last_layer`: read without the other layers from an `EncodingStore`), not [layers+1, n, d]."""
     for model in _models(encodings, languages):
         reps = encodings[model]
         if reference not in reps or (not subnetworks and subnetwork_key(model) is not None):
             continue
         for lang in ordered([l for l in reps if l != reference], languages):
-            if last:
+            if last(model) if callable(last) else last:
                 yield model, lang, last_layer(reps, reference), last_layer(reps, lang)
             else:
                 yield model, lang, reps[reference], reps[lang]
@@ -149,19 +149,23 @@ def cka_pvalue_table(encodings, languages: Sequence[str], reference: str, kind: 
     groups = length_groups(lengths, reference)
     rows = []
     sides = {}  # per model, the reference's null sides (`null_sides`) for both nulls: computed once for all its languages
-    for model, lang, x, y in _pairs(with_length_only(encodings, lengths, reference, seed), languages, reference):
+    everything = with_length_only(encodings, lengths, reference, seed)
+    for model, lang, x, y in _pairs(everything, languages, reference, last=lambda model: model != FULL_MODEL):
         n_perm = _n_perm(model, counts)
-        layers = list(range(x.shape[0])) if model == FULL_MODEL else [x.shape[0] - 1]
+        if model == FULL_MODEL:
+            layers = list(range(x.shape[0]))
+        else:  # the last layer alone (read alone from a store)
+            layers, x, y = [layer_count(everything[model], reference) - 1], x[None], y[None]
         if model not in sides:
-            sides = {model: (null_sides(x[layers], kind, groups), None if groups is None else null_sides(x[-1:], kind))}
+            sides = {model: (null_sides(x, kind, groups), None if groups is None else null_sides(x[-1:], kind))}
         restricted, unrestricted = sides[model]
-        result = cka_permutation_test(x[layers], y[layers], n_perm, seed, kind, groups=groups, tail_risk=TAIL_RISK, stop_after=STOP_AFTER,
+        result = cka_permutation_test(x, y, n_perm, seed, kind, groups=groups, tail_risk=TAIL_RISK, stop_after=STOP_AFTER,
                                       reference=restricted)
         # the unrestricted null beside it at the last layer only: what a length confound looks like, at half the cost
         plain = result if groups is None else cka_permutation_test(x[-1:], y[-1:], n_perm, seed, kind, tail_risk=TAIL_RISK,
                                                                    stop_after=STOP_AFTER, reference=unrestricted)
         for i, layer in enumerate(layers):
-            unrestricted = float(plain.p_value[-1]) if layer == x.shape[0] - 1 else math.nan
+            unrestricted = float(plain.p_value[-1]) if i == len(layers) - 1 else math.nan
             rows.append({"model": model, "language": lang, "layer": layer, "cka": float(result.observed[i]),
                          "null_mean": float(result.null_mean[i]), "p_value": float(result.p_value[i]),
                          "p_unrestricted": float(plain.p_value[i]) if groups is None else unrestricted, "n_perm": n_perm,

@@ -38,7 +38,9 @@ is ~2.5x faster and with float32 products ~5x; the permutation test uses float32
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -599,7 +601,7 @@ def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, s
     if kind == "rbf":
         null_precision = "float64"  # the gram engine: no float32 products to speed up
     n = x.shape[-2]
-    perms = permutations(n, n_perm, seed, groups)
+    perms = functools.cache(lambda: permutations(n, n_perm, seed, groups))  # drawn when first needed: not where the tail bound decides all
     check_pair(x, y, kind)
     # each side prepared once (float64, every leading index): the observed CKA, the exact moments' summaries and the
     # self terms every later preparation of the null reuses (linear, debiased), instead of a d x d product each time
@@ -609,10 +611,10 @@ def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, s
     observed = prepared_cka(*states, kind)
     selves = None if kind == "rbf" else (states[0]["self"], states[1]["self"])
     if tail_risk is not None or stop_after:
-        return _sequential_test(x, y, perms, observed, kind, groups, engine, null_precision, sigma_frac, tail_risk, pilot, stop_after,
+        return _sequential_test(x, y, perms, n_perm, observed, kind, groups, engine, null_precision, sigma_frac, tail_risk, pilot, stop_after,
                                 reference, states)
     del states
-    null = _checked_null(x, y, perms, observed, kind, engine, null_precision, sigma_frac, selves)
+    null = _checked_null(x, y, perms(), observed, kind, engine, null_precision, sigma_frac, selves)
     return permutation_result(observed, null, cka_null_mean(x, y, kind, groups))
 
 
@@ -621,12 +623,12 @@ def cka_exceeds(null: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
     return null >= observed - TIE_RTOL * observed.abs()
 
 
-def _sequential_test(x, y, perms, observed, kind, groups, engine, null_precision, sigma_frac, tail_risk, pilot, stop_after,
-                     reference=None, states=None) -> PermutationResult:
+def _sequential_test(x, y, perms: Callable[[], torch.Tensor], n_perm: int, observed, kind, groups, engine, null_precision, sigma_frac,
+                     tail_risk, pilot, stop_after, reference=None, states=None) -> PermutationResult:
     """`cka_permutation_test` through `sequential_null`: the tail bound from the exact mean and sd (no
     permutation) and early stopping of clearly null indices; null_mean is the exact mean where a cell did not
-    run all permutations. `states`: x's and y's `prepare` (float64, every leading index), already computed."""
-    n_perm = len(perms)
+    run all permutations. `perms()`: the n_perm permutations, drawn at the first call. `states`: x's and y's
+    `prepare` (float64, every leading index), already computed."""
     lead = observed.shape
     states = states or (prepare(x, kind, sigma_frac), prepare(y, kind, sigma_frac))
     if tail_risk is not None:  # the exact mean, sd and weight bound from each side's summary (x's given or computed once)
@@ -643,7 +645,7 @@ def _sequential_test(x, y, perms, observed, kind, groups, engine, null_precision
     flat_observed = observed.reshape(-1)
 
     def compute(cells, start, stop):
-        return _checked_null(xs[cells], ys[cells], perms[start:stop], flat_observed[cells], kind, engine, null_precision, sigma_frac,
+        return _checked_null(xs[cells], ys[cells], perms()[start:stop], flat_observed[cells], kind, engine, null_precision, sigma_frac,
                              None if selves is None else (selves[0][cells], selves[1][cells]))
 
     done = sequential_null(compute, flat_observed, n_perm, cka_exceeds, pilot=pilot, tail_risk=tail_risk,
