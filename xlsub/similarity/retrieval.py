@@ -59,9 +59,10 @@ def screen_margins(best: torch.Tensor, x_rounding: torch.Tensor, y_rounding: tor
     |x^.y^ - x.y| <= |dx| + |dy| + |dx||dy|, where `x_rounding` [r] = |dx| of each row and `y_rounding` the largest
     |dy| of the candidates' side (typically half the roundoff u of the worst case, |dx| <= u). The float32
     accumulation adds at most 1.1 d eps32 (1 + u)^2, as in `screen_error`. A bfloat16 output rounds the sum v
-    by at most u |v|, and a candidate's |v| is at most the row's |screened best| + 3 `screen_error` (within twice
-    the worst-case error below the best, itself within it of float64's) plus the input error: near chance (random
-    rows, cosines about 0.1) this term is a tenth of the worst case's u."""
+    by at most u |v|: a candidate's screened value lies at most 2 `screen_error` below the row's screened best
+    (the margin never exceeds that), so |v| <= (|best| + 2 screen_error)(1 + 2u) <= |best| + 3 screen_error
+    (2u (1 + 3 screen_error) <= screen_error, as |best| <= 1 + screen_error and screen_error >= 3u). Near chance
+    (cosines about 0.1) this term is a tenth of the worst case's u."""
     u = torch.finfo(dtype).eps / 2
     worst = screen_error(dtype, d)
     inputs = x_rounding + y_rounding + x_rounding * y_rounding + 1.1 * d * torch.finfo(torch.float32).eps * (1 + u) ** 2
