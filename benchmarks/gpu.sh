@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# finetune (fp32, fp16, bf16), prune and encode at XLM-R base's size on one GPU:
-# steps/s, chunks/s, sentences/s and peak GPU memory. Without CUDA it says so and exits 0.
+# finetune (fp32, fp16, bf16), prune and encode at XLM-R base's size on one GPU: steps/s, chunks/s,
+# sentences/s, MFU and peak GPU memory; then analyze at the study's size on the GPU (scale.py --analyze-study
+# --device cuda, into benchmarks/results/analyze-study-cuda.json; XLSUB_GPU_ANALYZE=0 skips it).
+# Without CUDA it says so and exits 0.
 #   bash benchmarks/gpu.sh [--json results.json]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,4 +12,7 @@ if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     exit 0
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-exec "$PY" benchmarks/gpu.py --device cuda "$@"
+"$PY" benchmarks/gpu.py --device cuda "$@"
+if [ "${XLSUB_GPU_ANALYZE:-1}" != 0 ]; then
+    "$PY" benchmarks/scale.py --analyze-study --device cuda
+fi

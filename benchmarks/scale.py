@@ -166,7 +166,7 @@ def child_analyze(n: int, subnetworks: int, eager: bool, languages: int = 4, lay
         start = time.perf_counter()
         analyze(AnalysisInputs(languages=langs, encodings=encodings, tokens=tokens), cka_kind="debiased", layers=None,
                 cka_precision="float64", reference="en", counts=Counts(full=100, controls=100, subnetworks=20, length=50, power_draws=50),
-                bootstrap=100, permutations=100, resample_seed=0)
+                bootstrap=100, permutations=100, resample_seed=0, device="cpu")
         return time.perf_counter() - start
 
 
@@ -404,8 +404,10 @@ def study_neurons(langs, sids, losses, chunks: int, g: torch.Generator) -> dict:
 
 
 def analyze_defaults() -> dict:
-    """analyze's options at the analyze stage's defaults (`AnalyzeArgs`, their one declaration)."""
+    """analyze's options at the analyze stage's defaults (`AnalyzeArgs`, their one declaration); `device` resolved
+    as the stage resolves it (`auto`: CUDA where there is one)."""
     from entry_points.analyze import AnalyzeArgs
+    from xlsub.models.loading import resolve_device
     from xlsub.report.similarity_tables import Counts
 
     a = {f.name: f.default for f in dataclasses.fields(AnalyzeArgs)}
@@ -413,7 +415,8 @@ def analyze_defaults() -> dict:
             "cka_precision": a["cka_precision"], "reference": a["reference"], "bootstrap": a["bootstrap"],
             "permutations": a["permutations"], "resample_seed": a["resample_seed"],
             "counts": Counts(a["cka_permutations"], a["cka_permutations"], a["subnetwork_permutations"], a["length_permutations"],
-                             a["power_draws"])}
+                             a["power_draws"]),
+            "device": resolve_device(a["device"], float64=True)}
 
 
 # analyze's sections and the representation tables inside them, timed by wrapping the module attributes it calls
@@ -478,7 +481,9 @@ def analyze_study(fraction: float = 1.0, seeds: int = 1, profile: str | None = N
     inputs = dataclasses.replace(inputs, encodings=artifacts.read_encodings(Path(folder.name) / artifacts.ENCODINGS_DIR))
     options = analyze_defaults()
     if device is not None:
-        options["device"] = device
+        from xlsub.models.loading import resolve_device
+
+        options["device"] = resolve_device(device, float64=True)
     sections, peaks, entered = timed_sections()
     load_before = load_average()
     profiler = cProfile.Profile() if profile else None
@@ -486,6 +491,9 @@ def analyze_study(fraction: float = 1.0, seeds: int = 1, profile: str | None = N
     if profiler:
         profiler.enable()
     result = analyze(inputs, **options)
+    cuda = options["device"].startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize(options["device"])
     if profiler:
         profiler.disable()
         profiler.dump_stats(profile)
@@ -494,16 +502,19 @@ def analyze_study(fraction: float = 1.0, seeds: int = 1, profile: str | None = N
         "n": n, "fraction": fraction, "languages": len(inputs.languages), "layers": STUDY["layers"], "hidden": STUDY["hidden"],
         "models": len(inputs.encodings), "seeds": seeds, "stored": "float16", "counts": dataclasses.asdict(options["counts"]),
         "bootstrap": options["bootstrap"], "permutations": options["permutations"], "cka_kind": options["cka_kind"],
-        "device": device or "cpu", "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "device": options["device"], "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         "minutes": seconds / 60, "peak_gib": peak_rss_gib(), "encodings": "float16 safetensors read by artifacts.EncodingStore",
         "synthetic_generation_and_write_seconds": written, "encoding_loads": inputs.encodings.loads, "load_average_before": load_before, "load_average_after": load_average(),
         "sections_seconds": {k: round(v, 2) for k, v in sorted(sections.items(), key=lambda kv: -kv[1])},
         "peak_gib_raised_in": peaks, "resident_gib_on_entry": entered,
         "verdicts": len(result.verdicts), "tables": len(result.tables), "commit": git_commit(),
     }
+    if cuda:
+        measured["gpu"] = torch.cuda.get_device_name(options["device"])
+        measured["peak_gpu_gib"] = torch.cuda.max_memory_allocated(options["device"]) / 2**30
     print(f"measured analyze time at study scale: {measured['minutes']:.2f} min"
           + ("" if fraction == 1 else f" (n = {n}, fraction {fraction})"))
-    print(f"peak memory: {measured['peak_gib']:.2f} GiB")
+    print(f"peak memory: {measured['peak_gib']:.2f} GiB" + (f" (GPU: {measured['peak_gpu_gib']:.2f} GiB on {measured['gpu']})" if cuda else ""))
     print(f"{measured['threads']} threads; load average before {load_before}, after {measured['load_average_after']}; "
           f"encodings read {measured['encoding_loads']} times (generated and written beforehand in {written:.0f} s, not counted)")
     for name, value in measured["sections_seconds"].items():

@@ -20,9 +20,21 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from transformers import AutoConfig, AutoTokenizer
 
-from entry_points._common import COUNT, LANGUAGE, REPLICATES, SEED, StageArgs, optional_run_id_field, parse_args, run_id_field, split_items
+from entry_points._common import (
+    COUNT,
+    LANGUAGE,
+    REPLICATES,
+    SEED,
+    StageArgs,
+    device_field,
+    optional_run_id_field,
+    parse_args,
+    run_id_field,
+    split_items,
+)
 from xlsub import artifacts
 from xlsub.errors import Range
+from xlsub.models import loading as models
 from xlsub.models.families import adapter_for
 from xlsub.models.mlm import ChunkLosses
 from xlsub.report.analysis import AnalysisInputs, NeuronInputs, analyze
@@ -61,6 +73,7 @@ class AnalyzeArgs(StageArgs):
                                                             "range": COUNT})
     power_draws: int = field(default=50, metadata={"help": "planted draws per signal-to-noise level of the power analysis (CKA, RSA and retrieval; 99 permutations a draw, stopped early; a level whose side of power 0.8 is settled stops sooner)",
                                                    "range": COUNT})
+    device: str = device_field()
 
     @property
     def layer_list(self) -> list[int] | None:
@@ -140,6 +153,7 @@ def neuron_inputs(neurons: Run, work: Path) -> NeuronInputs:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(AnalyzeArgs, argv)
     with tracking.stage_run("analyze", args) as run:
+        device = models.resolve_device(args.device, float64=True)
         runs = lineage.resolve_inputs("analyze", args.params())
         lineage.tag_inputs(runs)
         with tempfile.TemporaryDirectory() as tmp:
@@ -149,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                              cka_precision=args.cka_precision, reference=args.reference, bootstrap=args.bootstrap,
                              permutations=args.permutations, resample_seed=args.resample_seed,
                              counts=Counts(args.cka_permutations, args.cka_permutations, args.subnetwork_permutations, args.length_permutations,
-                                           args.power_draws))
+                                           args.power_draws), device=device)
             title = f"xlsub analysis ({args.cka} CKA{', float32 products' if args.cka_precision == 'float32' else ''})"
             written = write_report(result, Path(tmp) / "out", {stage: r.info.run_id for stage, r in (runs | {"analyze": run}).items()},
                                    lineage.run_links(runs | {"analyze": run}), title=title)

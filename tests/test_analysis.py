@@ -52,7 +52,7 @@ TOKENS = {"en": [[1, 2, 3], [4, 5]], "de": [[1, 2, 9], [4, 4]], "zh": [[7, 8], [
 # `analyze` has no defaults of its own (the analyze stage's dataclass declares them); these tests were
 # written for linear CKA with these counts, and the other analysis tests share them
 OPTIONS = dict(cka_kind="linear", layers=None, cka_precision="float64", reference="en", bootstrap=1000, permutations=1000,
-               resample_seed=0, counts=Counts(full=1000, controls=1000, subnetworks=200, length=500, power_draws=10))
+               resample_seed=0, counts=Counts(full=1000, controls=1000, subnetworks=200, length=500, power_draws=10), device="cpu")
 
 
 def analyzed(given: AnalysisInputs, **options) -> AnalysisResult:

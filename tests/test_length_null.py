@@ -194,7 +194,7 @@ def test_without_lengths_the_analysis_notes_the_unrestricted_null():
 
     result = analyze(AnalysisInputs(languages=LANGS, encodings=encodings()), cka_kind="debiased", layers=None,
                      cka_precision="float64", reference="en", bootstrap=10, permutations=10, resample_seed=0,
-                     counts=Counts(10, 10, 10, 10, 10))
+                     counts=Counts(10, 10, 10, 10, 10), device="cpu")
     assert any("unrestricted null" in note for note in result.notes)
     assert (result.tables["retrieval_pvalue"]["null"] == UNRESTRICTED).all()
     assert isinstance(result.tables["rsa"], pd.DataFrame) and (result.tables["rsa"]["null"] == UNRESTRICTED).all()

@@ -61,7 +61,7 @@ def test_analyze_core_runs_streamed_and_eager_on_tiny_sizes(tmp_path):
     tokens = {lang: [list(range(k)) for k in range(6, 18)] for lang in langs}
     counts = Counts(full=20, controls=20, subnetworks=10, length=10, power_draws=10)
     options = dict(cka_kind="debiased", layers=None, cka_precision="float64", reference="en", counts=counts,
-                   bootstrap=20, permutations=20, resample_seed=0)
+                   bootstrap=20, permutations=20, resample_seed=0, device="cpu")
     metrics = [analyze(AnalysisInputs(languages=langs, encodings=e, tokens=tokens), **options).metrics for e in (store, eager)]
     assert metrics[0].keys() == metrics[1].keys() and "mean_cka_last_layer" in metrics[0]
     for name, value in metrics[0].items():
@@ -106,12 +106,15 @@ def test_study_inputs_have_the_studys_shape_on_tiny_sizes():
 
 
 def test_analyze_defaults_are_the_stages():
+    import torch
+
     from entry_points.analyze import AnalyzeArgs
 
     options, args = scale.analyze_defaults(), AnalyzeArgs()
     assert options["counts"].full == args.cka_permutations and options["counts"].subnetworks == args.subnetwork_permutations
     assert options["counts"].length == args.length_permutations and options["counts"].power_draws == args.power_draws
     assert (options["bootstrap"], options["permutations"], options["cka_kind"]) == (args.bootstrap, args.permutations, args.cka)
+    assert args.device == "auto" and options["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # never MPS: no float64
 
 
 def test_the_study_measurement_reads_its_synthetic_encodings_as_analyze_reads_a_real_run(tmp_path):

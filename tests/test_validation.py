@@ -102,6 +102,7 @@ BAD: dict[str, dict[str, list[str]]] = {
         "subnetwork_permutations": ["0"],
         "length_permutations": ["0"],
         "power_draws": ["0"],
+        "device": ["tpu", "cuda:"],
     },
     "neurons": {
         "finetune_run_id": RUN_ID_BAD,

@@ -412,10 +412,21 @@ def write_encodings(folder: Path, model_key: str, language: str, encodings: torc
     return path
 
 
-def read_encodings(root: Path, resident: int = 3) -> EncodingStore:
+def read_encodings(root: Path, resident: int = 3, device: torch.device | str = "cpu") -> EncodingStore:
     """{model key: {language: [layers+1, n, d]}} from a downloaded `encodings/` folder, read lazily
-    (`EncodingStore`): analyze's memory then does not grow with the number of models."""
-    return EncodingStore(root, resident)
+    (`EncodingStore`) onto `device`: analyze's memory then does not grow with the number of models."""
+    return EncodingStore(root, resident, device)
+
+
+def encodings_on(encodings: Mapping[str, Mapping[str, torch.Tensor]], device: torch.device | str) -> Mapping[str, Mapping[str, torch.Tensor]]:
+    """`encodings` ({model key: {language: tensor}}) with every tensor read onto `device`: an `EncodingStore`
+    reads its files there (and caches them there); another mapping's tensors are moved one at a time when
+    asked for (never all at once). On the CPU, `encodings` itself."""
+    if torch.device(device).type == "cpu" and not isinstance(encodings, EncodingStore):
+        return encodings
+    if isinstance(encodings, EncodingStore):
+        return encodings if encodings.device == torch.device(device) else EncodingStore(encodings.root, encodings.resident, device)
+    return _MovedModels(encodings, torch.device(device))
 
 
 class EncodingStore(Mapping):
@@ -430,9 +441,10 @@ class EncodingStore(Mapping):
     or caller), to check that.
     """
 
-    def __init__(self, root: str | Path, resident: int = 3):
+    def __init__(self, root: str | Path, resident: int = 3, device: torch.device | str = "cpu"):
         self.root = Path(root)
         self.resident = resident
+        self.device = torch.device(device)
         self._files = {key.name: {p.stem: p for p in sorted(key.glob("*.safetensors"))}
                        for key in sorted(self.root.iterdir()) if key.is_dir()} if self.root.is_dir() else {}
         self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
@@ -477,7 +489,7 @@ class EncodingStore(Mapping):
             return self._cache[key]
         while len(self._cache) >= max(self.resident, 1):
             self._cache.popitem(last=False)
-        tensor = load()
+        tensor = load().to(self.device)
         self.loads += 1
         size = tensor.numel() * tensor.element_size()
         self.live_bytes += size
@@ -511,6 +523,41 @@ class _StoredLanguages(Mapping):
         return len(self._files)
 
 
+class _MovedModels(Mapping):
+    """`encodings_on` of a mapping other than an `EncodingStore`: {model key: `_MovedLanguages`}."""
+
+    def __init__(self, encodings: Mapping[str, Mapping[str, torch.Tensor]], device: torch.device):
+        self._encodings, self._device = encodings, device
+
+    def __getitem__(self, model_key: str) -> Mapping[str, torch.Tensor]:
+        return _MovedLanguages(self._encodings[model_key], self._device)
+
+    def __iter__(self):
+        return iter(self._encodings)
+
+    def __len__(self) -> int:
+        return len(self._encodings)
+
+
+class _MovedLanguages(Mapping):
+    """One model key's {language: tensor}, each moved to the device when asked for."""
+
+    def __init__(self, languages: Mapping[str, torch.Tensor], device: torch.device):
+        self._languages, self._device = languages, device
+
+    def __getitem__(self, language: str) -> torch.Tensor:
+        return self._languages[language].to(self._device)
+
+    def __contains__(self, language) -> bool:
+        return language in self._languages
+
+    def __iter__(self):
+        return iter(self._languages)
+
+    def __len__(self) -> int:
+        return len(self._languages)
+
+
 def last_layer(reps: Mapping[str, torch.Tensor], language: str) -> torch.Tensor:
     """The last hidden state [n, d] of `reps[language]` ([layers+1, n, d]), one model's languages: read alone where
     they come from an `EncodingStore` (`EncodingStore.last_layer`), else indexed."""
@@ -518,6 +565,8 @@ def last_layer(reps: Mapping[str, torch.Tensor], language: str) -> torch.Tensor:
         if language not in reps:
             raise KeyError(language)
         return reps._store.last_layer(reps._key, language)
+    if isinstance(reps, _MovedLanguages):
+        return last_layer(reps._languages, language).to(reps._device)
     return reps[language][-1]
 
 
@@ -527,6 +576,8 @@ def layer_count(reps: Mapping[str, torch.Tensor], language: str) -> int:
         if language not in reps:
             raise KeyError(language)
         return reps._store.layers(reps._key, language)
+    if isinstance(reps, _MovedLanguages):
+        return layer_count(reps._languages, language)
     return reps[language].shape[0]
 
 

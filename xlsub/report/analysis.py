@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from xlsub.artifacts import FULL_MODEL, METRIC, RANDOM_MODEL, TABLE, SubnetworkId, group_by_language, language_metric, last_layer
+from xlsub.artifacts import FULL_MODEL, METRIC, RANDOM_MODEL, TABLE, SubnetworkId, encodings_on, group_by_language, language_metric, last_layer
 from xlsub.errors import XlsubError
 from xlsub.report import similarity_tables, tables, verdicts
 from xlsub.report.figures import CaptionedFigure, palette
@@ -471,7 +471,7 @@ def _neurons(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], c
 
 
 def analyze(inputs: AnalysisInputs, *, cka_kind: str, layers: Sequence[int] | None, cka_precision: str, reference: str,
-            bootstrap: int, permutations: int, resample_seed: int, counts: Counts) -> AnalysisResult:
+            bootstrap: int, permutations: int, resample_seed: int, counts: Counts, device: str) -> AnalysisResult:
     """Every analysis whose inputs are present: tables, figures, captions and metrics (see the module docstring).
 
     `cka_kind`: linear, debiased or rbf (`xlsub.similarity.cka`). `layers`: hidden-state indices (0 = embeddings) of the
@@ -480,9 +480,11 @@ def analyze(inputs: AnalysisInputs, *, cka_kind: str, layers: Sequence[int] | No
     token overlap compare every other language with; one of `inputs.languages`. `bootstrap`: replicates of
     the paired bootstrap over test chunks; `permutations`: permutations and random draws of the overlap
     tests; `resample_seed`: their generators' seed; `counts`: the permutation counts of the CKA, length and
-    Mantel tests (`xlsub.report.similarity_tables.Counts`). The verdicts come first in `result.verdicts`. None of these
-    has a default here: the analyze stage's parameters (`entry_points.analyze.AnalyzeArgs`) are their one
-    declaration.
+    Mantel tests (`xlsub.report.similarity_tables.Counts`); `device`: where the representation analyses compute
+    (`cpu`, `cuda`, `cuda:N`): the encodings are read onto it, every kernel works where its inputs are, and
+    permutations, subsamples and planted noise are drawn on the CPU (the same streams on every device) and moved
+    there. The verdicts come first in `result.verdicts`. None of these has a default here: the analyze stage's
+    parameters (`entry_points.analyze.AnalyzeArgs`) are their one declaration.
     """
     check_options(cka_kind, cka_precision)
     if not inputs.languages:
@@ -491,6 +493,7 @@ def analyze(inputs: AnalysisInputs, *, cka_kind: str, layers: Sequence[int] | No
     if reference not in langs:
         raise XlsubError(f"reference: '{reference}' is not among the analysed languages ({', '.join(langs)}); "
                          "pass one of them")
+    inputs = replace(inputs, encodings=encodings_on(inputs.encodings, device))
     result = AnalysisResult()
     seen = [*langs, *(sid.language for sid in inputs.masks), *inputs.tokens]
     colours = palette(tables.ordered(dict.fromkeys(seen), langs))

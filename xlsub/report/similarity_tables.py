@@ -86,12 +86,13 @@ def null_name(groups) -> str:
     return UNRESTRICTED if groups is None else LENGTH_RESTRICTED
 
 
-def length_only_encodings(lengths: Mapping[str, torch.Tensor], d: int, seed: int, layers: int = 1) -> dict[str, torch.Tensor]:
-    """The content-free length-only encoder (`length_only_representations`, seeded) on these token counts:
-    {lang: [layers, n, d]}, the same vectors at every index (it has no layers; `layers` lines it up with
-    a model's last layer)."""
+def length_only_encodings(lengths: Mapping[str, torch.Tensor], d: int, seed: int, layers: int = 1,
+                          device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The content-free length-only encoder (`length_only_representations`, seeded, drawn on the CPU) on these token
+    counts: {lang: [layers, n, d]} on `device`, the same vectors at every index (it has no layers; `layers` lines it
+    up with a model's last layer)."""
     content_free = length_only_representations({l: lengths[l].long().tolist() for l in lengths}, d, seed)
-    return {lang: reps.expand(layers, *reps.shape) for lang, reps in content_free.items()}
+    return {lang: reps.to(device).expand(layers, *reps.shape) for lang, reps in content_free.items()}
 
 
 def with_length_only(encodings, lengths: Mapping[str, torch.Tensor] | None, reference: str, seed: int):
@@ -101,8 +102,8 @@ def with_length_only(encodings, lengths: Mapping[str, torch.Tensor] | None, refe
     full = encodings.get(FULL_MODEL, {})
     if length_groups(lengths, reference) is None or reference not in full:
         return encodings
-    layers, _, d = full[reference].shape
-    return {**encodings, LENGTH_ONLY: length_only_encodings(lengths, d, seed, layers)}
+    vectors = full[reference]
+    return {**encodings, LENGTH_ONLY: length_only_encodings(lengths, vectors.shape[-1], seed, vectors.shape[0], vectors.device)}
 
 
 def _models(encodings: Mapping[str, Mapping[str, torch.Tensor]], languages: Sequence[str]) -> list[str]:
@@ -270,7 +271,7 @@ def cka_interval_tables(encodings, languages: Sequence[str], reference: str, kin
               for lang in langs}
     out = {}
     for table_id, pick in ((TABLE.cka_vs_reference_lo, lambda i: i.lo), (TABLE.cka_vs_reference_hi, lambda i: i.hi)):
-        table = pd.DataFrame({lang: pick(bounds[lang]).numpy() for lang in langs}).T
+        table = pd.DataFrame({lang: pick(bounds[lang]).cpu().numpy() for lang in langs}).T
         table.index.name, table.columns.name = "language", "layer"
         out[table_id] = table
     return out
@@ -288,7 +289,7 @@ def retrieval_table(encodings, languages: Sequence[str], reference: str,
         if side is None or side[0] != model:  # the reference's unit rows, once per model
             side = model, CosineSide(x)
         found = nearest_translation(y, side[1])  # [layers, n]
-        rows[model, lang] = (found == torch.arange(found.shape[-1])).double().mean(-1).numpy()
+        rows[model, lang] = (found == torch.arange(found.shape[-1], device=found.device)).double().mean(-1).cpu().numpy()
         if nearest is not None:
             nearest[model, lang] = found[-1].clone()
     table = pd.DataFrame(rows).T
@@ -400,7 +401,7 @@ def power_table(base: torch.Tensor, lengths: Mapping[str, torch.Tensor] | None, 
     controls = {}
     if groups is not None and other is not None:
         counts = {l: lengths[l].long().sub(2).clamp(min=0) for l in (reference, other)}  # the encoder adds <s>, </s>
-        controls = power.length_only_power(counts, base.shape[-1], groups, draws, seed, kind, n_perm=n_perm)
+        controls = power.length_only_power(counts, base.shape[-1], groups, draws, seed, kind, n_perm=n_perm, device=base.device)
     for name in power.MEASURES:
         levels, limits[name] = power.power_curve(name, base, groups, draws, seed, kind, n_perm, bracket, bisections)
         rows += [row(name, level) for level in levels]

@@ -356,7 +356,8 @@ def pair_cka(x: torch.Tensor, y: torch.Tensor, kind: str = "linear", precision: 
 
 def _layer_table(rows: Mapping, index_names: Sequence[str]) -> pd.DataFrame:
     """{row key: per-layer values} -> rows x layers (0 = embeddings)."""
-    table = pd.DataFrame({key: pd.Series(np.asarray(values, dtype=float)) for key, values in rows.items()}).T
+    table = pd.DataFrame({key: pd.Series(np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values, dtype=float))
+                          for key, values in rows.items()}).T
     if len(index_names) > 1:
         table.index = pd.MultiIndex.from_tuples(list(rows), names=list(index_names))
     else:
@@ -410,7 +411,7 @@ def cka_reference_tables(encodings: Mapping[str, Mapping[str, torch.Tensor]], la
 
 def cka_pairs_table(matrix: torch.Tensor, langs: Sequence[str], layers: Sequence[int]) -> pd.DataFrame:
     """All-pairs CKA at the chosen layers (`cka_pairs`): (layer, language) x language."""
-    blocks = [pd.DataFrame(matrix[layer].numpy(), index=pd.Index(langs, name="language"), columns=list(langs))
+    blocks = [pd.DataFrame(matrix[layer].cpu().numpy(), index=pd.Index(langs, name="language"), columns=list(langs))
               for layer in layers]
     table = pd.concat(blocks, keys=list(layers), names=["layer", "language"])
     table.columns.name = "language"
@@ -437,8 +438,8 @@ def cka_pairs_interval_tables(encodings: Mapping[str, Mapping[str, torch.Tensor]
             interval = jackknife_bounds(ratio(pair[0].kept, pair[0].kept, pair[0].kept), ratio(pair[0].whole, pair[0].whole, pair[0].whole))
         else:
             interval = cka_jackknife_interval(x, y, kind, blocks, selves=pair)
-        lo[:, i, j] = lo[:, j, i] = interval.lo
-        hi[:, i, j] = hi[:, j, i] = interval.hi
+        lo[:, i, j] = lo[:, j, i] = interval.lo.cpu()
+        hi[:, i, j] = hi[:, j, i] = interval.hi.cpu()
     return {table_id: cka_pairs_table(dict(zip(layers, bound)), langs, layers) for table_id, bound in ((TABLE.cka_pairs_lo, lo), (TABLE.cka_pairs_hi, hi))}
 
 

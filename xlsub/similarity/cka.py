@@ -145,7 +145,7 @@ def _rbf_gram(xc: torch.Tensor, sigma_frac: float) -> tuple[torch.Tensor, torch.
     sq_norms = kernel.diagonal(dim1=-2, dim2=-1).clone()
     kernel.mul_(-2).add_(sq_norms[..., :, None]).add_(sq_norms[..., None, :]).clamp_min_(0)
     kernel.diagonal(dim1=-2, dim2=-1).zero_()
-    upper = torch.ones(n, n, dtype=torch.bool).triu_(1)
+    upper = torch.ones(n, n, dtype=torch.bool, device=xc.device).triu_(1)
     sigma = sigma_frac * _median(kernel[..., upper].sqrt_())
     undefined = sigma <= 0
     sigma = torch.where(undefined, 1.0, sigma)
@@ -314,7 +314,7 @@ def cka_matrix(reps: Mapping[str, torch.Tensor], kind: str = "linear", *,
 
     per_index = sum(8 * n * (n if kind == "rbf" else x.shape[-1]) for x in flat.values())
     chunk = max(1, _CHUNK_BYTES // per_index)
-    out = torch.empty(batch, k, k, dtype=torch.float64)
+    out = torch.empty(batch, k, k, dtype=torch.float64, device=first.device)
     for start in range(0, batch, chunk):
         part = slice(start, start + chunk)
         known = {lang: None if selves is None or kind == "rbf" else selves[lang].reshape(-1)[part] for lang in langs}
@@ -344,6 +344,7 @@ def shuffled_pairs_cka(x: torch.Tensor, y: torch.Tensor, seed: int, kind: str = 
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     partner = torch.empty(n, dtype=torch.long)
     partner[order] = order.roll(-1)  # order[i] -> order[i+1]: one cycle through all n, no fixed point
+    partner = partner.to(y.device)
     if selves is None or kind == "rbf":
         return cka(x, y[..., partner, :], kind, sigma_frac=sigma_frac, precision=precision)
     check_pair(x, y, kind, precision)

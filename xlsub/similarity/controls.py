@@ -61,10 +61,10 @@ def planted_representations(base: torch.Tensor, languages: Sequence[str], snr: f
     for lang in languages:
         generator = _language_generator(seed, lang)
         if rotate:
-            rotation = random_rotation(base.shape[1], generator)
+            rotation = random_rotation(base.shape[1], generator).to(base.device)
         else:  # the rotation's draws are skipped in the stream (no QR), so the noise is the same either way
             torch.randn(base.shape[1], base.shape[1], generator=generator, dtype=torch.float64)
-        noise = torch.randn(base.shape, generator=generator, dtype=torch.float64)
+        noise = torch.randn(base.shape, generator=generator, dtype=torch.float64).to(base.device)  # CPU streams on every device
         out[lang] = signal_w * (base @ rotation if rotate else base) + noise_w * noise
     return out
 

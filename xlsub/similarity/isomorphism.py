@@ -69,7 +69,7 @@ def _laplacian(sim: torch.Tensor, k: int) -> scipy.sparse.csr_matrix:
     if not 1 <= k < n:
         raise XlsubError(f"knn graph: k must be between 1 and the number of sentences - 1 ({n - 1}), got {k}")
     sim.fill_diagonal_(-math.inf)
-    neighbours = sim.topk(k, dim=1).indices.numpy()
+    neighbours = sim.topk(k, dim=1).indices.cpu().numpy()
     rows = np.repeat(np.arange(n), k)
     directed = scipy.sparse.csr_matrix((np.ones(n * k), (rows, neighbours.reshape(-1))), shape=(n, n))
     adjacency = ((directed + directed.T) > 0).astype(np.float64)  # either direction: one unweighted edge
@@ -152,6 +152,7 @@ def subsample_spectra(x: torch.Tensor, subsets: torch.Tensor, k: int = 10, top: 
     gram = symmetric_products(x64)
 
     def spectrum(index: torch.Tensor) -> torch.Tensor:
+        index = index.to(gram.device)
         return _spectrum(_laplacian(_gram_cosines_(gram[index[:, None], index], centre), min(k, len(index) - 1)), top)
 
     return torch.stack(side_by_side(spectrum, subsets))

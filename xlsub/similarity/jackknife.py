@@ -58,10 +58,10 @@ def _moments(u: torch.Tensor, v: torch.Tensor, blocks: list[torch.Tensor]) -> di
     the other sums are each one pass over the rows by block label.
     """
     count, n = len(blocks), u.shape[-2]
-    labels = torch.empty(n, dtype=torch.long)
+    labels = torch.empty(n, dtype=torch.long, device=u.device)
     for b, index in enumerate(blocks):
         labels[index] = b
-    a = torch.empty(*u.shape[:-2], count, u.shape[-1], v.shape[-1], dtype=torch.promote_types(u.dtype, v.dtype))
+    a = torch.empty(*u.shape[:-2], count, u.shape[-1], v.shape[-1], dtype=torch.promote_types(u.dtype, v.dtype), device=u.device)
     for b, index in enumerate(blocks):
         torch.matmul(u[..., index, :].mT, v[..., index, :], out=a[..., b, :, :])
     ru, rv = u.square().sum(-1), v.square().sum(-1)
@@ -73,7 +73,7 @@ def _moments(u: torch.Tensor, v: torch.Tensor, blocks: list[torch.Tensor]) -> di
 
     return {"A": a, "su": by_block(u, -2), "sv": by_block(v, -2), "qu": by_block(ru, -1), "qv": by_block(rv, -1),
             "wu": by_block(u * rv[..., None], -2), "wv": by_block(v * ru[..., None], -2), "m": by_block(ru * rv, -1),
-            "n": torch.tensor([float(len(index)) for index in blocks], dtype=torch.float64)}
+            "n": torch.tensor([float(len(index)) for index in blocks], dtype=torch.float64, device=u.device)}
 
 
 def _hsic_from_moments(t: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
@@ -112,7 +112,7 @@ def leave_block_out_self(x: torch.Tensor, blocks: torch.Tensor, kind: str = "deb
     check_options(kind)
     if kind == "rbf":
         raise ValueError("leave_block_out_self: linear or debiased CKA (rbf's bandwidth depends on the rows kept)")
-    blocks = torch.as_tensor(blocks, dtype=torch.long)
+    blocks = torch.as_tensor(blocks, dtype=torch.long).to(x.device)
     if x.dim() > 2:
         parts = [leave_block_out_self(a, blocks, kind) for a in x.reshape(-1, *x.shape[-2:])]
         return BlockHsic(*(torch.stack(values).reshape(*x.shape[:-2], *values[0].shape) for values in zip(*parts)))
@@ -170,7 +170,7 @@ def _leave_block_out(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor, kin
                      selves: tuple[BlockHsic, BlockHsic] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(leave-one-block-out CKA [..., B], CKA on all examples [...] from the same sums; None for rbf)."""
     check_options(kind)
-    blocks = torch.as_tensor(blocks, dtype=torch.long)
+    blocks = torch.as_tensor(blocks, dtype=torch.long).to(x.device)
     count = int(blocks.max()) + 1
     if x.dim() > 2:
         # one layer at a time: the per-block d1 x d2 moments of all 13 layers at d=768 would take ~4 GB
@@ -214,10 +214,10 @@ def leave_block_out_above_chance(x: torch.Tensor, y: torch.Tensor, blocks: torch
     from xlsub.similarity.permutation import cka_null_mean  # permutation builds on this module's neighbours
 
     check_options(kind)
-    blocks = torch.as_tensor(blocks, dtype=torch.long)
+    blocks = torch.as_tensor(blocks, dtype=torch.long).to(x.device)
     count = int(blocks.max()) + 1
     n = x.shape[-2]
-    codes = moments.group_codes(groups, n)[0]
+    codes = moments.group_codes(groups, n, x.device)[0]
     if kind == "rbf":
         return torch.stack([cka(x[blocks != b], y[blocks != b], kind) - cka_null_mean(x[blocks != b], y[blocks != b], kind, codes[blocks != b])
                             for b in range(count)])
@@ -228,9 +228,10 @@ def leave_block_out_above_chance(x: torch.Tensor, y: torch.Tensor, blocks: torch
     def kept_sums(v: torch.Tensor):
         """Per block b, per group: the count, sum |v_i - mu_b|^2 and sum (v_i - mu_b) over the kept rows, mu_b their mean."""
         vc = centre(v)[0]
-        size = torch.zeros(cells, dtype=torch.float64).index_add_(0, cell, torch.ones(n, dtype=torch.float64)).reshape(count, -1)
-        sq = torch.zeros(cells, dtype=torch.float64).index_add_(0, cell, vc.square().sum(-1)).reshape(count, -1)
-        sums = torch.zeros(cells, vc.shape[-1], dtype=torch.float64).index_add_(0, cell, vc).reshape(count, -1, vc.shape[-1])
+        on = {"dtype": torch.float64, "device": vc.device}
+        size = torch.zeros(cells, **on).index_add_(0, cell, torch.ones(n, **on)).reshape(count, -1)
+        sq = torch.zeros(cells, **on).index_add_(0, cell, vc.square().sum(-1)).reshape(count, -1)
+        sums = torch.zeros(cells, vc.shape[-1], **on).index_add_(0, cell, vc).reshape(count, -1, vc.shape[-1])
         size, sq, sums = size.sum(0) - size, sq.sum(0) - sq, sums.sum(0) - sums  # [B, G], [B, G], [B, G, d]
         kept = size.sum(-1)  # [B]
         mu = sums.sum(1) / kept[:, None]  # [B, d]

@@ -69,15 +69,15 @@ class Summary:
     top: torch.Tensor
 
 
-def group_codes(groups, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels 0..G-1 per row (one group without `groups`) and the group sizes [G] (float64)."""
+def group_codes(groups, n: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels 0..G-1 per row (one group without `groups`) and the group sizes [G] (float64), on `device`."""
     if groups is None:
         codes = torch.zeros(n, dtype=torch.long)
     else:
         codes = torch.unique(torch.as_tensor(np.asarray(groups)).reshape(-1), return_inverse=True)[1]
         if codes.numel() != n:
             raise ValueError(f"groups has {codes.numel()} labels for {n} examples")
-    return codes, torch.bincount(codes).double()
+    return codes.to(device), torch.bincount(codes).double().to(device)
 
 
 def _top(block: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ def _summary(u: torch.Tensor, codes: torch.Tensor, sizes: torch.Tensor, within_s
     over its block, diagonal included (`within_sq` [G])."""
     count = len(sizes)
     diagonal = u[:, 0]
-    r = u[torch.arange(len(codes)), 1 + codes] - diagonal  # within-group off-diagonal row sums
+    r = u[torch.arange(len(codes), device=u.device), 1 + codes] - diagonal  # within-group off-diagonal row sums
     order = torch.argsort(codes, stable=True)
     gram = torch.stack([part.mT @ part for part in torch.split(u[order], sizes.long().tolist())])
     sums = u.new_zeros(count, u.shape[1]).index_add_(0, codes, u)
@@ -114,7 +114,7 @@ def feature_summary(xc: torch.Tensor, groups=None) -> Summary:
     """`Summary` of K = XX' for features xc [n, d] centred over the examples, without an n x n matrix."""
     xc = xc.double()
     n, d = xc.shape
-    codes, sizes = group_codes(groups, n)
+    codes, sizes = group_codes(groups, n, xc.device)
     count = len(sizes)
     group_sums = xc.new_zeros(count, d).index_add_(0, codes, xc)  # s_h
     u = torch.cat([xc.square().sum(-1, keepdim=True), xc @ group_sums.mT], dim=1)
@@ -140,10 +140,10 @@ def gram_summary(k: torch.Tensor, groups=None) -> Summary:
     or float32 holding exact values), read a tile of rows at a time in float64: no n x n temporary (two of
     200 MB at n = 5,000 for the squares and a float64 copy)."""
     n = k.shape[-1]
-    codes, sizes = group_codes(groups, n)
+    codes, sizes = group_codes(groups, n, k.device)
     count = len(sizes)
-    sums = torch.zeros(n, count, dtype=torch.float64)  # k_ih
-    row_squares = torch.zeros(n, count, dtype=torch.float64)  # sum_{j in h} k_ij^2
+    sums = torch.zeros(n, count, dtype=torch.float64, device=k.device)  # k_ih
+    row_squares = torch.zeros(n, count, dtype=torch.float64, device=k.device)  # sum_{j in h} k_ij^2
     rows = max(1, _TILE_BYTES // (8 * n))
     for start in range(0, n, rows):
         tile = k[start:start + rows].to(torch.float64, copy=True)  # squared in place below
@@ -183,7 +183,7 @@ def variance(a: Summary, b: Summary, lam: float = 0.0) -> torch.Tensor:
     count = len(m)
     weights = torch.cat([m.new_tensor([1.0 + lam]), 2.0 / m])
     d = weights.expand(count, count + 1).clone()
-    d[torch.arange(count), 1 + torch.arange(count)] = 0.0  # the group's own column: inside Q, not Lin
+    d[torch.arange(count, device=m.device), 1 + torch.arange(count, device=m.device)] = 0.0  # the group's own column: inside Q, not Lin
     total = (a.sums * d * b.sums).sum(-1)  # 1'C1
     db, da = d * b.sums, d * a.sums
     row_sq = torch.einsum("gk,gkl,gl->g", db, a.gram, db)  # |C1|^2

@@ -192,10 +192,10 @@ def permuted_gram_cross(k: torch.Tensor, l: torch.Tensor, perms: torch.Tensor) -
 
     float32 K and L (half the memory traffic of the two gathers, which bound the time) are multiplied
     in float32 and summed in float64."""
-    flat = k.reshape(-1)
+    flat, perms = k.reshape(-1), perms.to(k.device)
     rows, both = torch.empty_like(l), torch.empty_like(l)  # reused: see `_feature_cross`
     products = torch.empty_like(flat) if flat.dtype != torch.float64 else None
-    out = torch.empty(len(perms), dtype=torch.float64)
+    out = torch.empty(len(perms), dtype=torch.float64, device=k.device)
     for i, p in enumerate(perms):
         torch.index_select(torch.index_select(l, 0, p, out=rows), 1, p, out=both)
         if products is None:
@@ -208,7 +208,7 @@ def permuted_gram_cross(k: torch.Tensor, l: torch.Tensor, perms: torch.Tensor) -
 def _feature_cross(xc: torch.Tensor, yc: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
     """||Y_p' X||_F^2 for each permutation p, [P], for centred xc [n, d1], yc [n, d2] (float64 or float32), from
     `permuted_products`."""
-    out = torch.empty(len(perms), dtype=torch.float64)
+    out = torch.empty(len(perms), dtype=torch.float64, device=xc.device)
     for start, products in permuted_products(xc, yc, perms):
         out[start:start + len(products)] = frob(products).square()
     return out
@@ -227,12 +227,12 @@ def permuted_products(xc: torch.Tensor, zc: torch.Tensor, perms: torch.Tensor):
     products hold until the next block is asked for: a caller that keeps them copies them.
     """
     n, d1 = xc.shape
-    d2 = zc.shape[1]
+    d2, perms = zc.shape[1], perms.to(zc.device)
     per_perm = n * d2 * zc.element_size() + d1 * d2 * (8 + zc.element_size())
     block = max(1, min(len(perms), _BLOCK_BYTES // per_perm))
-    gathered = torch.empty(n * block, d2, dtype=zc.dtype)
-    product = torch.empty(block * d2, d1, dtype=torch.float64)
-    partial = None if zc.dtype == torch.float64 else torch.empty(block * d2, d1, dtype=zc.dtype)
+    gathered = torch.empty(n * block, d2, dtype=zc.dtype, device=zc.device)
+    product = torch.empty(block * d2, d1, dtype=torch.float64, device=zc.device)
+    partial = None if zc.dtype == torch.float64 else torch.empty(block * d2, d1, dtype=zc.dtype, device=zc.device)
     for start in range(0, len(perms), block):
         chunk = perms[start:start + block]
         b = len(chunk)
@@ -281,7 +281,7 @@ def permuted_cka(x: torch.Tensor, y: torch.Tensor, perms: torch.Tensor, kind: st
     if engine == "gram" and precision != "float64":
         precision = "float64"  # the gather, not the arithmetic, is what the gram engine spends its time on
     xs, ys = x.reshape(-1, n, d1), y.reshape(-1, n, d2)
-    out = torch.empty(xs.shape[0], len(perms), dtype=torch.float64)
+    out = torch.empty(xs.shape[0], len(perms), dtype=torch.float64, device=x.device)
     known = [None, None] if selves is None or kind == "rbf" else [one.reshape(-1) for one in selves]
     for index in tqdm(range(xs.shape[0]), desc="permutations", leave=False, disable=None):
         a = prepare(xs[index], kind, sigma_frac, precision, None if known[0] is None else known[0][index])
@@ -299,6 +299,7 @@ def null_engine(kind: str, n: int, d1: int, d2: int, engine: str = "auto", preci
 def prepared_null(a: dict, b: dict, perms: torch.Tensor, kind: str, engine: str) -> torch.Tensor:
     """`permuted_cka` of two representations already `prepare`d (in the precision `null_engine` gives), [P]: a
     caller testing one pair on several blocks of permutations prepares it once."""
+    perms = perms.to(a["self"].device)
     if kind == "rbf":
         cross = permuted_gram_cross(a["kc"], b["kc"], perms)
     else:
@@ -329,7 +330,7 @@ def cka_null_mean(x: torch.Tensor, y: torch.Tensor, kind: str = "debiased", grou
     """
     check_options(kind)
     n = x.shape[-2]
-    codes, sizes = moments.group_codes(groups, n)  # one group without `groups`
+    codes, sizes = moments.group_codes(groups, n, x.device)  # one group without `groups`
 
     def group_sum(values: torch.Tensor, dim: int) -> torch.Tensor:
         shape = list(values.shape)
@@ -422,7 +423,7 @@ def cka_null_moments_many(x: torch.Tensor, ys: torch.Tensor, kind: str = "debias
     x's statistics computed once: (mean, sd, weight), each [m]."""
     reference = null_sides(x, kind, groups)[0]
     out = [pair_null_moments(reference, null_sides(y, kind, groups)[0], kind, x.shape[-2]) for y in ys]
-    return tuple(torch.stack(out).mT) if out else (torch.empty(0, dtype=torch.float64),) * 3
+    return tuple(torch.stack(out).mT) if out else (torch.empty(0, dtype=torch.float64, device=x.device),) * 3
 
 
 def tail_bound_decided(observed: torch.Tensor, exact_mean: torch.Tensor | None, pilot: torch.Tensor, n_perm: int,
@@ -464,7 +465,7 @@ def tail_bound_decided(observed: torch.Tensor, exact_mean: torch.Tensor | None, 
     if exact_sd is not None and exact_mean is not None:
         sd = exact_sd
     elif m < 3:
-        return torch.zeros(observed.shape, dtype=torch.bool)
+        return torch.zeros(observed.shape, dtype=torch.bool, device=observed.device)
     else:
         s = pilot.std(-1)
         sd = s * math.sqrt((m - 1) / float(stats.chi2.ppf(sd_risk, m - 1)))
@@ -472,7 +473,7 @@ def tail_bound_decided(observed: torch.Tensor, exact_mean: torch.Tensor | None, 
             exact_mean = pilot.mean(-1) + float(stats.t.ppf(1 - sd_risk, m - 1)) * s / math.sqrt(m)
     z = (observed - exact_mean) / sd
     reached = (pilot >= (observed - TIE_RTOL * observed.abs())[..., None]).any(-1)
-    tail = torch.as_tensor(stats.chi2.sf((1 + math.sqrt(2) * z.clamp_min(0)).numpy(), 1), dtype=torch.float64).reshape(z.shape)
+    tail = torch.as_tensor(stats.chi2.sf((1 + math.sqrt(2) * z.clamp_min(0)).cpu().numpy(), 1), dtype=torch.float64, device=z.device).reshape(z.shape)
     # the most a permutation may reach the observed value with: risk / n_perm (a union bound) for any of them; for
     # `exceedances` of them, the q with P(Binomial(n_perm, q) >= exceedances) = risk
     per_perm = risk / n_perm if exceedances == 1 else optimize.brentq(lambda q: stats.binom.sf(exceedances - 1, n_perm, q) - risk, 0.0, 1.0)
@@ -516,13 +517,13 @@ def sequential_null(compute, observed: torch.Tensor, n_perm: int, exceeds, *, pi
       (`used` 0), and the stages are 2 `stop_after`, `pilot`, `stop_after` / `stop_p`, n_perm, so that clearly
       null cells stop after about 2h permutations.
     Every other cell runs all n_perm permutations: p = (1 + #exceeding) / (1 + n_perm), the full test's."""
-    m = observed.numel()
-    null = torch.full((m, n_perm), math.nan, dtype=torch.float64)
-    p = torch.full((m,), math.nan, dtype=torch.float64)
-    used = torch.full((m,), n_perm, dtype=torch.long)
-    tail = torch.zeros(m, dtype=torch.bool)
-    stopped = torch.zeros(m, dtype=torch.bool)
-    active = torch.ones(m, dtype=torch.bool)
+    m, on = observed.numel(), {"device": observed.device}
+    null = torch.full((m, n_perm), math.nan, dtype=torch.float64, **on)
+    p = torch.full((m,), math.nan, dtype=torch.float64, **on)
+    used = torch.full((m,), n_perm, dtype=torch.long, **on)
+    tail = torch.zeros(m, dtype=torch.bool, **on)
+    stopped = torch.zeros(m, dtype=torch.bool, **on)
+    active = torch.ones(m, dtype=torch.bool, **on)
     horizon = min(n_perm, math.floor(stop_after / stop_p)) if stop_after else 0
     exact = tail_risk is not None and exact_sd is not None and exact_mean is not None
     first = 2 * stop_after if exact and stop_after else 0
@@ -663,7 +664,7 @@ def _sequential_test(x, y, perms: Callable[[], torch.Tensor], n_perm: int, obser
 def _checked_null(x, y, perms, observed, kind, engine, null_precision, sigma_frac, selves=None) -> torch.Tensor:
     """`permuted_cka` in `null_precision`, values within `FLOAT32_RECHECK` of `observed` recomputed in float64
     (`selves`: x's and y's self terms, as `permuted_cka` takes them)."""
-    n_perm = len(perms)
+    n_perm, perms = len(perms), perms.to(x.device)
     null = permuted_cka(x, y, perms, kind, engine=engine, precision=null_precision, sigma_frac=sigma_frac, selves=selves)
     if null_precision == "float32":
         near = (null - observed[..., None]).abs() <= FLOAT32_RECHECK * observed.abs()[..., None]
@@ -686,8 +687,8 @@ def residualize(x: torch.Tensor, covariates) -> torch.Tensor:
     residuals, cka(residualize(x, lengths), residualize(y, lengths)).
     """
     n = x.shape[-2]
-    z = torch.as_tensor(np.asarray(covariates, dtype=np.float64)).reshape(n, -1)
-    design = torch.cat([torch.ones(n, 1, dtype=torch.float64), z], dim=1)
+    z = torch.as_tensor(np.asarray(covariates, dtype=np.float64), device=x.device).reshape(n, -1)
+    design = torch.cat([torch.ones(n, 1, dtype=torch.float64, device=x.device), z], dim=1)
     u, s, _ = torch.linalg.svd(design, full_matrices=False)
     q = u[:, s > s[0] * max(design.shape) * torch.finfo(torch.float64).eps]
     x = x.to(torch.float64)

@@ -118,13 +118,13 @@ def sequential_test(extreme: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     n_perm, h = len(perms), stop_count(len(perms), alpha)
     exceed = torch.zeros(m, dtype=torch.long)
     used = torch.zeros(m, dtype=torch.long)
-    skip = torch.zeros(m, dtype=torch.bool) if decided is None or 1.0 / (n_perm + 1) >= alpha else decided
+    skip = torch.zeros(m, dtype=torch.bool) if decided is None or 1.0 / (n_perm + 1) >= alpha else decided.cpu()
     active = torch.arange(m)[~skip] if h > 0 else torch.arange(0)
     for start in range(0, n_perm, batch):
         if not len(active):
             break
         block = perms[start:start + batch]
-        running = exceed[active, None] + torch.as_tensor(extreme(active, block)).long().cumsum(-1)
+        running = exceed[active, None] + torch.as_tensor(extreme(active, block)).cpu().long().cumsum(-1)
         reached = running >= h
         stops = reached.any(-1)
         used[active] = torch.where(stops, start + 1 + reached.long().argmax(-1), start + len(block))
@@ -168,7 +168,7 @@ def cka_extreme(xs: torch.Tensor, ys: torch.Tensor, kind: str = "debiased", tail
             values.append(prepared_cka(a, b, kind))
             selves.append((a["self"], b["self"]))
         del first
-        observed = torch.stack(values) if values else torch.empty(0, dtype=torch.float64)
+        observed = torch.stack(values) if values else torch.empty(0, dtype=torch.float64, device=xs.device)
 
     def prepared(j: int) -> tuple[dict, dict]:
         if j not in states:
@@ -178,6 +178,7 @@ def cka_extreme(xs: torch.Tensor, ys: torch.Tensor, kind: str = "debiased", tail
         return states[j]
 
     def extreme(draws: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        draws, block = draws.to(xs.device), block.to(xs.device)
         if terms is not None:
             nulls, perms = level(draws, block), terms.perms(chunk)[block]
         else:
@@ -248,11 +249,11 @@ class PlantedCkaTerms:
             ec = self._centred_noise(key)
             m = len(key)
             self._chunks[key] = {
-                "perms": permutations(n, self.n_perm, key[0], self.groups),
+                "perms": permutations(n, self.n_perm, key[0], self.groups).to(self.xc.device),
                 "q": (ec * self.xc).sum(-1), "u": ec.square().sum(-1),
-                "done": torch.zeros(self.n_perm, dtype=torch.bool),
-                "shared": torch.full((2, self.n_perm), math.nan, dtype=torch.float64),  # ||M_p||^2, r_x . (r_x)_p
-                "draw": torch.full((4, m, self.n_perm), math.nan, dtype=torch.float64),  # <M, N>, ||N||^2, r_x . q_p, r_x . u_p
+                "done": torch.zeros(self.n_perm, dtype=torch.bool, device=self.xc.device),
+                "shared": torch.full((2, self.n_perm), math.nan, dtype=torch.float64, device=self.xc.device),  # ||M_p||^2, r_x . (r_x)_p
+                "draw": torch.full((4, m, self.n_perm), math.nan, dtype=torch.float64, device=self.xc.device),  # <M, N>, ||N||^2, r_x . q_p, r_x . u_p
             }
             self._resident = (key, ec.float())
         return self._chunks[key]
@@ -273,7 +274,7 @@ class PlantedCkaTerms:
             return
         perms, ec, xc = state["perms"][todo], self._noise(chunk), self.x["xc"]
         d = xc.shape[1]
-        shared = torch.empty(len(todo), d, d, dtype=torch.float64)  # M_p of the block's permutations: 94 MB for 20 at d = 768
+        shared = torch.empty(len(todo), d, d, dtype=torch.float64, device=xc.device)  # M_p of the block's permutations: 94 MB for 20 at d = 768
         for start, products in permuted_products(xc, xc, perms):
             shared[start:start + len(products)] = products
         state["shared"][0, todo] = frob(shared).square()
@@ -305,6 +306,7 @@ class PlantedCkaTerms:
         n = self.xc.shape[0]
 
         def null(draws: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+            draws, block = draws.to(self.xc.device), block.to(self.xc.device)
             self._fill(key, block)
             state = self._chunks[key]
             m2, rr = state["shared"][:, block]
@@ -322,9 +324,10 @@ def retrieval_extreme(xs, ys: torch.Tensor):
     """`extreme` for `retrieval_permutation_test`: hits #{i : p(i) = nearest(i)} / n of each permutation
     (xs [m, n, d], or one reference [n, d] or its `CosineSide` for every draw)."""
     nearest = nearest_translation(xs, ys)  # [m, n]
-    observed = (nearest == torch.arange(nearest.shape[-1])).double().mean(-1)
+    observed = (nearest == torch.arange(nearest.shape[-1], device=nearest.device)).double().mean(-1)
 
     def extreme(draws: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        draws, block = draws.to(nearest.device), block.to(nearest.device)
         null = (block[None] == nearest[draws, None, :]).double().mean(-1)
         return _at_least(null, observed[draws])
 
@@ -363,6 +366,7 @@ def rsa_extreme(x: torch.Tensor, ys: torch.Tensor, reference: torch.Tensor | Non
                                      exceedances=stop_count(n_perm, alpha))
 
     def extreme(draws: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        draws = draws.to(a.device)
         null = permuted_cross(a, b, block, select=draws) / norms[draws, None]  # the draws' matrices read in place
         return null >= (observed[draws] - MANTEL_TIE * observed[draws].abs().clamp_min(1.0))[:, None]
 
@@ -446,7 +450,7 @@ def planted_power(measure: str, base: torch.Tensor, snr: float, groups=None, dra
     `target`: stop drawing once the level's side of it is settled (`detection_rate`)."""
     x = planted_representations(base, ["reference"], math.inf, 0, rotate=False)["reference"]
     reference = spearman_matrix(rdm(x)) if measure == "rsa" else CosineSide(x) if measure == "retrieval" else None
-    ranks = torch.empty(min(chunk, draws), *reference.shape, dtype=rank_dtype(len(x))) if measure == "rsa" else None  # one buffer for every chunk
+    ranks = torch.empty(min(chunk, draws), *reference.shape, dtype=rank_dtype(len(x)), device=x.device) if measure == "rsa" else None  # one buffer for every chunk
     tail = (groups, n_perm, TAIL_RISK, alpha)
 
     def test(seeds: Sequence[int]) -> Sequential:
@@ -507,12 +511,13 @@ def bisect_power(power_at: Callable[[float], Power], bracket: tuple[float, float
 
 def length_only_power(lengths: dict[str, torch.Tensor], d: int, groups=None, draws: int = 50, seed: int = 0,
                       kind: str = "debiased", measures: Sequence[str] = ("cka", "retrieval"), n_perm: int = N_PERM,
-                      alpha: float = ALPHA, chunk: int = CHUNK) -> dict[str, Power]:
+                      alpha: float = ALPHA, chunk: int = CHUNK, device: torch.device | str = "cpu") -> dict[str, Power]:
     """The negative control's rejection rate: each of `measures`' tests (cka, retrieval) at `groups`' null on
     the same `draws` draws of the content-free length-only encoder (`length_only_representations`, seeded per
     draw) for the two languages of `lengths` ({lang: token counts without <s>, </s>}, reference first). At the
     length-restricted null it should be about alpha. Not RSA: with both languages redrawn, its Mantel null
-    costs an n^2 gather per permutation and draw. Returns {measure: Power} (snr NaN)."""
+    costs an n^2 gather per permutation and draw. The draws are made on the CPU and tested on `device`. Returns
+    {measure: Power} (snr NaN)."""
     if not set(measures) <= {"cka", "retrieval"}:
         raise ValueError(f"length_only_power: measures must be cka or retrieval, got {list(measures)}")
     reference, other = list(lengths)[:2]
@@ -521,7 +526,7 @@ def length_only_power(lengths: dict[str, torch.Tensor], d: int, groups=None, dra
     for start in range(0, draws, chunk):
         seeds = [draw_seed(seed, j) for j in range(start, min(draws, start + chunk))]
         encoded = [length_only_representations(counts, d, s) for s in seeds]
-        xs, ys = torch.stack([r[reference] for r in encoded]), torch.stack([r[other] for r in encoded])
+        xs, ys = (torch.stack([r[lang] for r in encoded]).to(device) for lang in (reference, other))
         del encoded  # the stacks are copies: 600 MB a chunk at n = 5,000
         perms = permutations(xs.shape[1], n_perm, seeds[0], groups)
         for measure in measures:

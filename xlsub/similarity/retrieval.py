@@ -30,9 +30,12 @@ def unit_rows(x: torch.Tensor, centre: bool) -> torch.Tensor:
     return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
 
 
-def _screen_dtype() -> torch.dtype:
+def _screen_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 where the CPU multiplies it through oneDNN (float32 accumulation: AVX512-BF16 or AMX, about
-    6x float32's rate here), float32 elsewhere: the screen's error bound below assumes float32 accumulation."""
+    6x float32's rate here), float32 elsewhere: the screen's error bound below assumes float32 accumulation, which
+    cuBLAS does not promise for bfloat16 (its reduced-precision reductions are on by default in torch)."""
+    if device.type != "cpu":
+        return torch.float32
     try:
         return torch.bfloat16 if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
     except (AttributeError, RuntimeError):
@@ -78,7 +81,7 @@ class CosineSide:
 
     def __init__(self, x: torch.Tensor, dtype: torch.dtype | None = None):
         self.unit = unit_rows(x, True)
-        self.screen = self.unit.to(dtype or _screen_dtype())
+        self.screen = self.unit.to(dtype or _screen_dtype(self.unit.device))
         flat_unit, flat_screen = self.unit.reshape(-1, *self.unit.shape[-2:]), self.screen.reshape(-1, *self.unit.shape[-2:])
         self.rounding = torch.stack([torch.linalg.vector_norm(s.double().sub_(u), dim=-1)  # a layer at a time: no float64 copy of all
                                      for s, u in zip(flat_screen, flat_unit)]).reshape(self.unit.shape[:-1])
@@ -108,7 +111,7 @@ def nearest_translation(x, y) -> torch.Tensor:
     flat = [side.expand(*lead, n, d).reshape(-1, n, d) for side in (xs.screen, xs.unit, ys.screen, ys.unit)]
     x_rounding, y_largest = xs.rounding.expand(*lead, n).reshape(-1, n), ys.rounding.amax(-1).expand(lead).reshape(-1)
     dtype, second = xs.screen.dtype, 2 * screen_error(torch.float32, d)
-    out = torch.empty(flat[0].shape[0], n, dtype=torch.long)
+    out = torch.empty(flat[0].shape[0], n, dtype=torch.long, device=flat[0].device)
     for k, (x_screen, x_unit, y_screen, y_unit) in enumerate(zip(*flat)):
         y32 = y_unit.float() if dtype != torch.float32 else None  # a float32 screen goes on to float64
         for start in range(0, n, _ROW_BLOCK):
@@ -162,7 +165,7 @@ def retrieval_top1_per_layer(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     1/n.
     """
     nearest = nearest_translation(x, y)
-    return (nearest == torch.arange(x.shape[-2])).double().mean(-1)
+    return (nearest == torch.arange(x.shape[-2], device=nearest.device)).double().mean(-1)
 
 
 def retrieval_top1(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -187,7 +190,7 @@ def retrieval_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1
         nearest = nearest_translation(x, y)  # [..., n]
     elif nearest.shape != x.shape[:-1]:
         raise ValueError(f"retrieval_permutation_test: nearest has shape {tuple(nearest.shape)}, not x's {tuple(x.shape[:-1])}")
-    perms = permutations(n, n_perm, seed, groups)
-    observed = (nearest == torch.arange(n)).double().mean(-1)
+    perms = permutations(n, n_perm, seed, groups).to(nearest.device)
+    observed = (nearest == torch.arange(n, device=nearest.device)).double().mean(-1)
     null = (perms == nearest[..., None, :]).double().mean(-1)  # [..., n_perm]
     return permutation_result(observed, null)

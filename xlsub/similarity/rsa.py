@@ -42,7 +42,7 @@ def symmetric_products(x: torch.Tensor, out: torch.Tensor | None = None, upper: 
         if not upper:
             out[..., rows, :start] = out[..., :start, rows].mT
             square = out[..., rows, rows]
-            square.copy_(torch.where(torch.ones(square.shape[-2:], dtype=torch.bool).tril_(-1), square.mT, square))
+            square.copy_(torch.where(torch.ones(square.shape[-2:], dtype=torch.bool, device=x.device).tril_(-1), square.mT, square))
     return out
 
 
@@ -142,8 +142,8 @@ def centred_ranks(x: torch.Tensor, centre: bool = False, out: torch.Tensor | Non
         return inference.centred_ranks_(rdm(x, centre, upper=True))
     flat = x.reshape(-1, *x.shape[-2:])
     n = x.shape[-2]
-    out = torch.empty(len(flat), n, n, dtype=rank_dtype(n)) if out is None else out
-    scratch = None if out.dtype == torch.float64 else torch.empty(n, n, dtype=torch.float64)
+    out = torch.empty(len(flat), n, n, dtype=rank_dtype(n), device=x.device) if out is None else out
+    scratch = None if out.dtype == torch.float64 else torch.empty(n, n, dtype=torch.float64, device=x.device)
     for index, one in enumerate(flat):
         ranked = inference.centred_ranks_(rdm(one, centre, out=out[index] if scratch is None else scratch, upper=True))
         if scratch is not None:
@@ -200,7 +200,7 @@ def _untied_order(ranks: torch.Tensor) -> torch.Tensor | None:
         return None
     at = position.long()
     del position
-    order = torch.full((m,), -1, dtype=torch.long).index_copy_(0, at, torch.arange(m))
+    order = torch.full((m,), -1, dtype=torch.long, device=at.device).index_copy_(0, at, torch.arange(m, device=at.device))
     return order if bool((order >= 0).all()) else None
 
 
@@ -210,7 +210,7 @@ def _sort(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     if values.dim() == 2:
         order = _untied_order(values)
         if order is not None:
-            return order, torch.empty(0, 2, dtype=torch.long)
+            return order, torch.empty(0, 2, dtype=torch.long, device=order.device)
         values = inference.upper_entries(values)
     return inference.value_order(values)
 
@@ -224,9 +224,10 @@ class _SortedSide:
         self.tied = len(runs) > 0
         if self.tied:
             self.starts, self.stops = runs[:, 0], runs[:, 1]
-            marks = torch.zeros(len(order) + 1, dtype=torch.int32)
-            marks.index_add_(0, self.starts, torch.ones(len(runs), dtype=torch.int32))
-            marks.index_add_(0, self.stops, torch.full((len(runs),), -1, dtype=torch.int32))
+            on = {"dtype": torch.int32, "device": order.device}
+            marks = torch.zeros(len(order) + 1, **on)
+            marks.index_add_(0, self.starts, torch.ones(len(runs), **on))
+            marks.index_add_(0, self.stops, torch.full((len(runs),), -1, **on))
             self.in_run, self.lengths = marks.cumsum(0, dtype=torch.int32)[:-1] > 0, self.stops - self.starts
 
     def doubled_ranks(self, block: int) -> torch.Tensor:
@@ -268,7 +269,8 @@ def _sorted_rsa(ux: torch.Tensor, uys, blocks: torch.Tensor) -> torch.Tensor | N
         del values
         order, runs = found
         if reference is None:  # the reference: each entry's position in its sort
-            position_x = torch.empty(len(order), dtype=torch.int32).index_copy_(0, order, torch.arange(len(order), dtype=torch.int32))
+            position_x = torch.empty(len(order), dtype=torch.int32, device=order.device).index_copy_(
+                0, order, torch.arange(len(order), dtype=torch.int32, device=order.device))
             reference = _SortedSide(order, runs, block_i, block_j)
         else:  # a language: the reference's position of each entry of its sort
             sides.append((position_x.index_select(0, order), _SortedSide(order, runs, block_i, block_j)))
@@ -278,10 +280,10 @@ def _sorted_rsa(ux: torch.Tensor, uys, blocks: torch.Tensor) -> torch.Tensor | N
     sizes = torch.bincount(blocks, minlength=count).double()
     kept = (k - sizes) * (k - sizes - 1) / 2  # entries without the block: pairs of the other sentences
     untied_squares = 4 * kept * (kept + 1) * (2 * kept + 1) / 6  # sum of the doubled ranks' squares without ties
-    cross = torch.empty(len(sides), count, dtype=torch.float64)
+    cross = torch.empty(len(sides), count, dtype=torch.float64, device=blocks.device)
     squares_x, squares_y = untied_squares.clone(), untied_squares.expand(len(sides), count).clone()
-    for group in torch.arange(count, dtype=torch.int16).split(JACKKNIFE_GROUP):
-        table = torch.empty(len(reference.first), len(group), dtype=torch.int32)
+    for group in torch.arange(count, dtype=torch.int16, device=blocks.device).split(JACKKNIFE_GROUP):
+        table = torch.empty(len(reference.first), len(group), dtype=torch.int32, device=blocks.device)
         for column, b in enumerate(group.tolist()):  # x's doubled kept ranks in x's sort, 0 where removed
             table[:, column] = reference.doubled_ranks(b)
             if reference.tied:
@@ -302,9 +304,9 @@ def _kept_rank_products(table: torch.Tensor, position: torch.Tensor, side: _Sort
     each entry's x position `position`, 0 where removed) times y's (`side`'s, in its sorted order), and where y is
     tied the sum of y's squared doubled ranks (None untied: known). Untied, y's kept rank is a running count along
     its sort, computed `chunk` entries at a time into buffers allocated once, so the temporaries stay in cache."""
-    blocks, width = group[:, None], min(chunk, len(position))
-    gathered, values = torch.empty(width, len(group), dtype=torch.int32), torch.empty(width, len(group), dtype=torch.float64)
-    total = torch.zeros(len(group), dtype=torch.float64)
+    blocks, width, on = group[:, None], min(chunk, len(position)), {"device": position.device}
+    gathered, values = torch.empty(width, len(group), dtype=torch.int32, **on), torch.empty(width, len(group), dtype=torch.float64, **on)
+    total = torch.zeros(len(group), dtype=torch.float64, **on)
     if side.tied:  # y's doubled ranks per block, whole (runs cross chunks), then the products chunk by chunk
         ranks_y = torch.stack([side.doubled_ranks(b) for b in group.tolist()])
         squares = torch.stack([one.double().square().sum() for one in ranks_y])  # a row at a time: 100 MB, not 400
@@ -314,9 +316,9 @@ def _kept_rank_products(table: torch.Tensor, position: torch.Tensor, side: _Sort
             v.copy_(torch.index_select(table, 0, position[start:stop], out=g))
             total += torch.mm(ranks_y[:, start:stop].double(), v).diagonal()
         return total, squares
-    kept, other = torch.empty(len(group), width, dtype=torch.bool), torch.empty(len(group), width, dtype=torch.bool)
-    ranks = torch.empty(len(group), width, dtype=torch.float64)
-    carry = torch.zeros(len(group), 1, dtype=torch.float64)
+    kept, other = torch.empty(len(group), width, dtype=torch.bool, **on), torch.empty(len(group), width, dtype=torch.bool, **on)
+    ranks = torch.empty(len(group), width, dtype=torch.float64, **on)
+    carry = torch.zeros(len(group), 1, dtype=torch.float64, **on)
     for start in range(0, len(position), width):
         stop = min(start + width, len(position))
         k, o, r, g, v = kept[:, :stop - start], other[:, :stop - start], ranks[:, :stop - start], gathered[:stop - start], values[:stop - start]
@@ -335,7 +337,7 @@ def leave_block_out_rsa(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor, 
     sorted once; the ranks of a subset are read off that sort (`_subset_ranks`), which equals re-ranking
     the subset from scratch (ties included). One reference against languages: `_sorted_rsa`; `ranks`: (`centred_ranks(x, centre)`,
     `centred_ranks(y, centre)`, or an iterable of y's matrices) where the caller has them, which give the sorts."""
-    blocks = torch.as_tensor(blocks, dtype=torch.long)
+    blocks = torch.as_tensor(blocks, dtype=torch.long).to(x.device)
     count = int(blocks.max()) + 1
     if x.dim() == 2 and x.shape[-2] > 3:
         flat = y.reshape(-1, *y.shape[-2:])
@@ -346,14 +348,14 @@ def leave_block_out_rsa(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor, 
             fast = _sorted_rsa(inference.upper_entries(rdm(x, centre, upper=True)), (inference.upper_entries(rdm(one, centre, upper=True)) for one in flat), blocks)
         if fast is not None:
             return fast.reshape(*y.shape[:-2], count)
-    i, j = torch.triu_indices(len(blocks), len(blocks), offset=1)  # the re-ranking paths' pairs (200 MB at n = 5,000)
+    i, j = torch.triu_indices(len(blocks), len(blocks), offset=1, device=blocks.device)  # the re-ranking paths' pairs (200 MB at n = 5,000)
     if x.dim() == 2 and y.dim() > 2:
         # one reference against several languages: the reference sorted once, each language's sort kept in int32
         # and its ranks taken one language at a time (at n = 5,000 the batched buffers took several GB)
         sorted_x = _tie_runs(inference.upper_entries(rdm(x, centre, upper=True)))
         flat = y.reshape(-1, *y.shape[-2:])
         sorted_ys = [tuple(t.int() for t in _tie_runs(inference.upper_entries(rdm(one, centre, upper=True)))) for one in flat]
-        out = torch.empty(len(flat), count, dtype=torch.float64)
+        out = torch.empty(len(flat), count, dtype=torch.float64, device=blocks.device)
         for b in range(count):
             keep = (blocks[i] != b) & (blocks[j] != b)
             ranks_x = _subset_ranks(*sorted_x, keep)

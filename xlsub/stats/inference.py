@@ -288,7 +288,7 @@ class MantelResult:
     def _partial(self) -> torch.Tensor | None:
         if self.exact_null_mean is None:
             return None
-        partial = torch.zeros(self.observed.shape, dtype=torch.bool)
+        partial = torch.zeros(self.observed.shape, dtype=torch.bool, device=self.observed.device)
         for mask in (self.tail_bound, self.stopped):
             if mask is not None:
                 partial = partial | mask
@@ -359,7 +359,7 @@ def centred_ranks_(d: torch.Tensor, fallback: bool = True) -> torch.Tensor | Non
     the mean of their ranks as `average_ranks` does: a half-integer, exact), and the triangle moved back by a
     mask, to both halves. Where `value_order` has no fast path: `centred_upper`'s result copied into d, or None
     with fallback=False (d unchanged)."""
-    upper = torch.ones(d.shape, dtype=torch.bool).triu_(1)
+    upper = torch.ones(d.shape, dtype=torch.bool, device=d.device).triu_(1)
     values = upper_entries(d)
     m = len(values)
     scratch = d.view(-1)[:2 * m].view(2, m) if d.is_contiguous() else None
@@ -367,7 +367,7 @@ def centred_ranks_(d: torch.Tensor, fallback: bool = True) -> torch.Tensor | Non
     if found is None:
         return d.copy_(centred_upper(d, "spearman")) if fallback else None
     order, runs = found
-    ranks = (torch.empty_like(values) if scratch is None else scratch[1]).copy_(_arange(m)).add_(1.0)  # 1..m; value_order is done with scratch[1]
+    ranks = (torch.empty_like(values) if scratch is None else scratch[1]).copy_(_arange(m, d.device)).add_(1.0)  # 1..m; value_order is done with scratch[1]
     ranks = values.index_copy_(0, order, ranks)
     for start, stop in runs.tolist():
         ranks[order[start:stop]] = (start + 1 + stop) / 2
@@ -381,9 +381,11 @@ def centred_ranks_(d: torch.Tensor, fallback: bool = True) -> torch.Tensor | Non
 _ARANGE: list[torch.Tensor] = [torch.arange(0)]
 
 
-def _arange(m: int) -> torch.Tensor:
-    """0..m-1 (int64), kept for the next call of the same or a smaller size: ranking 250 RDMs of 12.5M
+def _arange(m: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """0..m-1 (int64), on the CPU kept for the next call of the same or a smaller size: ranking 250 RDMs of 12.5M
     entries would otherwise fault in a fresh 100 MB index twice each."""
+    if torch.device(device).type != "cpu":
+        return torch.arange(m, device=device)
     if len(_ARANGE[0]) < m:
         _ARANGE[0] = torch.arange(m)
     return _ARANGE[0][:m]
@@ -441,7 +443,9 @@ def value_order(values: torch.Tensor, scratch: torch.Tensor | None = None) -> tu
     (k bits, a non-decreasing function of the value) above its index (the low bits), so the sorted keys carry the order. Values sharing a fixed-point key
     (a few hundred of 12.5M) are then ordered by value within their run, and only they can be equal.
     `scratch` (float64 [2, m], not `values`' memory): the buffers to work in; the order is then a view of
-    scratch[0], valid until the caller writes there."""
+    scratch[0], valid until the caller writes there. Values on a GPU: `sorted_order` (torch's sort, fast there)."""
+    if not on_cpu(values):
+        return sorted_order(values)
     m = len(values)
     index_bits = max(1, (m - 1).bit_length())
     key_bits = min(52, 63 - index_bits)  # exact integers in float64, and key << index_bits within int64
@@ -490,6 +494,24 @@ def value_order(values: torch.Tensor, scratch: torch.Tensor | None = None) -> tu
     return torch.from_numpy(order), torch.from_numpy(np.stack([tied[first], tied[last] + 2], 1))
 
 
+def on_cpu(values: torch.Tensor) -> bool:
+    """Whether `value_order` sorts these values with numpy (on the CPU) rather than torch (on their device)."""
+    return values.device.type == "cpu"
+
+
+def sorted_order(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`value_order` by torch's stable sort of the floats, on their device: the order, and the runs of equal
+    neighbours in it (the same runs as `value_order`'s); None for non-finite values."""
+    m = len(values)
+    if not bool(values.isfinite().all()):
+        return None
+    ordered, order = torch.sort(values, stable=True)
+    edges = torch.zeros(m + 1, dtype=torch.int8, device=values.device)
+    edges[1:m] = ordered[1:] == ordered[:-1]  # edges[p + 1]: sorted position p equals p + 1
+    steps = edges[1:] - edges[:-1]
+    return order, torch.stack([(steps == 1).nonzero().reshape(-1), (steps == -1).nonzero().reshape(-1) + 1], 1)
+
+
 def upper_norm(m: torch.Tensor) -> torch.Tensor:
     """The Frobenius norm of each matrix in m [..., k, k] (of `centred_upper`, the root of its sum of squares),
     float64; float32 matrices (exact ranks stored at half the size) summed in float64 a tile of rows at a time.
@@ -507,10 +529,10 @@ def matrix_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     languages would make a 1.4 GB one), and float32 operands converted tile by tile. b may be a list of [k, k]
     matrices against one a: [len]."""
     if not isinstance(b, torch.Tensor):
-        return torch.stack([matrix_dots(a, one) for one in b]) if len(b) else torch.zeros(0, dtype=torch.float64)
+        return torch.stack([matrix_dots(a, one) for one in b]) if len(b) else torch.zeros(0, dtype=torch.float64, device=a.device)
     k = a.shape[-1]
     lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    total = torch.zeros(lead, dtype=torch.float64)
+    total = torch.zeros(lead, dtype=torch.float64, device=a.device)
     rows = max(1, _MANTEL_TILE_BYTES // (8 * k * max(1, lead.numel())))
     for start in range(0, k, rows):
         tile = slice(start, start + rows)
@@ -528,7 +550,7 @@ def matrix_correlation(x, y, method: str = "spearman") -> torch.Tensor:
 
 def _pair_index(inverse: torch.Tensor, k: int) -> torch.Tensor:
     """The flat indices q(i) k + q(j) of the upper-triangle pairs i < j for every row q of `inverse`, [P, pairs]."""
-    i, j = torch.triu_indices(k, k, offset=1)
+    i, j = torch.triu_indices(k, k, offset=1, device=inverse.device)
     return inverse.index_select(1, i) * k + inverse.index_select(1, j)
 
 
@@ -546,12 +568,13 @@ def permuted_cross(a: torch.Tensor, bs, perms: torch.Tensor, pairs: torch.Tensor
     once for all P permutations (not once per permutation: at k = 5,000 a B is 200 MB) and the buffers stay a
     few MB whatever k and P.
     """
-    k = a.shape[-1]
-    which = torch.arange(len(bs)) if select is None else torch.as_tensor(select, dtype=torch.long)
-    out = torch.zeros(len(which), len(perms), dtype=torch.float64)
+    k, on = a.shape[-1], {"device": a.device}
+    perms = perms.to(a.device)
+    which = torch.arange(len(bs), **on) if select is None else torch.as_tensor(select, dtype=torch.long, **on)
+    out = torch.zeros(len(which), len(perms), dtype=torch.float64, **on)
     if k <= _PAIR_GATHER_MAX_K:
-        pairs = _pair_index(torch.argsort(perms, dim=1), k) if pairs is None else pairs
-        i, j = torch.triu_indices(k, k, offset=1)
+        pairs = _pair_index(torch.argsort(perms, dim=1), k) if pairs is None else pairs.to(a.device)
+        i, j = torch.triu_indices(k, k, offset=1, **on)
         flat_a, upper_b = a.reshape(-1), torch.stack([bs[w][i, j].double() for w in which.tolist()])
         block = max(1, min(len(perms), _MANTEL_BLOCK_BYTES // (16 * max(1, len(i)))))
         for start in range(0, len(perms), block):
@@ -561,16 +584,16 @@ def permuted_cross(a: torch.Tensor, bs, perms: torch.Tensor, pairs: torch.Tensor
     if not len(perms) or not len(which):
         return out
     inverse = torch.argsort(perms, dim=1)
-    everything = select is None or torch.equal(which, torch.arange(len(bs)))
+    everything = select is None or torch.equal(which, torch.arange(len(bs), **on))
     # else the tile's rows are picked, stacked or converted into `picked`
     in_place = everything and isinstance(bs, torch.Tensor) and bs.dtype == torch.float64
     chosen = which.tolist()
 
     def part(qs: torch.Tensor) -> torch.Tensor:  # the sums of the permutations qs (inverses), [len(which), len(qs)]
-        sums = torch.zeros(len(which), len(qs), dtype=torch.float64)
+        sums = torch.zeros(len(which), len(qs), dtype=torch.float64, **on)
         rows = max(1, min(k, _MANTEL_TILE_BYTES // (8 * k * (len(qs) + len(which)))))
-        gathered = torch.empty(len(qs), rows, k, dtype=torch.float64)
-        picked = None if in_place else torch.empty(len(which), rows, k, dtype=torch.float64)
+        gathered = torch.empty(len(qs), rows, k, dtype=torch.float64, **on)
+        picked = None if in_place else torch.empty(len(which), rows, k, dtype=torch.float64, **on)
         for start in range(0, k, rows):
             stop = min(k, start + rows)
             tile = gathered[:, :stop - start]

@@ -1,0 +1,125 @@
+"""analyze's device path: every representation analysis keeps its tensors where the encodings are (checked on the
+CPU by `tests.device_check.DeviceCheck`), GPU-only branches give the CPU's answers, and the device option resolves
+as the stage documents."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from tests.device_check import DeviceCheck
+from xlsub import artifacts
+from xlsub.errors import XlsubError
+from xlsub.models.loading import resolve_device
+from xlsub.report.similarity_tables import Counts
+from xlsub.similarity import retrieval
+from xlsub.stats import inference
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import scale  # noqa: E402
+
+OPTIONS = dict(layers=None, reference="en", bootstrap=40, permutations=40, resample_seed=0, counts=Counts(40, 40, 20, 20, 4))
+
+
+def _stored_inputs(tmp_path: Path, n: int):
+    inputs = scale.study_inputs(n, languages=["en", "de", "zh"], layers=3, d=24, chunks=12, heads=(3, 4))
+    scale.write_store(inputs.encodings, tmp_path)
+    return inputs, artifacts.read_encodings(tmp_path / artifacts.ENCODINGS_DIR)
+
+
+@pytest.mark.parametrize("n, kind, precision", [(120, "debiased", "float64"), (300, "debiased", "float32"), (120, "linear", "float64"),
+                                                (120, "rbf", "float64"), (40, "debiased", "float64")])
+def test_analyze_keeps_every_tensor_on_the_encodings_device(tmp_path, n, kind, precision):
+    """The encodings read onto "the device" (`EncodingStore.to`, marked by the check): no operation of the whole
+    analysis mixes them with CPU tensors or hands them to numpy, at the sizes that take each branch (feature and
+    gram engines, tiled and all-pairs Mantel gathers, dense and Lanczos spectra, float32 products, rbf); and the
+    tables are the plain run's. The check catches a mix: with the group labels of the exact null moments left on the
+    CPU, it records the moments' gathers."""
+    from xlsub.report.analysis import analyze
+    from xlsub.similarity import moments
+
+    inputs, store = _stored_inputs(tmp_path, n)
+    check = DeviceCheck()
+    with check.patched():
+        checked = analyze(dataclasses.replace(inputs, encodings=store), cka_kind=kind, cka_precision=precision, device="cpu", **OPTIONS)
+    assert not check.violations, "\n".join(f"{count} x {what}" for what, count in check.violations.items())
+    assert check.marked, "nothing was marked: the encodings did not go through EncodingStore.to"
+    plain = analyze(dataclasses.replace(inputs, encodings=artifacts.read_encodings(tmp_path / artifacts.ENCODINGS_DIR)), cka_kind=kind,
+                    cka_precision=precision, device="cpu", **OPTIONS)
+    assert checked.tables.keys() == plain.tables.keys()
+    for name, table in plain.tables.items():
+        pd.testing.assert_frame_equal(checked.tables[name], table, obj=name)
+    if n != 120 or kind != "debiased":
+        return
+    codes = moments.group_codes
+    try:
+        moments.group_codes = lambda groups, n, device="cpu": tuple(t.cpu() for t in codes(groups, n))
+        check = DeviceCheck()
+        with check.patched():
+            analyze(dataclasses.replace(inputs, encodings=artifacts.read_encodings(tmp_path / artifacts.ENCODINGS_DIR)), cka_kind=kind,
+                    cka_precision=precision, device="cpu", **OPTIONS)
+    finally:
+        moments.group_codes = codes
+    assert any(what.startswith("mixed index_add_: similarity/moments.py") for what in check.violations), list(check.violations)
+
+
+@pytest.mark.parametrize("values", [torch.randn(5000, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+                                    torch.randint(0, 40, (3000,), generator=torch.Generator().manual_seed(1)).double(),
+                                    torch.tensor([2.0, 2.0, 2.0]), torch.tensor([3.0, 1.0, 2.0, 2.0, 1.0]), torch.tensor([1.0])])
+def test_the_device_sort_gives_the_cpu_sorts_order_and_tie_runs(values):
+    """`sorted_order` (torch's sort, what a GPU ranks with) against `value_order` (numpy's key sort): the same sorted
+    values and the same runs of ties; the ranks `centred_ranks_` makes from either are the same."""
+    order, runs = inference.sorted_order(values)
+    cpu_order, cpu_runs = inference.value_order(values.clone())
+    assert torch.equal(values[order], values[cpu_order]) and torch.equal(runs, cpu_runs)
+    assert torch.equal(values[order], values.sort().values)
+
+
+def test_the_device_ranks_equal_the_cpu_ranks_of_a_tied_rdm(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    d = torch.randint(0, 30, (60, 60), generator=g).double()
+    d = d + d.T
+    d.fill_diagonal_(0)
+    expected = inference.centred_upper(d, "spearman")
+    assert torch.equal(inference.centred_ranks_(d.clone()), expected)
+    monkeypatch.setattr(inference, "on_cpu", lambda values: False)  # the GPU's branch
+    assert torch.equal(inference.centred_ranks_(d.clone()), expected)
+    assert inference.sorted_order(torch.tensor([1.0, float("nan")])) is None
+
+
+def test_retrieval_screens_in_float32_off_the_cpu():
+    """cuBLAS may reduce bfloat16 products in reduced precision, outside the screen's error bound: float32 there."""
+    assert retrieval._screen_dtype(torch.device("cuda")) is torch.float32
+    assert retrieval._screen_dtype(torch.device("cpu")) in (torch.bfloat16, torch.float32)
+
+
+def test_encodings_move_to_the_device_when_read(tmp_path):
+    inputs, store = _stored_inputs(tmp_path, 20)
+    plain = {key: {lang: inputs.encodings[key][lang] for lang in inputs.encodings[key]} for key in ("full", "base")}
+    assert artifacts.encodings_on(plain, "cpu") is plain and artifacts.encodings_on(store, "cpu") is store
+    moved = artifacts.encodings_on(plain, "meta")
+    assert moved["full"]["en"].device.type == "meta" and tuple(moved["full"]["en"].shape) == (3, 20, 24)
+    assert artifacts.last_layer(moved["full"], "en").device.type == "meta" and artifacts.layer_count(moved["full"], "en") == 3
+    assert "en" in moved["full"] and "xx" not in moved["full"] and list(moved) == ["full", "base"]
+    on_meta = artifacts.encodings_on(store, "meta")
+    assert isinstance(on_meta, artifacts.EncodingStore) and on_meta.device.type == "meta"
+    assert on_meta["full"]["de"].device.type == "meta" and artifacts.last_layer(on_meta["full"], "de").shape == (20, 24)
+    assert store["full"]["de"].device.type == "cpu"
+
+
+def test_analyze_resolves_its_device_without_mps(monkeypatch):
+    """analyze computes in float64, which MPS lacks: auto passes over MPS, and an explicit mps is refused in one line."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("auto") == "mps" and resolve_device("auto", float64=True) == "cpu"
+    with pytest.raises(XlsubError, match="device: 'mps' has no float64.*use auto, cpu or cuda"):
+        resolve_device("mps", float64=True)
+    assert resolve_device("mps") == "mps"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto", float64=True) == "cuda"
