@@ -422,6 +422,11 @@ def test_permuted_cross_equals_the_sum_over_permuted_entries(k, monkeypatch, two
                                    inference.permuted_cross(a, halves, perms, select=chosen), rtol=0, atol=0)
         torch.testing.assert_close(inference.permuted_cross(a, list(single), perms, select=chosen),  # a list of matrices
                                    inference.permuted_cross(a, halves, perms, select=chosen), rtol=0, atol=0)
+    # the reference in float32 too (exact half-integers): gathered narrow, widened tile by tile, the same sums
+    exact_a = (a * 4).round() / 2
+    for chosen in (None, select):
+        torch.testing.assert_close(inference.permuted_cross(exact_a.float(), single, perms, select=chosen),
+                                   inference.permuted_cross(exact_a, halves, perms, select=chosen), rtol=0, atol=0)
     # the sums of products and norms without a [m, k, k] temporary, float32 operands included
     torch.testing.assert_close(inference.matrix_dots(a, single), (a * halves).sum((-2, -1)), rtol=1e-13, atol=0)
     torch.testing.assert_close(inference.upper_norm(single), halves.square().sum((-2, -1)).sqrt(), rtol=1e-14, atol=0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,8 +31,8 @@ from xlsub.similarity.controls import length_only_representations
 from xlsub.similarity.isomorphism import TOP_EIGENVALUES, knn_laplacian_spectrum, spectrum_distance, subsample_spectra, subsamples
 from xlsub.similarity.jackknife import cka_jackknife_interval, jackknife_blocks, leave_block_out_above_chance, leave_block_out_self
 from xlsub.similarity.permutation import STOP_EXCEEDANCES, cka_null_mean, cka_permutation_test, null_sides, residualize
-from xlsub.similarity.retrieval import CosineSide, nearest_translation, retrieval_permutation_test
-from xlsub.similarity.rsa import centred_ranks, centred_ranks_each, mantel_test, rsa_jackknife_interval
+from xlsub.similarity.retrieval import CosineSide, nearest_translation, retrieval_permutation_test, top1
+from xlsub.similarity.rsa import centred_ranks, centred_ranks_each, mantel_test, rank_dtype, rsa_jackknife_interval
 from xlsub.stats.inference import EXACT_LIMIT, UnitLevel, jackknife_interval, unit_level, wilson_interval
 
 LENGTH_ONLY = "length-only"  # the content-free control encoder's key in the tables
@@ -120,20 +120,24 @@ def _n_perm(model: str, counts: Counts) -> int:
     return counts.full if model == FULL_MODEL else counts.subnetworks if subnetwork_key(model) else counts.controls
 
 
-def _pairs(encodings, languages: Sequence[str], reference: str, subnetworks: bool = True, last: bool | Callable[[str], bool] = False):
-    """(model, language, reference vectors, language vectors) for every model that encoded the reference,
-    in `_models` order, every other language in `languages` order; `subnetworks=False` keeps only the
-    full model and the controls; `last` (or `last(model)`): the last hidden states [n, d] alone
-    (`last_layer`: read without the other layers from an `EncodingStore`), not [layers+1, n, d]."""
+def _pairs(encodings, languages: Sequence[str], reference: str, subnetworks: bool = True):
+    """(model, language, the model's {language: vectors}) for every model that encoded the reference, in `_models`
+    order, every other language in `languages` order; `subnetworks=False` keeps only the full model and the
+    controls. Nothing is read here: `_vectors` reads a pair."""
     for model in _models(encodings, languages):
         reps = encodings[model]
         if reference not in reps or (not subnetworks and subnetwork_key(model) is not None):
             continue
         for lang in ordered([l for l in reps if l != reference], languages):
-            if last(model) if callable(last) else last:
-                yield model, lang, last_layer(reps, reference), last_layer(reps, lang)
-            else:
-                yield model, lang, reps[reference], reps[lang]
+            yield model, lang, reps
+
+
+def _vectors(reps, reference: str, lang: str, last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's and the language's vectors of one model: with `last`, the last hidden states [n, d] alone
+    (`last_layer`: read without the other layers from an `EncodingStore`), else [layers+1, n, d]."""
+    if last:
+        return last_layer(reps, reference), last_layer(reps, lang)
+    return reps[reference], reps[lang]
 
 
 def cka_pvalue_table(encodings, languages: Sequence[str], reference: str, kind: str, counts: Counts, seed: int,
@@ -151,7 +155,8 @@ def cka_pvalue_table(encodings, languages: Sequence[str], reference: str, kind: 
     rows = []
     sides = {}  # per model, the reference's null sides (`null_sides`) for both nulls: computed once for all its languages
     everything = with_length_only(encodings, lengths, reference, seed)
-    for model, lang, x, y in _pairs(everything, languages, reference, last=lambda model: model != FULL_MODEL):
+    for model, lang, reps in _pairs(everything, languages, reference):
+        x, y = _vectors(reps, reference, lang, last=model != FULL_MODEL)
         n_perm = _n_perm(model, counts)
         if model == FULL_MODEL:
             layers = list(range(x.shape[0]))
@@ -198,7 +203,8 @@ def retrieval_pvalue_table(encodings, languages: Sequence[str], reference: str, 
     groups = length_groups(lengths, reference)
     rows = []
     everything = with_length_only(encodings, lengths, reference, seed)
-    for model, lang, x, y in _pairs(everything, languages, reference, last=True):
+    for model, lang, reps in _pairs(everything, languages, reference):
+        x, y = _vectors(reps, reference, lang, last=True)
         n_perm = _n_perm(model, counts)
         known = None if nearest is None else nearest.get((model, lang))
         result = retrieval_permutation_test(y, x, n_perm, seed, groups, nearest=known)
@@ -285,11 +291,12 @@ def retrieval_table(encodings, languages: Sequence[str], reference: str,
     sentence's nearest reference sentence at the last layer (`nearest_translation`)}, for
     `retrieval_pvalue_table`'s test of the same encodings."""
     rows, side = {}, None
-    for model, lang, x, y in _pairs(encodings, languages, reference):
+    for model, lang, reps in _pairs(encodings, languages, reference):
+        x, y = _vectors(reps, reference, lang, last=False)
         if side is None or side[0] != model:  # the reference's unit rows, once per model
             side = model, CosineSide(x)
         found = nearest_translation(y, side[1])  # [layers, n]
-        rows[model, lang] = (found == torch.arange(found.shape[-1], device=found.device)).double().mean(-1).cpu().numpy()
+        rows[model, lang] = top1(found).cpu().numpy()
         if nearest is not None:
             nearest[model, lang] = found[-1].clone()
     table = pd.DataFrame(rows).T
@@ -328,7 +335,7 @@ def rsa_table(encodings, languages: Sequence[str], reference: str, counts: Count
         n_perm = min(counts.length, counts.subnetworks) if subnetwork_key(model) else counts.length
         x, ys = last_layer(reps, reference), torch.stack([last_layer(reps, l) for l in langs])
         # each dissimilarity matrix ranked once, for the test and the interval; the interval frees the languages' as it sorts them
-        ranks = centred_ranks(x), centred_ranks_each(ys)
+        ranks = centred_ranks(x).to(rank_dtype(x.shape[0])), centred_ranks_each(ys)  # exact in rank_dtype: half the Mantel gathers' traffic
         result = mantel_test(x, ys, n_perm, seed, groups, tail_risk=TAIL_RISK, stop_after=STOP_AFTER, ranks=ranks)
         interval = rsa_jackknife_interval(x, ys, min(blocks, x.shape[0]), ranks=ranks)
         del ranks
@@ -447,7 +454,7 @@ def isomorphism_table(encodings, languages: Sequence[str], reference: str, k: in
         return float(lo), float(hi)
 
     rows = []
-    for model, lang, _, _ in _pairs({m: everything[m] for m in models}, languages, reference):
+    for model, lang, _ in _pairs({m: everything[m] for m in models}, languages, reference):
         value = float(spectrum_distance(whole[model, reference], whole[model, lang], top))
         sub = None if parts[model, lang] is None else spectrum_distance(parts[model, reference], parts[model, lang], top)
         lo, hi = quantiles(sub)

@@ -60,7 +60,7 @@ from xlsub.similarity.permutation import (
     prepared_null,
     tail_bound_decided,
 )
-from xlsub.similarity.retrieval import CosineSide, nearest_translation
+from xlsub.similarity.retrieval import CosineSide, nearest_translation, top1
 from xlsub.similarity.rsa import centred_ranks, rank_dtype, rdm
 from xlsub.stats.inference import MANTEL_TIE, centred_upper, matrix_dots, permuted_cross, upper_norm, wilson_interval
 
@@ -68,6 +68,7 @@ MEASURES = ("cka", "rsa", "retrieval")
 ALPHA = 0.05
 N_PERM = 99  # with alpha 0.05: p = (k + 1) / 100, detected iff k <= 3 of 99 null values reach the statistic
 BATCH = 20  # permutations per batch of the sequential test
+SHARED_PERMS = 10  # `PlantedCkaTerms`: permutations whose d x d products M_p are held at once
 CHUNK = 10  # draws sharing one permutation stream
 TARGET = 0.8
 BRACKET = (1e-4, 1.0)  # the demo (n 1077, d 128) crosses 0.8 near 2e-3
@@ -269,16 +270,18 @@ class PlantedCkaTerms:
 
     def _fill(self, chunk: tuple[int, ...], block: torch.Tensor) -> None:
         state = self._chunks[chunk]
-        todo = block[~state["done"][block]]
-        if not len(todo):
-            return
+        missing = block[~state["done"][block]]
+        for todo in missing.split(SHARED_PERMS):  # M_p of SHARED_PERMS permutations at a time: 47 MB at d = 768
+            self._fill_part(state, chunk, todo)
+
+    def _fill_part(self, state: dict, chunk: tuple[int, ...], todo: torch.Tensor) -> None:
         perms, ec, xc = state["perms"][todo], self._noise(chunk), self.x["xc"]
         d = xc.shape[1]
-        shared = torch.empty(len(todo), d, d, dtype=torch.float64, device=xc.device)  # M_p of the block's permutations: 94 MB for 20 at d = 768
+        shared = torch.empty(len(todo), d, d, dtype=torch.float64, device=xc.device)
         for start, products in permuted_products(xc, xc, perms):
             shared[start:start + len(products)] = products
         state["shared"][0, todo] = frob(shared).square()
-        for j in range(len(chunk)):  # each draw's products over all the block's permutations: one set of buffers
+        for j in range(len(chunk)):  # each draw's products over all these permutations: one set of buffers
             for start, products in permuted_products(xc, ec[j], perms):
                 part = slice(start, start + len(products))
                 state["draw"][0, j, todo[part]] = torch.bmm(shared[part].view(len(products), 1, -1), products.view(len(products), -1, 1)).view(-1)
@@ -324,7 +327,7 @@ def retrieval_extreme(xs, ys: torch.Tensor):
     """`extreme` for `retrieval_permutation_test`: hits #{i : p(i) = nearest(i)} / n of each permutation
     (xs [m, n, d], or one reference [n, d] or its `CosineSide` for every draw)."""
     nearest = nearest_translation(xs, ys)  # [m, n]
-    observed = (nearest == torch.arange(nearest.shape[-1], device=nearest.device)).double().mean(-1)
+    observed = top1(nearest)
 
     def extreme(draws: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
         draws, block = draws.to(nearest.device), block.to(nearest.device)
@@ -350,7 +353,7 @@ def rsa_extreme(x: torch.Tensor, ys: torch.Tensor, reference: torch.Tensor | Non
     exact moments of r (`xlsub.similarity.moments` on the rank matrices). `out`: a [>= m, n, n] buffer in
     `rank_dtype(n)` for the draws' rank matrices, reused by the caller across chunks (each fresh GB at n = 5,000
     costs seconds of page faults)."""
-    a = spearman_matrix(rdm(x)) if reference is None else reference
+    a = (spearman_matrix(rdm(x)) if reference is None else reference).to(rank_dtype(len(x)))  # exact: half the gathers' traffic
     b = centred_ranks(ys, out=None if out is None else out[:len(ys)])  # one draw at a time, exact in rank_dtype
     norms = upper_norm(a) * upper_norm(b)
     observed = matrix_dots(a, b) / norms  # no [m, n, n] temporary (2 GB at n = 5,000)
@@ -449,7 +452,7 @@ def planted_power(measure: str, base: torch.Tensor, snr: float, groups=None, dra
     terms kept for every level (`PlantedCkaTerms`), the same test up to float32 rounding below its recheck.
     `target`: stop drawing once the level's side of it is settled (`detection_rate`)."""
     x = planted_representations(base, ["reference"], math.inf, 0, rotate=False)["reference"]
-    reference = spearman_matrix(rdm(x)) if measure == "rsa" else CosineSide(x) if measure == "retrieval" else None
+    reference = spearman_matrix(rdm(x)).to(rank_dtype(len(x))) if measure == "rsa" else CosineSide(x) if measure == "retrieval" else None
     ranks = torch.empty(min(chunk, draws), *reference.shape, dtype=rank_dtype(len(x)), device=x.device) if measure == "rsa" else None  # one buffer for every chunk
     tail = (groups, n_perm, TAIL_RISK, alpha)
 

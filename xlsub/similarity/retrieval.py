@@ -157,6 +157,12 @@ def _nearest_rows(screened: torch.Tensor, x_unit: torch.Tensor, y_unit: torch.Te
     return answer
 
 
+def top1(nearest: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy from each sentence's nearest sentence (`nearest_translation`, [..., n]): the share whose nearest
+    is its translation (the same index), [...] float64."""
+    return (nearest == torch.arange(nearest.shape[-1], device=nearest.device)).double().mean(-1)
+
+
 def retrieval_top1_per_layer(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Top-1 translation retrieval accuracy per leading index: x, y [..., n, d] -> [...] (float64).
 
@@ -164,8 +170,7 @@ def retrieval_top1_per_layer(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     its mean) among all n rows of y is its translation y_i; a tie for the top counts as a miss. Chance is
     1/n.
     """
-    nearest = nearest_translation(x, y)
-    return (nearest == torch.arange(x.shape[-2], device=nearest.device)).double().mean(-1)
+    return top1(nearest_translation(x, y))
 
 
 def retrieval_top1(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -191,6 +196,6 @@ def retrieval_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1
     elif nearest.shape != x.shape[:-1]:
         raise ValueError(f"retrieval_permutation_test: nearest has shape {tuple(nearest.shape)}, not x's {tuple(x.shape[:-1])}")
     perms = permutations(n, n_perm, seed, groups).to(nearest.device)
-    observed = (nearest == torch.arange(n, device=nearest.device)).double().mean(-1)
+    observed = top1(nearest)
     null = (perms == nearest[..., None, :]).double().mean(-1)  # [..., n_perm]
     return permutation_result(observed, null)

@@ -557,8 +557,9 @@ def _pair_index(inverse: torch.Tensor, k: int) -> torch.Tensor:
 def permuted_cross(a: torch.Tensor, bs, perms: torch.Tensor, pairs: torch.Tensor | None = None,
                    select: torch.Tensor | None = None) -> torch.Tensor:
     """sum_ij A_ij B_p(i)p(j) for every B in bs [m, k, k] or a list of m [k, k] (or the matrices `select` of
-    them) and every permutation p, [m, P] float64 (A, B symmetric with zero diagonal; A float64, bs float64 or
-    float32).
+    them) and every permutation p, [m, P] float64 (A, B symmetric with zero diagonal; A and bs float64, or float32
+    holding exact values, e.g. centred ranks in `xlsub.similarity.rsa.rank_dtype`: a float32 A is gathered at half
+    the memory traffic, each gathered tile widened to float64, and the sums are the same).
 
     The same sum is sum_ij A_q(i)q(j) B_ij with q = p^-1, so A is gathered once per permutation and meets all
     m matrices: one k^2 gather per permutation however many matrices share the reference (one language against
@@ -575,7 +576,7 @@ def permuted_cross(a: torch.Tensor, bs, perms: torch.Tensor, pairs: torch.Tensor
     if k <= _PAIR_GATHER_MAX_K:
         pairs = _pair_index(torch.argsort(perms, dim=1), k) if pairs is None else pairs.to(a.device)
         i, j = torch.triu_indices(k, k, offset=1, **on)
-        flat_a, upper_b = a.reshape(-1), torch.stack([bs[w][i, j].double() for w in which.tolist()])
+        flat_a, upper_b = a.reshape(-1).double(), torch.stack([bs[w][i, j].double() for w in which.tolist()])
         block = max(1, min(len(perms), _MANTEL_BLOCK_BYTES // (16 * max(1, len(i)))))
         for start in range(0, len(perms), block):
             chunk = pairs[start:start + block]
@@ -593,12 +594,16 @@ def permuted_cross(a: torch.Tensor, bs, perms: torch.Tensor, pairs: torch.Tensor
         sums = torch.zeros(len(which), len(qs), dtype=torch.float64, **on)
         rows = max(1, min(k, _MANTEL_TILE_BYTES // (8 * k * (len(qs) + len(which)))))
         gathered = torch.empty(len(qs), rows, k, dtype=torch.float64, **on)
+        narrow = None if a.dtype == torch.float64 else torch.empty(rows, k, dtype=a.dtype, **on)
         picked = None if in_place else torch.empty(len(which), rows, k, dtype=torch.float64, **on)
         for start in range(0, k, rows):
             stop = min(k, start + rows)
             tile = gathered[:, :stop - start]
             for n, q in enumerate(qs):
-                torch.index_select(a.index_select(0, q[start:stop]), 1, q, out=tile[n])
+                if narrow is None:
+                    torch.index_select(a.index_select(0, q[start:stop]), 1, q, out=tile[n])
+                else:
+                    tile[n].copy_(torch.index_select(a.index_select(0, q[start:stop]), 1, q, out=narrow[:stop - start]))
             if in_place:
                 b = bs[:, start:stop]
             else:
