@@ -407,7 +407,7 @@ def analyze_defaults() -> dict:
     """analyze's options at the analyze stage's defaults (`AnalyzeArgs`, their one declaration); `device` resolved
     as the stage resolves it (`auto`: CUDA where there is one)."""
     from entry_points.analyze import AnalyzeArgs
-    from xlsub.models.loading import resolve_device
+    from xlsub.devices import resolve_device
     from xlsub.report.similarity_tables import Counts
 
     a = {f.name: f.default for f in dataclasses.fields(AnalyzeArgs)}
@@ -481,7 +481,7 @@ def analyze_study(fraction: float = 1.0, seeds: int = 1, profile: str | None = N
     inputs = dataclasses.replace(inputs, encodings=artifacts.read_encodings(Path(folder.name) / artifacts.ENCODINGS_DIR))
     options = analyze_defaults()
     if device is not None:
-        from xlsub.models.loading import resolve_device
+        from xlsub.devices import resolve_device
 
         options["device"] = resolve_device(device, float64=True)
     sections, peaks, entered = timed_sections()

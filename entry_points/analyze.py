@@ -33,8 +33,8 @@ from entry_points._common import (
     split_items,
 )
 from xlsub import artifacts
+from xlsub.devices import resolve_device
 from xlsub.errors import Range
-from xlsub.models import loading as models
 from xlsub.models.families import adapter_for
 from xlsub.models.mlm import ChunkLosses
 from xlsub.report.analysis import AnalysisInputs, NeuronInputs, analyze
@@ -153,7 +153,7 @@ def neuron_inputs(neurons: Run, work: Path) -> NeuronInputs:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(AnalyzeArgs, argv)
     with tracking.stage_run("analyze", args) as run:
-        device = models.resolve_device(args.device, float64=True)
+        device = resolve_device(args.device, float64=True)
         runs = lineage.resolve_inputs("analyze", args.params())
         lineage.tag_inputs(runs)
         with tempfile.TemporaryDirectory() as tmp:

@@ -38,6 +38,7 @@ from entry_points._common import (
 from xlsub import artifacts
 from xlsub.artifacts import SubnetworkId
 from xlsub.data.parallel import load_parallel
+from xlsub.devices import resolve_device
 from xlsub.errors import XlsubError
 from xlsub.models import loading as models
 from xlsub.models.encoding import POOLINGS, encode, models_to_encode
@@ -123,7 +124,7 @@ def neurons_loader(model_folder: Path, run_id: str):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(EncodeArgs, argv)
     with tracking.stage_run("encode", args, system_metrics=True):
-        device = models.resolve_device(args.device)
+        device = resolve_device(args.device)
         runs = lineage.resolve_inputs("encode", args.params())
         lineage.tag_inputs(runs)
         finetune, prune = runs["finetune"], runs["prune"]

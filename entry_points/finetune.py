@@ -22,6 +22,7 @@ from entry_points._common import COUNT, LANGUAGE, SEED, StageArgs, device_field,
 from xlsub import artifacts
 from xlsub.data import corpus as corpora
 from xlsub.data import lm as data
+from xlsub.devices import resolve_device
 from xlsub.errors import Range, XlsubError
 from xlsub.models import loading as models
 from xlsub.models.mlm import is_causal, lm_batches, perplexity
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(FinetuneArgs, argv)
     rank_zero = is_rank_zero()
     with tracking.stage_run("finetune", args, log_to_mlflow=rank_zero, system_metrics=True) as run:
-        device = models.resolve_device(args.device)
+        device = resolve_device(args.device)
         transformers.set_seed(args.seed)
         corpus = corpora.load_corpus(args.corpus, parse_languages(args.languages), seed=args.seed)
         langs = corpus.languages

@@ -44,8 +44,8 @@ from entry_points._common import COUNT, LANGUAGE, SEED, StageArgs, device_field,
 from xlsub import artifacts
 from xlsub.artifacts import SubnetworkId
 from xlsub.data import lm as data
+from xlsub.devices import resolve_device
 from xlsub.errors import XlsubError
-from xlsub.models import loading as models
 from xlsub.models.mlm import lm_batches
 from xlsub.models.neurons import (
     ACTIVATION_BAR,
@@ -166,7 +166,7 @@ def select_importance(model, tokenizer, samples: dict[str, list], seed: int, arg
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(NeuronsArgs, argv)
     with tracking.stage_run("neurons", args, system_metrics=True) as run:
-        device = models.resolve_device(args.device)
+        device = resolve_device(args.device)
         runs = lineage.resolve_inputs("neurons", args.params())
         lineage.tag_inputs(runs)
         finetune = runs["finetune"]

@@ -33,8 +33,8 @@ from entry_points._common import COUNT, LANGUAGE, REPLICATES, SEED, StageArgs, d
 from xlsub import artifacts
 from xlsub.artifacts import SubnetworkId
 from xlsub.data import lm as data
+from xlsub.devices import resolve_device
 from xlsub.errors import Range, XlsubError
-from xlsub.models import loading as models
 from xlsub.models.families import adapter_for
 from xlsub.models.mlm import lm_batches
 from xlsub.models.pruning import (
@@ -172,7 +172,7 @@ def log_stock_model(model, tokenizer, mask, sid: SubnetworkId, kept: int, args: 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(PruneArgs, argv)
     with FanOut.from_env() as fan, tracking.stage_run("prune", args, log_to_mlflow=fan.is_zero, system_metrics=True) as run:
-        device = fan.device(models.resolve_device(args.device))
+        device = fan.device(resolve_device(args.device))
         parent, (finetune, finetune_made) = fan.share(lambda: (run.info, finetune_input(args)))
         if fan.is_zero and fan.world > 1:
             mlflow.log_param("world_size", fan.world)

@@ -14,8 +14,8 @@ import torch
 
 from tests.device_check import DeviceCheck
 from xlsub import artifacts
+from xlsub.devices import resolve_device
 from xlsub.errors import XlsubError
-from xlsub.models.loading import resolve_device
 from xlsub.report.similarity_tables import Counts
 from xlsub.similarity import retrieval
 from xlsub.stats import inference

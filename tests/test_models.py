@@ -5,9 +5,10 @@ import pytest
 from transformers import XLMRobertaTokenizer
 
 from xlsub.data.corpus import load_corpus
+from xlsub.devices import resolve_device
 from xlsub.errors import XlsubError
 from xlsub.models.hub import is_hub_id, looks_local
-from xlsub.models.loading import load_pretrained, resolve_device, tiny_model, train_tokenizer
+from xlsub.models.loading import load_pretrained, tiny_model, train_tokenizer
 
 
 @pytest.fixture(scope="module")

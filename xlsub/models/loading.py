@@ -191,25 +191,3 @@ def max_text_len(model: PreTrainedModel) -> int:
     """Longest input the model's position embeddings allow (its family adapter's `max_positions`)."""
     limit = adapter_for(model).max_positions(model.config)
     return UNBOUNDED_TEXT_LEN if limit is None else limit
-
-
-def resolve_device(name: str, float64: bool = False) -> str:
-    """`auto` picks CUDA, then Apple MPS, then CPU; an explicit device must exist here. `float64`: the caller
-    computes in float64, which MPS lacks: `auto` skips it and an explicit `mps` is refused."""
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if torch.backends.mps.is_available() and not float64:
-            return "mps"
-        return "cpu"
-    kind = name.split(":")[0]
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if kind not in available:
-        raise XlsubError(f"device: unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps")
-    if kind == "mps" and float64:
-        raise XlsubError(f"device: '{name}' has no float64, which this stage computes in; use auto, cpu or cuda")
-    if not available[kind]:
-        raise XlsubError(f"device: '{name}' is not available on this machine; use auto or cpu")
-    return name
