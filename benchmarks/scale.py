@@ -478,12 +478,13 @@ def analyze_study(fraction: float = 1.0, seeds: int = 1, profile: str | None = N
     inputs = study_inputs(n, seeds=seeds, layers=STUDY["layers"], d=STUDY["hidden"])
     folder = tempfile.TemporaryDirectory(prefix="xlsub-analyze-study-")
     written = write_store(inputs.encodings, Path(folder.name))
-    inputs = dataclasses.replace(inputs, encodings=artifacts.read_encodings(Path(folder.name) / artifacts.ENCODINGS_DIR))
     options = analyze_defaults()
     if device is not None:
         from xlsub.devices import resolve_device
 
         options["device"] = resolve_device(device, float64=True)
+    # read onto analyze's device, as analyze itself would (`artifacts.encodings_on`): the store counted is the one it reads
+    inputs = dataclasses.replace(inputs, encodings=artifacts.read_encodings(Path(folder.name) / artifacts.ENCODINGS_DIR, device=options["device"]))
     sections, peaks, entered = timed_sections()
     load_before = load_average()
     profiler = cProfile.Profile() if profile else None

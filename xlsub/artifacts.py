@@ -422,11 +422,10 @@ def encodings_on(encodings: Mapping[str, Mapping[str, torch.Tensor]], device: to
     """`encodings` ({model key: {language: tensor}}) with every tensor read onto `device`: an `EncodingStore`
     reads its files there (and caches them there); another mapping's tensors are moved one at a time when
     asked for (never all at once). On the CPU, `encodings` itself."""
-    if torch.device(device).type == "cpu" and not isinstance(encodings, EncodingStore):
-        return encodings
+    device = torch.device(device)
     if isinstance(encodings, EncodingStore):
-        return encodings if encodings.device == torch.device(device) else EncodingStore(encodings.root, encodings.resident, device)
-    return _MovedModels(encodings, torch.device(device))
+        return encodings if encodings.device == device else EncodingStore(encodings.root, encodings.resident, device)
+    return encodings if device.type == "cpu" else _MovedModels(encodings, device)
 
 
 class EncodingStore(Mapping):
