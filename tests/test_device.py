@@ -123,3 +123,46 @@ def test_analyze_resolves_its_device_without_mps(monkeypatch):
     assert resolve_device("mps") == "mps"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto", float64=True) == "cuda"
+
+
+def test_ieee_float32_holds_inside_and_restores_the_callers_setting():
+    from xlsub.devices import ieee_float32
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        with ieee_float32():
+            assert torch.get_float32_matmul_precision() == "highest"
+            assert torch.backends.cuda.matmul.fp32_precision == "ieee" and torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+        assert torch.get_float32_matmul_precision() == "medium"
+        with pytest.raises(KeyError), ieee_float32():
+            raise KeyError("inside")
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_analyze_computes_in_ieee_float32_whatever_the_callers_setting(tmp_path, monkeypatch):
+    """A caller that allows TF32 or bfloat16 passes ("high", "medium") still gets IEEE float32 products in every table
+    of analyze (recorded in the CKA p-value, retrieval and power tables), and its own setting back afterwards."""
+    from xlsub.report import similarity_tables
+    from xlsub.report.analysis import analyze
+
+    seen = {}
+    for name in ("cka_pvalue_table", "retrieval_table", "power_table"):
+        table = getattr(similarity_tables, name)
+
+        def recording(*args, _table=table, _name=name, **kwargs):
+            seen[_name] = torch.get_float32_matmul_precision()
+            return _table(*args, **kwargs)
+
+        monkeypatch.setattr(similarity_tables, name, recording)
+    inputs, store = _stored_inputs(tmp_path, 40)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        analyze(dataclasses.replace(inputs, encodings=store), cka_kind="debiased", cka_precision="float32", device="cpu", **OPTIONS)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert seen == dict.fromkeys(("cka_pvalue_table", "retrieval_table", "power_table"), "highest")

@@ -1,7 +1,10 @@
-"""Where a stage computes: `resolve_device`, kept apart from the model code so that a stage which only resolves a
-device (analyze) does not import transformers' modeling modules (about 80 MB)."""
+"""Where a stage computes and in what precision: `resolve_device` and `ieee_float32`, kept apart from the model code
+so that a stage which only resolves a device (analyze) does not import transformers' modeling modules (about 80 MB)."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -26,3 +29,18 @@ def resolve_device(name: str, float64: bool = False) -> str:
     if not available[kind]:
         raise XlsubError(f"device: '{name}' is not available on this machine; use auto or cpu")
     return name
+
+
+@contextlib.contextmanager
+def ieee_float32() -> Iterator[None]:
+    """float32 matrix products in IEEE float32 inside the block (`torch.set_float32_matmul_precision("highest")`),
+    the caller's setting restored after it. analyze's float32 kernels (the CKA nulls' products, rechecked in float64
+    within a distance derived for float32; retrieval's float32 screen off the CPU, within its error bound) hold only
+    for float32 arithmetic: "high" or "medium" (a notebook's setting, or `TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1`) would
+    let cuBLAS compute them in TF32 (10-bit mantissa) and oneDNN in bfloat16 passes, outside those bounds."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)

@@ -39,6 +39,7 @@ import torch
 from matplotlib.figure import Figure
 
 from xlsub.artifacts import FULL_MODEL, METRIC, RANDOM_MODEL, TABLE, SubnetworkId, encodings_on, group_by_language, language_metric, last_layer
+from xlsub.devices import ieee_float32
 from xlsub.errors import XlsubError
 from xlsub.report import similarity_tables, tables, verdicts
 from xlsub.report.figures import CaptionedFigure, palette
@@ -470,6 +471,7 @@ def _neurons(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], c
     result.notes.extend(notes)
 
 
+@ieee_float32()
 def analyze(inputs: AnalysisInputs, *, cka_kind: str, layers: Sequence[int] | None, cka_precision: str, reference: str,
             bootstrap: int, permutations: int, resample_seed: int, counts: Counts, device: str) -> AnalysisResult:
     """Every analysis whose inputs are present: tables, figures, captions and metrics (see the module docstring).
@@ -483,8 +485,10 @@ def analyze(inputs: AnalysisInputs, *, cka_kind: str, layers: Sequence[int] | No
     Mantel tests (`xlsub.report.similarity_tables.Counts`); `device`: where the representation analyses compute
     (`cpu`, `cuda`, `cuda:N`): the encodings are read onto it, every kernel works where its inputs are, and
     permutations, subsamples and planted noise are drawn on the CPU (the same streams on every device) and moved
-    there. The verdicts come first in `result.verdicts`. None of these has a default here: the analyze stage's
-    parameters (`entry_points.analyze.AnalyzeArgs`) are their one declaration.
+    there. float32 products are IEEE float32 throughout, whatever the caller's `torch.set_float32_matmul_precision`
+    (`xlsub.devices.ieee_float32`: TF32 or bfloat16 passes would leave the float32 kernels' error bounds). The
+    verdicts come first in `result.verdicts`. None of these has a default here: the analyze stage's parameters
+    (`entry_points.analyze.AnalyzeArgs`) are their one declaration.
     """
     check_options(cka_kind, cka_precision)
     if not inputs.languages:
