@@ -434,11 +434,13 @@ def resident_gib() -> float:
     return psutil.Process().memory_info().rss / GiB
 
 
-def timed_sections() -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+def timed_sections(device: str = "cpu") -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """Wrap `TIMED`'s functions so each call adds its seconds to the first returned dict (nested ones count in
     both), records in the second the process's peak resident memory (GiB) when it first reached its
     maximum in that function: where the peak happens, and in the third the most memory resident when it was
-    entered: what the section starts from, held by the sections before it."""
+    entered: what the section starts from, held by the sections before it. Each call prints its seconds as it
+    ends, so a run stopped by a time limit still shows how far it got; on a CUDA `device` a call's time ends
+    when the GPU has finished its work (`torch.cuda.synchronize`)."""
     import importlib
 
     seconds: dict[str, float] = {}
@@ -457,7 +459,11 @@ def timed_sections() -> tuple[dict[str, float], dict[str, float], dict[str, floa
                 try:
                     return _original(*args, **kwargs)
                 finally:
-                    seconds[_name] = seconds.get(_name, 0.0) + time.perf_counter() - start
+                    if device.startswith("cuda"):
+                        torch.cuda.synchronize(device)
+                    spent = time.perf_counter() - start
+                    seconds[_name] = seconds.get(_name, 0.0) + spent
+                    print(f"  ({_name}: {spent:.1f} s)", flush=True)
                     if peak_rss_gib() > before:
                         peaks[_name] = round(peak_rss_gib(), 2)
             setattr(module, name, functools.wraps(original)(wrapper))
@@ -485,7 +491,7 @@ def analyze_study(fraction: float = 1.0, seeds: int = 1, profile: str | None = N
         options["device"] = resolve_device(device, float64=True)
     # read onto analyze's device, as analyze itself would (`artifacts.encodings_on`): the store counted is the one it reads
     inputs = dataclasses.replace(inputs, encodings=artifacts.read_encodings(Path(folder.name) / artifacts.ENCODINGS_DIR, device=options["device"]))
-    sections, peaks, entered = timed_sections()
+    sections, peaks, entered = timed_sections(options["device"])
     load_before = load_average()
     profiler = cProfile.Profile() if profile else None
     start = time.perf_counter()
