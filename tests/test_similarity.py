@@ -539,6 +539,8 @@ def test_leave_block_out_rsa_from_the_callers_ranks_equals_sorting_afresh():
     with_ranks = rsa_jackknife_interval(x, ys, 6, ranks=ranks)
     for name in ("estimate", "lo", "hi"):
         torch.testing.assert_close(getattr(with_ranks, name), getattr(rsa_jackknife_interval(x, ys, 6), name), rtol=0, atol=1e-14)
+    given = rsa_jackknife_interval(x, ys, 6, ranks=(centred_ranks(x), centred_ranks(ys)), estimate=with_ranks.estimate)  # a caller's RSA on all n
+    assert given.estimate is with_ranks.estimate and torch.equal(given.lo, with_ranks.lo) and torch.equal(given.hi, with_ranks.hi)
     tied = torch.randint(0, 3, (30, 2), generator=g).double()
     tied_ys = torch.randint(0, 3, (2, 30, 2), generator=g).double()
     labels = jackknife_blocks(30, 5)

@@ -337,7 +337,7 @@ def rsa_table(encodings, languages: Sequence[str], reference: str, counts: Count
         # each dissimilarity matrix ranked once, for the test and the interval; the interval frees the languages' as it sorts them
         ranks = centred_ranks(x).to(rank_dtype(x.shape[0])), centred_ranks_each(ys)  # exact in rank_dtype: half the Mantel gathers' traffic
         result = mantel_test(x, ys, n_perm, seed, groups, tail_risk=TAIL_RISK, stop_after=STOP_AFTER, ranks=ranks)
-        interval = rsa_jackknife_interval(x, ys, min(blocks, x.shape[0]), ranks=ranks)
+        interval = rsa_jackknife_interval(x, ys, min(blocks, x.shape[0]), ranks=ranks, estimate=result.observed)
         del ranks
         rows += [{"model": model, "language": lang, "rsa": float(result.observed[i]), "lo": float(interval.lo[i]),
                   "hi": float(interval.hi[i]), "null_mean": float(result.null_mean[i]), "p_value": float(result.p_value[i]),

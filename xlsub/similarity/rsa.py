@@ -373,7 +373,8 @@ def leave_block_out_rsa(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor, 
 
 
 def rsa_jackknife_interval(x: torch.Tensor, y: torch.Tensor, blocks: int = 20, level: float = 0.95,
-                           centre: bool = False, ranks: tuple[torch.Tensor, torch.Tensor] | None = None) -> Interval:
+                           centre: bool = False, ranks: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           estimate: torch.Tensor | None = None) -> Interval:
     """Delete-a-block jackknife interval for RSA: (estimate, lo, hi), each [...] (leading axes broadcast).
 
     The n sentences in `blocks` contiguous blocks (`jackknife_blocks`); theta_b is the RSA without block b
@@ -382,14 +383,16 @@ def rsa_jackknife_interval(x: torch.Tensor, y: torch.Tensor, blocks: int = 20, l
     has dissimilarity 0 to its copy in both RDMs, and these shared zeros, ranked lowest in both, inflate the
     rank correlation. `ranks`: (`centred_ranks(x, centre)`, `centred_ranks(y, centre)`) where the caller has them;
     y's as a list (`centred_ranks_each`) is emptied, each matrix freed once the jackknife has its sort (at n =
-    5,000 the sorts of seven languages take 700 MB, which the freed matrices make room for).
+    5,000 the sorts of seven languages take 700 MB, which the freed matrices make room for). `estimate`: the RSA on
+    all n where the caller has it (`mantel_test`'s observed), not computed again (a pass over every rank matrix).
     """
     labels = jackknife_blocks(x.shape[-2], blocks)
     if ranks is None:
-        estimate = rsa(x, y, centre)
+        estimate = rsa(x, y, centre) if estimate is None else estimate
     else:  # `centred_ranks` of x and y (the caller's): RSA is their correlation
         a, b = ranks
-        estimate = inference.matrix_dots(a, b) / (inference.upper_norm(a) * inference.upper_norm(b))
+        if estimate is None:
+            estimate = inference.matrix_dots(a, b) / (inference.upper_norm(a) * inference.upper_norm(b))
         if isinstance(b, list):
             ranks = a, _released(b)
     lo, hi = inference.jackknife_interval(estimate, leave_block_out_rsa(x, y, labels, centre, ranks), level)
