@@ -68,8 +68,7 @@ def normal_and_permutation_p(measure: str, x: torch.Tensor, y: torch.Tensor, gro
     else:
         b = spearman_matrix(rdm(y))
         norms = upper_norm(reference) * upper_norm(b)
-        ours, theirs = moments.gram_summary(reference, groups), moments.gram_summary(b, groups)
-        mean, sd = float(moments.mean(ours, theirs) / norms), float(moments.variance(ours, theirs).sqrt() / norms)
+        mean, sd, _ = (float(v) for v in moments.mantel_moments(reference, b[None], norms[None], groups))
         result = mantel_test(reference, b, permutations(len(x), n_perm, seed, groups), groups, centred=True)
         observed = float(matrix_dots(reference, b) / norms)
     z = (observed - mean) / sd

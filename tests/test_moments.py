@@ -12,6 +12,7 @@ import torch
 from xlsub.similarity import moments
 from xlsub.similarity.cka import cka
 from xlsub.similarity.permutation import cka_null_mean, cka_null_sd, permutations, permuted_cka
+from xlsub.stats.inference import centred_upper, matrix_dots, upper_norm
 
 GROUPINGS = [None, [0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1, 1], [0, 1, 1, 2, 2, 2, 2], [0, 0, 1, 1, 2, 2, 2],
              [3, 1, 3, 1, 3, 1, 2], [5, 5, 5, 5, 9, 9, 9, 9]]
@@ -121,3 +122,25 @@ def test_cka_null_sd_over_layers_and_degenerate_inputs():
     torch.testing.assert_close(sd[1], cka_null_sd(x[1], y[1], "debiased"), rtol=0, atol=0)
     y[2] = 1.0  # constant over the examples: no CKA, no null
     assert cka_null_sd(x, y, "linear")[2].isnan() and cka_null_sd(x, y, "linear")[:2].isfinite().all()
+
+
+@pytest.mark.parametrize("groups", [None, [0, 0, 0, 1, 1, 1, 1], [3, 1, 3, 1, 3, 1, 2]])
+def test_mantel_moments_equal_every_permutations_r(groups):
+    """The Mantel r's exact mean and sd (`mantel_moments`, as `mantel_test` and the power analysis take them)
+    against r over every allowed re-pairing of two languages' centred rank matrices."""
+    g = torch.Generator().manual_seed(11)
+    n = 7
+    codes = groups or [0] * n
+    labels = None if groups is None else torch.tensor(groups)
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    ys = [x + s * torch.randn(n, 3, generator=g, dtype=torch.float64) for s in (0.5, 2.0)]
+    a = centred_upper(torch.cdist(x, x), "spearman")
+    bs = torch.stack([centred_upper(torch.cdist(y, y), "spearman") for y in ys])
+    norms = upper_norm(a) * upper_norm(bs)
+    mean, sd, weight = moments.mantel_moments(a, bs, norms, labels)
+    for j, b in enumerate(bs):
+        r = torch.tensor([float(matrix_dots(a, b[p][:, p]) / norms[j]) for p in within_group_permutations(codes)], dtype=torch.float64)
+        assert float(mean[j]) == pytest.approx(float(r.mean()), rel=1e-10, abs=1e-12)
+        assert float(sd[j]) == pytest.approx(float(r.std(unbiased=False)), rel=1e-10)
+        summaries = moments.gram_summary(a, labels), moments.gram_summary(b, labels)
+        assert float(weight[j]) == pytest.approx(float(moments.largest_weight(*summaries) / norms[j]), rel=1e-12)

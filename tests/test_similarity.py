@@ -591,6 +591,34 @@ def test_leave_block_out_rsa_with_ties_on_either_side_equals_scipy_on_every_subs
             assert float(theta[k, b]) == pytest.approx(stats.spearmanr(a, c).statistic, abs=1e-12)
 
 
+@pytest.mark.parametrize("n, count", [(6, 3), (90, 20)])
+def test_leave_block_out_rsa_compiled_walk_equals_the_torch_gathers_and_scipy(n, count, monkeypatch):
+    """The compiled walk of untied languages (`xlsub.similarity.kept_ranks`, fewer entries than it prefetches ahead
+    at n = 6) against the torch path of kept-rank tables (forced with `MAX_BLOCKS` 0) and scipy on every subset,
+    for two untied languages and a tied one (which takes the torch path beside them); the walk is counted."""
+    from xlsub.similarity import kept_ranks
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    ys = torch.stack([x + torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (n, 3), generator=g).double(),
+                      x + 3 * torch.randn(n, 3, generator=g, dtype=torch.float64)])
+    blocks = jackknife_blocks(n, count)
+    walks = []
+    walk = kept_ranks.kept_rank_cross
+    monkeypatch.setattr(kept_ranks, "kept_rank_cross", lambda *args: walks.append(len(args[2])) or walk(*args))
+    compiled = leave_block_out_rsa(x, ys, blocks)
+    assert walks == [n * (n - 1) // 2] * 2  # the two untied languages
+    monkeypatch.setattr(kept_ranks, "MAX_BLOCKS", 0)
+    torch.testing.assert_close(compiled, leave_block_out_rsa(x, ys, blocks), rtol=0, atol=1e-13)
+    assert len(walks) == 2
+    dx = rdm(x)
+    for b in range(count):
+        keep = np.flatnonzero(blocks.numpy() != b)
+        for k in range(3):
+            expected = stats.spearmanr(upper(dx[np.ix_(keep, keep)]), upper(rdm(ys[k])[np.ix_(keep, keep)])).statistic
+            assert float(compiled[k, b]) == pytest.approx(expected, abs=1e-12)
+
+
 def test_rsa_jackknife_interval_covers_the_population_rsa():
     """Sentences x = z A + noise, y = z B + noise with one fixed A, B: the population RSA is approximated by
     the mean RSA of 3 x 1000 sentences (its own error ~0.01, against intervals ~0.37 wide); 95% intervals from

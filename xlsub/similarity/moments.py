@@ -213,3 +213,15 @@ def largest_weight(a: Summary, b: Summary) -> torch.Tensor:
     vectors). Its largest eigenvalue is at most sum_g top_g(K) top_g(L) / (m_g - 1). 0-dim float64."""
     m = a.sizes
     return torch.where(m > 1, a.top * b.top / (m - 1).clamp_min(1), 0.0).sum()
+
+
+def mantel_moments(a: torch.Tensor, bs, norms: torch.Tensor, groups=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Mantel r's exact permutation mean, standard deviation and largest-weight bound (`mean`, `variance`,
+    `largest_weight` divided by the r's denominators `norms` [m]) of one centred matrix a [n, n] against each of
+    bs ([m, n, n], or m such matrices), p uniform within `groups`: what `tail_bound_decided` needs, each [m]."""
+    reference = gram_summary(a, groups)
+    summaries = [gram_summary(b, groups) for b in bs]
+    mean_ = torch.stack([mean(reference, one) for one in summaries]) / norms
+    sd = torch.stack([variance(reference, one).sqrt() for one in summaries]) / norms
+    weight = torch.stack([largest_weight(reference, one) for one in summaries]) / norms
+    return mean_, sd, weight

@@ -360,11 +360,7 @@ def rsa_extreme(x: torch.Tensor, ys: torch.Tensor, reference: torch.Tensor | Non
     decided = None
     if tail is not None:
         groups, n_perm, risk, alpha = tail
-        summary = moments.gram_summary(a, groups)
-        others = [moments.gram_summary(one, groups) for one in b]
-        mean = torch.stack([moments.mean(summary, one) for one in others]) / norms
-        sd = torch.stack([moments.variance(summary, one).sqrt() for one in others]) / norms
-        weight = torch.stack([moments.largest_weight(summary, one) for one in others]) / norms
+        mean, sd, weight = moments.mantel_moments(a, b, norms, groups)
         decided = tail_bound_decided(observed, mean, observed.new_empty(len(observed), 0), n_perm, risk, exact_sd=sd, exact_weight=weight,
                                      exceedances=stop_count(n_perm, alpha))
 

@@ -1,0 +1,61 @@
+"""The RSA jackknife's leave-block-out values: the compiled walk (`xlsub.similarity.kept_ranks`) against the torch
+path of kept-rank tables, side by side in one run, on the RSA table's inputs at the study's size.
+
+One reference language against seven (n = 5,000 sentences, 20 blocks, the table's defaults), each from its
+`centred_ranks` matrix, as `rsa_table` calls `rsa_jackknife_interval`: the languages share the cores, and each
+path's sorts are read off the same rank matrices. The torch path is forced by setting `kept_ranks.MAX_BLOCKS` to 0.
+Timings are the best of `--repeats` runs, interleaved; both paths' values are compared (float64 rounding only).
+
+    python benchmarks/jackknife.py              # ~1.5 minutes on 2 idle cores
+    python benchmarks/jackknife.py --n 2000     # smaller
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from xlsub.similarity import kept_ranks  # noqa: E402
+from xlsub.similarity.jackknife import jackknife_blocks  # noqa: E402
+from xlsub.similarity.rsa import centred_ranks, centred_ranks_each, leave_block_out_rsa  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=5000, help="sentences (default: the study's 5,000)")
+    parser.add_argument("--languages", type=int, default=7, help="languages against the reference (default 7)")
+    parser.add_argument("--blocks", type=int, default=20, help="jackknife blocks (default: the table's 20)")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.n, 64, generator=g, dtype=torch.float64)
+    ys = x + 3 * torch.randn(args.languages, args.n, 64, generator=g, dtype=torch.float64)
+    blocks = jackknife_blocks(args.n, args.blocks)
+    reference = centred_ranks(x)
+    limit = kept_ranks.MAX_BLOCKS
+    best, values = {}, {}
+    leave_block_out_rsa(x[:50], ys[:, :50], jackknife_blocks(50, args.blocks))  # compiled (or read from numba's cache) before timing
+    for _ in range(args.repeats):
+        for name, blocks_held in (("torch kept-rank tables", 0), ("compiled walk", limit)):
+            kept_ranks.MAX_BLOCKS = blocks_held
+            languages = centred_ranks_each(ys)  # emptied by the jackknife, as in rsa_table
+            start = time.perf_counter()
+            values[name] = leave_block_out_rsa(x, ys, blocks, ranks=(reference, languages))
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+    kept_ranks.MAX_BLOCKS = limit
+    print(f"n = {args.n}, {args.languages} languages, {args.blocks} blocks, {torch.get_num_threads()} threads")
+    for name, seconds in best.items():
+        print(f"  {name}: {seconds:.2f} s")
+    old, new = values.values()
+    print(f"  ratio (torch / compiled): {best['torch kept-rank tables'] / best['compiled walk']:.2f}x; "
+          f"largest difference of the values {float((old - new).abs().max()):.1e}")
+
+
+if __name__ == "__main__":
+    main()
