@@ -692,6 +692,27 @@ def test_length_only_control_looks_parallel_to_cka_but_not_to_retrieval():
     torch.testing.assert_close(3 * special[0] - plain[0], 3 * special[1] - plain[1], rtol=0, atol=1e-12)
 
 
+def test_centred_ranks_of_draws_made_one_at_a_time_equal_the_stacked_ones():
+    """An iterable of representations (the power analysis's planted draws, each made when reached) ranked into a
+    caller's buffer, larger than the draws: the same matrices as the stacked draws', the buffer's first rows
+    returned; without a buffer it is refused."""
+    g = torch.Generator().manual_seed(21)
+    ys = torch.randn(3, 30, 5, generator=g, dtype=torch.float64)
+    made = []
+
+    def draws():
+        for y in ys:
+            made.append(len(made))
+            yield y.clone()
+
+    buffer = torch.full((5, 30, 30), math.nan, dtype=torch.float32)
+    ranked = centred_ranks(draws(), out=buffer)
+    assert made == [0, 1, 2] and ranked.shape == (3, 30, 30) and ranked.data_ptr() == buffer.data_ptr()
+    assert torch.equal(ranked, centred_ranks(ys)) and buffer[3:].isnan().all()
+    with pytest.raises(ValueError, match="out"):
+        centred_ranks(iter(ys))
+
+
 def test_stacked_rank_matrices_are_float32_exactly_where_it_holds_them(monkeypatch, two_threads):
     """`centred_ranks` of stacked languages in float32 up to 5,793 sentences equals float64's rank for rank (ties
     included: half-integers), and stays float64 above; RSA's test and interval from either agree. Stacked and listed

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from xlsub.devices import release_freed_memory
 from xlsub.similarity import moments
 from xlsub.similarity.cka import frob, prepare, prepared_cka, ratio
 from xlsub.similarity.controls import length_only_representations, planted_representations, planted_weights
@@ -326,7 +327,9 @@ class PlantedCkaTerms:
 def retrieval_extreme(xs, ys: torch.Tensor):
     """`extreme` for `retrieval_permutation_test`: hits #{i : p(i) = nearest(i)} / n of each permutation
     (xs [m, n, d], or one reference [n, d] or its `CosineSide` for every draw)."""
-    nearest = nearest_translation(xs, ys)  # [m, n]
+    one = isinstance(xs, CosineSide) or xs.dim() == 2
+    # each draw's sides prepared in turn (unit rows in float64: ten draws' are 300 MB a side at n = 5,000, d = 768)
+    nearest = torch.stack([nearest_translation(xs if one else xs[j], ys[j]) for j in range(len(ys))])  # [m, n]
     observed = top1(nearest)
 
     def extreme(draws: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
@@ -345,16 +348,17 @@ def spearman_matrix(d: torch.Tensor) -> torch.Tensor:
     return torch.stack([spearman_matrix(one) for one in d])
 
 
-def rsa_extreme(x: torch.Tensor, ys: torch.Tensor, reference: torch.Tensor | None = None, tail: tuple | None = None,
+def rsa_extreme(x: torch.Tensor, ys, reference: torch.Tensor | None = None, tail: tuple | None = None,
                 out: torch.Tensor | None = None):
-    """`extreme` for `mantel_test` (Spearman, "greater") of one reference x [n, d] against ys [m, n, d]: the
+    """`extreme` for `mantel_test` (Spearman, "greater") of one reference x [n, d] against ys [m, n, d] (or, with
+    `out`, an iterable of m draws [n, d], each ranked as it is made: `centred_ranks`): the
     reference's centred rank matrix (`reference`, if already computed) gathered once per permutation for all
     draws (`permuted_cross`). `tail` = (groups, n_perm, risk, alpha): `extreme.decided` as for `cka_extreme`, from the
     exact moments of r (`xlsub.similarity.moments` on the rank matrices). `out`: a [>= m, n, n] buffer in
     `rank_dtype(n)` for the draws' rank matrices, reused by the caller across chunks (each fresh GB at n = 5,000
     costs seconds of page faults)."""
     a = (spearman_matrix(rdm(x)) if reference is None else reference).to(rank_dtype(len(x)))  # exact: half the gathers' traffic
-    b = centred_ranks(ys, out=None if out is None else out[:len(ys)])  # one draw at a time, exact in rank_dtype
+    b = centred_ranks(ys, out=out)  # one draw at a time, exact in rank_dtype
     norms = upper_norm(a) * upper_norm(b)
     observed = matrix_dots(a, b) / norms  # no [m, n, n] temporary (2 GB at n = 5,000)
     decided = None
@@ -377,7 +381,8 @@ def measure_extreme(measure: str, x: torch.Tensor, ys: torch.Tensor, kind: str =
                     out: torch.Tensor | None = None):
     """`extreme` of `measure` (cka, rsa, retrieval) for one reference x [n, d] against draws ys [m, n, d]
     (`reference`: RSA's rank matrix of x, `spearman_matrix(rdm(x))`, or retrieval's `CosineSide(x)`, to reuse; `tail`: (groups, n_perm, risk, alpha)
-    for the tail bound's `extreme.decided`, CKA and RSA; retrieval's is None; `out`: RSA's buffer, `rsa_extreme`)."""
+    for the tail bound's `extreme.decided`, CKA and RSA; retrieval's is None; `out`: RSA's buffer, `rsa_extreme`, with which ys may
+    also be an iterable of draws, each ranked as it is made)."""
     if measure == "cka":
         return cka_extreme(x.expand_as(ys), ys, kind, tail)
     if measure == "rsa":
@@ -428,6 +433,7 @@ def detection_rate(test: Callable[[Sequence[int]], Sequential], draws: int, seed
     detected, evaluated, used = 0, 0, 0
     for start in range(0, draws, chunk):
         result = test([draw_seed(seed, j) for j in range(start, min(draws, start + chunk))])
+        release_freed_memory()  # the chunk's draws and buffers, before the next chunk's
         detected += int(result.detected.sum())
         evaluated += int(result.used.sum())
         used = min(draws, start + chunk)
@@ -453,8 +459,10 @@ def planted_power(measure: str, base: torch.Tensor, snr: float, groups=None, dra
     tail = (groups, n_perm, TAIL_RISK, alpha)
 
     def test(seeds: Sequence[int]) -> Sequential:
-        ys = torch.stack([planted_representations(base, ["planted"], snr, s, rotate=False)["planted"]
-                          for s in seeds])
+        draws = (planted_representations(base, ["planted"], snr, s, rotate=False)["planted"] for s in seeds)
+        # RSA ranks each draw as it is made (the draws' 300 MB of vectors at n = 5,000 never held at once, beside the
+        # rank buffer); CKA and retrieval take them stacked
+        ys = draws if measure == "rsa" else torch.stack(list(draws))
         if measure == "cka" and terms is not None:
             extreme = cka_extreme(x.expand_as(ys), ys, kind, tail, terms, seeds, snr)
             return sequential_test(extreme, len(seeds), torch.arange(n_perm), alpha, decided=extreme.decided)
@@ -534,4 +542,6 @@ def length_only_power(lengths: dict[str, torch.Tensor], d: int, groups=None, dra
             del extreme  # its prepared copies of the draws, before the next measure prepares its own
             detected[measure] += int(result.detected.sum())
             evaluated[measure] += int(result.used.sum())
+        del xs, ys
+        release_freed_memory()  # the chunk's draws and what the tests made of them, before the next chunk's
     return {measure: rate(math.nan, draws, detected[measure], evaluated[measure]) for measure in measures}

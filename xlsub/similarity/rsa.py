@@ -127,25 +127,33 @@ def rank_dtype(n: int) -> torch.dtype:
     return torch.float32 if n * (n - 1) // 2 - 1 <= 2**24 else torch.float64
 
 
-def centred_ranks(x: torch.Tensor, centre: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+def centred_ranks(x, centre: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """`xlsub.stats.inference.centred_upper(rdm(x), "spearman")` [..., n, n], one leading index at a time, each
     ranked where its RDM was written (`centred_ranks_`): at n = 5,000 an RDM is 200 MB, and ranking seven at
     once held several GB of sort buffers. One x [n, d]: float64; stacked [..., n, d] (the languages, or planted
     draws): in `rank_dtype(n)`, the same values (seven languages at n = 5,000 hold 700 MB instead of 1.4 GB),
-    written into `out` [len, n, n] where given (a caller's buffer, reused). One at a time: two side by side on one
+    written into `out` [>= len, n, n] where given (a caller's buffer, reused). x may also be an iterable of [n, d]
+    (with `out`): each made when reached and dropped once ranked, so a caller's draws need not be stacked (ten
+    planted draws at n = 5,000, d = 768 are 300 MB); returns out[:len]. One at a time: two side by side on one
     torch thread each (`xlsub.stats.workers`) ranked six at n = 5,000 in 6.7-6.8 s instead of 9.9-13.1 s, but their
     second scratch matrix and sort buffers raised the study's peak by 0.4-0.7 GiB (`benchmarks/README.md`)."""
-    if x.dim() == 2:
+    if isinstance(x, torch.Tensor) and x.dim() == 2:
         return inference.centred_ranks_(rdm(x, centre, upper=True))
-    flat = x.reshape(-1, *x.shape[-2:])
-    n = x.shape[-2]
-    out = torch.empty(len(flat), n, n, dtype=rank_dtype(n), device=x.device) if out is None else out
-    scratch = None if out.dtype == torch.float64 else torch.empty(n, n, dtype=torch.float64, device=x.device)
+    if isinstance(x, torch.Tensor):
+        flat, lead, n = x.reshape(-1, *x.shape[-2:]), x.shape[:-2], x.shape[-2]
+        out = torch.empty(len(flat), n, n, dtype=rank_dtype(n), device=x.device) if out is None else out[:len(flat)]
+    elif out is None:
+        raise ValueError("centred_ranks: an iterable of representations is ranked into a caller's `out`")
+    else:
+        flat, lead, n = x, None, out.shape[-1]
+    scratch = None if out.dtype == torch.float64 else torch.empty(n, n, dtype=torch.float64, device=out.device)
+    count = 0
     for index, one in enumerate(flat):
         ranked = inference.centred_ranks_(rdm(one, centre, out=out[index] if scratch is None else scratch, upper=True))
         if scratch is not None:
             out[index].copy_(ranked)
-    return out.reshape(*x.shape[:-2], n, n)
+        count = index + 1
+    return out[:count] if lead is None else out.reshape(*lead, n, n)
 
 
 def centred_ranks_each(ys: torch.Tensor, centre: bool = False) -> list[torch.Tensor]:
