@@ -1,5 +1,8 @@
 """The RSA jackknife's leave-block-out values: the compiled walk (`xlsub.similarity.kept_ranks`) against the torch
-path of kept-rank tables, side by side in one run, on the RSA table's inputs at the study's size.
+path of kept-rank tables, side by side in one run, on the RSA table's inputs at the study's size; and the dots of the
+reference's rank matrix with the languages' and their norms (`xlsub.stats.inference.matrix_dots`, the observed RSA
+of `rsa_table` and of the power analysis's draws): the compiled loop (`xlsub.stats.compiled_dots`) against torch's
+float64 tiles (forced by making `inference._compiled_dots` refuse).
 
 One reference language against seven (n = 5,000 sentences, 20 blocks, the table's defaults), each from its
 `centred_ranks` matrix, as `rsa_table` calls `rsa_jackknife_interval`: the languages share the cores, and each
@@ -24,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from xlsub.similarity import kept_ranks  # noqa: E402
 from xlsub.similarity.jackknife import jackknife_blocks  # noqa: E402
 from xlsub.similarity.rsa import centred_ranks, centred_ranks_each, leave_block_out_rsa  # noqa: E402
+from xlsub.stats import inference  # noqa: E402
 
 
 def main() -> None:
@@ -49,12 +53,27 @@ def main() -> None:
             values[name] = leave_block_out_rsa(x, ys, blocks, ranks=(reference, languages))
             best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
     kept_ranks.MAX_BLOCKS = limit
+    stacked = torch.stack(centred_ranks_each(ys))  # float32 exact ranks, as the power analysis's chunk buffer
+    narrow = reference.to(stacked.dtype)
+    compiled = inference._compiled_dots
+    inference.matrix_dots(narrow[:50, :50].contiguous(), stacked[:, :50, :50].contiguous())  # compiled before timing
+    dots = {}
+    for _ in range(args.repeats):
+        for name, chooser in (("torch float64 tiles", lambda a, b: False), ("compiled loop", compiled)):
+            inference._compiled_dots = chooser
+            start = time.perf_counter()
+            dots[name] = inference.matrix_dots(narrow, stacked) / (inference.upper_norm(narrow) * inference.upper_norm(stacked))
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+    inference._compiled_dots = compiled
     print(f"n = {args.n}, {args.languages} languages, {args.blocks} blocks, {torch.get_num_threads()} threads")
     for name, seconds in best.items():
         print(f"  {name}: {seconds:.2f} s")
     old, new = values.values()
     print(f"  ratio (torch / compiled): {best['torch kept-rank tables'] / best['compiled walk']:.2f}x; "
           f"largest difference of the values {float((old - new).abs().max()):.1e}")
+    old, new = dots.values()
+    print(f"  observed RSA and norms: ratio (torch / compiled) {best['torch float64 tiles'] / best['compiled loop']:.2f}x; "
+          f"largest difference {float((old - new).abs().max()):.1e}")
 
 
 if __name__ == "__main__":

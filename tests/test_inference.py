@@ -430,3 +430,16 @@ def test_permuted_cross_equals_the_sum_over_permuted_entries(k, monkeypatch, two
     # the sums of products and norms without a [m, k, k] temporary, float32 operands included
     torch.testing.assert_close(inference.matrix_dots(a, single), (a * halves).sum((-2, -1)), rtol=1e-13, atol=0)
     torch.testing.assert_close(inference.upper_norm(single), halves.square().sum((-2, -1)).sqrt(), rtol=1e-14, atol=0)
+    # one float32 matrix against float32 ones: the compiled loop (rows split between threads), numpy's float64 sums
+    narrow = exact_a.float()
+    assert inference._compiled_dots(narrow, single) and inference._compiled_dots(narrow, single[0])
+    want = np.einsum("ij,wij->w", exact_a.numpy(), halves.numpy())
+    torch.testing.assert_close(inference.matrix_dots(narrow, single), torch.from_numpy(want), rtol=1e-14, atol=0)
+    torch.testing.assert_close(inference.matrix_dots(narrow, single[2]), torch.from_numpy(want[2:3]).reshape(()), rtol=1e-14, atol=0)
+    torch.testing.assert_close(inference.matrix_dots(narrow, list(single)), torch.from_numpy(want), rtol=1e-14, atol=0)
+    torch.testing.assert_close(inference.upper_norm(narrow), torch.tensor(float(np.square(exact_a.numpy()).sum()) ** 0.5, dtype=torch.float64),
+                               rtol=1e-14, atol=0)
+    from xlsub.stats.workers import one_thread
+
+    with one_thread():  # one thread: the whole of the rows in one call
+        torch.testing.assert_close(inference.matrix_dots(narrow, single), torch.from_numpy(want), rtol=1e-14, atol=0)

@@ -520,16 +520,34 @@ def upper_norm(m: torch.Tensor) -> torch.Tensor:
         return torch.stack([upper_norm(one) for one in m]) if len(m) else torch.zeros(0, dtype=torch.float64)
     if m.dtype == torch.float64:
         return torch.linalg.vector_norm(m, dim=(-2, -1))
+    if m.dim() == 3:  # each matrix against itself (by the compiled loop where it applies)
+        return torch.stack([matrix_dots(one, one) for one in m]).sqrt() if len(m) else torch.zeros(0, dtype=torch.float64, device=m.device)
     return matrix_dots(m, m).sqrt()
+
+
+def _compiled_dots(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `matrix_dots` takes the compiled loop (`xlsub.stats.compiled_dots`): one float32 [k, k] matrix against
+    float32 [k, k] or [m, k, k], contiguous, on the CPU."""
+    return (a.dim() == 2 and b.dim() in (2, 3) and a.dtype == b.dtype == torch.float32 and a.device.type == b.device.type == "cpu"
+            and a.shape == b.shape[-2:] and a.is_contiguous() and b.is_contiguous() and a.shape[-1] > 0)
 
 
 def matrix_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum_ij A_ij B_ij of matrices a, b [..., k, k] (leading axes broadcast), float64 [...], accumulated in
     float64 a tile of rows at a time: no [..., k, k] temporary (one reference against seven 5,000-sentence
-    languages would make a 1.4 GB one), and float32 operands converted tile by tile. b may be a list of [k, k]
-    matrices against one a: [len]."""
+    languages would make a 1.4 GB one), and float32 operands converted tile by tile; one float32 matrix against
+    float32 ones on the CPU by a compiled loop that reads each once (`xlsub.stats.compiled_dots`, the same sums up to
+    float64 rounding). b may be a list of [k, k] matrices against one a: [len]."""
     if not isinstance(b, torch.Tensor):
         return torch.stack([matrix_dots(a, one) for one in b]) if len(b) else torch.zeros(0, dtype=torch.float64, device=a.device)
+    if _compiled_dots(a, b):  # one float32 matrix against one or several, on the CPU: each read once
+        from xlsub.stats.compiled_dots import row_dots
+
+        many, k = b.reshape(-1, *b.shape[-2:]).numpy(), a.shape[-1]
+        parts = [(part[0], part[-1] + 1) for part in torch.arange(k).tensor_split(min(k, torch.get_num_threads())) if len(part)]
+        sums = np.zeros((len(parts), len(many)))
+        side_by_side(lambda p: row_dots(a.numpy(), many, int(parts[p][0]), int(parts[p][1]), sums[p]), range(len(parts)))
+        return torch.from_numpy(sums.sum(0)).reshape(b.shape[:-2])
     k = a.shape[-1]
     lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     total = torch.zeros(lead, dtype=torch.float64, device=a.device)
