@@ -434,9 +434,11 @@ def resident_gib() -> float:
     return psutil.Process().memory_info().rss / GiB
 
 
-def timed_sections(device: str = "cpu") -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+def timed_sections(device: str = "cpu") -> tuple[dict[str, float], dict[str, float], dict[str, float], dict[str, float]]:
     """Wrap `TIMED`'s functions so each call adds its seconds to the first returned dict (nested ones count in
-    both), records in the second the process's peak resident memory (GiB) when it first reached its
+    both) and the process's CPU seconds (every thread's) to the fourth (their ratio: the cores a section keeps busy;
+    threads spinning while they wait for work count as busy), records in the second the process's peak resident
+    memory (GiB) when it first reached its
     maximum in that function: where the peak happens, and in the third the most memory resident when it was
     entered: what the section starts from, held by the sections before it. Each call prints its seconds as it
     ends, so a run stopped by a time limit still shows how far it got; on a CUDA `device` a call's time ends
@@ -446,6 +448,7 @@ def timed_sections(device: str = "cpu") -> tuple[dict[str, float], dict[str, flo
     seconds: dict[str, float] = {}
     peaks: dict[str, float] = {}
     entered: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     for module_name, names in TIMED.items():
         module = importlib.import_module(module_name)
         for name in names:
@@ -454,7 +457,7 @@ def timed_sections(device: str = "cpu") -> tuple[dict[str, float], dict[str, flo
                 continue
 
             def wrapper(*args, _original=original, _name=name, **kwargs):
-                start, before = time.perf_counter(), peak_rss_gib()
+                start, start_cpu, before = time.perf_counter(), time.process_time(), peak_rss_gib()
                 entered[_name] = round(max(entered.get(_name, 0.0), resident_gib()), 2)
                 try:
                     return _original(*args, **kwargs)
@@ -463,11 +466,12 @@ def timed_sections(device: str = "cpu") -> tuple[dict[str, float], dict[str, flo
                         torch.cuda.synchronize(device)
                     spent = time.perf_counter() - start
                     seconds[_name] = seconds.get(_name, 0.0) + spent
+                    cpu[_name] = cpu.get(_name, 0.0) + time.process_time() - start_cpu
                     print(f"  ({_name}: {spent:.1f} s)", flush=True)
                     if peak_rss_gib() > before:
                         peaks[_name] = round(peak_rss_gib(), 2)
             setattr(module, name, functools.wraps(original)(wrapper))
-    return seconds, peaks, entered
+    return seconds, peaks, entered, cpu
 
 
 def load_average() -> list[float]:
@@ -491,7 +495,7 @@ def analyze_study(fraction: float = 1.0, seeds: int = 1, profile: str | None = N
         options["device"] = resolve_device(device, float64=True)
     # read onto analyze's device, as analyze itself would (`artifacts.encodings_on`): the store counted is the one it reads
     inputs = dataclasses.replace(inputs, encodings=artifacts.read_encodings(Path(folder.name) / artifacts.ENCODINGS_DIR, device=options["device"]))
-    sections, peaks, entered = timed_sections(options["device"])
+    sections, peaks, entered, cpu = timed_sections(options["device"])
     load_before = load_average()
     profiler = cProfile.Profile() if profile else None
     start = time.perf_counter()
@@ -514,6 +518,7 @@ def analyze_study(fraction: float = 1.0, seeds: int = 1, profile: str | None = N
         "synthetic_generation_and_write_seconds": written, "encoding_loads": inputs.encodings.loads, "load_average_before": load_before, "load_average_after": load_average(),
         "sections_seconds": {k: round(v, 2) for k, v in sorted(sections.items(), key=lambda kv: -kv[1])},
         "peak_gib_raised_in": peaks, "resident_gib_on_entry": entered,
+        "cores_busy": {k: round(cpu[k] / v, 2) for k, v in sections.items() if v > 0},
         "verdicts": len(result.verdicts), "tables": len(result.tables), "commit": git_commit(),
     }
     if cuda:
@@ -525,7 +530,8 @@ def analyze_study(fraction: float = 1.0, seeds: int = 1, profile: str | None = N
     print(f"{measured['threads']} threads; load average before {load_before}, after {measured['load_average_after']}; "
           f"encodings read {measured['encoding_loads']} times (generated and written beforehand in {written:.0f} s, not counted)")
     for name, value in measured["sections_seconds"].items():
-        print(f"  {name:28} {value:8.1f} s   entered at {entered.get(name, math.nan):.2f} GiB"
+        busy = measured["cores_busy"].get(name, math.nan)
+        print(f"  {name:28} {value:8.1f} s   {busy:.2f} cores busy, entered at {entered.get(name, math.nan):.2f} GiB"
               + (f", peak raised to {peaks[name]:.2f} GiB" if name in peaks else ""))
     if out is None:
         suffix = "" if fraction == 1 else f"-n{n}"
