@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,8 +91,16 @@ def test_feature_and_gram_summaries_agree_at_a_larger_size(columns, monkeypatch)
     groups[:3] = 40  # a group of three, and below a singleton
     groups[3] = 41
     features, gram = moments.feature_summary(xc, groups), moments.gram_summary(xc @ xc.mT, groups)
-    for name in ("sizes", "gram", "sums", "rows", "total", "standard", "rest", "between"):
+    for name in ("sizes", "gram", "sums", "rows", "total", "standard", "rest", "between", "top"):
         torch.testing.assert_close(getattr(features, name), getattr(gram, name), rtol=1e-9, atol=1e-9 * float(xc.square().sum()) ** 2)
+    # top: each group's block of K = XX' double-centred, its largest eigenvalue by numpy (groups below d = 6 rows, the
+    # three and the singleton, from their m x m Gram; the others from their d x d scatter)
+    k = (xc @ xc.mT).numpy()
+    for g, label in enumerate(torch.unique(groups).tolist()):
+        rows = (groups == label).nonzero().reshape(-1).numpy()
+        block = k[np.ix_(rows, rows)]
+        block = block - block.mean(0, keepdims=True) - block.mean(1, keepdims=True) + block.mean()
+        assert float(features.top[g]) == pytest.approx(float(np.abs(np.linalg.eigvalsh(block)).max()), rel=1e-10, abs=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["linear", "debiased", "rbf"])

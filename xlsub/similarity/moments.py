@@ -110,6 +110,18 @@ def _summary(u: torch.Tensor, codes: torch.Tensor, sizes: torch.Tensor, within_s
     return Summary(sizes, gram, sums, rows, total, standard.clamp_min(0), rest, between, top)
 
 
+def _group_terms(p: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One group's sum of squares of its block of K = XX' (diagonal included) and the largest eigenvalue of the block
+    double-centred, from its rows p [m, d] (c: the same centred within the group): with m < d from the m x m Gram
+    pp', the double-centred block being C pp' C = cc' (one m^2 d product for both); else from the d x d p'p and
+    c'c (the same nonzero eigenvalues)."""
+    m, d = p.shape
+    if m < d:
+        gram = p @ p.mT
+        return gram.square().sum(), _top(gram - gram.mean(0, keepdim=True) - gram.mean(1, keepdim=True) + gram.mean())
+    return (p.mT @ p).square().sum(), _top(c.mT @ c)
+
+
 def feature_summary(xc: torch.Tensor, groups=None) -> Summary:
     """`Summary` of K = XX' for features xc [n, d] centred over the examples, without an n x n matrix."""
     xc = xc.double()
@@ -120,10 +132,9 @@ def feature_summary(xc: torch.Tensor, groups=None) -> Summary:
     u = torch.cat([xc.square().sum(-1, keepdim=True), xc @ group_sums.mT], dim=1)
     order = torch.argsort(codes, stable=True)
     parts = torch.split(xc[order], sizes.long().tolist())
-    within_sq = torch.stack([(p @ p.mT).square().sum() if len(p) < d else (p.mT @ p).square().sum() for p in parts])
-    between = xc.new_zeros(count, count)
     centred = [p - p.mean(0, keepdim=True) for p in parts]  # rows centred within their group: X~_g
-    top = torch.stack([_top(c @ c.mT if len(c) <= d else c.mT @ c) for c in centred])  # the same nonzero eigenvalues
+    within_sq, top = (torch.stack(values) for values in zip(*(_group_terms(p, c) for p, c in zip(parts, centred))))
+    between = xc.new_zeros(count, count)
     if count > 1:  # <S_g, S_h>, S_g = X~_g'X~_g, summed over column blocks J of S: each symmetric S's square block
         # S[J, J] once and the rows below it, S[J+, J], twice (their mirror above the diagonal): half of S's products
         for start in range(0, d, _SCATTER_COLUMNS):
