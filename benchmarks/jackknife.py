@@ -2,7 +2,9 @@
 path of kept-rank tables, side by side in one run, on the RSA table's inputs at the study's size; and the dots of the
 reference's rank matrix with the languages' and their norms (`xlsub.stats.inference.matrix_dots`, the observed RSA
 of `rsa_table` and of the power analysis's draws): the compiled loop (`xlsub.stats.compiled_dots`) against torch's
-float64 tiles (forced by making `inference._compiled_dots` refuse).
+float64 tiles (forced by making `inference._compiled_dots` refuse); and the languages' rank matrices
+(`centred_ranks_each`), each RDM written into one float64 scratch matrix for all languages against a fresh one per
+language.
 
 One reference language against seven (n = 5,000 sentences, 20 blocks, the table's defaults), each from its
 `centred_ranks` matrix, as `rsa_table` calls `rsa_jackknife_interval`: the languages share the cores, and each
@@ -65,6 +67,14 @@ def main() -> None:
             dots[name] = inference.matrix_dots(narrow, stacked) / (inference.upper_norm(narrow) * inference.upper_norm(stacked))
             best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
     inference._compiled_dots = compiled
+    ranked = {}
+    for _ in range(args.repeats):
+        for name, rank in (("a scratch per language", lambda: [centred_ranks(one[None])[0] for one in ys]),
+                           ("one scratch", lambda: centred_ranks_each(ys))):
+            start = time.perf_counter()
+            ranked[name] = rank()
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+            del ranked[name][1:]  # one kept for the comparison: the other languages' 100 MB each freed
     print(f"n = {args.n}, {args.languages} languages, {args.blocks} blocks, {torch.get_num_threads()} threads")
     for name, seconds in best.items():
         print(f"  {name}: {seconds:.2f} s")
@@ -74,6 +84,9 @@ def main() -> None:
     old, new = dots.values()
     print(f"  observed RSA and norms: ratio (torch / compiled) {best['torch float64 tiles'] / best['compiled loop']:.2f}x; "
           f"largest difference {float((old - new).abs().max()):.1e}")
+    old, new = (values[0] for values in ranked.values())
+    print(f"  rank matrices: ratio (a scratch per language / one scratch) {best['a scratch per language'] / best['one scratch']:.2f}x; "
+          f"equal: {torch.equal(old, new)}")
 
 
 if __name__ == "__main__":

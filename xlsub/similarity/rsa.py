@@ -127,7 +127,7 @@ def rank_dtype(n: int) -> torch.dtype:
     return torch.float32 if n * (n - 1) // 2 - 1 <= 2**24 else torch.float64
 
 
-def centred_ranks(x, centre: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+def centred_ranks(x, centre: bool = False, out: torch.Tensor | None = None, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """`xlsub.stats.inference.centred_upper(rdm(x), "spearman")` [..., n, n], one leading index at a time, each
     ranked where its RDM was written (`centred_ranks_`): at n = 5,000 an RDM is 200 MB, and ranking seven at
     once held several GB of sort buffers. One x [n, d]: float64; stacked [..., n, d] (the languages, or planted
@@ -136,7 +136,9 @@ def centred_ranks(x, centre: bool = False, out: torch.Tensor | None = None) -> t
     (with `out`): each made when reached and dropped once ranked, so a caller's draws need not be stacked (ten
     planted draws at n = 5,000, d = 768 are 300 MB); returns out[:len]. One at a time: two side by side on one
     torch thread each (`xlsub.stats.workers`) ranked six at n = 5,000 in 6.7-6.8 s instead of 9.9-13.1 s, but their
-    second scratch matrix and sort buffers raised the study's peak by 0.4-0.7 GiB (`benchmarks/README.md`)."""
+    second scratch matrix and sort buffers raised the study's peak by 0.4-0.7 GiB (`benchmarks/README.md`).
+    `scratch`: a float64 [n, n] matrix to write each RDM into before it is ranked into a narrower `out` (a caller's, reused
+    across calls: a fresh one is 200 MB of page faults at n = 5,000)."""
     if isinstance(x, torch.Tensor) and x.dim() == 2:
         return inference.centred_ranks_(rdm(x, centre, upper=True))
     if isinstance(x, torch.Tensor):
@@ -146,7 +148,10 @@ def centred_ranks(x, centre: bool = False, out: torch.Tensor | None = None) -> t
         raise ValueError("centred_ranks: an iterable of representations is ranked into a caller's `out`")
     else:
         flat, lead, n = x, None, out.shape[-1]
-    scratch = None if out.dtype == torch.float64 else torch.empty(n, n, dtype=torch.float64, device=out.device)
+    if out.dtype == torch.float64:
+        scratch = None
+    elif scratch is None:
+        scratch = torch.empty(n, n, dtype=torch.float64, device=out.device)
     count = 0
     for index, one in enumerate(flat):
         ranked = inference.centred_ranks_(rdm(one, centre, out=out[index] if scratch is None else scratch, upper=True))
@@ -158,8 +163,11 @@ def centred_ranks(x, centre: bool = False, out: torch.Tensor | None = None) -> t
 
 def centred_ranks_each(ys: torch.Tensor, centre: bool = False) -> list[torch.Tensor]:
     """`centred_ranks` of each of ys [m, n, d] as a tensor of its own (in `rank_dtype(n)`), so that a caller done
-    with one can free it: `rsa_jackknife_interval` frees each language's matrix once it has its sort."""
-    return [centred_ranks(one[None], centre)[0] for one in ys]
+    with one can free it: `rsa_jackknife_interval` frees each language's matrix once it has its sort. One float64
+    scratch matrix holds each RDM in turn (`centred_ranks`' `scratch`)."""
+    n, dtype = ys.shape[-2], rank_dtype(ys.shape[-2])
+    scratch = None if dtype == torch.float64 else torch.empty(n, n, dtype=torch.float64, device=ys.device)
+    return [centred_ranks(one[None], centre, out=torch.empty(1, n, n, dtype=dtype, device=ys.device), scratch=scratch)[0] for one in ys]
 
 
 def _released(items: list):

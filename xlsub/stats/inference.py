@@ -495,7 +495,8 @@ def value_order(values: torch.Tensor, scratch: torch.Tensor | None = None) -> tu
 
 
 def on_cpu(values: torch.Tensor) -> bool:
-    """Whether `value_order` sorts these values with numpy (on the CPU) rather than torch (on their device)."""
+    """Whether these values are on the CPU, where numpy and compiled loops may read them: `value_order` sorts them with
+    numpy rather than torch, and `matrix_dots` sums their products in a compiled loop."""
     return values.device.type == "cpu"
 
 
@@ -528,7 +529,7 @@ def upper_norm(m: torch.Tensor) -> torch.Tensor:
 def _compiled_dots(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether `matrix_dots` takes the compiled loop (`xlsub.stats.compiled_dots`): one float32 [k, k] matrix against
     float32 [k, k] or [m, k, k], contiguous, on the CPU."""
-    return (a.dim() == 2 and b.dim() in (2, 3) and a.dtype == b.dtype == torch.float32 and a.device.type == b.device.type == "cpu"
+    return (a.dim() == 2 and b.dim() in (2, 3) and a.dtype == b.dtype == torch.float32 and on_cpu(a) and on_cpu(b)
             and a.shape == b.shape[-2:] and a.is_contiguous() and b.is_contiguous() and a.shape[-1] > 0)
 
 
