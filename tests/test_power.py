@@ -88,6 +88,26 @@ def test_sequential_test_counts_a_stream_by_hand():
         else:
             assert (result.exceed[j], result.used[j]) == (len(hits), 99)
             assert result.p_value[j] == pytest.approx((len(hits) + 1) / 100)
+    # the blocks grow from 4 (the fewest that can stop a draw), each as large as all before it, up to the batch; any
+    # blocks give the same result, and the growing ones compute fewer (draw, permutation) values than blocks of 20
+    asked = []
+
+    def recorded(draws, block):
+        asked.append((len(draws), len(block)))
+        return stream[draws][:, block[:, 0]]
+
+    grown = sequential_test(recorded, len(rates), torch.arange(99)[:, None])
+    assert [size for _, size in asked] == [4, 4, 8, 16, 20, 20, 20, 7][:len(asked)]
+    computed = sum(d * b for d, b in asked)
+    for batch in (1, 7, 99):
+        other = sequential_test(lambda draws, block: stream[draws][:, block[:, 0]], len(rates), torch.arange(99)[:, None], batch=batch)
+        assert all(torch.equal(getattr(other, f), getattr(grown, f)) for f in ("exceed", "used", "detected"))
+    fixed = 0
+    active = [j for j in range(len(rates))]
+    for start in range(0, 99, 20):  # the old fixed blocks of 20, by hand: a draw is computed to the end of its stopping block
+        fixed += len(active) * len(range(start, min(99, start + 20)))
+        active = [j for j in active if grown.used[j] > start + 20 or grown.exceed[j] < 4]
+    assert computed < fixed
 
 
 @pytest.mark.parametrize("measure", MEASURES)
@@ -161,9 +181,20 @@ def test_planted_cka_terms_give_the_null_of_every_level(kind):
     seeds = [draw_seed(3, j) for j in range(4)]
     assert torch.equal(terms.perms(seeds), permutations(N, 99, seeds[0], groups()))
     block = torch.tensor([0, 5, 17, 98, 40])
-    for snr in (1e-3, 0.1, 3.0):
+    for snr in (1e-3, 0.1, 3.0, math.inf):
         ys = torch.stack([planted_representations(base(), ["planted"], snr, s, rotate=False)["planted"] for s in seeds])
-        got = terms.level(seeds, [prepare(y, kind) for y in ys], snr)(torch.tensor([0, 2, 3]), block)
+        assert all(torch.equal(terms.partner(s, snr), y) for s, y in zip(seeds, ys))  # the draws themselves, bit for bit
+        # the observed CKA and HSIC(L, L) of every draw from the terms kept per draw, against the draws' own in float64
+        from_terms, self_y, total_y = terms.observed(seeds, snr)
+        assert from_terms == pytest.approx(torch.stack([cka(x, y, kind) for y in ys]), rel=1e-12, abs=0)
+        assert self_y == pytest.approx(torch.stack([prepare(y, kind)["self"] for y in ys]), rel=1e-12, abs=0)
+        if kind == "debiased":
+            assert total_y == pytest.approx(torch.stack([prepare(y, kind)["total"] for y in ys]), rel=1e-12, abs=0)
+        if math.isinf(snr):
+            continue
+        level_observed, null = terms.level(seeds, snr)
+        assert torch.equal(level_observed, from_terms)
+        got = null(torch.tensor([0, 2, 3]), block)
         want = torch.stack([permuted_cka(x, ys[j], terms.perms(seeds)[block], kind) for j in (0, 2, 3)])
         observed = torch.stack([cka(x, ys[j], kind) for j in (0, 2, 3)])
         engine = torch.stack([permuted_cka(x, ys[j], terms.perms(seeds)[block], kind, precision="float32") for j in (0, 2, 3)])
@@ -173,13 +204,20 @@ def test_planted_cka_terms_give_the_null_of_every_level(kind):
 
 
 def test_power_curve_shares_ckas_terms_across_levels_with_the_same_decisions():
-    """CKA's power curve with terms kept for every level: the same levels, detections and permutation counts as
-    testing each level afresh, and no (draw, permutation) computed twice."""
+    """CKA's power curve with terms kept for every level: the same levels and detections as testing each level
+    afresh. A draw whose chunk's terms are all computed takes its permutations rather than the tail bound, so it may
+    evaluate more of them; where no chunk is complete (every level far above the limit) the tail bound decides
+    every draw, as afresh."""
     levels, limit = power_curve("cka", base(), groups(), draws=20, seed=2, bracket=(1e-3, 10.0), bisections=3)
     fresh, fresh_limit = bisect_power(lambda snr: planted_power("cka", base(), snr, groups(), draws=20, seed=2, target=0.8), (1e-3, 10.0), 3)
-    assert levels == fresh and (limit == fresh_limit or math.isnan(limit) and math.isnan(fresh_limit))
+    assert [(level.snr, level.n_draws, level.detected) for level in levels] == [(level.snr, level.n_draws, level.detected) for level in fresh]
+    assert limit == fresh_limit or math.isnan(limit) and math.isnan(fresh_limit)
+    assert all(level.permutations >= old.permutations for level, old in zip(levels, fresh))
+    assert any(level.permutations > old.permutations for level, old in zip(levels, fresh))  # a level after its chunks were computed
     assert 0 < sum(level.permutations for level in levels)
     assert any(0 < level.power < 1 for level in levels)  # the bracket crosses the limit: draws run their permutations
+    strong, _ = power_curve("cka", base(), groups(), draws=20, seed=2, bracket=(1e3, 1e4), bisections=2)
+    assert [level.power for level in strong] == [1.0] * len(strong) and [level.permutations for level in strong] == [0] * len(strong)
 
 
 @pytest.mark.parametrize("per_chunk, used", [(10, 30), (0, 10), (5, 20), (8, 50)])
@@ -262,3 +300,25 @@ def test_power_table_columns_levels_and_the_length_only_control():
     # the same draws again: the same table
     again, _ = power_table(base(), lengths, "en", "debiased", draws=10, seed=0, bisections=1)
     assert again.equals(table)
+
+
+def test_planted_cka_terms_keep_recent_chunks_noise_within_the_budget(monkeypatch):
+    """A chunk's noise is made once while the recent chunks' fit in NOISE_BYTES, and again (the same terms) once evicted."""
+    from xlsub.similarity import power
+
+    def run(budget: int) -> tuple[list[int], torch.Tensor]:
+        monkeypatch.setattr(power, "NOISE_BYTES", budget)
+        terms = planted_cka_terms(base(), groups(), "debiased", n_perm=99)
+        made, noise = [], terms.noise
+        terms.noise = lambda seed: (made.append(seed), noise(seed))[1]
+        first, second = [draw_seed(0, j) for j in range(3)], [draw_seed(0, j) for j in range(3, 6)]
+        draws = torch.arange(3)
+        terms.level(first, 0.1)[1](draws, torch.arange(10))
+        terms.level(second, 0.1)[1](draws, torch.arange(10))
+        return made, terms.level(first, 0.1)[1](draws, torch.arange(10, 30))
+
+    kept, kept_null = run(2**29)
+    assert kept == [draw_seed(0, j) for j in range(6)]  # each draw's noise made once
+    evicted, evicted_null = run(1)  # only the latest chunk held: the first chunk's noise made again for its next fill
+    assert evicted == kept + [draw_seed(0, j) for j in range(3)]
+    assert torch.equal(kept_null, evicted_null)

@@ -15,7 +15,8 @@ length-restricted null, how strong must a shared signal be for CKA, RSA or retri
   early by Besag & Clifford's (1991) sequential Monte Carlo test (`sequential_test`): a draw is not
   detected as soon as h = `stop_count` null values reach its statistic (with 99 permutations and alpha
   0.05, h = 4: p = (k + 1) / 100 >= 0.05 for every k >= 4). The decision is the full test's on the same
-  permutations, by construction; permutations are evaluated in batches of `BATCH`.
+  permutations, by construction; permutations are evaluated in blocks growing from h to `BATCH` (a null draw stops
+  after about 8).
 - Draws come in chunks of `CHUNK` that share one permutation stream (RSA's reference matrix is gathered
   once per permutation for a whole chunk); chunks use different streams. Sharing a stream correlates the
   decisions within a chunk a little (under H0 by Var(1 - U_(96:99)) / (0.04 * 0.96), about 0.01: a design
@@ -32,12 +33,15 @@ length-restricted null, how strong must a shared signal be for CKA, RSA or retri
   its K looks) excludes `TARGET` (all detected settles above after 30 of 50 draws, none below after 10); the
   table reports the draws each level used.
 - CKA's levels share their null terms (`PlantedCkaTerms`): a draw is a x + b e_j at every level with the same
-  noise and its chunk's permutations, so each (draw, permutation) is computed once for the whole curve.
+  noise and its chunk's permutations, so each (draw, permutation) is computed once for the whole curve, and each
+  level's observed CKA comes from terms kept per draw, without making the draw. The tail bound is used only for a
+  chunk whose permutations' terms are not all computed: where they are, the full test costs no product.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -45,7 +49,7 @@ import torch
 
 from xlsub.devices import release_freed_memory
 from xlsub.similarity import moments
-from xlsub.similarity.cka import frob, prepare, prepared_cka, ratio
+from xlsub.similarity.cka import HSIC_RTOL, debiased_hsic, frob, prepare, prepared_cka, ratio
 from xlsub.similarity.controls import length_only_representations, planted_representations, planted_weights
 from xlsub.similarity.permutation import (
     FLOAT32_RECHECK,
@@ -71,6 +75,7 @@ N_PERM = 99  # with alpha 0.05: p = (k + 1) / 100, detected iff k <= 3 of 99 nul
 BATCH = 20  # permutations per batch of the sequential test
 SHARED_PERMS = 10  # `PlantedCkaTerms`: permutations whose d x d products M_p are held at once
 CHUNK = 10  # draws sharing one permutation stream
+NOISE_BYTES = 2**29  # `PlantedCkaTerms`: the chunks' float32 noise held for their next fills (3 chunks of 10 draws at n = 5,000, d = 768)
 TARGET = 0.8
 BRACKET = (1e-4, 1.0)  # the demo (n 1077, d 128) crosses 0.8 near 2e-3
 BISECTIONS = 4
@@ -110,8 +115,11 @@ def sequential_test(extreme: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
 
     `extreme(draws, block)` -> bool [len(draws), len(block)]: which null values of the listed draws, under
     the permutations of `block`, are at least as extreme as their observed statistic. Permutations are
-    visited in order, `batch` at a time; a draw leaves as soon as its count reaches `stop_count` (it cannot
-    be detected any more), so only draws that may still be detected see all n_perm. A detected draw saw every
+    visited in order in blocks that grow from h = `stop_count` (the fewest that can stop a draw) to `batch`, each
+    as large as all before it (h, h, 2h, 4h, ... at most `batch`: 4, 4, 8, 16, 20, 20, 20, 7 for 99 permutations);
+    a draw leaves as soon as its count reaches h (it cannot be detected any more), so only draws that may still be
+    detected see all n_perm, and a draw of the null, stopping after about 8, is not computed 20 permutations deep.
+    The blocks change what is computed, not the result, which is the same for any blocks. A detected draw saw every
     permutation and has (k + 1) / (n_perm + 1) < alpha: the full test's decision on the same stream.
     `decided` (bool [m], e.g. `extreme.decided` of `cka_extreme` and `rsa_extreme` with a tail risk): draws the
     exact null moments put so far above the null that no permutation is computed for them (`used` 0): detected,
@@ -122,16 +130,16 @@ def sequential_test(extreme: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     used = torch.zeros(m, dtype=torch.long)
     skip = torch.zeros(m, dtype=torch.bool) if decided is None or 1.0 / (n_perm + 1) >= alpha else decided.cpu()
     active = torch.arange(m)[~skip] if h > 0 else torch.arange(0)
-    for start in range(0, n_perm, batch):
-        if not len(active):
-            break
-        block = perms[start:start + batch]
+    start = 0
+    while start < n_perm and len(active):
+        block = perms[start:start + min(batch, max(h, start, 1))]
         running = exceed[active, None] + torch.as_tensor(extreme(active, block)).cpu().long().cumsum(-1)
         reached = running >= h
         stops = reached.any(-1)
         used[active] = torch.where(stops, start + 1 + reached.long().argmax(-1), start + len(block))
         exceed[active] = torch.where(stops, h, running[:, -1])
         active = active[~stops]
+        start += len(block)
     detected = skip | ((used == n_perm) & ((exceed + 1.0) / (n_perm + 1) < alpha))
     return Sequential(exceed, used, n_perm, detected)
 
@@ -143,63 +151,47 @@ def _at_least(null: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
     return null >= (observed - TIE_RTOL * observed.abs())[:, None]
 
 
-def cka_extreme(xs: torch.Tensor, ys: torch.Tensor, kind: str = "debiased", tail: tuple | None = None,
-                terms: PlantedCkaTerms | None = None, chunk: Sequence[int] = (), snr: float = math.nan):
+def cka_extreme(xs: torch.Tensor, ys: torch.Tensor, kind: str = "debiased", tail: tuple | None = None):
     """`sequential_test`'s `extreme` for `cka_permutation_test` of xs[j] against ys[j] [m, n, d]: the null in
     float32 products, values within its recheck distance of the observed CKA recomputed in float64, as there.
     `tail` = (groups, n_perm, risk, alpha): `extreme.decided` [m] says which draws the exact null moments
     (`cka_null_mean`, `cka_null_spread`) decide without permutations: detected, since fewer than `stop_count`
     of the n_perm permutations reach them except with probability `risk` (`tail_bound_decided` with
-    `exceedances`); else None.
-    `terms` (planted draws of the seeds `chunk` at `snr` against the reference xs[0]): the null from `PlantedCkaTerms`,
-    which keeps each draw's pairing-dependent terms for every level; blocks are then indices into
-    `terms.perms(chunk)` (pass `torch.arange(n_perm)` as `sequential_test`'s perms)."""
+    `exceedances`); else None. The planted draws of the power curve: `planted_cka_extreme`."""
     engine, precision = null_engine(kind, *xs.shape[-2:], ys.shape[-1], precision="float64" if kind == "rbf" else "float32")
     same = bool((xs == xs[:1]).all())  # one reference for every draw (`measure_extreme`): prepared once
     states = {}  # each pair prepared once for all its blocks of permutations, in the null's precision
-    if terms is not None:  # each draw prepared once for its observed CKA, its null moments and its null
-        prepared_ys = [prepare(y, kind) for y in ys]
-        observed = torch.stack([prepared_cka(terms.reference, one, kind) for one in prepared_ys])
-        level = terms.level(chunk, prepared_ys, snr)
-    else:  # each pair prepared once in float64 for its observed CKA; its null's copies take the self terms from it
-        selves, values, first = [], [], None
-        for x, y in zip(xs, ys):
-            a = first if same and first is not None else prepare(x, kind)
-            first = a if same else None
-            b = prepare(y, kind)
-            values.append(prepared_cka(a, b, kind))
-            selves.append((a["self"], b["self"]))
-        del first
-        observed = torch.stack(values) if values else torch.empty(0, dtype=torch.float64, device=xs.device)
+    selves, values, first = [], [], None  # each pair prepared once in float64 for its observed CKA; its null's copies take the self terms from it
+    for x, y in zip(xs, ys):
+        a = first if same and first is not None else prepare(x, kind)
+        first = a if same else None
+        b = prepare(y, kind)
+        values.append(prepared_cka(a, b, kind))
+        selves.append((a["self"], b["self"]))
+    del first
+    observed = torch.stack(values) if values else torch.empty(0, dtype=torch.float64, device=xs.device)
 
     def prepared(j: int) -> tuple[dict, dict]:
         if j not in states:
-            known = (None, None) if terms is not None or kind == "rbf" else selves[j]
+            known = (None, None) if kind == "rbf" else selves[j]
             reference = states[0][0] if same and 0 in states else prepare(xs[j], kind, precision=precision, self_=known[0])
             states[j] = (reference, prepare(ys[j], kind, precision=precision, self_=known[1]))
         return states[j]
 
     def extreme(draws: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
         draws, block = draws.to(xs.device), block.to(xs.device)
-        if terms is not None:
-            nulls, perms = level(draws, block), terms.perms(chunk)[block]
-        else:
-            nulls, perms = torch.stack([prepared_null(*prepared(j), block, kind, engine) for j in draws.tolist()]), block
+        nulls = torch.stack([prepared_null(*prepared(j), block, kind, engine) for j in draws.tolist()])
         if precision == "float32":
             for row, j in enumerate(draws.tolist()):
                 near = (nulls[row] - observed[j]).abs() <= FLOAT32_RECHECK * observed[j].abs()
                 if near.any():
-                    nulls[row, near] = permuted_cka(xs[j], ys[j], perms[near], kind)
+                    nulls[row, near] = permuted_cka(xs[j], ys[j], block[near], kind)
         return _at_least(nulls, observed[draws])
 
     extreme.decided = None
     if tail is not None:
         groups, n_perm, risk, alpha = tail
-        if terms is not None:
-            n = xs.shape[-2]
-            mean, sd, weight = torch.stack([pair_null_moments(terms.side(), null_side(one, kind, groups), kind, n)
-                                            for one in prepared_ys]).mT
-        elif same:  # one reference for every draw: its statistics once
+        if same:  # one reference for every draw: its statistics once
             mean, sd, weight = cka_null_moments_many(xs[0], ys, kind, groups)
         else:
             mean, sd, weight = (torch.cat(values) for values in zip(*(cka_null_moments_many(x, y[None], kind, groups) for x, y in zip(xs, ys))))
@@ -226,19 +218,28 @@ class PlantedCkaTerms:
     observed one in float64 as it does for that engine. A block of permutations is computed for every draw of
     its chunk the first time any level needs it: the draws near the detection limit need all of them at some
     level, and each (draw, permutation) is then computed once instead of once per level.
+
+    The observed CKA and HSIC(L, L) of every level come from float64 terms computed once per draw, so a level
+    makes no partner: with G = x'x, C_j = x'e_j and E_j = e_j'e_j, ||y'x||^2 = a^2 |G|^2 + 2 a b <G, C> + b^2 |C|^2
+    and ||y'y||^2 = a^4 |G|^2 + 4 a^3 b <G, C> + 2 a^2 b^2 (|C|^2 + <C, C'> + <G, E>) + 4 a b^3 <C, E> + b^4 |E|^2
+    (y'y = a^2 G + a b (C + C') + b^2 E), beside r_y above: two float64 d x d products per draw instead of two
+    per draw and level (`prepare` and the cross product). `partner` makes a level's y where a float64 recheck or
+    the tail bound needs it, bit for bit `planted_representations`' draw.
     """
 
     def __init__(self, x: torch.Tensor, noise: Callable[[int], torch.Tensor], kind: str, n_perm: int, groups=None):
         if kind not in ("linear", "debiased"):
             raise ValueError(f"PlantedCkaTerms: linear or debiased CKA, not {kind!r}")
         self.kind, self.n_perm, self.groups, self.noise = kind, n_perm, groups, noise
+        self.planted = x  # the reference as drawn (a partner is a x + b e: `partner`)
         self.x = prepare(x, kind, precision="float32")  # xc float32; rows, total, self float64
-        self.reference = prepare(x, kind)  # float64: the observed CKA of every draw (`prepared_cka`)
+        self.reference = prepare(x, kind)  # float64: the observed CKA of every draw
         self._side = None
         self.xc = self.reference["xc"]
         self.rows = self.xc.square().sum(-1)
+        self.gram = self.xc.mT @ self.xc  # G = x'x, float64
         self._chunks: dict[tuple[int, ...], dict] = {}
-        self._resident: tuple[tuple[int, ...], torch.Tensor] | None = None  # the last chunk's centred noise, float32
+        self._resident: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()  # recent chunks' centred noise, float32 (`_noise`)
         self.products = 0  # permuted d x d products formed (for the benchmark's accounting)
 
     def perms(self, chunk: Sequence[int]) -> torch.Tensor:
@@ -252,22 +253,68 @@ class PlantedCkaTerms:
             m = len(key)
             self._chunks[key] = {
                 "perms": permutations(n, self.n_perm, key[0], self.groups).to(self.xc.device),
-                "q": (ec * self.xc).sum(-1), "u": ec.square().sum(-1),
+                "q": (ec * self.xc).sum(-1), "u": ec.square().sum(-1), "observed": self._observed_terms(ec),
                 "done": torch.zeros(self.n_perm, dtype=torch.bool, device=self.xc.device),
                 "shared": torch.full((2, self.n_perm), math.nan, dtype=torch.float64, device=self.xc.device),  # ||M_p||^2, r_x . (r_x)_p
                 "draw": torch.full((4, m, self.n_perm), math.nan, dtype=torch.float64, device=self.xc.device),  # <M, N>, ||N||^2, r_x . q_p, r_x . u_p
             }
-            self._resident = (key, ec.float())
+            self._keep(key, ec.float())
         return self._chunks[key]
+
+    def _observed_terms(self, ec: torch.Tensor) -> torch.Tensor:
+        """Per draw of centred noise ec [m, n, d] (float64): <G, C>, |C|^2, <C, C'>, <G, E>, <C, E>, |E|^2 (class
+        docstring), [6, m] float64."""
+        out = torch.empty(6, len(ec), dtype=torch.float64, device=ec.device)
+        for j, e in enumerate(ec):
+            c, sq = self.xc.mT @ e, e.mT @ e
+            out[:, j] = torch.stack([(self.gram * c).sum(), c.square().sum(), (c * c.mT).sum(), (self.gram * sq).sum(),
+                                     (c * sq).sum(), sq.square().sum()])
+        return out
+
+    def observed(self, chunk: Sequence[int], snr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The chunk's draws at level `snr`: their observed CKA against the reference, HSIC(L, L) (`prepare`'s "self")
+        and, for debiased CKA, sum r_y (`prepare`'s "total"), each [m] float64, from the terms kept per draw."""
+        state = self._chunk(tuple(chunk))
+        a, b = planted_weights(snr)
+        n = self.xc.shape[0]
+        gc, cc, ctc, ge, ce, ee = state["observed"]
+        gg = self.gram.square().sum()
+        cross = a * a * gg + 2 * a * b * gc + b * b * cc  # ||y'x||^2
+        square = a ** 4 * gg + 4 * a ** 3 * b * gc + 2 * a * a * b * b * (cc + ctc + ge) + 4 * a * b ** 3 * ce + b ** 4 * ee  # ||y'y||^2
+        if self.kind == "linear":
+            return ratio(cross, self.reference["self"], square), square, None
+        rows = a * a * self.rows + 2 * a * b * state["q"] + b * b * state["u"]  # r_y [m, n]
+        total = rows.sum(-1)
+        self_y = debiased_hsic(square, rows, rows, total, total, n)
+        self_y = torch.where(self_y <= HSIC_RTOL * total.square(), 0.0, self_y)
+        cross = debiased_hsic(cross, self.rows, rows, self.reference["total"], total, n)
+        return ratio(cross, self.reference["self"], self_y), self_y, total
+
+    def partner(self, seed: int, snr: float) -> torch.Tensor:
+        """Draw `seed`'s partner at level `snr`, a x + b e (float64 [n, d]): `planted_representations`' draw, bit for bit."""
+        a, b = planted_weights(snr)
+        return a * self.planted + b * self.noise(seed)
+
+    def complete(self, chunk: Sequence[int]) -> bool:
+        """Whether every permutation's terms of this chunk are computed: its draws' full tests then cost no product."""
+        return bool(self._chunk(tuple(chunk))["done"].all())
 
     def _centred_noise(self, chunk: tuple[int, ...]) -> torch.Tensor:
         noise = torch.stack([self.noise(s) for s in chunk])
         return noise - noise.mean(-2, keepdim=True)
 
     def _noise(self, chunk: tuple[int, ...]) -> torch.Tensor:
-        if self._resident is None or self._resident[0] != chunk:
-            self._resident = (chunk, self._centred_noise(chunk).float())
-        return self._resident[1]
+        if chunk not in self._resident:
+            self._keep(chunk, self._centred_noise(chunk).float())
+        self._resident.move_to_end(chunk)
+        return self._resident[chunk]
+
+    def _keep(self, chunk: tuple[int, ...], noise: torch.Tensor) -> None:
+        """Hold a chunk's float32 centred noise for its next fill, the least recently used dropped beyond `NOISE_BYTES`
+        (the levels visit the chunks in turn: at n = 5,000, d = 768 a chunk's is 154 MB and remaking it 2 s)."""
+        self._resident[chunk] = noise
+        while len(self._resident) > 1 and sum(one.nbytes for one in self._resident.values()) > NOISE_BYTES:
+            self._resident.popitem(last=False)
 
     def _fill(self, chunk: tuple[int, ...], block: torch.Tensor) -> None:
         state = self._chunks[chunk]
@@ -299,13 +346,11 @@ class PlantedCkaTerms:
             self._side = null_side(self.reference, self.kind, self.groups)
         return self._side
 
-    def level(self, chunk: Sequence[int], ys_prepared: Sequence[dict], snr: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """null(draws, block) -> the null CKA [len(draws), len(block)] of the chunk's draws at level `snr` (each
-        `prepare`d in float64), under the chunk's permutations `block` (indices)."""
+    def level(self, chunk: Sequence[int], snr: float) -> tuple[torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        """(the observed CKA [m] of the chunk's draws at level `snr` (`observed`), null(draws, block) -> their null CKA
+        [len(draws), len(block)] under the chunk's permutations `block` (indices))."""
         key = tuple(chunk)
-        self._chunk(key)
-        self_y = torch.stack([p["self"] for p in ys_prepared])
-        total_y = torch.stack([p["total"] for p in ys_prepared]) if self.kind == "debiased" else None
+        observed, self_y, total_y = self.observed(key, snr)
         a, b = planted_weights(snr)
         n = self.xc.shape[0]
 
@@ -321,7 +366,43 @@ class PlantedCkaTerms:
                 cross = cross - n / (n - 2) * rxry + (self.x["total"] * total_y[draws] / ((n - 1) * (n - 2)))[:, None]
             return ratio(cross, self.x["self"], self_y[draws, None])
 
-        return null
+        return observed, null
+
+
+def planted_cka_extreme(terms: PlantedCkaTerms, chunk: Sequence[int], snr: float, tail: tuple | None = None):
+    """`cka_extreme` of the planted draws of the seeds `chunk` at `snr` against the reference, from `terms`: blocks are
+    indices into `terms.perms(chunk)` (pass `torch.arange(n_perm)` as `sequential_test`'s perms). Values within the
+    recheck distance of the observed CKA are recomputed in float64 on the draw's partner (`partner`, made when first
+    needed). `tail` as for `cka_extreme`, but only for a chunk whose terms are not all computed yet: the bound saves
+    products, and where they exist the full test's decision costs none (and carries no risk)."""
+    kind, n = terms.kind, terms.xc.shape[0]
+    observed, null = terms.level(chunk, snr)
+    partners = {}
+
+    def partner(j: int) -> torch.Tensor:
+        if j not in partners:
+            partners[j] = terms.partner(chunk[j], snr)
+        return partners[j]
+
+    def extreme(draws: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        draws, block = draws.to(terms.xc.device), block.to(terms.xc.device)
+        nulls, perms = null(draws, block), terms.perms(chunk)[block]
+        for row, j in enumerate(draws.tolist()):
+            near = (nulls[row] - observed[j]).abs() <= FLOAT32_RECHECK * observed[j].abs()
+            if near.any():
+                nulls[row, near] = permuted_cka(terms.planted, partner(j), perms[near], kind)
+        return _at_least(nulls, observed[draws])
+
+    extreme.decided = None
+    if tail is not None and not terms.complete(chunk):
+        groups, n_perm, risk, alpha = tail
+        moments_ = []
+        for j in range(len(chunk)):  # each partner made, summarised and dropped
+            moments_.append(pair_null_moments(terms.side(), null_side(prepare(terms.partner(chunk[j], snr), kind), kind, groups), kind, n))
+        mean, sd, weight = torch.stack(moments_).mT
+        extreme.decided = tail_bound_decided(observed, mean, observed.new_empty(len(observed), 0), n_perm, risk,
+                                             exact_sd=sd, exact_weight=weight, exceedances=stop_count(n_perm, alpha))
+    return extreme
 
 
 def retrieval_extreme(xs, ys: torch.Tensor):
@@ -459,13 +540,13 @@ def planted_power(measure: str, base: torch.Tensor, snr: float, groups=None, dra
     tail = (groups, n_perm, TAIL_RISK, alpha)
 
     def test(seeds: Sequence[int]) -> Sequential:
+        if measure == "cka" and terms is not None:  # no partner made unless a recheck or the tail bound needs it
+            extreme = planted_cka_extreme(terms, seeds, snr, tail)
+            return sequential_test(extreme, len(seeds), torch.arange(n_perm), alpha, decided=extreme.decided)
         draws = (planted_representations(base, ["planted"], snr, s, rotate=False)["planted"] for s in seeds)
         # RSA ranks each draw as it is made (the draws' 300 MB of vectors at n = 5,000 never held at once, beside the
         # rank buffer); CKA and retrieval take them stacked
         ys = draws if measure == "rsa" else torch.stack(list(draws))
-        if measure == "cka" and terms is not None:
-            extreme = cka_extreme(x.expand_as(ys), ys, kind, tail, terms, seeds, snr)
-            return sequential_test(extreme, len(seeds), torch.arange(n_perm), alpha, decided=extreme.decided)
         perms = permutations(x.shape[0], n_perm, seeds[0], groups)
         extreme = measure_extreme(measure, x, ys, kind, reference, tail, ranks)
         del ys  # what the permutations need is in `extreme` (RSA: the draws' rank matrices, not their 300 MB of vectors)
