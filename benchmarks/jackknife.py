@@ -4,7 +4,8 @@ reference's rank matrix with the languages' and their norms (`xlsub.stats.infere
 of `rsa_table` and of the power analysis's draws): the compiled loop (`xlsub.stats.compiled_dots`) against torch's
 float64 tiles (forced by making `inference._compiled_dots` refuse); and the languages' rank matrices
 (`centred_ranks_each`), each RDM written into one float64 scratch matrix for all languages against a fresh one per
-language.
+language, and their keys sorted by the compiled radix sort (`xlsub.stats.compiled_sort`) against numpy's sort (one
+thread; forced by raising `inference.RADIX_MIN`).
 
 One reference language against seven (n = 5,000 sentences, 20 blocks, the table's defaults), each from its
 `centred_ranks` matrix, as `rsa_table` calls `rsa_jackknife_interval`: the languages share the cores, and each
@@ -75,6 +76,16 @@ def main() -> None:
             ranked[name] = rank()
             best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
             del ranked[name][1:]  # one kept for the comparison: the other languages' 100 MB each freed
+    radix = inference.RADIX_MIN
+    sorted_by = {}
+    for _ in range(args.repeats):
+        for name, smallest in (("numpy's sort of the keys", 1 << 62), ("compiled radix sort", radix)):
+            inference.RADIX_MIN = smallest
+            start = time.perf_counter()
+            sorted_by[name] = centred_ranks_each(ys)
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+            del sorted_by[name][1:]
+    inference.RADIX_MIN = radix
     print(f"n = {args.n}, {args.languages} languages, {args.blocks} blocks, {torch.get_num_threads()} threads")
     for name, seconds in best.items():
         print(f"  {name}: {seconds:.2f} s")
@@ -86,6 +97,10 @@ def main() -> None:
           f"largest difference {float((old - new).abs().max()):.1e}")
     old, new = (values[0] for values in ranked.values())
     print(f"  rank matrices: ratio (a scratch per language / one scratch) {best['a scratch per language'] / best['one scratch']:.2f}x; "
+          f"equal: {torch.equal(old, new)}")
+    old, new = (values[0] for values in sorted_by.values())
+    ratio = best["numpy's sort of the keys"] / best["compiled radix sort"]
+    print(f"  rank matrices' sort: ratio (numpy / compiled radix) {ratio:.2f}x; "
           f"equal: {torch.equal(old, new)}")
 
 

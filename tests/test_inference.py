@@ -361,33 +361,42 @@ def test_untied_order_is_the_argsort_and_finds_ties_even_one_ulp_apart():
     assert torch.equal(centred_ranks_(rdm(x, out=buffer)), centred_upper(rdm(x)[None], "spearman")[0]) and torch.equal(buffer, centred_upper(rdm(x), "spearman"))
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_sorted_keys_split_between_threads_is_one_sort(threads, monkeypatch):
-    """sorted_keys cuts the keys into one range per thread, moves each range into its slice of the spare buffer and
-    sorts the slices side by side: the result is numpy's one sort, for one, two and three threads, with a range
-    that is empty (every key below the first cut but one) and below the size where it splits (sorted in place);
-    value_order on top of it is still torch.argsort of untied values."""
-    from xlsub.stats import inference
+@pytest.mark.parametrize("m", [3001, 20_000])
+def test_value_orders_radix_sort_is_numpys_sort_of_the_keys(m, monkeypatch):
+    """The compiled path of value_order (pack, radix_sort, unpack: 7 passes of 8 bits at m = 3,001, an odd count that
+    ends in the spare buffer; 6 at m = 20,000, ending where it began) gives numpy's path's order and runs element for
+    element: continuous values, ties, a few distinct values, values far below the rest (one fixed-point key for
+    many), negative ones; and its packed keys sort as numpy sorts them."""
+    from xlsub.stats import compiled_sort, inference
 
-    monkeypatch.setattr(inference, "SPLIT_SORT_MIN", 64)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        rng = np.random.default_rng(threads)
-        for keys in (rng.permutation(10_000) * 7 + 3, np.concatenate([np.arange(500), [10**12]]), rng.permutation(40)):
-            keys = keys.astype(np.int64)
-            spare = np.full(len(keys), -1, dtype=np.int64)
-            expected = np.sort(keys)
-            result = inference.sorted_keys(keys.copy() if len(keys) >= 64 else keys, spare)
-            np.testing.assert_array_equal(result, expected)
-            assert (result is spare) == (threads > 1 and len(keys) >= 64)
-        values = torch.from_numpy(rng.standard_normal(3001))
-        assert torch.equal(inference.untied_order(values), torch.argsort(values))
-        tied = torch.cat([values, values[:5]])
-        order, runs = inference.value_order(tied)
-        assert torch.equal(tied[order], torch.sort(tied).values) and len(runs) == 5
-    finally:
-        torch.set_num_threads(before)
+    rng = np.random.default_rng(m)
+    base = rng.standard_normal(m)
+    cases = {"continuous": base, "tied": np.concatenate([base[:-7], base[:7]]), "few": rng.integers(0, 5, m).astype(np.float64),
+             "crowded": np.concatenate([1e-300 * rng.random(m - 2), [0.5, 1.0]]), "negative": -np.abs(base) * 1e6}
+    for name, values in cases.items():
+        values = torch.from_numpy(values)
+        monkeypatch.setattr(inference, "RADIX_MIN", 1 << 40)
+        want_order, want_runs = inference.value_order(values)
+        monkeypatch.setattr(inference, "RADIX_MIN", 64)
+        scratch = torch.full((2, m), -1.0, dtype=torch.float64)
+        order, runs = inference.value_order(values, scratch)
+        assert torch.equal(order, want_order) and torch.equal(runs, want_runs), name
+        assert order.data_ptr() == scratch[0].data_ptr()  # the order in scratch[0], as the callers expect
+        assert torch.equal(values[order], torch.sort(values).values), name
+        assert (len(runs) > 0) == (name in ("tied", "few")), name
+        if not len(runs):
+            assert torch.equal(order, torch.argsort(values)), name  # untied: the one ascending order
+    index_bits = (m - 1).bit_length()
+    key_bits = min(52, 63 - index_bits)
+    packed, spare = np.empty(m, dtype=np.int64), np.empty(m, dtype=np.int64)
+    v = base
+    counts = compiled_sort.pack(v, v.min(), float(2**key_bits - 2) / (v.max() - v.min()), index_bits, key_bits, packed)
+    keys = (((v - v.min()) * (float(2**key_bits - 2) / (v.max() - v.min()))).astype(np.int64) << index_bits) | np.arange(m)
+    np.testing.assert_array_equal(packed, keys)  # numpy's keys, bit for bit
+    assert counts.shape == ((key_bits + 7) // 8, 256) and (counts.sum(1) == m).all()
+    ended_in_spare = compiled_sort.radix_sort(packed, spare, counts, index_bits)
+    np.testing.assert_array_equal(spare if ended_in_spare else packed, np.sort(keys))
+    assert ended_in_spare == (m == 3001)
 
 
 @pytest.mark.parametrize("k", [9, 150])

@@ -4,8 +4,7 @@ Where the work is gathers, sorts and other memory-bound or serial steps, torch's
 inside each operation, and independent pieces run side by side, one thread each, use the cores better.
 Measured on the benchmark machine (2 vCPUs), side by side in one run: the Mantel null's permuted sums of 20
 permutations against six 5,000 x 5,000 rank matrices take 1.4-1.6 s split between two threads instead of
-2.6-3.5 s (`xlsub.stats.inference.permuted_cross`); 12.5M sort keys cut into two ranges sort in 0.44 s instead
-of 0.81 (`xlsub.stats.inference.sorted_keys`). Also the kNN spectra of subsamples
+2.6-3.5 s (`xlsub.stats.inference.permuted_cross`). Also the kNN spectra of subsamples
 (`xlsub.similarity.isomorphism.subsample_spectra`) and the RSA jackknife's languages (`xlsub.similarity.rsa`).
 Dense products scale with the threads when the machine is quiet (a float32 4,096 x 4,096 product: 97 GFLOP/s on
 one thread, 187 on two) and less under load (69 and 93 earlier in the same session), so they are left to torch's
