@@ -361,6 +361,34 @@ def test_untied_order_is_the_argsort_and_finds_ties_even_one_ulp_apart():
     assert torch.equal(centred_ranks_(rdm(x, out=buffer)), centred_upper(rdm(x)[None], "spearman")[0]) and torch.equal(buffer, centred_upper(rdm(x), "spearman"))
 
 
+@pytest.mark.parametrize("k", [2, 63, 150])
+def test_compiled_rank_matrix_and_its_order_match_the_torch_path(k):
+    """centred_ranks_' compiled path (ranks centred as written, the triangle mirrored in 64 x 64 tiles: 150 leaves
+    partial tiles) equals the general path (triu indices, average_ranks) bit for bit, with and without ties, as does
+    the torch path that a non-contiguous matrix takes; the jackknife's order read off a rank matrix (float64 or the
+    float32 of rank_dtype) is the argsort of the triangle by both paths, and None for a tied one."""
+    from xlsub.similarity.rsa import _untied_order
+    from xlsub.stats.inference import centred_ranks_, centred_upper, upper_entries
+
+    g = torch.Generator().manual_seed(k)
+    for tied in (False, True):
+        d = torch.randint(0, 5, (k, k), generator=g).double() if tied else torch.rand(k, k, generator=g, dtype=torch.float64)
+        d = d + d.mT
+        want = centred_upper(d[None], "spearman")[0]
+        assert torch.equal(centred_ranks_(d.clone()), want)
+        assert torch.equal(centred_ranks_(d.clone().mT), want)  # symmetric, so the same matrix: the torch path
+        for ranks in (want, want.float()):
+            order, by_torch = _untied_order(ranks.clone()), _untied_order(ranks.clone().mT)
+            if tied and k > 2:
+                assert order is None and by_torch is None
+            else:
+                assert torch.equal(order, torch.argsort(upper_entries(d))) and torch.equal(by_torch, order)
+    odd_run = torch.zeros(4, 4, dtype=torch.float64)  # a run of three ties: ranks 2, 2, 2, 4, 5, 6, integers that repeat
+    odd_run[0, 1:], odd_run[1, 2:], odd_run[2, 3] = torch.tensor([1.0, 1.0, 1.0]), torch.tensor([2.0, 3.0]), 4.0
+    ranks = centred_ranks_(odd_run + odd_run.mT)
+    assert _untied_order(ranks) is None and _untied_order(ranks.clone().mT) is None
+
+
 @pytest.mark.parametrize("m", [3001, 20_000])
 def test_value_orders_radix_sort_is_numpys_sort_of_the_keys(m, monkeypatch):
     """The compiled path of value_order (pack, radix_sort, unpack: 7 passes of 8 bits at m = 3,001, an odd count that

@@ -73,3 +73,51 @@ def unpack(ordered: np.ndarray, index_bits: int, order: np.ndarray, positions: n
             same += 1
         previous = position
     return same
+
+
+@numba.njit(nogil=True, cache=True)
+def ranks_at(order: np.ndarray, centre: float, out: np.ndarray) -> None:
+    """out[order[p]] = p + 1 - centre: the centred ranks of the sorted entries, in their own places (exact: integers and
+    half-integers below 2^52)."""
+    for p in range(len(order)):
+        out[order[p]] = (p + 1.0) - centre
+
+
+@numba.njit(nogil=True, cache=True)
+def fill_symmetric(upper: np.ndarray, d: np.ndarray) -> None:
+    """d [k, k] <- the symmetric matrix with zero diagonal whose strict upper triangle, row by row, is `upper`: the rows
+    written in order, the lower triangle mirrored tile by tile (64 x 64), so both are read and written a cache line
+    at a time."""
+    k = d.shape[0]
+    t = 0
+    for i in range(k):
+        d[i, i] = 0.0
+        for j in range(i + 1, k):
+            d[i, j] = upper[t]
+            t += 1
+    tile = 64
+    for top in range(0, k, tile):
+        for left in range(top, k, tile):
+            for i in range(top, min(top + tile, k)):
+                for j in range(max(left, i + 1), min(left + tile, k)):
+                    d[j, i] = d[i, j]
+
+
+@numba.njit(nogil=True, cache=True)
+def untied_order(ranks: np.ndarray, centre: float, order: np.ndarray) -> bool:
+    """The sort order of the strict upper triangle (row by row) of a centred rank matrix [k, k] whose ranks are 1..m
+    minus `centre` ((m + 1) / 2): order[rank - 1] = the entry's index. False (order incomplete) where a rank is not an
+    integer in 1..m or repeats: ties were averaged, and the order is not unique."""
+    k, m = ranks.shape[0], len(order)
+    for p in range(m):
+        order[p] = -1
+    t = 0
+    for i in range(k):
+        for j in range(i + 1, k):
+            position = np.float64(ranks[i, j]) + (centre - 1.0)
+            at = np.int64(position)
+            if at != position or at < 0 or at >= m or order[at] != -1:
+                return False
+            order[at] = t
+            t += 1
+    return True

@@ -357,7 +357,8 @@ def centred_ranks_(d: torch.Tensor, fallback: bool = True) -> torch.Tensor | Non
     is copied out: at k = 5,000 each fresh 100 MB buffer costs more in page faults than the arithmetic in it),
     the ranks 1..m written once into the extracted triangle (tie runs, rare in continuous dissimilarities, given
     the mean of their ranks as `average_ranks` does: a half-integer, exact), and the triangle moved back by a
-    mask, to both halves. Where `value_order` has no fast path: `centred_upper`'s result copied into d, or None
+    mask, to both halves; on the CPU the ranks are centred as they are written and the triangle moved back by a
+    compiled loop (`xlsub.stats.compiled_sort.ranks_at`, `fill_symmetric`). Where `value_order` has no fast path: `centred_upper`'s result copied into d, or None
     with fallback=False (d unchanged)."""
     upper = torch.ones(d.shape, dtype=torch.bool, device=d.device).triu_(1)
     values = upper_entries(d)
@@ -367,6 +368,15 @@ def centred_ranks_(d: torch.Tensor, fallback: bool = True) -> torch.Tensor | Non
     if found is None:
         return d.copy_(centred_upper(d, "spearman")) if fallback else None
     order, runs = found
+    if on_cpu(d) and d.is_contiguous():  # compiled: the centred ranks into the triangle, the triangle into both halves
+        from xlsub.stats import compiled_sort
+
+        centre = (m + 1) / 2  # the mean of 1..m, also with tie runs averaged (exact: the sum is an integer below 2^53)
+        compiled_sort.ranks_at(order.numpy(), centre, values.numpy())
+        for start, stop in runs.tolist():
+            values[order[start:stop]] = (start + 1 + stop) / 2 - centre
+        compiled_sort.fill_symmetric(values.numpy(), d.numpy())
+        return d
     ranks = (torch.empty_like(values) if scratch is None else scratch[1]).copy_(_arange(m, d.device)).add_(1.0)  # 1..m; value_order is done with scratch[1]
     ranks = values.index_copy_(0, order, ranks)
     for start, stop in runs.tolist():
