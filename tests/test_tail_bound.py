@@ -128,15 +128,71 @@ def test_retrieval_equals_float64_with_near_ties_and_ties():
     assert (found == -1).any() and (found >= 0).any()
 
 
+def _representable(value: float, dtype: torch.dtype) -> tuple[float, float]:
+    """The largest value of `dtype` below `value` and the smallest at or above it (stepping through the values in
+    order: a float's bits, its magnitude bits flipped when negative, count up with it)."""
+    ints, width = {torch.bfloat16: (torch.int16, 16), torch.float32: (torch.int32, 32)}[dtype]
+    mask = (1 << (width - 1)) - 1
+
+    def as_value(key: int) -> float:
+        bits = key ^ mask if key < 0 else key
+        return float(torch.tensor([bits], dtype=ints).view(dtype))
+
+    bits = int(torch.tensor([value], dtype=torch.float64).to(dtype).view(ints))
+    key = bits ^ mask if bits < 0 else bits
+    while as_value(key) < value:
+        key += 1
+    while as_value(key - 1) >= value:
+        key -= 1
+    return as_value(key - 1), as_value(key)
+
+
 @pytest.mark.parametrize("screen", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("few", [2, 3, 8])
+def test_compiled_rows_take_exactly_the_candidates_within_the_screen_margin(screen):
+    """The compiled loop's candidates are the columns at or above the row's screened best less its `screen_margins`:
+    the value just at that floor is compared in float64 and wins, the one just below it is not compared, though its
+    float64 cosine is the largest; a row whose only candidate is its screened best takes it without comparing. The
+    floor lies below 0, where neighbouring values are closer than a thousandth of the margin: a margin 0.1% wider or
+    narrower changes the answer."""
+    from xlsub.similarity import retrieval
+
+    d = 4
+    x_rounding, y_rounding = 0.4 * torch.finfo(screen).eps, 0.3 * torch.finfo(screen).eps  # measured rounding of unit rows is about eps / 4
+
+    def margin_at(best: float) -> float:
+        return float(retrieval.screen_margins(torch.tensor([best], dtype=torch.float64), torch.tensor([x_rounding], dtype=torch.float64),
+                                              torch.tensor(y_rounding, dtype=torch.float64), screen, d)[0])
+
+    best, larger = None, _representable(margin_at(0.0) / 2, screen)[1]
+    while larger - margin_at(larger) < 0:  # the largest best (in steps of 1%) whose floor lies below 0
+        best, larger = larger, _representable(larger * 1.01, screen)[1]
+    margin = margin_at(best)
+    below, at = _representable(best - margin, screen)
+    assert below < best - margin <= at < 0 < best and at - below < 1e-3 * margin
+    assert _representable(best - 1.001 * margin, screen)[1] <= below and at < _representable(best - 0.999 * margin, screen)[1]
+    cosines = torch.tensor([0.3, 0.4, 0.9, 0.1], dtype=torch.float64)  # float64 cosines of x's row with y's four rows
+    y_unit = torch.stack([cosines, (1 - cosines**2).sqrt(), torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)], 1)
+    x_unit = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 2, dtype=torch.float64)
+    screened = torch.tensor([[best, at, below, -0.5], [best, below, below, -0.5]], dtype=torch.float64).to(screen)
+    out = torch.empty(2, dtype=torch.long)
+    retrieval._compiled_rows(screened, x_unit, y_unit, torch.tensor([x_rounding] * 2, dtype=torch.float64), y_rounding, out)
+    assert out.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("screen", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("few", [2, 3, 8, "compiled"])
 def test_retrieval_screens_at_either_precision_and_rechecks_every_candidate(screen, few, monkeypatch):
     """Rows with a single screening candidate, a few (rechecked pairwise in float64) and more (whole rows
     in float32, then float64 where close), against the float64 definition; a prepared reference broadcast
-    over draws."""
+    over draws. The torch path (as on a GPU) with 2, 3 and 8 candidates rechecked pairwise; the compiled loop
+    (the CPU's path: every candidate compared in float64), also in blocks of 7 rows that do not divide n."""
     from xlsub.similarity import retrieval
 
-    monkeypatch.setattr(retrieval, "_FEW", few)
+    if few == "compiled":
+        monkeypatch.setattr(retrieval, "_COMPILED_BLOCK_BYTES", 7 * 200 * torch.finfo(screen).bits // 8)
+    else:
+        monkeypatch.setattr(retrieval, "_FEW", few)
+        monkeypatch.setattr(retrieval, "_compiled", lambda screened: False)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 200, 32, generator=g, dtype=torch.float64)
     y = x + 0.5 * torch.randn(2, 200, 32, generator=g, dtype=torch.float64)

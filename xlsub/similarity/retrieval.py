@@ -11,23 +11,29 @@ from __future__ import annotations
 import math
 from functools import partial
 
+import numpy as np
 import torch
 
 from xlsub.similarity.permutation import PermutationResult, permutation_result, permutations
+from xlsub.stats import inference
+from xlsub.stats.workers import side_by_side
 
 # Rows of x per similarity block in retrieval (a block x n matrix at a time).
 _ROW_BLOCK = 1024
+# Bytes of screened similarities per call of the compiled loop (a whole layer at n = 5,000 in bfloat16: 50 MB).
+_COMPILED_BLOCK_BYTES = 1 << 26
 # Screening candidates a row may have for a pairwise float64 recheck; a row with more is screened again in
 # float32 (the pairwise gather reads d float64 per candidate: cheaper than a float32 row only for a few).
 _FEW = 8
 
 
 def unit_rows(x: torch.Tensor, centre: bool) -> torch.Tensor:
-    """x in float64, centred over examples if asked, rows scaled to unit length (zero rows stay zero)."""
-    x = x.to(torch.float64)
+    """x in float64, centred over examples if asked, rows scaled to unit length (zero rows stay zero); in one new
+    tensor, centred and scaled in place (each new one of a 13-layer, 5,000-sentence side is 400 MB to fault in)."""
+    x = x.to(torch.float64, copy=True)
     if centre:
-        x = x - x.mean(-2, keepdim=True)
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        x.sub_(x.mean(-2, keepdim=True))
+    return x.div_(torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny))
 
 
 def _screen_dtype(device: torch.device) -> torch.dtype:
@@ -112,13 +118,44 @@ def nearest_translation(x, y) -> torch.Tensor:
     x_rounding, y_largest = xs.rounding.expand(*lead, n).reshape(-1, n), ys.rounding.amax(-1).expand(lead).reshape(-1)
     dtype, second = xs.screen.dtype, 2 * screen_error(torch.float32, d)
     out = torch.empty(flat[0].shape[0], n, dtype=torch.long, device=flat[0].device)
+    compiled = _compiled(flat[0])
     for k, (x_screen, x_unit, y_screen, y_unit) in enumerate(zip(*flat)):
+        if compiled:  # larger blocks: each is one call of the compiled loop, its rows split between the threads
+            step = max(1, _COMPILED_BLOCK_BYTES // (n * x_screen.element_size()))
+            for start in range(0, n, step):
+                rows = slice(start, start + step)
+                _compiled_rows(x_screen[rows] @ y_screen.mT, x_unit[rows], y_unit, x_rounding[k, rows], float(y_largest[k]), out[k, rows])
+            continue
         y32 = y_unit.float() if dtype != torch.float32 else None  # a float32 screen goes on to float64
         for start in range(0, n, _ROW_BLOCK):
             rows = slice(start, start + _ROW_BLOCK)
             margins = partial(screen_margins, x_rounding=x_rounding[k, rows], y_rounding=y_largest[k], dtype=dtype, d=d), second
             out[k, rows] = _nearest_rows(x_screen[rows] @ y_screen.mT, x_unit[rows], y_unit, y32, margins)
     return out.reshape(*lead, n)
+
+
+def _compiled(screen: torch.Tensor) -> bool:
+    """Whether `nearest_translation` answers its screened rows by the compiled loop (`xlsub.similarity.compiled_nearest`):
+    on the CPU, for a bfloat16 or float32 screen."""
+    return inference.on_cpu(screen) and screen.dtype in (torch.bfloat16, torch.float32)
+
+
+def _compiled_rows(screened: torch.Tensor, x_unit: torch.Tensor, y_unit: torch.Tensor, x_rounding: torch.Tensor, y_rounding: float,
+                   out: torch.Tensor) -> None:
+    """`_nearest_rows`' answers written into out [r] (int64) by the compiled loop, the rows split between the threads:
+    each row's candidates within its `screen_margins` compared by their float64 cosines, however many."""
+    from xlsub.similarity import compiled_nearest  # numba, imported where it is used
+
+    dtype, d = screened.dtype, x_unit.shape[-1]
+    u = torch.finfo(dtype).eps / 2
+    bounds = u, 1.1 * d * torch.finfo(torch.float32).eps * (1 + u) ** 2, screen_error(dtype, d)
+    kernel, values = (compiled_nearest.nearest_bfloat16, screened.view(torch.int16)) if dtype == torch.bfloat16 else \
+        (compiled_nearest.nearest_float32, screened)
+    arrays = values.contiguous().numpy(), x_unit.contiguous().numpy(), y_unit.contiguous().numpy(), x_rounding.contiguous().numpy()
+    answers = np.empty(len(out), dtype=np.int64)
+    parts = [part for part in np.array_split(np.arange(len(out)), max(1, min(len(out), torch.get_num_threads()))) if len(part)]
+    side_by_side(lambda part: kernel(*arrays, y_rounding, *bounds, int(part[0]), int(part[-1]) + 1, answers), parts)
+    out.copy_(torch.from_numpy(answers))
 
 
 def _unique_best(similarities: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,68 @@
+"""Translation retrieval's screened rows (`xlsub.similarity.retrieval.nearest_translation`): the compiled loop
+(`xlsub.similarity.compiled_nearest`: each row's candidates collected in two reads and compared by their float64
+cosines) against the torch path (`topk` of 8, a pairwise float64 recheck of 2-7 candidates, a float32 product against
+every sentence for 8 or more), side by side in one run, at the study's size (n = 5,000 sentences, 13 layers, d = 768,
+as `retrieval_table` calls it for one language against the reference).
+
+Two pairs of encodings: translations sharing a strong signal (most rows have one candidate, as the full model's) and
+independent ones (a random model's: chance-level cosines, close together at the top of each row). The columns are
+scaled by a decaying spectrum and the values rounded through float16, as `benchmarks/scale.py` makes them. The torch
+path is forced by making `retrieval._compiled` refuse. Timings are the best of `--repeats` runs, interleaved; both
+paths' answers are compared (they must be equal).
+
+    python benchmarks/retrieval.py              # ~1 minute on 2 idle cores
+    python benchmarks/retrieval.py --n 2000     # smaller
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from xlsub.similarity import retrieval  # noqa: E402
+
+
+def encodings(n: int, layers: int, d: int, signal: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    spectrum = (torch.arange(d) + 1.0) ** -0.35
+    shared = torch.randn(layers, n, d, generator=g)
+    x = (signal * shared + torch.randn(layers, n, d, generator=g)).mul_(spectrum).half().float()
+    y = (signal * shared + torch.randn(layers, n, d, generator=g)).mul_(spectrum).half().float()
+    return x, y
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=5000, help="sentences (default: the study's 5,000)")
+    parser.add_argument("--layers", type=int, default=13)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    compiled = retrieval._compiled
+    retrieval.nearest_translation(torch.randn(50, 8), torch.randn(50, 8))  # compiled (or read from numba's cache) before timing
+    for name, signal in (("translations", 1.0), ("independent", 0.0)):
+        x, y = encodings(args.n, args.layers, args.hidden, signal, seed=1)
+        reference = retrieval.CosineSide(x)
+        best, found = {}, {}
+        for _ in range(args.repeats):
+            for path in ("torch", "compiled"):
+                retrieval._compiled = compiled if path == "compiled" else (lambda screen: False)
+                start = time.perf_counter()
+                found[path] = retrieval.nearest_translation(y, reference)
+                best[path] = min(best.get(path, float("inf")), time.perf_counter() - start)
+        retrieval._compiled = compiled
+        if not torch.equal(found["torch"], found["compiled"]):
+            raise SystemExit(f"{name}: the paths' answers differ in {int((found['torch'] != found['compiled']).sum())} rows")
+        print(f"{name} (top-1 {float(retrieval.top1(found['compiled']).mean()):.4f} over {args.layers} layers, n={args.n}, d={args.hidden}, "
+              f"screen {reference.screen.dtype}): torch {best['torch']:.2f} s, compiled {best['compiled']:.2f} s, "
+              f"{best['torch'] / best['compiled']:.2f}x, the same answers")
+
+
+if __name__ == "__main__":
+    main()
