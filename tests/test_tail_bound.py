@@ -175,7 +175,9 @@ def test_compiled_rows_take_exactly_the_candidates_within_the_screen_margin(scre
     x_unit = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 2, dtype=torch.float64)
     screened = torch.tensor([[best, at, below, -0.5], [best, below, below, -0.5]], dtype=torch.float64).to(screen)
     out = torch.empty(2, dtype=torch.long)
-    retrieval._compiled_rows(screened, x_unit, y_unit, torch.tensor([x_rounding] * 2, dtype=torch.float64), y_rounding, out)
+    zeros = torch.zeros(d, dtype=torch.float64)  # unit rows already: their mean taken as 0 and their scales as 1
+    retrieval._compiled_rows(screened, (x_unit, zeros, torch.ones(2, dtype=torch.float64)), (y_unit, zeros, torch.ones(4, dtype=torch.float64)),
+                             torch.tensor([x_rounding] * 2, dtype=torch.float64), y_rounding, out)
     assert out.tolist() == [1, 0]
 
 
@@ -192,7 +194,7 @@ def test_retrieval_screens_at_either_precision_and_rechecks_every_candidate(scre
         monkeypatch.setattr(retrieval, "_COMPILED_BLOCK_BYTES", 7 * 200 * torch.finfo(screen).bits // 8)
     else:
         monkeypatch.setattr(retrieval, "_FEW", few)
-        monkeypatch.setattr(retrieval, "_compiled", lambda screened: False)
+        monkeypatch.setattr(retrieval, "_compiled", lambda x, dtype: False)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 200, 32, generator=g, dtype=torch.float64)
     y = x + 0.5 * torch.randn(2, 200, 32, generator=g, dtype=torch.float64)
@@ -234,7 +236,7 @@ def test_screen_margins_bound_each_rows_candidates():
     near copies, exact copies and independent rows, at the bfloat16 screen's own product. Two-sided: the errors
     reach more than 40% of the bound on peaked copies (a bound inflated 2.5-fold fails), and near chance the
     margin is well under the worst case's."""
-    from xlsub.similarity.retrieval import CosineSide, screen_error, screen_margins
+    from xlsub.similarity.retrieval import CosineSide, screen_error, screen_margins, unit_rows
 
     g = torch.Generator().manual_seed(6)
     d = 384
@@ -245,7 +247,9 @@ def test_screen_margins_bound_each_rows_candidates():
     for a in (spread, peaked):
         for b in (a + 0.01 * torch.randn(300, d, generator=g, dtype=torch.float64), a.clone(), torch.randn(300, d, generator=g, dtype=torch.float64)):
             x, y = CosineSide(a, torch.bfloat16), CosineSide(b, torch.bfloat16)
-            assert torch.equal(x.rounding, torch.linalg.vector_norm(x.screen.double() - x.unit, dim=-1))
+            assert torch.equal(x.screen, x.unit.to(torch.bfloat16))  # the compiled rounding is torch's, value for value
+            torch.testing.assert_close(x.rounding, torch.linalg.vector_norm(x.screen.double() - x.unit, dim=-1), rtol=1e-13, atol=0)
+            torch.testing.assert_close(x.unit, unit_rows(a, True), rtol=0, atol=1e-15)
             screened, exact = (x.screen @ y.screen.mT).double(), x.unit @ y.unit.mT
             best = screened.amax(-1)
             margins = screen_margins(best, x.rounding, y.rounding.amax(), torch.bfloat16, d)

@@ -1,13 +1,19 @@
-"""A compiled loop (numba) for translation retrieval's screened rows on the CPU (`xlsub.similarity.retrieval`).
+"""Compiled loops (numba) for translation retrieval on the CPU (`xlsub.similarity.retrieval`): each side's rows
+prepared in one pass, and the screened rows answered.
 
-Each row of a screened block (bfloat16 or float32 cosines of one sentence against every sentence of the other
-language) is read once to find its largest value and once more to collect its candidates: every column within the
-row's margin of that value (`retrieval.screen_margins`, the same float64 operations). A single candidate answers the
-row; several are compared by their float64 cosines, each a dot product of the two unit rows, whatever their number.
-The torch path instead takes each row's 8 largest values (`topk`), rechecks rows with 2 to 7 candidates by a gather
-and rows with 8 or more by a float32 product against every sentence, then float64 where close.
+`side_bfloat16`, `side_float32`: a language's rows x [n, d] (float32 or float64) centred on their mean, scaled to unit
+length (`scale` = 1 / norm, float64), rounded to the screening dtype (float64 -> float32 -> bfloat16, each to nearest
+even) and each row's rounding error |screen - unit| measured, without a float64 copy of the rows: the candidates'
+float64 cosines are formed from the rows themselves, (x_i - mean) scale_i . (y_c - mean_y) scale_c.
 
-The float64 dots are summed in a fixed order (`_dot`, no reassociation by the compiler), so identical rows have
+`nearest_bfloat16`, `nearest_float32`: each row of a screened block (bfloat16 or float32 cosines of one sentence
+against every sentence of the other language) is read once to find its largest value and once more to collect its
+candidates: every column within the row's margin of that value (`retrieval.screen_margins`, the same float64
+operations). A single candidate answers the row; several are compared by their float64 cosines, whatever their
+number. The torch path instead takes each row's 8 largest values (`topk`), rechecks rows with 2 to 7 candidates by a
+gather and rows with 8 or more by a float32 product against every sentence, then float64 where close.
+
+The float64 cosines are summed in a fixed order (`_cosine`, no reassociation by the compiler), so identical rows have
 identical cosines and a tie with a copy is found as a tie. Measured side by side in `benchmarks/retrieval.py`.
 """
 
@@ -18,27 +24,92 @@ import numpy as np
 
 
 @numba.njit(nogil=True, cache=True)
-def _dot(a: np.ndarray, b: np.ndarray) -> float:
-    """sum_k a[k] b[k] in float64, in eight interleaved partial sums added in a fixed order: the same rounding for
-    the same operands wherever they lie in memory, four to eight times the speed of one running sum."""
-    d = len(a)
+def _cosine(unit: np.ndarray, row: np.ndarray, mean: np.ndarray, scale: float) -> float:
+    """sum_k unit[k] (row[k] - mean[k]) * scale in float64, in eight interleaved partial sums added in a fixed order:
+    the same rounding for the same operands wherever they lie in memory, several times the speed of one running sum."""
+    d = len(unit)
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
     k = 0
     while k + 8 <= d:
-        s0 += a[k] * b[k]
-        s1 += a[k + 1] * b[k + 1]
-        s2 += a[k + 2] * b[k + 2]
-        s3 += a[k + 3] * b[k + 3]
-        s4 += a[k + 4] * b[k + 4]
-        s5 += a[k + 5] * b[k + 5]
-        s6 += a[k + 6] * b[k + 6]
-        s7 += a[k + 7] * b[k + 7]
+        s0 += unit[k] * (np.float64(row[k]) - mean[k])
+        s1 += unit[k + 1] * (np.float64(row[k + 1]) - mean[k + 1])
+        s2 += unit[k + 2] * (np.float64(row[k + 2]) - mean[k + 2])
+        s3 += unit[k + 3] * (np.float64(row[k + 3]) - mean[k + 3])
+        s4 += unit[k + 4] * (np.float64(row[k + 4]) - mean[k + 4])
+        s5 += unit[k + 5] * (np.float64(row[k + 5]) - mean[k + 5])
+        s6 += unit[k + 6] * (np.float64(row[k + 6]) - mean[k + 6])
+        s7 += unit[k + 7] * (np.float64(row[k + 7]) - mean[k + 7])
         k += 8
     rest = 0.0
     while k < d:
-        rest += a[k] * b[k]
+        rest += unit[k] * (np.float64(row[k]) - mean[k])
         k += 1
-    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)) + rest
+    return (((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)) + rest) * scale
+
+
+@numba.njit(nogil=True, cache=True)
+def column_mean(x: np.ndarray, out: np.ndarray) -> None:
+    """out[k] = the mean of x[:, k], summed in float64 row by row."""
+    for k in range(x.shape[1]):
+        out[k] = 0.0
+    for i in range(x.shape[0]):
+        for k in range(x.shape[1]):
+            out[k] += np.float64(x[i, k])
+    for k in range(x.shape[1]):
+        out[k] /= x.shape[0]
+
+
+@numba.njit(nogil=True, cache=True)
+def _unit_row(row: np.ndarray, mean: np.ndarray, unit: np.ndarray) -> float:
+    """unit <- (row - mean) / its norm (times 1 / max(norm, the smallest normal float64): a zero row stays zero);
+    returns that scale."""
+    total = 0.0
+    for k in range(len(row)):
+        unit[k] = np.float64(row[k]) - mean[k]
+        total += unit[k] * unit[k]
+    scale = 1.0 / max(np.sqrt(total), 2.2250738585072014e-308)
+    for k in range(len(row)):
+        unit[k] *= scale
+    return scale
+
+
+@numba.njit(nogil=True, cache=True)
+def side_bfloat16(x: np.ndarray, mean: np.ndarray, start: int, stop: int, scale: np.ndarray, bits: np.ndarray,
+                  rounding: np.ndarray) -> None:
+    """For the rows start <= i < stop of x [n, d]: scale[i], the unit row rounded to bfloat16 (its bits into
+    bits [n, d] int16) and rounding[i] = |bfloat16 row - unit row| (float64)."""
+    d = x.shape[1]
+    unit = np.empty(d)
+    narrow = np.empty(d, np.float32)
+    wide = narrow.view(np.uint32)
+    for i in range(start, stop):
+        scale[i] = _unit_row(x[i], mean, unit)
+        for k in range(d):
+            narrow[k] = np.float32(unit[k])
+        total = 0.0
+        for k in range(d):
+            w = wide[k]
+            upper = (w + np.uint32(0x7FFF) + ((w >> 16) & np.uint32(1))) >> 16  # to nearest, ties to even
+            bits[i, k] = np.int16(np.uint16(upper))
+            wide[k] = upper << 16
+            error = np.float64(narrow[k]) - unit[k]
+            total += error * error
+        rounding[i] = np.sqrt(total)
+
+
+@numba.njit(nogil=True, cache=True)
+def side_float32(x: np.ndarray, mean: np.ndarray, start: int, stop: int, scale: np.ndarray, screen: np.ndarray,
+                 rounding: np.ndarray) -> None:
+    """`side_bfloat16` for a float32 screen [n, d]."""
+    unit = np.empty(x.shape[1])
+    for i in range(start, stop):
+        scale[i] = _unit_row(x[i], mean, unit)
+        total = 0.0
+        for k in range(x.shape[1]):
+            screen[i, k] = np.float32(unit[k])
+            error = np.float64(screen[i, k]) - unit[k]
+            total += error * error
+        rounding[i] = np.sqrt(total)
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"nnan", "ninf", "nsz"})
@@ -67,8 +138,9 @@ def _count_at_least(values: np.ndarray, floor: float) -> int:
 
 
 @numba.njit(nogil=True, cache=True)
-def _answer(values: np.ndarray, top: float, x_row: np.ndarray, y_unit: np.ndarray, x_rounding: float, y_rounding: float,
-            u: float, accumulation: float, worst: float, output: bool, candidates: np.ndarray) -> int:
+def _answer(values: np.ndarray, top: float, x_unit: np.ndarray, y: np.ndarray, y_mean: np.ndarray, y_scale: np.ndarray,
+            x_rounding: float, y_rounding: float, u: float, accumulation: float, worst: float, output: bool,
+            candidates: np.ndarray) -> int:
     """The float64 nearest column of one screened row `values` (float32 [n], its largest `top`), or -1 on a tie."""
     inputs = x_rounding + y_rounding + x_rounding * y_rounding + accumulation
     rounded = u * (abs(top) + 3 * worst) if output else 0.0
@@ -85,7 +157,7 @@ def _answer(values: np.ndarray, top: float, x_row: np.ndarray, y_unit: np.ndarra
             count += 1
     first, second, where = -np.inf, -np.inf, -1
     for c in candidates[:count]:
-        dot = _dot(x_row, y_unit[c])
+        dot = _cosine(x_unit, y[c], y_mean, y_scale[c])
         if dot > first:
             first, second, where = dot, first, c
         elif dot > second:
@@ -94,32 +166,46 @@ def _answer(values: np.ndarray, top: float, x_row: np.ndarray, y_unit: np.ndarra
 
 
 @numba.njit(nogil=True, cache=True)
-def nearest_bfloat16(bits: np.ndarray, x_unit: np.ndarray, y_unit: np.ndarray, x_rounding: np.ndarray, y_rounding: float,
-                     u: float, accumulation: float, worst: float, start: int, stop: int, out: np.ndarray) -> None:
-    """out[i] for the rows start <= i < stop of a bfloat16 screen given as its bits (int16 [r, n]): bfloat16 is the
-    upper half of a float32, so each value is its bits shifted up 16."""
+def _x_unit(row: np.ndarray, mean: np.ndarray, scale: float, unit: np.ndarray) -> np.ndarray:
+    """unit <- (row - mean) * scale: `_unit_row`'s unit row again, from its scale."""
+    for k in range(len(row)):
+        unit[k] = (np.float64(row[k]) - mean[k]) * scale
+    return unit
+
+
+@numba.njit(nogil=True, cache=True)
+def nearest_bfloat16(bits: np.ndarray, x: np.ndarray, x_mean: np.ndarray, x_scale: np.ndarray, y: np.ndarray, y_mean: np.ndarray,
+                     y_scale: np.ndarray, x_rounding: np.ndarray, y_rounding: float, u: float, accumulation: float, worst: float,
+                     start: int, stop: int, out: np.ndarray) -> None:
+    """out[i] for the rows start <= i < stop of a bfloat16 screen given as its bits (int16 [r, n]; bfloat16 is the
+    upper half of a float32, so each value is its bits shifted up 16) of rows x [r, d] against y [n, d] (each side's
+    mean and scales from `side_bfloat16`)."""
     n = bits.shape[1]
     wide = np.empty(n, np.uint32)
     values = wide.view(np.float32)
     candidates = np.empty(n, np.int64)
+    unit = np.empty(x.shape[1])
     flip = np.int16(0x7FFF)
     largest = np.empty(1, np.uint32)
     for i in range(start, stop):
         row = bits[i]
         best = np.int16(-32768)
         for j in range(n):
-            x = row[j]
-            wide[j] = np.uint32(np.uint16(x)) << 16
-            best = max(best, x ^ ((x >> 15) & flip))  # a finite bfloat16's order is this integer's (-0 below +0)
+            value = row[j]
+            wide[j] = np.uint32(np.uint16(value)) << 16
+            best = max(best, value ^ ((value >> 15) & flip))  # a finite bfloat16's order is this integer's (-0 below +0)
         largest[0] = np.uint32(np.uint16(best ^ ((best >> 15) & flip))) << 16  # the largest value's bits, read as a float32
-        out[i] = _answer(values, np.float64(largest.view(np.float32)[0]), x_unit[i], y_unit, x_rounding[i], y_rounding, u, accumulation, worst, True, candidates)
+        out[i] = _answer(values, np.float64(largest.view(np.float32)[0]), _x_unit(x[i], x_mean, x_scale[i], unit), y, y_mean,
+                         y_scale, x_rounding[i], y_rounding, u, accumulation, worst, True, candidates)
 
 
 @numba.njit(nogil=True, cache=True)
-def nearest_float32(screened: np.ndarray, x_unit: np.ndarray, y_unit: np.ndarray, x_rounding: np.ndarray, y_rounding: float,
-                    u: float, accumulation: float, worst: float, start: int, stop: int, out: np.ndarray) -> None:
-    """out[i] for the rows start <= i < stop of a float32 screen (no output rounding in its margin)."""
+def nearest_float32(screened: np.ndarray, x: np.ndarray, x_mean: np.ndarray, x_scale: np.ndarray, y: np.ndarray, y_mean: np.ndarray,
+                    y_scale: np.ndarray, x_rounding: np.ndarray, y_rounding: float, u: float, accumulation: float, worst: float,
+                    start: int, stop: int, out: np.ndarray) -> None:
+    """`nearest_bfloat16` for a float32 screen (no output rounding in its margin)."""
     candidates = np.empty(screened.shape[1], np.int64)
+    unit = np.empty(x.shape[1])
     for i in range(start, stop):
-        out[i] = _answer(screened[i], np.float64(_largest(screened[i])), x_unit[i], y_unit, x_rounding[i], y_rounding, u,
-                         accumulation, worst, False, candidates)
+        out[i] = _answer(screened[i], np.float64(_largest(screened[i])), _x_unit(x[i], x_mean, x_scale[i], unit), y, y_mean,
+                         y_scale, x_rounding[i], y_rounding, u, accumulation, worst, False, candidates)

@@ -80,18 +80,54 @@ def screen_margins(best: torch.Tensor, x_rounding: torch.Tensor, y_rounding: tor
 
 
 class CosineSide:
-    """One side of retrieval: rows centred on their own mean and scaled to unit length (`unit_rows`, float64),
-    the same rounded to the screening dtype, and each row's rounding error |screen - unit| (`rounding`, float64
+    """One side of retrieval: rows centred on their own mean and scaled to unit length (`unit`, float64), the same
+    rounded to the screening dtype (`screen`), and each row's rounding error |screen - unit| (`rounding`, float64
     [..., n], for `screen_margins`). Prepare a side once to retrieve against it many times (the reference language
-    against every other)."""
+    against every other).
+
+    On the CPU (`_compiled`) one compiled pass a row makes the screen and the rounding error
+    (`xlsub.similarity.compiled_nearest.side_bfloat16`), keeping the rows themselves (`rows`: x, not copied where it is
+    float32 or float64 and contiguous, so it must not change while the side is used), their `mean` [..., d] and each
+    row's `scale` (1 / its centred norm) [..., n] instead of a float64 copy: `unit` is made only when asked for. Elsewhere
+    `unit` is made at once (`unit_rows`) and `rows` is None."""
 
     def __init__(self, x: torch.Tensor, dtype: torch.dtype | None = None):
-        self.unit = unit_rows(x, True)
-        self.screen = self.unit.to(dtype or _screen_dtype(self.unit.device))
-        flat_unit, flat_screen = self.unit.reshape(-1, *self.unit.shape[-2:]), self.screen.reshape(-1, *self.unit.shape[-2:])
-        self.rounding = torch.stack([torch.linalg.vector_norm(s.double().sub_(u), dim=-1)  # a layer at a time: no float64 copy of all
-                                     for s, u in zip(flat_screen, flat_unit)]).reshape(self.unit.shape[:-1])
-        self.shape = self.unit.shape
+        dtype = dtype or _screen_dtype(x.device)
+        self.shape = x.shape
+        if not _compiled(x, dtype):
+            self.rows, self._unit = None, unit_rows(x, True)
+            self.screen = self._unit.to(dtype)
+            flat_unit, flat_screen = self._unit.reshape(-1, *x.shape[-2:]), self.screen.reshape(-1, *x.shape[-2:])
+            self.rounding = torch.stack([torch.linalg.vector_norm(s.double().sub_(u), dim=-1)  # a layer at a time: no float64 copy of all
+                                         for s, u in zip(flat_screen, flat_unit)]).reshape(x.shape[:-1])
+            return
+        from xlsub.similarity import compiled_nearest  # numba, imported where it is used
+
+        n, d = x.shape[-2:]
+        self.rows, self._unit = (x if x.dtype in (torch.float32, torch.float64) else x.float()).contiguous(), None
+        rows = self.rows.reshape(-1, n, d).numpy()
+        self.mean = torch.empty(len(rows), d, dtype=torch.float64)
+        self.scale = torch.empty(len(rows), n, dtype=torch.float64)
+        self.rounding = torch.empty(len(rows), n, dtype=torch.float64)
+        self.screen = torch.empty(len(rows), n, d, dtype=dtype)
+        mean, scale, rounding = self.mean.numpy(), self.scale.numpy(), self.rounding.numpy()
+        screen, kernel = (self.screen.view(torch.int16).numpy(), compiled_nearest.side_bfloat16) if dtype == torch.bfloat16 else \
+            (self.screen.numpy(), compiled_nearest.side_float32)
+        for layer in range(len(rows)):
+            compiled_nearest.column_mean(rows[layer], mean[layer])
+        split = max(1, torch.get_num_threads() // len(rows))  # a single layer's rows split between the threads
+        parts = [(layer, int(part[0]), int(part[-1]) + 1) for layer in range(len(rows)) for part in np.array_split(np.arange(n), split) if len(part)]
+        side_by_side(lambda part: kernel(rows[part[0]], mean[part[0]], part[1], part[2], scale[part[0]], screen[part[0]], rounding[part[0]]), parts)
+        lead = x.shape[:-2]
+        self.mean, self.scale, self.rounding = self.mean.reshape(*lead, d), self.scale.reshape(*lead, n), self.rounding.reshape(*lead, n)
+        self.screen = self.screen.reshape(x.shape)
+
+    @property
+    def unit(self) -> torch.Tensor:
+        """The centred unit rows, float64 [..., n, d] (on the CPU's path: (rows - mean) * scale, made when first asked for)."""
+        if self._unit is None:
+            self._unit = (self.rows.double() - self.mean.unsqueeze(-2)) * self.scale.unsqueeze(-1)
+        return self._unit
 
 
 def nearest_translation(x, y) -> torch.Tensor:
@@ -103,7 +139,8 @@ def nearest_translation(x, y) -> torch.Tensor:
     similarities are screened at a lower precision in blocks of rows of x (a block x n matrix at a time),
     every row of y within the row's `screen_margins` of its screened best is a candidate (no other can be the
     float64 best or tie with it), a row with one candidate is answered, and the candidates of the others
-    are compared in float64.
+    are compared in float64: on the CPU by compiled loops (`_compiled_nearest`: every candidate's float64 cosine,
+    however many), elsewhere by torch (`_nearest_rows`).
     """
     prepared = [side.screen.dtype for side in (x, y) if isinstance(side, CosineSide)]
     xs, ys = (side if isinstance(side, CosineSide) else CosineSide(side, prepared[0] if prepared else None) for side in (x, y))
@@ -114,18 +151,13 @@ def nearest_translation(x, y) -> torch.Tensor:
                          "(one space, so cosines compare) and at least 2 examples")
     n, d = xs.shape[-2:]
     lead = torch.broadcast_shapes(xs.shape[:-2], ys.shape[:-2])
+    if xs.rows is not None and ys.rows is not None:  # both prepared for the compiled loop
+        return _compiled_nearest(xs, ys, lead)
     flat = [side.expand(*lead, n, d).reshape(-1, n, d) for side in (xs.screen, xs.unit, ys.screen, ys.unit)]
     x_rounding, y_largest = xs.rounding.expand(*lead, n).reshape(-1, n), ys.rounding.amax(-1).expand(lead).reshape(-1)
     dtype, second = xs.screen.dtype, 2 * screen_error(torch.float32, d)
     out = torch.empty(flat[0].shape[0], n, dtype=torch.long, device=flat[0].device)
-    compiled = _compiled(flat[0])
     for k, (x_screen, x_unit, y_screen, y_unit) in enumerate(zip(*flat)):
-        if compiled:  # larger blocks: each is one call of the compiled loop, its rows split between the threads
-            step = max(1, _COMPILED_BLOCK_BYTES // (n * x_screen.element_size()))
-            for start in range(0, n, step):
-                rows = slice(start, start + step)
-                _compiled_rows(x_screen[rows] @ y_screen.mT, x_unit[rows], y_unit, x_rounding[k, rows], float(y_largest[k]), out[k, rows])
-            continue
         y32 = y_unit.float() if dtype != torch.float32 else None  # a float32 screen goes on to float64
         for start in range(0, n, _ROW_BLOCK):
             rows = slice(start, start + _ROW_BLOCK)
@@ -134,27 +166,50 @@ def nearest_translation(x, y) -> torch.Tensor:
     return out.reshape(*lead, n)
 
 
-def _compiled(screen: torch.Tensor) -> bool:
-    """Whether `nearest_translation` answers its screened rows by the compiled loop (`xlsub.similarity.compiled_nearest`):
-    on the CPU, for a bfloat16 or float32 screen."""
-    return inference.on_cpu(screen) and screen.dtype in (torch.bfloat16, torch.float32)
+def _compiled(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether `CosineSide` prepares x, and `nearest_translation` answers its screened rows, by the compiled loops
+    (`xlsub.similarity.compiled_nearest`): on the CPU, for a bfloat16 or float32 screen."""
+    return inference.on_cpu(x) and dtype in (torch.bfloat16, torch.float32)
 
 
-def _compiled_rows(screened: torch.Tensor, x_unit: torch.Tensor, y_unit: torch.Tensor, x_rounding: torch.Tensor, y_rounding: float,
-                   out: torch.Tensor) -> None:
+def _compiled_nearest(xs: CosineSide, ys: CosineSide, lead: torch.Size) -> torch.Tensor:
+    """`nearest_translation` of two sides prepared for the compiled loop: each pair's screen made a block of rows at a
+    time (`_COMPILED_BLOCK_BYTES`: a layer at n = 5,000), each block's rows answered by one call of the loop, split
+    between the threads (`_compiled_rows`). A side broadcast over the other's leading dimensions is read in place."""
+    n = xs.shape[-2]
+
+    def flat(side: CosineSide) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        own = side.shape[:-2]
+        index = torch.arange(own.numel()).reshape(own).expand(lead).reshape(-1)  # the side's layer for each pair
+        return index, [t.reshape(-1, *t.shape[len(own):]) for t in (side.screen, side.rows, side.mean, side.scale, side.rounding)]
+
+    (x_index, x), (y_index, y) = flat(xs), flat(ys)
+    out = torch.empty(len(x_index), n, dtype=torch.long)
+    step = max(1, _COMPILED_BLOCK_BYTES // (n * xs.screen.element_size()))
+    for k, (a, b) in enumerate(zip(x_index.tolist(), y_index.tolist())):
+        y_largest = float(y[4][b].max())
+        for start in range(0, n, step):
+            rows = slice(start, start + step)
+            _compiled_rows(x[0][a, rows] @ y[0][b].mT, (x[1][a, rows], x[2][a], x[3][a, rows]), (y[1][b], y[2][b], y[3][b]),
+                           x[4][a, rows], y_largest, out[k, rows])
+    return out.reshape(*lead, n)
+
+
+def _compiled_rows(screened: torch.Tensor, x: tuple, y: tuple, x_rounding: torch.Tensor, y_rounding: float, out: torch.Tensor) -> None:
     """`_nearest_rows`' answers written into out [r] (int64) by the compiled loop, the rows split between the threads:
-    each row's candidates within its `screen_margins` compared by their float64 cosines, however many."""
+    each row's candidates within its `screen_margins` compared by their float64 cosines, however many. x: (rows [r, d],
+    mean [d], scale [r]) of the block's rows, y: (rows [n, d], mean [d], scale [n]) of the other side (`CosineSide`)."""
     from xlsub.similarity import compiled_nearest  # numba, imported where it is used
 
-    dtype, d = screened.dtype, x_unit.shape[-1]
+    dtype, d = screened.dtype, x[0].shape[-1]
     u = torch.finfo(dtype).eps / 2
     bounds = u, 1.1 * d * torch.finfo(torch.float32).eps * (1 + u) ** 2, screen_error(dtype, d)
     kernel, values = (compiled_nearest.nearest_bfloat16, screened.view(torch.int16)) if dtype == torch.bfloat16 else \
         (compiled_nearest.nearest_float32, screened)
-    arrays = values.contiguous().numpy(), x_unit.contiguous().numpy(), y_unit.contiguous().numpy(), x_rounding.contiguous().numpy()
+    arrays = [t.contiguous().numpy() for t in (values, *x, *y, x_rounding)]
     answers = np.empty(len(out), dtype=np.int64)
     parts = [part for part in np.array_split(np.arange(len(out)), max(1, min(len(out), torch.get_num_threads()))) if len(part)]
-    side_by_side(lambda part: kernel(*arrays, y_rounding, *bounds, int(part[0]), int(part[-1]) + 1, answers), parts)
+    side_by_side(lambda part: kernel(*arrays[:7], arrays[7], y_rounding, *bounds, int(part[0]), int(part[-1]) + 1, answers), parts)
     out.copy_(torch.from_numpy(answers))
 
 
