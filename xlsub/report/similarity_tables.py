@@ -26,7 +26,7 @@ import torch
 
 from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, TABLE, last_layer, layer_count, ordered, subnetwork_key
 from xlsub.similarity import power
-from xlsub.similarity.cka import cka, prepare, prepared_cka
+from xlsub.similarity.cka import prepare, prepared_cka
 from xlsub.similarity.controls import length_only_representations
 from xlsub.similarity.isomorphism import TOP_EIGENVALUES, knn_laplacian_spectrum, spectrum_distance, subsample_spectra, subsamples
 from xlsub.similarity.jackknife import cka_jackknife_interval, jackknife_blocks, leave_block_out_above_chance, leave_block_out_self
@@ -241,10 +241,15 @@ def length_control_table(encodings, lengths: Mapping[str, torch.Tensor], languag
         if reference not in reps:
             continue
         n_perm = counts.length if model == FULL_MODEL else _n_perm(model, counts)
+        x = last_layer(reps, reference).double()
+        labels = jackknife_blocks(x.shape[0], min(blocks, x.shape[0]))
+        # the reference's terms, once for all its languages: its CKA state, its residuals' and its leave-block-out self terms
+        mine = prepare(x, kind), prepare(residualize(x, lengths[reference]), kind), \
+            leave_block_out_self(x, labels, kind) if kind != "rbf" else None
         for lang in ordered([l for l in reps if l != reference and l in lengths], languages):
-            x, y = last_layer(reps, reference).double(), last_layer(reps, lang).double()
-            residual = float(cka(residualize(x, lengths[reference]), residualize(y, lengths[lang]), kind))
-            states = prepare(x, kind), prepare(y, kind)  # once for the CKA and its null mean
+            y = last_layer(reps, lang).double()
+            residual = float(prepared_cka(mine[1], prepare(residualize(y, lengths[lang]), kind), kind))
+            states = mine[0], prepare(y, kind)  # once for the CKA and its null mean
             observed, null_mean = float(prepared_cka(*states, kind)), float(cka_null_mean(x, y, kind, groups, states))
             del states
             key = (model, lang, layer_count(reps, reference) - 1)
@@ -253,8 +258,8 @@ def length_control_table(encodings, lengths: Mapping[str, torch.Tensor], languag
                 p = float(tested.loc[key, "p_value"])
             else:
                 p = float(cka_permutation_test(x, y, n_perm, seed, kind, groups=groups, tail_risk=TAIL_RISK, stop_after=STOP_AFTER).p_value)
-            labels = jackknife_blocks(x.shape[0], min(blocks, x.shape[0]))
-            above = leave_block_out_above_chance(x, y, labels, kind, groups).tolist()
+            selves = None if mine[2] is None else (mine[2], leave_block_out_self(y, labels, kind))
+            above = leave_block_out_above_chance(x, y, labels, kind, groups, selves).tolist()
             lo, hi = jackknife_interval(observed - null_mean, above)
             rows.append({"model": model, "language": lang, "cka": observed, "length_null_mean": null_mean,
                          "above_length_chance": observed - null_mean, "lo": float(lo), "hi": float(hi), "p_value": p,

@@ -202,7 +202,7 @@ def _leave_block_out_hsic(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor
 
 
 def leave_block_out_above_chance(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor, kind: str = "debiased",
-                                 groups=None) -> torch.Tensor:
+                                 groups=None, selves: tuple[BlockHsic, BlockHsic] | None = None) -> torch.Tensor:
     """CKA minus its exact permutation null mean, both on all examples but block b, for every block b, [B]
     (x [n, d1], y [n, d2]): the jackknife values of `xlsub.similarity.permutation.cka_null_mean`'s "CKA above
     chance" with the re-pairings within `groups` restricted to the kept examples.
@@ -210,7 +210,8 @@ def leave_block_out_above_chance(x: torch.Tensor, y: torch.Tensor, blocks: torch
     Linear and debiased: the null mean's terms (`cka_null_mean`: per group its size, the sum of |x_i|^2 and the
     sum of x_i, re-centred on the kept examples' mean) from per-(block, group) sums, total minus the block:
     one pass over the data and O(G^2 d) per block, instead of recomputing both representations' statistics
-    for each of the B subsets. rbf (its bandwidth depends on the rows kept): recomputed per block."""
+    for each of the B subsets. rbf (its bandwidth depends on the rows kept): recomputed per block. `selves`: x's and
+    y's `leave_block_out_self` on the same blocks (a reference's computed once for every language it meets)."""
     from xlsub.similarity.permutation import cka_null_mean  # permutation builds on this module's neighbours
 
     check_options(kind)
@@ -221,7 +222,7 @@ def leave_block_out_above_chance(x: torch.Tensor, y: torch.Tensor, blocks: torch
     if kind == "rbf":
         return torch.stack([cka(x[blocks != b], y[blocks != b], kind) - cka_null_mean(x[blocks != b], y[blocks != b], kind, codes[blocks != b])
                             for b in range(count)])
-    hsic = {name: value.kept for name, value in _leave_block_out_hsic(x, y, blocks, kind).items()}
+    hsic = {name: value.kept for name, value in _leave_block_out_hsic(x, y, blocks, kind, selves).items()}
     cell = blocks * (int(codes.max()) + 1) + codes  # (block, group)
     cells = count * (int(codes.max()) + 1)
 
