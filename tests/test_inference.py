@@ -371,11 +371,17 @@ def test_compiled_rank_matrix_and_its_order_match_the_torch_path(k):
     from xlsub.stats.inference import centred_ranks_, centred_upper, upper_entries
 
     g = torch.Generator().manual_seed(k)
+    threads = torch.get_num_threads()
     for tied in (False, True):
         d = torch.randint(0, 5, (k, k), generator=g).double() if tied else torch.rand(k, k, generator=g, dtype=torch.float64)
         d = d + d.mT
         want = centred_upper(d[None], "spearman")[0]
-        assert torch.equal(centred_ranks_(d.clone()), want)
+        for parts in (1, 2, 3):  # the compiled loops split between 1, 2 or 3 threads
+            torch.set_num_threads(parts)
+            try:
+                assert torch.equal(centred_ranks_(d.clone()), want)
+            finally:
+                torch.set_num_threads(threads)
         assert torch.equal(centred_ranks_(d.clone().mT), want)  # symmetric, so the same matrix: the torch path
         for ranks in (want, want.float()):
             order, by_torch = _untied_order(ranks.clone()), _untied_order(ranks.clone().mT)
@@ -391,8 +397,8 @@ def test_compiled_rank_matrix_and_its_order_match_the_torch_path(k):
 
 @pytest.mark.parametrize("m", [3001, 20_000])
 def test_value_orders_radix_sort_is_numpys_sort_of_the_keys(m, monkeypatch):
-    """The compiled path of value_order (pack, radix_sort, unpack: 7 passes of 8 bits at m = 3,001, an odd count that
-    ends in the spare buffer; 6 at m = 20,000, ending where it began) gives numpy's path's order and runs element for
+    """The compiled path of value_order (pack_part, radix_sort, unpack: 7 passes of 8 bits at m = 3,001, an odd count
+    that ends in the spare buffer; 6 at m = 20,000, ending where it began; keys made and unpacked in 1, 2, 3 and 7 parts) gives numpy's path's order and runs element for
     element: continuous values, ties, a few distinct values, values far below the rest (one fixed-point key for
     many), negative ones; and its packed keys sort as numpy sorts them."""
     from xlsub.stats import compiled_sort, inference
@@ -418,13 +424,22 @@ def test_value_orders_radix_sort_is_numpys_sort_of_the_keys(m, monkeypatch):
     key_bits = min(52, 63 - index_bits)
     packed, spare = np.empty(m, dtype=np.int64), np.empty(m, dtype=np.int64)
     v = base
-    counts = compiled_sort.pack(v, v.min(), float(2**key_bits - 2) / (v.max() - v.min()), index_bits, key_bits, packed)
+    low, scale = v.min(), float(2**key_bits - 2) / (v.max() - v.min())
+    counts = np.zeros(((key_bits + 7) // 8, 256), dtype=np.int64)
+    compiled_sort.pack_part(v, low, scale, index_bits, key_bits, packed, 0, m, counts)
     keys = (((v - v.min()) * (float(2**key_bits - 2) / (v.max() - v.min()))).astype(np.int64) << index_bits) | np.arange(m)
     np.testing.assert_array_equal(packed, keys)  # numpy's keys, bit for bit
-    assert counts.shape == ((key_bits + 7) // 8, 256) and (counts.sum(1) == m).all()
-    ended_in_spare = compiled_sort.radix_sort(packed, spare, counts, index_bits)
-    np.testing.assert_array_equal(spare if ended_in_spare else packed, np.sort(keys))
-    assert ended_in_spare == (m == 3001)
+    for p in range(len(counts)):
+        np.testing.assert_array_equal(counts[p], np.bincount((keys >> (index_bits + 8 * p)) & 255, minlength=256))
+    for parts in (1, 2, 3, 7):  # the keys made and unpacked in parts side by side
+        result = compiled_sort.radix_sorted(v, low, scale, index_bits, key_bits, packed, spare, parts)
+        np.testing.assert_array_equal(result, np.sort(keys))
+        assert (result is spare) == (m == 3001)
+        order, positions = np.empty(m, dtype=np.int64), np.empty(m, dtype=np.int64)
+        shared = compiled_sort.unpack(result.copy(), index_bits, order, positions, parts)
+        np.testing.assert_array_equal(order, np.sort(keys) & ((1 << index_bits) - 1))
+        np.testing.assert_array_equal(positions, np.sort(keys) >> index_bits)
+        assert shared == int((positions[1:] == positions[:-1]).sum())
 
 
 @pytest.mark.parametrize("k", [9, 150])

@@ -1,14 +1,18 @@
 """Compiled loops (numba) for `xlsub.stats.inference.value_order` on the CPU: the packed sort keys of RSA's rank
-matrices made, sorted and unpacked in a few passes over memory.
+matrices made, sorted and unpacked in a few passes over memory, each pass split between the threads.
 
 A key is a value's fixed-point position in [min, max] (k bits) above its index (the low bits). numpy makes the keys
 in five passes (subtract, scale, truncate, shift, or) and sorts them by comparisons; here one pass makes them and
-counts their digits, and a least-significant-digit radix sort on the k key bits (8 bits a pass: 256 buckets, each
-pass stable) orders them. The keys enter in index order, so keys equal in their k bits stay in index order, and the
-result is the ascending order of the packed keys: numpy's sort of them, element for element. One more pass splits
+counts their first digits, and a least-significant-digit radix sort on the k key bits (8 bits a pass: 256 buckets,
+each pass stable) orders them. The keys enter in index order, so keys equal in their k bits stay in index order, and
+the result is the ascending order of the packed keys: numpy's sort of them, element for element. One more pass splits
 the sorted keys into the order (their low bits) and the fixed-point positions, and counts the neighbours that share
-one. At 12.5M keys (a 5,000-sentence RDM): 0.14 s on one core, against 0.44 s for numpy's sort split between two
-(`benchmarks/jackknife.py`).
+one.
+
+The keys are made, unpacked, the centred ranks written and the triangle mirrored into both halves of the matrix in
+parts side by side, one thread a part (`xlsub.stats.workers.side_by_side`: `pack_part`, `unpack_part`, `ranks_at`,
+`fill_rows`, `mirror_tiles`); the sort's scatters run on one thread. At 12.5M keys (a 5,000-sentence RDM): the sort 0.14 s on one core, against 0.44 s for numpy's sort
+split between two (`benchmarks/jackknife.py`).
 """
 
 from __future__ import annotations
@@ -16,29 +20,31 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from xlsub.stats.workers import side_by_side
+
 DIGIT = 8  # bits sorted a pass
+_MASK = (1 << DIGIT) - 1
+TILE = 64  # `mirror_tiles`: rows and columns of a tile mirrored at a time
 
 
 @numba.njit(nogil=True, cache=True)
-def pack(values: np.ndarray, low: float, scale: float, index_bits: int, key_bits: int, out: np.ndarray) -> np.ndarray:
-    """out[i] = int64((values[i] - low) * scale) << index_bits | i, as numpy computes it (the same float64 operations,
-    truncated); returns the counts of each pass's digits of the key bits, int64 [passes, 2^DIGIT]."""
+def pack_part(values: np.ndarray, low: float, scale: float, index_bits: int, key_bits: int, out: np.ndarray, start: int,
+              stop: int, counts: np.ndarray) -> None:
+    """out[i] = int64((values[i] - low) * scale) << index_bits | i for start <= i < stop, as numpy computes it (the same
+    float64 operations, truncated); counts[p, b] += how many of them have digit b in pass p (bits 8p..8p+7 of the key)."""
     passes = (key_bits + DIGIT - 1) // DIGIT
-    counts = np.zeros((passes, 1 << DIGIT), dtype=np.int64)
-    mask = (1 << DIGIT) - 1
-    for i in range(len(values)):
+    for i in range(start, stop):
         key = np.int64((values[i] - low) * scale)
         out[i] = (key << index_bits) | i
         for p in range(passes):
-            counts[p, (key >> (p * DIGIT)) & mask] += 1
-    return counts
+            counts[p, (key >> (p * DIGIT)) & _MASK] += 1
 
 
 @numba.njit(nogil=True, cache=True)
 def radix_sort(keys: np.ndarray, spare: np.ndarray, counts: np.ndarray, index_bits: int) -> bool:
-    """Sort `keys` (from `pack`, in index order) by their key bits, one stable pass per row of `counts` (`pack`'s,
-    overwritten), moving them between `keys` and `spare`; returns whether the result ended in `spare`."""
-    mask = (1 << DIGIT) - 1
+    """Sort `keys` (from `pack_part`, in index order) by their key bits, one stable pass per row of `counts` (overwritten),
+    moving them between `keys` and `spare`; returns whether the result ended in `spare`. One thread: a pass split
+    between two scatters into twice the buckets at once, which measured slower here (0.20 s against 0.17 s at 12.5M)."""
     source, target = keys, spare
     for p in range(counts.shape[0]):
         offsets = counts[p]
@@ -50,21 +56,34 @@ def radix_sort(keys: np.ndarray, spare: np.ndarray, counts: np.ndarray, index_bi
         shift = index_bits + p * DIGIT
         for i in range(len(source)):
             key = source[i]
-            b = (key >> shift) & mask
+            b = (key >> shift) & _MASK
             target[offsets[b]] = key
             offsets[b] += 1
         source, target = target, source
     return counts.shape[0] % 2 == 1
 
 
+def radix_sorted(values: np.ndarray, low: float, scale: float, index_bits: int, key_bits: int, packed: np.ndarray,
+                 spare: np.ndarray, parts: int) -> np.ndarray:
+    """The packed keys of `values` (`pack_part`, made in `parts` parts side by side) sorted ascending (`radix_sort`),
+    in `packed` or `spare` (int64 [m], returned)."""
+    m = len(values)
+    bounds = np.linspace(0, m, max(1, min(parts, m)) + 1).astype(np.int64)
+    counts = np.zeros((len(bounds) - 1, (key_bits + DIGIT - 1) // DIGIT, 1 << DIGIT), dtype=np.int64)
+    side_by_side(lambda t: pack_part(values, low, scale, index_bits, key_bits, packed, bounds[t], bounds[t + 1], counts[t]),
+                 range(len(bounds) - 1))
+    return spare if radix_sort(packed, spare, counts.sum(0), index_bits) else packed
+
+
 @numba.njit(nogil=True, cache=True)
-def unpack(ordered: np.ndarray, index_bits: int, order: np.ndarray, positions: np.ndarray) -> int:
-    """Split sorted packed keys into the order (their low bits) and the fixed-point positions (the rest); either
-    output may be `ordered` itself (element by element). Returns how many neighbours share a position."""
+def unpack_part(ordered: np.ndarray, index_bits: int, order: np.ndarray, positions: np.ndarray, start: int, stop: int,
+                previous: int) -> int:
+    """Split sorted packed keys start <= i < stop into the order (their low bits) and the fixed-point positions (the
+    rest); either output may be `ordered` itself (element by element). `previous`: the position before `start` (-1 at
+    0). Returns how many of these keys share their position with the key before them."""
     mask = (np.int64(1) << index_bits) - 1
     same = 0
-    previous = np.int64(-1)
-    for i in range(len(ordered)):
+    for i in range(start, stop):
         key = ordered[i]
         position = key >> index_bits
         order[i] = key & mask
@@ -75,32 +94,63 @@ def unpack(ordered: np.ndarray, index_bits: int, order: np.ndarray, positions: n
     return same
 
 
+def unpack(ordered: np.ndarray, index_bits: int, order: np.ndarray, positions: np.ndarray, parts: int) -> int:
+    """`unpack_part` over all keys in `parts` parts side by side; how many neighbours share a position."""
+    m = len(ordered)
+    bounds = np.linspace(0, m, max(1, min(parts, m)) + 1).astype(np.int64)
+    before = [-1] + [int(ordered[b - 1] >> index_bits) for b in bounds[1:-1]]  # read before the parts overwrite them
+    return sum(side_by_side(lambda t: unpack_part(ordered, index_bits, order, positions, bounds[t], bounds[t + 1], before[t]),
+                            range(len(bounds) - 1)))
+
+
 @numba.njit(nogil=True, cache=True)
-def ranks_at(order: np.ndarray, centre: float, out: np.ndarray) -> None:
-    """out[order[p]] = p + 1 - centre: the centred ranks of the sorted entries, in their own places (exact: integers and
-    half-integers below 2^52)."""
-    for p in range(len(order)):
+def ranks_at(order: np.ndarray, centre: float, out: np.ndarray, start: int, stop: int) -> None:
+    """out[order[p]] = p + 1 - centre for start <= p < stop: the centred ranks of the sorted entries, in their own
+    places (exact: integers and half-integers below 2^52)."""
+    for p in range(start, stop):
         out[order[p]] = (p + 1.0) - centre
 
 
 @numba.njit(nogil=True, cache=True)
-def fill_symmetric(upper: np.ndarray, d: np.ndarray) -> None:
-    """d [k, k] <- the symmetric matrix with zero diagonal whose strict upper triangle, row by row, is `upper`: the rows
-    written in order, the lower triangle mirrored tile by tile (64 x 64), so both are read and written a cache line
-    at a time."""
+def fill_rows(upper: np.ndarray, d: np.ndarray, first: int, last: int) -> None:
+    """Rows first <= i < last of d [k, k]: zero on the diagonal, then row i's part of the strict upper triangle,
+    which `upper` holds row by row."""
     k = d.shape[0]
-    t = 0
-    for i in range(k):
+    t = first * (k - 1) - first * (first - 1) // 2  # the entries of the rows above
+    for i in range(first, last):
         d[i, i] = 0.0
         for j in range(i + 1, k):
             d[i, j] = upper[t]
             t += 1
-    tile = 64
-    for top in range(0, k, tile):
-        for left in range(top, k, tile):
-            for i in range(top, min(top + tile, k)):
-                for j in range(max(left, i + 1), min(left + tile, k)):
+
+
+@numba.njit(nogil=True, cache=True)
+def mirror_tiles(d: np.ndarray, part: int, parts: int) -> None:
+    """The lower triangle of d [k, k] from its upper one, TILE x TILE tiles at a time (read and written a cache line at a
+    time), the tile rows whose number is `part` modulo `parts`: the parts write disjoint columns."""
+    k = d.shape[0]
+    for top in range(part * TILE, k, parts * TILE):
+        for left in range(top, k, TILE):
+            for i in range(top, min(top + TILE, k)):
+                for j in range(max(left, i + 1), min(left + TILE, k)):
                     d[j, i] = d[i, j]
+
+
+def centred_ranks_into(order: np.ndarray, centre: float, values: np.ndarray, parts: int) -> None:
+    """values[order[p]] = p + 1 - centre for every p, in `parts` parts side by side (the positions are distinct)."""
+    bounds = np.linspace(0, len(order), max(1, min(parts, len(order))) + 1).astype(np.int64)
+    side_by_side(lambda t: ranks_at(order, centre, values, bounds[t], bounds[t + 1]), range(len(bounds) - 1))
+
+
+def fill_symmetric(upper: np.ndarray, d: np.ndarray, parts: int) -> None:
+    """d [k, k] <- the symmetric matrix with zero diagonal whose strict upper triangle, row by row, is `upper`: the rows
+    written in order in `parts` parts of about equal entries, then the lower triangle mirrored tile by tile in parts."""
+    k = d.shape[0]
+    done = np.cumsum(np.arange(k - 1, -1, -1))  # entries up to and including each row
+    cuts = [0] + [int(np.searchsorted(done, len(upper) * t / parts)) + 1 for t in range(1, parts)] + [k]
+    cuts = sorted(min(max(c, 0), k) for c in cuts)
+    side_by_side(lambda t: fill_rows(upper, d, cuts[t], cuts[t + 1]), range(parts))
+    side_by_side(lambda t: mirror_tiles(d, t, parts), range(parts))
 
 
 @numba.njit(nogil=True, cache=True)

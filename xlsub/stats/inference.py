@@ -372,10 +372,10 @@ def centred_ranks_(d: torch.Tensor, fallback: bool = True) -> torch.Tensor | Non
         from xlsub.stats import compiled_sort
 
         centre = (m + 1) / 2  # the mean of 1..m, also with tie runs averaged (exact: the sum is an integer below 2^53)
-        compiled_sort.ranks_at(order.numpy(), centre, values.numpy())
+        compiled_sort.centred_ranks_into(order.numpy(), centre, values.numpy(), torch.get_num_threads())
         for start, stop in runs.tolist():
             values[order[start:stop]] = (start + 1 + stop) / 2 - centre
-        compiled_sort.fill_symmetric(values.numpy(), d.numpy())
+        compiled_sort.fill_symmetric(values.numpy(), d.numpy(), torch.get_num_threads())
         return d
     ranks = (torch.empty_like(values) if scratch is None else scratch[1]).copy_(_arange(m, d.device)).add_(1.0)  # 1..m; value_order is done with scratch[1]
     ranks = values.index_copy_(0, order, ranks)
@@ -444,10 +444,10 @@ def value_order(values: torch.Tensor, scratch: torch.Tensor | None = None) -> tu
     if m >= RADIX_MIN:  # the order into scratch[0], the fixed-point keys into scratch[1]
         from xlsub.stats import compiled_sort
 
-        counts = compiled_sort.pack(v, lo, scale, index_bits, key_bits, packed)
-        ordered = keys.view(np.int64) if compiled_sort.radix_sort(packed, keys.view(np.int64), counts, index_bits) else packed
+        threads = torch.get_num_threads()
+        ordered = compiled_sort.radix_sorted(v, lo, scale, index_bits, key_bits, packed, keys.view(np.int64), threads)
         order = keys.view(np.int64)
-        if not compiled_sort.unpack(ordered, index_bits, order, packed):
+        if not compiled_sort.unpack(ordered, index_bits, order, packed, threads):
             return torch.from_numpy(order), no_runs
     else:
         np.subtract(v, lo, out=keys)
