@@ -206,6 +206,20 @@ def test_lanczos_top_eigenvalues_equal_the_dense_spectrum():
     np.testing.assert_allclose(knn_laplacian_spectrum(x, 5).numpy(), dense, atol=1e-9)
 
 
+def test_knn_spectra_from_one_gram_equal_the_spectra_by_loops():
+    """The whole sample's spectrum from the Gram matrix the subsets read (worked on in place after them) is the unit
+    rows' graph's, and each subset's is its own graph's, rebuilt on its rows."""
+    from xlsub.similarity.isomorphism import knn_spectra, subsamples
+
+    x = torch.randn(300, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    subsets = subsamples(300, 4, seed=2)
+    whole, parts = knn_spectra(x, subsets, 5, 4, top=10)
+    np.testing.assert_allclose(whole.numpy(), np.sort(np.linalg.eigvalsh(laplacian_by_loops(x.numpy(), 5)))[::-1][:10], rtol=1e-8)
+    for rows, part in zip(subsets, parts):
+        np.testing.assert_allclose(part.numpy(), np.sort(np.linalg.eigvalsh(laplacian_by_loops(x[rows].numpy(), 4)))[::-1][:10], rtol=1e-8)
+    assert knn_spectra(x, subsets, None, 4)[0] is None
+
+
 def test_isomorphism_subsample_intervals_by_recomputation():
     enc = encodings()
     table = isomorphism_table(enc, LANGS, "en", k=5, seed=3, n_subsamples=12, top=4)

@@ -28,7 +28,7 @@ from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, TABLE, last_la
 from xlsub.similarity import power
 from xlsub.similarity.cka import prepare, prepared_cka
 from xlsub.similarity.controls import length_only_representations
-from xlsub.similarity.isomorphism import TOP_EIGENVALUES, knn_laplacian_spectrum, spectrum_distance, subsample_spectra, subsamples
+from xlsub.similarity.isomorphism import TOP_EIGENVALUES, knn_laplacian_spectrum, knn_spectra, spectrum_distance, subsamples
 from xlsub.similarity.jackknife import cka_jackknife_interval, jackknife_blocks, leave_block_out_above_chance, leave_block_out_self
 from xlsub.similarity.permutation import STOP_EXCEEDANCES, cka_null_mean, cka_permutation_test, null_sides, residualize
 from xlsub.similarity.retrieval import CosineSide, nearest_translation, retrieval_permutation_test, top1
@@ -449,8 +449,10 @@ def isomorphism_table(encodings, languages: Sequence[str], reference: str, k: in
     for model in models:
         for lang in everything[model]:
             last = last_layer(everything[model], lang)
-            whole[model, lang] = knn_laplacian_spectrum(last, min(k, n - 1), top=top)
-            parts[model, lang] = subsample_spectra(last, subsets, min(k, subsets.shape[1] - 1), top) if len(subsets) else None
+            if len(subsets):  # both from one Gram matrix
+                whole[model, lang], parts[model, lang] = knn_spectra(last, subsets, min(k, n - 1), min(k, subsets.shape[1] - 1), top)
+            else:
+                whole[model, lang], parts[model, lang] = knn_laplacian_spectrum(last, min(k, n - 1), top=top), None
 
     def quantiles(values) -> tuple[float, float]:  # the 2.5% and 97.5% quantiles over the subsamples (linear interpolation)
         if values is None:

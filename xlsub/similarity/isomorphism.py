@@ -147,12 +147,23 @@ def subsample_spectra(x: torch.Tensor, subsets: torch.Tensor, k: int = 10, top: 
     the subset's block of x's Gram matrix (one gather, worked on in place), computed once for all subsets
     (`gram_cosines`), the subsets side by side on the cores (`side_by_side`: gathers, top-k and Lanczos are
     memory-bound or serial)."""
+    return knn_spectra(x, subsets, None, k, top, centre)[1]
+
+
+def knn_spectra(x: torch.Tensor, subsets: torch.Tensor, k: int | None = 10, k_subset: int = 10, top: int = TOP_EIGENVALUES,
+                centre: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(`knn_laplacian_spectrum(x, k, centre, top)`, `subsample_spectra(x, subsets, k_subset, top, centre)`) from one
+    Gram matrix of x: the whole sample's cosines are its own, worked on in place once the subsets have read theirs
+    (the same graph as from the unit rows' products, up to rounding: neighbours tied to the last bit aside). k None:
+    the subsets' spectra alone (the first is None)."""
     x64 = x.to(torch.float64)
     x64 = x64 - x64.mean(0) if centre else x64  # centred on the whole sample first: less cancellation in each subset's
     gram = symmetric_products(x64)
+    del x64
 
     def spectrum(index: torch.Tensor) -> torch.Tensor:
         index = index.to(gram.device)
-        return _spectrum(_laplacian(_gram_cosines_(gram[index[:, None], index], centre), min(k, len(index) - 1)), top)
+        return _spectrum(_laplacian(_gram_cosines_(gram[index[:, None], index], centre), min(k_subset, len(index) - 1)), top)
 
-    return torch.stack(side_by_side(spectrum, subsets))
+    parts = torch.stack(side_by_side(spectrum, subsets)) if len(subsets) else torch.empty(0, 0, dtype=torch.float64)
+    return (None if k is None else _spectrum(_laplacian(_gram_cosines_(gram, centre), k), top)), parts
