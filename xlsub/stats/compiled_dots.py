@@ -4,9 +4,9 @@ its norm).
 
 torch's tile-by-tile path widens both tiles to float64, multiplies them into a third and sums it: four passes over
 memory per tile. Here each row of the first matrix meets the same row of every other matrix while it is in the cache,
-each product is formed in float64 and summed at once, so each matrix is read once; the rows are split between the threads. The sums are torch's up to float64
-rounding: the values of exact rank matrices (multiples of 1/2 below 2^23) have exact float64 products, accumulated in
-another order. Measured side by side in `benchmarks/jackknife.py`.
+each product is formed in float64 and summed at once, so each matrix is read once; the rows are split between the
+threads. The sums are torch's up to float64 rounding: the values of exact rank matrices (multiples of 1/2 below
+2^23) have exact float64 products, accumulated in another order. Measured side by side in `benchmarks/jackknife.py`.
 """
 
 from __future__ import annotations

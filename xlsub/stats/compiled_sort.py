@@ -11,8 +11,8 @@ one.
 
 The keys are made, unpacked, the centred ranks written and the triangle mirrored into both halves of the matrix in
 parts side by side, one thread a part (`xlsub.stats.workers.side_by_side`: `pack_part`, `unpack_part`, `ranks_at`,
-`fill_rows`, `mirror_tiles`); the sort's scatters run on one thread. At 12.5M keys (a 5,000-sentence RDM): the sort 0.14 s on one core, against 0.44 s for numpy's sort
-split between two (`benchmarks/jackknife.py`).
+`fill_rows`, `mirror_tiles`); the sort's scatters run on one thread. At 12.5M keys (a 5,000-sentence RDM): the
+sort 0.14 s on one core, against 0.44 s for numpy's sort split between two (`benchmarks/jackknife.py`).
 """
 
 from __future__ import annotations

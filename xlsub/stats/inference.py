@@ -357,9 +357,9 @@ def centred_ranks_(d: torch.Tensor, fallback: bool = True) -> torch.Tensor | Non
     is copied out: at k = 5,000 each fresh 100 MB buffer costs more in page faults than the arithmetic in it),
     the ranks 1..m written once into the extracted triangle (tie runs, rare in continuous dissimilarities, given
     the mean of their ranks as `average_ranks` does: a half-integer, exact), and the triangle moved back by a
-    mask, to both halves; on the CPU the ranks are centred as they are written and the triangle moved back by a
-    compiled loop (`xlsub.stats.compiled_sort.ranks_at`, `fill_symmetric`). Where `value_order` has no fast path: `centred_upper`'s result copied into d, or None
-    with fallback=False (d unchanged)."""
+    mask, to both halves; on the CPU the ranks are centred as they are written and the triangle moved back by
+    compiled loops in parts side by side (`xlsub.stats.compiled_sort.centred_ranks_into`, `fill_symmetric`). Where
+    `value_order` has no fast path: `centred_upper`'s result copied into d, or None with fallback=False (d unchanged)."""
     upper = torch.ones(d.shape, dtype=torch.bool, device=d.device).triu_(1)
     values = upper_entries(d)
     m = len(values)
