@@ -3,6 +3,7 @@ subset means, scipy's t and BH, and simulations of coverage and calibration."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from itertools import combinations, permutations, product
 
@@ -383,8 +384,12 @@ def test_compiled_rank_matrix_and_its_order_match_the_torch_path(k):
             finally:
                 torch.set_num_threads(threads)
         assert torch.equal(centred_ranks_(d.clone().mT), want)  # symmetric, so the same matrix: the torch path
-        for ranks in (want, want.float()):
-            order, by_torch = _untied_order(ranks.clone()), _untied_order(ranks.clone().mT)
+        for ranks, parts in itertools.product((want, want.float()), (1, 2, 3)):  # the compiled walk's rows in parts
+            torch.set_num_threads(parts)
+            try:
+                order, by_torch = _untied_order(ranks.clone()), _untied_order(ranks.clone().mT)
+            finally:
+                torch.set_num_threads(threads)
             if tied and k > 2:
                 assert order is None and by_torch is None
             else:
@@ -392,7 +397,12 @@ def test_compiled_rank_matrix_and_its_order_match_the_torch_path(k):
     odd_run = torch.zeros(4, 4, dtype=torch.float64)  # a run of three ties: ranks 2, 2, 2, 4, 5, 6, integers that repeat
     odd_run[0, 1:], odd_run[1, 2:], odd_run[2, 3] = torch.tensor([1.0, 1.0, 1.0]), torch.tensor([2.0, 3.0]), 4.0
     ranks = centred_ranks_(odd_run + odd_run.mT)
-    assert _untied_order(ranks) is None and _untied_order(ranks.clone().mT) is None
+    for parts in (1, 2, 3):  # the repeated ranks in one part or in two
+        torch.set_num_threads(parts)
+        try:
+            assert _untied_order(ranks) is None and _untied_order(ranks.clone().mT) is None
+        finally:
+            torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("m", [3001, 20_000])

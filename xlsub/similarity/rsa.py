@@ -206,14 +206,14 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _untied_order(ranks: torch.Tensor) -> torch.Tensor | None:
     """The sort order of an upper triangle from its `centred_ranks` matrix (ranks 1..m minus their mean, no
     sort), or None where the ranks are not a permutation of 1..m (ties were averaged). On the CPU one compiled walk
-    of the triangle (`xlsub.stats.compiled_sort.untied_order`)."""
+    of the triangle, its rows in parts side by side (`xlsub.stats.compiled_sort.untied_order`)."""
     if inference.on_cpu(ranks) and ranks.is_contiguous():
         from xlsub.stats import compiled_sort
 
         k = ranks.shape[-1]
         m = k * (k - 1) // 2
         order = torch.empty(m, dtype=torch.long)
-        return order if compiled_sort.untied_order(ranks.numpy(), (m + 1) / 2, order.numpy()) else None
+        return order if compiled_sort.untied_order(ranks.numpy(), (m + 1) / 2, order.numpy(), torch.get_num_threads()) else None
     position = inference.upper_entries(ranks)
     m = len(position)
     position += (m + 1) / 2 - 1  # in place (exact in float32 ranks too: integers below 2^24): each temporary is 100 MB

@@ -142,32 +142,44 @@ def centred_ranks_into(order: np.ndarray, centre: float, values: np.ndarray, par
     side_by_side(lambda t: ranks_at(order, centre, values, bounds[t], bounds[t + 1]), range(len(bounds) - 1))
 
 
+def row_parts(k: int, parts: int) -> list[tuple[int, int]]:
+    """Up to `parts` ranges of rows (first, last) of a k x k strict upper triangle holding about equal entries."""
+    if k < 2:
+        return [(0, k)]
+    done = np.cumsum(np.arange(k - 1, -1, -1))  # entries up to and including each row
+    cuts = sorted({0, k, *(min(k, int(np.searchsorted(done, done[-1] * t / parts)) + 1) for t in range(1, parts))})
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
 def fill_symmetric(upper: np.ndarray, d: np.ndarray, parts: int) -> None:
     """d [k, k] <- the symmetric matrix with zero diagonal whose strict upper triangle, row by row, is `upper`: the rows
     written in order in `parts` parts of about equal entries, then the lower triangle mirrored tile by tile in parts."""
-    k = d.shape[0]
-    done = np.cumsum(np.arange(k - 1, -1, -1))  # entries up to and including each row
-    cuts = [0] + [int(np.searchsorted(done, len(upper) * t / parts)) + 1 for t in range(1, parts)] + [k]
-    cuts = sorted(min(max(c, 0), k) for c in cuts)
-    side_by_side(lambda t: fill_rows(upper, d, cuts[t], cuts[t + 1]), range(parts))
+    side_by_side(lambda rows: fill_rows(upper, d, *rows), row_parts(d.shape[0], parts))
     side_by_side(lambda t: mirror_tiles(d, t, parts), range(parts))
 
 
 @numba.njit(nogil=True, cache=True)
-def untied_order(ranks: np.ndarray, centre: float, order: np.ndarray) -> bool:
-    """The sort order of the strict upper triangle (row by row) of a centred rank matrix [k, k] whose ranks are 1..m
-    minus `centre` ((m + 1) / 2): order[rank - 1] = the entry's index. False (order incomplete) where a rank is not an
-    integer in 1..m or repeats: ties were averaged, and the order is not unique."""
+def untied_order_part(ranks: np.ndarray, centre: float, order: np.ndarray, first: int, last: int) -> bool:
+    """Rows first <= i < last of `untied_order`: order[rank - 1] = the entry's index for their entries; False where a
+    rank is not an integer in 1..m. Repeated ranks are not looked for here (the parts run at once)."""
     k, m = ranks.shape[0], len(order)
-    for p in range(m):
-        order[p] = -1
-    t = 0
-    for i in range(k):
+    t = first * (k - 1) - first * (first - 1) // 2  # the entries of the rows above
+    for i in range(first, last):
         for j in range(i + 1, k):
             position = np.float64(ranks[i, j]) + (centre - 1.0)
             at = np.int64(position)
-            if at != position or at < 0 or at >= m or order[at] != -1:
+            if at != position or at < 0 or at >= m:
                 return False
             order[at] = t
             t += 1
     return True
+
+
+def untied_order(ranks: np.ndarray, centre: float, order: np.ndarray, parts: int) -> bool:
+    """The sort order of the strict upper triangle (row by row) of a centred rank matrix [k, k] whose ranks are 1..m
+    minus `centre` ((m + 1) / 2): order[rank - 1] = the entry's index, the rows in `parts` parts of about equal entries
+    side by side. False (order incomplete) where a rank is not an integer in 1..m or repeats (ties were averaged, and
+    the order is not unique): m entries at m valid places leave a place unwritten exactly when two share one."""
+    order.fill(-1)
+    valid = side_by_side(lambda rows: untied_order_part(ranks, centre, order, *rows), row_parts(ranks.shape[0], parts))
+    return all(valid) and not bool((order < 0).any())
