@@ -241,12 +241,15 @@ def length_control_table(encodings, lengths: Mapping[str, torch.Tensor], languag
         if reference not in reps:
             continue
         n_perm = counts.length if model == FULL_MODEL else _n_perm(model, counts)
+        langs = ordered([l for l in reps if l != reference and l in lengths], languages)
+        if not langs:
+            continue
         x = last_layer(reps, reference).double()
         labels = jackknife_blocks(x.shape[0], min(blocks, x.shape[0]))
         # the reference's terms, once for all its languages: its CKA state, its residuals' and its leave-block-out self terms
         mine = prepare(x, kind), prepare(residualize(x, lengths[reference]), kind), \
             leave_block_out_self(x, labels, kind) if kind != "rbf" else None
-        for lang in ordered([l for l in reps if l != reference and l in lengths], languages):
+        for lang in langs:
             y = last_layer(reps, lang).double()
             residual = float(prepared_cka(mine[1], prepare(residualize(y, lengths[lang]), kind), kind))
             states = mine[0], prepare(y, kind)  # once for the CKA and its null mean
