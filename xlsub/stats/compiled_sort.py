@@ -1,9 +1,9 @@
 """Compiled loops (numba) for `xlsub.stats.inference.value_order` on the CPU: the packed sort keys of RSA's rank
-matrices made, sorted and unpacked in a few passes over memory, each pass split between the threads.
+matrices made, sorted and unpacked in a few passes over memory.
 
 A key is a value's fixed-point position in [min, max] (k bits) above its index (the low bits). numpy makes the keys
 in five passes (subtract, scale, truncate, shift, or) and sorts them by comparisons; here one pass makes them and
-counts their first digits, and a least-significant-digit radix sort on the k key bits (8 bits a pass: 256 buckets,
+counts their digits, and a least-significant-digit radix sort on the k key bits (8 bits a pass: 256 buckets,
 each pass stable) orders them. The keys enter in index order, so keys equal in their k bits stay in index order, and
 the result is the ascending order of the packed keys: numpy's sort of them, element for element. One more pass splits
 the sorted keys into the order (their low bits) and the fixed-point positions, and counts the neighbours that share
@@ -25,6 +25,11 @@ from xlsub.stats.workers import side_by_side
 DIGIT = 8  # bits sorted a pass
 _MASK = (1 << DIGIT) - 1
 TILE = 64  # `mirror_tiles`: rows and columns of a tile mirrored at a time
+
+
+def _bounds(m: int, parts: int) -> np.ndarray:
+    """The edges of up to `parts` contiguous parts of range(m), int64 [parts + 1]."""
+    return np.linspace(0, m, max(1, min(parts, m)) + 1).astype(np.int64)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -67,8 +72,7 @@ def radix_sorted(values: np.ndarray, low: float, scale: float, index_bits: int, 
                  spare: np.ndarray, parts: int) -> np.ndarray:
     """The packed keys of `values` (`pack_part`, made in `parts` parts side by side) sorted ascending (`radix_sort`),
     in `packed` or `spare` (int64 [m], returned)."""
-    m = len(values)
-    bounds = np.linspace(0, m, max(1, min(parts, m)) + 1).astype(np.int64)
+    bounds = _bounds(len(values), parts)
     counts = np.zeros((len(bounds) - 1, (key_bits + DIGIT - 1) // DIGIT, 1 << DIGIT), dtype=np.int64)
     side_by_side(lambda t: pack_part(values, low, scale, index_bits, key_bits, packed, bounds[t], bounds[t + 1], counts[t]),
                  range(len(bounds) - 1))
@@ -96,8 +100,7 @@ def unpack_part(ordered: np.ndarray, index_bits: int, order: np.ndarray, positio
 
 def unpack(ordered: np.ndarray, index_bits: int, order: np.ndarray, positions: np.ndarray, parts: int) -> int:
     """`unpack_part` over all keys in `parts` parts side by side; how many neighbours share a position."""
-    m = len(ordered)
-    bounds = np.linspace(0, m, max(1, min(parts, m)) + 1).astype(np.int64)
+    bounds = _bounds(len(ordered), parts)
     before = [-1] + [int(ordered[b - 1] >> index_bits) for b in bounds[1:-1]]  # read before the parts overwrite them
     return sum(side_by_side(lambda t: unpack_part(ordered, index_bits, order, positions, bounds[t], bounds[t + 1], before[t]),
                             range(len(bounds) - 1)))
@@ -138,7 +141,7 @@ def mirror_tiles(d: np.ndarray, part: int, parts: int) -> None:
 
 def centred_ranks_into(order: np.ndarray, centre: float, values: np.ndarray, parts: int) -> None:
     """values[order[p]] = p + 1 - centre for every p, in `parts` parts side by side (the positions are distinct)."""
-    bounds = np.linspace(0, len(order), max(1, min(parts, len(order))) + 1).astype(np.int64)
+    bounds = _bounds(len(order), parts)
     side_by_side(lambda t: ranks_at(order, centre, values, bounds[t], bounds[t + 1]), range(len(bounds) - 1))
 
 
