@@ -171,12 +171,52 @@ def test_power_is_one_without_noise_and_alpha_without_signal(measure):
     assert null.permutations < 300 * 50  # most null draws stop within the first batch or two
 
 
+@pytest.mark.parametrize("k, n_perm", [(1, 3), (2, 9), (40, 8), (97, 13)])
+def test_permuted_gram_dots_compiled_and_torch_against_numpy(monkeypatch, k, n_perm):
+    """sum_ij A_ij B_p(i)p(j) of symmetric float32 A and Bs (nonzero diagonals): the compiled loop (rows split between
+    the threads) and torch's path (off the CPU) against numpy in float64, for permutation counts that do and do not
+    fill its groups of 8, and one row."""
+    import numpy as np
+
+    from xlsub.similarity import permutation
+    from xlsub.stats import inference
+
+    g = torch.Generator().manual_seed(k)
+
+    def symmetric(m: int) -> torch.Tensor:
+        half = torch.randn(m, k, k, generator=g)
+        return half + half.mT
+
+    a, bs = symmetric(1)[0], symmetric(3)
+    perms = torch.stack([torch.randperm(k, generator=g) for _ in range(n_perm)])
+    want = np.array([[(a.double().numpy() * b.double().numpy()[np.ix_(p, p)]).sum() for p in perms.numpy()] for b in bs])
+    compiled = permutation.permuted_gram_dots(a, bs, perms)
+    torch.testing.assert_close(compiled, torch.from_numpy(want), rtol=1e-12, atol=1e-9)
+    monkeypatch.setattr(inference, "on_cpu", lambda values: False)  # the GPU's branch
+    torch.testing.assert_close(permutation.permuted_gram_dots(a, bs, perms), torch.from_numpy(want), rtol=1e-12, atol=1e-9)
+    assert permutation.permuted_gram_dots(a, bs[:0], perms).shape == (0, n_perm)
+
+
+def test_planted_engine_takes_gram_space_where_n_is_well_below_d_squared():
+    from xlsub.similarity.power import planted_engine
+
+    assert planted_engine(5_000, 768) == "gram"  # the study's size
+    assert planted_engine(1_077, 128) == "feature"  # the demo's: d^2 / n = 15
+    assert planted_engine(20_000, 4_096) == "feature"  # the Gram matrices would not fit GRAM_BYTES
+    assert planted_engine(72, 12, "gram") == "gram"
+    with pytest.raises(ValueError, match="engine must be one of"):
+        planted_engine(72, 12, "fast")
+
+
+@pytest.mark.parametrize("engine", ["feature", "gram"])
 @pytest.mark.parametrize("kind", ["debiased", "linear"])
-def test_planted_cka_terms_give_the_null_of_every_level(kind):
-    """PlantedCkaTerms' null of a draw at any level (from six scalars per draw and permutation, computed once) is
-    permuted_cka in float64 of that level's planted partner under the chunk's permutations, to float32 rounding
-    within the recheck distance (FLOAT32_RECHECK of the observed CKA) and of the feature engine's float32 null's size; the chunk's permutations are its first seed's."""
-    terms = planted_cka_terms(base(), groups(), kind, n_perm=99)
+def test_planted_cka_terms_give_the_null_of_every_level(kind, engine):
+    """PlantedCkaTerms' null of a draw at any level (from six scalars per draw and permutation, computed once, by
+    either engine) is permuted_cka in float64 of that level's planted partner under the chunk's permutations, to
+    float32 rounding within the recheck distance (FLOAT32_RECHECK of the observed CKA) and of the feature engine's
+    float32 null's size; the chunk's permutations are its first seed's."""
+    terms = planted_cka_terms(base(), groups(), kind, n_perm=99, engine=engine)
+    assert terms.engine == engine
     x = planted_representations(base(), ["reference"], math.inf, 0, rotate=False)["reference"]
     seeds = [draw_seed(3, j) for j in range(4)]
     assert torch.equal(terms.perms(seeds), permutations(N, 99, seeds[0], groups()))
@@ -197,10 +237,13 @@ def test_planted_cka_terms_give_the_null_of_every_level(kind):
         got = null(torch.tensor([0, 2, 3]), block)
         want = torch.stack([permuted_cka(x, ys[j], terms.perms(seeds)[block], kind) for j in (0, 2, 3)])
         observed = torch.stack([cka(x, ys[j], kind) for j in (0, 2, 3)])
-        engine = torch.stack([permuted_cka(x, ys[j], terms.perms(seeds)[block], kind, precision="float32") for j in (0, 2, 3)])
+        float32_null = torch.stack([permuted_cka(x, ys[j], terms.perms(seeds)[block], kind, precision="float32") for j in (0, 2, 3)])
         assert (got - want).abs().max() <= FLOAT32_RECHECK * observed.abs().min()
-        assert (got - want).abs().max() <= 10 * (engine - want).abs().max()  # as close as the feature engine's float32 null
-    assert terms.products == 5 * (1 + len(seeds))  # each permutation once, for the reference and every draw
+        assert (got - want).abs().max() <= 10 * (float32_null - want).abs().max()  # as close as the feature engine's float32 null
+    if engine == "feature":
+        assert terms.products == 5 * (1 + len(seeds)) and terms.grams == 0  # each permutation once, for the reference and every draw
+    else:
+        assert terms.products == 0 and terms.grams == 99 * len(seeds)  # every permutation of the chunk at its first use
 
 
 def test_power_curve_shares_ckas_terms_across_levels_with_the_same_decisions():

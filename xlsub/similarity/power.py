@@ -61,6 +61,7 @@ from xlsub.similarity.permutation import (
     pair_null_moments,
     permutations,
     permuted_cka,
+    permuted_gram_dots,
     permuted_products,
     prepared_null,
     tail_bound_decided,
@@ -76,6 +77,13 @@ BATCH = 20  # permutations per batch of the sequential test
 SHARED_PERMS = 10  # `PlantedCkaTerms`: permutations whose d x d products M_p are held at once
 CHUNK = 10  # draws sharing one permutation stream
 NOISE_BYTES = 2**29  # `PlantedCkaTerms`: the chunks' float32 noise held for their next fills (3 chunks of 10 draws at n = 5,000, d = 768)
+# `PlantedCkaTerms`' Gram engine: the float32 n x n matrices held at once (1.5 GiB: the reference's and 7 draws' two at
+# n = 5,000), and where it is taken: n * GRAM_RATIO < d^2. Measured at n = 5,000, d = 768 on 2 cores
+# (`benchmarks/power.py`): a draw's terms of one permutation cost a 32 ms float32 product in the feature engine, about
+# 10 ms in the Gram engine (two n x n sums and its share of the gather), which also builds two Gram matrices a draw.
+GRAM_BYTES = 3 * 2**29
+GRAM_RATIO = 37
+PLANTED_ENGINES = ("auto", "feature", "gram")
 TARGET = 0.8
 BRACKET = (1e-4, 1.0)  # the demo (n 1077, d 128) crosses 0.8 near 2e-3
 BISECTIONS = 4
@@ -225,12 +233,24 @@ class PlantedCkaTerms:
     (y'y = a^2 G + a b (C + C') + b^2 E), beside r_y above: two float64 d x d products per draw instead of two
     per draw and level (`prepare` and the cross product). `partner` makes a level's y where a float64 recheck or
     the tail bound needs it, bit for bit `planted_representations`' draw.
+
+    Two engines for the permuted terms (`engine`; "auto": `planted_engine`). "feature": the d x d products above, a
+    block of permutations at a time when a level first needs it. "gram" (n well below d^2, as at the study's n = 5,000
+    and d = 768): in Gram space, with K = x_c x_c' and q = p^-1, ||M_p||^2 = sum_ik K_ik K_p(i)p(k), <M_p, N_jp> =
+    sum_ik K_ik S_j p(i)p(k) with S_j = (x_c e_c' + e_c x_c') / 2 and ||N_jp||^2 = sum_ik K_ik (e_c e_c')_p(i)p(k):
+    K gathered once per permutation meets the chunk's 2m float32 Gram matrices (`permuted_gram_dots`, float64 sums),
+    n^2 work per draw and permutation instead of n d^2. A chunk's terms are computed for all its permutations when
+    it is first used (the Gram matrices are made once, `GRAM_BYTES` of them at a time), so its draws never need the
+    tail bound.
     """
 
-    def __init__(self, x: torch.Tensor, noise: Callable[[int], torch.Tensor], kind: str, n_perm: int, groups=None):
+    def __init__(self, x: torch.Tensor, noise: Callable[[int], torch.Tensor], kind: str, n_perm: int, groups=None,
+                 engine: str = "auto"):
         if kind not in ("linear", "debiased"):
             raise ValueError(f"PlantedCkaTerms: linear or debiased CKA, not {kind!r}")
         self.kind, self.n_perm, self.groups, self.noise = kind, n_perm, groups, noise
+        self.engine = planted_engine(*x.shape, engine)
+        self._gram = None  # the reference's float32 Gram matrix (the Gram engine)
         self.planted = x  # the reference as drawn (a partner is a x + b e: `partner`)
         self.x = prepare(x, kind, precision="float32")  # xc float32; rows, total, self float64
         self.reference = prepare(x, kind)  # float64: the observed CKA of every draw
@@ -240,7 +260,8 @@ class PlantedCkaTerms:
         self.gram = self.xc.mT @ self.xc  # G = x'x, float64
         self._chunks: dict[tuple[int, ...], dict] = {}
         self._resident: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()  # recent chunks' centred noise, float32 (`_noise`)
-        self.products = 0  # permuted d x d products formed (for the benchmark's accounting)
+        self.products = 0  # permuted d x d products formed by the feature engine (for the benchmark's accounting)
+        self.grams = 0  # (draw, permutation) terms formed by the Gram engine
 
     def perms(self, chunk: Sequence[int]) -> torch.Tensor:
         return self._chunk(chunk)["perms"]
@@ -258,7 +279,10 @@ class PlantedCkaTerms:
                 "shared": torch.full((2, self.n_perm), math.nan, dtype=torch.float64, device=self.xc.device),  # ||M_p||^2, r_x . (r_x)_p
                 "draw": torch.full((4, m, self.n_perm), math.nan, dtype=torch.float64, device=self.xc.device),  # <M, N>, ||N||^2, r_x . q_p, r_x . u_p
             }
-            self._keep(key, ec.float())
+            if self.engine == "gram":
+                self._fill_gram(self._chunks[key], ec.float())
+            else:
+                self._keep(key, ec.float())
         return self._chunks[key]
 
     def _observed_terms(self, ec: torch.Tensor) -> torch.Tensor:
@@ -296,7 +320,8 @@ class PlantedCkaTerms:
         return a * self.planted + b * self.noise(seed)
 
     def complete(self, chunk: Sequence[int]) -> bool:
-        """Whether every permutation's terms of this chunk are computed: its draws' full tests then cost no product."""
+        """Whether every permutation's terms of this chunk are computed: its draws' full tests then cost no product (the
+        Gram engine computes them all when the chunk is first used)."""
         return bool(self._chunk(tuple(chunk))["done"].all())
 
     def _centred_noise(self, chunk: tuple[int, ...]) -> torch.Tensor:
@@ -339,6 +364,37 @@ class PlantedCkaTerms:
         state["draw"][2][:, todo] = state["q"][:, perms] @ self.rows
         state["draw"][3][:, todo] = state["u"][:, perms] @ self.rows
         state["done"][todo] = True
+
+    def _fill_gram(self, state: dict, ec: torch.Tensor) -> None:
+        """Every permutation's terms of a chunk (centred float32 noise ec [m, n, d]) by the Gram engine (class
+        docstring): the draws' Gram matrices a group of them at a time within `GRAM_BYTES`."""
+        xc, perms = self.x["xc"], state["perms"]
+        n, m = xc.shape[0], len(ec)
+        if self._gram is None:
+            self._gram = (self.xc @ self.xc.mT).float()  # in float64, then rounded
+        group = max(1, (GRAM_BYTES // (4 * n * n) - 1) // 2)
+        for start in range(0, m, group):
+            draws = list(range(start, min(m, start + group)))
+            first = int(start == 0)  # the reference's own terms with the first group
+            grams = torch.empty(first + 2 * len(draws), n, n, dtype=torch.float32, device=xc.device)
+            if first:
+                grams[0] = self._gram
+            for row, j in enumerate(draws):
+                symmetric, noise = grams[first + 2 * row], grams[first + 2 * row + 1]
+                torch.mm(xc, ec[j].mT, out=noise)  # x_c e_c', through the noise's slot
+                torch.add(noise, noise.mT, out=symmetric).mul_(0.5)
+                torch.mm(ec[j], ec[j].mT, out=noise)
+            sums = permuted_gram_dots(self._gram, grams, perms)
+            del grams
+            if first:
+                state["shared"][0] = sums[0]
+            state["draw"][0, draws] = sums[first::2]
+            state["draw"][1, draws] = sums[first + 1::2]
+        self.grams += m * self.n_perm
+        state["shared"][1] = self.rows[perms] @ self.rows
+        state["draw"][2] = state["q"][:, perms] @ self.rows
+        state["draw"][3] = state["u"][:, perms] @ self.rows
+        state["done"][:] = True
 
     def side(self) -> NullSide:
         """The reference's `NullSide` at the terms' groups (computed once)."""
@@ -555,12 +611,24 @@ def planted_power(measure: str, base: torch.Tensor, snr: float, groups=None, dra
     return detection_rate(test, draws, seed, snr, chunk, target)
 
 
-def planted_cka_terms(base: torch.Tensor, groups=None, kind: str = "debiased", n_perm: int = N_PERM) -> PlantedCkaTerms | None:
+def planted_engine(n: int, d: int, engine: str = "auto") -> str:
+    """`PlantedCkaTerms`' engine for n sentences of d dimensions: "gram" for "auto" where n * `GRAM_RATIO` < d^2 and the
+    reference's and one draw's Gram matrices (3 n^2 float32) fit `GRAM_BYTES`, else "feature"."""
+    if engine not in PLANTED_ENGINES:
+        raise ValueError(f"PlantedCkaTerms: engine must be one of {PLANTED_ENGINES}, not {engine!r}")
+    if engine == "auto":
+        return "gram" if n * GRAM_RATIO < d * d and 12 * n * n <= GRAM_BYTES else "feature"
+    return engine
+
+
+def planted_cka_terms(base: torch.Tensor, groups=None, kind: str = "debiased", n_perm: int = N_PERM,
+                      engine: str = "auto") -> PlantedCkaTerms | None:
     """`PlantedCkaTerms` for `planted_power`'s CKA draws of `base` (None for rbf CKA, which has no feature space)."""
     if kind not in ("linear", "debiased"):
         return None
     x = planted_representations(base, ["reference"], math.inf, 0, rotate=False)["reference"]
-    return PlantedCkaTerms(x, lambda s: planted_representations(base, ["planted"], 0.0, s, rotate=False)["planted"], kind, n_perm, groups)
+    return PlantedCkaTerms(x, lambda s: planted_representations(base, ["planted"], 0.0, s, rotate=False)["planted"], kind, n_perm,
+                           groups, engine)
 
 
 def power_curve(measure: str, base: torch.Tensor, groups=None, draws: int = 50, seed: int = 0, kind: str = "debiased",

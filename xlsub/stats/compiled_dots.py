@@ -1,6 +1,7 @@
-"""A compiled loop (numba) for `xlsub.stats.inference.matrix_dots` of float32 matrices on the CPU: one matrix against
-each of several (RSA's reference rank matrix against every language's or planted draw's, and each against itself for
-its norm).
+"""Compiled loops (numba) for sums of products of float32 matrices on the CPU, accumulated in float64.
+
+`row_dots`, for `xlsub.stats.inference.matrix_dots`: one matrix against each of several (RSA's reference rank matrix
+against every language's or planted draw's, and each against itself for its norm).
 
 torch's tile-by-tile path widens both tiles to float64, multiplies them into a third and sums it: four passes over
 memory per tile. Here each row of the first matrix meets the same row of every other matrix while it is in the cache,
@@ -30,3 +31,52 @@ def row_dots(a: np.ndarray, bs: np.ndarray, start: int, stop: int, out: np.ndarr
             for j in range(k):
                 total += np.float64(row[j]) * np.float64(other[j])
             out[w] += total
+
+
+PERMUTATIONS_AT_ONCE = 8  # `permuted_dots`: gathered rows that meet each row of the Bs together
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+def permuted_dots(a: np.ndarray, qs: np.ndarray, bs: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
+    """out[w, p] = sum over start <= i < stop and all j of a[q_i, q_j] bs[w, i, j] (q = qs[p]) in float64, for
+    symmetric float32 a [k, k] and bs [m, k, k] (C-contiguous), qs int32 or int64 [P, k]: the diagonal term and twice
+    the strict upper triangle's. Callers split the rows between threads (`xlsub.stats.compiled_sort.row_parts`: parts
+    of about equal entries) and add their parts."""
+    n_perm, k = qs.shape
+    m = bs.shape[0]
+    at_once = PERMUTATIONS_AT_ONCE
+    gathered = np.zeros((at_once, k), np.float32)
+    diagonal = np.zeros(at_once, np.float64)
+    for w in range(m):
+        for p in range(n_perm):
+            out[w, p] = 0.0
+    for i in range(start, stop):
+        for first in range(0, n_perm, at_once):
+            last = min(n_perm, first + at_once)
+            for p in range(first, last):
+                q = qs[p]
+                row = a[q[i]]
+                into = gathered[p - first]
+                for j in range(i + 1, k):
+                    into[j] = row[q[j]]
+                diagonal[p - first] = row[q[i]]
+            for p in range(last - first, at_once):  # a last group of fewer permutations: zero rows
+                gathered[p, i + 1:] = 0.0
+                diagonal[p] = 0.0
+            for w in range(m):
+                other = bs[w, i]
+                t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = 0.0
+                for j in range(i + 1, k):
+                    b = np.float64(other[j])
+                    t0 += np.float64(gathered[0, j]) * b
+                    t1 += np.float64(gathered[1, j]) * b
+                    t2 += np.float64(gathered[2, j]) * b
+                    t3 += np.float64(gathered[3, j]) * b
+                    t4 += np.float64(gathered[4, j]) * b
+                    t5 += np.float64(gathered[5, j]) * b
+                    t6 += np.float64(gathered[6, j]) * b
+                    t7 += np.float64(gathered[7, j]) * b
+                sums = (t0, t1, t2, t3, t4, t5, t6, t7)
+                own = np.float64(other[i])
+                for p in range(first, last):
+                    out[w, p] += diagonal[p - first] * own + 2.0 * sums[p - first]
