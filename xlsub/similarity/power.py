@@ -77,11 +77,11 @@ BATCH = 20  # permutations per batch of the sequential test
 SHARED_PERMS = 10  # `PlantedCkaTerms`: permutations whose d x d products M_p are held at once
 CHUNK = 10  # draws sharing one permutation stream
 NOISE_BYTES = 2**29  # `PlantedCkaTerms`: the chunks' float32 noise held for their next fills (3 chunks of 10 draws at n = 5,000, d = 768)
-# `PlantedCkaTerms`' Gram engine: the float32 n x n matrices held at once (1.5 GiB: the reference's and 7 draws' two at
+# `PlantedCkaTerms`' Gram engine: the float32 n x n matrices held at once (1 GiB: the reference's and 4 draws' two at
 # n = 5,000), and where it is taken: n * GRAM_RATIO < d^2. Measured at n = 5,000, d = 768 on 2 cores
 # (`benchmarks/power.py`): a draw's terms of one permutation cost a 32 ms float32 product in the feature engine, about
 # 10 ms in the Gram engine (two n x n sums and its share of the gather), which also builds two Gram matrices a draw.
-GRAM_BYTES = 3 * 2**29
+GRAM_BYTES = 2**30
 GRAM_RATIO = 37
 PLANTED_ENGINES = ("auto", "feature", "gram")
 TARGET = 0.8
@@ -279,10 +279,11 @@ class PlantedCkaTerms:
                 "shared": torch.full((2, self.n_perm), math.nan, dtype=torch.float64, device=self.xc.device),  # ||M_p||^2, r_x . (r_x)_p
                 "draw": torch.full((4, m, self.n_perm), math.nan, dtype=torch.float64, device=self.xc.device),  # <M, N>, ||N||^2, r_x . q_p, r_x . u_p
             }
+            ec = ec.float()  # the float64 copy (300 MB a chunk at n = 5,000, d = 768) dropped before the fill
             if self.engine == "gram":
-                self._fill_gram(self._chunks[key], ec.float())
+                self._fill_gram(self._chunks[key], ec)
             else:
-                self._keep(key, ec.float())
+                self._keep(key, ec)
         return self._chunks[key]
 
     def _observed_terms(self, ec: torch.Tensor) -> torch.Tensor:
