@@ -334,3 +334,19 @@ def test_the_exact_moments_bounds_by_hand():
         decided = tail_bound_decided(at, torch.zeros(2), none, n_perm, risk, exact_sd=sd, exact_weight=torch.full((2,), w),
                                      exceedances=exceedances)
         assert decided.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("path", ["compiled", "torch"])
+def test_retrieval_of_no_layers_is_empty_in_both_paths(monkeypatch, path):
+    """Encodings with an empty leading axis (no layers) have no answers, [0, n] (broadcast against a single layer too),
+    in the compiled loops and in torch's path alike, and a side of no layers prepares without error."""
+    from xlsub.similarity import retrieval
+
+    if path == "torch":
+        monkeypatch.setattr(retrieval, "_compiled", lambda x, dtype: False)
+    empty, one = torch.randn(0, 5, 4), torch.randn(5, 4)
+    assert retrieval.CosineSide(empty).rounding.shape == (0, 5)
+    for x, y, shape in ((empty, empty, (0, 5)), (empty, one, (0, 5)), (torch.randn(2, 0, 5, 4), one, (2, 0, 5))):
+        found = retrieval.nearest_translation(x, y)
+        assert found.shape == shape and found.dtype == torch.long
+    assert retrieval.nearest_translation(torch.randn(2, 5, 4), one).shape == (2, 5)  # and a real one still answers

@@ -99,7 +99,8 @@ class CosineSide:
             self.screen = self._unit.to(dtype)
             flat_unit, flat_screen = self._unit.reshape(-1, *x.shape[-2:]), self.screen.reshape(-1, *x.shape[-2:])
             self.rounding = torch.stack([torch.linalg.vector_norm(s.double().sub_(u), dim=-1)  # a layer at a time: no float64 copy of all
-                                         for s, u in zip(flat_screen, flat_unit)]).reshape(x.shape[:-1])
+                                         for s, u in zip(flat_screen, flat_unit)]).reshape(x.shape[:-1]) if len(flat_unit) else \
+                torch.zeros(x.shape[:-1], dtype=torch.float64, device=x.device)  # no layers
             return
         from xlsub.similarity import compiled_nearest  # numba, imported where it is used
 
@@ -115,7 +116,7 @@ class CosineSide:
             (self.screen.numpy(), compiled_nearest.side_float32)
         for layer in range(len(rows)):
             compiled_nearest.column_mean(rows[layer], mean[layer])
-        split = max(1, torch.get_num_threads() // len(rows))  # a single layer's rows split between the threads
+        split = max(1, torch.get_num_threads() // max(1, len(rows)))  # a single layer's rows split between the threads
         parts = [(layer, int(part[0]), int(part[-1]) + 1) for layer in range(len(rows)) for part in np.array_split(np.arange(n), split) if len(part)]
         side_by_side(lambda part: kernel(rows[part[0]], mean[part[0]], part[1], part[2], scale[part[0]], screen[part[0]], rounding[part[0]]), parts)
         lead = x.shape[:-2]
