@@ -172,13 +172,13 @@ def test_power_is_one_without_noise_and_alpha_without_signal(measure):
 
 
 @pytest.mark.parametrize("k, n_perm", [(1, 3), (2, 9), (40, 8), (97, 13)])
-def test_permuted_gram_dots_compiled_and_torch_against_numpy(monkeypatch, k, n_perm):
-    """sum_ij A_ij B_p(i)p(j) of symmetric float32 A and Bs (nonzero diagonals): the compiled loop (rows split between
-    the threads) and torch's path (off the CPU) against numpy in float64, for permutation counts that do and do not
-    fill its groups of 8, and one row."""
+def test_permuted_cross_of_gram_matrices_compiled_and_torch_against_numpy(monkeypatch, k, n_perm):
+    """sum_ij A_ij B_p(i)p(j) of symmetric float32 A and Bs with nonzero diagonals (Gram matrices, as PlantedCkaTerms'
+    Gram engine passes them): the compiled loop on the CPU (rows split between the threads; permutation counts that do
+    and do not fill its groups of 8), torch's path off the CPU and the small-k path, against numpy in float64, for all
+    matrices and a selection of them, stacked or in a list."""
     import numpy as np
 
-    from xlsub.similarity import permutation
     from xlsub.stats import inference
 
     g = torch.Generator().manual_seed(k)
@@ -189,12 +189,14 @@ def test_permuted_gram_dots_compiled_and_torch_against_numpy(monkeypatch, k, n_p
 
     a, bs = symmetric(1)[0], symmetric(3)
     perms = torch.stack([torch.randperm(k, generator=g) for _ in range(n_perm)])
-    want = np.array([[(a.double().numpy() * b.double().numpy()[np.ix_(p, p)]).sum() for p in perms.numpy()] for b in bs])
-    compiled = permutation.permuted_gram_dots(a, bs, perms)
-    torch.testing.assert_close(compiled, torch.from_numpy(want), rtol=1e-12, atol=1e-9)
+    want = torch.from_numpy(np.array([[(a.double().numpy() * b.double().numpy()[np.ix_(p, p)]).sum() for p in perms.numpy()] for b in bs]))
+    select = torch.tensor([2, 0])
+    torch.testing.assert_close(inference.permuted_cross(a, bs, perms), want, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(inference.permuted_cross(a, bs, perms, select=select), want[select], rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(inference.permuted_cross(a, list(bs), perms, select=select), want[select], rtol=1e-12, atol=1e-9)  # a list
     monkeypatch.setattr(inference, "on_cpu", lambda values: False)  # the GPU's branch
-    torch.testing.assert_close(permutation.permuted_gram_dots(a, bs, perms), torch.from_numpy(want), rtol=1e-12, atol=1e-9)
-    assert permutation.permuted_gram_dots(a, bs[:0], perms).shape == (0, n_perm)
+    torch.testing.assert_close(inference.permuted_cross(a, bs, perms), want, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(inference.permuted_cross(a, bs, perms, select=select), want[select], rtol=1e-12, atol=1e-9)
 
 
 def test_planted_engine_takes_gram_space_where_n_is_well_below_d_squared():

@@ -59,9 +59,7 @@ from xlsub.similarity.cka import (
     prepared_cka,
     ratio,
 )
-from xlsub.stats import inference
 from xlsub.stats.inference import nanstd
-from xlsub.stats.workers import side_by_side
 
 ENGINES = ("auto", "feature", "gram")
 # Bytes of gathered rows (and d1 x d2 products) per block of permutations in the feature engine.
@@ -204,33 +202,6 @@ def permuted_gram_cross(k: torch.Tensor, l: torch.Tensor, perms: torch.Tensor) -
             out[i] = torch.dot(flat, both.reshape(-1))
         else:
             out[i] = torch.mul(flat, both.reshape(-1), out=products).sum(dtype=torch.float64)
-    return out
-
-
-def permuted_gram_dots(a: torch.Tensor, bs: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
-    """sum_ij A_ij B_p(i)p(j) for each of bs [m, n, n] and each permutation p of perms [P, n], [m, P] float64, for a
-    symmetric float32 A [n, n] and symmetric float32 Bs (Gram matrices): the same sum as sum_ij A_q(i)q(j) B_ij with
-    q = p^-1, so A is gathered once per permutation and meets every B. Products and sums in float64 of the float32
-    values. On the CPU a compiled loop (`xlsub.stats.compiled_dots.permuted_dots`, the rows split between the threads
-    in parts of about equal work); elsewhere torch, each gathered A widened to float64 against each B in turn."""
-    m, n_perm, k = len(bs), len(perms), a.shape[-1]
-    out = torch.zeros(m, n_perm, dtype=torch.float64, device=a.device)
-    if not m or not n_perm or not k:
-        return out
-    inverse = torch.argsort(perms.to(a.device), dim=1)
-    if inference.on_cpu(a) and inference.on_cpu(bs):
-        from xlsub.stats.compiled_dots import permuted_dots
-        from xlsub.stats.compiled_sort import row_parts
-
-        parts = row_parts(k, torch.get_num_threads())
-        sums = np.zeros((len(parts), m, n_perm))
-        reference, others, qs = a.contiguous().numpy(), bs.contiguous().numpy(), inverse.to(torch.int32).numpy()
-        side_by_side(lambda part: permuted_dots(reference, qs, others, *parts[part], sums[part]), range(len(parts)))
-        return torch.from_numpy(sums.sum(0)).to(a.device)
-    for p, q in enumerate(inverse):
-        gathered = a.index_select(0, q).index_select(1, q).double().reshape(-1)
-        for w in range(m):
-            out[w, p] = torch.dot(bs[w].reshape(-1).double(), gathered)
     return out
 
 

@@ -61,7 +61,6 @@ from xlsub.similarity.permutation import (
     pair_null_moments,
     permutations,
     permuted_cka,
-    permuted_gram_dots,
     permuted_products,
     prepared_null,
     tail_bound_decided,
@@ -238,7 +237,7 @@ class PlantedCkaTerms:
     block of permutations at a time when a level first needs it. "gram" (n well below d^2, as at the study's n = 5,000
     and d = 768): in Gram space, with K = x_c x_c' and q = p^-1, ||M_p||^2 = sum_ik K_ik K_p(i)p(k), <M_p, N_jp> =
     sum_ik K_ik S_j p(i)p(k) with S_j = (x_c e_c' + e_c x_c') / 2 and ||N_jp||^2 = sum_ik K_ik (e_c e_c')_p(i)p(k):
-    K gathered once per permutation meets the chunk's 2m float32 Gram matrices (`permuted_gram_dots`, float64 sums),
+    K gathered once per permutation meets the chunk's 2m float32 Gram matrices (`permuted_cross`, float64 sums),
     n^2 work per draw and permutation instead of n d^2. A chunk's terms are computed for all its permutations when
     it is first used (the Gram matrices are made once, `GRAM_BYTES` of them at a time), so its draws never need the
     tail bound.
@@ -385,7 +384,7 @@ class PlantedCkaTerms:
                 torch.mm(xc, ec[j].mT, out=noise)  # x_c e_c', through the noise's slot
                 torch.add(noise, noise.mT, out=symmetric).mul_(0.5)
                 torch.mm(ec[j], ec[j].mT, out=noise)
-            sums = permuted_gram_dots(self._gram, grams, perms)
+            sums = permuted_cross(self._gram, grams, perms)
             del grams
             if first:
                 state["shared"][0] = sums[0]

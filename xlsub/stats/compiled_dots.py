@@ -37,13 +37,13 @@ PERMUTATIONS_AT_ONCE = 8  # `permuted_dots`: gathered rows that meet each row of
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
-def permuted_dots(a: np.ndarray, qs: np.ndarray, bs: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
-    """out[w, p] = sum over start <= i < stop and all j of a[q_i, q_j] bs[w, i, j] (q = qs[p]) in float64, for
-    symmetric float32 a [k, k] and bs [m, k, k] (C-contiguous), qs int32 or int64 [P, k]: the diagonal term and twice
-    the strict upper triangle's. Callers split the rows between threads (`xlsub.stats.compiled_sort.row_parts`: parts
-    of about equal entries) and add their parts."""
+def permuted_dots(a: np.ndarray, qs: np.ndarray, bs, start: int, stop: int, out: np.ndarray) -> None:
+    """out[w, p] = sum over start <= i < stop and all j of a[q_i, q_j] bs[w][i, j] (q = qs[p]) in float64, for
+    symmetric float32 a [k, k] and bs a `numba.typed.List` of m symmetric float32 [k, k] (all C-contiguous), qs int32
+    [P, k]: the diagonal term and twice the strict upper triangle's. Callers split the rows between threads
+    (`xlsub.stats.compiled_sort.row_parts`: parts of about equal entries) and add their parts."""
     n_perm, k = qs.shape
-    m = bs.shape[0]
+    m = len(bs)
     at_once = PERMUTATIONS_AT_ONCE
     gathered = np.zeros((at_once, k), np.float32)
     diagonal = np.zeros(at_once, np.float64)
@@ -64,7 +64,7 @@ def permuted_dots(a: np.ndarray, qs: np.ndarray, bs: np.ndarray, start: int, sto
                 gathered[p, i + 1:] = 0.0
                 diagonal[p] = 0.0
             for w in range(m):
-                other = bs[w, i]
+                other = bs[w][i]
                 t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = 0.0
                 for j in range(i + 1, k):
                     b = np.float64(other[j])

@@ -562,9 +562,9 @@ def _pair_index(inverse: torch.Tensor, k: int) -> torch.Tensor:
 def permuted_cross(a: torch.Tensor, bs, perms: torch.Tensor, pairs: torch.Tensor | None = None,
                    select: torch.Tensor | None = None) -> torch.Tensor:
     """sum_ij A_ij B_p(i)p(j) for every B in bs [m, k, k] or a list of m [k, k] (or the matrices `select` of
-    them) and every permutation p, [m, P] float64 (A, B symmetric with zero diagonal; A and bs float64, or float32
-    holding exact values, e.g. centred ranks in `xlsub.similarity.rsa.rank_dtype`: a float32 A is gathered at half
-    the memory traffic, each gathered tile widened to float64, and the sums are the same).
+    them) and every permutation p, [m, P] float64 (A, B symmetric; A and bs float64, or float32: centred ranks in
+    `xlsub.similarity.rsa.rank_dtype`, exact, or Gram matrices; a float32 A is gathered at half the memory traffic,
+    each gathered value widened to float64, and the products of the float32 values are summed in float64).
 
     The same sum is sum_ij A_q(i)q(j) B_ij with q = p^-1, so A is gathered once per permutation and meets all
     m matrices: one k^2 gather per permutation however many matrices share the reference (one language against
@@ -572,7 +572,9 @@ def permuted_cross(a: torch.Tensor, bs, perms: torch.Tensor, pairs: torch.Tensor
     their `_pair_index`, when already built). Above that, a tile of rows i at a time: the tile's gathered rows
     of every permutation [P, rows, k] meet the same rows of every B in one float64 product, so each B is read
     once for all P permutations (not once per permutation: at k = 5,000 a B is 200 MB) and the buffers stay a
-    few MB whatever k and P.
+    few MB whatever k and P. A float32 A against float32 Bs on the CPU: a compiled loop instead
+    (`xlsub.stats.compiled_dots.permuted_dots`: the upper triangle, 8 permutations' gathered rows against each row of
+    the Bs while it is in the cache, the rows split between the threads in parts of about equal work).
     """
     k, on = a.shape[-1], {"device": a.device}
     perms = perms.to(a.device)
@@ -586,10 +588,28 @@ def permuted_cross(a: torch.Tensor, bs, perms: torch.Tensor, pairs: torch.Tensor
         for start in range(0, len(perms), block):
             chunk = pairs[start:start + block]
             out[:, start:start + len(chunk)] = 2.0 * (upper_b @ flat_a[chunk].mT)
+        diagonal_b = torch.stack([bs[w].diagonal().double() for w in which.tolist()]) if len(which) else None
+        if diagonal_b is not None and diagonal_b.any():  # sum_i A_ii B_p(i)p(i)
+            out += diagonal_b[:, perms] @ a.diagonal().double()
         return out
     if not len(perms) or not len(which):
         return out
     inverse = torch.argsort(perms, dim=1)
+    matrices = [bs[w] for w in which.tolist()]
+    if all(b.dtype == torch.float32 and on_cpu(b) and b.is_contiguous() for b in [a, *matrices]):
+        from numba.typed import List
+
+        from xlsub.stats.compiled_dots import permuted_dots
+        from xlsub.stats.compiled_sort import row_parts
+
+        parts = row_parts(k, torch.get_num_threads())
+        sums = np.zeros((len(parts), len(which), len(perms)))
+        reference, qs, others = a.numpy(), inverse.to(torch.int32).numpy(), List()
+        for b in matrices:  # read in place, however they are held (stacked or a list)
+            others.append(b.numpy())
+        side_by_side(lambda part: permuted_dots(reference, qs, others, *parts[part], sums[part]), range(len(parts)))
+        return torch.from_numpy(sums.sum(0))
+    del matrices
     everything = select is None or torch.equal(which, torch.arange(len(bs), **on))
     # else the tile's rows are picked, stacked or converted into `picked`
     in_place = everything and isinstance(bs, torch.Tensor) and bs.dtype == torch.float64
