@@ -314,6 +314,25 @@ def test_bisection_brackets_any_crossing_to_one_step(crossing):
     assert any(snr == pytest.approx(step_below) for snr in tested)  # the level one step below was tested: below 0.8
 
 
+@pytest.mark.parametrize("crossing", [3e-5, 3e-4, 7e-3, 0.2, 0.9, 5.0])
+@pytest.mark.parametrize("start", [1e-4, 1e-3, 0.05, 1.0, "limit"])
+def test_a_search_from_a_starting_level_finds_the_bisections_limit(crossing, start):
+    """From any starting level (below, above, at the limit, at the bracket's ends) the same limit as the plain
+    bisection on the same grid; from the limit itself two levels: it and the one step below it (one at the bracket's
+    bottom); never more than twice the bisection's levels."""
+    plain: list = []
+    _, want = bisect_power(fake_power(crossing, plain), (1e-4, 1.0), bisections=4)
+    tested: list = []
+    begin = (want if math.isfinite(want) else 1.0) if start == "limit" else start
+    levels, limit = bisect_power(fake_power(crossing, tested), (1e-4, 1.0), bisections=4, start=begin)
+    assert limit == want or math.isnan(limit) and math.isnan(want)
+    nearest = 10 ** (-4 + round((math.log10(begin) + 4) * 4) / 4)  # the grid level nearest the start, 10^(-4 + k/4)
+    assert tested[0] == pytest.approx(nearest) and len(set(tested)) == len(tested) <= 2 * len(plain)
+    assert [level.snr for level in levels] == sorted(tested)
+    if start == "limit" and math.isfinite(want):
+        assert len(tested) == (1 if want == 1e-4 else 2)
+
+
 def test_bisection_when_the_bracket_holds_no_crossing():
     tested: list = []
     levels, limit = bisect_power(fake_power(5.0, tested), (1e-4, 1.0))

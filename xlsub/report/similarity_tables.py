@@ -398,7 +398,8 @@ def power_table(base: torch.Tensor, lengths: Mapping[str, torch.Tensor] | None, 
     the length-restricted null the tables use (`length_groups` of `lengths`; all pairings without them), on
     `n_perm` permutations a draw with Besag & Clifford's early stopping. power = the share of draws with
     p < 0.05, power_lo/power_hi its Wilson 95% interval; levels by bisection on log SNR in `bracket`
-    (`xlsub.similarity.power.power_curve`); a level whose side of 0.8 is settled before its last draw (its
+    (`xlsub.similarity.power.power_curve`; RSA's and retrieval's searches begin at the previous measure's detection
+    limit, `bisect_power(start=)`: the same grid and limit, fewer levels where the limits are close); a level whose side of 0.8 is settled before its last draw (its
     Bonferroni-adjusted interval excludes 0.8) stops there, and `n_draws` says how many it used. The content-free length-only encoder, `draws` seeds of it tested
     by CKA and retrieval (not RSA: too slow), is the negative control (`snr` NaN rows; about 0.05 at the
     length-restricted null).
@@ -417,8 +418,10 @@ def power_table(base: torch.Tensor, lengths: Mapping[str, torch.Tensor] | None, 
     if groups is not None and other is not None:
         counts = {l: lengths[l].long().sub(2).clamp(min=0) for l in (reference, other)}  # the encoder adds <s>, </s>
         controls = power.length_only_power(counts, base.shape[-1], groups, draws, seed, kind, n_perm=n_perm, device=base.device)
+    start = None  # each measure's search begins at the last finite detection limit: the measures' limits lie close together
     for name in power.MEASURES:
-        levels, limits[name] = power.power_curve(name, base, groups, draws, seed, kind, n_perm, bracket, bisections)
+        levels, limits[name] = power.power_curve(name, base, groups, draws, seed, kind, n_perm, bracket, bisections, start=start)
+        start = limits[name] if math.isfinite(limits[name]) else start
         rows += [row(name, level) for level in levels]
         if name in controls:
             rows.append(row(f"{name} ({LENGTH_ONLY})", controls[name]))

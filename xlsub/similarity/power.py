@@ -27,7 +27,8 @@ length-restricted null, how strong must a shared signal be for CKA, RSA or retri
 - RSA's rank matrices (`spearman_matrix`) equal the Mantel test's bit for bit, from one sort when untied.
 - Power at a level: the share of draws detected at alpha, with its Wilson 95% interval
   (`xlsub.stats.inference.wilson_interval`). Levels: `bisect_power`, bisection on log SNR inside
-  `BRACKET` (a binary search over its 2^`BISECTIONS` steps); the detection limit is the smallest tested
+  `BRACKET` (a binary search over its 2^`BISECTIONS` steps; from a starting level, e.g. another measure's limit,
+  where one is given); the detection limit is the smallest tested
   level with power >= `TARGET`. In the bisection (`power_curve`) a level stops drawing after a chunk once
   its side of the target is settled: the Wilson interval of its draws so far at 1 - 0.05 / K (Bonferroni over
   its K looks) excludes `TARGET` (all detected settles above after 30 of 50 draws, none below after 10); the
@@ -633,33 +634,58 @@ def planted_cka_terms(base: torch.Tensor, groups=None, kind: str = "debiased", n
 
 def power_curve(measure: str, base: torch.Tensor, groups=None, draws: int = 50, seed: int = 0, kind: str = "debiased",
                 n_perm: int = N_PERM, bracket: tuple[float, float] = BRACKET, bisections: int = BISECTIONS,
-                target: float = TARGET) -> tuple[list[Power], float]:
+                target: float = TARGET, start: float | None = None) -> tuple[list[Power], float]:
     """`bisect_power` of `planted_power` for one measure: (the tested levels, the detection limit). CKA's levels
     share one `PlantedCkaTerms`, so each draw's null terms are computed once for all levels; a level stops drawing
-    once its side of the target is settled (`detection_rate`)."""
+    once its side of the target is settled (`detection_rate`). `start`: where the search begins (`bisect_power`)."""
     terms = planted_cka_terms(base, groups, kind, n_perm) if measure == "cka" else None
     return bisect_power(lambda snr: planted_power(measure, base, snr, groups, draws, seed, kind, n_perm, terms=terms, target=target),
-                        bracket, bisections, target)
+                        bracket, bisections, target, start)
 
 
 def bisect_power(power_at: Callable[[float], Power], bracket: tuple[float, float] = BRACKET,
-                 bisections: int = BISECTIONS, target: float = TARGET) -> tuple[list[Power], float]:
+                 bisections: int = BISECTIONS, target: float = TARGET, start: float | None = None) -> tuple[list[Power], float]:
     """The levels of a power curve, by bisection on log SNR: the bracket cut into 2^bisections equal steps of
     log SNR (levels lo = g_0 < ... < g_K = hi), and a binary search for the first level with power >= `target`,
     power taken to grow with SNR. Each tested level halves the candidates (the K + 1 levels, or none), so at
     most bisections + 1 levels are tested and an end of the bracket only when the search reaches it: the
     answer of the bracket plus `bisections` midpoints, with the same resolution (a factor
     (hi / lo)^(1 / 2^bisections)), without paying for both ends. Returns (the tested levels by SNR, the
-    detection limit: the smallest tested SNR with power >= target, NaN if none)."""
+    detection limit: the smallest tested SNR with power >= target, NaN if none).
+
+    `start` (an SNR: e.g. another measure's detection limit on the same data, where this one's is likely near): the
+    search begins at the grid level nearest it and steps away from it by 1, 2, 4, ... levels (down while power >=
+    target, up while below) until the crossing is bracketed, then bisects what is left. The same answer on the same
+    grid for a power that grows with SNR; two levels where the crossing is next to `start` instead of about
+    bisections + 1, at most about twice as many where it is far."""
     lo, hi = bracket
     steps = 2 ** bisections
     grid = [lo * (hi / lo) ** (k / steps) for k in range(steps + 1)]
     below, above = -1, steps + 1  # power < target at grid[:below + 1], >= target from grid[above] on (steps + 1: none)
     tested = {}
+
+    def reaches(k: int) -> bool:
+        tested[grid[k]] = power_at(grid[k])
+        return tested[grid[k]].power >= target
+
+    if start is not None and math.isfinite(start) and start > 0:
+        k = min(steps, max(0, round(math.log(start / lo) / math.log(hi / lo) * steps)))
+        down, step = reaches(k), 1
+        below, above = (below, k) if down else (k, above)
+        while above - below > 1:  # step away from the start, doubling, until a level on the other side
+            k = above - step if down else below + step
+            if not below < k < above:
+                break
+            if reaches(k):
+                above = k
+            else:
+                below = k
+            if (tested[grid[k]].power >= target) != down:
+                break
+            step *= 2
     while above - below > 1:
         k = (below + above) // 2
-        tested[grid[k]] = power_at(grid[k])
-        below, above = (below, k) if tested[grid[k]].power >= target else (k, above)
+        below, above = (below, k) if reaches(k) else (k, above)
     levels = [tested[snr] for snr in sorted(tested)]
     reached = [level.snr for level in levels if level.power >= target]
     return levels, min(reached) if reached else math.nan
