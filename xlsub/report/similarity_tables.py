@@ -399,8 +399,8 @@ def power_table(base: torch.Tensor, lengths: Mapping[str, torch.Tensor] | None, 
     `n_perm` permutations a draw with Besag & Clifford's early stopping. power = the share of draws with
     p < 0.05, power_lo/power_hi its Wilson 95% interval; levels by bisection on log SNR in `bracket`
     (`xlsub.similarity.power.power_curve`; RSA's and retrieval's searches begin at the previous measure's detection
-    limit, `bisect_power(start=)`: the same grid and limit, fewer levels where the limits are close); a level whose side of 0.8 is settled before its last draw (its
-    Bonferroni-adjusted interval excludes 0.8) stops there, and `n_draws` says how many it used. The content-free length-only encoder, `draws` seeds of it tested
+    limit, `bisect_power(start=)`: the same grid and limit, fewer levels where the limits are close); a level whose
+    side of 0.8 is settled before its last draw (its Bonferroni-adjusted interval excludes 0.8) stops there, and `n_draws` says how many it used. The content-free length-only encoder, `draws` seeds of it tested
     by CKA and retrieval (not RSA: too slow), is the negative control (`snr` NaN rows; about 0.05 at the
     length-restricted null).
     Returns the table (measure, snr, n_draws, power, power_lo, power_hi) and each measure's detection limit:
