@@ -248,6 +248,20 @@ def test_planted_cka_terms_give_the_null_of_every_level(kind, engine):
         assert terms.products == 0 and terms.grams == 99 * len(seeds)  # every permutation of the chunk at its first use
 
 
+def test_the_gram_engine_decides_every_level_as_the_feature_engine():
+    """Planted CKA draws tested on terms from either engine, level by level with the terms shared across levels: the
+    same detections and draws at every level, near the detection limit too (the Gram engine computes every
+    permutation and needs no tail bound, so it may evaluate more permutations)."""
+    engines = {engine: planted_cka_terms(base(), groups(), "debiased", n_perm=99, engine=engine) for engine in ("feature", "gram")}
+    decided = {engine: [] for engine in engines}
+    for snr in (1e-3, 0.03, 0.1, 0.3, 3.0):
+        for engine, terms in engines.items():
+            level = planted_power("cka", base(), snr, groups(), draws=20, seed=4, terms=terms)
+            decided[engine].append((level.n_draws, level.detected))
+    assert decided["gram"] == decided["feature"]
+    assert {detected for _, detected in decided["gram"]} - {0, 20}  # a level where some draws are detected and some not
+
+
 def test_power_curve_shares_ckas_terms_across_levels_with_the_same_decisions():
     """CKA's power curve with terms kept for every level: the same levels and detections as testing each level
     afresh. A draw whose chunk's terms are all computed takes its permutations rather than the tail bound, so it may
