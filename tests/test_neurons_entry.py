@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from entry_points import finetune as finetune_entry
 from entry_points import neurons as neurons_entry
 from entry_points.encode import EncodeArgs
-from tests.conftest import children_of, mlflow_run, refuse_in_process, runs_of
+from tests.conftest import LAPE_TEST_RATE, children_of, mlflow_run, refuse_in_process, runs_of
 from tests.test_family_stages import stock_perplexity
 from xlsub.artifacts import load_encodings
 from xlsub.models.encoding import encode as encode_sentences
@@ -67,7 +67,7 @@ def test_lape_neurons_and_their_deactivation_matrix(store, finetune_run, neurons
         halves = json.loads(open(client.download_artifacts(child.info.run_id, "neuron_mask_halves.json", str(folder))).read())
         assert set(halves) == {"a", "b"} and torch.tensor(halves["a"]).shape == (4, 512)
     # the masks are LAPE's selection over the three languages' probabilities, 2% of 2,048 neurons at most
-    selected = lape_selection(torch.stack([probability[l] for l in LANGS]).double(), 0.02, 0.95, 0.95)
+    selected = lape_selection(torch.stack([probability[l] for l in LANGS]).double(), 0.02, LAPE_TEST_RATE, LAPE_TEST_RATE)
     for i, lang in enumerate(LANGS):
         assert torch.equal(masks[lang] == 0, selected[i])
     assert 0 < sum(int((masks[l] == 0).sum()) for l in LANGS) and (selected.any(0).sum() <= round(2048 * 0.02))
