@@ -329,9 +329,10 @@ def rsa_table(encodings, languages: Sequence[str], reference: str, counts: Count
     permutations for the full model and the controls, `min(counts.length, counts.subnetworks)` for each
     subnetwork (`n_perm`: the permutations used; `p_floor`: the smallest p they can give); each model's
     reference matrix is permuted once for all its languages (`mantel_test` with stacked languages), with the
-    tail bound (`TAIL_RISK`): where a pilot of 50 permutations puts the observed RSA far enough in the tail, p is
-    the floor and null_mean the pilot's mean, without the other permutations; and with early stopping
-    (`STOP_AFTER`): a clearly null language has p = 10 / L >= 0.1 and the mean of its first L permutations."""
+    tail bound (`TAIL_RISK`): where the exact permutation mean and sd of r (`xlsub.similarity.moments`) put the observed
+    RSA far enough in the tail, p is the floor, without any permutation; and with early stopping (`STOP_AFTER`): a
+    clearly null language has p = 10 / L >= 0.1 from its first L permutations. Where either spares permutations,
+    null_mean is the exact permutation mean."""
     groups = length_groups(lengths, reference)
     rows = []
     everything = with_length_only(encodings, lengths, reference, seed)

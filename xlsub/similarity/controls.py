@@ -95,14 +95,14 @@ def length_only_representations(lengths: Mapping[str, Sequence[int]], d: int, se
                              f"{int(counts.min())}; lengths count tokens without <s>/</s> and must be >= "
                              f"{0 if special else 1}")
         generator = _language_generator(seed, lang)
-        table = torch.randn(vocab, d, generator=generator, dtype=torch.float64)
+        # drawn in float32 (torch draws them 4.5x faster than float64: the power table's control draws 100 tables
+        # of 8,000 x 768) and summed in float64
+        table = torch.randn(vocab, d, generator=generator, dtype=torch.float32).double()
         tokens = torch.randint(vocab, (int(counts.sum()),), generator=generator)
-        sentence = torch.repeat_interleave(torch.arange(len(counts)), counts)
-        # each sentence's token counts (sparse, n x vocab) times the table: not a tokens x d gather (770 MB at
-        # the study's 5,000 sentences)
-        occurrences = torch.sparse_coo_tensor(torch.stack([sentence, tokens]), torch.ones(len(tokens), dtype=torch.float64),
-                                              (len(counts), vocab), check_invariants=False)  # in range by construction
-        summed = torch.sparse.mm(occurrences, table)
+        # each sentence's tokens summed as a bag (offsets: where each sentence's tokens begin), not a tokens x d
+        # gather (770 MB at the study's 5,000 sentences)
+        offsets = torch.cumsum(counts, 0) - counts
+        summed = torch.nn.functional.embedding_bag(tokens, table, offsets, mode="sum")
         width = counts + 2 if special else counts  # positions 0 .. width-1
         summed += cumulative[width]
         if special:
