@@ -120,6 +120,29 @@ def test_permuted_cka_float32_products_agree_with_float64(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["linear", "debiased"])
+def test_float32_gram_matrices_give_the_float64_null_and_auto_takes_them_for_long_blocks(kind, monkeypatch):
+    """float32 products on the CPU with the gram engine: float32 K and L, their permuted sums compiled and summed in
+    float64, against float64 CKA of every permuted pairing recomputed one at a time; "auto" takes them where the
+    permutations pay for the two Gram matrices (`_gram32_pays`, which the cost ratio set low makes true here), the feature
+    engine for a short block, and the float64 gram engine without float32 products."""
+    x, y = related(n=150, d1=40, d2=30, layers=2, noise=3.0)
+    perms = permutations(150, 21, seed=4)  # 21: the compiled loop's last group of eight is partial
+    brute = torch.stack([torch.stack([cka(x[layer], y[layer][p], kind) for p in perms]) for layer in range(2)])
+    gram = permuted_cka(x.float(), y.float(), perms, kind, engine="gram", precision="float32")
+    difference = float((gram - brute).abs().max())
+    assert 0 < difference < 1e-7, difference
+    feature = permuted_cka(x.float(), y.float(), perms, kind, engine="feature", precision="float32")
+    assert not torch.equal(gram, feature)
+    monkeypatch.setattr(permutation, "_GRAM32_RATIO", 0)  # here: a permutation of n^2 products costs less than n d1 d2
+    assert permutation._gram32_pays(150, 40, 30, 21) and not permutation._gram32_pays(150, 40, 30, 2)
+    assert not permutation._gram32_pays(permutation._GRAM32_MAX_N + 1, 768, 768, 10**6)
+    torch.testing.assert_close(permuted_cka(x.float(), y.float(), perms, kind, precision="float32"), gram, rtol=0, atol=0)
+    torch.testing.assert_close(permuted_cka(x.float(), y.float(), perms[:2], kind, precision="float32"), feature[:, :2], rtol=0, atol=0)
+    float64 = permuted_cka(x, y, perms, kind, engine="gram")  # no float32 products: the float64 gram engine
+    torch.testing.assert_close(float64, brute, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["linear", "debiased"])
 def test_permutation_test_equals_a_brute_force_loop(kind):
     x, y = related(n=30, noise=5.0)  # weak: some null values exceed the observed CKA
     result = cka_permutation_test(x, y, n_perm=200, seed=7, kind=kind, null_precision="float64")
@@ -765,7 +788,7 @@ def test_length_only_representations_against_a_loop_over_tokens():
     bos, eos = torch.randn(2, d, generator=shared, dtype=torch.float64)
     for lang, counts in lengths.items():
         g = _language_generator(seed, lang)
-        table = torch.randn(vocab, d, generator=g, dtype=torch.float64)
+        table = torch.randn(vocab, d, generator=g, dtype=torch.float32).double()  # drawn in float32
         tokens = iter(torch.randint(vocab, (sum(counts),), generator=g).tolist())
         for i, k in enumerate(counts):
             total = bos + eos + positions[:k + 2].sum(0)

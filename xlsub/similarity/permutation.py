@@ -25,7 +25,11 @@ unbiased HSIC_1 also r_x . r_(y,p) (the 1'K~L~1 term; 1'K~1 1'L~1 does not depen
 `xlsub.similarity.cka.debiased_hsic`). The "feature" engine computes ||Y_p'X||_F^2 for a block of permutations with
 one matrix product [Y_p1 | Y_p2 | ...]' X (O(n d1 d2) per permutation); the "gram" engine permutes the
 centred n x n Gram matrix, sum_ij K_ij L_p(i)p(j) (O(n^2) per permutation, but a random gather). "auto"
-picks gram only where n^2 is small against n d1 d2 (and for RBF kernels, which have no feature space).
+picks gram only where n^2 is small against n d1 d2 (and for RBF kernels, which have no feature space). With
+float32 products on the CPU the gram engine's K and L are float32 and their permuted sums a compiled loop's
+(`xlsub.stats.inference.permuted_cross`, summed in float64): "auto" takes it for a block of permutations long enough
+to pay for the two Gram matrices (`_gram32_pays`; at n = 5,000, d = 768 from 39 permutations: 0.44 s for the Gram
+matrices, then 20.8 ms a permutation against the feature engine's 31.6 ms, 2 threads).
 Measured with `benchmarks/permutation.py` (1 thread, debiased, ms per permutation):
 
     n, d        naive cka() loop   feature float64   feature float32 products   gram
@@ -59,7 +63,7 @@ from xlsub.similarity.cka import (
     prepared_cka,
     ratio,
 )
-from xlsub.stats.inference import nanstd
+from xlsub.stats.inference import nanstd, on_cpu, permuted_cross
 
 ENGINES = ("auto", "feature", "gram")
 # Bytes of gathered rows (and d1 x d2 products) per block of permutations in the feature engine.
@@ -71,6 +75,14 @@ _BLOCK_BYTES = 2**26
 # n=2048 38.6 / 41.5.
 _GRAM_RATIO = 100
 _GRAM_MAX_N = 1536
+# float32 products on the CPU: the gram engine with float32 K, L and the compiled permuted sums (`_gram32_pays`) where
+# P (d1 d2 - _GRAM32_RATIO n) > n (d1 + d2) for P permutations: a permutation costs n d1 d2 multiply-adds in the
+# feature engine and n^2 gathered products here, each about _GRAM32_RATIO times a multiply-add of a float32 GEMM, and
+# the two Gram matrices n^2 (d1 + d2). Measured at n = 5,000, d = 768, 2 threads: 11 ps a multiply-add (the feature
+# engine's 31.6 ms a permutation, the Gram matrices' 0.44 s), 0.83 ns a product (20.8 ms a permutation).
+_GRAM32_RATIO = 78
+# ... and at most this many examples: K and L are 8 n^2 bytes (400 MB at n = 7,000)
+_GRAM32_MAX_N = 7000
 # With float32 products for the null, null values within this relative distance of the observed value are
 # recomputed in float64, so that a tie (e.g. a permutation that leaves the pairing unchanged) counts as one.
 FLOAT32_RECHECK = 1e-5
@@ -250,7 +262,9 @@ def permuted_products(xc: torch.Tensor, zc: torch.Tensor, perms: torch.Tensor):
         yield start, product[:b * d2].view(b, d2, d1)
 
 
-def _pick_engine(engine: str, kind: str, n: int, d1: int, d2: int) -> str:
+def _pick_engine(engine: str, kind: str, n: int, d1: int, d2: int, n_perm: int | None = None) -> str:
+    """The engine for these sizes. `n_perm`: the permutations of one call where its gram engine would run float32 Gram
+    matrices through the compiled sums (float32 products on the CPU, not rbf); None: the float64 gram engine."""
     if engine not in ENGINES:
         raise XlsubError(f"permutation engine: unknown engine '{engine}'; use auto, feature or gram")
     if kind == "rbf":
@@ -258,8 +272,16 @@ def _pick_engine(engine: str, kind: str, n: int, d1: int, d2: int) -> str:
             raise XlsubError("permutation engine: rbf CKA has no feature-space form; use engine=auto or gram")
         return "gram"
     if engine == "auto":
+        if n_perm is not None and _gram32_pays(n, d1, d2, n_perm):
+            return "gram"
         return "gram" if n <= _GRAM_MAX_N and n * _GRAM_RATIO < d1 * d2 else "feature"
     return engine
+
+
+def _gram32_pays(n: int, d1: int, d2: int, n_perm: int) -> bool:
+    """Whether `n_perm` permutations cost less by float32 Gram matrices and compiled sums than by the feature engine
+    (`_GRAM32_RATIO`, `_GRAM32_MAX_N`)."""
+    return n <= _GRAM32_MAX_N and n_perm * (d1 * d2 - _GRAM32_RATIO * n) > n * (d1 + d2)
 
 
 def permuted_cka(x: torch.Tensor, y: torch.Tensor, perms: torch.Tensor, kind: str = "debiased", *,
@@ -271,15 +293,18 @@ def permuted_cka(x: torch.Tensor, y: torch.Tensor, perms: torch.Tensor, kind: st
     term is recomputed, by the feature engine (||Y_p'X||_F^2 in blocks of permutations) or the gram engine
     (tr(K P L P') on centred n x n Gram matrices); see the module docstring. rbf kernels use the gram
     engine. The same permutations serve every leading index (layer). `precision="float32"`: float32
-    products accumulated in float64 (linear and debiased with the feature engine), as in `xlsub.similarity.cka.cka`.
+    products accumulated in float64 (linear and debiased with the feature engine), as in `xlsub.similarity.cka.cka`; on
+    the CPU, with the gram engine, float32 Gram matrices whose permuted products are summed in float64 ("auto" takes it
+    where the permutations pay for the two Gram matrices, `_gram32_pays`).
     `selves` (linear, debiased): x's and y's self terms [...] (`prepare`'s "self"), already computed: not again.
     """
     check_pair(x, y, kind, precision)
     perms = torch.as_tensor(perms, dtype=torch.long).reshape(-1, x.shape[-2])
     lead, (n, d1), d2 = x.shape[:-2], x.shape[-2:], y.shape[-1]
-    engine = _pick_engine(engine, kind, n, d1, d2)
-    if engine == "gram" and precision != "float64":
-        precision = "float64"  # the gather, not the arithmetic, is what the gram engine spends its time on
+    compiled = precision == "float32" and kind != "rbf" and on_cpu(x) and on_cpu(y)  # float32 Gram matrices, compiled sums
+    engine = _pick_engine(engine, kind, n, d1, d2, len(perms) if compiled else None)
+    if engine == "gram" and not compiled:
+        precision = "float64"  # torch's gathers, not the arithmetic, are what the gram engine spends its time on
     xs, ys = x.reshape(-1, n, d1), y.reshape(-1, n, d2)
     out = torch.empty(xs.shape[0], len(perms), dtype=torch.float64, device=x.device)
     known = [None, None] if selves is None or kind == "rbf" else [one.reshape(-1) for one in selves]
@@ -303,7 +328,10 @@ def prepared_null(a: dict, b: dict, perms: torch.Tensor, kind: str, engine: str)
     if kind == "rbf":
         cross = permuted_gram_cross(a["kc"], b["kc"], perms)
     else:
-        if engine == "gram":
+        if engine == "gram" and a["xc"].dtype == torch.float32:  # float32 Gram matrices, their permuted sums in float64
+            xc, yc = a["xc"], b["xc"]
+            xty_sq = permuted_cross(xc @ xc.mT, [yc @ yc.mT], perms)[0]
+        elif engine == "gram":
             xc, yc = a["xc"].double(), b["xc"].double()
             xty_sq = permuted_gram_cross(xc @ xc.mT, yc @ yc.mT, perms)
         else:
