@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ from xlsub.models.neurons import (
     activation_statistics,
     gated_chunk_losses,
     lape_eligible,
+    lape_quantile,
     lape_selection,
     neuron_control_seed,
     neuron_importance,
@@ -127,6 +129,20 @@ def lape_masks(probability: dict[str, torch.Tensor], args: NeuronsArgs) -> dict[
     return {lang: (~selected[i]).float() for i, lang in enumerate(langs)}
 
 
+def empty_lape_notice(probability: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], args: NeuronsArgs) -> str | None:
+    """The line to print where LAPE selected no neuron for any language because no activation probability lies above
+    the `activation_bar` quantile (it equals the largest, as where many neurons fire at every token); else None."""
+    if any(bool((mask == 0).any()) for mask in masks.values()):
+        return None
+    p = torch.stack([probability[l] for l in masks]).double()
+    bar = lape_quantile(p, args.activation_bar)
+    if bool((p > bar).any()):
+        return None
+    return (f"xlsub neurons: lape selected no neuron: the activation_bar quantile ({args.activation_bar:g}) of the activation "
+            f"probabilities is their largest value, {bar:g} ({float((p == bar).double().mean()):.1%} of them); lower activation_bar "
+            f"and filter_rate, or sample more examples")
+
+
 def select_lape(model, tokenizer, samples: dict[str, list], args: NeuronsArgs) -> Selection:
     """LAPE on each half of every language's sample, and on the whole (the halves' counts added)."""
     halves_stats = {}
@@ -136,6 +152,8 @@ def select_lape(model, tokenizer, samples: dict[str, list], args: NeuronsArgs) -
                               for part in (chunks[:half], chunks[half:])]
     probability = {lang: (a.active + b.active).double() / (a.tokens + b.tokens) for lang, (a, b) in halves_stats.items()}
     masks = lape_masks(probability, args)
+    if notice := empty_lape_notice(probability, masks, args):
+        print(notice, file=sys.stderr, flush=True)
     half_masks = [lape_masks({lang: stats[k].probability for lang, stats in halves_stats.items()}, args) for k in (0, 1)]
     eligible = lape_eligible(torch.stack(list(probability.values())), args.filter_rate)
     return Selection(masks, {lang: (half_masks[0][lang], half_masks[1][lang]) for lang in samples},

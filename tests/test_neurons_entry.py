@@ -163,3 +163,25 @@ def test_bad_inputs_are_refused(capsys, store, finetune_run):
     assert line.startswith("xlsub neurons: languages:") and "did not train 'xx'" in line
     line, _ = refuse_in_process(capsys, store, experiment, "neurons", ["--languages", "en"])
     assert line.startswith("xlsub neurons: languages:") and "two or more" in line
+
+
+def test_a_lape_run_that_selects_nothing_says_why():
+    """More than 5% of the activation probabilities exactly 1 (a saturated model): the 0.95 quantile is 1, nothing lies
+    above it and LAPE selects no neuron; the stage names the quantile and the parameter to lower. None where a neuron is
+    selected, or where the bar is below the largest probability (then the emptiness has another cause)."""
+    from entry_points.neurons import NeuronsArgs, empty_lape_notice, lape_masks
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(3, 4, 100, generator=g, dtype=torch.float64) * 0.9
+    p.view(-1)[torch.randperm(p.numel(), generator=g)[:84]] = 1.0  # 7% of 1,200
+    probability = {lang: p[i] for i, lang in enumerate(LANGS)}
+    args = NeuronsArgs(top_rate=0.02)
+    masks = lape_masks(probability, args)
+    assert all(bool((mask == 1).all()) for mask in masks.values())
+    notice = empty_lape_notice(probability, masks, args)
+    assert notice.startswith("xlsub neurons: lape selected no neuron") and "(0.95)" in notice and "7.0% of them" in notice
+    assert "lower activation_bar" in notice
+    lower = NeuronsArgs(top_rate=0.02, filter_rate=0.9, activation_bar=0.9)  # 10% above 7%: some neuron's p lies above
+    assert any(bool((mask == 0).any()) for mask in lape_masks(probability, lower).values())
+    assert empty_lape_notice(probability, lape_masks(probability, lower), lower) is None
+    assert empty_lape_notice(probability, {lang: torch.ones(4, 100) for lang in LANGS}, lower) is None  # the bar lies below 1

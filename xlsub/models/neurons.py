@@ -181,7 +181,7 @@ def activation_statistics(model: nn.Module, batches: Iterable[Mapping[str, torch
 
 # -- LAPE ------------------------------------------------------------------------------------------
 
-def _quantile_value(values: torch.Tensor, rate: float) -> float:
+def lape_quantile(values: torch.Tensor, rate: float) -> float:
     """The reference code's quantile: the k-th smallest value, k = round(n * rate) (Python's round) and at least 1."""
     flat = values.flatten()
     return float(flat.kthvalue(max(1, round(len(flat) * rate))).values)
@@ -193,7 +193,7 @@ def lape_eligible(probabilities: torch.Tensor, filter_rate: float = 0.95) -> tor
     neurons], flattened). The base rate a layer distribution of language neurons is compared with."""
     FILTER_RATE.check("filter_rate", filter_rate)
     p = probabilities.detach().double().cpu()
-    return (p > _quantile_value(p, filter_rate)).any(0)
+    return (p > lape_quantile(p, filter_rate)).any(0)
 
 
 def lape_selection(probabilities: torch.Tensor, top_rate: float = 0.01, filter_rate: float = 0.95,
@@ -227,7 +227,7 @@ def lape_selection(probabilities: torch.Tensor, top_rate: float = 0.01, filter_r
     entropy[~lape_eligible(p, filter_rate)] = math.inf
     candidates = torch.zeros(entropy.numel(), dtype=torch.bool)
     candidates[torch.sort(entropy.flatten(), stable=True).indices[: round(entropy.numel() * top_rate)]] = True
-    return (p > _quantile_value(p, activation_bar)) & candidates.view_as(entropy)
+    return (p > lape_quantile(p, activation_bar)) & candidates.view_as(entropy)
 
 
 # -- gates, importance, stock form ------------------------------------------------------------------
