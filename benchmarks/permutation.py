@@ -10,8 +10,10 @@ The naive loop is timed on a few permutations and EXTRAPOLATED linearly to the f
 permutation is constant); the engines are timed on the full count at the demo size, and on 200
 permutations at the study size (blocks of 1-2 permutations there, so also linear), then extrapolated.
 Sizes: the demo's parallel set (n=1077, d=128) and the study's (n=5000, d=768), one layer, 1000
-permutations (the issue's default for the full model). At the demo size it also times the Gram-form
-engine and the other nulls at their default counts.
+permutations (the issue's default for the full model). At the demo size it also times the float64 Gram-form
+engine and the other nulls at their default counts; at both, the Gram-form engine with float32 Gram matrices and
+compiled permuted sums (what "auto" takes with float32 products on the CPU where the permutations pay for the Gram
+matrices).
 Each timing is the best of `--repeats` runs, interleaved across methods: other processes on a shared
 machine only add time, and they add it to every method alike.
 
@@ -75,7 +77,8 @@ def compare(n: int, d: int, n_perm: int, naive_perms: int, kinds: list[str], rep
     timed = perms[:engine_perms]
     gram_perms = perms[: max(naive_perms, n_perm // 5)]
     print(f"\nn={n}, d={d}, {n_perm} permutations, one layer; engine='auto' picks "
-          f"{_pick_engine('auto', 'debiased', n, d, d)}")
+          f"{_pick_engine('auto', 'debiased', n, d, d)} in float64, {_pick_engine('auto', 'debiased', n, d, d, n_perm)} "
+          f"with float32 products on the CPU")
     for kind in kinds:
         methods = {
             "naive loop (cka per perm.)": (perms[:naive_perms], lambda p: naive(x, y, p, kind)),
@@ -85,6 +88,8 @@ def compare(n: int, d: int, n_perm: int, naive_perms: int, kinds: list[str], rep
         }
         if gram:
             methods["gram engine, float64"] = (gram_perms, lambda p: permuted_cka(x, y, p, kind, engine="gram"))
+        # float32 Gram matrices and the compiled permuted sums (the two Gram matrices are inside its time)
+        methods["gram engine, float32"] = (timed, lambda p: permuted_cka(x, y, p, kind, engine="gram", precision="float32"))
         # interleaved repeats, best of each: load from other processes hits every method alike
         seconds = {label: math.inf for label in methods}
         nulls = {}
