@@ -43,8 +43,11 @@ postgres:
 	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
 		|| echo "postgresql could not be installed (needs root and apt): the team-server test will be skipped"
 
+# two pytest-xdist workers, each on its share of the cores; the tests that share a session's stage runs (and each
+# module's own) stay on one worker (tests/conftest.py). TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: setup browser postgres
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # pooling.py measures a finetuned model (--model); scale.py runs --quick here (the full sizes take longer)
 bench: setup

@@ -6,8 +6,18 @@ as a user would type them, against a sqlite store in a temp folder.
 
 from __future__ import annotations
 
-import importlib
 import os
+
+# Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) each worker takes its share of the cores, and so do the
+# stage processes it starts (they inherit these variables): two workers of two threads each on two cores would
+# oversubscribe them, and OpenMP's spinning threads then slow everything down many times over.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[_name] = _threads
+
+import ast
+import importlib
 import signal
 import socket
 import subprocess
@@ -256,3 +266,50 @@ def two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
+
+
+# The session fixtures that run stages, by the group of test modules that share them. `make test` runs pytest-xdist with
+# `--dist loadgroup`, which `SharedRunScheduling` replaces: each module's tests go to one worker (its module fixtures
+# made once), and the modules whose functions take one of a group's fixtures go there together (no stage run made twice).
+# (pytest-xdist's own loadgroup reads groups from a suffix it writes into each test's node ID, which pytest 9 no
+# longer takes: its groups are silently ignored.)
+SHARED_RUNS = {"stage-runs": {"finetune_run", "prune_run", "neurons_run", "encode_run"}, "pipeline": {"pipeline", "tracking_server"}}
+
+
+def shared_run_group(module: Path) -> str | None:
+    """The `SHARED_RUNS` group whose fixtures a test module's functions (tests and fixtures) take as parameters, or None."""
+    tree = ast.parse(module.read_text())
+    names = {arg.arg for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) for arg in node.args.args}
+    return next((group for group, fixtures in SHARED_RUNS.items() if names & fixtures), None)
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    groups: dict[str, str] = {}
+    slow: set[str] = set()  # the groups with a module marked slow
+
+    class SharedRunScheduling(LoadScopeScheduling):
+        ordered = False
+
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            if module not in groups:
+                groups[module] = shared_run_group(config.rootpath / module) or module
+                if "pytest.mark.slow" in (config.rootpath / module).read_text():
+                    slow.add(groups[module])
+            return groups[module]
+
+        def _assign_work_unit(self, node) -> None:
+            """The longest work first, so that no worker is left with it at the end: the shared runs' groups, then the
+            groups marked slow, then the rest (by their number of tests, as xdist orders them)."""
+            if not self.ordered:
+                self.ordered = True
+                for scope in [s for s in reversed(self.workqueue) if s in slow] + [s for s in reversed(SHARED_RUNS) if s in self.workqueue]:
+                    self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
+
+    return SharedRunScheduling(config, log)
