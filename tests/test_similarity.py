@@ -681,6 +681,11 @@ def test_planted_control_measures_grow_with_snr():
     scale = (base - base.mean(0)).square().mean().sqrt()
     noise = (mixed - math.sqrt(0.5) * (base - base.mean(0)) / scale) / math.sqrt(0.5)
     assert float(noise.square().mean()) == pytest.approx(1.0, abs=0.05)  # what is left is unit noise
+    from xlsub.similarity.controls import _language_generator
+
+    g = _language_generator(0, "de")
+    torch.randn(32, 32, generator=g, dtype=torch.float64)  # the rotation's draws, skipped without rotate
+    torch.testing.assert_close(noise, torch.randn(200, 32, generator=g, dtype=torch.float32).double(), rtol=0, atol=1e-12)  # drawn in float32
 
 
 def test_length_only_control_looks_parallel_to_cka_but_not_to_retrieval():
