@@ -64,8 +64,8 @@ def planted_representations(base: torch.Tensor, languages: Sequence[str], snr: f
             rotation = random_rotation(base.shape[1], generator).to(base.device)
         else:  # the rotation's draws are skipped in the stream (no QR), so the noise is the same either way
             torch.randn(base.shape[1], base.shape[1], generator=generator, dtype=torch.float64)
-        # drawn in float32 (4.5x faster than float64: the power table draws its 50 partners' n x d noise at each level and
-        # measure) and used in float64; CPU streams on every device
+        # drawn in float32 and used in float64: 5,000 x 768 normals take 17.7 ms against 94.0 in float64 on 2 cores, and
+        # the power table draws 50 partners' noise at each level and measure; CPU streams on every device
         noise = torch.randn(base.shape, generator=generator, dtype=torch.float32).to(base.device, torch.float64)
         out[lang] = signal_w * (base @ rotation if rotate else base) + noise_w * noise
     return out
