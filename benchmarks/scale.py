@@ -39,6 +39,7 @@ import json
 import math
 import os
 import pstats
+import re
 import resource
 import subprocess
 import sys
@@ -474,6 +475,14 @@ def timed_sections(device: str = "cpu") -> tuple[dict[str, float], dict[str, flo
     return seconds, peaks, entered, cpu
 
 
+def transparent_huge_pages() -> str | None:
+    """The kernel's transparent huge page mode (always, madvise or never; None where it says none)."""
+    try:
+        return re.search(r"\[(\w+)\]", Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()).group(1)
+    except (OSError, AttributeError):
+        return None
+
+
 def load_average() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
@@ -481,6 +490,9 @@ def load_average() -> list[float]:
 def analyze_study(fraction: float = 1.0, seeds: int = 1, profile: str | None = None, out: Path | None = None,
                   device: str | None = None) -> dict:
     """Run `analysis.analyze` at the study's size (x `fraction` sentences); returns and writes its measurement."""
+    from entry_points import HUGE_PAGES, use_huge_pages
+
+    use_huge_pages()  # as in the analyze stage's process, before this one's first tensor
     from xlsub import artifacts
     from xlsub.report.analysis import analyze
 
@@ -520,6 +532,7 @@ def analyze_study(fraction: float = 1.0, seeds: int = 1, profile: str | None = N
         "peak_gib_raised_in": peaks, "resident_gib_on_entry": entered,
         "cores_busy": {k: round(cpu[k] / v, 2) for k, v in sections.items() if v > 0},
         "verdicts": len(result.verdicts), "tables": len(result.tables), "commit": git_commit(),
+        "huge_pages": {HUGE_PAGES: os.environ.get(HUGE_PAGES), "kernel": transparent_huge_pages()},
     }
     if cuda:
         measured["gpu"] = torch.cuda.get_device_name(options["device"])
@@ -528,7 +541,8 @@ def analyze_study(fraction: float = 1.0, seeds: int = 1, profile: str | None = N
           + ("" if fraction == 1 else f" (n = {n}, fraction {fraction})"))
     print(f"peak memory: {measured['peak_gib']:.2f} GiB" + (f" (GPU: {measured['peak_gpu_gib']:.2f} GiB on {measured['gpu']})" if cuda else ""))
     print(f"{measured['threads']} threads; load average before {load_before}, after {measured['load_average_after']}; "
-          f"encodings read {measured['encoding_loads']} times (generated and written beforehand in {written:.0f} s, not counted)")
+          f"encodings read {measured['encoding_loads']} times (generated and written beforehand in {written:.0f} s, not counted); "
+          f"{HUGE_PAGES}={os.environ.get(HUGE_PAGES)}, transparent huge pages {measured['huge_pages']['kernel']}")
     for name, value in measured["sections_seconds"].items():
         busy = measured["cores_busy"].get(name, math.nan)
         print(f"  {name:28} {value:8.1f} s   {busy:.2f} cores busy, entered at {entered.get(name, math.nan):.2f} GiB"

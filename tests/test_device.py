@@ -200,3 +200,26 @@ def test_release_freed_memory_hands_glibcs_kept_heap_back():
     assert kept > before - 100 * 2**20  # freed, but still resident
     assert after < kept - 300 * 2**20  # 480 MB were freed: most of it handed back
     del pins
+
+
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_stage_processes_back_large_tensors_with_huge_pages(setting):
+    """A process that imports `entry_points` (every stage's, and `scale.py --analyze-study`'s) has torch back a 64 MB
+    tensor with transparent huge pages, counted by the kernel (AnonHugePages); a user's THP_MEM_ALLOC_ENABLE=0 turns
+    that off. Needs the kernel's madvise mode (always would give huge pages either way)."""
+    import os
+    import subprocess
+
+    from entry_points import HUGE_PAGES
+
+    if scale.transparent_huge_pages() != "madvise" and not (setting is None and scale.transparent_huge_pages() == "always"):
+        pytest.skip(f"transparent huge pages are {scale.transparent_huge_pages()} here")
+    env = {k: v for k, v in os.environ.items() if k != HUGE_PAGES} | ({} if setting is None else {HUGE_PAGES: setting})
+    code = ("import re, entry_points, torch; x = torch.ones(64 << 20, dtype=torch.uint8); "
+            "print(re.search(r'AnonHugePages:\\s+(\\d+) kB', open('/proc/self/smaps_rollup').read()).group(1))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    huge_mb = int(done.stdout.strip()) / 1024
+    if setting is None:
+        assert huge_mb >= 32, f"{huge_mb} MB of the 64 MB tensor in huge pages"
+    else:
+        assert huge_mb < 32, f"{huge_mb} MB in huge pages with {HUGE_PAGES}=0"
