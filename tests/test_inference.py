@@ -505,3 +505,27 @@ def test_permuted_cross_equals_the_sum_over_permuted_entries(k, monkeypatch, two
 
     with one_thread():  # one thread: the whole of the rows in one call
         torch.testing.assert_close(inference.matrix_dots(narrow, single), torch.from_numpy(want), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("k", [2, 3, 150])
+def test_upper_entries_copies_the_triangle_row_by_row_as_indexing_does(k):
+    """upper_entries' compiled copy (rows split between 1, 2 or 3 threads) equals the strict upper triangle taken by
+    torch's triu indices, for each dtype it copies, for a strided view (an expanded label row) and for a batch (the
+    torch path)."""
+    from xlsub.stats.inference import upper_entries
+
+    g = torch.Generator().manual_seed(k)
+    i, j = torch.triu_indices(k, k, offset=1)
+    threads = torch.get_num_threads()
+    d = torch.randn(k, k, generator=g, dtype=torch.float64)
+    for matrix in (d, d.float(), (d * 50).to(torch.int8), (d * 50).long(), d > 0, d.mT, torch.arange(k, dtype=torch.int8)[None].expand(k, k)):
+        for parts in (1, 2, 3):
+            torch.set_num_threads(parts)
+            try:
+                got = upper_entries(matrix)
+            finally:
+                torch.set_num_threads(threads)
+            assert got.dtype == matrix.dtype and torch.equal(got, matrix[i, j])
+    batch = torch.randn(2, k, k, generator=g, dtype=torch.float64)
+    assert torch.equal(upper_entries(batch), batch[:, i, j])
+    assert upper_entries(torch.ones(1, 1)).shape == (0,)

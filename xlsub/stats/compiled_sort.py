@@ -154,6 +154,24 @@ def row_parts(k: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
+@numba.njit(nogil=True, cache=True)
+def copy_upper_rows(d: np.ndarray, out: np.ndarray, first: int, last: int) -> None:
+    """Rows first <= i < last of d [k, k]'s strict upper triangle into `out`, row by row at their place in the whole
+    triangle (`fill_rows` backwards)."""
+    k = d.shape[0]
+    t = first * (k - 1) - first * (first - 1) // 2  # the entries of the rows above
+    for i in range(first, last):
+        for j in range(i + 1, k):
+            out[t] = d[i, j]
+            t += 1
+
+
+def upper_triangle(d: np.ndarray, out: np.ndarray, parts: int) -> None:
+    """out [k (k - 1) / 2] <- the strict upper triangle of d [k, k] row by row, in `parts` parts of about equal entries
+    side by side."""
+    side_by_side(lambda rows: copy_upper_rows(d, out, *rows), row_parts(d.shape[0], parts))
+
+
 def fill_symmetric(upper: np.ndarray, d: np.ndarray, parts: int) -> None:
     """d [k, k] <- the symmetric matrix with zero diagonal whose strict upper triangle, row by row, is `upper`: the rows
     written in order in `parts` parts of about equal entries, then the lower triangle mirrored tile by tile in parts."""
