@@ -126,3 +126,36 @@ def test_membership_reads_nothing(tmp_path):
     store = stored(tmp_path, encodings())
     assert "de" in store["full"] and "fr" not in store["full"] and "full" in store
     assert store.loads == 0
+
+
+def test_self_terms_are_kept_by_the_store_and_computed_once_for_every_table(tmp_path, monkeypatch):
+    """`self_terms` equals `self_hsic` of the stored tensor (all hidden states, or the last alone); a store computes
+    each (model, language, kind) once, whichever table asks (the last one taken from all where those are known), a
+    mapping in memory each time; over a whole analysis every kept term was computed exactly once."""
+    from xlsub.report import tables
+    from xlsub.similarity.cka import self_hsic
+
+    calls = []
+
+    def counted(x, kind, sigma_frac=1.0):
+        calls.append(tuple(x.shape))
+        return self_hsic(x, kind, sigma_frac)
+
+    monkeypatch.setattr(tables, "self_hsic", counted)
+    enc = encodings()
+    store = stored(tmp_path / "one", enc)
+    de, zh = enc["full"]["de"].float(), enc["full"]["zh"].float()
+    whole = tables.self_terms(store["full"], "de", "debiased")
+    assert torch.equal(whole, self_hsic(de, "debiased")) and len(calls) == 1
+    assert tables.self_terms(store["full"], "de", "debiased") is whole and len(calls) == 1
+    assert torch.equal(tables.self_terms(store["full"], "de", "debiased", last=True), whole[-1:]) and len(calls) == 1
+    last = tables.self_terms(store["full"], "zh", "debiased", last=True)  # not known whole: the last layer alone
+    assert torch.equal(last, self_hsic(zh[-1:], "debiased")) and calls[-1] == (1, *zh.shape[1:])
+    assert not torch.equal(tables.self_terms(store["full"], "de", "linear"), whole) and len(calls) == 3  # per kind
+    plain = {"de": de}
+    tables.self_terms(plain, "de", "debiased"), tables.self_terms(plain, "de", "debiased")
+    assert len(calls) == 5
+    calls.clear()
+    fresh = stored(tmp_path / "two", enc)
+    run(fresh)
+    assert len(calls) == len(fresh._derived) > 0  # each kept term computed once for the whole analysis

@@ -858,3 +858,25 @@ def test_permuted_cka_from_given_self_terms(kind):
                                    rtol=1e-12, atol=0)
     torch.testing.assert_close(permuted_cka(x, y, perms, kind, engine="feature", selves=(4 * selves[0], selves[1])),
                                permuted_cka(x, y, perms, kind, engine="feature") / 2, rtol=1e-12, atol=0)
+
+
+def test_given_self_terms_give_the_permutation_test_and_null_sides_they_replace():
+    """cka_permutation_test(selves=...) and null_sides(selves=...) with `self_hsic`'s terms give the numbers of the
+    same calls that compute them, with either or both given."""
+    from xlsub.similarity.cka import self_hsic
+    from xlsub.similarity.permutation import cka_permutation_test, null_sides
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 40, 6, generator=g, dtype=torch.float64)
+    y = x + torch.randn(2, 40, 6, generator=g, dtype=torch.float64)
+    groups = torch.arange(40) % 4
+    sx, sy = self_hsic(x, "debiased"), self_hsic(y, "debiased")
+    for selves in ((sx, sy), (sx, None), (None, sy)):
+        for options in ({}, {"tail_risk": 0.005, "stop_after": 10}):
+            want = cka_permutation_test(x, y, 30, 0, "debiased", groups=groups, **options)
+            got = cka_permutation_test(x, y, 30, 0, "debiased", groups=groups, selves=selves, **options)
+            assert torch.allclose(got.observed, want.observed, rtol=1e-12) and torch.equal(got.p_value, want.p_value)
+            assert torch.allclose(got.null_mean, want.null_mean, rtol=1e-12)
+    for given, computed in zip(null_sides(x, "debiased", groups, selves=sx), null_sides(x, "debiased", groups)):
+        assert torch.allclose(given.self, computed.self, rtol=1e-12)
+        assert torch.allclose(given.summary.total, computed.summary.total, rtol=1e-12)

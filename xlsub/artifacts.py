@@ -16,7 +16,7 @@ import math
 import re
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -447,6 +447,7 @@ class EncodingStore(Mapping):
         self._files = {key.name: {p.stem: p for p in sorted(key.glob("*.safetensors"))}
                        for key in sorted(self.root.iterdir()) if key.is_dir()} if self.root.is_dir() else {}
         self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._derived: dict[tuple, torch.Tensor] = {}
         self.loads = 0
         self.live_bytes = 0
         self.peak_live_bytes = 0
@@ -481,6 +482,14 @@ class EncodingStore(Mapping):
         if (model_key, language) in self._cache:
             return self._cache[model_key, language].shape[0]
         return encodings_shape(self._files[model_key][language])[0]
+
+    def derived(self, key: tuple, compute: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
+        """A small statistic of the stored encodings (a model and language's CKA self terms per layer: `key` names
+        it), computed at its first request and kept while the store lives, so that the tables reading the same
+        encodings share it instead of each recomputing it from a fresh read. compute=None: the kept one, or None."""
+        if key not in self._derived and compute is not None:
+            self._derived[key] = compute()
+        return self._derived.get(key)
 
     def _cached(self, key: tuple, load) -> torch.Tensor:
         if key in self._cache:
@@ -567,6 +576,18 @@ def last_layer(reps: Mapping[str, torch.Tensor], language: str) -> torch.Tensor:
     if isinstance(reps, _MovedLanguages):
         return last_layer(reps._languages, language).to(reps._device)
     return reps[language][-1]
+
+
+def derived(reps: Mapping[str, torch.Tensor], language: str, name: tuple,
+            compute: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
+    """`compute()`, a small statistic of `reps[language]` (one model's languages) that `name` identifies: kept by the
+    `EncodingStore` they come from (`EncodingStore.derived`) for every later table that asks, computed each time for
+    tensors held in memory. compute=None: the statistic where a store keeps it, else None."""
+    if isinstance(reps, _StoredLanguages):
+        return reps._store.derived((reps._key, language, *name), compute)
+    if isinstance(reps, _MovedLanguages):
+        return derived(reps._languages, language, name, compute)
+    return None if compute is None else compute()
 
 
 def layer_count(reps: Mapping[str, torch.Tensor], language: str) -> int:

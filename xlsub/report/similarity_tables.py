@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, TABLE, last_layer, layer_count, ordered, subnetwork_key
+from xlsub.report.tables import self_terms
 from xlsub.similarity import power
 from xlsub.similarity.cka import prepare, prepared_cka
 from xlsub.similarity.controls import length_only_representations
@@ -162,14 +163,18 @@ def cka_pvalue_table(encodings, languages: Sequence[str], reference: str, kind: 
             layers = list(range(x.shape[0]))
         else:  # the last layer alone (read alone from a store)
             layers, x, y = [layer_count(everything[model], reference) - 1], x[None], y[None]
+        # the self terms every table shares (`self_terms`: kept by the store), not recomputed for either null
+        mine, theirs = (None, None) if kind == "rbf" else (self_terms(reps, l, kind, last=model != FULL_MODEL) for l in (reference, lang))
         if model not in sides:
-            sides = {model: (null_sides(x, kind, groups), None if groups is None else null_sides(x[-1:], kind))}
+            sides = {model: (null_sides(x, kind, groups, selves=mine),
+                             None if groups is None else null_sides(x[-1:], kind, selves=None if mine is None else mine[-1:]))}
         restricted, unrestricted = sides[model]
         result = cka_permutation_test(x, y, n_perm, seed, kind, groups=groups, tail_risk=TAIL_RISK, stop_after=STOP_AFTER,
-                                      reference=restricted)
+                                      reference=restricted, selves=(mine, theirs))
         # the unrestricted null beside it at the last layer only: what a length confound looks like, at half the cost
-        plain = result if groups is None else cka_permutation_test(x[-1:], y[-1:], n_perm, seed, kind, tail_risk=TAIL_RISK,
-                                                                   stop_after=STOP_AFTER, reference=unrestricted)
+        plain = result if groups is None else cka_permutation_test(
+            x[-1:], y[-1:], n_perm, seed, kind, tail_risk=TAIL_RISK, stop_after=STOP_AFTER, reference=unrestricted,
+            selves=(None, None) if theirs is None else (mine[-1:], theirs[-1:]))
         for i, layer in enumerate(layers):
             unrestricted = float(plain.p_value[-1]) if i == len(layers) - 1 else math.nan
             rows.append({"model": model, "language": lang, "layer": layer, "cka": float(result.observed[i]),
@@ -246,13 +251,15 @@ def length_control_table(encodings, lengths: Mapping[str, torch.Tensor], languag
             continue
         x = last_layer(reps, reference).double()
         labels = jackknife_blocks(x.shape[0], min(blocks, x.shape[0]))
+        # the self terms every table shares (`self_terms`: kept by the store)
+        known = {} if kind == "rbf" else {l: self_terms(reps, l, kind, last=True)[0] for l in (reference, *langs)}
         # the reference's terms, once for all its languages: its CKA state, its residuals' and its leave-block-out self terms
-        mine = prepare(x, kind), prepare(residualize(x, lengths[reference]), kind), \
+        mine = prepare(x, kind, self_=known.get(reference)), prepare(residualize(x, lengths[reference]), kind), \
             leave_block_out_self(x, labels, kind) if kind != "rbf" else None
         for lang in langs:
             y = last_layer(reps, lang).double()
             residual = float(prepared_cka(mine[1], prepare(residualize(y, lengths[lang]), kind), kind))
-            states = mine[0], prepare(y, kind)  # once for the CKA and its null mean
+            states = mine[0], prepare(y, kind, self_=known.get(lang))  # once for the CKA and its null mean
             observed, null_mean = float(prepared_cka(*states, kind)), float(cka_null_mean(x, y, kind, groups, states))
             del states
             key = (model, lang, layer_count(reps, reference) - 1)
@@ -260,7 +267,8 @@ def length_control_table(encodings, lengths: Mapping[str, torch.Tensor], languag
                     and tested.loc[key, "null"] == LENGTH_RESTRICTED:
                 p = float(tested.loc[key, "p_value"])
             else:
-                p = float(cka_permutation_test(x, y, n_perm, seed, kind, groups=groups, tail_risk=TAIL_RISK, stop_after=STOP_AFTER).p_value)
+                p = float(cka_permutation_test(x, y, n_perm, seed, kind, groups=groups, tail_risk=TAIL_RISK, stop_after=STOP_AFTER,
+                                               selves=(known.get(reference), known.get(lang))).p_value)
             selves = None if mine[2] is None else (mine[2], leave_block_out_self(y, labels, kind))
             above = leave_block_out_above_chance(x, y, labels, kind, groups, selves).tolist()
             lo, hi = jackknife_interval(observed - null_mean, above)

@@ -33,8 +33,10 @@ from xlsub.artifacts import (
     RANDOM_MODEL,
     TABLE,
     SubnetworkId,
+    derived,
     group_by_language,
     language_metric,
+    last_layer,
     ordered,
     subnetwork_ids,
 )
@@ -347,6 +349,17 @@ def long_table(table: pd.DataFrame) -> pd.DataFrame:
 
 # -- CKA ------------------------------------------------------------------------------------------------
 
+def self_terms(reps: Mapping[str, torch.Tensor], lang: str, kind: str, last: bool = False) -> torch.Tensor:
+    """HSIC(K, K) of `reps[lang]` (one model's languages) at every hidden state [layers+1] (`self_hsic`), or with `last`
+    at the last one alone [1]: for encodings read from an `EncodingStore`, computed once per model, language and kind
+    for every table that asks (`artifacts.derived`), the last one taken from all of them where those are known. Linear
+    and debiased CKA (rbf's self term needs its n x n kernel)."""
+    if not last:
+        return derived(reps, lang, ("cka_self", kind), lambda: self_hsic(reps[lang], kind))
+    known = derived(reps, lang, ("cka_self", kind), None)
+    return known[-1:] if known is not None else derived(reps, lang, ("cka_self", kind, "last"), lambda: self_hsic(last_layer(reps, lang)[None], kind))
+
+
 def pair_cka(x: torch.Tensor, y: torch.Tensor, kind: str = "linear", precision: str = "float64",
              selves: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """CKA of x and y [layers, n, d] per layer -> [layers] (through `cka_matrix`, which bounds memory); `selves`:
@@ -382,7 +395,7 @@ def cka_reference_tables(encodings: Mapping[str, Mapping[str, torch.Tensor]], la
     if reference not in full:
         raise XlsubError(f"encodings: the full model has no '{reference}' encodings; encode the reference language")
     # each representation's self term once (half of a pair's cost), for the matrix and every control pair it is in
-    selves = None if kind == "rbf" else {lang: self_hsic(full[lang], kind) for lang in langs}
+    selves = None if kind == "rbf" else {lang: self_terms(full, lang, kind) for lang in langs}
     matrix = cka_matrix({lang: full[lang] for lang in langs}, kind, precision=precision, selves=selves)
     r = langs.index(reference)
     others = [lang for lang in langs if lang != reference]
@@ -399,10 +412,10 @@ def cka_reference_tables(encodings: Mapping[str, Mapping[str, torch.Tensor]], la
         reps = encodings.get(model, {})
         if reference not in reps:
             continue
-        mine = None if kind == "rbf" else self_hsic(reps[reference], kind)
+        mine = None if kind == "rbf" else self_terms(reps, reference, kind)
         for lang in others:
             if lang in reps:
-                pair = None if mine is None else (mine, self_hsic(reps[lang], kind))
+                pair = None if mine is None else (mine, self_terms(reps, lang, kind))
                 controls[(model, lang)] = pair_cka(reps[reference], reps[lang], kind, precision, pair)
     tables = {TABLE.cka_vs_reference: _layer_table(parallel, ["language"]),
               TABLE.cka_controls: _layer_table(controls, ["condition", "language"])}
@@ -465,8 +478,10 @@ def cka_subnetwork_tables(encodings: Mapping[str, Mapping[str, torch.Tensor]], l
     for sid, key in tqdm(subs.items(), desc="CKA full vs subnetworks", leave=False, disable=len(subs) < 4):
         reps = encodings[key]
         if sid.language in reps and sid.language in full:
-            curves[str(sid)] = pair_cka(full[sid.language], reps[sid.language], kind, precision)
-        last[str(sid)] = {e: float(pair_cka(full[e][-1:], reps[e][-1:], kind, precision)[0])
+            pair = None if kind == "rbf" else (self_terms(full, sid.language, kind), self_terms(reps, sid.language, kind))
+            curves[str(sid)] = pair_cka(full[sid.language], reps[sid.language], kind, precision, pair)
+        last[str(sid)] = {e: float(pair_cka(last_layer(full, e)[None], last_layer(reps, e)[None], kind, precision,
+                                            None if kind == "rbf" else (self_terms(full, e, kind, True), self_terms(reps, e, kind, True)))[0])
                           for e in eval_langs if e in reps}
     tables = {}
     if curves:

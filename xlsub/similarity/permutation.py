@@ -419,12 +419,16 @@ class NullSide:
     summary: moments.Summary
 
 
-def null_sides(x: torch.Tensor, kind: str = "debiased", groups=None, state: dict | None = None) -> list[NullSide]:
+def null_sides(x: torch.Tensor, kind: str = "debiased", groups=None, state: dict | None = None,
+               selves: torch.Tensor | None = None) -> list[NullSide]:
     """`NullSide` of each leading index of x [..., n, d], flattened. `state`: `prepare(x, kind)` of every leading
-    index at once (float64), where the caller has it; else each index is prepared here."""
+    index at once (float64), where the caller has it; else each index is prepared here, with its self term from
+    `selves` [...] (linear, debiased: `self_hsic(x)`, already computed) where given."""
     check_options(kind)
     if state is None:
-        return [null_side(prepare(one, kind), kind, groups) for one in x.reshape(-1, *x.shape[-2:])]
+        flat = x.reshape(-1, *x.shape[-2:])
+        known = [None] * len(flat) if selves is None or kind == "rbf" else selves.reshape(-1)
+        return [null_side(prepare(one, kind, self_=own), kind, groups) for one, own in zip(flat, known)]
     lead = state["self"].shape
     flat = {key: value.reshape(-1, *value.shape[len(lead):]) for key, value in state.items()}
     return [null_side({key: value[index] for key, value in flat.items()}, kind, groups) for index in range(lead.numel())]
@@ -596,7 +600,8 @@ def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, s
                          kind: str = "debiased", groups=None, *, engine: str = "auto",
                          null_precision: str = "float32", sigma_frac: float = 1.0,
                          tail_risk: float | None = None, pilot: int = TAIL_PILOT,
-                         stop_after: int | None = None, reference: list[NullSide] | None = None) -> PermutationResult:
+                         stop_after: int | None = None, reference: list[NullSide] | None = None,
+                         selves: tuple[torch.Tensor | None, torch.Tensor | None] | None = None) -> PermutationResult:
     """CKA of parallel x, y [..., n, d] against the CKA of `n_perm` random re-pairings of y's rows.
 
     The null hypothesis is that the pairing carries no information (any pairing is as good); with
@@ -622,7 +627,8 @@ def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, s
     permutations, p = `stop_after` / L, null_mean the exact mean; `stopped` says where).
 
     `reference` (with `tail_risk`): `null_sides(x, kind, groups)`, where the caller tests one x against several
-    y and computes x's side once.
+    y and computes x's side once. `selves` (linear, debiased): x's and y's self terms [...] (`self_hsic`; either may be
+    None), already computed: not again.
     """
     check_options(kind)
     if null_precision not in ("float64", "float32"):
@@ -634,9 +640,10 @@ def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, s
     check_pair(x, y, kind)
     # each side prepared once (float64, every leading index): the observed CKA, the exact moments' summaries and the
     # self terms every later preparation of the null reuses (linear, debiased), instead of a d x d product each time
+    given = (None, None) if selves is None or kind == "rbf" else tuple(None if one is None else one.reshape(x.shape[:-2]) for one in selves)
     known = torch.stack([side.self for side in reference]).reshape(x.shape[:-2]) if reference and kind != "rbf" \
-        and len(reference) == x.shape[:-2].numel() else None  # x's self terms, with its null sides
-    states = prepare(x, kind, sigma_frac, self_=known), prepare(y, kind, sigma_frac)
+        and len(reference) == x.shape[:-2].numel() else given[0]  # x's self terms, with its null sides
+    states = prepare(x, kind, sigma_frac, self_=known), prepare(y, kind, sigma_frac, self_=given[1])
     observed = prepared_cka(*states, kind)
     selves = None if kind == "rbf" else (states[0]["self"], states[1]["self"])
     if tail_risk is not None or stop_after:
