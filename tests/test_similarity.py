@@ -880,3 +880,18 @@ def test_given_self_terms_give_the_permutation_test_and_null_sides_they_replace(
     for given, computed in zip(null_sides(x, "debiased", groups, selves=sx), null_sides(x, "debiased", groups)):
         assert torch.allclose(given.self, computed.self, rtol=1e-12)
         assert torch.allclose(given.summary.total, computed.summary.total, rtol=1e-12)
+
+
+def test_a_given_observed_cka_is_used_and_checked():
+    """cka_permutation_test(observed=...) with the CKA the same call computes gives its result; a wrong shape is refused."""
+    from xlsub.similarity.cka import cka
+    from xlsub.similarity.permutation import cka_permutation_test
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 30, 4, generator=g, dtype=torch.float64)
+    y = x + torch.randn(2, 30, 4, generator=g, dtype=torch.float64)
+    want = cka_permutation_test(x, y, 20, 0, "debiased", tail_risk=0.005, stop_after=10)
+    got = cka_permutation_test(x, y, 20, 0, "debiased", tail_risk=0.005, stop_after=10, observed=cka(x, y, "debiased"))
+    assert torch.allclose(got.observed, want.observed, rtol=1e-12) and torch.equal(got.p_value, want.p_value)
+    with pytest.raises(ValueError, match="observed has shape"):
+        cka_permutation_test(x, y, 20, 0, "debiased", observed=cka(x[:1], y[:1], "debiased"))

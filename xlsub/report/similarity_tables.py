@@ -174,7 +174,7 @@ def cka_pvalue_table(encodings, languages: Sequence[str], reference: str, kind: 
         # the unrestricted null beside it at the last layer only: what a length confound looks like, at half the cost
         plain = result if groups is None else cka_permutation_test(
             x[-1:], y[-1:], n_perm, seed, kind, tail_risk=TAIL_RISK, stop_after=STOP_AFTER, reference=unrestricted,
-            selves=(None, None) if theirs is None else (mine[-1:], theirs[-1:]))
+            selves=(None, None) if theirs is None else (mine[-1:], theirs[-1:]), observed=result.observed[-1:])
         for i, layer in enumerate(layers):
             unrestricted = float(plain.p_value[-1]) if i == len(layers) - 1 else math.nan
             rows.append({"model": model, "language": lang, "layer": layer, "cka": float(result.observed[i]),

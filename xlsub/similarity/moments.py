@@ -119,7 +119,10 @@ def _group_terms(p: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.
     if m < d:
         gram = p @ p.mT
         return gram.square().sum(), _top(gram - gram.mean(0, keepdim=True) - gram.mean(1, keepdim=True) + gram.mean())
-    return (p.mT @ p).square().sum(), _top(c.mT @ c)
+    # one d x d product for both: with mu the group's mean, p'p = c'c + m mu mu', so |p'p|^2 = |c'c|^2 + 2 m mu'c'c mu
+    # + m^2 |mu|^4 (each term non-negative: no cancellation)
+    scatter, mu = c.mT @ c, p.mean(0)
+    return scatter.square().sum() + 2 * m * (mu @ scatter @ mu) + m * m * mu.square().sum().square(), _top(scatter)
 
 
 def feature_summary(xc: torch.Tensor, groups=None) -> Summary:

@@ -601,7 +601,8 @@ def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, s
                          null_precision: str = "float32", sigma_frac: float = 1.0,
                          tail_risk: float | None = None, pilot: int = TAIL_PILOT,
                          stop_after: int | None = None, reference: list[NullSide] | None = None,
-                         selves: tuple[torch.Tensor | None, torch.Tensor | None] | None = None) -> PermutationResult:
+                         selves: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+                         observed: torch.Tensor | None = None) -> PermutationResult:
     """CKA of parallel x, y [..., n, d] against the CKA of `n_perm` random re-pairings of y's rows.
 
     The null hypothesis is that the pairing carries no information (any pairing is as good); with
@@ -628,7 +629,8 @@ def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, s
 
     `reference` (with `tail_risk`): `null_sides(x, kind, groups)`, where the caller tests one x against several
     y and computes x's side once. `selves` (linear, debiased): x's and y's self terms [...] (`self_hsic`; either may be
-    None), already computed: not again.
+    None), already computed: not again. `observed`: the CKA of x and y [...] where the caller has it (the same pair
+    tested at another null), not computed again.
     """
     check_options(kind)
     if null_precision not in ("float64", "float32"):
@@ -644,7 +646,10 @@ def cka_permutation_test(x: torch.Tensor, y: torch.Tensor, n_perm: int = 1000, s
     known = torch.stack([side.self for side in reference]).reshape(x.shape[:-2]) if reference and kind != "rbf" \
         and len(reference) == x.shape[:-2].numel() else given[0]  # x's self terms, with its null sides
     states = prepare(x, kind, sigma_frac, self_=known), prepare(y, kind, sigma_frac, self_=given[1])
-    observed = prepared_cka(*states, kind)
+    if observed is None:
+        observed = prepared_cka(*states, kind)
+    elif observed.shape != x.shape[:-2]:
+        raise ValueError(f"cka_permutation_test: observed has shape {tuple(observed.shape)}, not x's leading {tuple(x.shape[:-2])}")
     selves = None if kind == "rbf" else (states[0]["self"], states[1]["self"])
     if tail_risk is not None or stop_after:
         return _sequential_test(x, y, perms, n_perm, observed, kind, groups, engine, null_precision, sigma_frac, tail_risk, pilot, stop_after,
