@@ -3,6 +3,7 @@ length chance) against independent computations: loops, numpy and scipy."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -207,8 +208,8 @@ def test_lanczos_top_eigenvalues_equal_the_dense_spectrum():
 
 
 def test_knn_spectra_from_one_gram_equal_the_spectra_by_loops():
-    """The whole sample's spectrum from the Gram matrix the subsets read (worked on in place after them) is the unit
-    rows' graph's, and each subset's is its own graph's, rebuilt on its rows."""
+    """The whole sample's spectrum from the Gram matrix the subsets read is the unit rows' graph's, and each subset's
+    is its own graph's, rebuilt on its rows (the compiled loops on the CPU)."""
     from xlsub.similarity.isomorphism import knn_spectra, subsamples
 
     x = torch.randn(300, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -218,6 +219,43 @@ def test_knn_spectra_from_one_gram_equal_the_spectra_by_loops():
     for rows, part in zip(subsets, parts):
         np.testing.assert_allclose(part.numpy(), np.sort(np.linalg.eigvalsh(laplacian_by_loops(x[rows].numpy(), 4)))[::-1][:10], rtol=1e-8)
     assert knn_spectra(x, subsets, None, 4)[0] is None
+
+
+@pytest.mark.parametrize("centre", [True, False])
+def test_compiled_knn_graphs_from_the_gram_equal_the_torch_path(centre):
+    """The compiled neighbours of a subset read from the whole Gram matrix (rows split between 1, 2 or 3 threads, the row
+    means summed or given) give the torch path's graph (the block gathered, scaled to cosines, topk); on the torch path
+    knn_spectra's spectra are the compiled path's. Ties go to the lower index."""
+    from xlsub.similarity import isomorphism
+    from xlsub.similarity.rsa import symmetric_products
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(90, 7, generator=g, dtype=torch.float64) + 0.5
+    gram = symmetric_products(x - x.mean(0) if centre else x)
+    threads = torch.get_num_threads()
+    for index in (None, isomorphism.subsamples(90, 2, seed=1)[0], isomorphism.subsamples(90, 2, seed=1)[1]):
+        block = gram if index is None else gram[index[:, None], index]
+        want = isomorphism._laplacian(isomorphism._gram_cosines_(block.clone(), centre), 6)
+        means = block.mean(1)
+        for parts, given in itertools.product((1, 2, 3), (None, means)):
+            torch.set_num_threads(parts)
+            try:
+                got = isomorphism._gram_laplacian(gram, index, 6, centre, given)
+            finally:
+                torch.set_num_threads(threads)
+            assert (got != want).nnz == 0 and (got.toarray() == want.toarray()).all()
+    subsets = isomorphism.subsamples(90, 3, seed=2)
+    compiled = isomorphism.knn_spectra(x, subsets, 5, 4, top=6, centre=centre)
+    forced = isomorphism._compiled_gram
+    isomorphism._compiled_gram = lambda gram: False
+    try:
+        by_torch = isomorphism.knn_spectra(x, subsets, 5, 4, top=6, centre=centre)
+    finally:
+        isomorphism._compiled_gram = forced
+    assert torch.equal(compiled[0], by_torch[0]) and torch.equal(compiled[1], by_torch[1])
+    same = torch.ones(5, 5, dtype=torch.float64)  # every cosine 1: each row's neighbours are the lowest other rows
+    neighbours = isomorphism._gram_laplacian(same, None, 2, centre=False).toarray()
+    assert (neighbours[4] != 0).tolist() == [True, True, False, False, True]
 
 
 def test_isomorphism_subsample_intervals_by_recomputation():

@@ -63,13 +63,58 @@ def _gram_cosines_(g: torch.Tensor, centre: bool) -> torch.Tensor:
     return g.div_(norms[:, None]).div_(norms[None, :])
 
 
-def _laplacian(sim: torch.Tensor, k: int) -> scipy.sparse.csr_matrix:
-    """`knn_laplacian` from the similarities [n, n] (overwritten: the diagonal is set to -inf)."""
-    n = sim.shape[0]
+def _check_k(k: int, n: int) -> None:
     if not 1 <= k < n:
         raise XlsubError(f"knn graph: k must be between 1 and the number of sentences - 1 ({n - 1}), got {k}")
+
+
+def _laplacian(sim: torch.Tensor, k: int) -> scipy.sparse.csr_matrix:
+    """`knn_laplacian` from the similarities [n, n] (overwritten: the diagonal is set to -inf)."""
+    _check_k(k, sim.shape[0])
     sim.fill_diagonal_(-math.inf)
-    neighbours = sim.topk(k, dim=1).indices.cpu().numpy()
+    return _graph(sim.topk(k, dim=1).indices.cpu().numpy())
+
+
+def _compiled_gram(gram: torch.Tensor) -> bool:
+    """Whether `_gram_laplacian` reads `gram` by its compiled loops: a contiguous float64 matrix on the CPU."""
+    return gram.device.type == "cpu" and gram.dtype == torch.float64 and gram.is_contiguous()
+
+
+def _gram_laplacian(gram: torch.Tensor, index: torch.Tensor | None, k: int, centre: bool,
+                    means: torch.Tensor | None = None) -> scipy.sparse.csr_matrix:
+    """`knn_laplacian` of the vectors `index` picks (None: all) from their Gram matrix `gram` [n, n] (float64, left
+    unchanged): `_laplacian(gram_cosines(gram[index][:, index], centre), k)`. On the CPU by compiled loops that read
+    the block where it lies (`xlsub.similarity.compiled_knn`: the same cosines up to the rounding of the row means, no
+    m x m copy), the rows in parts side by side where torch has several threads; `means`: the block's row means [m]
+    where the caller has them (else a pass over the block sums them)."""
+    if not _compiled_gram(gram):
+        block = gram.to(torch.float64, copy=True) if index is None else gram[index[:, None], index].to(torch.float64)
+        return _laplacian(_gram_cosines_(block, centre), k)
+    from xlsub.similarity import compiled_knn  # numba, imported where it is used
+
+    rows = (torch.arange(gram.shape[0]) if index is None else index.cpu()).numpy()
+    m = len(rows)
+    _check_k(k, m)
+    values = gram.numpy()
+    if not centre:
+        means = np.zeros(m)
+    elif means is None:
+        means = np.empty(m)
+        compiled_knn.row_means(values, rows, means)
+    else:
+        means = means.to(torch.float64).contiguous().numpy()
+    grand = float(means.mean()) if centre else 0.0
+    out = np.empty((m, k), dtype=np.int64)
+    parts = np.linspace(0, m, max(1, min(torch.get_num_threads(), m)) + 1).astype(np.int64)
+    side_by_side(lambda t: compiled_knn.nearest(values, rows, means, grand, centre, k, int(parts[t]), int(parts[t + 1]), out),
+                 range(len(parts) - 1))
+    return _graph(out)
+
+
+def _graph(neighbours: np.ndarray) -> scipy.sparse.csr_matrix:
+    """The Laplacian D - A of the symmetric graph joining each row i to its neighbours[i] [n, k] (either direction: one
+    unweighted edge)."""
+    n, k = neighbours.shape
     rows = np.repeat(np.arange(n), k)
     directed = scipy.sparse.csr_matrix((np.ones(n * k), (rows, neighbours.reshape(-1))), shape=(n, n))
     adjacency = ((directed + directed.T) > 0).astype(np.float64)  # either direction: one unweighted edge
@@ -161,9 +206,15 @@ def knn_spectra(x: torch.Tensor, subsets: torch.Tensor, k: int | None = 10, k_su
     gram = symmetric_products(x64)
     del x64
 
-    def spectrum(index: torch.Tensor) -> torch.Tensor:
-        index = index.to(gram.device)
-        return _spectrum(_laplacian(_gram_cosines_(gram[index[:, None], index], centre), min(k_subset, len(index) - 1)), top)
+    means = None
+    if centre and len(subsets) and _compiled_gram(gram):  # every subset's row means by one product: row i's sum over subset s
+        member = torch.zeros(gram.shape[0], len(subsets), dtype=torch.float64)
+        member[subsets.cpu(), torch.arange(len(subsets))[:, None]] = 1.0
+        means = (gram @ member) / subsets.shape[1]
 
-    parts = torch.stack(side_by_side(spectrum, subsets)) if len(subsets) else torch.empty(0, 0, dtype=torch.float64)
-    return (None if k is None else _spectrum(_laplacian(_gram_cosines_(gram, centre), k), top)), parts
+    def spectrum(s: int) -> torch.Tensor:
+        index = subsets[s].to(gram.device)
+        return _spectrum(_gram_laplacian(gram, index, min(k_subset, len(index) - 1), centre, None if means is None else means[index, s]), top)
+
+    parts = torch.stack(side_by_side(spectrum, range(len(subsets)))) if len(subsets) else torch.empty(0, 0, dtype=torch.float64)
+    return (None if k is None else _spectrum(_gram_laplacian(gram, None, k, centre), top)), parts
