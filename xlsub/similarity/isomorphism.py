@@ -19,6 +19,7 @@ import torch
 from xlsub.errors import XlsubError
 from xlsub.similarity.retrieval import unit_rows
 from xlsub.similarity.rsa import symmetric_products
+from xlsub.stats import inference
 from xlsub.stats.workers import side_by_side
 
 # How many of the largest Laplacian eigenvalues the similarity compares. The paper's rule (the fewest
@@ -77,7 +78,7 @@ def _laplacian(sim: torch.Tensor, k: int) -> scipy.sparse.csr_matrix:
 
 def _compiled_gram(gram: torch.Tensor) -> bool:
     """Whether `_gram_laplacian` reads `gram` by its compiled loops: a contiguous float64 matrix on the CPU."""
-    return gram.device.type == "cpu" and gram.dtype == torch.float64 and gram.is_contiguous()
+    return inference.on_cpu(gram) and gram.dtype == torch.float64 and gram.is_contiguous()
 
 
 def _gram_laplacian(gram: torch.Tensor, index: torch.Tensor | None, k: int, centre: bool,
