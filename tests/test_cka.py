@@ -314,3 +314,16 @@ def test_self_terms_computed_once_give_the_same_cka(kind, monkeypatch):
                                    cka_module.shuffled_pairs_cka(x, y, 3, kind, precision=precision), rtol=1e-12, atol=0)
     doubled = cka_matrix({"x": x, "y": y}, kind, selves={"x": 4 * selves["x"], "y": selves["y"]})
     torch.testing.assert_close(doubled[:, 0, 1], cka_matrix({"x": x, "y": y}, kind)[:, 0, 1] / 2, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("d", [5, 96, 97, 200])
+def test_self_product_sq_from_the_upper_blocks_equals_the_whole_product(d):
+    """||X'X||_F^2 from X'X's blocks on and above the diagonal (the self term of linear and debiased CKA) is the whole
+    product's, batched over leading dimensions, with d below, at and across multiples of SELF_BLOCK."""
+    from xlsub.similarity.cka import SELF_BLOCK, self_product_sq
+
+    assert SELF_BLOCK == 96
+    x = torch.randn(3, 2, 40, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
+    want = (x.mT @ x).square().sum((-2, -1))
+    torch.testing.assert_close(self_product_sq(x), want, rtol=1e-13, atol=0)
+    torch.testing.assert_close(self_product_sq(x[0, 0]), want[0, 0], rtol=1e-13, atol=0)

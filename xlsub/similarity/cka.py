@@ -64,6 +64,9 @@ _CHUNK_BYTES = 2**28
 # With precision="float32", each float32 product reduces over at most this many examples; the block
 # products are summed in float64, so rounding grows with the block size, not with n.
 FLOAT32_BLOCK = 4096
+# `self_product_sq`: rows of X'X per block product (measured at n = 5,000, d = 768, float64, 2 threads: 96 rows 47 ms,
+# 128 52 ms, 192 50 ms, 256 59 ms, the whole product 75 ms)
+SELF_BLOCK = 96
 
 
 # -- the estimators, as per-representation statistics and a cross term ----------------------------------
@@ -94,6 +97,20 @@ def blocked_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         block = (b[..., start:start + FLOAT32_BLOCK, :].mT @ a[..., start:start + FLOAT32_BLOCK, :]).double()
         total = block if total is None else total.add_(block)
     return total
+
+
+def self_product_sq(xc: torch.Tensor) -> torch.Tensor:
+    """||X'X||_F^2 for X = xc [..., n, d] from the products of X'X's blocks of `SELF_BLOCK` rows on and above the
+    diagonal only (X'X is symmetric: each block right of the diagonal counts twice), in float64 for float64 xc. At
+    n = 5,000, d = 768: 47 ms instead of 75 for the whole product (2 threads): the self term of every representation
+    a CKA table prepares."""
+    d = xc.shape[-1]
+    total = None
+    for start in range(0, d, SELF_BLOCK):
+        square = (xc[..., start:start + SELF_BLOCK].mT @ xc[..., start:]).square_()
+        part = 2 * square.sum((-2, -1)) - square[..., :min(SELF_BLOCK, d - start)].sum((-2, -1))
+        total = part if total is None else total.add_(part)
+    return total if total is not None else xc.new_zeros(xc.shape[:-2])
 
 
 def frob(m: torch.Tensor) -> torch.Tensor:
@@ -165,13 +182,13 @@ def prepare(x: torch.Tensor, kind: str, sigma_frac: float = 1.0,
     xc, constant = centre(x)
     n = x.shape[-2]
     if kind == "linear":
-        self_ = sq_frob(xc.mT @ xc) if self_ is None else self_
+        self_ = self_product_sq(xc) if self_ is None else self_
         state = {"xc": xc}
     elif kind == "debiased":
         rows = torch.linalg.vector_norm(xc, dim=-1).square()
         total = rows.sum(-1)
         if self_ is None:
-            self_ = debiased_hsic(sq_frob(xc.mT @ xc), rows, rows, total, total, n)
+            self_ = debiased_hsic(self_product_sq(xc), rows, rows, total, total, n)
             self_ = torch.where(self_ <= HSIC_RTOL * total.square(), 0.0, self_)
         state = {"xc": xc, "rows": rows, "total": total}
     elif kind == "rbf":
