@@ -190,18 +190,18 @@ def subsample_spectra(x: torch.Tensor, subsets: torch.Tensor, k: int = 10, top: 
     """The `top` largest Laplacian eigenvalues of the kNN graph of each subset of x's rows (rows of
     `subsets` [S, m]), [S, min(top, m)]: m-out-of-n subsampling (Politis, Romano & Wolf 1999) of the
     spectrum. The graph is rebuilt on the m sentences (neighbours among them, centred on their mean), from
-    the subset's block of x's Gram matrix (one gather, worked on in place), computed once for all subsets
-    (`gram_cosines`), the subsets side by side on the cores (`side_by_side`: gathers, top-k and Lanczos are
-    memory-bound or serial)."""
+    the subset's block of x's Gram matrix, computed once for all subsets (`gram_cosines`; on the CPU read in place
+    by compiled loops, `_gram_laplacian`), the subsets side by side on the cores (`side_by_side`: the neighbour
+    searches and Lanczos are memory-bound or serial)."""
     return knn_spectra(x, subsets, None, k, top, centre)[1]
 
 
 def knn_spectra(x: torch.Tensor, subsets: torch.Tensor, k: int | None = 10, k_subset: int = 10, top: int = TOP_EIGENVALUES,
                 centre: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(`knn_laplacian_spectrum(x, k, centre, top)`, `subsample_spectra(x, subsets, k_subset, top, centre)`) from one
-    Gram matrix of x: the whole sample's cosines are its own, worked on in place once the subsets have read theirs
-    (the same graph as from the unit rows' products, up to rounding: neighbours tied to the last bit aside). k None:
-    the subsets' spectra alone (the first is None)."""
+    Gram matrix of x, the whole sample's graph and each subset's read from it (`_gram_laplacian`; the same graph as
+    from the unit rows' products, up to rounding: neighbours tied to the last bit aside). k None: the subsets' spectra
+    alone (the first is None)."""
     x64 = x.to(torch.float64)
     x64 = x64 - x64.mean(0) if centre else x64  # centred on the whole sample first: less cancellation in each subset's
     gram = symmetric_products(x64)
