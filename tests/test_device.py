@@ -212,8 +212,9 @@ def test_stage_processes_back_large_tensors_with_huge_pages(setting):
 
     from entry_points import HUGE_PAGES
 
-    if scale.transparent_huge_pages() != "madvise" and not (setting is None and scale.transparent_huge_pages() == "always"):
-        pytest.skip(f"transparent huge pages are {scale.transparent_huge_pages()} here")
+    kernel = scale.transparent_huge_pages()
+    if kernel != "madvise" and not (setting is None and kernel == "always"):
+        pytest.skip(f"transparent huge pages are {kernel} here")
     env = {k: v for k, v in os.environ.items() if k != HUGE_PAGES} | ({} if setting is None else {HUGE_PAGES: setting})
     code = ("import re, entry_points, torch; x = torch.ones(64 << 20, dtype=torch.uint8); "
             "print(re.search(r'AnonHugePages:\\s+(\\d+) kB', open('/proc/self/smaps_rollup').read()).group(1))")

@@ -164,11 +164,13 @@ def cka_pvalue_table(encodings, languages: Sequence[str], reference: str, kind: 
         else:  # the last layer alone (read alone from a store)
             layers, x, y = [layer_count(everything[model], reference) - 1], x[None], y[None]
         # the self terms every table shares (`self_terms`: kept by the store), not recomputed for either null
-        mine, theirs = (None, None) if kind == "rbf" else (self_terms(reps, l, kind, last=model != FULL_MODEL) for l in (reference, lang))
+        known = (lambda l: None) if kind == "rbf" else (lambda l: self_terms(reps, l, kind, last=model != FULL_MODEL))
         if model not in sides:
+            mine = known(reference)  # the reference's, with its null sides: once per model
             sides = {model: (null_sides(x, kind, groups, selves=mine),
-                             None if groups is None else null_sides(x[-1:], kind, selves=None if mine is None else mine[-1:]))}
-        restricted, unrestricted = sides[model]
+                             None if groups is None else null_sides(x[-1:], kind, selves=None if mine is None else mine[-1:]), mine)}
+        restricted, unrestricted, mine = sides[model]
+        theirs = known(lang)
         result = cka_permutation_test(x, y, n_perm, seed, kind, groups=groups, tail_risk=TAIL_RISK, stop_after=STOP_AFTER,
                                       reference=restricted, selves=(mine, theirs))
         # the unrestricted null beside it at the last layer only: what a length confound looks like, at half the cost
