@@ -158,4 +158,37 @@ def test_self_terms_are_kept_by_the_store_and_computed_once_for_every_table(tmp_
     calls.clear()
     fresh = stored(tmp_path / "two", enc)
     run(fresh)
-    assert len(calls) == len(fresh._derived) > 0  # each kept term computed once for the whole analysis
+    assert len(calls) == sum(key[2] == "cka_self" for key in fresh._derived) > 0  # each kept term computed once for the whole analysis
+
+
+def test_the_full_models_cka_with_the_reference_is_computed_once_for_the_permutation_test(tmp_path, monkeypatch):
+    """`cka_reference_tables` (float64) keeps the full model's CKA of every language with the reference in the store;
+    `cka_pvalue_table` reports those values bit for bit and does not compute them again (the subnetworks' and controls'
+    it computes); from tensors in memory it computes them, to float64 rounding of the same (an independent `cka`)."""
+    from xlsub.report import similarity_tables, tables
+    from xlsub.similarity import permutation
+    from xlsub.similarity.cka import cka
+
+    enc = encodings()
+    store = stored(tmp_path, enc)
+    _, langs, reference_tables = tables.cka_reference_tables(store, LANGS, "en", "debiased")
+    parallel = reference_tables["cka_vs_reference"]
+    computed = []
+    real = permutation.prepared_cka
+    monkeypatch.setattr(permutation, "prepared_cka", lambda a, b, kind: computed.append(a["xc"].shape) or real(a, b, kind))
+    counts = Counts(full=20, controls=20, subnetworks=10, length=10, power_draws=10)
+    table = similarity_tables.cka_pvalue_table(store, LANGS, "en", "debiased", counts, 0)
+    full = table.xs("full", level="model")
+    for lang in ("de", "zh"):
+        assert np.array_equal(full.xs(lang, level="language")["cka"].to_numpy(), parallel.loc[lang].to_numpy())
+        assert tables.reference_cka(store["full"], "en", lang, "debiased") is not None
+    layers = enc["full"]["en"].shape[0]
+    assert computed and all(shape[0] != layers for shape in computed)  # none of the full model's all-layer pairs
+    monkeypatch.setattr(permutation, "prepared_cka", real)
+    plain = {k: {l: x.float() for l, x in v.items()} for k, v in enc.items()}
+    again = similarity_tables.cka_pvalue_table(plain, LANGS, "en", "debiased", counts, 0).xs("full", level="model")
+    for lang in ("de", "zh"):
+        expected = [cka(plain["full"]["en"][l], plain["full"][lang][l], "debiased") for l in range(layers)]
+        assert np.allclose(again.xs(lang, level="language")["cka"].to_numpy(), expected, rtol=1e-12, atol=0)
+        assert np.allclose(full.xs(lang, level="language")["cka"].to_numpy(), expected, rtol=1e-12, atol=0)
+    assert tables.reference_cka(plain["full"], "en", "de", "debiased") is None  # nothing kept for tensors in memory

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, TABLE, last_layer, layer_count, ordered, subnetwork_key
-from xlsub.report.tables import self_terms
+from xlsub.report.tables import reference_cka, self_terms
 from xlsub.similarity import power
 from xlsub.similarity.cka import prepare, prepared_cka
 from xlsub.similarity.controls import length_only_representations
@@ -171,8 +171,11 @@ def cka_pvalue_table(encodings, languages: Sequence[str], reference: str, kind: 
                              None if groups is None else null_sides(x[-1:], kind, selves=None if mine is None else mine[-1:]), mine)}
         restricted, unrestricted, mine = sides[model]
         theirs = known(lang)
+        # the full model's observed CKA at every layer as `cka_reference_tables` computed it (float64), where the store kept it
+        seen = reference_cka(reps, reference, lang, kind) if model == FULL_MODEL else None
         result = cka_permutation_test(x, y, n_perm, seed, kind, groups=groups, tail_risk=TAIL_RISK, stop_after=STOP_AFTER,
-                                      reference=restricted, selves=(mine, theirs))
+                                      reference=restricted, selves=(mine, theirs),
+                                      observed=seen if seen is not None and seen.shape == x.shape[:-2] else None)
         # the unrestricted null beside it at the last layer only: what a length confound looks like, at half the cost
         plain = result if groups is None else cka_permutation_test(
             x[-1:], y[-1:], n_perm, seed, kind, tail_risk=TAIL_RISK, stop_after=STOP_AFTER, reference=unrestricted,

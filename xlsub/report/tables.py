@@ -360,6 +360,15 @@ def self_terms(reps: Mapping[str, torch.Tensor], lang: str, kind: str, last: boo
     return known[-1:] if known is not None else derived(reps, lang, ("cka_self", kind, "last"), lambda: self_hsic(last_layer(reps, lang)[None], kind))
 
 
+def reference_cka(reps: Mapping[str, torch.Tensor], reference: str, lang: str, kind: str,
+                  values: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The float64 CKA of `reps[reference]` and `reps[lang]` at every hidden state [layers+1] as `cka_reference_tables`
+    computed it (its matrix, float64 precision), kept by an `EncodingStore` for the tables that test the same pair
+    (`cka_pvalue_table`): `values` given, kept; else the kept one, or None (not computed, or not kept: tensors in
+    memory)."""
+    return derived(reps, lang, ("cka_with", reference, kind), None if values is None else lambda: values)
+
+
 def pair_cka(x: torch.Tensor, y: torch.Tensor, kind: str = "linear", precision: str = "float64",
              selves: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """CKA of x and y [layers, n, d] per layer -> [layers] (through `cka_matrix`, which bounds memory); `selves`:
@@ -400,6 +409,9 @@ def cka_reference_tables(encodings: Mapping[str, Mapping[str, torch.Tensor]], la
     r = langs.index(reference)
     others = [lang for lang in langs if lang != reference]
     parallel = {lang: matrix[:, r, langs.index(lang)] for lang in others}
+    if precision == "float64":  # the float64 observed CKA of the permutation tests (`cka_pvalue_table`): not again
+        for lang in others:
+            reference_cka(full, reference, lang, kind, parallel[lang].clone())
     controls = {("parallel", lang): values for lang, values in parallel.items()}
     ref_x = full[reference]
     for lang in others:
