@@ -192,3 +192,41 @@ def test_the_full_models_cka_with_the_reference_is_computed_once_for_the_permuta
         assert np.allclose(again.xs(lang, level="language")["cka"].to_numpy(), expected, rtol=1e-12, atol=0)
         assert np.allclose(full.xs(lang, level="language")["cka"].to_numpy(), expected, rtol=1e-12, atol=0)
     assert tables.reference_cka(plain["full"], "en", "de", "debiased") is None  # nothing kept for tensors in memory
+
+
+def test_leave_block_out_self_terms_are_kept_by_the_store_and_computed_once_per_layer(tmp_path, monkeypatch):
+    """`block_self_terms` equals `leave_block_out_self` of the stored layers; over a whole analysis a store computes
+    each (model, language, layer) once, whichever of the pairs' interval, the reference's interval and the length
+    control asks first; tensors in memory compute what is asked each time."""
+    from xlsub.report import tables
+    from xlsub.similarity.jackknife import jackknife_blocks, leave_block_out_self
+
+    computed = []
+
+    def counted(x, blocks, kind="debiased"):
+        computed.append(x.shape[:-2].numel())
+        return leave_block_out_self(x, blocks, kind)
+
+    monkeypatch.setattr(tables, "leave_block_out_self", counted)
+    enc = encodings()
+    store = stored(tmp_path / "one", enc)
+    de = enc["full"]["de"].float()
+    labels = jackknife_blocks(de.shape[-2], 5)
+    some = tables.block_self_terms(store["full"], "de", "debiased", labels, [0, -1])
+    expected = leave_block_out_self(de[[0, de.shape[0] - 1]], labels, "debiased")
+    assert torch.equal(some.kept, expected.kept) and torch.equal(some.whole, expected.whole) and computed == [2]
+    every = tables.block_self_terms(store["full"], "de", "debiased", labels)  # the other layers only
+    assert computed == [2, de.shape[0] - 2]
+    assert torch.allclose(every.kept, leave_block_out_self(de, labels, "debiased").kept, rtol=1e-12, atol=0)
+    assert torch.equal(every.kept[-1], some.kept[1])
+    tables.block_self_terms(store["full"], "de", "debiased", jackknife_blocks(de.shape[-2], 4), [-1])  # other blocks
+    assert computed[-1] == 1
+    plain = {"de": de}
+    tables.block_self_terms(plain, "de", "debiased", labels, [1]), tables.block_self_terms(plain, "de", "debiased", labels, [1])
+    assert computed[-2:] == [1, 1]
+    computed.clear()
+    fresh = stored(tmp_path / "two", enc)
+    run(fresh)
+    kept = [key for key in fresh._derived if key[2] == "block_self"]
+    assert sum(computed) == len(kept) > 0 and len(set(kept)) == len(kept)  # each (model, language, layer) once
+    assert "full" in {key[0] for key in kept}

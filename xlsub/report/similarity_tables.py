@@ -25,12 +25,12 @@ import pandas as pd
 import torch
 
 from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, TABLE, last_layer, layer_count, ordered, subnetwork_key
-from xlsub.report.tables import reference_cka, self_terms
+from xlsub.report.tables import block_self_terms, reference_cka, self_terms
 from xlsub.similarity import power
 from xlsub.similarity.cka import prepare, prepared_cka
 from xlsub.similarity.controls import length_only_representations
 from xlsub.similarity.isomorphism import TOP_EIGENVALUES, knn_laplacian_spectrum, knn_spectra, spectrum_distance, subsamples
-from xlsub.similarity.jackknife import cka_jackknife_interval, jackknife_blocks, leave_block_out_above_chance, leave_block_out_self
+from xlsub.similarity.jackknife import BlockHsic, cka_jackknife_interval, jackknife_blocks, leave_block_out_above_chance
 from xlsub.similarity.permutation import STOP_EXCEEDANCES, cka_null_mean, cka_permutation_test, null_sides, residualize
 from xlsub.similarity.retrieval import CosineSide, nearest_translation, retrieval_permutation_test, top1
 from xlsub.similarity.rsa import centred_ranks, centred_ranks_each, mantel_test, rank_dtype, rsa_jackknife_interval
@@ -260,7 +260,7 @@ def length_control_table(encodings, lengths: Mapping[str, torch.Tensor], languag
         known = {} if kind == "rbf" else {l: self_terms(reps, l, kind, last=True)[0] for l in (reference, *langs)}
         # the reference's terms, once for all its languages: its CKA state, its residuals' and its leave-block-out self terms
         mine = prepare(x, kind, self_=known.get(reference)), prepare(residualize(x, lengths[reference]), kind), \
-            leave_block_out_self(x, labels, kind) if kind != "rbf" else None
+            last_block_self(reps, reference, kind, labels) if kind != "rbf" else None
         for lang in langs:
             y = last_layer(reps, lang).double()
             residual = float(prepared_cka(mine[1], prepare(residualize(y, lengths[lang]), kind), kind))
@@ -274,13 +274,19 @@ def length_control_table(encodings, lengths: Mapping[str, torch.Tensor], languag
             else:
                 p = float(cka_permutation_test(x, y, n_perm, seed, kind, groups=groups, tail_risk=TAIL_RISK, stop_after=STOP_AFTER,
                                                selves=(known.get(reference), known.get(lang))).p_value)
-            selves = None if mine[2] is None else (mine[2], leave_block_out_self(y, labels, kind))
+            selves = None if mine[2] is None else (mine[2], last_block_self(reps, lang, kind, labels))
             above = leave_block_out_above_chance(x, y, labels, kind, groups, selves).tolist()
             lo, hi = jackknife_interval(observed - null_mean, above)
             rows.append({"model": model, "language": lang, "cka": observed, "length_null_mean": null_mean,
                          "above_length_chance": observed - null_mean, "lo": float(lo), "hi": float(hi), "p_value": p,
                          "residual_cka": residual, "n_perm": n_perm, "blocks": len(above)})
     return pd.DataFrame(rows).set_index(["model", "language"])
+
+
+def last_block_self(reps, lang: str, kind: str, labels: torch.Tensor) -> BlockHsic:
+    """`leave_block_out_self` of `reps[lang]`'s last hidden state (`block_self_terms`: kept by an `EncodingStore`)."""
+    both = block_self_terms(reps, lang, kind, labels, [-1])
+    return BlockHsic(both.kept[0], both.whole[0])
 
 
 def cka_interval_tables(encodings, languages: Sequence[str], reference: str, kind: str, blocks: int = 20) -> dict[str, pd.DataFrame]:
@@ -292,9 +298,9 @@ def cka_interval_tables(encodings, languages: Sequence[str], reference: str, kin
     mine = None  # the reference's leave-one-block-out self terms, once for all languages
     if kind != "rbf" and langs:
         labels = jackknife_blocks(full[reference].shape[-2], blocks)
-        mine = leave_block_out_self(full[reference], labels, kind)
+        mine = block_self_terms(full, reference, kind, labels)
     bounds = {lang: cka_jackknife_interval(full[reference], full[lang], kind, blocks,
-                                           selves=None if mine is None else (mine, leave_block_out_self(full[lang], labels, kind)))
+                                           selves=None if mine is None else (mine, block_self_terms(full, lang, kind, labels)))
               for lang in langs}
     out = {}
     for table_id, pick in ((TABLE.cka_vs_reference_lo, lambda i: i.lo), (TABLE.cka_vs_reference_hi, lambda i: i.hi)):

@@ -37,6 +37,7 @@ from xlsub.artifacts import (
     group_by_language,
     language_metric,
     last_layer,
+    layer_count,
     ordered,
     subnetwork_ids,
 )
@@ -44,7 +45,7 @@ from xlsub.errors import XlsubError
 from xlsub.models.mlm import ChunkLosses
 from xlsub.models.pruning import relative_perplexity
 from xlsub.similarity.cka import cka_matrix, ratio, self_hsic, shuffled_pairs_cka
-from xlsub.similarity.jackknife import cka_jackknife_interval, jackknife_blocks, jackknife_bounds, leave_block_out_self
+from xlsub.similarity.jackknife import BlockHsic, cka_jackknife_interval, jackknife_blocks, jackknife_bounds, leave_block_out_self
 from xlsub.stats.inference import (
     UnitLevel,
     benjamini_hochberg,
@@ -360,6 +361,27 @@ def self_terms(reps: Mapping[str, torch.Tensor], lang: str, kind: str, last: boo
     return known[-1:] if known is not None else derived(reps, lang, ("cka_self", kind, "last"), lambda: self_hsic(last_layer(reps, lang)[None], kind))
 
 
+def block_self_terms(reps: Mapping[str, torch.Tensor], lang: str, kind: str, labels: torch.Tensor,
+                     layers: Sequence[int] | None = None) -> BlockHsic:
+    """`leave_block_out_self` of `reps[lang]` (one model's languages) on the blocks `labels` at the hidden states
+    `layers` (default all; negative count from the end), stacked [len(layers), ...]: for encodings read from an
+    `EncodingStore`, each layer's computed once per model, language, kind and blocks for every table that asks (the
+    jackknife intervals of the pairs, of the reference's CKA and of the length control), the last layer read alone
+    where it is the only one asked for; linear and debiased CKA."""
+    count = layer_count(reps, lang)
+    layers = [layer % count for layer in (range(count) if layers is None else layers)]
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    name = ("block_self", kind, len(labels), zlib.crc32(labels.cpu().numpy().astype(np.int64).tobytes()))
+    found = {layer: derived(reps, lang, (*name, layer), None) for layer in layers}
+    missing = [layer for layer in layers if found[layer] is None]
+    if missing:
+        x = last_layer(reps, lang)[None] if missing == [count - 1] else reps[lang][missing]
+        computed = leave_block_out_self(x, labels, kind)
+        for i, layer in enumerate(missing):
+            found[layer] = derived(reps, lang, (*name, layer), lambda i=i: BlockHsic(computed.kept[i], computed.whole[i]))
+    return BlockHsic(*(torch.stack(values) for values in zip(*(found[layer] for layer in layers))))
+
+
 def reference_cka(reps: Mapping[str, torch.Tensor], reference: str, lang: str, kind: str,
                   values: torch.Tensor | None = None) -> torch.Tensor | None:
     """The float64 CKA of `reps[reference]` and `reps[lang]` at every hidden state [layers+1] as `cka_reference_tables`
@@ -455,7 +477,7 @@ def cka_pairs_interval_tables(encodings: Mapping[str, Mapping[str, torch.Tensor]
     n = full[langs[0]].shape[-2] if k else 0
     blocks = min(blocks, n)
     labels = jackknife_blocks(n, blocks) if k and kind != "rbf" else None
-    selves = {} if labels is None else {lang: leave_block_out_self(full[lang][layers], labels, kind) for lang in langs}  # once per language
+    selves = {} if labels is None else {lang: block_self_terms(full, lang, kind, labels, layers) for lang in langs}  # once per language
     for i, j in ((i, j) for i in range(k) for j in range(i, k)):
         x, y = full[langs[i]][layers], full[langs[j]][layers]
         pair = (selves[langs[i]], selves[langs[j]]) if selves else None
