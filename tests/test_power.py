@@ -400,3 +400,31 @@ def test_planted_cka_terms_keep_recent_chunks_noise_within_the_budget(monkeypatc
     evicted, evicted_null = run(1)  # only the latest chunk held: the first chunk's noise made again for its next fill
     assert evicted == kept + [draw_seed(0, j) for j in range(3)]
     assert torch.equal(kept_null, evicted_null)
+
+
+def test_gram_engine_fills_the_upper_triangles_alone_where_the_compiled_sums_read_no_more(monkeypatch):
+    """On the CPU the Gram engine writes each draw's two n x n matrices on and above the diagonal only, in blocks of
+    rows (`GRAM_ROWS`), S as one product of twice the width: its terms are those of the whole matrices (the path taken
+    where `permuted_cross` reads them whole) to float32 rounding, and the sums never read the unwritten lower triangles
+    (NaN there changes nothing)."""
+    from xlsub.similarity import power
+
+    seeds = [draw_seed(5, j) for j in range(3)]
+
+    def terms_of(upper: bool, rows: int, fill: float | None = None):
+        monkeypatch.setattr(power, "permuted_cross_reads_upper", lambda a: upper)
+        monkeypatch.setattr(power, "GRAM_ROWS", rows)
+        if fill is not None:  # what the unwritten triangles hold
+            real = torch.empty
+            monkeypatch.setattr(torch, "empty", lambda *a, **k: real(*a, **k).fill_(fill) if k.get("dtype") == torch.float32 else real(*a, **k))
+        terms = planted_cka_terms(base(), groups(), "debiased", n_perm=99, engine="gram")
+        terms.perms(seeds)
+        monkeypatch.undo()
+        return terms._chunks[tuple(seeds)]
+
+    whole = terms_of(False, 16)
+    for rows in (16, 72, 500):
+        upper = terms_of(True, rows, math.nan)
+        assert torch.equal(upper["shared"], whole["shared"])  # the reference's own terms: the same matrix
+        assert upper["draw"].isfinite().all()
+        assert torch.allclose(upper["draw"], whole["draw"], rtol=1e-5, atol=1e-5 * whole["draw"].abs().max().item())

@@ -573,6 +573,13 @@ def _pair_index(inverse: torch.Tensor, k: int) -> torch.Tensor:
     return inverse.index_select(1, i) * k + inverse.index_select(1, j)
 
 
+def permuted_cross_reads_upper(a: torch.Tensor) -> bool:
+    """Whether `permuted_cross(a, bs, ...)` reads only the diagonal and strict upper triangle of each of float32,
+    contiguous bs on a's device (the compiled loop: a float32 A on the CPU, above the pair gather's size), so that a
+    caller may leave their lower triangles unwritten."""
+    return a.dtype == torch.float32 and on_cpu(a) and a.is_contiguous() and a.shape[-1] > _PAIR_GATHER_MAX_K
+
+
 def permuted_cross(a: torch.Tensor, bs, perms: torch.Tensor, pairs: torch.Tensor | None = None,
                    select: torch.Tensor | None = None) -> torch.Tensor:
     """sum_ij A_ij B_p(i)p(j) for every B in bs [m, k, k] or a list of m [k, k] (or the matrices `select` of
