@@ -153,3 +153,25 @@ def test_mantel_moments_equal_every_permutations_r(groups):
         assert float(sd[j]) == pytest.approx(float(r.std(unbiased=False)), rel=1e-10)
         summaries = moments.gram_summary(a, labels), moments.gram_summary(b, labels)
         assert float(weight[j]) == pytest.approx(float(moments.largest_weight(*summaries) / norms[j]), rel=1e-12)
+
+
+@pytest.mark.parametrize("rows", [255, 256, 700])
+def test_largest_eigenvalue_by_lanczos_is_the_whole_spectrums(rows):
+    """`_top` from `_LANCZOS_MIN` rows on (Lanczos) is the largest |eigenvalue| of the whole spectrum to 1e-12 and the
+    same on every call: for a scatter with a decaying spectrum, an isotropic one (close top eigenvalues), an indefinite
+    block with its largest magnitude negative (a rank matrix's) and a double-centred Gram block (ones in its null
+    space)."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(3 * rows, rows, generator=g, dtype=torch.float64)
+    decaying = (x * (torch.arange(rows) + 1.0) ** -0.35).mT @ (x * (torch.arange(rows) + 1.0) ** -0.35)
+    isotropic = x.mT @ x
+    indefinite = torch.randn(rows, rows, generator=g, dtype=torch.float64)
+    indefinite = indefinite + indefinite.mT - 40 * torch.outer(torch.ones(rows), torch.ones(rows)) / rows
+    indefinite -= 3 * rows ** 0.5 * torch.eye(rows, dtype=torch.float64)  # its most negative eigenvalue the largest in magnitude
+    gram = x[:rows] @ x[:rows].mT
+    centred = gram - gram.mean(0, keepdim=True) - gram.mean(1, keepdim=True) + gram.mean()
+    for block in (decaying, isotropic, indefinite, centred):
+        spectrum = torch.linalg.eigvalsh(block)
+        assert moments._top(block).item() == pytest.approx(spectrum.abs().max().item(), rel=1e-12, abs=0)
+        assert torch.equal(moments._top(block), moments._top(block))
+    assert torch.linalg.eigvalsh(indefinite)[0].abs() > torch.linalg.eigvalsh(indefinite)[-1].abs()
