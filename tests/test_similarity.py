@@ -614,11 +614,26 @@ def test_leave_block_out_rsa_with_ties_on_either_side_equals_scipy_on_every_subs
             assert float(theta[k, b]) == pytest.approx(stats.spearmanr(a, c).statistic, abs=1e-12)
 
 
+def _walk_inputs(x: torch.Tensor, y: torch.Tensor, blocks: torch.Tensor) -> tuple:
+    """`kept_ranks.kept_rank_cross`'s inputs for x's and y's untied dissimilarities: x's `removed_words`, each entry of
+    y's sort's position in x's and its two sentences' blocks."""
+    from xlsub.similarity import kept_ranks
+    from xlsub.stats.inference import upper_entries
+
+    k = len(blocks)
+    first, second = upper_entries(blocks[:, None].expand(k, k)), upper_entries(blocks[None, :].expand(k, k))
+    order_x, order_y = (torch.argsort(upper_entries(rdm(a))) for a in (x, y))
+    position = torch.empty_like(order_x).index_copy_(0, order_x, torch.arange(len(order_x)))
+    words = kept_ranks.removed_words(first[order_x].numpy(), second[order_x].numpy(), int(blocks.max()) + 1)
+    return (*words, position[order_y].numpy(), first[order_y].numpy(), second[order_y].numpy())
+
+
 @pytest.mark.parametrize("n, count", [(6, 3), (90, 20)])
 def test_leave_block_out_rsa_compiled_walk_equals_the_torch_gathers_and_scipy(n, count, monkeypatch):
     """The compiled walk of untied languages (`xlsub.similarity.kept_ranks`, fewer entries than it prefetches ahead
     at n = 6) against the torch path of kept-rank tables (forced with `MAX_BLOCKS` 0) and scipy on every subset,
-    for two untied languages and a tied one (which takes the torch path beside them); the walk is counted."""
+    for two untied languages and a tied one (which takes the torch path beside them); each walk runs in two halves of
+    y's sort, and a walk split anywhere adds up to the whole walk."""
     from xlsub.similarity import kept_ranks
 
     g = torch.Generator().manual_seed(n)
@@ -628,12 +643,17 @@ def test_leave_block_out_rsa_compiled_walk_equals_the_torch_gathers_and_scipy(n,
     blocks = jackknife_blocks(n, count)
     walks = []
     walk = kept_ranks.kept_rank_cross
-    monkeypatch.setattr(kept_ranks, "kept_rank_cross", lambda *args: walks.append(len(args[2])) or walk(*args))
+    monkeypatch.setattr(kept_ranks, "kept_rank_cross", lambda *args: walks.append((len(args[2]), *args[-2:])) or walk(*args))
     compiled = leave_block_out_rsa(x, ys, blocks)
-    assert walks == [n * (n - 1) // 2] * 2  # the two untied languages
+    m = n * (n - 1) // 2
+    assert sorted(walks) == [(m, 0, m // 2)] * 2 + [(m, m // 2, m)] * 2  # the two untied languages, in halves
+    whole = walk(*_walk_inputs(x, ys[0], blocks), 0, m)
+    for cut in (0, 1, m // 3, m - 1, m):
+        parts = walk(*_walk_inputs(x, ys[0], blocks), 0, cut) + walk(*_walk_inputs(x, ys[0], blocks), cut, m)
+        np.testing.assert_allclose(parts, whole, rtol=1e-14, atol=0)
     monkeypatch.setattr(kept_ranks, "MAX_BLOCKS", 0)
     torch.testing.assert_close(compiled, leave_block_out_rsa(x, ys, blocks), rtol=0, atol=1e-13)
-    assert len(walks) == 2
+    assert len(walks) == 4  # the torch path walks nothing
     dx = rdm(x)
     for b in range(count):
         keep = np.flatnonzero(blocks.numpy() != b)

@@ -10,7 +10,7 @@ Here x's removed entries are bits instead (`removed_words`): for every 64 x-sort
 with the block's removed count ahead of the word, 47 MB for 20 blocks at n = 5,000 (each entry sets the bits of its
 two blocks only). `kept_rank_cross` walks y's sort once for all blocks: per entry, the removed count ahead of p is
 the word's count plus the population count of its bits below p, and the random reads of the words are prefetched a
-few entries ahead. The sums are those of the torch path up to float64 rounding: each product is an exact integer
+few entries ahead; a walk may be split into parts of y's sort, side by side. The sums are those of the torch path up to float64 rounding: each product is an exact integer
 (below 2^53), accumulated in float64 in another order. Measured side by side (`benchmarks/jackknife.py`).
 """
 
@@ -81,17 +81,23 @@ def removed_words(first: np.ndarray, second: np.ndarray, count: int) -> tuple[np
 
 @numba.njit(nogil=True, cache=True)
 def kept_rank_cross(bits: np.ndarray, ahead: np.ndarray, position: np.ndarray, first: np.ndarray,
-                    second: np.ndarray) -> np.ndarray:
+                    second: np.ndarray, start: int, stop: int) -> np.ndarray:
     """For every block b, the sum over the entries kept without b of x's kept rank times y's (ranks 1..K among
-    the kept entries, untied), float64 [count]. Walks y's sort: `position` [m] int: each entry's position in x's
-    sort; `first`, `second` [m]: its sentences' blocks; `bits`, `ahead`: `removed_words` of x's sort."""
+    the kept entries, untied), float64 [count], over the entries start <= e < stop of y's sort (a walk split into
+    parts that add up: the removed counts before `start` are counted first). Walks y's sort: `position` [m] int: each
+    entry's position in x's sort; `first`, `second` [m]: its sentences' blocks; `bits`, `ahead`: `removed_words` of
+    x's sort."""
     count = bits.shape[1]
     m = len(position)
     removed_y = np.zeros(count, np.int64)  # entries removed by each block so far along y's sort
+    for e in range(start):
+        removed_y[first[e]] += 1
+        if second[e] != first[e]:
+            removed_y[second[e]] += 1
     rank_x = np.zeros(count, np.int64)
     totals = np.zeros(count, np.float64)
     flat_bits, flat_ahead = bits.reshape(-1), ahead.reshape(-1)
-    for e in range(m):
+    for e in range(start, stop):
         if e + AHEAD < m:  # the words a later entry reads: random rows of a table larger than the caches
             row = np.intp(position[e + AHEAD] >> 6) * count
             for offset in range(0, count, 8):  # every cache line of the two rows (8 values a line)

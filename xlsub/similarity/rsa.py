@@ -277,7 +277,8 @@ def _sorted_rsa(ux: torch.Tensor, uys, blocks: torch.Tensor) -> torch.Tensor | N
     summed. The cross term sum_kept r_x r_y needs, per block, x's kept ranks read at the x-sorted position of each
     entry of y's sort: one random gather of the triangle. On the CPU, with neither side tied and at most
     `kept_ranks.MAX_BLOCKS` blocks, x's removed entries are bit words and one compiled walk of y's sort sums every
-    block (`xlsub.similarity.kept_ranks`: seven 5,000-sentence languages 13.4 -> 5.8 s, `benchmarks/jackknife.py`).
+    block (`xlsub.similarity.kept_ranks`: seven 5,000-sentence languages 13.4 -> 5.8 s, `benchmarks/jackknife.py`), in
+    halves of y's sort side by side.
     Otherwise `JACKKNIFE_GROUP` blocks' x ranks sit side by side (half a cache line), so one gather serves them all
     (`_kept_rank_products`). The languages share the cores (`side_by_side`)."""
     k = len(blocks)
@@ -312,10 +313,15 @@ def _sorted_rsa(ux: torch.Tensor, uys, blocks: torch.Tensor) -> torch.Tensor | N
         [index for index, (_, side) in enumerate(sides) if not side.tied]
     if compiled:  # untied on both sides, on the CPU: x's removed entries as bits, one walk of each language's sort
         words = kept_ranks.removed_words(reference.first.numpy(), reference.second.numpy(), count)
-        done = side_by_side(lambda index: kept_ranks.kept_rank_cross(*words, sides[index][0].numpy(), sides[index][1].first.numpy(),
-                                                                     sides[index][1].second.numpy()), compiled)
-        for index, products in zip(compiled, done):
-            cross[index] = 4 * torch.from_numpy(products)  # of the doubled ranks
+        # each walk in halves of y's sort, so that the threads share out the languages evenly (7 of them on 2 threads:
+        # no thread is left with a fourth whole walk while the other is idle)
+        m = len(reference.first)
+        walks = [(index, start, stop) for index in compiled for start, stop in ((0, m // 2), (m // 2, m))]
+        done = side_by_side(lambda walk: kept_ranks.kept_rank_cross(*words, sides[walk[0]][0].numpy(), sides[walk[0]][1].first.numpy(),
+                                                                    sides[walk[0]][1].second.numpy(), walk[1], walk[2]), walks)
+        cross[compiled] = 0.0
+        for (index, _, _), products in zip(walks, done):
+            cross[index] += 4 * torch.from_numpy(products)  # of the doubled ranks
         del words
     rest = [index for index in range(len(sides)) if index not in compiled]
     for group in torch.arange(count, dtype=torch.int16, device=blocks.device).split(JACKKNIFE_GROUP) if rest else ():
