@@ -155,7 +155,7 @@ def test_mantel_moments_equal_every_permutations_r(groups):
         assert float(weight[j]) == pytest.approx(float(moments.largest_weight(*summaries) / norms[j]), rel=1e-12)
 
 
-@pytest.mark.parametrize("rows", [255, 256, 700])
+@pytest.mark.parametrize("rows", [127, 128, 700])
 def test_largest_eigenvalue_by_lanczos_is_the_whole_spectrums(rows):
     """`_top` from `_LANCZOS_MIN` rows on (Lanczos) is the largest |eigenvalue| of the whole spectrum to 1e-12 and the
     same on every call: for a scatter with a decaying spectrum, an isotropic one (close top eigenvalues), an indefinite

@@ -42,8 +42,9 @@ import torch
 # Above this many rows a block's largest |eigenvalue| is bounded by its Frobenius norm instead of computed.
 _EIGEN_MAX = 2048
 # From this many rows `_top` finds the largest |eigenvalue| by Lanczos iteration instead of the whole spectrum (measured
-# on 2 cores: 300 rows 2.4 ms against 15, 768 rows 23 ms against 100-170).
-_LANCZOS_MIN = 256
+# on 2 cores, a decaying spectrum: 100 rows 0.52 ms against 0.41, 150 0.84 against 1.04, 256 0.74 against 3.1, 768 3.2
+# against 46).
+_LANCZOS_MIN = 128
 # Columns of the within-group scatter matrices per step when summing their pairwise inner products:
 # G x d x _SCATTER_COLUMNS float64 values at a time (G = 100, d = 768: 39 MB).
 _SCATTER_COLUMNS = 64
@@ -87,7 +88,7 @@ def _top(block: torch.Tensor) -> torch.Tensor:
     """The largest |eigenvalue| of a symmetric block (its Frobenius norm, an upper bound, above `_EIGEN_MAX` rows). From
     `_LANCZOS_MIN` rows on the CPU by Lanczos iteration to machine precision (ARPACK's `eigsh`, a fixed start: the
     same value each time; the whole spectrum where it does not converge): the one-group null's d x d scatter at
-    d = 768 in about 10 ms instead of 100 (the same value to about 1e-15, `tests/test_moments.py`)."""
+    d = 768 in 3 ms instead of 46 (the same value to about 1e-15, `tests/test_moments.py`)."""
     if len(block) == 0:
         return block.new_zeros(())
     if len(block) > _EIGEN_MAX:
