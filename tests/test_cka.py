@@ -327,3 +327,28 @@ def test_self_product_sq_from_the_upper_blocks_equals_the_whole_product(d):
     want = (x.mT @ x).square().sum((-2, -1))
     torch.testing.assert_close(self_product_sq(x), want, rtol=1e-13, atol=0)
     torch.testing.assert_close(self_product_sq(x[0, 0]), want[0, 0], rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "debiased", "rbf"])
+def test_cka_matrix_with_an_anchor_computes_every_pair_only_at_the_layers_asked(kind, monkeypatch):
+    """`cka_matrix(anchor=, every_pair=)`: the anchor's row and column at every layer and every pair at the chosen
+    layers (negative counted from the end) are the whole matrix's (to float64 rounding: a batch of other layers), with
+    layers in chunks of one or all; the other pairs are NaN."""
+    from xlsub.similarity import cka as module
+
+    g = torch.Generator().manual_seed(3)
+    reps = {lang: torch.randn(5, 30, 4, generator=g, dtype=torch.float64) for lang in ("en", "de", "zh", "ar")}
+    whole = cka_matrix(reps, kind)
+    for chunk in (1, 2**40):
+        monkeypatch.setattr(module, "_CHUNK_BYTES", chunk)
+        some = cka_matrix(reps, kind, anchor="de", every_pair=[0, -1])
+        anchored = torch.zeros(4, 4, dtype=torch.bool)
+        anchored[1, :] = anchored[:, 1] = True
+        anchored.fill_diagonal_(True)
+        for layer in range(5):
+            wanted = torch.ones(4, 4, dtype=torch.bool) if layer in (0, 4) else anchored
+            torch.testing.assert_close(some[layer][wanted], whole[layer][wanted], rtol=1e-12, atol=0)
+            assert some[layer][~wanted].isnan().all()
+    assert torch.equal(cka_matrix(reps, kind, anchor="de"), whole)  # no layers named: every pair everywhere
+    with pytest.raises(ValueError, match="anchor 'fr'"):
+        cka_matrix(reps, kind, anchor="fr", every_pair=[0])

@@ -38,7 +38,18 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from xlsub.artifacts import FULL_MODEL, METRIC, RANDOM_MODEL, TABLE, SubnetworkId, encodings_on, group_by_language, language_metric, last_layer
+from xlsub.artifacts import (
+    FULL_MODEL,
+    METRIC,
+    RANDOM_MODEL,
+    TABLE,
+    SubnetworkId,
+    encodings_on,
+    group_by_language,
+    language_metric,
+    last_layer,
+    layer_count,
+)
 from xlsub.devices import ieee_float32
 from xlsub.errors import XlsubError
 from xlsub.report import similarity_tables, tables, verdicts
@@ -307,9 +318,11 @@ def _perplexity(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str]
 def _cka(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], reference: str, kind: str,
          layers: Sequence[int] | None, precision: str, colours) -> pd.Series:
     """The CKA sections with the reference language; returns its last-layer CKA per language."""
+    # every pair at the heatmaps' layers only (the reference's at every layer): the other layers' pairs are not reported
+    full = inputs.encodings[FULL_MODEL]  # without the reference's encodings cka_reference_tables names the input
+    chosen = tables.resolve_layers(layers, layer_count(full, reference)) if reference in full else None
     matrix, cka_langs, cka = tables.cka_reference_tables(inputs.encodings, langs, reference, kind, inputs.shuffle_seed,
-                                                         precision)
-    chosen = tables.resolve_layers(layers, matrix.shape[0])
+                                                         precision, pair_layers=chosen)
     cka[TABLE.cka_pairs] = tables.cka_pairs_table(matrix, cka_langs, chosen)
     if kind != "rbf":  # rbf's jackknife recomputes the n x n kernels for every block of every pair: left out
         cka.update(tables.cka_pairs_interval_tables(inputs.encodings, cka_langs, chosen, kind))

@@ -411,12 +411,13 @@ def _layer_table(rows: Mapping, index_names: Sequence[str]) -> pd.DataFrame:
 
 
 def cka_reference_tables(encodings: Mapping[str, Mapping[str, torch.Tensor]], languages: Sequence[str], reference: str,
-                         kind: str = "linear", shuffle_seed: int = 0,
-                         precision: str = "float64") -> tuple[torch.Tensor, list[str], dict[str, pd.DataFrame]]:
+                         kind: str = "linear", shuffle_seed: int = 0, precision: str = "float64",
+                         pair_layers: Sequence[int] | None = None) -> tuple[torch.Tensor, list[str], dict[str, pd.DataFrame]]:
     """CKA (Kornblith et al. 2019) between every pair of languages per layer of the full model, and with the
     reference language.
 
-    Returns the [layers+1, k, k] matrix, its language order, `cka_vs_reference` (language x layer, the
+    Returns the [layers+1, k, k] matrix (with `pair_layers`, every pair at those layers only, the reference's at every
+    layer, NaN elsewhere: the all-pairs tables' layers), its language order, `cka_vs_reference` (language x layer, the
     reference row excluded) and `cka_controls` ((condition, language) x layer): `parallel` (the same
     numbers), `shuffled` (`shuffled_pairs_cka`, non-parallel pairs), and `base` / `random` (the parallel
     CKA in the encodings of the model before finetuning / a randomly initialised model, where present).
@@ -427,7 +428,8 @@ def cka_reference_tables(encodings: Mapping[str, Mapping[str, torch.Tensor]], la
         raise XlsubError(f"encodings: the full model has no '{reference}' encodings; encode the reference language")
     # each representation's self term once (half of a pair's cost), for the matrix and every control pair it is in
     selves = None if kind == "rbf" else {lang: self_terms(full, lang, kind) for lang in langs}
-    matrix = cka_matrix({lang: full[lang] for lang in langs}, kind, precision=precision, selves=selves)
+    matrix = cka_matrix({lang: full[lang] for lang in langs}, kind, precision=precision, selves=selves, anchor=reference,
+                        every_pair=pair_layers)
     r = langs.index(reference)
     others = [lang for lang in langs if lang != reference]
     parallel = {lang: matrix[:, r, langs.index(lang)] for lang in others}

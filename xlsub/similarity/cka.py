@@ -44,7 +44,7 @@ with the blocked products the CKA moves by a few 1e-9 at the study's sizes (n=50
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -307,7 +307,8 @@ def rbf_cka(x: torch.Tensor, y: torch.Tensor, sigma_frac: float = 1.0) -> torch.
 
 
 def cka_matrix(reps: Mapping[str, torch.Tensor], kind: str = "linear", *,
-               sigma_frac: float = 1.0, precision: str = "float64", selves: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+               sigma_frac: float = 1.0, precision: str = "float64", selves: Mapping[str, torch.Tensor] | None = None,
+               anchor: str | None = None, every_pair: Sequence[int] | None = None) -> torch.Tensor:
     """CKA between every pair of languages, per layer: {lang: [L, n, d]} -> [L, k, k] (float64).
 
     Rows and columns follow the order of `reps`. Each language is centred and reduced once (for linear:
@@ -316,7 +317,10 @@ def cka_matrix(reps: Mapping[str, torch.Tensor], kind: str = "linear", *,
     (NaN for a degenerate representation). Leading indices (layers) are processed in chunks so the
     float64 copies of all languages stay within 256 MiB where one layer allows (at least one layer at
     a time: k n d float64 values; rbf: k n x n kernels). `precision`: as for `cka`. `selves` (linear, debiased):
-    {lang: `self_hsic` of reps[lang]} already computed, used instead of computing them again.
+    {lang: `self_hsic` of reps[lang]} already computed, used instead of computing them again. `anchor` (a language of
+    `reps`) with `every_pair` (flat leading indices): every pair at those indices, elsewhere only the anchor's pairs
+    (its row and column; the others NaN), as a table of the anchor's CKA per layer beside all pairs at a few layers
+    needs.
     """
     check_options(kind, precision)
     langs = list(reps)
@@ -331,16 +335,26 @@ def cka_matrix(reps: Mapping[str, torch.Tensor], kind: str = "linear", *,
 
     per_index = sum(8 * n * (n if kind == "rbf" else x.shape[-1]) for x in flat.values())
     chunk = max(1, _CHUNK_BYTES // per_index)
-    out = torch.empty(batch, k, k, dtype=torch.float64, device=first.device)
+    if anchor is not None and anchor not in reps:
+        raise ValueError(f"cka_matrix: anchor {anchor!r} is not one of {langs}")
+    whole = torch.ones(batch, dtype=torch.bool) if anchor is None or every_pair is None else \
+        torch.zeros(batch, dtype=torch.bool).index_fill_(0, torch.as_tensor(list(every_pair), dtype=torch.long) % max(1, batch), True)
+    out = torch.full((batch, k, k), math.nan, dtype=torch.float64, device=first.device)
     for start in range(0, batch, chunk):
         part = slice(start, start + chunk)
         known = {lang: None if selves is None or kind == "rbf" else selves[lang].reshape(-1)[part] for lang in langs}
         states = [prepare(flat[lang][part], kind, sigma_frac, precision, known[lang]) for lang in langs]
+        inside = whole[part].nonzero().reshape(-1).to(first.device)  # the chunk's indices where every pair is wanted
         for i, a in enumerate(states):
             out[part, i, i] = torch.where(a["self"] > 0, 1.0, math.nan)
             for j in range(i + 1, k):
                 b = states[j]
-                out[part, i, j] = out[part, j, i] = ratio(_cross(a, b, kind), a["self"], b["self"])
+                if anchor is None or anchor in (langs[i], langs[j]) or len(inside) == len(a["self"]):
+                    out[part, i, j] = out[part, j, i] = ratio(_cross(a, b, kind), a["self"], b["self"])
+                elif len(inside):
+                    picked = [{key: value[inside] for key, value in side.items()} for side in (a, b)]
+                    values = ratio(_cross(*picked, kind), picked[0]["self"], picked[1]["self"])
+                    out[start + inside, i, j] = out[start + inside, j, i] = values
         del states
     return out.reshape(*lead, k, k)
 
