@@ -10,8 +10,9 @@ Here x's removed entries are bits instead (`removed_words`): for every 64 x-sort
 with the block's removed count ahead of the word, 47 MB for 20 blocks at n = 5,000 (each entry sets the bits of its
 two blocks only). `kept_rank_cross` walks y's sort once for all blocks: per entry, the removed count ahead of p is
 the word's count plus the population count of its bits below p, and the random reads of the words are prefetched a
-few entries ahead; a walk may be split into parts of y's sort, side by side. The sums are those of the torch path up to float64 rounding: each product is an exact integer
-(below 2^53), accumulated in float64 in another order. Measured side by side (`benchmarks/jackknife.py`).
+few entries ahead; a walk may be split into parts of y's sort, side by side. The sums are those of the torch path up
+to float64 rounding: each product is an exact integer (below 2^53), accumulated in float64 in another order. Measured
+side by side (`benchmarks/jackknife.py`).
 """
 
 from __future__ import annotations

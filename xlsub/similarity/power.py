@@ -85,9 +85,9 @@ NOISE_BYTES = 2**29  # `PlantedCkaTerms`: the chunks' float32 noise held for the
 # 10 ms in the Gram engine (two n x n sums and its share of the gather), which also builds two Gram matrices a draw.
 GRAM_BYTES = 2**30
 # `PlantedCkaTerms`' Gram engine on the CPU: rows of a draw's two Gram matrices per product, each from its diagonal
-# on (the sums read no more). Measured at n = 5,000, d = 768 on 2 cores: e_c e_c' 0.138 s in blocks of 512 rows against
-# 0.227 for the whole product; S in one product of twice the width, 0.271 s against 0.371 for x_c e_c' and its
-# symmetric part (512 rows: 256 0.302 s, 384 0.285, 768 0.279)
+# on (the sums read no more). Measured at n = 5,000, d = 768 on 2 cores: a draw's two matrices into a fresh buffer
+# 0.49 s against 0.63 for the whole products and S's symmetric part (rows per product: 256 0.30 s for S, 384 0.285,
+# 512 0.27, 768 0.28)
 GRAM_ROWS = 512
 GRAM_RATIO = 37
 PLANTED_ENGINES = ("auto", "feature", "gram")
@@ -248,8 +248,8 @@ class PlantedCkaTerms:
     K gathered once per permutation meets the chunk's 2m float32 Gram matrices (`permuted_cross`, float64 sums),
     n^2 work per draw and permutation instead of n d^2. A chunk's terms are computed for all its permutations when
     it is first used (the Gram matrices are made once, `GRAM_BYTES` of them at a time; on the CPU only on and above
-    their diagonals, which is all the compiled sums read, S as one product [x_c e_c] [e_c x_c]' / 2), so its draws never need the
-    tail bound.
+    their diagonals, which is all the compiled sums read, S as one product [x_c e_c] [e_c x_c]' / 2), so its draws
+    never need the tail bound.
     """
 
     def __init__(self, x: torch.Tensor, noise: Callable[[int], torch.Tensor], kind: str, n_perm: int, groups=None,
