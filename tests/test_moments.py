@@ -159,8 +159,8 @@ def test_mantel_moments_equal_every_permutations_r(groups):
 def test_largest_eigenvalue_by_lanczos_is_the_whole_spectrums(rows):
     """`_top` from `_LANCZOS_MIN` rows on (Lanczos) is the largest |eigenvalue| of the whole spectrum to 1e-12 and the
     same on every call: for a scatter with a decaying spectrum, an isotropic one (close top eigenvalues), an indefinite
-    block with its largest magnitude negative (a rank matrix's) and a double-centred Gram block (ones in its null
-    space)."""
+    block with its largest magnitude negative (a rank matrix's), a double-centred Gram block (ones in its null space),
+    a zero block (where ARPACK fails: the whole spectrum) and a rank-one block."""
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(3 * rows, rows, generator=g, dtype=torch.float64)
     decaying = (x * (torch.arange(rows) + 1.0) ** -0.35).mT @ (x * (torch.arange(rows) + 1.0) ** -0.35)
@@ -170,7 +170,8 @@ def test_largest_eigenvalue_by_lanczos_is_the_whole_spectrums(rows):
     indefinite -= 3 * rows ** 0.5 * torch.eye(rows, dtype=torch.float64)  # its most negative eigenvalue the largest in magnitude
     gram = x[:rows] @ x[:rows].mT
     centred = gram - gram.mean(0, keepdim=True) - gram.mean(1, keepdim=True) + gram.mean()
-    for block in (decaying, isotropic, indefinite, centred):
+    zero, rank_one = torch.zeros(rows, rows, dtype=torch.float64), torch.outer(x[0], x[0])  # ARPACK fails on a zero block
+    for block in (decaying, isotropic, indefinite, centred, zero, rank_one):
         spectrum = torch.linalg.eigvalsh(block)
         assert moments._top(block).item() == pytest.approx(spectrum.abs().max().item(), rel=1e-12, abs=0)
         assert torch.equal(moments._top(block), moments._top(block))
