@@ -574,9 +574,9 @@ def _pair_index(inverse: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def permuted_cross_reads_upper(a: torch.Tensor) -> bool:
-    """Whether `permuted_cross(a, bs, ...)` reads only the diagonal and strict upper triangle of each of float32,
-    contiguous bs on a's device (the compiled loop: a float32 A on the CPU, above the pair gather's size), so that a
-    caller may leave their lower triangles unwritten."""
+    """Whether `permuted_cross(a, bs, ...)` takes its compiled loop for float32, contiguous bs on a's device (a float32
+    A on the CPU, above the pair gather's size), which reads only the diagonal and strict upper triangle of each B, so
+    that a caller may leave their lower triangles unwritten. `permuted_cross` chooses its path by this test."""
     return a.dtype == torch.float32 and on_cpu(a) and a.is_contiguous() and a.shape[-1] > _PAIR_GATHER_MAX_K
 
 
@@ -617,7 +617,7 @@ def permuted_cross(a: torch.Tensor, bs, perms: torch.Tensor, pairs: torch.Tensor
         return out
     inverse = torch.argsort(perms, dim=1)
     matrices = [bs[w] for w in which.tolist()]
-    if all(b.dtype == torch.float32 and on_cpu(b) and b.is_contiguous() for b in [a, *matrices]):
+    if permuted_cross_reads_upper(a) and all(b.dtype == torch.float32 and b.device == a.device and b.is_contiguous() for b in matrices):
         from numba.typed import List
 
         from xlsub.stats.compiled_dots import permuted_dots
