@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from xlsub.artifacts import BASE_MODEL, FULL_MODEL, RANDOM_MODEL, TABLE, last_layer, layer_count, ordered, subnetwork_key
+from xlsub.devices import release_freed_memory
 from xlsub.report.tables import block_self_terms, reference_cka, self_terms
 from xlsub.similarity import power
 from xlsub.similarity.cka import prepare, prepared_cka
@@ -367,6 +368,7 @@ def rsa_table(encodings, languages: Sequence[str], reference: str, counts: Count
         result = mantel_test(x, ys, n_perm, seed, groups, tail_risk=TAIL_RISK, stop_after=STOP_AFTER, ranks=ranks)
         interval = rsa_jackknife_interval(x, ys, min(blocks, x.shape[0]), ranks=ranks, estimate=result.observed)
         del ranks
+        release_freed_memory()  # the model's sort buffers (tens of MB each, kept in glibc's heaps), before the next model's
         rows += [{"model": model, "language": lang, "rsa": float(result.observed[i]), "lo": float(interval.lo[i]),
                   "hi": float(interval.hi[i]), "null_mean": float(result.null_mean[i]), "p_value": float(result.p_value[i]),
                   "p_floor": result.p_floor, "n_perm": result.n_perm, "null": null_name(groups)} for i, lang in enumerate(langs)]

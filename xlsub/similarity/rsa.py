@@ -24,6 +24,9 @@ from xlsub.stats.workers import side_by_side
 # 4 blocks a gather), and the entries of a language's sort handled at a time
 JACKKNIFE_GROUP = 8
 JACKKNIFE_CHUNK = 1 << 16
+# ... and where a language is tied, whose doubled ranks per block are held whole beside the table ([G, m] int32 each):
+# 4 blocks a gather hold the two at 400 MB at n = 5,000, not 800 (the study's peak was raised there)
+TIED_GROUP = 4
 
 
 GRAM_BLOCK_ROWS = 640  # `symmetric_products`: rows of the triangle's blocks (8 blocks at n = 5,000)
@@ -251,14 +254,14 @@ class _SortedSide:
             marks.index_add_(0, self.stops, torch.full((len(runs),), -1, **on))
             self.in_run, self.lengths = marks.cumsum(0, dtype=torch.int32)[:-1] > 0, self.stops - self.starts
 
-    def doubled_ranks(self, block: int) -> torch.Tensor:
+    def doubled_ranks(self, block: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Twice each entry's rank among the entries kept without `block` (ties given the mean of their ranks, so
-        twice it is an integer), in sorted order, int32 [m], 0 where the entry is removed. A kept entry's rank is
-        the running count of kept entries; a tie run with `before` kept entries ahead of it and t kept in it has
-        mean rank before + (t + 1) / 2."""
+        twice it is an integer), in sorted order, int32 [m], 0 where the entry is removed, into `out` where given. A
+        kept entry's rank is the running count of kept entries; a tie run with `before` kept entries ahead of it and t
+        kept in it has mean rank before + (t + 1) / 2."""
         kept = (self.first != block) & (self.second != block)
         count = torch.cumsum(kept, 0, dtype=torch.int32)
-        doubled = count * 2
+        doubled = torch.mul(count, 2, out=out)
         if self.tied:
             before = torch.where(self.starts > 0, count[(self.starts - 1).clamp_min(0)], 0)
             doubled[self.in_run] = (before + count[self.stops - 1] + 1).repeat_interleave(self.lengths)
@@ -279,7 +282,8 @@ def _sorted_rsa(ux: torch.Tensor, uys, blocks: torch.Tensor) -> torch.Tensor | N
     `kept_ranks.MAX_BLOCKS` blocks, x's removed entries are bit words and one compiled walk of y's sort sums every
     block (`xlsub.similarity.kept_ranks`: seven 5,000-sentence languages 13.4 -> 5.8 s, `benchmarks/jackknife.py`), in
     halves of y's sort side by side.
-    Otherwise `JACKKNIFE_GROUP` blocks' x ranks sit side by side (half a cache line), so one gather serves them all
+    Otherwise `JACKKNIFE_GROUP` blocks' x ranks sit side by side (half a cache line; `TIED_GROUP` with a tied language,
+    whose ranks per block are held whole), so one gather serves them all
     (`_kept_rank_products`). The languages share the cores (`side_by_side`)."""
     k = len(blocks)
     labels = blocks.to(torch.int8 if int(blocks.max()) < 128 else torch.int16)  # each entry's blocks: 25 MB, not 50, a triangle
@@ -324,7 +328,8 @@ def _sorted_rsa(ux: torch.Tensor, uys, blocks: torch.Tensor) -> torch.Tensor | N
             cross[index] += 4 * torch.from_numpy(products)  # of the doubled ranks
         del words
     rest = [index for index in range(len(sides)) if index not in compiled]
-    for group in torch.arange(count, dtype=torch.int16, device=blocks.device).split(JACKKNIFE_GROUP) if rest else ():
+    size = TIED_GROUP if any(sides[index][1].tied for index in rest) else JACKKNIFE_GROUP
+    for group in torch.arange(count, dtype=torch.int16, device=blocks.device).split(size) if rest else ():
         table = torch.empty(len(reference.first), len(group), dtype=torch.int32, device=blocks.device)
         for column, b in enumerate(group.tolist()):  # x's doubled kept ranks in x's sort, 0 where removed
             table[:, column] = reference.doubled_ranks(b)
@@ -350,7 +355,9 @@ def _kept_rank_products(table: torch.Tensor, position: torch.Tensor, side: _Sort
     gathered, values = torch.empty(width, len(group), dtype=torch.int32, **on), torch.empty(width, len(group), dtype=torch.float64, **on)
     total = torch.zeros(len(group), dtype=torch.float64, **on)
     if side.tied:  # y's doubled ranks per block, whole (runs cross chunks), then the products chunk by chunk
-        ranks_y = torch.stack([side.doubled_ranks(b) for b in group.tolist()])
+        ranks_y = torch.empty(len(group), len(position), dtype=torch.int32, **on)  # written a row at a time: no second copy to stack
+        for row, b in zip(ranks_y, group.tolist()):
+            side.doubled_ranks(b, out=row)
         squares = torch.stack([one.double().square().sum() for one in ranks_y])  # a row at a time: 100 MB, not 400
         for start in range(0, len(position), width):
             stop = min(start + width, len(position))
