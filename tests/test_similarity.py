@@ -915,3 +915,24 @@ def test_a_given_observed_cka_is_used_and_checked():
     assert torch.allclose(got.observed, want.observed, rtol=1e-12) and torch.equal(got.p_value, want.p_value)
     with pytest.raises(ValueError, match="observed has shape"):
         cka_permutation_test(x, y, 20, 0, "debiased", observed=cka(x[:1], y[:1], "debiased"))
+
+
+@pytest.mark.parametrize("tied", ["reference", "languages"])
+def test_leave_block_out_rsa_gathers_fewer_blocks_at_a_time_where_a_language_is_tied(tied, monkeypatch):
+    """The torch path reads `JACKKNIFE_GROUP` blocks per gather, and `TIED_GROUP` where a language is tied (its doubled
+    ranks per block are then held whole beside the table); a tied reference alone does not narrow it. The values are
+    the same as with the wide gathers."""
+    from xlsub.similarity import rsa as module
+
+    g = torch.Generator().manual_seed(4)
+    grid = torch.randint(0, 3, (3, 31, 2), generator=g).double()
+    smooth = torch.randn(3, 31, 2, generator=g, dtype=torch.float64)
+    x, ys = (grid[0], smooth[1:]) if tied == "reference" else (smooth[0], grid[1:])
+    blocks = jackknife_blocks(31, 10)
+    widths, real = [], module._kept_rank_products
+    monkeypatch.setattr(module, "_kept_rank_products", lambda table, *args: (widths.append(table.shape[1]), real(table, *args))[1])
+    theta = leave_block_out_rsa(x, ys, blocks)
+    want = [module.JACKKNIFE_GROUP, 10 - module.JACKKNIFE_GROUP] if tied == "reference" else [4, 4, 2]
+    assert module.TIED_GROUP == 4 and set(widths) == set(want)  # each language's calls, one per gather
+    monkeypatch.setattr(module, "TIED_GROUP", module.JACKKNIFE_GROUP)
+    torch.testing.assert_close(leave_block_out_rsa(x, ys, blocks), theta, rtol=0, atol=1e-12)
