@@ -181,17 +181,30 @@ def test_compiled_rows_take_exactly_the_candidates_within_the_screen_margin(scre
     assert out.tolist() == [1, 0]
 
 
-@pytest.mark.parametrize("screen", [torch.bfloat16, torch.float32])
+def int8_screen() -> None:
+    """Skip where oneDNN's int8 product is not exact on this CPU (the int8 screen is then never chosen)."""
+    from xlsub.similarity import retrieval
+
+    if not retrieval._int8_exact():
+        pytest.skip("oneDNN's int8 product is not exact on this CPU: the int8 screen is not used here")
+
+
+@pytest.mark.parametrize("screen", [torch.bfloat16, torch.float32, torch.int8])
 @pytest.mark.parametrize("few", [2, 3, 8, "compiled"])
 def test_retrieval_screens_at_either_precision_and_rechecks_every_candidate(screen, few, monkeypatch):
     """Rows with a single screening candidate, a few (rechecked pairwise in float64) and more (whole rows
     in float32, then float64 where close), against the float64 definition; a prepared reference broadcast
     over draws. The torch path (as on a GPU) with 2, 3 and 8 candidates rechecked pairwise; the compiled loop
-    (the CPU's path: every candidate compared in float64), also in blocks of 7 rows that do not divide n."""
+    (the CPU's path: every candidate compared in float64), also in blocks of 7 rows that do not divide n (3 rows
+    for int8, whose only path it is)."""
     from xlsub.similarity import retrieval
 
+    if screen == torch.int8:
+        int8_screen()
+        if few != "compiled":
+            pytest.skip("the int8 screen has the compiled path only")
     if few == "compiled":
-        monkeypatch.setattr(retrieval, "_COMPILED_BLOCK_BYTES", 7 * 200 * torch.finfo(screen).bits // 8)
+        monkeypatch.setattr(retrieval, "_COMPILED_BLOCK_BYTES", 7 * 200 * (8 if screen == torch.int8 else torch.finfo(screen).bits) // 8)
     else:
         monkeypatch.setattr(retrieval, "_FEW", few)
         monkeypatch.setattr(retrieval, "_compiled", lambda x, dtype: False)
@@ -204,7 +217,7 @@ def test_retrieval_screens_at_either_precision_and_rechecks_every_candidate(scre
     y[0, 5] = y[0, 4]
     x[0, 4] = 3 * y[0, 4]  # an exact tie for x[0, 4] after centring moves little
     side = retrieval.CosineSide(x[0], screen)
-    assert side.screen.dtype == screen
+    assert side.screen.dtype == (torch.uint8 if screen == torch.int8 else screen) and side.dtype == screen
     found = retrieval.nearest_translation(side, y)  # x[0] broadcast against both layers of y
     torch.testing.assert_close(found, float64_nearest(x[0].expand_as(y), y), rtol=0, atol=0)
     torch.testing.assert_close(retrieval.nearest_translation(retrieval.CosineSide(x, screen), y), float64_nearest(x, y), rtol=0, atol=0)
@@ -228,6 +241,123 @@ def test_screen_error_bounds_the_screened_cosines(screen):
         worst = max(worst, float((screened - u @ u.mT).abs().max()))
     assert 0 < worst <= screen_error(screen, d)
     assert screen_error(screen, d) < (0.013 if screen == torch.bfloat16 else 1e-4)
+
+
+def test_int8_sides_round_the_rotated_unit_rows():
+    """The int8 screen's sides against torch: the centred unit rows, signs flipped, reordered and multiplied by a
+    block-diagonal Walsh-Hadamard matrix (scipy's), rounded to 7 and 8 bits at a step of each row's largest value over
+    63 and 127, with each rounding's error in cosine units; the rotation keeps cosines (times the block); the roles'
+    roundings made only where they serve."""
+    from scipy import linalg
+
+    from xlsub.similarity.retrieval import CosineSide, int8_rotation, unit_rows
+
+    int8_screen()
+    g = torch.Generator().manual_seed(8)
+    d = 48
+    x = torch.randn(2, 60, d, generator=g, dtype=torch.float64) * torch.rand(d, generator=g, dtype=torch.float64) ** 6
+    signs, order, block = int8_rotation(d)
+    assert block == 16 and sorted(order.tolist()) == list(range(d)) and set(signs.tolist()) == {-1.0, 1.0}
+    assert order[:4].tolist() == [0, 3, 6, 9] and int8_rotation(768)[2] == 256 and int8_rotation(35)[2] == 1
+    unit = unit_rows(x, True)
+    hadamard = torch.block_diag(*[torch.tensor(linalg.hadamard(block), dtype=torch.float64)] * (d // block))
+    z = (unit * torch.from_numpy(signs))[..., torch.from_numpy(order)] @ hadamard.T
+    torch.testing.assert_close(z @ z.mT / block, unit @ unit.mT, rtol=0, atol=1e-14)
+    side = CosineSide(x, torch.int8)
+    for levels, values, offset, step, rounding in ((63, side.screen, 64, side.step, side.rounding),
+                                                  (127, side.weights, 0, side.weight_step, side.weight_rounding)):
+        expected_step = z.abs().amax(-1) / levels
+        q = torch.round(z / expected_step[..., None])
+        assert q.abs().max() == levels
+        assert torch.equal(values.long(), q.long() + offset)
+        torch.testing.assert_close(step, expected_step, rtol=1e-15, atol=0)
+        torch.testing.assert_close(rounding, torch.linalg.vector_norm(q * expected_step[..., None] - z, dim=-1) / math.sqrt(block),
+                                   rtol=1e-12, atol=0)
+    as_x, as_y = CosineSide(x, torch.int8, "x"), CosineSide(x, torch.int8, "y")
+    assert torch.equal(as_x.screen, side.screen) and torch.equal(as_y.weights, side.weights) and torch.equal(as_x.rounding, side.rounding)
+    assert as_x.weights.numel() == 0 and as_y.screen.numel() == 0
+
+
+def test_int8_screen_errors_within_their_measured_bound():
+    """|int8-screened cosine - float64| <= |dx| + |dy| + |dx||dy| + `int8_errors` with each row's measured rounding
+    (x's 7 bits, y's 8), on spread and peaked rows (a few coordinates holding most of the length: the rotation spreads
+    them) against near copies, copies and independent rows, at oneDNN's own product; the bound is reached to more than
+    a tenth (the rounding errors' dot products with the other row, Cauchy-Schwarz's slack, keep it there), and never
+    exceeds `screen_error`'s worst case."""
+    from xlsub.similarity.retrieval import CosineSide, _int8_product, int8_errors, screen_error
+
+    int8_screen()
+    g = torch.Generator().manual_seed(6)
+    d = 384
+    spread = torch.randn(300, d, generator=g, dtype=torch.float64)
+    peaked = torch.randn(300, d, generator=g, dtype=torch.float64) * torch.rand(d, generator=g, dtype=torch.float64) ** 8
+    reached = 0.0
+    for a in (spread, peaked):
+        for b in (a + 0.01 * torch.randn(300, d, generator=g, dtype=torch.float64), a.clone(), torch.randn(300, d, generator=g, dtype=torch.float64)):
+            x, y = CosineSide(a, torch.int8), CosineSide(b, torch.int8)
+            screened = _int8_product(x.screen, y.packed(0), y.weight_step).double() * (x.step / x.block)[:, None]
+            dx, dy = x.rounding[:, None], y.weight_rounding[None]
+            bound = dx + dy + dx * dy + int8_errors(d)
+            share = (screened - x.unit @ y.unit.mT).abs() / bound
+            assert (share <= 1).all()
+            assert (bound <= screen_error(torch.int8, d)).all()
+            reached = max(reached, float(share.max()))
+    assert reached > 0.1
+
+
+def test_int8_rows_take_exactly_the_candidates_within_their_margin():
+    """`compiled_nearest.nearest_int8`: a row's screened cosines are its float32 products times its factor; the
+    candidates are those at or above the largest less the margin (twice |dx| + |dy| + |dx||dy| + `int8_errors`):
+    the value just at that floor is compared in float64 and wins, the one just below is not compared though its
+    float64 cosine is the largest; a row whose only candidate is its best takes it."""
+    import numpy as np
+
+    from xlsub.similarity import compiled_nearest
+    from xlsub.similarity.retrieval import int8_errors, screen_error
+
+    d, factor, dx, dy = 4, 0.5, 0.005, 0.006  # within the worst case's roundings at d = 4, sqrt(d) / 126 and sqrt(d) / 254
+    accumulation, worst = int8_errors(d), screen_error(torch.int8, d)
+    margin = 2 * (dx + dy + dx * dy + accumulation)
+    assert margin < 2 * worst
+    best = 0.75  # screened cosine best * factor
+    below, at = _representable((best * factor - margin) / factor, torch.float32)  # factor a power of two: exact
+    assert below < best - margin / factor <= at
+    cosines = torch.tensor([0.3, 0.4, 0.9, 0.1], dtype=torch.float64)
+    y_unit = torch.stack([cosines, (1 - cosines**2).sqrt(), torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)], 1)
+    x_unit = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 2, dtype=torch.float64)
+    screened = torch.tensor([[best, at, below, -0.5], [best, below, below, -0.5]], dtype=torch.float32)
+    out = np.empty(2, dtype=np.int64)
+    zeros, ones = np.zeros(d), np.ones(4)
+    compiled_nearest.nearest_int8(screened.numpy(), x_unit.numpy(), zeros, ones[:2], np.full(2, factor), y_unit.numpy(), zeros, ones,
+                                  np.full(2, dx), dy, accumulation, worst, 0, 2, out)
+    assert out.tolist() == [1, 0]
+    screened[0, 1] = below  # the same value one step lower is no longer a candidate: the screened best answers
+    compiled_nearest.nearest_int8(screened.numpy(), x_unit.numpy(), zeros, ones[:2], np.full(2, factor), y_unit.numpy(), zeros, ones,
+                                  np.full(2, dx), dy, accumulation, worst, 0, 1, out)
+    assert out[0] == 0
+
+
+def test_int8_screen_is_chosen_only_where_exact(monkeypatch):
+    """`_int8_exact` checks oneDNN's products against integer ones (a product off by one fails it); without it, and
+    without bfloat16, the CPU screens in float32. A side serving as x is refused as y, and the roles are checked."""
+    from xlsub.similarity import retrieval
+
+    int8_screen()
+    real = retrieval._int8_product
+    monkeypatch.setattr(retrieval, "_int8_product", lambda *args: real(*args).add_(1))
+    assert retrieval._int8_exact.__wrapped__() is False
+    monkeypatch.setattr(retrieval, "_int8_product", real)
+    assert retrieval._int8_exact.__wrapped__() is True
+    monkeypatch.setattr(retrieval, "_int8_exact", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert retrieval._screen_dtype(torch.device("cpu")) is torch.float32
+    x = torch.randn(20, 8)
+    with pytest.raises(ValueError, match="serve"):
+        retrieval.nearest_translation(x, retrieval.CosineSide(x, torch.int8, "x"))
+    with pytest.raises(ValueError, match="serves"):
+        retrieval.CosineSide(x, torch.int8, "z")
+    with pytest.raises(ValueError, match="CPU's compiled loops only"):
+        retrieval.CosineSide(x.to("meta"), torch.int8)
 
 
 def test_screen_margins_bound_each_rows_candidates():
@@ -342,8 +472,9 @@ def test_retrieval_of_no_layers_is_empty_in_both_paths(monkeypatch, path):
     in the compiled loops and in torch's path alike, and a side of no layers prepares without error."""
     from xlsub.similarity import retrieval
 
-    if path == "torch":
+    if path == "torch":  # as on a GPU, which screens in float32
         monkeypatch.setattr(retrieval, "_compiled", lambda x, dtype: False)
+        monkeypatch.setattr(retrieval, "_screen_dtype", lambda device: torch.float32)
     empty, one = torch.randn(0, 5, 4), torch.randn(5, 4)
     assert retrieval.CosineSide(empty).rounding.shape == (0, 5)
     for x, y, shape in ((empty, empty, (0, 5)), (empty, one, (0, 5)), (torch.randn(2, 0, 5, 4), one, (2, 0, 5))):

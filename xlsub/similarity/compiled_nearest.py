@@ -6,6 +6,13 @@ length (`scale` = 1 / norm, float64), rounded to the screening dtype (float64 ->
 even) and each row's rounding error |screen - unit| measured, without a float64 copy of the rows: the candidates'
 float64 cosines are formed from the rows themselves, (x_i - mean) scale_i . (y_c - mean_y) scale_c.
 
+`side_int8`, `nearest_int8`: the int8 screen (AVX2-only CPUs, where bfloat16 products are slow and oneDNN's
+integer product runs at 2.5x float32's rate): each unit row rotated by a fixed orthogonal map (`rotate`: signs,
+an order that deals coordinates to blocks, a Walsh-Hadamard transform a block, so no coordinate dominates a row) and
+rounded to 7 and 8 bits at a step of its own; a screened row's cosines are oneDNN's exact integer products times
+both rows' steps, its margin twice the two roundings' measured error and their product (Cauchy-Schwarz: the
+rotation keeps dot products).
+
 `nearest_bfloat16`, `nearest_float32`: each row of a screened block (bfloat16 or float32 cosines of one sentence
 against every sentence of the other language) is read once to find its largest value and once more to collect its
 candidates: every column within the row's margin of that value (`retrieval.screen_margins`, the same float64
@@ -112,6 +119,66 @@ def side_float32(x: np.ndarray, mean: np.ndarray, start: int, stop: int, scale: 
         rounding[i] = np.sqrt(total)
 
 
+@numba.njit(nogil=True, cache=True)
+def _quantized(z: np.ndarray, levels: int, offset: int, out: np.ndarray) -> tuple[float, float]:
+    """out <- z rounded to the grid step * {-levels, ..., levels} (step = max |z_k| / levels; 0 for a zero row), each
+    integer plus `offset`; returns (step, |step q - z|) in float64."""
+    largest = 0.0
+    for k in range(len(z)):
+        largest = max(largest, abs(z[k]))
+    step = largest / levels
+    total = 0.0
+    for k in range(len(z)):
+        q = min(max(np.round(z[k] / step), -levels), levels) if step > 0 else 0.0
+        out[k] = q + offset
+        error = q * step - z[k]
+        total += error * error
+    return step, np.sqrt(total)
+
+
+@numba.njit(nogil=True, cache=True)
+def side_int8(x: np.ndarray, mean: np.ndarray, start: int, stop: int, scale: np.ndarray, signs: np.ndarray, order: np.ndarray,
+              block: int, low: np.ndarray, low_step: np.ndarray, low_rounding: np.ndarray, high: np.ndarray, high_step: np.ndarray,
+              high_rounding: np.ndarray) -> None:
+    """For the rows start <= i < stop of x [n, d]: scale[i] and the unit row rotated (`rotate`) and rounded to 7 bits
+    (`low` [n, d] uint8, the integers -63..63 plus 64: the matrix product's unsigned side) and to 8 bits (`high` [n, d]
+    int8, -127..127: its signed side), each with its step [n] and its rounding error in cosine units (|step q - z| /
+    sqrt(block), float64 [n]: the rotation multiplies lengths by sqrt(block)); a rounding whose `low` or `high` has
+    no rows is not made."""
+    d = x.shape[1]
+    unit = np.empty(d)
+    z = np.empty(d)
+    root = np.sqrt(np.float64(block))
+    for i in range(start, stop):
+        scale[i] = _unit_row(x[i], mean, unit)
+        rotate(unit, signs, order, block, z)
+        if len(low):
+            low_step[i], error = _quantized(z, 63, 64, low[i])
+            low_rounding[i] = error / root
+        if len(high):
+            high_step[i], error = _quantized(z, 127, 0, high[i])
+            high_rounding[i] = error / root
+
+
+@numba.njit(nogil=True, cache=True)
+def rotate(unit: np.ndarray, signs: np.ndarray, order: np.ndarray, block: int, z: np.ndarray) -> None:
+    """z <- H P S unit: the coordinates' signs flipped (S, signs +-1), reordered (P: z's k-th input is unit[order[k]],
+    which spreads neighbouring coordinates over the blocks) and each block of `block` (a power of two) multiplied by
+    the unnormalised Walsh-Hadamard matrix (H H' = block I, entries +-1: sums and differences, exact but for one
+    float64 rounding each). Dot products are multiplied by `block` exactly in real arithmetic; a coordinate holding
+    much of a row's length is spread over its block, so a step set by the row's largest value is fine for all."""
+    for k in range(len(unit)):
+        z[k] = unit[order[k]] * signs[order[k]]
+    for first in range(0, len(z), block):
+        half = 1
+        while half < block:
+            for j in range(first, first + block, 2 * half):
+                for k in range(j, j + half):
+                    a, b = z[k], z[k + half]
+                    z[k], z[k + half] = a + b, a - b
+            half *= 2
+
+
 @numba.njit(nogil=True, cache=True, fastmath={"nnan", "ninf", "nsz"})
 def _largest(values: np.ndarray) -> float:
     """The largest of finite float32 values, in 16 running maxima (a maximum rounds nothing, so the order of the
@@ -129,30 +196,31 @@ def _largest(values: np.ndarray) -> float:
 
 
 @numba.njit(nogil=True, cache=True)
-def _count_at_least(values: np.ndarray, floor: float) -> int:
-    """How many values are >= floor (compared in float64), in a branch-free pass."""
+def _count_at_least(values: np.ndarray, floor: float, factor: float) -> int:
+    """How many values times factor are >= floor (compared in float64), in a branch-free pass."""
     count = 0
     for j in range(len(values)):
-        count += np.float64(values[j]) >= floor
+        count += np.float64(values[j]) * factor >= floor
     return count
 
 
 @numba.njit(nogil=True, cache=True)
 def _answer(values: np.ndarray, top: float, x_unit: np.ndarray, y: np.ndarray, y_mean: np.ndarray, y_scale: np.ndarray,
             x_rounding: float, y_rounding: float, u: float, accumulation: float, worst: float, output: bool,
-            candidates: np.ndarray) -> int:
-    """The float64 nearest column of one screened row `values` (float32 [n], its largest `top`), or -1 on a tie."""
+            candidates: np.ndarray, factor: float = 1.0) -> int:
+    """The float64 nearest column of one screened row: its screened cosines are `values` (float32 [n]) times `factor`
+    (1, or the int8 screen's row step), the largest of them `top`; -1 on a tie."""
     inputs = x_rounding + y_rounding + x_rounding * y_rounding + accumulation
     rounded = u * (abs(top) + 3 * worst) if output else 0.0
     floor = top - min(2 * (inputs * (1 + u) + rounded), 2 * worst)
-    count = _count_at_least(values, floor)
+    count = _count_at_least(values, floor, factor)
     if count == 1:
         for j in range(len(values)):
-            if np.float64(values[j]) >= floor:
+            if np.float64(values[j]) * factor >= floor:
                 return j
     count = 0
     for j in range(len(values)):
-        if np.float64(values[j]) >= floor:
+        if np.float64(values[j]) * factor >= floor:
             candidates[count] = j
             count += 1
     first, second, where = -np.inf, -np.inf, -1
@@ -209,3 +277,16 @@ def nearest_float32(screened: np.ndarray, x: np.ndarray, x_mean: np.ndarray, x_s
     for i in range(start, stop):
         out[i] = _answer(screened[i], np.float64(_largest(screened[i])), _x_unit(x[i], x_mean, x_scale[i], unit), y, y_mean,
                          y_scale, x_rounding[i], y_rounding, u, accumulation, worst, False, candidates)
+
+
+@numba.njit(nogil=True, cache=True)
+def nearest_int8(screened: np.ndarray, x: np.ndarray, x_mean: np.ndarray, x_scale: np.ndarray, factor: np.ndarray, y: np.ndarray,
+                 y_mean: np.ndarray, y_scale: np.ndarray, x_rounding: np.ndarray, y_rounding: float, accumulation: float, worst: float,
+                 start: int, stop: int, out: np.ndarray) -> None:
+    """`nearest_float32` for the int8 screen: row i's cosines are screened[i] (the integer products times the other
+    side's steps, float32 [r, n]) times factor[i] (the row's own step / block, float64 >= 0)."""
+    candidates = np.empty(screened.shape[1], np.int64)
+    unit = np.empty(x.shape[1])
+    for i in range(start, stop):
+        out[i] = _answer(screened[i], np.float64(_largest(screened[i])) * factor[i], _x_unit(x[i], x_mean, x_scale[i], unit), y, y_mean,
+                         y_scale, x_rounding[i], y_rounding, 0.0, accumulation, worst, False, candidates, factor[i])

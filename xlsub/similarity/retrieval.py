@@ -8,6 +8,7 @@ geometry the RSA and kNN-graph measures share with it.
 
 from __future__ import annotations
 
+import functools
 import math
 from functools import partial
 
@@ -38,21 +39,53 @@ def unit_rows(x: torch.Tensor, centre: bool) -> torch.Tensor:
 
 def _screen_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 where the CPU multiplies it through oneDNN (float32 accumulation: AVX512-BF16 or AMX, about
-    6x float32's rate here), float32 elsewhere: the screen's error bound below assumes float32 accumulation, which
-    cuBLAS does not promise for bfloat16 (its reduced-precision reductions are on by default in torch)."""
+    6x float32's rate here), else int8 where oneDNN's integer product is exact on this CPU (`_int8_exact`: 2.5x
+    float32's rate on an AVX2-only CPU), float32 elsewhere: the screen's error bound below assumes float32
+    accumulation, which cuBLAS does not promise for bfloat16 (its reduced-precision reductions are on by default in
+    torch)."""
     if device.type != "cpu":
         return torch.float32
     try:
-        return torch.bfloat16 if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+        if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return torch.bfloat16
     except (AttributeError, RuntimeError):
-        return torch.float32
+        pass
+    return torch.int8 if _int8_exact() else torch.float32
+
+
+@functools.cache
+def _int8_exact() -> bool:
+    """Whether oneDNN's quantized linear (`torch.ops.onednn.qlinear_pointwise`) multiplies the int8 screen's operands
+    exactly on this CPU: 7-bit unsigned rows (zero point 64) by 8-bit signed ones, extremes included, into float32
+    products equal to the integer ones (CPUs without VNNI add pairs of products in 16 bits, which 7 bits on one side
+    keep from saturating; 8 bits on both sides do saturate there)."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        low = torch.randint(1, 128, (64, 96), dtype=torch.uint8, generator=g)
+        high = torch.randint(-127, 128, (40, 96), dtype=torch.int8, generator=g)
+        low[0], low[1], high[0], high[1] = 127, 1, 127, -127
+        screened = _int8_product(low, torch.ops.onednn.qlinear_prepack(high, list(high.shape)), torch.ones(len(high)))
+        return bool(torch.equal(screened.double(), (low.double() - 64) @ high.double().mT))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _int8_product(low: torch.Tensor, packed, steps: torch.Tensor) -> torch.Tensor:
+    """float32 [r, m]: (low - 64) @ high' (int32, exact), column j times steps[j] (float32), by oneDNN; low [r, d] uint8,
+    packed: `qlinear_prepack` of high [m, d] int8."""
+    return torch.ops.onednn.qlinear_pointwise(low, 1.0, 64, packed, steps.float(), torch.zeros(len(steps), dtype=torch.long), None,
+                                              1.0, 0, torch.float32, "none", [], "")
 
 
 def screen_error(dtype: torch.dtype, d: int) -> float:
     """A bound on |screened cosine - float64 cosine| for unit vectors of length d rounded to `dtype` (unit
     roundoff u each), multiplied with float32 accumulation (at most 1.1 d eps32 of the sum of |products|)
     and, for bfloat16, the product rounded back to bfloat16 (u): 2u + u^2 from the inputs (Cauchy-Schwarz
-    over unit vectors), 3u + 5u^2 with the output's rounding."""
+    over unit vectors), 3u + 5u^2 with the output's rounding. For int8 (`int8_errors`): each side's rounding at its
+    largest, sqrt(d) / (2 levels), and their product, plus the float32 output's."""
+    if dtype == torch.int8:
+        low, high = (math.sqrt(d) / (2 * levels) for levels in INT8_LEVELS)
+        return low + high + low * high + int8_errors(d)
     u = torch.finfo(dtype).eps / 2
     inputs = 2 * u + u * u
     output = u * (1 + inputs) if dtype != torch.float32 else 0.0
@@ -79,6 +112,31 @@ def screen_margins(best: torch.Tensor, x_rounding: torch.Tensor, y_rounding: tor
     return torch.clamp_max(2 * (inputs * (1 + u) + output), 2 * worst)
 
 
+# The int8 screen's integer levels: the unsigned side of oneDNN's product rounds to -63..63 (7 bits), the signed
+# side to -127..127 (8 bits).
+INT8_LEVELS = (63, 127)
+
+
+def int8_errors(d: int) -> float:
+    """A bound on the int8 screen's error beyond its inputs' rounding: the exact integer product times the other
+    side's step rounded to float32 and the product rounded to float32 (2 u32 relative, taken as 3 eps32 = 6 u32) of
+    a cosine of vectors no longer than 1 + sqrt(d) / (2 levels) each, plus 1e-12 for the rotation's float64
+    sums (about log2(d) eps64 relative)."""
+    low, high = (math.sqrt(d) / (2 * levels) for levels in INT8_LEVELS)
+    return 3 * torch.finfo(torch.float32).eps * (1 + low) * (1 + high) + 1e-12
+
+
+def int8_rotation(d: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The int8 screen's rotation of d coordinates (`compiled_nearest.rotate`): signs +-1 (seeded: the same rotation
+    for every side, as their dot products need), the order that deals coordinate k to block k mod (d / block), and
+    the block, the largest power of two dividing d (256 at d = 768; 1, no mixing, at odd d)."""
+    block = d & -d if d else 1
+    blocks = d // block
+    order = np.arange(d).reshape(block, blocks).T.reshape(-1) if d else np.arange(0)
+    signs = np.random.default_rng(0).choice(np.array([-1.0, 1.0]), size=d)
+    return signs, np.ascontiguousarray(order), block
+
+
 class CosineSide:
     """One side of retrieval: rows centred on their own mean and scaled to unit length (`unit`, float64), the same
     rounded to the screening dtype (`screen`), and each row's rounding error |screen - unit| (`rounding`, float64
@@ -89,11 +147,20 @@ class CosineSide:
     (`xlsub.similarity.compiled_nearest.side_bfloat16`), keeping the rows themselves (`rows`: x, not copied where it is
     float32 or float64 and contiguous, so it must not change while the side is used), their `mean` [..., d] and each
     row's `scale` (1 / its centred norm) [..., n] instead of a float64 copy: `unit` is made only when asked for. Elsewhere
-    `unit` is made at once (`unit_rows`) and `rows` is None."""
+    `unit` is made at once (`unit_rows`) and `rows` is None.
 
-    def __init__(self, x: torch.Tensor, dtype: torch.dtype | None = None):
-        dtype = dtype or _screen_dtype(x.device)
-        self.shape = x.shape
+    The int8 screen (`dtype` torch.int8, the CPU's loops only) rotates the unit rows (`compiled_nearest.rotate`) and
+    keeps two roundings of them: `screen` (7 bits, uint8), `step` and `rounding` where the side `serves` as x (the rows
+    retrieving), `weights` (8 bits, int8), `weight_step` and `weight_rounding` where it serves as y (the rows
+    retrieved; packed once a layer for oneDNN, `packed`); a side made by the caller serves as both."""
+
+    def __init__(self, x: torch.Tensor, dtype: torch.dtype | None = None, serves: str = "both"):
+        if dtype is None:
+            dtype = _screen_dtype(x.device)
+            dtype = torch.float32 if dtype == torch.int8 and not _compiled(x, dtype) else dtype  # a tensor the loops do not read
+        self.shape, self.dtype, self.serves = x.shape, dtype, serves
+        if dtype == torch.int8 and not _compiled(x, dtype):
+            raise ValueError(f"retrieval: the int8 screen runs in the CPU's compiled loops only; x is on {x.device}")
         if not _compiled(x, dtype):
             self.rows, self._unit = None, unit_rows(x, True)
             self.screen = self._unit.to(dtype)
@@ -110,18 +177,64 @@ class CosineSide:
         self.mean = torch.empty(len(rows), d, dtype=torch.float64)
         self.scale = torch.empty(len(rows), n, dtype=torch.float64)
         self.rounding = torch.empty(len(rows), n, dtype=torch.float64)
-        self.screen = torch.empty(len(rows), n, d, dtype=dtype)
+        self.screen = torch.empty(len(rows), n, d, dtype=dtype) if dtype != torch.int8 else None
         mean, scale, rounding = self.mean.numpy(), self.scale.numpy(), self.rounding.numpy()
-        screen, kernel = (self.screen.view(torch.int16).numpy(), compiled_nearest.side_bfloat16) if dtype == torch.bfloat16 else \
-            (self.screen.numpy(), compiled_nearest.side_float32)
+        if dtype == torch.int8:
+            kernel = self._int8_kernel(len(rows), n, d, serves)
+        else:
+            screen, side = (self.screen.view(torch.int16).numpy(), compiled_nearest.side_bfloat16) if dtype == torch.bfloat16 else \
+                (self.screen.numpy(), compiled_nearest.side_float32)
+            kernel = lambda layer, start, stop: side(rows[layer], mean[layer], start, stop, scale[layer], screen[layer], rounding[layer])  # noqa: E731
         for layer in range(len(rows)):
             compiled_nearest.column_mean(rows[layer], mean[layer])
         split = max(1, torch.get_num_threads() // max(1, len(rows)))  # a single layer's rows split between the threads
         parts = [(layer, int(part[0]), int(part[-1]) + 1) for layer in range(len(rows)) for part in np.array_split(np.arange(n), split) if len(part)]
-        side_by_side(lambda part: kernel(rows[part[0]], mean[part[0]], part[1], part[2], scale[part[0]], screen[part[0]], rounding[part[0]]), parts)
+        side_by_side(lambda part: kernel(*part), parts)
         lead = x.shape[:-2]
-        self.mean, self.scale, self.rounding = self.mean.reshape(*lead, d), self.scale.reshape(*lead, n), self.rounding.reshape(*lead, n)
+        self.mean, self.scale = self.mean.reshape(*lead, d), self.scale.reshape(*lead, n)
+        self.rounding = self.rounding.reshape(*lead, n) if dtype != torch.int8 or serves != "y" else self.rounding
+        if dtype == torch.int8:  # a rounding not made keeps its empty arrays
+            self.screen, self.step = (t.reshape(*lead, *t.shape[1:]) if serves != "y" else t for t in (self.screen, self.step))
+            self.weights, self.weight_step, self.weight_rounding = (t.reshape(*lead, *t.shape[1:]) if serves != "x" else t
+                                                                    for t in (self.weights, self.weight_step, self.weight_rounding))
+            return
         self.screen = self.screen.reshape(x.shape)
+
+    def _int8_kernel(self, layers: int, n: int, d: int, serves: str):
+        """The int8 screen's arrays, made here, and the compiled pass that fills a layer's rows: `screen` (the rows
+        rotated and rounded to 7 bits, uint8, the unsigned side of the product where this side is x), `step` and
+        `rounding` of each row; `weights` (8 bits, int8, the signed side where this side is y), `weight_step` and
+        `weight_rounding`; the rotation's `block`. Only the rounding it `serves` for is made (as x, y, or both; the other
+        is left with no layers): `nearest_translation` prepares its own sides for one use."""
+        from xlsub.similarity import compiled_nearest
+
+        if serves not in ("x", "y", "both"):
+            raise ValueError(f"retrieval: serves must be 'x', 'y' or 'both', not {serves!r}")
+        low, high = (layers if serves in (role, "both") else 0 for role in ("x", "y"))
+        signs, order, self.block = int8_rotation(d)
+        self.screen = torch.empty(low, n, d, dtype=torch.uint8)
+        self.weights = torch.empty(high, n, d, dtype=torch.int8)
+        self.step, self.weight_step, self.weight_rounding = (torch.empty(count, n, dtype=torch.float64) for count in (low, high, high))
+        self.rounding = self.rounding[:low]
+        self._packed: dict[int, object] = {}
+        arrays = [t.numpy() for t in (self.rows.reshape(layers, n, d), self.mean, self.scale, self.screen, self.step, self.rounding,
+                                       self.weights, self.weight_step, self.weight_rounding)]
+        rows, mean, scale, low, low_step, low_rounding, high, high_step, high_rounding = arrays
+        none, no_rows = np.empty((0, d), np.uint8), np.empty(0)
+
+        def part(layer: int, start: int, stop: int) -> None:
+            made = [(low[layer], low_step[layer], low_rounding[layer]) if len(low) else (none, no_rows, no_rows),
+                    (high[layer], high_step[layer], high_rounding[layer]) if len(high) else (none.view(np.int8), no_rows, no_rows)]
+            compiled_nearest.side_int8(rows[layer], mean[layer], start, stop, scale[layer], signs, order, self.block, *made[0], *made[1])
+        return part
+
+    def packed(self, layer: int):
+        """oneDNN's packed form of one layer's `weights` (flat layer index), made once and kept: a reference side
+        serves as y against every other language."""
+        if layer not in self._packed:
+            weights = self.weights.reshape(-1, *self.shape[-2:])[layer]
+            self._packed[layer] = torch.ops.onednn.qlinear_prepack(weights, list(weights.shape))
+        return self._packed[layer]
 
     @property
     def unit(self) -> torch.Tensor:
@@ -143,10 +256,13 @@ def nearest_translation(x, y) -> torch.Tensor:
     are compared in float64: on the CPU by compiled loops (`_compiled_nearest`: every candidate's float64 cosine,
     however many), elsewhere by torch (`_nearest_rows`).
     """
-    prepared = [side.screen.dtype for side in (x, y) if isinstance(side, CosineSide)]
-    xs, ys = (side if isinstance(side, CosineSide) else CosineSide(side, prepared[0] if prepared else None) for side in (x, y))
-    if xs.screen.dtype != ys.screen.dtype:
-        raise ValueError(f"retrieval: x and y are screened in {xs.screen.dtype} and {ys.screen.dtype}; prepare both alike")
+    prepared = [side.dtype for side in (x, y) if isinstance(side, CosineSide)]
+    xs, ys = (side if isinstance(side, CosineSide) else CosineSide(side, prepared[0] if prepared else None, role)
+              for side, role in ((x, "x"), (y, "y")))
+    if xs.serves == "y" or ys.serves == "x":
+        raise ValueError("retrieval: a side prepared to serve as x (or y) was given as the other")
+    if xs.dtype != ys.dtype:
+        raise ValueError(f"retrieval: x and y are screened in {xs.dtype} and {ys.dtype}; prepare both alike")
     if xs.shape[-2:] != ys.shape[-2:] or xs.shape[-2] < 2:
         raise ValueError(f"retrieval: x {tuple(xs.shape)} and y {tuple(ys.shape)} must have the same shape "
                          "(one space, so cosines compare) and at least 2 examples")
@@ -169,8 +285,9 @@ def nearest_translation(x, y) -> torch.Tensor:
 
 def _compiled(x: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether `CosineSide` prepares x, and `nearest_translation` answers its screened rows, by the compiled loops
-    (`xlsub.similarity.compiled_nearest`): on the CPU, for a bfloat16 or float32 screen."""
-    return inference.on_cpu(x) and dtype in (torch.bfloat16, torch.float32)
+    (`xlsub.similarity.compiled_nearest`): on the CPU, for a bfloat16, float32 or int8 screen (int8 has no other path:
+    `_screen_dtype` never chooses it off the CPU)."""
+    return inference.on_cpu(x) and dtype in (torch.bfloat16, torch.float32, torch.int8)
 
 
 def _compiled_nearest(xs: CosineSide, ys: CosineSide, lead: torch.Size) -> torch.Tensor:
@@ -179,13 +296,21 @@ def _compiled_nearest(xs: CosineSide, ys: CosineSide, lead: torch.Size) -> torch
     between the threads (`_compiled_rows`). A side broadcast over the other's leading dimensions is read in place."""
     n = xs.shape[-2]
 
-    def flat(side: CosineSide) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def index(side: CosineSide) -> torch.Tensor:
         own = side.shape[:-2]
-        index = torch.arange(own.numel()).reshape(own).expand(lead).reshape(-1)  # the side's layer for each pair
-        return index, [t.reshape(-1, *t.shape[len(own):]) for t in (side.screen, side.rows, side.mean, side.scale, side.rounding)]
+        return torch.arange(own.numel()).reshape(own).expand(lead).reshape(-1)  # the side's layer for each pair
 
-    (x_index, x), (y_index, y) = flat(xs), flat(ys)
+    def flat(side: CosineSide) -> list[torch.Tensor]:
+        return [t.reshape(-1, *t.shape[len(side.shape) - 2:]) for t in (side.screen, side.rows, side.mean, side.scale, side.rounding)]
+
+    x_index, y_index = index(xs), index(ys)
     out = torch.empty(len(x_index), n, dtype=torch.long)
+    if not len(out):  # no layers
+        return out.reshape(*lead, n)
+    if xs.dtype == torch.int8:
+        _int8_nearest(xs, ys, x_index.tolist(), y_index.tolist(), out)
+        return out.reshape(*lead, n)
+    x, y = flat(xs), flat(ys)
     step = max(1, _COMPILED_BLOCK_BYTES // (n * xs.screen.element_size()))
     for k, (a, b) in enumerate(zip(x_index.tolist(), y_index.tolist())):
         y_largest = float(y[4][b].max())
@@ -194,6 +319,34 @@ def _compiled_nearest(xs: CosineSide, ys: CosineSide, lead: torch.Size) -> torch
             _compiled_rows(x[0][a, rows] @ y[0][b].mT, (x[1][a, rows], x[2][a], x[3][a, rows]), (y[1][b], y[2][b], y[3][b]),
                            x[4][a, rows], y_largest, out[k, rows])
     return out.reshape(*lead, n)
+
+
+def _int8_nearest(xs: CosineSide, ys: CosineSide, x_layers: list[int], y_layers: list[int], out: torch.Tensor) -> None:
+    """`_compiled_nearest` for the int8 screen, into out [pairs, n]: x's 7-bit rows times y's 8-bit rows by oneDNN (y's
+    packed once a layer), a block of rows at a time (float32 products, `_COMPILED_BLOCK_BYTES`), each row's cosines
+    those products times y's steps and the row's own step / block; the candidates within the row's margin (its
+    measured rounding, y's largest, and `int8_errors`) compared by their float64 cosines."""
+    from xlsub.similarity import compiled_nearest  # numba, imported where it is used
+
+    n, d = xs.shape[-2:]
+    x = [t.reshape(-1, *t.shape[len(xs.shape) - 2:]) for t in (xs.screen, xs.rows, xs.mean, xs.scale, xs.rounding, xs.step)]
+    y = [t.reshape(-1, *t.shape[len(ys.shape) - 2:]) for t in (ys.rows, ys.mean, ys.scale, ys.weight_step, ys.weight_rounding)]
+    accumulation, worst = int8_errors(d), screen_error(torch.int8, d)
+    step = max(1, 2 * _COMPILED_BLOCK_BYTES // (n * 4))  # float32 products: a whole layer at n = 5,000 (oneDNN's rate is best there)
+    answers = np.empty(n, dtype=np.int64)
+    for k, (a, b) in enumerate(zip(x_layers, y_layers)):
+        packed, y_rounding = ys.packed(b), float(y[4][b].max())
+        y_arrays = [t[b].numpy() for t in y[:3]]
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            screened = _int8_product(x[0][a, start:stop], packed, y[3][b]).numpy()
+            factor = (x[5][a, start:stop] / xs.block).numpy()
+            arrays = [x[1][a, start:stop].numpy(), x[2][a].numpy(), x[3][a, start:stop].numpy()]
+            rounding, rows = x[4][a, start:stop].numpy(), answers[start:stop]
+            parts = [part for part in np.array_split(np.arange(stop - start), max(1, min(stop - start, torch.get_num_threads()))) if len(part)]
+            side_by_side(lambda part: compiled_nearest.nearest_int8(screened, *arrays, factor, *y_arrays, rounding, y_rounding, accumulation,
+                                                                    worst, int(part[0]), int(part[-1]) + 1, rows), parts)
+        out[k] = torch.from_numpy(answers)
 
 
 def _compiled_rows(screened: torch.Tensor, x: tuple, y: tuple, x_rounding: torch.Tensor, y_rounding: float, out: torch.Tensor) -> None:
