@@ -337,6 +337,30 @@ def test_int8_rows_take_exactly_the_candidates_within_their_margin():
     assert out[0] == 0
 
 
+@pytest.mark.parametrize("d", [3, 5, 8, 24, 100])
+def test_int8_retrieval_equals_float64_at_any_width(d):
+    """The int8 screen's answers are float64's at widths with blocks of 1 (no mixing: odd d) to 8 and at d = 100 (block
+    4, 25 blocks), with exact copies (ties), near copies (within the screen's margin), rows concentrated on one
+    coordinate and a zero row on each side once centred (all its cosines 0: a tie, -1; a column of zeros for the
+    other side). Integer values, each language's column sums 0: the means are exact in any order of summation."""
+    from xlsub.similarity.retrieval import CosineSide, nearest_translation
+
+    int8_screen()
+    g = torch.Generator().manual_seed(d)
+    x = torch.randint(-20, 21, (3, 90, d), generator=g).double()
+    y = 3 * x + torch.randint(-25, 26, (3, 90, d), generator=g).double()
+    y[:, 10:20] = y[:, 20:30]
+    y[:, 10:20, 0] += 1  # near copies
+    y[:, 30] = y[:, 31]  # a copy: ties for the rows nearest to it
+    x[:, 40:45, 0] *= 50  # most of their length on one coordinate
+    for side in (x, y):
+        side[:, 5] = 0
+        side[:, 6] -= side.sum(1)  # column sums 0: the mean is 0 and row 5 stays zero once centred
+    found = nearest_translation(x, CosineSide(y, torch.int8))
+    torch.testing.assert_close(found, float64_nearest(x, y), rtol=0, atol=0)
+    assert (found[:, 5] == -1).all() and (found >= 0).sum() > 200
+
+
 def test_int8_screen_is_chosen_only_where_exact(monkeypatch):
     """`_int8_exact` checks oneDNN's products against integer ones (a product off by one fails it); without it, and
     without bfloat16, the CPU screens in float32. A side serving as x is refused as y, and the roles are checked."""
