@@ -27,7 +27,6 @@ masks are labelled the same way, so mask layer 1 is the first transformer layer.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -50,7 +49,7 @@ from xlsub.artifacts import (
     last_layer,
     layer_count,
 )
-from xlsub.devices import ieee_float32
+from xlsub.devices import ieee_float32, release_freed_memory
 from xlsub.errors import XlsubError
 from xlsub.report import similarity_tables, tables, verdicts
 from xlsub.report.figures import CaptionedFigure, palette
@@ -357,16 +356,6 @@ def _subnetwork_cka(result: AnalysisResult, inputs: AnalysisInputs, langs: list[
                       level.robust_to_leave_one_out)))
 
 
-def _return_freed_memory() -> None:
-    """Hand the free pages of the heap back to the system (glibc's `malloc_trim`; nothing where there is none):
-    the tables before RSA's and the power analysis's leave hundreds of MB of freed temporaries in the heap, which
-    the n x n matrices allocated next (each its own mapping) cannot reuse, so they would sit under their peak."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
-
-
 def _similarity(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str], reference: str, kind: str,
                 counts: Counts, seed: int, colours) -> None:
     """Representation similarity against its nulls and length controls, retrieval and RSA; the fourth verdict."""
@@ -388,11 +377,11 @@ def _similarity(result: AnalysisResult, inputs: AnalysisInputs, langs: list[str]
     result.tables[TABLE.retrieval_pvalue] = similarity_tables.retrieval_pvalue_table(inputs.encodings, langs, reference, counts, seed, lengths,
                                                                                       nearest)
     result.tables[TABLE.knn_isomorphism] = similarity_tables.isomorphism_table(inputs.encodings, langs, reference, seed=seed, lengths=lengths)
-    _return_freed_memory()
+    release_freed_memory()  # the tables before RSA's leave hundreds of MB of freed temporaries in the heap, under its n x n matrices
     rsa = similarity_tables.rsa_table(inputs.encodings, langs, reference, counts, seed, lengths)
     result.add({TABLE.rsa: rsa}, figures.rsa_figure(rsa, reference))
     result.metrics[METRIC.mean_rsa_last_layer] = _nanmean(rsa.loc[FULL_MODEL, "rsa"]) if FULL_MODEL in rsa.index.get_level_values(0) else math.nan
-    _return_freed_memory()
+    release_freed_memory()
     power, limits = similarity_tables.power_table(last_layer(full, reference), lengths, reference, kind, counts.power_draws, seed)
     result.add({TABLE.power: power}, figures.power_figure(power, limits))
     result.metrics |= {language_metric(METRIC.detection_limit, measure): limit for measure, limit in limits.items()}
@@ -538,6 +527,7 @@ def analyze(inputs: AnalysisInputs, *, cka_kind: str, layers: Sequence[int] | No
         cka_last = _cka(result, inputs, langs, reference, cka_kind, layers, cka_precision, colours)
         if cka_kind != "rbf":
             _similarity(result, inputs, langs, reference, cka_kind, counts, resample_seed, colours)
+            release_freed_memory()  # the power analysis's and length controls' freed draws, under the subnetworks' CKA tables
     else:
         result.notes.append(f"CKA between languages: skipped (no full-model encodings of {reference} and another language)")
     if full and tables.subnetwork_encodings(inputs.encodings):

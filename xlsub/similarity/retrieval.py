@@ -66,7 +66,7 @@ def _int8_exact() -> bool:
         low[0], low[1], high[0], high[1] = 127, 1, 127, -127
         screened = _int8_product(low, torch.ops.onednn.qlinear_prepack(high, list(high.shape)), torch.ones(len(high)))
         return bool(torch.equal(screened.double(), (low.double() - 64) @ high.double().mT))
-    except (AttributeError, RuntimeError, NotImplementedError):
+    except (AttributeError, RuntimeError, NotImplementedError, TypeError):  # no oneDNN, or an operator of another signature
         return False
 
 
