@@ -158,6 +158,8 @@ class CosineSide:
         if dtype is None:
             dtype = _screen_dtype(x.device)
             dtype = torch.float32 if dtype == torch.int8 and not _compiled(x, dtype) else dtype  # a tensor the loops do not read
+        if serves not in ("x", "y", "both"):
+            raise ValueError(f"retrieval: serves must be 'x', 'y' or 'both', not {serves!r}")
         self.shape, self.dtype, self.serves = x.shape, dtype, serves
         if dtype == torch.int8 and not _compiled(x, dtype):
             raise ValueError(f"retrieval: the int8 screen runs in the CPU's compiled loops only; x is on {x.device}")
@@ -208,8 +210,6 @@ class CosineSide:
         is left with no layers): `nearest_translation` prepares its own sides for one use."""
         from xlsub.similarity import compiled_nearest
 
-        if serves not in ("x", "y", "both"):
-            raise ValueError(f"retrieval: serves must be 'x', 'y' or 'both', not {serves!r}")
         low, high = (layers if serves in (role, "both") else 0 for role in ("x", "y"))
         signs, order, self.block = int8_rotation(d)
         self.screen = torch.empty(low, n, d, dtype=torch.uint8)
