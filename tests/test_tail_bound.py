@@ -128,6 +128,13 @@ def test_retrieval_equals_float64_with_near_ties_and_ties():
     assert (found == -1).any() and (found >= 0).any()
 
 
+def spread_and_peaked(g: torch.Generator, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """300 rows of d normals, and 300 whose columns are scaled by uniforms to the 8th power: most of each row's length
+    on a few coordinates, where rounding errors do not average out (float64)."""
+    spread = torch.randn(300, d, generator=g, dtype=torch.float64)
+    return spread, torch.randn(300, d, generator=g, dtype=torch.float64) * torch.rand(d, generator=g, dtype=torch.float64) ** 8
+
+
 def _representable(value: float, dtype: torch.dtype) -> tuple[float, float]:
     """The largest value of `dtype` below `value` and the smallest at or above it (stepping through the values in
     order: a float's bits, its magnitude bits flipped when negative, count up with it)."""
@@ -232,8 +239,7 @@ def test_screen_error_bounds_the_screened_cosines(screen):
 
     g = torch.Generator().manual_seed(4)
     d = 384
-    spread = torch.randn(300, d, generator=g, dtype=torch.float64)
-    peaked = torch.randn(300, d, generator=g, dtype=torch.float64) * torch.rand(d, generator=g, dtype=torch.float64) ** 8
+    spread, peaked = spread_and_peaked(g, d)
     worst = 0.0
     for a in (spread, peaked):
         u = unit_rows(a, True)
@@ -289,8 +295,7 @@ def test_int8_screen_errors_within_their_measured_bound():
     int8_screen()
     g = torch.Generator().manual_seed(6)
     d = 384
-    spread = torch.randn(300, d, generator=g, dtype=torch.float64)
-    peaked = torch.randn(300, d, generator=g, dtype=torch.float64) * torch.rand(d, generator=g, dtype=torch.float64) ** 8
+    spread, peaked = spread_and_peaked(g, d)
     reached = 0.0
     for a in (spread, peaked):
         for b in (a + 0.01 * torch.randn(300, d, generator=g, dtype=torch.float64), a.clone(), torch.randn(300, d, generator=g, dtype=torch.float64)):
@@ -394,8 +399,7 @@ def test_screen_margins_bound_each_rows_candidates():
 
     g = torch.Generator().manual_seed(6)
     d = 384
-    spread = torch.randn(300, d, generator=g, dtype=torch.float64)
-    peaked = torch.randn(300, d, generator=g, dtype=torch.float64) * torch.rand(d, generator=g, dtype=torch.float64) ** 8
+    spread, peaked = spread_and_peaked(g, d)
     worst = screen_error(torch.bfloat16, d)
     reached, near_chance = 0.0, 1.0
     for a in (spread, peaked):
