@@ -483,8 +483,35 @@ def transparent_huge_pages() -> str | None:
         return None
 
 
+# the CPU's instruction-set extensions that choose analyze's kernels (oneDNN's bfloat16 and int8 products, MKL's and
+# numba's vector width): a measurement on one CPU says little of another without them
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_model(source: Path = Path("/proc/cpuinfo")) -> dict:
+    """The CPU's model name and which of `CPU_FEATURES` it has, from `source` (the platform's processor name and no
+    features where it cannot be read)."""
+    import platform
+
+    try:
+        info = source.read_text()
+    except OSError:
+        return {"name": platform.processor(), "features": []}
+    name = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+    flags = set(flags.group(1).split()) if flags else set()
+    return {"name": name.group(1).strip() if name else platform.processor(), "features": [f for f in CPU_FEATURES if f in flags]}
+
+
 def load_average() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
+
+
+def retrieval_screen(device: str) -> torch.dtype:
+    """The dtype retrieval screens its similarities in on `device` (bfloat16, int8 or float32: `xlsub.similarity.retrieval`)."""
+    from xlsub.similarity import retrieval
+
+    return retrieval._screen_dtype(torch.device(device))
 
 
 def analyze_study(fraction: float = 1.0, seeds: int = 1, profile: str | None = None, out: Path | None = None,
@@ -525,7 +552,8 @@ def analyze_study(fraction: float = 1.0, seeds: int = 1, profile: str | None = N
         "n": n, "fraction": fraction, "languages": len(inputs.languages), "layers": STUDY["layers"], "hidden": STUDY["hidden"],
         "models": len(inputs.encodings), "seeds": seeds, "stored": "float16", "counts": dataclasses.asdict(options["counts"]),
         "bootstrap": options["bootstrap"], "permutations": options["permutations"], "cka_kind": options["cka_kind"],
-        "device": options["device"], "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "device": options["device"], "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "cpu": cpu_model(),
+        "retrieval_screen": str(retrieval_screen(options["device"])).removeprefix("torch."),
         "minutes": seconds / 60, "peak_gib": peak_rss_gib(), "encodings": "float16 safetensors read by artifacts.EncodingStore",
         "synthetic_generation_and_write_seconds": written, "encoding_loads": inputs.encodings.loads, "load_average_before": load_before, "load_average_after": load_average(),
         "sections_seconds": {k: round(v, 2) for k, v in sorted(sections.items(), key=lambda kv: -kv[1])},
@@ -540,6 +568,8 @@ def analyze_study(fraction: float = 1.0, seeds: int = 1, profile: str | None = N
     print(f"measured analyze time at study scale: {measured['minutes']:.2f} min"
           + ("" if fraction == 1 else f" (n = {n}, fraction {fraction})"))
     print(f"peak memory: {measured['peak_gib']:.2f} GiB" + (f" (GPU: {measured['peak_gpu_gib']:.2f} GiB on {measured['gpu']})" if cuda else ""))
+    print(f"{measured['cpu']['name']} ({', '.join(measured['cpu']['features']) or 'none of ' + ', '.join(CPU_FEATURES)}); "
+          f"retrieval screened in {measured['retrieval_screen']}")
     print(f"{measured['threads']} threads; load average before {load_before}, after {measured['load_average_after']}; "
           f"encodings read {measured['encoding_loads']} times (generated and written beforehand in {written:.0f} s, not counted); "
           f"{HUGE_PAGES}={os.environ.get(HUGE_PAGES)}, transparent huge pages {measured['huge_pages']['kernel']}")

@@ -131,3 +131,13 @@ def test_the_study_measurement_reads_its_synthetic_encodings_as_analyze_reads_a_
     for key in inputs.encodings:
         for lang in ("en", "de"):
             assert torch.equal(store[key][lang], inputs.encodings[key][lang])
+
+
+def test_the_study_measurement_names_the_cpu_and_the_features_that_choose_its_kernels(tmp_path):
+    """cpu_model reads the model name and, of `CPU_FEATURES`, the flags the CPU has, in that order; none where the
+    source cannot be read."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU 9000\nflags\t\t: fpu amx_bf16 sse avx2 avx512f\n\n"
+                    "processor\t: 1\nmodel name\t: Some CPU 9000\nflags\t\t: fpu amx_bf16 sse avx2 avx512f\n")
+    assert scale.cpu_model(info) == {"name": "Some CPU 9000", "features": ["avx2", "avx512f", "amx_bf16"]}
+    assert scale.cpu_model(tmp_path / "absent")["features"] == []
