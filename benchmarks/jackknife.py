@@ -5,7 +5,8 @@ of `rsa_table` and of the power analysis's draws): the compiled loop (`xlsub.sta
 float64 tiles (forced by making `inference._compiled_dots` refuse); and the languages' rank matrices
 (`centred_ranks_each`), each RDM written into one float64 scratch matrix for all languages against a fresh one per
 language, and their keys sorted by the compiled radix sort (`xlsub.stats.compiled_sort`) against numpy's sort (one
-thread; forced by raising `inference.RADIX_MIN`).
+thread; forced by raising `inference.RADIX_MIN`); and the radix sort's digits, 8 bits a pass against `DIGIT`'s (11),
+on one language's triangle (`inference.value_order`) and on the seven rank matrices.
 
 One reference language against seven (n = 5,000 sentences, 20 blocks, the table's defaults), each from its
 `centred_ranks` matrix, as `rsa_table` calls `rsa_jackknife_interval`: the languages share the cores, and each
@@ -29,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xlsub.similarity import kept_ranks  # noqa: E402
 from xlsub.similarity.jackknife import jackknife_blocks  # noqa: E402
-from xlsub.similarity.rsa import centred_ranks, centred_ranks_each, leave_block_out_rsa  # noqa: E402
-from xlsub.stats import inference  # noqa: E402
+from xlsub.similarity.rsa import centred_ranks, centred_ranks_each, leave_block_out_rsa, rdm  # noqa: E402
+from xlsub.stats import compiled_sort, inference  # noqa: E402
 
 
 def main() -> None:
@@ -86,6 +87,20 @@ def main() -> None:
             best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
             del sorted_by[name][1:]
     inference.RADIX_MIN = radix
+    digit, triangle = compiled_sort.DIGIT, inference.upper_entries(rdm(ys[0], upper=True))
+    by_digit, orders = {}, {}
+    one, all_ = "one triangle's sort, {}-bit digits".format, "rank matrices, {}-bit digits".format
+    for _ in range(args.repeats):
+        for bits in (8, digit):
+            compiled_sort.DIGIT = bits
+            start = time.perf_counter()
+            orders[bits] = inference.value_order(triangle)[0]
+            best[one(bits)] = min(best.get(one(bits), float("inf")), time.perf_counter() - start)
+            start = time.perf_counter()
+            by_digit[bits] = centred_ranks_each(ys)
+            best[all_(bits)] = min(best.get(all_(bits), float("inf")), time.perf_counter() - start)
+            del by_digit[bits][1:]
+    compiled_sort.DIGIT = digit
     print(f"n = {args.n}, {args.languages} languages, {args.blocks} blocks, {torch.get_num_threads()} threads")
     for name, seconds in best.items():
         print(f"  {name}: {seconds:.2f} s")
@@ -102,6 +117,9 @@ def main() -> None:
     ratio = best["numpy's sort of the keys"] / best["compiled radix sort"]
     print(f"  rank matrices' sort: ratio (numpy / compiled radix) {ratio:.2f}x; "
           f"equal: {torch.equal(old, new)}")
+    print(f"  radix sort's digits: one triangle ({len(triangle):,} values) ratio (8 bits / {digit} bits) "
+          f"{best[one(8)] / best[one(digit)]:.2f}x, rank matrices {best[all_(8)] / best[all_(digit)]:.2f}x; "
+          f"equal: {torch.equal(orders[8], orders[digit]) and torch.equal(by_digit[8][0], by_digit[digit][0])}")
 
 
 if __name__ == "__main__":

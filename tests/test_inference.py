@@ -405,14 +405,17 @@ def test_compiled_rank_matrix_and_its_order_match_the_torch_path(k):
             torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("m", [3001, 20_000])
-def test_value_orders_radix_sort_is_numpys_sort_of_the_keys(m, monkeypatch):
-    """The compiled path of value_order (pack_part, radix_sort, unpack: 7 passes of 8 bits at m = 3,001, an odd count
-    that ends in the spare buffer; 6 at m = 20,000, ending where it began; keys made and unpacked in 1, 2, 3 and 7 parts) gives numpy's path's order and runs element for
+@pytest.mark.parametrize("digit", [8, 11])
+@pytest.mark.parametrize("m", [3001, 300_000])
+def test_value_orders_radix_sort_is_numpys_sort_of_the_keys(m, digit, monkeypatch):
+    """The compiled path of value_order (pack_part, radix_sort, unpack: at m = 3,001, 7 passes of 8 bits or 5 of 11, odd
+    counts that end in the spare buffer; at m = 300,000, 6 of 8 or 4 of 11, ending where they began; keys made and
+    unpacked in 1, 2, 3 and 7 parts) gives numpy's path's order and runs element for
     element: continuous values, ties, a few distinct values, values far below the rest (one fixed-point key for
     many), negative ones; and its packed keys sort as numpy sorts them."""
     from xlsub.stats import compiled_sort, inference
 
+    monkeypatch.setattr(compiled_sort, "DIGIT", digit)
     rng = np.random.default_rng(m)
     base = rng.standard_normal(m)
     cases = {"continuous": base, "tied": np.concatenate([base[:-7], base[:7]]), "few": rng.integers(0, 5, m).astype(np.float64),
@@ -435,16 +438,17 @@ def test_value_orders_radix_sort_is_numpys_sort_of_the_keys(m, monkeypatch):
     packed, spare = np.empty(m, dtype=np.int64), np.empty(m, dtype=np.int64)
     v = base
     low, scale = v.min(), float(2**key_bits - 2) / (v.max() - v.min())
-    counts = np.zeros(((key_bits + 7) // 8, 256), dtype=np.int64)
-    compiled_sort.pack_part(v, low, scale, index_bits, key_bits, packed, 0, m, counts)
+    passes = (key_bits + digit - 1) // digit
+    counts = np.zeros((passes, 1 << digit), dtype=np.int64)
+    compiled_sort.pack_part(v, low, scale, index_bits, key_bits, packed, 0, m, counts, digit)
     keys = (((v - v.min()) * (float(2**key_bits - 2) / (v.max() - v.min()))).astype(np.int64) << index_bits) | np.arange(m)
     np.testing.assert_array_equal(packed, keys)  # numpy's keys, bit for bit
     for p in range(len(counts)):
-        np.testing.assert_array_equal(counts[p], np.bincount((keys >> (index_bits + 8 * p)) & 255, minlength=256))
+        np.testing.assert_array_equal(counts[p], np.bincount((keys >> (index_bits + digit * p)) & ((1 << digit) - 1), minlength=1 << digit))
     for parts in (1, 2, 3, 7):  # the keys made and unpacked in parts side by side
         result = compiled_sort.radix_sorted(v, low, scale, index_bits, key_bits, packed, spare, parts)
         np.testing.assert_array_equal(result, np.sort(keys))
-        assert (result is spare) == (m == 3001)
+        assert (result is spare) == (passes % 2 == 1) == (m == 3001)
         order, positions = np.empty(m, dtype=np.int64), np.empty(m, dtype=np.int64)
         shared = compiled_sort.unpack(result.copy(), index_bits, order, positions, parts)
         np.testing.assert_array_equal(order, np.sort(keys) & ((1 << index_bits) - 1))
