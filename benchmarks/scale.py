@@ -17,7 +17,7 @@ on that GPU; both labelled so.
 
     python benchmarks/scale.py --quick     # within 5 minutes on 2 cores
     python benchmarks/scale.py             # three sizes per stage
-    python benchmarks/scale.py --analyze-study [--fraction 0.2] [--profile out.prof]
+    python benchmarks/scale.py --analyze-study [--fraction 0.2] [--profile out.prof] [--isa avx2]
 
 `--analyze-study` is a measurement, not a projection: `analysis.analyze` at the study's size (8 languages,
 5,000 sentences, 13 hidden states of width 768 stored in float16, full model, 8 head subnetworks, base and
@@ -26,7 +26,10 @@ analyze stage's default parameters (`entry_points.analyze.AnalyzeArgs`), on seed
 (`SyntheticEncodings`) written beforehand as the encode stage writes them (float16 safetensors in a temporary
 folder, 8.8 GB at the full size; not timed) and read by analyze's own `artifacts.EncodingStore`. It prints the wall time, the peak resident
 memory and each section's seconds, and writes them to `benchmarks/results/analyze-study-cpu.json`
-(`--fraction` < 1: the same at fraction x 5,000 sentences, written to `analyze-study-cpu-n<n>.json`).
+(`--fraction` < 1: the same at fraction x 5,000 sentences, written to `analyze-study-cpu-n<n>.json`). It names the
+CPU and the instruction-set extensions that choose analyze's kernels (bfloat16 and int8 products above all); `--isa
+avx2` on a CPU with AVX-512 runs the same in a process whose libraries are capped at AVX2 (`ISA_CAPS`: an AVX2-only
+CPU's code paths on this CPU's cores and memory), written to `analyze-study-cpu-avx2.json`.
 """
 
 from __future__ import annotations
@@ -488,6 +491,14 @@ def transparent_huge_pages() -> str | None:
 CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
+# `--isa avx2`: the settings that cap each library's kernels at AVX2 on a CPU with AVX-512 (oneDNN's products, MKL's,
+# torch's own vector loops, numba's compiled code, numpy's dispatched loops; oneDNN's cap also turns off the bfloat16
+# products, so retrieval screens in int8): an AVX2-only CPU's code paths on this CPU's cores and memory
+ISA_CAPS = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                     "NUMBA_CPU_NAME": "haswell", "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"}}
+ISA_CAPPED = "XLSUB_BENCHMARK_ISA_CAP"  # set in the process that runs under a cap
+
+
 def cpu_model(source: Path = Path("/proc/cpuinfo")) -> dict:
     """The CPU's model name and which of `CPU_FEATURES` it has, from `source` (the platform's processor name and no
     features where it cannot be read)."""
@@ -554,6 +565,8 @@ def analyze_study(fraction: float = 1.0, seeds: int = 1, profile: str | None = N
         "bootstrap": options["bootstrap"], "permutations": options["permutations"], "cka_kind": options["cka_kind"],
         "device": options["device"], "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "cpu": cpu_model(),
         "retrieval_screen": str(retrieval_screen(options["device"])).removeprefix("torch."),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_cap": {name: os.environ[name] for name in ISA_CAPS.get(os.environ.get(ISA_CAPPED, ""), {})} or None,
         "minutes": seconds / 60, "peak_gib": peak_rss_gib(), "encodings": "float16 safetensors read by artifacts.EncodingStore",
         "synthetic_generation_and_write_seconds": written, "encoding_loads": inputs.encodings.loads, "load_average_before": load_before, "load_average_after": load_average(),
         "sections_seconds": {k: round(v, 2) for k, v in sorted(sections.items(), key=lambda kv: -kv[1])},
@@ -569,7 +582,8 @@ def analyze_study(fraction: float = 1.0, seeds: int = 1, profile: str | None = N
           + ("" if fraction == 1 else f" (n = {n}, fraction {fraction})"))
     print(f"peak memory: {measured['peak_gib']:.2f} GiB" + (f" (GPU: {measured['peak_gpu_gib']:.2f} GiB on {measured['gpu']})" if cuda else ""))
     print(f"{measured['cpu']['name']} ({', '.join(measured['cpu']['features']) or 'none of ' + ', '.join(CPU_FEATURES)}); "
-          f"retrieval screened in {measured['retrieval_screen']}")
+          f"retrieval screened in {measured['retrieval_screen']}; torch's CPU capability {measured['torch_cpu_capability']}"
+          + (f"; capped: {measured['isa_cap']}" if measured["isa_cap"] else ""))
     print(f"{measured['threads']} threads; load average before {load_before}, after {measured['load_average_after']}; "
           f"encodings read {measured['encoding_loads']} times (generated and written beforehand in {written:.0f} s, not counted); "
           f"{HUGE_PAGES}={os.environ.get(HUGE_PAGES)}, transparent huge pages {measured['huge_pages']['kernel']}")
@@ -578,7 +592,7 @@ def analyze_study(fraction: float = 1.0, seeds: int = 1, profile: str | None = N
         print(f"  {name:28} {value:8.1f} s   {busy:.2f} cores busy, entered at {entered.get(name, math.nan):.2f} GiB"
               + (f", peak raised to {peaks[name]:.2f} GiB" if name in peaks else ""))
     if out is None:
-        suffix = "" if fraction == 1 else f"-n{n}"
+        suffix = ("" if fraction == 1 else f"-n{n}") + (f"-{os.environ[ISA_CAPPED]}" if measured["isa_cap"] else "")
         out = ROOT / "benchmarks/results" / f"analyze-study-{measured['device']}{suffix}.json"
     out.write_text(json.dumps(measured, indent=2) + "\n")
     folder.cleanup()
@@ -615,8 +629,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", help="with --analyze-study: write cProfile statistics here and print the top functions")
     parser.add_argument("--device", help="with --analyze-study: analyze's device (its default if not given)")
     parser.add_argument("--out", type=Path, help="with --analyze-study: write the measurement here instead of benchmarks/results/")
+    parser.add_argument("--isa", choices=sorted(ISA_CAPS), help="with --analyze-study on a CPU with AVX-512: run in a process whose "
+                        "libraries are capped at this instruction set (`ISA_CAPS`), written to analyze-study-cpu-<isa>.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.isa and os.environ.get(ISA_CAPPED) != args.isa:
+        if "avx512f" not in cpu_model()["features"]:
+            parser.error(f"--isa {args.isa}: this CPU has no AVX-512, so its libraries already run at most {args.isa}; leave --isa out")
+        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)],
+                  {**os.environ, **ISA_CAPS[args.isa], ISA_CAPPED: args.isa})
     if args.analyze_study:
         analyze_study(args.fraction, args.seeds, args.profile, args.out, args.device)
         return

@@ -141,3 +141,31 @@ def test_the_study_measurement_names_the_cpu_and_the_features_that_choose_its_ke
                     "processor\t: 1\nmodel name\t: Some CPU 9000\nflags\t\t: fpu amx_bf16 sse avx2 avx512f\n")
     assert scale.cpu_model(info) == {"name": "Some CPU 9000", "features": ["avx2", "avx512f", "amx_bf16"]}
     assert scale.cpu_model(tmp_path / "absent")["features"] == []
+
+
+def test_the_isa_cap_reruns_the_measurement_in_a_capped_process_and_refuses_a_cpu_without_avx512(monkeypatch):
+    """--isa avx2 re-executes this script with every library's cap and the marker set (once: the capped process
+    itself runs on); on a CPU without AVX-512 it stops with one line naming the option."""
+    import os
+
+    calls = []
+
+    class Replaced(Exception):
+        pass
+
+    def execve(path, argv, env):
+        calls.append((argv, env))
+        raise Replaced
+
+    monkeypatch.setattr(os, "execve", execve)
+    monkeypatch.delenv(scale.ISA_CAPPED, raising=False)
+    monkeypatch.setattr(scale, "cpu_model", lambda source=None: {"name": "x", "features": ["avx2", "avx512f"]})
+    with pytest.raises(Replaced):
+        scale.main(["--analyze-study", "--isa", "avx2", "--fraction", "0.01"])
+    (argv, env), = calls
+    assert argv[1].endswith("scale.py") and argv[2:] == ["--analyze-study", "--isa", "avx2", "--fraction", "0.01"]
+    assert env[scale.ISA_CAPPED] == "avx2" and all(env[k] == v for k, v in scale.ISA_CAPS["avx2"].items())
+    monkeypatch.setattr(scale, "cpu_model", lambda source=None: {"name": "x", "features": ["avx2"]})
+    with pytest.raises(SystemExit) as stopped:
+        scale.main(["--analyze-study", "--isa", "avx2"])
+    assert stopped.value.code == 2 and len(calls) == 1
