@@ -1,10 +1,12 @@
 """Training throughput of xlsub's masked-only LM head vs the stock `XLMRobertaForMaskedLM` forward,
-the share of training wall time spent logging to MLflow, and the cost of MLflow's system-metrics monitor.
+the share of training wall time spent logging to MLflow, the cost of MLflow's system-metrics monitor, and
+finetune's `compile` (each layer compiled by torch.compile) against eager steps on this CPU.
 
 Same tiny model, same batches (32 x 64 tokens, 15% masked), same loss; forward,
 backward and AdamW step. Target: masked-only at least 1.4x the stock tokens/s;
 MLflow logging under 5% of wall time; the same training steps with the system-metrics
-monitor running (as finetune, prune and encode run it) at most 1.05x the time without.
+monitor running (as finetune, prune and encode run it) at most 1.05x the time without. The compiled steps are
+timed after a warm-up that compiles them (its seconds printed); no target: `compile` is off by default.
 
     python benchmarks/finetune.py
 """
@@ -25,7 +27,7 @@ from transformers import XLMRobertaTokenizer
 from xlsub.data.lm import masked_batches
 from xlsub.models.loading import tiny_model
 from xlsub.models.mlm import masked_lm_loss
-from xlsub.models.training import TrainSettings, train_masked_lm
+from xlsub.models.training import TrainSettings, compiled_layers, train_masked_lm
 from xlsub.tracking.runs import SYSTEM_METRICS_SECONDS, LossLogger
 
 STEPS, BATCH, SEQ, VOCAB = 40, 32, 64, 8000
@@ -93,6 +95,7 @@ def main():
     print(f"tokens/s  masked-only LM head: {tokens / fast:9.0f}")
     print(f"tokens/s  stock forward:       {tokens / slow:9.0f}")
     print(f"speed-up: {slow / fast:.2f}x (target >= 1.4x)")
+    compiled_speedup(base, batches)
 
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
@@ -106,6 +109,24 @@ def main():
         print(f"Trainer run of {STEPS} steps, loss logged every 10: {wall:.1f} s, MLflow logging {TimedLossLogger.seconds:.3f} s "
               f"= {100 * TimedLossLogger.seconds / wall:.2f}% of wall time (target < 5%)")
         system_metrics_overhead(base, batches)
+
+
+def compiled_speedup(base, batches, rounds: int = 2) -> float:
+    """The masked-only steps with the layers compiled (`compiled_layers`, as finetune's `compile`) against eager ones,
+    each model warmed up on 3 steps first (the compiled one compiles there), then timed alternately `rounds` times on
+    the same batches; prints and returns the ratio of the fastest times (eager / compiled)."""
+    models = {"eager": copy.deepcopy(base), "compiled": copy.deepcopy(base)}
+    with compiled_layers(models["compiled"]):
+        warm = {name: train_steps(model, batches[:3], masked_only) for name, model in models.items()}
+        times = {name: [] for name in models}
+        for _ in range(rounds):
+            for name, model in models.items():
+                times[name].append(train_steps(model, batches, masked_only))
+    tokens = len(batches) * batches[0]["input_ids"].numel()
+    eager, compiled = min(times["eager"]), min(times["compiled"])
+    print(f"tokens/s  masked-only, layers compiled: {tokens / compiled:9.0f}, eager: {tokens / eager:9.0f}: {eager / compiled:.2f}x "
+          f"(the compiled model's first 3 steps, compiling: {warm['compiled']:.1f} s; eager's {warm['eager']:.1f} s)")
+    return eager / compiled
 
 
 def system_metrics_overhead(base, batches, rounds: int = 3) -> float:

@@ -5,18 +5,23 @@ with XLM-R base's layers and its 250,002-entry vocabulary (`tiny-base-shape`
 priced at XLM-R's embedding), on random token ids: the speed of these kernels
 does not depend on the weights or the text.
 
-- finetune: `train_masked_lm` (Hugging Face Trainer, xlsub's masked-only loss)
-  in fp32, fp16 and bf16 mixed precision, at the study's 8 x 512 tokens a step;
+- finetune: `train_masked_lm` (Hugging Face Trainer, xlsub's masked-only loss, its default fused AdamW and
+  SDPA attention) in fp32, fp16 and bf16 mixed precision, at the study's 8 x 512 tokens a step; then bf16 with
+  the layers compiled (finetune's `compile`, `xlsub.models.training.compiled_layers`) at 8 x 512 and at
+  `--large_batch` x 512 (32: a larger batch is a different recipe, finetune's `batch_size`);
 - prune: one importance pass (`head_importance`: gradients to the head gates
   only) over 8 x 512-token chunks, the unit an iterative pruning step costs;
 - encode: `encode` (every layer, mean-pooled) of sentences of 10 to 60 tokens.
 
 A decoder row does the same at Qwen2.5-0.5B's shape (24 layers, 14 query and 2 key/value heads, hidden
 896, its 151,936-entry tied vocabulary; random init, bf16 training, 512 tokens): the causal-LM path of
-every stage. Finetune rows also give the model FLOPs utilisation: 6 FLOPs per parameter and token for
-the layers, plus the LM head's 6 x hidden x vocabulary at the positions it scores (the masked 15% of an
-MLM's, every position of a causal LM's), plus attention's 12 x layers x tokens x hidden, over the measured
-matrix-product rate of the run's precision.
+every stage. Every row gives its model FLOPs utilisation (MFU): the FLOPs of what the stage computes over the
+measured matrix-product rate of its precision (`model_flops_per_token`). Training: 6 FLOPs per parameter and
+token for the layers, plus the LM head's 6 x hidden x vocabulary at the positions it scores (the masked 15% of
+an MLM's, every position of a causal LM's), plus attention's 12 x layers x tokens x hidden. The importance pass
+computes no weight gradient: 4 per parameter and token, 4 x hidden x vocabulary at the scored positions, and
+attention's 12 (its backward is all activation gradients). encode: a forward pass without the LM head, 2 per
+parameter and 4 x layers x tokens x hidden for attention, for each sentence's real tokens (not padding).
 
 Prints steps/s, chunks/s, sentences/s and peak GPU memory per stage; without
 CUDA it says so and exits 0. `--smoke` runs the same code with the tiny shape
@@ -78,18 +83,38 @@ def model_for(cfg, tokenizer, decoder: bool):
     return decoder_model(cfg, tokenizer) if decoder else build_model(cfg.shape, tokenizer, cfg.seq, cfg.vocab)
 
 
-def train_flops_per_token(model, seq: int, scored_share: float) -> float:
-    """Training FLOPs per token: 6 x the layers' parameters (embeddings and LM head left out), the LM head's
-    6 x hidden x vocabulary at the share of positions it scores, attention's 12 x layers x seq x hidden."""
+# FLOPs per parameter and token (weights and LM head) and attention's factor of layers x seq x hidden, per pass kind:
+# training (forward, input and weight gradients), the importance pass (forward and input gradients: the weights are
+# frozen), encode (forward only)
+PASSES = {"train": (6, 12), "gates": (4, 12), "forward": (2, 4)}
+
+
+def model_flops_per_token(model, seq: int, scored_share: float, kind: str = "train") -> float:
+    """FLOPs per token of a pass of `kind` (`PASSES`) over sequences of `seq` tokens: the factor x the layers'
+    parameters (embeddings and LM head left out), the same factor x hidden x vocabulary for the LM head at the share
+    of positions it scores (0: no head), and attention's factor x layers x seq x hidden (scores and their use)."""
     from xlsub.models.mlm import lm_head_of
 
+    weights, attention = PASSES[kind]
     config = model.config
     embedding = model.get_input_embeddings().weight
     head = lm_head_of(model)
     head_params = {id(p) for p in head.parameters()}
     layers = sum(p.numel() for p in model.parameters() if p is not embedding and id(p) not in head_params)
     hidden, vocab = config.hidden_size, embedding.shape[0]
-    return 6 * layers + 6 * hidden * vocab * scored_share + 12 * config.num_hidden_layers * seq * hidden
+    return weights * layers + weights * hidden * vocab * scored_share + attention * config.num_hidden_layers * seq * hidden
+
+
+def train_flops_per_token(model, seq: int, scored_share: float) -> float:
+    """Training FLOPs per token (`model_flops_per_token` of kind "train")."""
+    return model_flops_per_token(model, seq, scored_share, "train")
+
+
+def mfu(flops_per_second: float, rates: dict, precision: str) -> float:
+    """Model FLOPs utilisation: the achieved FLOP rate over the measured matrix-product rate of `precision` (NaN
+    where that rate was not measured)."""
+    peak = rates.get({"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision], math.nan)
+    return flops_per_second / (peak * 1e12)
 
 
 def random_chunks(n: int, length: int, low: int, high: int, seed: int) -> list[list[int]]:
@@ -112,8 +137,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def finetune(cfg, device: torch.device, precision: str, rates: dict, decoder: bool = False) -> dict:
-    """Steps/s of the Trainer loop after `cfg.warmup` steps, peak memory and model FLOPs utilisation."""
+def finetune(cfg, device: torch.device, precision: str, rates: dict, decoder: bool = False, compile: bool = False,
+             batch: int | None = None) -> dict:
+    """Steps/s of the Trainer loop after `cfg.warmup` steps (compiling, where `compile`, happens in them), peak memory and
+    model FLOPs utilisation, at `batch` sequences a step (`cfg.batch`, the study's, if None)."""
     import datasets
     from transformers import TrainerCallback
 
@@ -123,6 +150,9 @@ def finetune(cfg, device: torch.device, precision: str, rates: dict, decoder: bo
         def __init__(self):
             self.times = []
 
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.optim = str(args.optim.value if hasattr(args.optim, "value") else args.optim)
+
         def on_step_end(self, args, state, control, **kwargs):
             sync(device)
             self.times.append(time.perf_counter())
@@ -130,11 +160,12 @@ def finetune(cfg, device: torch.device, precision: str, rates: dict, decoder: bo
     tokenizer = synthetic_tokenizer(cfg.tokens)
     model = model_for(cfg, tokenizer, decoder)
     flops = train_flops_per_token(model, cfg.seq, 1.0 if decoder else 0.15)
+    batch = batch or cfg.batch
     steps = cfg.warmup + cfg.steps
-    chunks = random_chunks(steps * cfg.batch, cfg.seq, len(SPECIALS), cfg.tokens, seed=1)
+    chunks = random_chunks(steps * batch, cfg.seq, len(SPECIALS), cfg.tokens, seed=1)
     train = datasets.Dataset.from_dict({"input_ids": chunks})
-    settings = TrainSettings(epochs=1, batch_size=cfg.batch, lr=5e-5, weight_decay=0.01, seed=0, device=str(device),
-                             fp16=precision == "fp16", bf16=precision == "bf16", log_every=10**6, save_steps=250)
+    settings = TrainSettings(epochs=1, batch_size=batch, lr=5e-5, weight_decay=0.01, seed=0, device=str(device),
+                             fp16=precision == "fp16", bf16=precision == "bf16", log_every=10**6, save_steps=10**6, compile=compile)
     clock = StepClock()
     reset_peak(device)
     with tempfile.TemporaryDirectory() as out:
@@ -142,15 +173,15 @@ def finetune(cfg, device: torch.device, precision: str, rates: dict, decoder: bo
     timed = clock.times[cfg.warmup - 1:]
     seconds = timed[-1] - timed[0]
     n = len(timed) - 1
-    tokens_per_s = n * cfg.batch * cfg.seq / seconds
-    peak_rate = rates.get({"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[precision], float("nan"))
-    return {"stage": f"finetune {precision}{' (decoder)' if decoder else ''}", "unit": "steps/s", "rate": n / seconds,
-            "tokens_per_s": tokens_per_s, "peak_gib": peak_gib(device), "flops_per_token": flops, "precision": precision,
-            "mfu": tokens_per_s * flops / (peak_rate * 1e12),
-            "setting": f"{cfg.batch} x {cfg.seq} tokens a step, {n} steps timed"}
+    tokens_per_s = n * batch * cfg.seq / seconds
+    return {"stage": f"finetune {precision}{' compiled' if compile else ''}{' (decoder)' if decoder else ''}", "unit": "steps/s",
+            "rate": n / seconds, "tokens_per_s": tokens_per_s, "peak_gib": peak_gib(device), "flops_per_token": flops,
+            "precision": precision, "mfu": mfu(tokens_per_s * flops, rates, precision), "batch": batch, "compiled": compile,
+            "optim": clock.optim, "attention": getattr(model.config, "_attn_implementation", None),
+            "setting": f"{batch} x {cfg.seq} tokens a step, {n} steps timed"}
 
 
-def prune(cfg, device: torch.device, decoder: bool = False) -> dict:
+def prune(cfg, device: torch.device, rates: dict, decoder: bool = False) -> dict:
     """Chunks/s of the importance pass that each pruning step runs (gradients to the gates only); a causal
     LM scores every next token (no masking)."""
     from xlsub.models.heads import head_importance, mask_shape
@@ -177,12 +208,14 @@ def prune(cfg, device: torch.device, decoder: bool = False) -> dict:
         head_importance(model, batches, mask)
         sync(device)
     seconds = time.perf_counter() - start
+    flops = model_flops_per_token(model, cfg.seq, 1.0 if decoder else 0.15, "gates")
+    tokens_per_s = cfg.chunks * cfg.seq / seconds
     return {"stage": f"prune (importance pass, fp32){' (decoder)' if decoder else ''}", "unit": "chunks/s", "rate": cfg.chunks / seconds,
-            "tokens_per_s": cfg.chunks * cfg.seq / seconds, "peak_gib": peak_gib(device),
-            "setting": f"{cfg.chunks} chunks of {cfg.seq} tokens, batch {cfg.batch}"}
+            "tokens_per_s": tokens_per_s, "peak_gib": peak_gib(device), "flops_per_token": flops, "precision": "fp32",
+            "mfu": mfu(tokens_per_s * flops, rates, "fp32"), "setting": f"{cfg.chunks} chunks of {cfg.seq} tokens, batch {cfg.batch}"}
 
 
-def encode_stage(cfg, device: torch.device, decoder: bool = False) -> dict:
+def encode_stage(cfg, device: torch.device, rates: dict, decoder: bool = False) -> dict:
     """Sentences/s of `encode` (all layers, mean-pooled, fp32) over sentences of 10 to 60 tokens."""
     from xlsub.models.encoding import encode
 
@@ -202,9 +235,11 @@ def encode_stage(cfg, device: torch.device, decoder: bool = False) -> dict:
     encode(model, tokenizer, sentences, batch_size=cfg.encode_batch, device=device, pooling="mean")
     sync(device)
     seconds = time.perf_counter() - start
+    counts = [len(ids) for ids in tokenizer(sentences)["input_ids"]]  # each sentence's real tokens, specials included
+    flops = sum(count * model_flops_per_token(model, count, 0.0, "forward") for count in counts)
     return {"stage": f"encode (fp32){' (decoder)' if decoder else ''}", "unit": "sentences/s", "rate": cfg.sentences / seconds,
-            "tokens_per_s": float("nan"), "peak_gib": peak_gib(device),
-            "setting": f"{cfg.sentences} sentences, batch {cfg.encode_batch}"}
+            "tokens_per_s": sum(counts) / seconds, "peak_gib": peak_gib(device), "flops_per_token": flops / sum(counts),
+            "precision": "fp32", "mfu": mfu(flops / seconds, rates, "fp32"), "setting": f"{cfg.sentences} sentences, batch {cfg.encode_batch}"}
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
@@ -225,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N (or cpu with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny shape, a few steps: checks the code, measures nothing")
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
+    parser.add_argument("--large_batch", type=int, default=32, help="sequences a step of the larger-batch compiled finetune row")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
@@ -232,10 +268,10 @@ def main(argv: list[str] | None = None) -> None:
         print("no CUDA device here: benchmarks/gpu.sh measures nothing on this machine")
         return
     cfg = argparse.Namespace(shape=models.BASE_SHAPE, vocab=models.XLMR_VOCAB_SIZE, tokens=8000, seq=512, batch=8,
-                             warmup=5, steps=40, chunks=64, sentences=2000, encode_batch=64, smoke=False)
+                             warmup=5, steps=40, chunks=64, sentences=2000, encode_batch=64, smoke=False, large_batch=None)
     if args.smoke:
         cfg = argparse.Namespace(shape=models.TINY, vocab=None, tokens=500, seq=32, batch=4,
-                                 warmup=2, steps=3, chunks=8, sentences=40, encode_batch=16, smoke=True)
+                                 warmup=2, steps=3, chunks=8, sentences=40, encode_batch=16, smoke=True, large_batch=8)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}; model: {cfg.shape}, vocabulary {cfg.vocab or cfg.tokens}")
     precisions = ["fp32", "fp16", "bf16"] if device.type == "cuda" else ["fp32"]
@@ -243,10 +279,14 @@ def main(argv: list[str] | None = None) -> None:
     rates = {str(dtype).removeprefix("torch."): matmul_tflops(device, dtype, n)
              for dtype in ([torch.float32, torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32])}
     print("matrix product TFLOP/s at n=%d: %s" % (n, ", ".join(f"{k} {v:.3g}" for k, v in rates.items())))
-    rows = [finetune(cfg, device, p, rates) for p in precisions] + [prune(cfg, device), encode_stage(cfg, device)]
+    fastest = "bf16" if device.type == "cuda" else "fp32"
+    rows = [finetune(cfg, device, p, rates) for p in precisions]
+    # the layers compiled, at the study's batch and at a larger one (smoke: twice the study's, on the CPU)
+    rows += [finetune(cfg, device, fastest, rates, compile=True, batch=batch) for batch in (cfg.batch, cfg.large_batch or args.large_batch)]
+    rows += [prune(cfg, device, rates), encode_stage(cfg, device, rates)]
     # the decoder row: bf16 training where the device has it, the importance pass and encode
-    rows += [finetune(cfg, device, "bf16" if device.type == "cuda" else "fp32", rates, decoder=True), prune(cfg, device, decoder=True),
-             encode_stage(cfg, device, decoder=True)]
+    rows += [finetune(cfg, device, fastest, rates, decoder=True), prune(cfg, device, rates, decoder=True),
+             encode_stage(cfg, device, rates, decoder=True)]
     print(f"{'stage':42} {'rate':>10} {'unit':12} {'tokens/s':>10} {'peak GiB':>9} {'MFU':>6}  setting")
     for r in rows:
         mfu = f"{r['mfu']:6.1%}" if math.isfinite(r.get("mfu", math.nan)) else " " * 6

@@ -26,7 +26,7 @@ from xlsub.devices import resolve_device
 from xlsub.errors import Range, XlsubError
 from xlsub.models import loading as models
 from xlsub.models.mlm import is_causal, lm_batches, perplexity
-from xlsub.models.training import TrainSettings, lm_data_settings, train_masked_lm
+from xlsub.models.training import TrainSettings, compile_unavailable, lm_data_settings, train_masked_lm
 from xlsub.report.figures import stages as figures
 from xlsub.tracking import gc as cleanup
 from xlsub.tracking import runs as tracking
@@ -51,6 +51,7 @@ class FinetuneArgs(StageArgs):
     test_examples_per_lang: int = field(default=100, metadata={"help": "test chunks per language for perplexity", "range": COUNT})
     fp16: bool = field(default=False, metadata={"help": "mixed precision fp16 (CUDA)"})
     bf16: bool = field(default=False, metadata={"help": "mixed precision bf16 (recent GPUs/CPUs)"})
+    compile: bool = field(default=False, metadata={"help": "compile each transformer layer with torch.compile while training: faster steps after tens of seconds of compiling (the same model up to float rounding)"})
     eval_only: bool = field(default=False, metadata={"help": "evaluate the model without training; logs it as the run's model"})
     resume: str = field(default="auto", metadata={"help": "'auto' (continue a dead run with these parameters from its newest checkpoint), 'never', or a Trainer checkpoint folder",
                                                    "keywords": ("auto", "never")})
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     rank_zero = is_rank_zero()
     with tracking.stage_run("finetune", args, log_to_mlflow=rank_zero, system_metrics=True) as run:
         device = resolve_device(args.device)
+        if args.compile and not args.eval_only and (why := compile_unavailable(device)):
+            raise XlsubError(f"compile: {why}; install it or pass compile=false")
         transformers.set_seed(args.seed)
         corpus = corpora.load_corpus(args.corpus, parse_languages(args.languages), seed=args.seed)
         langs = corpus.languages
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
 
         if not args.eval_only:
             settings = TrainSettings(args.epochs, args.batch_size, args.lr, args.weight_decay, args.seed, device, args.fp16, args.bf16,
-                                     args.log_every, save_steps=args.save_steps)
+                                     args.log_every, save_steps=args.save_steps, compile=args.compile)
             out = CHECKPOINTS / (run.info.run_id if run else "rank-other")  # the other ranks of torchrun save into rank 0's
             checkpoint = resume_point(args, run, out)
             if checkpoint and rank_zero and (step := Path(checkpoint).name.rpartition("-")[2]).isdigit():

@@ -92,14 +92,18 @@ def test_gpu_benchmark_runs_its_stages_on_cpu_in_smoke_mode(tmp_path):
                    check=True, capture_output=True, cwd=tmp_path)
     result = json.loads(out.read_text())
     rows = result["rows"]
-    assert [r["stage"].split()[0] for r in rows] == ["finetune", "prune", "encode"] * 2
-    assert all(r["rate"] > 0 for r in rows) and all(r["stage"].endswith("(decoder)") for r in rows[3:])
+    assert [r["stage"] for r in rows[:5]] == ["finetune fp32", "finetune fp32 compiled", "finetune fp32 compiled",
+                                              "prune (importance pass, fp32)", "encode (fp32)"]
+    assert [r["stage"].split()[0] for r in rows[5:]] == ["finetune", "prune", "encode"]
+    assert [r["batch"] for r in rows[:3]] == [4, 4, 8] and [r["compiled"] for r in rows[:3]] == [False, True, True]
+    assert {r["optim"] for r in rows[:3]} == {"adamw_torch_fused"} and rows[0]["attention"] == "sdpa"
+    assert all(r["rate"] > 0 for r in rows) and all(r["stage"].endswith("(decoder)") for r in rows[5:])
     # MFU: the stage's model FLOPs per second over the matrix-product rate measured in the same process. Other load on
     # the machine can take the cores from one measurement and not the other, so on a shared CPU the ratio is only
     # bounded loosely; the accounting itself is checked exactly.
     peak = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-    for r in (rows[0], rows[3]):
-        assert r["mfu"] == r["tokens_per_s"] * r["flops_per_token"] / (result["matmul_tflops"][peak[r["precision"]]] * 1e12)
+    for r in rows:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / (result["matmul_tflops"][peak[r["precision"]]] * 1e12), rel=1e-12)
         assert 0 < r["mfu"] < 3
     no_cuda = subprocess.run(["bash", str(root / "benchmarks/gpu.sh")], capture_output=True, text=True,
                              env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""})
@@ -124,3 +128,6 @@ def test_gpu_benchmark_counts_a_decoders_training_flops_from_its_shape():
     per_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h
     expected = 6 * (layers * per_layer + h) + 6 * h * vocab * 1.0 + 12 * layers * 32 * h
     assert gpu.train_flops_per_token(model, 32, 1.0) == expected
+    # the importance pass: no weight gradients; encode: a forward pass without the LM head
+    assert gpu.model_flops_per_token(model, 32, 1.0, "gates") == 4 * (layers * per_layer + h) + 4 * h * vocab + 12 * layers * 32 * h
+    assert gpu.model_flops_per_token(model, 20, 0.0, "forward") == 2 * (layers * per_layer + h) + 4 * layers * 20 * h

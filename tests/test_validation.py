@@ -48,6 +48,7 @@ BAD: dict[str, dict[str, list[str]]] = {
         "test_examples_per_lang": ["0"],
         "fp16": ["maybe"],
         "bf16": ["2"],
+        "compile": ["sometimes"],
         "eval_only": ["yes please"],
         "resume": ["no/such/checkpoint-1", "", "sometimes"],
         "save_steps": ["0", "-1"],
@@ -257,6 +258,19 @@ def test_bad_value_is_one_line_naming_the_parameter_exit_2_and_a_failed_run(stor
 def test_other_refusals_take_the_same_path(store, capsys, stage, argv, named):
     line, _ = refuse(store, capsys, stage, argv)
     assert line.startswith(f"xlsub {stage}: {named}: "), line
+
+
+def test_compile_without_a_compiler_is_refused_before_any_work(store, capsys, monkeypatch):
+    """compile=true where torch.compile cannot build its kernels (no C++ compiler for the CPU): one line, before the
+    corpus is read or a model made."""
+    import shutil as shell
+
+    from xlsub.data import corpus
+
+    monkeypatch.setattr(shell, "which", lambda name, *a, **k: None)
+    monkeypatch.setattr(corpus, "load_corpus", lambda *a, **k: pytest.fail("the corpus was read before the refusal"))
+    line, _ = refuse(store, capsys, "finetune", ["--compile", "true", "--device", "cpu"])
+    assert line.startswith("xlsub finetune: compile: ") and "C++ compiler" in line and "compile=false" in line, line
 
 
 def test_a_value_that_did_not_parse_is_logged_as_typed(store, capsys):

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch.distributed as dist
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
 from xlsub.data.lm import mlm_collator
 from xlsub.errors import XlsubError
+from xlsub.models.families import adapter_for
 from xlsub.models.mlm import masked_forward
 
 
@@ -31,7 +34,49 @@ class TrainSettings:
     log_every: int
     save_steps: int  # a checkpoint every this many steps
     warmup_ratio: float = 0.05
+    compile: bool = False  # each transformer layer compiled by torch.compile for the training loop (`compiled_layers`)
 
+
+def compile_unavailable(device: str) -> str | None:
+    """Why `compiled_layers` cannot run on `device` (torch.compile's default backend, inductor, builds C++ on the CPU
+    and Triton kernels on a CUDA GPU), or None where it can."""
+    import importlib.util
+    import shutil
+
+    kind = device.split(":")[0]
+    if kind == "cpu" and not any(shutil.which(cxx) for cxx in ("c++", "g++", "clang++")):
+        return "torch.compile on the CPU builds C++ and no C++ compiler (c++, g++, clang++) is on PATH"
+    if kind == "cuda" and importlib.util.find_spec("triton") is None:
+        return "torch.compile on a CUDA GPU needs the triton package, which this environment lacks"
+    return None
+
+
+@contextmanager
+def compiled_layers(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """Regional compilation: each transformer layer of `model` (its family adapter's `layers`) compiled in place by
+    `torch.compile` (`nn.Module.compile`) while the block runs, eager again when it ends.
+
+    The layers of a model share their code and shapes, so one compiled graph serves all of them (torch.compile
+    takes the parameters as inputs) and compiling costs one layer's time, not the model's. In place, the
+    parameters keep their names: checkpoints, the saved model and DDP see the stock module. The masked-only
+    loss around the layers (the scored positions gathered, their count read) stays eager. Random numbers (dropout)
+    come from torch's generator as in eager mode (inductor's `fallback_random`), not from kernels of inductor's own,
+    so a compiled run draws the eager run's dropout masks and trains the same model up to float rounding. The first
+    steps are slower while the graph compiles (tens of seconds; torch caches the result on disk for later runs)."""
+    if not enabled:
+        yield model
+        return
+    import torch._inductor.config as inductor
+
+    layers = adapter_for(model).layers(model)
+    for layer in layers:
+        layer.compile()
+    try:
+        with inductor.patch(fallback_random=True):
+            yield model
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None  # what `nn.Module.compile` sets; None is the eager call again
 
 class _BatchSeededCollator:
     """The MLM collator, each batch masked by a generator seeded with the run's seed and the batch's tokens.
@@ -131,7 +176,7 @@ def train_masked_lm(
         callbacks=list(callbacks),
     )
     trainer.model_accepts_loss_kwargs = False  # the masked-only loss is already a mean over scored tokens
-    with masked_forward(model):
+    with masked_forward(model), compiled_layers(model, settings.compile):
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
     return {**result.metrics, "train_steps": trainer.state.global_step}
 
