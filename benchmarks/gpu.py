@@ -10,7 +10,8 @@ does not depend on the weights or the text.
   the layers compiled (finetune's `compile`, `xlsub.models.training.compiled_layers`) at 8 x 512 and at
   `--large_batch` x 512 (32: a larger batch is a different recipe, finetune's `batch_size`);
 - prune: one importance pass (`head_importance`: gradients to the head gates
-  only) over 8 x 512-token chunks, the unit an iterative pruning step costs;
+  only) over 8 x 512-token chunks, the unit an iterative pruning step costs, in fp32 and in bf16 (prune's
+  `precision`: torch.autocast);
 - encode: `encode` (every layer, mean-pooled) of sentences of 10 to 60 tokens.
 
 A decoder row does the same at Qwen2.5-0.5B's shape (24 layers, 14 query and 2 key/value heads, hidden
@@ -45,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from xlsub.devices import autocast  # noqa: E402
 from xlsub.models import loading as models  # noqa: E402
 
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
@@ -181,7 +183,7 @@ def finetune(cfg, device: torch.device, precision: str, rates: dict, decoder: bo
             "setting": f"{batch} x {cfg.seq} tokens a step, {n} steps timed"}
 
 
-def prune(cfg, device: torch.device, rates: dict, decoder: bool = False) -> dict:
+def prune(cfg, device: torch.device, rates: dict, decoder: bool = False, precision: str = "fp32") -> dict:
     """Chunks/s of the importance pass that each pruning step runs (gradients to the gates only); a causal
     LM scores every next token (no masking)."""
     from xlsub.models.heads import head_importance, mask_shape
@@ -200,7 +202,7 @@ def prune(cfg, device: torch.device, rates: dict, decoder: bool = False) -> dict
         batches = [{"input_ids": ids[i:i + cfg.batch].to(device), "attention_mask": torch.ones_like(ids[i:i + cfg.batch]).to(device)}
                    for i in range(0, cfg.chunks, cfg.batch)]
     mask = torch.ones(mask_shape(model))
-    with masked_forward(model):
+    with masked_forward(model), autocast(str(device), precision):  # prune's `precision`
         head_importance(model, batches[:1], mask)  # warm-up: kernels, allocator
         reset_peak(device)
         sync(device)
@@ -210,9 +212,9 @@ def prune(cfg, device: torch.device, rates: dict, decoder: bool = False) -> dict
     seconds = time.perf_counter() - start
     flops = model_flops_per_token(model, cfg.seq, 1.0 if decoder else 0.15, "gates")
     tokens_per_s = cfg.chunks * cfg.seq / seconds
-    return {"stage": f"prune (importance pass, fp32){' (decoder)' if decoder else ''}", "unit": "chunks/s", "rate": cfg.chunks / seconds,
-            "tokens_per_s": tokens_per_s, "peak_gib": peak_gib(device), "flops_per_token": flops, "precision": "fp32",
-            "mfu": mfu(tokens_per_s * flops, rates, "fp32"), "setting": f"{cfg.chunks} chunks of {cfg.seq} tokens, batch {cfg.batch}"}
+    return {"stage": f"prune (importance pass, {precision}){' (decoder)' if decoder else ''}", "unit": "chunks/s", "rate": cfg.chunks / seconds,
+            "tokens_per_s": tokens_per_s, "peak_gib": peak_gib(device), "flops_per_token": flops, "precision": precision,
+            "mfu": mfu(tokens_per_s * flops, rates, precision), "setting": f"{cfg.chunks} chunks of {cfg.seq} tokens, batch {cfg.batch}"}
 
 
 def encode_stage(cfg, device: torch.device, rates: dict, decoder: bool = False) -> dict:
@@ -277,13 +279,13 @@ def main(argv: list[str] | None = None) -> None:
     precisions = ["fp32", "fp16", "bf16"] if device.type == "cuda" else ["fp32"]
     n = 256 if args.smoke else 8192
     rates = {str(dtype).removeprefix("torch."): matmul_tflops(device, dtype, n)
-             for dtype in ([torch.float32, torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32])}
+             for dtype in ([torch.float32, torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32, torch.bfloat16])}
     print("matrix product TFLOP/s at n=%d: %s" % (n, ", ".join(f"{k} {v:.3g}" for k, v in rates.items())))
     fastest = "bf16" if device.type == "cuda" else "fp32"
     rows = [finetune(cfg, device, p, rates) for p in precisions]
     # the layers compiled, at the study's batch and at a larger one (smoke: twice the study's, on the CPU)
     rows += [finetune(cfg, device, fastest, rates, compile=True, batch=batch) for batch in (cfg.batch, cfg.large_batch or args.large_batch)]
-    rows += [prune(cfg, device, rates), encode_stage(cfg, device, rates)]
+    rows += [prune(cfg, device, rates), prune(cfg, device, rates, precision="bf16"), encode_stage(cfg, device, rates)]
     # the decoder row: bf16 training where the device has it, the importance pass and encode
     rows += [finetune(cfg, device, fastest, rates, decoder=True), prune(cfg, device, rates, decoder=True),
              encode_stage(cfg, device, rates, decoder=True)]

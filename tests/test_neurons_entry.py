@@ -23,6 +23,7 @@ from entry_points import neurons as neurons_entry
 from entry_points.encode import EncodeArgs
 from tests.conftest import LAPE_TEST_RATE, children_of, mlflow_run, refuse_in_process, runs_of
 from tests.test_family_stages import stock_perplexity
+from xlsub import devices
 from xlsub.artifacts import load_encodings
 from xlsub.models.encoding import encode as encode_sentences
 from xlsub.models.mlm import lm_batches
@@ -109,6 +110,19 @@ def test_importance_neurons_on_a_decoder_in_process(store, tmp_path, monkeypatch
         assert m["neurons_off"] == 32 and m["neurons_off_frac"] == 0.25  # a quarter of 2 layers x 64 neurons
         stock = stock_model(child, f"neurons-{child.data.tags['xlsub.language']}-s0", tmp_path, transformers.AutoModelForCausalLM)
         assert type(stock).__name__ == "LlamaForCausalLM" and math.isfinite(m["ppl.en"])
+    # precision=bf16: the selection runs under torch.autocast, the full model's perplexities within 1% of fp32's
+    seen, real = [], neurons_entry.select_importance
+    monkeypatch.setattr(devices, "native_16bit_products", lambda dtype: True)  # a CPU without them refuses bf16; this model is tiny
+    monkeypatch.setattr(neurons_entry, "select_importance",
+                        lambda *a, **k: seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None) or real(*a, **k))
+    neurons_entry.main(["--method", "importance", "--target_sparsity", "0.25", "--examples", "8", "--batch_size", "4", "--random_draws", "1",
+                        "--precision", "bf16", "--log_stock_models", "false"])
+    mixed = next(r for r in client.search_runs([experiment], "tags.`xlsub.stage` = 'neurons'")
+                 if r.data.tags.get("xlsub.child") != "true" and r.info.run_id != parent.info.run_id)
+    assert mixed.info.status == "FINISHED" and seen == [torch.bfloat16]
+    for lang in ("en", "de"):
+        assert mixed.data.metrics[f"ppl_full.{lang}"] == pytest.approx(parent.data.metrics[f"ppl_full.{lang}"], rel=1e-2)
+        assert mixed.data.metrics[f"ppl_full.{lang}"] != parent.data.metrics[f"ppl_full.{lang}"]
 
 
 def test_neuron_subnetworks_are_encoded_and_analysed_beside_the_heads(capsys, store, finetune_run, prune_run, neurons_run, tmp_path):

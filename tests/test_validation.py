@@ -71,6 +71,7 @@ BAD: dict[str, dict[str, list[str]]] = {
         "continue_to": ["1.01", "-0.1"],
         "log_stock_models": ["maybe"],
         "register": ["maybe"],
+        "precision": ["fp64", "bfloat16", ""],
         "device": ["tpu"],
     },
     "encode": {
@@ -120,6 +121,7 @@ BAD: dict[str, dict[str, list[str]]] = {
         "batch_size": ["0"],
         "random_draws": ["0"],
         "log_stock_models": ["maybe"],
+        "precision": ["fp8"],
         "device": ["tpu"],
     },
     "compare": {
@@ -271,6 +273,17 @@ def test_compile_without_a_compiler_is_refused_before_any_work(store, capsys, mo
     monkeypatch.setattr(corpus, "load_corpus", lambda *a, **k: pytest.fail("the corpus was read before the refusal"))
     line, _ = refuse(store, capsys, "finetune", ["--compile", "true", "--device", "cpu"])
     assert line.startswith("xlsub finetune: compile: ") and "C++ compiler" in line and "compile=false" in line, line
+
+
+@pytest.mark.parametrize("stage", ["prune", "neurons"])
+def test_mixed_precision_the_cpu_would_emulate_is_refused_before_any_work(store, capsys, monkeypatch, stage):
+    from xlsub import devices
+    from xlsub.tracking import lineage as inputs
+
+    monkeypatch.setattr(devices, "native_16bit_products", lambda dtype: False)
+    monkeypatch.setattr(inputs, "resolve_inputs", lambda *a, **k: pytest.fail("an input run was looked up before the refusal"))
+    line, _ = refuse(store, capsys, stage, ["--precision", "bf16", "--device", "cpu"])
+    assert line.startswith(f"xlsub {stage}: precision: this CPU has no bf16 products in hardware"), line
 
 
 def test_a_value_that_did_not_parse_is_logged_as_typed(store, capsys):

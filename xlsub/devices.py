@@ -33,6 +33,44 @@ def resolve_device(name: str, float64: bool = False) -> str:
     return name
 
 
+# The precisions a model's forward and backward passes may run in outside training (prune's importance passes and
+# evaluations): float32, or mixed precision by `torch.autocast` (matrix products in bfloat16 or float16, reductions
+# and the loss in float32).
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def native_16bit_products(dtype: torch.dtype) -> bool:
+    """Whether oneDNN multiplies `dtype` (bfloat16 or float16) in this CPU's hardware: AVX512-BF16 or AMX for bfloat16,
+    AVX512-FP16 or AMX-FP16 for float16, and not held below them (`ONEDNN_MAX_CPU_ISA`). Elsewhere torch emulates
+    16-bit products on the CPU, several times slower than float32's."""
+    try:
+        supported = torch.ops.mkldnn._is_mkldnn_bf16_supported if dtype == torch.bfloat16 else torch.ops.mkldnn._is_mkldnn_fp16_supported
+        return bool(torch.backends.mkldnn.is_available() and supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
+    """The block's model passes in `precision` (`PRECISIONS`) on `device`: nothing changes for fp32; bf16 and fp16 are
+    `torch.autocast` of the device's kind (matrix products in 16 bits with float32 accumulation, softmax, norms and
+    losses in float32). They run at several times float32's rate on GPUs with tensor cores and on CPUs that multiply
+    16 bits in hardware (`native_16bit_products`); on another CPU they would be emulated, slower than fp32, and are
+    refused."""
+    if precision not in PRECISIONS:
+        raise XlsubError(f"precision: '{precision}' is not one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    kind = device.split(":")[0]
+    if not torch.amp.is_autocast_available(kind):
+        raise XlsubError(f"precision: {precision} needs torch.autocast, which {device} lacks here; use fp32")
+    if kind == "cpu" and not native_16bit_products(dtype):
+        hardware = "AVX512-BF16 or AMX" if dtype == torch.bfloat16 else "AVX512-FP16 or AMX-FP16"
+        raise XlsubError(f"precision: this CPU has no {precision} products in hardware ({hardware}): torch would emulate them, "
+                         "slower than fp32; use fp32, or a GPU")
+    return torch.autocast(kind, dtype=dtype)
+
+
 @contextlib.contextmanager
 def ieee_float32() -> Iterator[None]:
     """float32 matrix products in IEEE float32 inside the block (`torch.set_float32_matmul_precision("highest")`),

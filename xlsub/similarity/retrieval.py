@@ -15,6 +15,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from xlsub.devices import native_16bit_products
 from xlsub.similarity.permutation import PermutationResult, permutation_result, permutations
 from xlsub.stats import inference
 from xlsub.stats.workers import side_by_side
@@ -45,11 +46,8 @@ def _screen_dtype(device: torch.device) -> torch.dtype:
     torch)."""
     if device.type != "cpu":
         return torch.float32
-    try:
-        if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return torch.bfloat16
-    except (AttributeError, RuntimeError):
-        pass
+    if native_16bit_products(torch.bfloat16):
+        return torch.bfloat16
     return torch.int8 if _int8_exact() else torch.float32
 
 
