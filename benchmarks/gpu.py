@@ -24,7 +24,8 @@ computes no weight gradient: 4 per parameter and token, 4 x hidden x vocabulary 
 attention's 12 (its backward is all activation gradients). encode: a forward pass without the LM head, 2 per
 parameter and 4 x layers x tokens x hidden for attention, for each sentence's real tokens (not padding).
 
-Prints steps/s, chunks/s, sentences/s and peak GPU memory per stage; without
+Prints steps/s, chunks/s, sentences/s and peak GPU memory per stage, each row as it is measured (and rewrites
+`--json` after each), the rows the GPU goals name first; without
 CUDA it says so and exits 0. `--smoke` runs the same code with the tiny shape
 and a few steps (on CPU too), so the script is tested where there is no GPU.
 
@@ -46,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xlsub.devices import autocast  # noqa: E402
+from xlsub.devices import autocast, native_16bit_products  # noqa: E402
 from xlsub.models import loading as models  # noqa: E402
 
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
@@ -276,26 +277,31 @@ def main(argv: list[str] | None = None) -> None:
                                  warmup=2, steps=3, chunks=8, sentences=40, encode_batch=16, smoke=True, large_batch=8)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}; model: {cfg.shape}, vocabulary {cfg.vocab or cfg.tokens}")
-    precisions = ["fp32", "fp16", "bf16"] if device.type == "cuda" else ["fp32"]
     n = 256 if args.smoke else 8192
     rates = {str(dtype).removeprefix("torch."): matmul_tflops(device, dtype, n)
              for dtype in ([torch.float32, torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32, torch.bfloat16])}
-    print("matrix product TFLOP/s at n=%d: %s" % (n, ", ".join(f"{k} {v:.3g}" for k, v in rates.items())))
+    print("matrix product TFLOP/s at n=%d: %s" % (n, ", ".join(f"{k} {v:.3g}" for k, v in rates.items())), flush=True)
     fastest = "bf16" if device.type == "cuda" else "fp32"
-    rows = [finetune(cfg, device, p, rates) for p in precisions]
-    # the layers compiled, at the study's batch and at a larger one (smoke: twice the study's, on the CPU)
-    rows += [finetune(cfg, device, fastest, rates, compile=True, batch=batch) for batch in (cfg.batch, cfg.large_batch or args.large_batch)]
-    rows += [prune(cfg, device, rates), prune(cfg, device, rates, precision="bf16"), encode_stage(cfg, device, rates)]
-    # the decoder row: bf16 training where the device has it, the importance pass and encode
-    rows += [finetune(cfg, device, fastest, rates, decoder=True), prune(cfg, device, rates, decoder=True),
-             encode_stage(cfg, device, rates, decoder=True)]
-    print(f"{'stage':42} {'rate':>10} {'unit':12} {'tokens/s':>10} {'peak GiB':>9} {'MFU':>6}  setting")
-    for r in rows:
+    bf16 = device.type == "cuda" or native_16bit_products(torch.bfloat16)  # prune refuses bf16 on a CPU that would emulate it
+    # the measurements first, so that a run cut off by a time limit has them: finetune at the fastest precision,
+    # then with its layers compiled at the study's batch and a larger one (smoke: twice the study's), the importance pass
+    # in fp32 and bf16, encode, the decoder's three; the other training precisions last
+    plan = [lambda: finetune(cfg, device, fastest, rates)]
+    plan += [lambda batch=batch: finetune(cfg, device, fastest, rates, compile=True, batch=batch)
+             for batch in (cfg.batch, cfg.large_batch or args.large_batch)]
+    plan += [lambda: prune(cfg, device, rates)] + ([lambda: prune(cfg, device, rates, precision="bf16")] if bf16 else [])
+    plan += [lambda: encode_stage(cfg, device, rates), lambda: finetune(cfg, device, fastest, rates, decoder=True),
+             lambda: prune(cfg, device, rates, decoder=True), lambda: encode_stage(cfg, device, rates, decoder=True)]
+    plan += [lambda precision=precision: finetune(cfg, device, precision, rates)
+             for precision in (["fp32", "fp16"] if device.type == "cuda" else [])]
+    print(f"{'stage':42} {'rate':>10} {'unit':12} {'tokens/s':>10} {'peak GiB':>9} {'MFU':>6}  setting", flush=True)
+    rows = []
+    for measure in plan:  # each row printed, and the file rewritten, as it is measured
+        rows.append(r := measure())
         mfu = f"{r['mfu']:6.1%}" if math.isfinite(r.get("mfu", math.nan)) else " " * 6
-        print(f"{r['stage']:42} {r['rate']:10.2f} {r['unit']:12} {r['tokens_per_s']:10.0f} {r['peak_gib']:9.2f} {mfu}  {r['setting']}")
-    if args.json:
-        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "matmul_tflops": rates, "rows": rows}, indent=1))
-
+        print(f"{r['stage']:42} {r['rate']:10.2f} {r['unit']:12} {r['tokens_per_s']:10.0f} {r['peak_gib']:9.2f} {mfu}  {r['setting']}", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "matmul_tflops": rates, "rows": rows}, indent=1))
 
 if __name__ == "__main__":
     main()
