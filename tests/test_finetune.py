@@ -149,3 +149,37 @@ def test_finetune_on_a_saved_wikipedia_subset_layout(store, tmp_path):
     assert run.data.tags["xlsub.languages"] == "en,ru"
     assert run.data.params["train_examples.en"] == "32" and run.data.params["train_examples.ru"] == "32"
     assert {"ppl_after.en", "ppl_after.ru"} <= set(run.data.metrics)
+
+
+def test_compile_reaches_the_training_loop_and_the_run(store, monkeypatch):
+    """compile=true through the entry point: the Trainer loop runs with `TrainSettings.compile` set, the run finishes
+    with the parameter logged, and the model it logs is the stock module (its layers eager again)."""
+    import mlflow
+
+    from entry_points import finetune
+    from xlsub.models.families import adapter_for
+
+    seen = []
+    real = finetune.train_masked_lm
+
+    def probe(model, tokenizer, train, settings, *args, **kwargs):
+        seen.append(settings.compile)
+        result = real(model, tokenizer, train, settings, *args, **kwargs)
+        seen.append(all(layer._compiled_call_impl is None for layer in adapter_for(model).layers(model)))
+        return result
+
+    monkeypatch.setattr(finetune, "train_masked_lm", probe)
+    client = MlflowClient(store)
+    exp_id = client.create_experiment("xlsub-compiled-finetune")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", exp_id)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(store)
+    try:
+        finetune.main(["--languages", "en,de", "--epochs", "1", "--examples_per_lang", "32", "--test_examples_per_lang", "8",
+                       "--batch_size", "16", "--compile", "true", "--device", "cpu"])
+    finally:
+        mlflow.set_tracking_uri(previous)
+    (run,) = client.search_runs([exp_id])
+    assert run.info.status == "FINISHED" and run.data.params["compile"] == "True"
+    assert seen == [True, True]
+    assert all(math.isfinite(run.data.metrics[f"ppl_after.{lang}"]) for lang in ("en", "de"))
