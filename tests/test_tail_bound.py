@@ -332,14 +332,50 @@ def test_int8_rows_take_exactly_the_candidates_within_their_margin():
     x_unit = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 2, dtype=torch.float64)
     screened = torch.tensor([[best, at, below, -0.5], [best, below, below, -0.5]], dtype=torch.float32)
     out = np.empty(2, dtype=np.int64)
-    zeros, ones = np.zeros(d), np.ones(4)
+    zeros, ones, no_stage = np.zeros(d), np.ones(4), np.empty((0, d), np.float32)
     compiled_nearest.nearest_int8(screened.numpy(), x_unit.numpy(), zeros, ones[:2], np.full(2, factor), y_unit.numpy(), zeros, ones,
-                                  np.full(2, dx), dy, accumulation, worst, 0, 2, out)
+                                  no_stage, np.full(2, dx), dy, accumulation, worst, 0.0, 0, 2, out)
     assert out.tolist() == [1, 0]
     screened[0, 1] = below  # the same value one step lower is no longer a candidate: the screened best answers
     compiled_nearest.nearest_int8(screened.numpy(), x_unit.numpy(), zeros, ones[:2], np.full(2, factor), y_unit.numpy(), zeros, ones,
-                                  np.full(2, dx), dy, accumulation, worst, 0, 1, out)
+                                  no_stage, np.full(2, dx), dy, accumulation, worst, 0.0, 0, 1, out)
     assert out[0] == 0
+
+
+def test_int8_float32_stage_keeps_exactly_the_candidates_within_its_margin():
+    """`nearest_int8` with y's float32 unit rows: a row with more than `STAGED` screening candidates compares in float64
+    only those whose float32 dot product lies at or above the largest less `margin32`: the value just at that floor is
+    compared and wins, the one just below is not though its float64 cosine is the largest; with `STAGED` candidates or
+    fewer there is no float32 stage and the float64 best answers."""
+    import numpy as np
+
+    from xlsub.similarity import compiled_nearest
+    from xlsub.similarity.retrieval import int8_errors, screen_error
+
+    d, m = 4, compiled_nearest.STAGED + 2
+    margin32 = 2 * screen_error(torch.float32, d)
+    below, at = _representable(0.5 - margin32, torch.float32)
+    assert below < 0.5 - margin32 <= at
+    cosines = torch.tensor([0.3, 0.8, 0.9] + [0.1] * (m - 3), dtype=torch.float64)  # float64: column 2 best, then 1
+    y_unit = torch.zeros(m, d, dtype=torch.float64)
+    y_unit[:, 0], y_unit[:, 1] = cosines, (1 - cosines**2).sqrt()
+    y32 = np.zeros((m, d), np.float32)
+    y32[:, 0] = [0.5, at, below] + [0.25] * (m - 3)  # float32 dot products with x = e_1: column 0 the largest
+    x_unit = np.array([[1.0, 0.0, 0.0, 0.0]])
+    zeros, ones, out = np.zeros(d), np.ones(m), np.empty(1, np.int64)
+
+    def nearest(screened_row: list[float], stage: np.ndarray) -> int:
+        screened = np.array([screened_row], np.float32)  # every value a candidate: equal screened cosines
+        compiled_nearest.nearest_int8(screened, x_unit, zeros, ones[:1], np.ones(1), y_unit.numpy(), zeros, ones, stage, np.zeros(1), 0.0,
+                                      int8_errors(d), screen_error(torch.int8, d), margin32, 0, 1, out)
+        return int(out[0])
+
+    assert nearest([0.6] * m, y32) == 1  # column 2 fell below the float32 floor; of 0 and 1, float64 picks 1
+    y32[2, 0] = at
+    assert nearest([0.6] * m, y32) == 2  # at the floor it is compared in float64 and wins
+    y32[2, 0] = below
+    assert nearest([0.6] * m, np.empty((0, d), np.float32)) == 2  # no float32 rows: no stage
+    assert nearest([0.6] * compiled_nearest.STAGED + [-0.9] * (m - compiled_nearest.STAGED), y32) == 2  # STAGED candidates: no stage
 
 
 @pytest.mark.parametrize("d", [3, 5, 8, 24, 100])
@@ -509,3 +545,52 @@ def test_retrieval_of_no_layers_is_empty_in_both_paths(monkeypatch, path):
         found = retrieval.nearest_translation(x, y)
         assert found.shape == shape and found.dtype == torch.long
     assert retrieval.nearest_translation(torch.randn(2, 5, 4), one).shape == (2, 5)  # and a real one still answers
+
+
+def test_float32_stage_dot_products_within_float32s_screen_error():
+    """The float32 stage's operands and sums (`compiled_nearest.unit_float32`, `_dot32`, summed in whatever order the
+    compiler vectorises) against float64: unit rows rounded to float32 as torch rounds them, and every dot product of
+    spread and of peaked unit rows within `screen_error(float32, d)` of the float64 cosine, at a d that is not a
+    multiple of the vector width."""
+    import numpy as np
+
+    from xlsub.similarity import compiled_nearest
+    from xlsub.similarity.retrieval import screen_error, unit_rows
+
+    g = torch.Generator().manual_seed(5)
+    d = 389
+    for rows in spread_and_peaked(g, d):
+        x = rows.float()
+        mean = x.double().mean(0)
+        scale = 1 / (x.double() - mean).norm(dim=1)
+        out = np.empty(tuple(x.shape), np.float32)
+        compiled_nearest.unit_float32(x.numpy(), mean.numpy(), scale.numpy(), 0, len(x), out)
+        unit = (x.double() - mean) * scale[:, None]
+        assert np.array_equal(out, unit.float().numpy())
+        exact = unit @ unit.mT
+        worst = max(abs(float(compiled_nearest._dot32(out[i], out[j])) - float(exact[i, j])) for i in range(len(x)) for j in range(len(x)))
+        assert 0 < worst <= screen_error(torch.float32, d), worst
+        assert torch.allclose(unit, unit_rows(x, True), atol=1e-12)
+
+
+@pytest.mark.parametrize("screen", [torch.bfloat16, torch.float32])
+def test_bfloat16_and_float32_loops_with_the_float32_stage_give_float64s_answers(screen):
+    """`_compiled_rows` given y's float32 unit rows (the stage retrieval itself gives only the int8 screen): the same
+    answers as float64's on rows with exact copies (ties) and copies within float32's margin, where the stage must keep
+    every candidate that can win or tie."""
+    from xlsub.similarity import compiled_nearest, retrieval
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(300, 24, generator=g, dtype=torch.float64)
+    y = x + 0.8 * torch.randn(300, 24, generator=g, dtype=torch.float64)
+    y[200:206] = y[10:11]  # six exact copies of row 10: x[10]'s answer a tie
+    y[206:300] = y[20:22].repeat_interleave(47, 0) + 3e-8 * torch.randn(94, 24, generator=g, dtype=torch.float64)  # within float32's margin
+    xs, ys = retrieval.CosineSide(x, screen), retrieval.CosineSide(y, screen)
+    expected = float64_nearest(x, y)
+    screened = xs.screen @ ys.screen.mT
+    for y32 in (ys.unit32(0), None):
+        out = torch.empty(300, dtype=torch.long)
+        retrieval._compiled_rows(screened, (xs.rows, xs.mean, xs.scale), (ys.rows, ys.mean, ys.scale), xs.rounding, float(ys.rounding.max()),
+                                 out, y32)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert expected[10] == -1 and compiled_nearest.STAGED < 7  # x[10] has seven candidates: the stage ran

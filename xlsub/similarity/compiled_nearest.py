@@ -11,7 +11,11 @@ integer product runs at 2.5x float32's rate): each unit row rotated by a fixed o
 an order that deals coordinates to blocks, a Walsh-Hadamard transform a block, so no coordinate dominates a row) and
 rounded to 7 and 8 bits at a step of its own; a screened row's cosines are oneDNN's exact integer products times
 both rows' steps, its margin twice the two roundings' measured error and their product (Cauchy-Schwarz: the
-rotation keeps dot products).
+rotation keeps dot products). The int8 screen's margin is wide (a row of independent sentences has about a hundred
+candidates at n = 5,000, d = 768), so a row with more than `STAGED` candidates screens them again by float32 dot
+products of unit rows (`unit_float32`, `_dot32`) within twice float32's screen error, and only those go on to float64:
+about a third of the cost of comparing them all in float64. The bfloat16 and float32 loops take the same stage when
+given float32 rows; retrieval gives them none (bfloat16's rows have few candidates).
 
 `nearest_bfloat16`, `nearest_float32`: each row of a screened block (bfloat16 or float32 cosines of one sentence
 against every sentence of the other language) is read once to find its largest value and once more to collect its
@@ -204,12 +208,42 @@ def _count_at_least(values: np.ndarray, floor: float, factor: float) -> int:
     return count
 
 
+# Candidates a row may have before they are screened again in float32 (`_answer` with float32 unit rows of y): one
+# float32 dot product of unit rows costs about a third of a float64 cosine formed from the rows themselves.
+STAGED = 4
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+def _dot32(a: np.ndarray, b: np.ndarray) -> float:
+    """sum_k a[k] b[k] accumulated in float32, in any order the compiler vectorises (float32's screen bound holds for
+    every order of the sum, `retrieval.screen_error`)."""
+    total = np.float32(0.0)
+    for k in range(len(a)):
+        total += a[k] * b[k]
+    return total
+
+
+@numba.njit(nogil=True, cache=True)
+def unit_float32(x: np.ndarray, mean: np.ndarray, scale: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
+    """out[i] <- (x[i] - mean) * scale[i] rounded to float32, for the rows start <= i < stop (the unit rows of a side,
+    as `_x_unit` forms them, for `_answer`'s float32 stage)."""
+    for i in range(start, stop):
+        for k in range(x.shape[1]):
+            out[i, k] = np.float32((np.float64(x[i, k]) - mean[k]) * scale[i])
+
+
 @numba.njit(nogil=True, cache=True)
 def _answer(values: np.ndarray, top: float, x_unit: np.ndarray, y: np.ndarray, y_mean: np.ndarray, y_scale: np.ndarray,
             x_rounding: float, y_rounding: float, u: float, accumulation: float, worst: float, output: bool,
-            candidates: np.ndarray, factor: float = 1.0) -> int:
+            candidates: np.ndarray, factor: float, y32: np.ndarray, margin32: float, x32: np.ndarray, scores: np.ndarray) -> int:
     """The float64 nearest column of one screened row: its screened cosines are `values` (float32 [n]) times `factor`
-    (1, or the int8 screen's row step), the largest of them `top`; -1 on a tie."""
+    (1, or the int8 screen's row step), the largest of them `top`; -1 on a tie.
+
+    With more than `STAGED` candidates and the unit rows of y in float32 (`y32` [n, d]; none: [0, d]), the candidates
+    are screened again by float32 dot products of unit rows (x's own, rounded into `x32`; the values into `scores`), each within
+    e = `margin32` / 2 of its float64 cosine (`retrieval.screen_error(float32, d)`), and only those within `margin32`
+    of the largest are compared in float64: a candidate whose float64 cosine v is the best, or tied with it, has
+    float32 value >= v - e, and the largest float32 value is <= v + e."""
     inputs = x_rounding + y_rounding + x_rounding * y_rounding + accumulation
     rounded = u * (abs(top) + 3 * worst) if output else 0.0
     floor = top - min(2 * (inputs * (1 + u) + rounded), 2 * worst)
@@ -223,6 +257,19 @@ def _answer(values: np.ndarray, top: float, x_unit: np.ndarray, y: np.ndarray, y
         if np.float64(values[j]) * factor >= floor:
             candidates[count] = j
             count += 1
+    if count > STAGED and len(y32):
+        for k in range(len(x_unit)):
+            x32[k] = np.float32(x_unit[k])
+        best = -np.inf
+        for t in range(count):
+            scores[t] = _dot32(x32, y32[candidates[t]])
+            best = max(best, np.float64(scores[t]))
+        kept = 0
+        for t in range(count):  # compacted in place: the kept ones in their order
+            if np.float64(scores[t]) >= best - margin32:
+                candidates[kept] = candidates[t]
+                kept += 1
+        count = kept
     first, second, where = -np.inf, -np.inf, -1
     for c in candidates[:count]:
         dot = _cosine(x_unit, y[c], y_mean, y_scale[c])
@@ -243,16 +290,18 @@ def _x_unit(row: np.ndarray, mean: np.ndarray, scale: float, unit: np.ndarray) -
 
 @numba.njit(nogil=True, cache=True)
 def nearest_bfloat16(bits: np.ndarray, x: np.ndarray, x_mean: np.ndarray, x_scale: np.ndarray, y: np.ndarray, y_mean: np.ndarray,
-                     y_scale: np.ndarray, x_rounding: np.ndarray, y_rounding: float, u: float, accumulation: float, worst: float,
-                     start: int, stop: int, out: np.ndarray) -> None:
+                     y_scale: np.ndarray, y32: np.ndarray, x_rounding: np.ndarray, y_rounding: float, u: float, accumulation: float,
+                     worst: float, margin32: float, start: int, stop: int, out: np.ndarray) -> None:
     """out[i] for the rows start <= i < stop of a bfloat16 screen given as its bits (int16 [r, n]; bfloat16 is the
     upper half of a float32, so each value is its bits shifted up 16) of rows x [r, d] against y [n, d] (each side's
-    mean and scales from `side_bfloat16`)."""
+    mean and scales from `side_bfloat16`); a row with more than `STAGED` candidates screens them again against y's
+    float32 unit rows `y32` [n, d] within `margin32` (`_answer`; none: [0, d])."""
     n = bits.shape[1]
     wide = np.empty(n, np.uint32)
     values = wide.view(np.float32)
     candidates = np.empty(n, np.int64)
     unit = np.empty(x.shape[1])
+    x32, scores = np.empty(x.shape[1], np.float32), np.empty(n, np.float32)
     flip = np.int16(0x7FFF)
     largest = np.empty(1, np.uint32)
     for i in range(start, stop):
@@ -264,29 +313,34 @@ def nearest_bfloat16(bits: np.ndarray, x: np.ndarray, x_mean: np.ndarray, x_scal
             best = max(best, value ^ ((value >> 15) & flip))  # a finite bfloat16's order is this integer's (-0 below +0)
         largest[0] = np.uint32(np.uint16(best ^ ((best >> 15) & flip))) << 16  # the largest value's bits, read as a float32
         out[i] = _answer(values, np.float64(largest.view(np.float32)[0]), _x_unit(x[i], x_mean, x_scale[i], unit), y, y_mean,
-                         y_scale, x_rounding[i], y_rounding, u, accumulation, worst, True, candidates)
+                         y_scale, x_rounding[i], y_rounding, u, accumulation, worst, True, candidates, 1.0, y32, margin32, x32, scores)
 
 
 @numba.njit(nogil=True, cache=True)
 def nearest_float32(screened: np.ndarray, x: np.ndarray, x_mean: np.ndarray, x_scale: np.ndarray, y: np.ndarray, y_mean: np.ndarray,
-                    y_scale: np.ndarray, x_rounding: np.ndarray, y_rounding: float, u: float, accumulation: float, worst: float,
-                    start: int, stop: int, out: np.ndarray) -> None:
-    """`nearest_bfloat16` for a float32 screen (no output rounding in its margin)."""
+                    y_scale: np.ndarray, y32: np.ndarray, x_rounding: np.ndarray, y_rounding: float, u: float, accumulation: float,
+                    worst: float, margin32: float, start: int, stop: int, out: np.ndarray) -> None:
+    """`nearest_bfloat16` for a float32 screen (no output rounding in its margin; its caller gives no float32 stage, which
+    would only repeat the screen)."""
     candidates = np.empty(screened.shape[1], np.int64)
     unit = np.empty(x.shape[1])
+    x32, scores = np.empty(x.shape[1], np.float32), np.empty(screened.shape[1], np.float32)
     for i in range(start, stop):
         out[i] = _answer(screened[i], np.float64(_largest(screened[i])), _x_unit(x[i], x_mean, x_scale[i], unit), y, y_mean,
-                         y_scale, x_rounding[i], y_rounding, u, accumulation, worst, False, candidates)
+                         y_scale, x_rounding[i], y_rounding, u, accumulation, worst, False, candidates, 1.0, y32, margin32, x32, scores)
 
 
 @numba.njit(nogil=True, cache=True)
 def nearest_int8(screened: np.ndarray, x: np.ndarray, x_mean: np.ndarray, x_scale: np.ndarray, factor: np.ndarray, y: np.ndarray,
-                 y_mean: np.ndarray, y_scale: np.ndarray, x_rounding: np.ndarray, y_rounding: float, accumulation: float, worst: float,
-                 start: int, stop: int, out: np.ndarray) -> None:
+                 y_mean: np.ndarray, y_scale: np.ndarray, y32: np.ndarray, x_rounding: np.ndarray, y_rounding: float, accumulation: float,
+                 worst: float, margin32: float, start: int, stop: int, out: np.ndarray) -> None:
     """`nearest_float32` for the int8 screen: row i's cosines are screened[i] (the integer products times the other
-    side's steps, float32 [r, n]) times factor[i] (the row's own step / block, float64 >= 0)."""
+    side's steps, float32 [r, n]) times factor[i] (the row's own step / block, float64 >= 0); a row with more than
+    `STAGED` candidates screens them again against y's float32 unit rows `y32` [n, d] within `margin32` (`_answer`)."""
     candidates = np.empty(screened.shape[1], np.int64)
     unit = np.empty(x.shape[1])
+    x32, scores = np.empty(x.shape[1], np.float32), np.empty(screened.shape[1], np.float32)
     for i in range(start, stop):
         out[i] = _answer(screened[i], np.float64(_largest(screened[i])) * factor[i], _x_unit(x[i], x_mean, x_scale[i], unit), y, y_mean,
-                         y_scale, x_rounding[i], y_rounding, 0.0, accumulation, worst, False, candidates, factor[i])
+                         y_scale, x_rounding[i], y_rounding, 0.0, accumulation, worst, False, candidates, factor[i], y32, margin32, x32,
+                         scores)

@@ -173,6 +173,7 @@ class CosineSide:
 
         n, d = x.shape[-2:]
         self.rows, self._unit = (x if x.dtype in (torch.float32, torch.float64) else x.float()).contiguous(), None
+        self._unit32: dict[int, np.ndarray] = {}
         rows = self.rows.reshape(-1, n, d).numpy()
         self.mean = torch.empty(len(rows), d, dtype=torch.float64)
         self.scale = torch.empty(len(rows), n, dtype=torch.float64)
@@ -225,6 +226,18 @@ class CosineSide:
                     (high[layer], high_step[layer], high_rounding[layer]) if len(high) else (none.view(np.int8), no_rows, no_rows)]
             compiled_nearest.side_int8(rows[layer], mean[layer], start, stop, scale[layer], signs, order, self.block, *made[0], *made[1])
         return part
+
+    def unit32(self, layer: int) -> np.ndarray:
+        """One layer's centred unit rows rounded to float32 (flat layer index; [n, d], made when first asked for and kept,
+        200 MB for a 13-layer side at n = 5,000): the int8 screen's float32 stage (`compiled_nearest._answer`)."""
+        from xlsub.similarity import compiled_nearest
+
+        if layer not in self._unit32:
+            n, d = self.shape[-2:]
+            rows, mean, scale = (t.reshape(-1, *t.shape[len(self.shape) - 2:])[layer].numpy() for t in (self.rows, self.mean, self.scale))
+            self._unit32[layer] = np.empty((n, d), np.float32)
+            compiled_nearest.unit_float32(rows, mean, scale, 0, n, self._unit32[layer])
+        return self._unit32[layer]
 
     def packed(self, layer: int):
         """oneDNN's packed form of one layer's `weights` (flat layer index), made once and kept: a reference side
@@ -323,18 +336,20 @@ def _int8_nearest(xs: CosineSide, ys: CosineSide, x_layers: list[int], y_layers:
     """`_compiled_nearest` for the int8 screen, into out [pairs, n]: x's 7-bit rows times y's 8-bit rows by oneDNN (y's
     packed once a layer), a block of rows at a time (float32 products, `_COMPILED_BLOCK_BYTES`), each row's cosines
     those products times y's steps and the row's own step / block; the candidates within the row's margin (its
-    measured rounding, y's largest, and `int8_errors`) compared by their float64 cosines."""
+    measured rounding, y's largest, and `int8_errors`) compared by their float64 cosines, where a row has more than
+    `compiled_nearest.STAGED` of them only those its float32 stage keeps (y's float32 unit rows, `CosineSide.unit32`,
+    within twice float32's `screen_error`)."""
     from xlsub.similarity import compiled_nearest  # numba, imported where it is used
 
     n, d = xs.shape[-2:]
     x = [t.reshape(-1, *t.shape[len(xs.shape) - 2:]) for t in (xs.screen, xs.rows, xs.mean, xs.scale, xs.rounding, xs.step)]
     y = [t.reshape(-1, *t.shape[len(ys.shape) - 2:]) for t in (ys.rows, ys.mean, ys.scale, ys.weight_step, ys.weight_rounding)]
-    accumulation, worst = int8_errors(d), screen_error(torch.int8, d)
+    accumulation, worst, margin32 = int8_errors(d), screen_error(torch.int8, d), 2 * screen_error(torch.float32, d)
     step = max(1, 2 * _COMPILED_BLOCK_BYTES // (n * 4))  # float32 products: a whole layer at n = 5,000 (oneDNN's rate is best there)
     answers = np.empty(n, dtype=np.int64)
     for k, (a, b) in enumerate(zip(x_layers, y_layers)):
         packed, y_rounding = ys.packed(b), float(y[4][b].max())
-        y_arrays = [t[b].numpy() for t in y[:3]]
+        y_arrays = [t[b].numpy() for t in y[:3]] + [ys.unit32(b)]
         for start in range(0, n, step):
             stop = min(n, start + step)
             screened = _int8_product(x[0][a, start:stop], packed, y[3][b]).numpy()
@@ -343,14 +358,18 @@ def _int8_nearest(xs: CosineSide, ys: CosineSide, x_layers: list[int], y_layers:
             rounding, rows = x[4][a, start:stop].numpy(), answers[start:stop]
             parts = [part for part in np.array_split(np.arange(stop - start), max(1, min(stop - start, torch.get_num_threads()))) if len(part)]
             side_by_side(lambda part: compiled_nearest.nearest_int8(screened, *arrays, factor, *y_arrays, rounding, y_rounding, accumulation,
-                                                                    worst, int(part[0]), int(part[-1]) + 1, rows), parts)
+                                                                    worst, margin32, int(part[0]), int(part[-1]) + 1, rows), parts)
         out[k] = torch.from_numpy(answers)
 
 
-def _compiled_rows(screened: torch.Tensor, x: tuple, y: tuple, x_rounding: torch.Tensor, y_rounding: float, out: torch.Tensor) -> None:
+def _compiled_rows(screened: torch.Tensor, x: tuple, y: tuple, x_rounding: torch.Tensor, y_rounding: float, out: torch.Tensor,
+                   y32: np.ndarray | None = None) -> None:
     """`_nearest_rows`' answers written into out [r] (int64) by the compiled loop, the rows split between the threads:
-    each row's candidates within its `screen_margins` compared by their float64 cosines, however many. x: (rows [r, d],
-    mean [d], scale [r]) of the block's rows, y: (rows [n, d], mean [d], scale [n]) of the other side (`CosineSide`)."""
+    each row's candidates within its `screen_margins` compared by their float64 cosines, however many; where a row has
+    more than `compiled_nearest.STAGED` and `y32` (y's float32 unit rows, `CosineSide.unit32`) is given, only those its
+    float32 stage keeps. x: (rows [r, d], mean [d], scale [r]) of the block's rows, y: (rows [n, d], mean [d], scale [n])
+    of the other side (`CosineSide`). `_compiled_nearest` gives no `y32`: bfloat16's rows have few candidates (at the
+    study's size the stage did not pay for making the float32 rows: retrieval_table 58.3 s without, 60.4 s with)."""
     from xlsub.similarity import compiled_nearest  # numba, imported where it is used
 
     dtype, d = screened.dtype, x[0].shape[-1]
@@ -359,9 +378,11 @@ def _compiled_rows(screened: torch.Tensor, x: tuple, y: tuple, x_rounding: torch
     kernel, values = (compiled_nearest.nearest_bfloat16, screened.view(torch.int16)) if dtype == torch.bfloat16 else \
         (compiled_nearest.nearest_float32, screened)
     arrays = [t.contiguous().numpy() for t in (values, *x, *y, x_rounding)]
+    stage, margin32 = (y32, 2 * screen_error(torch.float32, d)) if y32 is not None else (np.empty((0, d), np.float32), 0.0)
     answers = np.empty(len(out), dtype=np.int64)
     parts = [part for part in np.array_split(np.arange(len(out)), max(1, min(len(out), torch.get_num_threads()))) if len(part)]
-    side_by_side(lambda part: kernel(*arrays[:7], arrays[7], y_rounding, *bounds, int(part[0]), int(part[-1]) + 1, answers), parts)
+    side_by_side(lambda part: kernel(*arrays[:7], stage, arrays[7], y_rounding, *bounds, margin32, int(part[0]), int(part[-1]) + 1, answers),
+                 parts)
     out.copy_(torch.from_numpy(answers))
 
 
