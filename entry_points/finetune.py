@@ -67,6 +67,8 @@ class FinetuneArgs(StageArgs):
     def check_stage(self) -> None:
         if self.fp16 and self.bf16:
             raise XlsubError("fp16, bf16: choose one mixed-precision mode")
+        if self.compile and not self.eval_only and (why := compile_unavailable(resolve_device(self.device))):
+            raise XlsubError(f"compile: {why}; install it or pass compile=false")
         if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
             raise XlsubError(f"resume: '{self.resume}' is not a checkpoint folder; give one, or auto, or never")
 
@@ -96,8 +98,6 @@ def main(argv: list[str] | None = None) -> None:
     rank_zero = is_rank_zero()
     with tracking.stage_run("finetune", args, log_to_mlflow=rank_zero, system_metrics=True) as run:
         device = resolve_device(args.device)
-        if args.compile and not args.eval_only and (why := compile_unavailable(device)):
-            raise XlsubError(f"compile: {why}; install it or pass compile=false")
         transformers.set_seed(args.seed)
         corpus = corpora.load_corpus(args.corpus, parse_languages(args.languages), seed=args.seed)
         langs = corpus.languages

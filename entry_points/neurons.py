@@ -102,6 +102,7 @@ class NeuronsArgs(StageArgs):
     device: str = device_field()
 
     def check_stage(self) -> None:
+        autocast(resolve_device(self.device), self.precision)  # refuses a precision the device would emulate
         if self.method == "lape" and (chosen := parse_languages(self.languages)) and len(chosen) < 2:
             raise XlsubError("languages: lape compares languages' activation probabilities; give two or more, or all")
 
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(NeuronsArgs, argv)
     with tracking.stage_run("neurons", args, system_metrics=True) as run:
         device = resolve_device(args.device)
-        precision = autocast(device, args.precision)  # refused here, before any work, where the device has no autocast
+        precision = autocast(device, args.precision)  # checked with the parameters (`check_stage`)
         runs = lineage.resolve_inputs("neurons", args.params())
         lineage.tag_inputs(runs)
         finetune = runs["finetune"]

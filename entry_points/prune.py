@@ -95,6 +95,7 @@ class PruneArgs(StageArgs):
     NOT_FOR_REUSE = ("register",)
 
     def check_stage(self) -> None:
+        autocast(resolve_device(self.device), self.precision)  # refuses a precision the device would emulate
         if self.register and not self.log_stock_models:
             raise XlsubError("register: registers the stock models that log_stock_models=false skips; "
                              "pass log_stock_models=true, or register=false")
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(PruneArgs, argv)
     with FanOut.from_env() as fan, tracking.stage_run("prune", args, log_to_mlflow=fan.is_zero, system_metrics=True) as run:
         device = fan.device(resolve_device(args.device))
-        precision = autocast(device, args.precision)  # refused here, before any work, where the device has no autocast
+        precision = autocast(device, args.precision)  # checked with the parameters (`check_stage`)
         parent, (finetune, finetune_made) = fan.share(lambda: (run.info, finetune_input(args)))
         if fan.is_zero and fan.world > 1:
             mlflow.log_param("world_size", fan.world)

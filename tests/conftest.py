@@ -101,6 +101,20 @@ def sqlite_store(folder: Path) -> Iterator[MlflowClient]:
         mlflow.set_tracking_uri(previous)
 
 
+def run_in_process(monkeypatch, uri: str, experiment: str, stage: str, argv: list[str]) -> str:
+    """Entry point `stage` run in-process (`main(argv)`) against the store `uri` in a new experiment named `experiment`
+    (so that no other test's `latest` run is this one), the tracking URI restored after; returns the experiment's id."""
+    experiment_id = MlflowClient(uri).create_experiment(experiment)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        importlib.import_module(f"entry_points.{stage}").main(argv)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return experiment_id
+
+
 def refuse_in_process(capsys, uri: str, experiment_id: str, stage: str, argv: list[str]):
     """Entry point `stage` run in-process (`main(argv)`) against the store `uri`, in experiment
     `experiment_id`: it must exit 2 with one stderr line and no traceback, and leave one new run of that

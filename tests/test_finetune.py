@@ -10,7 +10,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, SMALL_FINETUNE, mlflow_run, refuse_in_process, runs_of, subprocess_env
+from tests.conftest import ROOT, SMALL_FINETUNE, mlflow_run, refuse_in_process, run_in_process, runs_of, subprocess_env
 
 pytestmark = pytest.mark.slow
 LANGS = SMALL_FINETUNE["languages"].split(",")
@@ -154,8 +154,6 @@ def test_finetune_on_a_saved_wikipedia_subset_layout(store, tmp_path):
 def test_compile_reaches_the_training_loop_and_the_run(store, monkeypatch):
     """compile=true through the entry point: the Trainer loop runs with `TrainSettings.compile` set, the run finishes
     with the parameter logged, and the model it logs is the stock module (its layers eager again)."""
-    import mlflow
-
     from entry_points import finetune
     from xlsub.models.families import adapter_for
 
@@ -169,17 +167,10 @@ def test_compile_reaches_the_training_loop_and_the_run(store, monkeypatch):
         return result
 
     monkeypatch.setattr(finetune, "train_masked_lm", probe)
-    client = MlflowClient(store)
-    exp_id = client.create_experiment("xlsub-compiled-finetune")
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", exp_id)
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(store)
-    try:
-        finetune.main(["--languages", "en,de", "--epochs", "1", "--examples_per_lang", "32", "--test_examples_per_lang", "8",
-                       "--batch_size", "16", "--compile", "true", "--device", "cpu"])
-    finally:
-        mlflow.set_tracking_uri(previous)
-    (run,) = client.search_runs([exp_id])
+    exp_id = run_in_process(monkeypatch, store, "xlsub-compiled-finetune", "finetune",
+                            ["--languages", "en,de", "--epochs", "1", "--examples_per_lang", "32", "--test_examples_per_lang", "8",
+                             "--batch_size", "16", "--compile", "true", "--device", "cpu"])
+    (run,) = MlflowClient(store).search_runs([exp_id])
     assert run.info.status == "FINISHED" and run.data.params["compile"] == "True"
     assert seen == [True, True]
     assert all(math.isfinite(run.data.metrics[f"ppl_after.{lang}"]) for lang in ("en", "de"))

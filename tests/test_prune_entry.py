@@ -11,7 +11,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, children_of, refuse_in_process, subprocess_env
+from tests.conftest import ROOT, children_of, refuse_in_process, run_in_process, subprocess_env
 
 pytestmark = pytest.mark.slow
 LANGS = ["en", "de", "zh"]
@@ -122,7 +122,6 @@ def test_prune_in_bf16_runs_its_passes_under_autocast(store, finetune_run, prune
     """precision=bf16: the pruning loop runs under torch.autocast in bfloat16, and the full model's test perplexities,
     measured in it, lie within 1% of the fp32 run's on the same finetune run without equalling them. In an
     experiment of its own, so that no other test's `latest` prune run is this one."""
-    import mlflow
     import torch
 
     from entry_points import prune
@@ -137,16 +136,10 @@ def test_prune_in_bf16_runs_its_passes_under_autocast(store, finetune_run, prune
 
     monkeypatch.setattr(prune, "iterative_pruning", probe)
     monkeypatch.setattr(devices, "native_16bit_products", lambda dtype: True)  # a CPU without them refuses bf16; this model is tiny
+    exp_id = run_in_process(monkeypatch, store, "xlsub-prune-bf16", "prune",
+                            ["--finetune_run_id", finetune_run.info.run_id, "--languages", "en", "--precision", "bf16", "--random_draws",
+                             "1", "--bootstrap", "10", "--log_stock_models", "false", "--device", "cpu"])
     client = MlflowClient(store)
-    exp_id = client.create_experiment("xlsub-prune-bf16")
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", exp_id)
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(store)
-    try:
-        prune.main(["--finetune_run_id", finetune_run.info.run_id, "--languages", "en", "--precision", "bf16", "--random_draws", "1",
-                    "--bootstrap", "10", "--log_stock_models", "false", "--device", "cpu"])
-    finally:
-        mlflow.set_tracking_uri(previous)
     (run,) = [r for r in client.search_runs([exp_id]) if r.data.tags.get("xlsub.child") != "true"]
     assert run.info.status == "FINISHED" and run.data.params["precision"] == "bf16"
     assert seen == [(True, torch.bfloat16)]

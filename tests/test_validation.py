@@ -286,6 +286,21 @@ def test_mixed_precision_the_cpu_would_emulate_is_refused_before_any_work(store,
     assert line.startswith(f"xlsub {stage}: precision: this CPU has no bf16 products in hardware"), line
 
 
+def test_main_refuses_precision_and_compile_before_finetune_runs(store, capsys, monkeypatch):
+    """main checks every stage's parameters first: a precision prune would refuse, or a compile finetune cannot build,
+    stops it before finetune spends minutes."""
+    import shutil as shell
+
+    from xlsub import devices
+
+    monkeypatch.setattr(devices, "native_16bit_products", lambda dtype: False)
+    line, _ = refuse(store, capsys, "main", ["--precision", "bf16", "--device", "cpu"])
+    assert line.startswith("xlsub main: precision: this CPU has no bf16 products in hardware"), line
+    monkeypatch.setattr(shell, "which", lambda name, *a, **k: None)
+    line, _ = refuse(store, capsys, "main", ["--compile", "true", "--device", "cpu"])
+    assert line.startswith("xlsub main: compile: ") and "C++ compiler" in line, line
+
+
 def test_a_value_that_did_not_parse_is_logged_as_typed(store, capsys):
     _, run = refuse(store, capsys, "finetune", ["--seed", "abc", "--epochs", "2"])
     assert run.data.params["seed"] == "abc" and run.data.params["epochs"] == "2"
