@@ -18,6 +18,7 @@ from transformers import HfArgumentParser
 
 from xlsub import stages
 from xlsub.artifacts import is_language_code
+from xlsub.devices import PRECISIONS
 from xlsub.errors import Range, XlsubError
 from xlsub.tracking.runs import unquote
 
@@ -44,6 +45,12 @@ REPLICATES = Range(10, meaning="a number of bootstrap replicates (1000 for 95% i
 
 def device_field(default: str = "auto"):
     return field(default=default, metadata={"help": DEVICE_HELP, "pattern": r"auto|cpu|mps|cuda(:\d+)?"})
+
+
+def precision_field(passes: str):
+    """The `precision` of a stage's model passes outside training (`xlsub.devices.autocast`); `passes` names them."""
+    return field(default="fp32", metadata={"help": f"{passes} in fp32, or mixed precision (bf16, fp16: torch.autocast): several times faster on a "
+                                                   "GPU or a CPU with AMX", "choices": tuple(PRECISIONS)})
 
 
 def run_id_field(help: str):

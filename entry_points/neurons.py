@@ -41,7 +41,18 @@ import mlflow
 import torch
 from safetensors.torch import save_file
 
-from entry_points._common import COUNT, LANGUAGE, SEED, StageArgs, device_field, parse_args, parse_languages, run_id_field, split_items
+from entry_points._common import (
+    COUNT,
+    LANGUAGE,
+    SEED,
+    StageArgs,
+    device_field,
+    parse_args,
+    parse_languages,
+    precision_field,
+    run_id_field,
+    split_items,
+)
 from xlsub import artifacts
 from xlsub.artifacts import SubnetworkId
 from xlsub.data import lm as data
@@ -96,9 +107,7 @@ class NeuronsArgs(StageArgs):
     batch_size: int = field(default=32, metadata={"help": "sequences per batch", "range": COUNT})
     random_draws: int = field(default=2, metadata={"help": "random neuron sets with the language's count per layer, each evaluated on every language (the control)", "range": COUNT})
     log_stock_models: bool = field(default=True, metadata={"help": "also log each language's neurons-off model as a stock MLflow model (loads without xlsub); false skips it for large models"})
-    precision: str = field(default="fp32", metadata={"help": "the activation statistics, importance passes and perplexities in fp32, or mixed precision "
-                                                               "(bf16, fp16: torch.autocast): several times faster on a GPU or a CPU with AMX",
-                                                       "choices": ("fp32", "bf16", "fp16")})
+    precision: str = precision_field("the activation statistics, importance passes and perplexities")
     device: str = device_field()
 
     def check_stage(self) -> None:

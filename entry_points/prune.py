@@ -29,7 +29,19 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from entry_points._common import COUNT, LANGUAGE, REPLICATES, SEED, StageArgs, device_field, parse_args, parse_languages, run_id_field, split_items
+from entry_points._common import (
+    COUNT,
+    LANGUAGE,
+    REPLICATES,
+    SEED,
+    StageArgs,
+    device_field,
+    parse_args,
+    parse_languages,
+    precision_field,
+    run_id_field,
+    split_items,
+)
 from xlsub import artifacts
 from xlsub.artifacts import SubnetworkId
 from xlsub.data import lm as data
@@ -86,9 +98,7 @@ class PruneArgs(StageArgs):
                                                                     "loads without xlsub); false skips it for large models"})
     register: bool = field(default=False, metadata={"help": "also register each stock model as a version of the registered model "
                                                             "<experiment>-<language> (needs log_stock_models=true)"})
-    precision: str = field(default="fp32", metadata={"help": "the importance passes and perplexities in fp32, or mixed precision (bf16, fp16: torch.autocast): "
-                                                               "several times faster on a GPU or a CPU with AMX",
-                                                       "choices": ("fp32", "bf16", "fp16")})
+    precision: str = precision_field("the importance passes and perplexities")
     device: str = device_field()
 
     # registering changes no result: main reuses a finished prune run and registers its models (`xlsub.tracking.runs.register_subnetworks`)

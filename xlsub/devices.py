@@ -33,8 +33,8 @@ def resolve_device(name: str, float64: bool = False) -> str:
     return name
 
 
-# The precisions a model's forward and backward passes may run in outside training (prune's importance passes and
-# evaluations): float32, or mixed precision by `torch.autocast` (matrix products in bfloat16 or float16, reductions
+# The precisions a model's forward and backward passes may run in outside training (prune's and neurons' importance
+# passes and evaluations): float32, or mixed precision by `torch.autocast` (matrix products in bfloat16 or float16, reductions
 # and the loss in float32).
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
