@@ -228,7 +228,7 @@ def test_stage_processes_back_large_tensors_with_huge_pages(setting):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16bit_products_count_as_native_only_with_the_cpu_feature(monkeypatch, dtype):
-    """oneDNN says it supports bfloat16 on any AVX-512 CPU (it emulates the products there, about 1.8x float32's time on
+    """oneDNN says it supports bfloat16 on any AVX-512 CPU (it emulates the products there, about 3.4x float32's time on
     an Ice Lake Xeon): `native_16bit_products` also asks the CPU for AVX512-BF16 / AMX-BF16 (AVX512-FP16 / AMX-FP16),
     and retrieval's screen and prune's precision follow it."""
     from xlsub import devices
