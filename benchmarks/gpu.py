@@ -12,7 +12,7 @@ does not depend on the weights or the text.
 - prune: one importance pass (`head_importance`: gradients to the head gates
   only) over 8 x 512-token chunks, the unit an iterative pruning step costs, in fp32 and in bf16 (prune's
   `precision`: torch.autocast);
-- encode: `encode` (every layer, mean-pooled) of sentences of 10 to 60 tokens.
+- encode: `encode` (every layer, mean-pooled) of sentences of 10 to 60 tokens, in fp32 and in bf16 (encode's `precision`).
 
 A decoder row does the same at Qwen2.5-0.5B's shape (24 layers, 14 query and 2 key/value heads, hidden
 896, its 151,936-entry tied vocabulary; random init, bf16 training, 512 tokens): the causal-LM path of
@@ -218,8 +218,8 @@ def prune(cfg, device: torch.device, rates: dict, decoder: bool = False, precisi
             "mfu": mfu(tokens_per_s * flops, rates, precision), "setting": f"{cfg.chunks} chunks of {cfg.seq} tokens, batch {cfg.batch}"}
 
 
-def encode_stage(cfg, device: torch.device, rates: dict, decoder: bool = False) -> dict:
-    """Sentences/s of `encode` (all layers, mean-pooled, fp32) over sentences of 10 to 60 tokens."""
+def encode_stage(cfg, device: torch.device, rates: dict, decoder: bool = False, precision: str = "fp32") -> dict:
+    """Sentences/s of `encode` (all layers, mean-pooled, forward passes in `precision`) over sentences of 10 to 60 tokens."""
     from xlsub.models.encoding import encode
 
     tokenizer = synthetic_tokenizer(cfg.tokens)
@@ -231,18 +231,18 @@ def encode_stage(cfg, device: torch.device, rates: dict, decoder: bool = False) 
     for n in lengths.tolist():
         sentences.append(" ".join(f"w{w}" for w in words[at:at + n]))
         at += n
-    encode(model, tokenizer, sentences[:cfg.encode_batch], batch_size=cfg.encode_batch, device=device, pooling="mean")  # warm-up
+    encode(model, tokenizer, sentences[:cfg.encode_batch], batch_size=cfg.encode_batch, device=device, pooling="mean", precision=precision)  # warm-up
     reset_peak(device)
     sync(device)
     start = time.perf_counter()
-    encode(model, tokenizer, sentences, batch_size=cfg.encode_batch, device=device, pooling="mean")
+    encode(model, tokenizer, sentences, batch_size=cfg.encode_batch, device=device, pooling="mean", precision=precision)
     sync(device)
     seconds = time.perf_counter() - start
     counts = [len(ids) for ids in tokenizer(sentences)["input_ids"]]  # each sentence's real tokens, specials included
     flops = sum(count * model_flops_per_token(model, count, 0.0, "forward") for count in counts)
-    return {"stage": f"encode (fp32){' (decoder)' if decoder else ''}", "unit": "sentences/s", "rate": cfg.sentences / seconds,
+    return {"stage": f"encode ({precision}){' (decoder)' if decoder else ''}", "unit": "sentences/s", "rate": cfg.sentences / seconds,
             "tokens_per_s": sum(counts) / seconds, "peak_gib": peak_gib(device), "flops_per_token": flops / sum(counts),
-            "precision": "fp32", "mfu": mfu(flops / seconds, rates, "fp32"), "setting": f"{cfg.sentences} sentences, batch {cfg.encode_batch}"}
+            "precision": precision, "mfu": mfu(flops / seconds, rates, precision), "setting": f"{cfg.sentences} sentences, batch {cfg.encode_batch}"}
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
@@ -285,12 +285,13 @@ def main(argv: list[str] | None = None) -> None:
     bf16 = device.type == "cuda" or native_16bit_products(torch.bfloat16)  # prune refuses bf16 on a CPU that would emulate it
     # the issue's measurements first, so that a run cut off by a time limit has them: finetune at the fastest precision,
     # then with its layers compiled at the study's batch and a larger one (smoke: twice the study's), the importance pass
-    # in fp32 and bf16, encode, the decoder's three; the other training precisions last
+    # and encode in fp32 and bf16, the decoder's three; the other training precisions last
     plan = [lambda: finetune(cfg, device, fastest, rates)]
     plan += [lambda batch=batch: finetune(cfg, device, fastest, rates, compile=True, batch=batch)
              for batch in (cfg.batch, cfg.large_batch or args.large_batch)]
     plan += [lambda: prune(cfg, device, rates)] + ([lambda: prune(cfg, device, rates, precision="bf16")] if bf16 else [])
-    plan += [lambda: encode_stage(cfg, device, rates), lambda: finetune(cfg, device, fastest, rates, decoder=True),
+    plan += [lambda: encode_stage(cfg, device, rates)] + ([lambda: encode_stage(cfg, device, rates, precision="bf16")] if bf16 else [])
+    plan += [lambda: finetune(cfg, device, fastest, rates, decoder=True),
              lambda: prune(cfg, device, rates, decoder=True), lambda: encode_stage(cfg, device, rates, decoder=True)]
     plan += [lambda precision=precision: finetune(cfg, device, precision, rates)
              for precision in (["fp32", "fp16"] if device.type == "cuda" else [])]

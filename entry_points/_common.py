@@ -47,10 +47,13 @@ def device_field(default: str = "auto"):
     return field(default=default, metadata={"help": DEVICE_HELP, "pattern": r"auto|cpu|mps|cuda(:\d+)?"})
 
 
+def precision_help(passes: str) -> str:
+    return f"{passes} in fp32, or mixed precision (bf16, fp16: torch.autocast): several times faster on a GPU or a CPU with AMX"
+
+
 def precision_field(passes: str):
     """The `precision` of a stage's model passes outside training (`xlsub.devices.autocast`); `passes` names them."""
-    return field(default="fp32", metadata={"help": f"{passes} in fp32, or mixed precision (bf16, fp16: torch.autocast): several times faster on a "
-                                                   "GPU or a CPU with AMX", "choices": tuple(PRECISIONS)})
+    return field(default="fp32", metadata={"help": precision_help(passes), "choices": tuple(PRECISIONS)})
 
 
 def run_id_field(help: str):

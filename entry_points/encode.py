@@ -4,6 +4,7 @@ language subnetwork (and, given a neurons run, every language's neuron subnetwor
     mlflow run . -e encode --env-manager local
     mlflow run . -e encode --env-manager local -P use_base=true -P use_random=true -P dtype=float16
     mlflow run . -e encode --env-manager local -P neurons_run_id=<neurons run ID>
+    mlflow run . -e encode --env-manager local -P precision=bf16   # forward passes in bfloat16 (a GPU, or a CPU with AMX)
 
 Artifacts: `encodings/<model_key>/<lang>.safetensors` ([layers+1, n, d], row i is the same sentence in
 every language; model keys `full`, a head subnetwork id such as `de-s0`, a neuron subnetwork
@@ -32,13 +33,14 @@ from entry_points._common import (
     optional_run_id_field,
     parse_args,
     parse_languages,
+    precision_field,
     run_id_field,
     split_items,
 )
 from xlsub import artifacts
 from xlsub.artifacts import SubnetworkId
 from xlsub.data.parallel import load_parallel
-from xlsub.devices import resolve_device
+from xlsub.devices import autocast, resolve_device
 from xlsub.errors import XlsubError
 from xlsub.models import loading as models
 from xlsub.models.encoding import POOLINGS, encode, models_to_encode
@@ -68,7 +70,11 @@ class EncodeArgs(StageArgs):
                                                   "choices": POOLINGS})
     subnetwork_seeds: str = field(default="first", metadata={"help": "which seeds' subnetworks to encode (head subnetworks and neuron subnetworks alike): 'first' (each language's smallest seed), 'all', or comma-separated seeds, each once",
                                                              "items": SEED, "keywords": ("first", "all")})
+    precision: str = precision_field("the forward passes")
     device: str = device_field()
+
+    def check_stage(self) -> None:
+        autocast(resolve_device(self.device), self.precision)  # refuses a precision the device would emulate
 
     @property
     def seed_choice(self) -> str | set[int]:
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
                 for lang in corpus.languages:
                     start = time.perf_counter()
                     reps = encode(model, tokenizer, corpus.texts[lang], batch_size=args.batch_size, device=device,
-                                  progress_desc=f"{key} {lang}", pooling=args.pooling)
+                                  progress_desc=f"{key} {lang}", pooling=args.pooling, precision=args.precision)
                     seconds += time.perf_counter() - start
                     encoded += len(corpus.ids)
                     artifacts.write_encodings(Path(tmp), key, lang, reps, dtype)

@@ -23,7 +23,7 @@ import mlflow
 from mlflow.exceptions import ExecutionException
 from mlflow.tracking import MlflowClient
 
-from entry_points._common import StageArgs, parse_args, parse_languages, split_items, stage_args_class
+from entry_points._common import StageArgs, parse_args, parse_languages, precision_help, split_items, stage_args_class
 from xlsub import artifacts, stages
 from xlsub.errors import XlsubError
 from xlsub.tracking import interrupts, lineage, twins
@@ -50,6 +50,8 @@ RENAMED = {("encode", "corpus"): "parallel_corpus", ("encode", "batch_size"): "e
 UNITS = ("heads", "neurons")
 # Defaults that differ from the stage's: the whole study encodes the random-init control.
 MAIN_DEFAULTS = {"use_random": True}
+# main's help where the stages sharing a parameter each describe their own part of it
+MAIN_HELP = {"precision": precision_help("the model passes outside training (importance passes, activation statistics, perplexities, encodings)")}
 
 
 def main_name(stage: str, name: str) -> str | None:
@@ -75,7 +77,7 @@ def _main_fields() -> list[tuple]:
                 found[name] = (name, hints[f.name], dict(f.metadata), default)
     result = []
     for name, (name, type_, metadata, default) in found.items():
-        metadata["help"] = f"{', '.join(stages_of[name])}: {metadata.get('help', '')}"
+        metadata["help"] = f"{', '.join(stages_of[name])}: {MAIN_HELP.get(name, metadata.get('help', ''))}"
         result.append((name, type_, field(default=default, metadata=metadata)))
     result.append(("units", str, field(default="heads,neurons", metadata={
         "help": "units of subnetwork: heads (attention heads: prune, encode, analyze) and neurons (feed-forward neurons: the neurons stage, "

@@ -77,3 +77,28 @@ def test_encode_refuses_bad_input(store, finetune_run, prune_run, capsys):
     finally:
         client.delete_run(other.info.run_id)
         client.set_terminated(unfinished.info.run_id, "KILLED")
+
+
+def test_encode_in_mixed_precision_stores_what_autocast_computes(store, finetune_run, prune_run, encode_run, monkeypatch):
+    """precision=bf16: the forward passes under torch.autocast, the stored encodings float32 and within a percent of the
+    fp32 run's (`encode_run`, the same 40 sentences), not equal to them; the run records its precision."""
+    import torch
+
+    from tests.conftest import run_in_process
+    from xlsub import devices
+    from xlsub.artifacts import load_encodings
+    from xlsub.tracking.runs import download
+
+    monkeypatch.setattr(devices, "native_16bit_products", lambda dtype: True)  # a CPU without them refuses bf16; this model is tiny
+    exp_id = run_in_process(monkeypatch, store, "xlsub-encode-bf16", "encode",
+                            ["--finetune_run_id", finetune_run.info.run_id, "--prune_run_id", prune_run.info.run_id, "--max_sentences", "40",
+                             "--batch_size", "16", "--precision", "bf16", "--device", "cpu"])
+    (run,) = MlflowClient(store).search_runs([exp_id])
+    assert run.info.status == "FINISHED" and run.data.params["precision"] == "bf16"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    for key in ("full", "de-s0"):
+        mixed = load_encodings(download(run.info.run_id, f"encodings/{key}/de.safetensors"))
+        exact = load_encodings(download(encode_run.info.run_id, f"encodings/{key}/de.safetensors"))
+        assert mixed.dtype == torch.float32 and mixed.shape == exact.shape
+        error = float((mixed - exact).abs().max()) / float(exact.abs().max())
+        assert 1e-5 < error < 1e-2, (key, error)

@@ -170,6 +170,28 @@ def test_half_precision_model_gives_float32(model, tokenizer):
     assert max_diff(half, reference) < 0.05 * float(reference.abs().max())
 
 
+def test_mixed_precision_forward_is_torch_autocast(model, tokenizer, monkeypatch):
+    """encode's precision=bf16: the forward passes under torch.autocast (bfloat16 products, float32 norms), pooled in
+    float32. It is the naive per-sentence loop run under torch.autocast itself (up to bfloat16's rounding of
+    differently batched products: far closer to it than to fp32), sits below the percent level from fp32, and is not the fp32 result (the products did
+    run in 16 bits). On a CPU without bfloat16 products the stage refuses it; here it is let through, emulated."""
+    from xlsub import devices
+
+    monkeypatch.setattr(devices, "native_16bit_products", lambda dtype: True)
+    exact = encode(model, tokenizer, SENTENCES, batch_size=4, pooling="mean")
+    mixed = encode(model, tokenizer, SENTENCES, batch_size=4, pooling="mean", precision="bf16")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        naive = encode_naive(model, tokenizer, SENTENCES)
+    assert mixed.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    scale = float(exact.abs().max())
+    assert 1e-4 * scale < max_diff(mixed, exact) < 0.05 * scale, (max_diff(mixed, exact), scale)  # 0.4% here
+    assert max_diff(mixed, naive) < 0.25 * max_diff(mixed, exact), (max_diff(mixed, naive), max_diff(mixed, exact))  # 0 here
+    assert torch.equal(encode(model, tokenizer, SENTENCES, batch_size=4, pooling="mean", precision="fp32"), exact)
+    monkeypatch.setattr(devices, "native_16bit_products", lambda dtype: False)
+    with pytest.raises(XlsubError, match="^precision: this CPU has no bf16 products"):
+        encode(model, tokenizer, SENTENCES, batch_size=4, pooling="mean", precision="bf16")
+
+
 def test_no_sentences(model, tokenizer):
     assert encode(model, tokenizer, [], batch_size=64, pooling="mean").shape == (LAYERS + 1, 0, HIDDEN)
     assert encode_naive(model, tokenizer, []).shape == (LAYERS + 1, 0, HIDDEN)

@@ -96,9 +96,9 @@ def test_gpu_benchmark_runs_its_stages_on_cpu_in_smoke_mode(tmp_path):
 
     from xlsub.devices import native_16bit_products
 
-    bf16 = native_16bit_products(torch.bfloat16)  # the bf16 importance pass only where the CPU multiplies bfloat16 itself
+    bf16 = native_16bit_products(torch.bfloat16)  # the bf16 importance pass and encode only where the CPU multiplies bfloat16 itself
     first = ["finetune fp32", "finetune fp32 compiled", "finetune fp32 compiled", "prune (importance pass, fp32)",
-             *(["prune (importance pass, bf16)"] if bf16 else []), "encode (fp32)"]
+             *(["prune (importance pass, bf16)"] if bf16 else []), "encode (fp32)", *(["encode (bf16)"] if bf16 else [])]
     assert [r["stage"] for r in rows[:len(first)]] == first
     assert [r["stage"].split()[0] for r in rows[len(first):]] == ["finetune", "prune", "encode"]
     assert [r["batch"] for r in rows[:3]] == [4, 4, 8] and [r["compiled"] for r in rows[:3]] == [False, True, True]

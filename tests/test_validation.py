@@ -87,6 +87,7 @@ BAD: dict[str, dict[str, list[str]]] = {
         "use_random": ["maybe"],
         "pooling": ["max", ""],
         "subnetwork_seeds": [*SEEDS_BAD, "firstly"],
+        "precision": ["fp64", "half", ""],
         "device": ["cuda:"],
     },
     "analyze": {
@@ -275,7 +276,7 @@ def test_compile_without_a_compiler_is_refused_before_any_work(store, capsys, mo
     assert line.startswith("xlsub finetune: compile: ") and "C++ compiler" in line and "compile=false" in line, line
 
 
-@pytest.mark.parametrize("stage", ["prune", "neurons"])
+@pytest.mark.parametrize("stage", ["prune", "neurons", "encode"])
 def test_mixed_precision_the_cpu_would_emulate_is_refused_before_any_work(store, capsys, monkeypatch, stage):
     from xlsub import devices
     from xlsub.tracking import lineage as inputs

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from xlsub.artifacts import BASE_MODEL, FULL_MODEL, KEPT_HEADS_CONFIG_KEY, RANDOM_MODEL, SubnetworkId
+from xlsub.devices import autocast
 from xlsub.errors import XlsubError
 from xlsub.models.families import adapter_for
 from xlsub.models.loading import max_text_len
@@ -138,6 +139,7 @@ def encode(
     max_length: int | None = None,
     device: str | torch.device | None = None,
     progress_desc: str | None = None,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Mean-pooled hidden states of every layer for each sentence: float32 ``[layers+1, n, d]``.
 
@@ -153,7 +155,9 @@ def encode(
     the position embeddings allow), sorted longest first, cut into batches padded to their own
     longest sentence, and run through the base model (``model.base_model``, no LM head) under
     ``torch.inference_mode``. Row i of the result is ``sentences[i]``. ``device``, if given,
-    moves the model there; by default the model's own device is used.
+    moves the model there; by default the model's own device is used. ``precision`` (fp32, bf16,
+    fp16: `xlsub.devices.autocast`): the forward passes' matrix products; the pooled states are
+    float32 whatever it is.
     """
     max_length = _check_args(model, tokenizer, batch_size, max_length)
     if pooling not in POOLINGS:
@@ -177,7 +181,7 @@ def encode(
     device = _prepare(model, device)  # outside inference mode: moved weights must stay ordinary tensors
     config = base.config
     out = torch.empty(config.num_hidden_layers + 1, n, config.hidden_size)  # not an inference tensor
-    with _EvalMode(model), torch.inference_mode():
+    with _EvalMode(model), torch.inference_mode(), autocast(device.type, precision):
         with tqdm(total=n, desc=progress_desc or "encode", unit="sent", leave=False) as bar:
             for start in range(0, n, batch_size):
                 index = order[start:start + batch_size]
