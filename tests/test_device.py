@@ -229,8 +229,8 @@ def test_stage_processes_back_large_tensors_with_huge_pages(setting):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16bit_products_count_as_native_only_with_the_cpu_feature(monkeypatch, dtype):
     """oneDNN says it supports bfloat16 on any AVX-512 CPU (it emulates the products there, about 3.4x float32's time on
-    an Ice Lake Xeon): `native_16bit_products` also asks the CPU for AVX512-BF16 / AMX-BF16 (AVX512-FP16 / AMX-FP16),
-    and retrieval's screen and prune's precision follow it."""
+    an Ice Lake Xeon): `native_16bit_products` also asks the CPU for AVX512-BF16 / AMX-BF16 (AVX512-FP16 / AMX-FP16; on
+    ARM64, BF16 / SVE-BF16 (FP16 arithmetic)), and retrieval's screen and prune's precision follow it."""
     from xlsub import devices
 
     ice_lake = {"avx512_f": True, "avx512_bw": True, "avx512_vnni": True, "avx512_bf16": False, "amx_bf16": False,
@@ -243,6 +243,9 @@ def test_16bit_products_count_as_native_only_with_the_cpu_feature(monkeypatch, d
         devices.autocast("cpu", "bf16" if dtype == torch.bfloat16 else "fp16")
     if dtype == torch.bfloat16:
         assert retrieval._screen_dtype(torch.device("cpu")) is not torch.bfloat16
+    neoverse_n1 = {"architecture": "arm64", "neon": True, "dot": True, "fp16_arith": False, "bf16": False, "sve": False}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: neoverse_n1)
+    assert devices.native_16bit_products(dtype) is False
     for feature in devices.NATIVE_16BIT[dtype]:
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {**ice_lake, feature: True})
         assert devices.native_16bit_products(dtype) is True
