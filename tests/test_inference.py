@@ -405,17 +405,20 @@ def test_compiled_rank_matrix_and_its_order_match_the_torch_path(k):
             torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("digit", [8, 11])
+@pytest.mark.parametrize("small", [0, 32, 1 << 30])
+@pytest.mark.parametrize("digit", [9, 10])
 @pytest.mark.parametrize("m", [3001, 300_000])
-def test_value_orders_radix_sort_is_numpys_sort_of_the_keys(m, digit, monkeypatch):
-    """The compiled path of value_order (pack_part, radix_sort, unpack: at m = 3,001, 7 passes of 8 bits or 5 of 11, odd
-    counts that end in the spare buffer; at m = 300,000, 6 of 8 or 4 of 11, ending where they began; keys made and
-    unpacked in 1, 2, 3 and 7 parts) gives numpy's path's order and runs element for
-    element: continuous values, ties, a few distinct values, values far below the rest (one fixed-point key for
-    many), negative ones; and its packed keys sort as numpy sorts them."""
+def test_value_orders_radix_sort_is_numpys_sort_of_the_keys(m, digit, small, monkeypatch):
+    """The compiled path of value_order (pack_part, scatter_part, sort_buckets, unpack; at m = 3,001 the buckets' 40 low
+    key bits in 5 passes of 9 bits or 4 of 10, at m = 300,000 their 33 in 4 of either, so the result ends in either
+    buffer; every bucket sorted by passes (small 0), the small ones by insertion (32) or all by insertion; keys made,
+    scattered, sorted and unpacked in 1, 2, 3 and 7 parts) gives numpy's path's order and runs element for element:
+    continuous values, ties, a few distinct values, values far below the rest (one fixed-point key for many: one
+    bucket holds almost all), negative ones; and its packed keys sort as numpy sorts them."""
     from xlsub.stats import compiled_sort, inference
 
     monkeypatch.setattr(compiled_sort, "DIGIT", digit)
+    monkeypatch.setattr(compiled_sort, "SMALL", small)
     rng = np.random.default_rng(m)
     base = rng.standard_normal(m)
     cases = {"continuous": base, "tied": np.concatenate([base[:-7], base[:7]]), "few": rng.integers(0, 5, m).astype(np.float64),
@@ -435,20 +438,21 @@ def test_value_orders_radix_sort_is_numpys_sort_of_the_keys(m, digit, monkeypatc
             assert torch.equal(order, torch.argsort(values)), name  # untied: the one ascending order
     index_bits = (m - 1).bit_length()
     key_bits = min(52, 63 - index_bits)
+    low_bits = key_bits - compiled_sort.TOP
     packed, spare = np.empty(m, dtype=np.int64), np.empty(m, dtype=np.int64)
     v = base
     low, scale = v.min(), float(2**key_bits - 2) / (v.max() - v.min())
-    passes = (key_bits + digit - 1) // digit
-    counts = np.zeros((passes, 1 << digit), dtype=np.int64)
-    compiled_sort.pack_part(v, low, scale, index_bits, key_bits, packed, 0, m, counts, digit)
+    counts = np.zeros(1 << compiled_sort.TOP, dtype=np.int64)
+    compiled_sort.pack_part(v, low, scale, index_bits, packed, 0, m, counts, low_bits)
     keys = (((v - v.min()) * (float(2**key_bits - 2) / (v.max() - v.min()))).astype(np.int64) << index_bits) | np.arange(m)
     np.testing.assert_array_equal(packed, keys)  # numpy's keys, bit for bit
-    for p in range(len(counts)):
-        np.testing.assert_array_equal(counts[p], np.bincount((keys >> (index_bits + digit * p)) & ((1 << digit) - 1), minlength=1 << digit))
-    for parts in (1, 2, 3, 7):  # the keys made and unpacked in parts side by side
+    np.testing.assert_array_equal(counts, np.bincount(keys >> (index_bits + low_bits), minlength=1 << compiled_sort.TOP))
+    passes = (low_bits + digit - 1) // digit
+    assert passes == {(3001, 9): 5, (3001, 10): 4, (300_000, 9): 4, (300_000, 10): 4}[m, digit]
+    for parts in (1, 2, 3, 7):  # the keys made, scattered, sorted and unpacked in parts side by side
         result = compiled_sort.radix_sorted(v, low, scale, index_bits, key_bits, packed, spare, parts)
         np.testing.assert_array_equal(result, np.sort(keys))
-        assert (result is spare) == (passes % 2 == 1) == (m == 3001)
+        assert (result is packed) == (passes % 2 == 1)
         order, positions = np.empty(m, dtype=np.int64), np.empty(m, dtype=np.int64)
         shared = compiled_sort.unpack(result.copy(), index_bits, order, positions, parts)
         np.testing.assert_array_equal(order, np.sort(keys) & ((1 << index_bits) - 1))

@@ -3,17 +3,18 @@ matrices made, sorted and unpacked in a few passes over memory.
 
 A key is a value's fixed-point position in [min, max] (k bits) above its index (the low bits). numpy makes the keys
 in five passes (subtract, scale, truncate, shift, or) and sorts them by comparisons; here one pass makes them and
-counts their digits, and a least-significant-digit radix sort on the k key bits (`DIGIT` bits a pass, each pass
-stable) orders them. The keys enter in index order, so keys equal in their k bits stay in index order, and
-the result is the ascending order of the packed keys: numpy's sort of them, element for element. One more pass splits
-the sorted keys into the order (their low bits) and the fixed-point positions, and counts the neighbours that share
-one.
+counts them by their top bits (their bucket), a second scatters them into their buckets in index order, and each
+bucket is sorted by the rest of its key bits in the core's cache (`radix_sorted`). Packed keys are distinct, so the
+result is the ascending order of the packed keys: numpy's sort of them, element for element, and keys equal in their k
+bits stay in index order. One more pass splits the sorted keys into the order (their low bits) and the fixed-point
+positions, and counts the neighbours that share one.
 
-The keys are made, unpacked, the centred ranks written and the triangle mirrored into both halves of the matrix in
-parts side by side, one thread a part (`xlsub.stats.workers.side_by_side`: `pack_part`, `unpack_part`, `ranks_at`,
-`fill_rows`, `mirror_tiles`); the sort's scatters run on one thread. At 12.5M keys (a 5,000-sentence RDM): the
-sort 0.14 s on one core of an AVX2 EPYC in 5 passes of 8 bits, against 0.44 s for numpy's sort split between two
-(`benchmarks/jackknife.py`).
+The keys are made, scattered, sorted by bucket, unpacked, the centred ranks written and the triangle mirrored into both
+halves of the matrix in parts side by side, one thread a part (`xlsub.stats.workers.side_by_side`: `pack_part`,
+`scatter_part`, `sort_buckets`, `unpack_part`, `ranks_at`, `fill_rows`, `mirror_tiles`). At 12.5M keys (a
+5,000-sentence RDM): made and sorted in 0.10 s on 2 vCPUs of a Xeon held to AVX2, against 0.27 s for a
+least-significant-digit radix sort of the whole array (4 passes of 11 bits, each a scatter over memory;
+`benchmarks/jackknife.py`).
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ import numpy as np
 
 from xlsub.stats.workers import side_by_side
 
-# bits sorted a pass: 11 (2,048 buckets) sorts the 39 key bits of a 5,000-sentence RDM in 4 passes instead of 8 bits' 5.
-# Measured on 2 vCPUs of a Xeon with AVX-512 and AMX: 12.5M keys sorted in 0.32 s (8 bits, digits counted beforehand)
-# against 0.24 s (11 bits, counting included); seven languages' rank matrices 4.81 -> 4.36 s (`benchmarks/jackknife.py`,
-# where numpy's AVX-512 sort of the keys took 3.70 s)
-DIGIT = 11
+# The sort: the keys first scattered by their top `TOP` key bits into 2,048 buckets (one pass over memory, split between
+# the threads), then each bucket sorted on its own by its remaining key bits, `DIGIT` bits a stable pass (a bucket of a
+# 5,000-sentence RDM holds about 6,000 keys, 48 KB, so these passes run in the core's cache; buckets of at most `SMALL`
+# keys by insertion), the buckets shared between the threads. Measured on 2 vCPUs of a Xeon with AVX-512 and AMX, held to
+# AVX2 (`scale.py --isa avx2`'s settings): 12.5M keys made and sorted in 0.10 s against 0.27 s for the earlier
+# least-significant-digit sort of the whole array in 4 passes of 11 bits (each pass a scatter over memory, 58 ms).
+TOP = 11
+DIGIT = 10
+SMALL = 32
 TILE = 64  # `mirror_tiles`: rows and columns of a tile mirrored at a time
 
 
@@ -37,53 +42,89 @@ def _bounds(m: int, parts: int) -> np.ndarray:
 
 
 @numba.njit(nogil=True, cache=True)
-def pack_part(values: np.ndarray, low: float, scale: float, index_bits: int, key_bits: int, out: np.ndarray, start: int,
-              stop: int, counts: np.ndarray, digit: int) -> None:
+def pack_part(values: np.ndarray, low: float, scale: float, index_bits: int, out: np.ndarray, start: int, stop: int,
+              counts: np.ndarray, shift: int) -> None:
     """out[i] = int64((values[i] - low) * scale) << index_bits | i for start <= i < stop, as numpy computes it (the same
-    float64 operations, truncated); counts[p, b] += how many of them have digit b in pass p (bits `digit` p to
-    `digit` (p + 1) - 1 of the key; counts [passes, 2^digit])."""
-    mask = (np.int64(1) << digit) - 1
+    float64 operations, truncated); counts[b] += how many of them have key >> shift == b (their bucket)."""
     for i in range(start, stop):
         key = np.int64((values[i] - low) * scale)
         out[i] = (key << index_bits) | i
-        for p in range(counts.shape[0]):
-            counts[p, (key >> (p * digit)) & mask] += 1
+        counts[key >> shift] += 1
 
 
 @numba.njit(nogil=True, cache=True)
-def radix_sort(keys: np.ndarray, spare: np.ndarray, counts: np.ndarray, index_bits: int, digit: int) -> bool:
-    """Sort `keys` (from `pack_part`, in index order) by their key bits, `digit` of them a pass, one stable pass per row
-    of `counts` (overwritten), moving them between `keys` and `spare`; returns whether the result ended in `spare`. One
-    thread: the scatters are bound by memory, and a pass split between two threads (each half's digits counted as the
-    pass before writes them) measured 0.22-0.23 s against 0.24 s for one at 11 bits and 12.5M keys."""
+def scatter_part(keys: np.ndarray, out: np.ndarray, start: int, stop: int, offsets: np.ndarray, shift: int) -> None:
+    """keys[start:stop] into their buckets (packed key >> shift) of `out`, each at offsets[bucket] (advanced), in order:
+    a bucket holds its keys in index order."""
+    for i in range(start, stop):
+        key = keys[i]
+        b = key >> shift
+        out[offsets[b]] = key
+        offsets[b] += 1
+
+
+@numba.njit(nogil=True, cache=True)
+def sort_buckets(source: np.ndarray, spare: np.ndarray, edges: np.ndarray, first: int, last: int, index_bits: int,
+                 low_bits: int, digit: int, small: int) -> None:
+    """Sort buckets first <= b < last (source[edges[b]:edges[b + 1]], their keys in index order) ascending by their key
+    bits below `low_bits` (the bits above are the bucket's), `digit` bits a stable pass moving them between `source` and
+    `spare`: the result in `spare` for an odd number of passes, else in `source`, where a bucket of at most `small` keys
+    is sorted by insertion (packed keys are distinct: any sort of them is the one ascending order)."""
+    passes = (low_bits + digit - 1) // digit
     mask = (np.int64(1) << digit) - 1
-    source, target = keys, spare
-    for p in range(counts.shape[0]):
-        offsets = counts[p]
-        total = 0
-        for b in range(len(offsets)):
-            c = offsets[b]
-            offsets[b] = total
-            total += c
-        shift = index_bits + p * digit
-        for i in range(len(source)):
-            key = source[i]
-            b = (key >> shift) & mask
-            target[offsets[b]] = key
-            offsets[b] += 1
-        source, target = target, source
-    return counts.shape[0] % 2 == 1
+    counts = np.zeros(np.int64(1) << digit, dtype=np.int64)
+    for b in range(first, last):
+        start, stop = edges[b], edges[b + 1]
+        if stop - start <= small:
+            target = spare if passes % 2 == 1 else source
+            for i in range(start, stop):
+                key = source[i]
+                j = i
+                while j > start and target[j - 1] > key:
+                    target[j] = target[j - 1]
+                    j -= 1
+                target[j] = key
+            continue
+        src, dst = source, spare
+        for p in range(passes):
+            shift = index_bits + p * digit
+            counts[:] = 0
+            for i in range(start, stop):
+                counts[(src[i] >> shift) & mask] += 1
+            total = start
+            for c in range(len(counts)):
+                k = counts[c]
+                counts[c] = total
+                total += k
+            for i in range(start, stop):
+                key = src[i]
+                c = (key >> shift) & mask
+                dst[counts[c]] = key
+                counts[c] += 1
+            src, dst = dst, src
 
 
 def radix_sorted(values: np.ndarray, low: float, scale: float, index_bits: int, key_bits: int, packed: np.ndarray,
                  spare: np.ndarray, parts: int) -> np.ndarray:
-    """The packed keys of `values` (`pack_part`, made in `parts` parts side by side) sorted ascending (`radix_sort`, `DIGIT`
-    bits a pass), in `packed` or `spare` (int64 [m], returned)."""
-    bounds, digit = _bounds(len(values), parts), DIGIT
-    counts = np.zeros((len(bounds) - 1, (key_bits + digit - 1) // digit, 1 << digit), dtype=np.int64)
-    side_by_side(lambda t: pack_part(values, low, scale, index_bits, key_bits, packed, bounds[t], bounds[t + 1], counts[t], digit),
+    """The packed keys of `values` sorted ascending, in `packed` or `spare` (int64 [m], returned): made in `parts` parts
+    side by side with their buckets counted (`pack_part`: the top `TOP` of the `key_bits` key bits), scattered into
+    their buckets in the same parts (`scatter_part`, each part's keys after the earlier parts' in every bucket), each
+    bucket sorted by the rest (`sort_buckets`), the buckets in `parts` runs of about equal keys side by side."""
+    bounds, top = _bounds(len(values), parts), min(TOP, key_bits)
+    low_bits = key_bits - top
+    shift = index_bits + low_bits
+    counts = np.zeros((len(bounds) - 1, 1 << top), dtype=np.int64)
+    side_by_side(lambda t: pack_part(values, low, scale, index_bits, packed, bounds[t], bounds[t + 1], counts[t], low_bits),
                  range(len(bounds) - 1))
-    return spare if radix_sort(packed, spare, counts.sum(0), index_bits, digit) else packed
+    edges = np.zeros((1 << top) + 1, dtype=np.int64)
+    np.cumsum(counts.sum(0), out=edges[1:])
+    offsets = edges[:-1] + np.cumsum(counts, 0) - counts  # [parts, buckets]: where each part's keys of a bucket begin
+    side_by_side(lambda t: scatter_part(packed, spare, bounds[t], bounds[t + 1], offsets[t], shift), range(len(bounds) - 1))
+    runs = [0, *np.searchsorted(edges, bounds[1:-1]).tolist(), 1 << top]  # buckets split where the keys are
+    side_by_side(lambda t: sort_buckets(spare, packed, edges, runs[t], runs[t + 1], index_bits, low_bits, DIGIT, SMALL),
+                 range(len(runs) - 1))
+    passes = (low_bits + DIGIT - 1) // DIGIT
+    return packed if passes % 2 == 1 else spare
 
 
 @numba.njit(nogil=True, cache=True)
