@@ -436,6 +436,11 @@ def test_value_orders_radix_sort_is_numpys_sort_of_the_keys(m, digit, small, mon
         assert (len(runs) > 0) == (name in ("tied", "few")), name
         if not len(runs):
             assert torch.equal(order, torch.argsort(values)), name  # untied: the one ascending order
+        narrow = values.float()  # float32 values (rank matrices in `rank_dtype`): float64's order of the same numbers
+        for path in (1 << 40, 64):
+            monkeypatch.setattr(inference, "RADIX_MIN", path)
+            for got, want in zip(inference.value_order(narrow), inference.value_order(narrow.double())):
+                assert torch.equal(got, want), (name, path)
     index_bits = (m - 1).bit_length()
     key_bits = min(52, 63 - index_bits)
     low_bits = key_bits - compiled_sort.TOP

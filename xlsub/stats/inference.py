@@ -447,7 +447,9 @@ def value_order(values: torch.Tensor, scratch: torch.Tensor | None = None) -> tu
     no_runs = torch.empty(0, 2, dtype=torch.long)
     if m < 2:
         return torch.arange(m), no_runs
-    lo, hi = v.min(), v.max()
+    # Python floats: from float32 values numpy 2 would keep the scale below in float32 (NEP 50), and its rounding up
+    # would carry the largest keys past their bits into the sign (the order wrong for float32 rank matrices)
+    lo, hi = float(v.min()), float(v.max())
     if key_bits < 32 or not (np.isfinite(lo) and np.isfinite(hi)):
         return None
     if hi == lo:
@@ -464,7 +466,7 @@ def value_order(values: torch.Tensor, scratch: torch.Tensor | None = None) -> tu
         if not compiled_sort.unpack(ordered, index_bits, order, packed, threads):
             return torch.from_numpy(order), no_runs
     else:
-        np.subtract(v, lo, out=keys)
+        np.subtract(v, lo, out=keys, dtype=np.float64)  # float32 values too: float64 arithmetic, as the compiled keys
         keys *= scale
         np.copyto(packed, keys, casting="unsafe")  # truncation: the fixed-point key
         packed <<= index_bits
