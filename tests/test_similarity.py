@@ -662,6 +662,52 @@ def test_leave_block_out_rsa_compiled_walk_equals_the_torch_gathers_and_scipy(n,
             assert float(compiled[k, b]) == pytest.approx(expected, abs=1e-12)
 
 
+def test_language_side_from_two_rank_matrices_equals_the_sort_and_its_gathers():
+    """`_language_side` (one compiled walk of the reference's and a language's `centred_ranks` matrices, rows in 1, 2 and 3
+    parts) gives, for each entry of the language's sort, the same place in the reference's sort and the same two blocks
+    as the sort order and its gathers (`_walk_inputs`); None for a tied language (the sort's path), for a matrix that is
+    not square and contiguous, and for more blocks than the walk takes. `leave_block_out_rsa` from the ranks takes it
+    for the untied languages and equals scipy on every subset."""
+    from xlsub.similarity import kept_ranks
+    from xlsub.similarity import rsa as module
+
+    g = torch.Generator().manual_seed(5)
+    n, count = 57, 7
+    x = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    y = x + torch.randn(n, 4, generator=g, dtype=torch.float64)
+    tied = torch.randint(0, 3, (n, 4), generator=g).double()
+    blocks = jackknife_blocks(n, count)
+    labels = blocks.to(torch.int8)
+    rx, ry = centred_ranks(x).float(), centred_ranks(y).float()
+    *_, position, first, second = _walk_inputs(x, y, blocks)
+    threads = torch.get_num_threads()
+    try:
+        for parts in (1, 2, 3):
+            torch.set_num_threads(parts)
+            side = module._language_side(ry, rx, labels)
+            assert side is not None and not side[1].tied
+            np.testing.assert_array_equal(side[0].numpy(), position)
+            np.testing.assert_array_equal(side[1].first.numpy(), first)
+            np.testing.assert_array_equal(side[1].second.numpy(), second)
+            assert module._language_side(centred_ranks(tied).float(), rx, labels) is None
+    finally:
+        torch.set_num_threads(threads)
+    assert module._language_side(ry.mT, rx, labels) is None and module._language_side(ry[1:, 1:], rx, labels) is None
+    assert module._language_side(ry, rx, torch.full_like(labels, kept_ranks.MAX_BLOCKS)) is None
+    made = []
+    original = module._language_side
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "_language_side", lambda *args: made.append(original(*args)) or made[-1])
+        ys = torch.stack([y, tied])
+        theta = leave_block_out_rsa(x, ys, blocks, ranks=(centred_ranks(x), centred_ranks(ys)))
+    assert [side is not None for side in made] == [True, False]
+    for b in range(count):
+        keep = np.flatnonzero(blocks.numpy() != b)
+        for k in range(2):
+            expected = stats.spearmanr(upper(rdm(x)[np.ix_(keep, keep)]), upper(rdm(ys[k])[np.ix_(keep, keep)])).statistic
+            assert float(theta[k, b]) == pytest.approx(expected, abs=1e-12)
+
+
 def test_rsa_jackknife_interval_covers_the_population_rsa():
     """Sentences x = z A + noise, y = z B + noise with one fixed A, B: the population RSA is approximated by
     the mean RSA of 3 x 1000 sentences (its own error ~0.01, against intervals ~0.37 wide); 95% intervals from

@@ -10,7 +10,9 @@ Here x's removed entries are bits instead (`removed_words`): for every 64 x-sort
 with the block's removed count ahead of the word, 47 MB for 20 blocks at n = 5,000 (each entry sets the bits of its
 two blocks only). `kept_rank_cross` walks y's sort once for all blocks: per entry, the removed count ahead of p is
 the word's count plus the population count of its bits below p, and the random reads of the words are prefetched a
-few entries ahead; a walk may be split into parts of y's sort, side by side. The sums are those of the torch path up
+few entries ahead; a walk may be split into parts of y's sort, side by side. `language_side` makes what a walk reads of a
+language (each entry of its sort: its place in x's sort and its two blocks) in one pass over the two rank matrices,
+without a sort order. The sums are those of the torch path up
 to float64 rounding: each product is an exact integer (below 2^53), accumulated in float64 in another order. Measured
 side by side (`benchmarks/jackknife.py`).
 """
@@ -121,3 +123,25 @@ def kept_rank_cross(bits: np.ndarray, ahead: np.ndarray, position: np.ndarray, f
         if s != f:
             totals[s] -= float(rank_x[s] * (e + 1 - removed_y[s]))
     return totals
+
+
+@numba.njit(nogil=True, cache=True)
+def language_side_part(ranks_y: np.ndarray, ranks_x: np.ndarray, centre: float, labels: np.ndarray, position: np.ndarray,
+                       first: np.ndarray, second: np.ndarray, top: int, bottom: int) -> bool:
+    """Rows top <= i < bottom of `language_side`: for each entry (i, j), i < j, of the triangle, at its place in y's sort
+    (its rank in `ranks_y` - 1) its place in x's sort (`position`, from `ranks_x`) and its sentences' blocks (`first`,
+    `second`: labels[i], labels[j]). False where a rank of y is not an integer in 1..m (ties were averaged); repeated
+    ranks are not looked for here (the parts run at once)."""
+    k, m = ranks_y.shape[0], len(position)
+    shift = centre - 1.0
+    for i in range(top, bottom):
+        block = labels[i]
+        for j in range(i + 1, k):
+            place = np.float64(ranks_y[i, j]) + shift
+            at = np.int64(place)
+            if at != place or at < 0 or at >= m:
+                return False
+            position[at] = np.int32(np.float64(ranks_x[i, j]) + shift)
+            first[at] = block
+            second[at] = labels[j]
+    return True
