@@ -5,8 +5,10 @@ of `rsa_table` and of the power analysis's draws): the compiled loop (`xlsub.sta
 float64 tiles (forced by making `inference._compiled_dots` refuse); and the languages' rank matrices
 (`centred_ranks_each`), each RDM written into one float64 scratch matrix for all languages against a fresh one per
 language, and their keys sorted by the compiled radix sort (`xlsub.stats.compiled_sort`) against numpy's sort (one
-thread; forced by raising `inference.RADIX_MIN`); and the radix sort's digits, 8 bits a pass against `DIGIT`'s (11),
-on one language's triangle (`inference.value_order`) and on the seven rank matrices.
+thread; forced by raising `inference.RADIX_MIN`); and the radix sort's in-bucket digits, 8 bits a pass against
+`DIGIT`'s (10), on one language's triangle (`inference.value_order`) and on the seven rank matrices; and the compiled
+walk's inputs, each language's side made from its and the reference's rank matrices in one pass
+(`rsa._language_side`) against the sort order and its gathers (forced by making `_language_side` decline).
 
 One reference language against seven (n = 5,000 sentences, 20 blocks, the table's defaults), each from its
 `centred_ranks` matrix, as `rsa_table` calls `rsa_jackknife_interval`: the languages share the cores, and each
@@ -29,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xlsub.similarity import kept_ranks  # noqa: E402
+from xlsub.similarity import rsa as rsa_module  # noqa: E402
 from xlsub.similarity.jackknife import jackknife_blocks  # noqa: E402
 from xlsub.similarity.rsa import centred_ranks, centred_ranks_each, leave_block_out_rsa, rdm  # noqa: E402
 from xlsub.stats import compiled_sort, inference  # noqa: E402
@@ -57,6 +60,15 @@ def main() -> None:
             values[name] = leave_block_out_rsa(x, ys, blocks, ranks=(reference, languages))
             best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
     kept_ranks.MAX_BLOCKS = limit
+    side, sided = rsa_module._language_side, {}
+    for _ in range(args.repeats):
+        for name, maker in (("sides by the sort and its gathers", lambda *a: None), ("sides from the rank matrices", side)):
+            rsa_module._language_side = maker
+            languages = centred_ranks_each(ys)
+            start = time.perf_counter()
+            sided[name] = leave_block_out_rsa(x, ys, blocks, ranks=(reference, languages))
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+    rsa_module._language_side = side
     stacked = torch.stack(centred_ranks_each(ys))  # float32 exact ranks, as the power analysis's chunk buffer
     narrow = reference.to(stacked.dtype)
     compiled = inference._compiled_dots
@@ -107,6 +119,9 @@ def main() -> None:
     old, new = values.values()
     print(f"  ratio (torch / compiled): {best['torch kept-rank tables'] / best['compiled walk']:.2f}x; "
           f"largest difference of the values {float((old - new).abs().max()):.1e}")
+    old, new = sided.values()
+    print(f"  the walk's language sides: ratio (sort and gathers / from the rank matrices) "
+          f"{best['sides by the sort and its gathers'] / best['sides from the rank matrices']:.2f}x; equal: {torch.equal(old, new)}")
     old, new = dots.values()
     print(f"  observed RSA and norms: ratio (torch / compiled) {best['torch float64 tiles'] / best['compiled loop']:.2f}x; "
           f"largest difference {float((old - new).abs().max()):.1e}")
@@ -117,7 +132,7 @@ def main() -> None:
     ratio = best["numpy's sort of the keys"] / best["compiled radix sort"]
     print(f"  rank matrices' sort: ratio (numpy / compiled radix) {ratio:.2f}x; "
           f"equal: {torch.equal(old, new)}")
-    print(f"  radix sort's digits: one triangle ({len(triangle):,} values) ratio (8 bits / {digit} bits) "
+    print(f"  radix sort's in-bucket digits: one triangle ({len(triangle):,} values) ratio (8 bits / {digit} bits) "
           f"{best[one(8)] / best[one(digit)]:.2f}x, rank matrices {best[all_(8)] / best[all_(digit)]:.2f}x; "
           f"equal: {torch.equal(orders[8], orders[digit]) and torch.equal(by_digit[8][0], by_digit[digit][0])}")
 
