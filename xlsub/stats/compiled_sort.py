@@ -65,12 +65,11 @@ def scatter_part(keys: np.ndarray, out: np.ndarray, start: int, stop: int, offse
 
 @numba.njit(nogil=True, cache=True)
 def sort_buckets(source: np.ndarray, spare: np.ndarray, edges: np.ndarray, first: int, last: int, index_bits: int,
-                 low_bits: int, digit: int, small: int) -> None:
+                 passes: int, digit: int, small: int) -> None:
     """Sort buckets first <= b < last (source[edges[b]:edges[b + 1]], their keys in index order) ascending by their key
-    bits below `low_bits` (the bits above are the bucket's), `digit` bits a stable pass moving them between `source` and
-    `spare`: the result in `spare` for an odd number of passes, else in `source`, where a bucket of at most `small` keys
-    is sorted by insertion (packed keys are distinct: any sort of them is the one ascending order)."""
-    passes = (low_bits + digit - 1) // digit
+    bits below the bucket's, `passes` stable passes of `digit` bits moving them between `source` and `spare`: the result
+    in `spare` for an odd number of passes, else in `source`, where a bucket of at most `small` keys is sorted by
+    insertion (packed keys are distinct: any sort of them is the one ascending order)."""
     mask = (np.int64(1) << digit) - 1
     counts = np.zeros(np.int64(1) << digit, dtype=np.int64)
     for b in range(first, last):
@@ -121,9 +120,9 @@ def radix_sorted(values: np.ndarray, low: float, scale: float, index_bits: int, 
     offsets = edges[:-1] + np.cumsum(counts, 0) - counts  # [parts, buckets]: where each part's keys of a bucket begin
     side_by_side(lambda t: scatter_part(packed, spare, bounds[t], bounds[t + 1], offsets[t], shift), range(len(bounds) - 1))
     runs = [0, *np.searchsorted(edges, bounds[1:-1]).tolist(), 1 << top]  # buckets split where the keys are
-    side_by_side(lambda t: sort_buckets(spare, packed, edges, runs[t], runs[t + 1], index_bits, low_bits, DIGIT, SMALL),
-                 range(len(runs) - 1))
     passes = (low_bits + DIGIT - 1) // DIGIT
+    side_by_side(lambda t: sort_buckets(spare, packed, edges, runs[t], runs[t + 1], index_bits, passes, DIGIT, SMALL),
+                 range(len(runs) - 1))
     return packed if passes % 2 == 1 else spare
 
 
